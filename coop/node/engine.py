@@ -1,0 +1,236 @@
+"""The block engine: runs blocks [start, end) of a prepared model for many sessions at once.
+
+Each session owns a KV cache for the hosted blocks only. The cache is a transformers
+`DynamicCache` laid out for the whole model, in which blocks outside the span are `DummyLayer`s:
+the model's own mask helpers then size their masks from the first *hosted* block, so a span does
+not need to start at block 0.
+
+Sessions reserve their worst-case cache size (max_length tokens) when they open, against a
+budget for the whole engine; an open that does not fit is refused up front rather than failing
+mid-generation.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import DummyLayer
+
+from coop.errors import (
+    CacheBudgetExceeded,
+    InvalidPositions,
+    InvalidTensor,
+    SessionExists,
+    SessionLimitExceeded,
+    UnknownSession,
+)
+from coop.model.loading import check_span, load_span, resolve_device
+from coop.model.manifest import Manifest
+
+DEFAULT_CACHE_BUDGET_BYTES = 2 << 30
+DEFAULT_IDLE_TIMEOUT_S = 300.0
+DEFAULT_MAX_LENGTH = 2048
+
+
+@dataclass
+class _Session:
+    session_id: str
+    cache: DynamicCache
+    max_length: int
+    reserved_bytes: int
+    length: int = 0  # tokens processed so far = the position the next step must start at
+    last_used: float = field(default_factory=time.monotonic)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class SpanEngine:
+    """Blocks [start, end) of one model on one device, with per-session KV caches."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        span_model: PreTrainedModel,
+        start: int,
+        end: int,
+        device: torch.device,
+        *,
+        cache_budget_bytes: int = DEFAULT_CACHE_BUDGET_BYTES,
+        idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+    ) -> None:
+        self.manifest = manifest
+        self.start, self.end = start, end
+        self.device = device
+        self.dtype: torch.dtype = getattr(torch, manifest.dtype)
+        self.hidden_size = manifest.hidden_size
+        self.cache_budget_bytes = cache_budget_bytes
+        self.idle_timeout_s = idle_timeout_s
+        self._model = span_model
+        self._config = span_model.config
+        self._sessions: dict[str, _Session] = {}
+        self._sessions_lock = threading.Lock()
+        self._compute_lock = threading.Lock()
+        self.bytes_per_token = self._cache_bytes_per_token()
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: str | Path,
+        start: int,
+        end: int,
+        *,
+        device: str | torch.device | None = None,
+        cache_budget_bytes: int = DEFAULT_CACHE_BUDGET_BYTES,
+        idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+    ) -> SpanEngine:
+        model_dir = Path(model_dir)
+        manifest = Manifest.load(model_dir)
+        check_span(manifest, start, end)
+        dev = resolve_device(device)
+        span_model = load_span(model_dir, manifest, start, end, dev)
+        return cls(
+            manifest,
+            span_model,
+            start,
+            end,
+            dev,
+            cache_budget_bytes=cache_budget_bytes,
+            idle_timeout_s=idle_timeout_s,
+        )
+
+    # -- accounting -------------------------------------------------------------------------
+
+    def _cache_bytes_per_token(self) -> int:
+        text = self._config.get_text_config()
+        heads = int(getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
+        head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * heads * head_dim * itemsize * (self.end - self.start)  # keys + values, each block
+
+    @property
+    def reserved_bytes(self) -> int:
+        with self._sessions_lock:
+            return sum(s.reserved_bytes for s in self._sessions.values())
+
+    @property
+    def free_cache_bytes(self) -> int:
+        return max(0, self.cache_budget_bytes - self.reserved_bytes)
+
+    @property
+    def session_count(self) -> int:
+        return len(self._sessions)
+
+    def cache_bytes(self, session_id: str) -> int:
+        """Bytes the session's KV cache holds right now (not its reservation)."""
+        session = self._get(session_id)
+        total = 0
+        for layer in session.cache.layers:
+            for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                if isinstance(tensor, torch.Tensor):
+                    total += tensor.numel() * tensor.element_size()
+        return total
+
+    def parameter_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self._model.parameters())
+
+    # -- sessions ---------------------------------------------------------------------------
+
+    def open_session(self, session_id: str | None = None, *, max_length: int = DEFAULT_MAX_LENGTH) -> str:
+        if max_length <= 0:
+            raise SessionLimitExceeded(f"max_length must be positive, got {max_length}")
+        session_id = session_id or uuid.uuid4().hex
+        self.evict_idle()
+        needed = max_length * self.bytes_per_token
+        with self._sessions_lock:
+            if session_id in self._sessions:
+                raise SessionExists(f"session {session_id} is already open on blocks {self.start}:{self.end}")
+            free = self.cache_budget_bytes - sum(s.reserved_bytes for s in self._sessions.values())
+            if needed > free:
+                raise CacheBudgetExceeded(needed, max(free, 0), self.cache_budget_bytes)
+            self._sessions[session_id] = _Session(session_id, self._new_cache(), max_length, needed)
+        return session_id
+
+    def close_session(self, session_id: str) -> None:
+        with self._sessions_lock:
+            if self._sessions.pop(session_id, None) is None:
+                raise UnknownSession(f"no session {session_id} on blocks {self.start}:{self.end}")
+
+    def evict_idle(self, now: float | None = None) -> list[str]:
+        """Free sessions unused for idle_timeout_s; returns their ids."""
+        now = time.monotonic() if now is None else now
+        with self._sessions_lock:
+            idle = [sid for sid, s in self._sessions.items() if now - s.last_used > self.idle_timeout_s]
+            for sid in idle:
+                del self._sessions[sid]
+        return idle
+
+    def session_length(self, session_id: str) -> int:
+        return self._get(session_id).length
+
+    def _get(self, session_id: str) -> _Session:
+        with self._sessions_lock:
+            session = self._sessions.get(session_id)
+        if session is None:
+            raise UnknownSession(
+                f"no session {session_id} on blocks {self.start}:{self.end} (closed, expired after "
+                f"{self.idle_timeout_s:.0f}s idle, or never opened)"
+            )
+        return session
+
+    def _new_cache(self) -> DynamicCache:
+        cache = DynamicCache(config=self._config)
+        for index in range(len(cache.layers)):
+            if not self.start <= index < self.end:
+                cache.layers[index] = DummyLayer()
+        return cache
+
+    # -- compute ----------------------------------------------------------------------------
+
+    def step(self, session_id: str, hidden: torch.Tensor, start_position: int) -> torch.Tensor:
+        """Run the span on hidden states [1, n, hidden] of the tokens at start_position.. (+n).
+
+        Returns the span's output hidden states with the same shape, on the engine's device.
+        """
+        session = self._get(session_id)
+        self._validate_hidden(hidden)
+        n = hidden.shape[1]
+        with session.lock:
+            if start_position != session.length:
+                what = "skips ahead" if start_position > session.length else "rewinds"
+                raise InvalidPositions(
+                    f"step at position {start_position} {what}: session {session_id} has processed "
+                    f"{session.length} tokens, so its next step must start at {session.length}"
+                )
+            if session.length + n > session.max_length:
+                raise SessionLimitExceeded(
+                    f"session {session_id} was opened for {session.max_length} tokens; "
+                    f"{session.length} + {n} would exceed it"
+                )
+            positions = torch.arange(start_position, start_position + n, device=self.device).unsqueeze(0)
+            with self._compute_lock, torch.inference_mode():
+                output = self._model(
+                    inputs_embeds=hidden.to(self.device),
+                    position_ids=positions,
+                    past_key_values=session.cache,
+                    use_cache=True,
+                ).last_hidden_state
+            session.length += n
+            session.last_used = time.monotonic()
+        return output
+
+    def _validate_hidden(self, hidden: torch.Tensor) -> None:
+        if not isinstance(hidden, torch.Tensor):
+            raise InvalidTensor(f"hidden states must be a tensor, got {type(hidden).__name__}")
+        if hidden.dtype != self.dtype:
+            raise InvalidTensor(f"hidden states have dtype {hidden.dtype}, expected {self.dtype}")
+        if hidden.ndim != 3 or hidden.shape[0] != 1 or hidden.shape[1] < 1 or hidden.shape[2] != self.hidden_size:
+            raise InvalidTensor(
+                f"hidden states have shape {tuple(hidden.shape)}, expected (1, n >= 1, {self.hidden_size})"
+            )
+        if not bool(torch.isfinite(hidden).all()):
+            raise InvalidTensor("hidden states contain NaN or Inf")

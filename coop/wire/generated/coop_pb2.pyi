@@ -1,0 +1,173 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ERROR_UNSPECIFIED: _ClassVar[ErrorCode]
+    INVALID_TENSOR: _ClassVar[ErrorCode]
+    INVALID_POSITIONS: _ClassVar[ErrorCode]
+    UNKNOWN_SESSION: _ClassVar[ErrorCode]
+    SESSION_EXISTS: _ClassVar[ErrorCode]
+    CACHE_BUDGET_EXCEEDED: _ClassVar[ErrorCode]
+    SESSION_LIMIT_EXCEEDED: _ClassVar[ErrorCode]
+    SPAN_MISMATCH: _ClassVar[ErrorCode]
+    PEER_UNAVAILABLE: _ClassVar[ErrorCode]
+    INTERNAL: _ClassVar[ErrorCode]
+    INVALID_REQUEST: _ClassVar[ErrorCode]
+    UNAUTHENTICATED: _ClassVar[ErrorCode]
+ERROR_UNSPECIFIED: ErrorCode
+INVALID_TENSOR: ErrorCode
+INVALID_POSITIONS: ErrorCode
+UNKNOWN_SESSION: ErrorCode
+SESSION_EXISTS: ErrorCode
+CACHE_BUDGET_EXCEEDED: ErrorCode
+SESSION_LIMIT_EXCEEDED: ErrorCode
+SPAN_MISMATCH: ErrorCode
+PEER_UNAVAILABLE: ErrorCode
+INTERNAL: ErrorCode
+INVALID_REQUEST: ErrorCode
+UNAUTHENTICATED: ErrorCode
+
+class Tensor(_message.Message):
+    __slots__ = ("data", "dtype", "shape")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, data: _Optional[bytes] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class Error(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: ErrorCode
+    message: str
+    def __init__(self, code: _Optional[_Union[ErrorCode, str]] = ..., message: _Optional[str] = ...) -> None: ...
+
+class Hop(_message.Message):
+    __slots__ = ("endpoint", "start", "end")
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    endpoint: str
+    start: int
+    end: int
+    def __init__(self, endpoint: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
+
+class InfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class NodeInfo(_message.Message):
+    __slots__ = ("node_id", "model_hash", "start", "end", "throughput_tps", "free_cache_bytes", "active_sessions", "counters")
+    class Counters(_message.Message):
+        __slots__ = ("steps_run", "pushes_sent", "results_sent")
+        STEPS_RUN_FIELD_NUMBER: _ClassVar[int]
+        PUSHES_SENT_FIELD_NUMBER: _ClassVar[int]
+        RESULTS_SENT_FIELD_NUMBER: _ClassVar[int]
+        steps_run: int
+        pushes_sent: int
+        results_sent: int
+        def __init__(self, steps_run: _Optional[int] = ..., pushes_sent: _Optional[int] = ..., results_sent: _Optional[int] = ...) -> None: ...
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    THROUGHPUT_TPS_FIELD_NUMBER: _ClassVar[int]
+    FREE_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    model_hash: str
+    start: int
+    end: int
+    throughput_tps: float
+    free_cache_bytes: int
+    active_sessions: int
+    counters: NodeInfo.Counters
+    def __init__(self, node_id: _Optional[str] = ..., model_hash: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., throughput_tps: _Optional[float] = ..., free_cache_bytes: _Optional[int] = ..., active_sessions: _Optional[int] = ..., counters: _Optional[_Union[NodeInfo.Counters, _Mapping]] = ...) -> None: ...
+
+class SessionControl(_message.Message):
+    __slots__ = ("open", "close")
+    class Open(_message.Message):
+        __slots__ = ("session_id", "max_length", "start", "end")
+        SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+        MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+        START_FIELD_NUMBER: _ClassVar[int]
+        END_FIELD_NUMBER: _ClassVar[int]
+        session_id: str
+        max_length: int
+        start: int
+        end: int
+        def __init__(self, session_id: _Optional[str] = ..., max_length: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
+    class Close(_message.Message):
+        __slots__ = ()
+        def __init__(self) -> None: ...
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    CLOSE_FIELD_NUMBER: _ClassVar[int]
+    open: SessionControl.Open
+    close: SessionControl.Close
+    def __init__(self, open: _Optional[_Union[SessionControl.Open, _Mapping]] = ..., close: _Optional[_Union[SessionControl.Close, _Mapping]] = ...) -> None: ...
+
+class SessionEvent(_message.Message):
+    __slots__ = ("opened", "result", "failed")
+    class Opened(_message.Message):
+        __slots__ = ("session_id", "cache_bytes")
+        SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+        CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+        session_id: str
+        cache_bytes: int
+        def __init__(self, session_id: _Optional[str] = ..., cache_bytes: _Optional[int] = ...) -> None: ...
+    class Result(_message.Message):
+        __slots__ = ("session_id", "step_id", "hidden")
+        SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+        STEP_ID_FIELD_NUMBER: _ClassVar[int]
+        HIDDEN_FIELD_NUMBER: _ClassVar[int]
+        session_id: str
+        step_id: int
+        hidden: Tensor
+        def __init__(self, session_id: _Optional[str] = ..., step_id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    class Failed(_message.Message):
+        __slots__ = ("session_id", "step_id", "error")
+        SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+        STEP_ID_FIELD_NUMBER: _ClassVar[int]
+        ERROR_FIELD_NUMBER: _ClassVar[int]
+        session_id: str
+        step_id: int
+        error: Error
+        def __init__(self, session_id: _Optional[str] = ..., step_id: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    OPENED_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    opened: SessionEvent.Opened
+    result: SessionEvent.Result
+    failed: SessionEvent.Failed
+    def __init__(self, opened: _Optional[_Union[SessionEvent.Opened, _Mapping]] = ..., result: _Optional[_Union[SessionEvent.Result, _Mapping]] = ..., failed: _Optional[_Union[SessionEvent.Failed, _Mapping]] = ...) -> None: ...
+
+class StepRequest(_message.Message):
+    __slots__ = ("session_id", "step_id", "hidden", "start_position", "next")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    START_POSITION_FIELD_NUMBER: _ClassVar[int]
+    NEXT_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    step_id: int
+    hidden: Tensor
+    start_position: int
+    next: _containers.RepeatedCompositeFieldContainer[Hop]
+    def __init__(self, session_id: _Optional[str] = ..., step_id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., start_position: _Optional[int] = ..., next: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ...) -> None: ...
+
+class StepAck(_message.Message):
+    __slots__ = ("error",)
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    error: Error
+    def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,42 @@
+"""Sampling: greedy, top-k, top-p and seeds, on hand-made logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from coop.coordinator.sampling import SamplingParams, make_generator, sample_token
+
+LOGITS = torch.tensor([1.0, 3.0, 2.0, 0.5, -1.0])
+
+
+def _draws(params: SamplingParams, n: int = 400) -> set[int]:
+    generator = make_generator(params)
+    return {sample_token(LOGITS, params, generator) for _ in range(n)}
+
+
+def test_greedy_takes_the_argmax() -> None:
+    assert sample_token(LOGITS, SamplingParams(), None) == 1
+
+
+def test_top_k_and_top_p_restrict_the_choice() -> None:
+    assert _draws(SamplingParams(temperature=1.0, top_k=2, seed=1)) == {1, 2}
+    # softmax(LOGITS): p(1)=0.63, p(2)=0.23 -> top_p 0.7 keeps exactly tokens 1 and 2
+    assert _draws(SamplingParams(temperature=1.0, top_p=0.7, seed=1)) == {1, 2}
+    assert _draws(SamplingParams(temperature=1.0, top_p=0.5, seed=1)) == {1}
+    assert len(_draws(SamplingParams(temperature=1.0, seed=1))) == 5
+
+
+def test_seed_makes_sampling_repeatable() -> None:
+    params = SamplingParams(temperature=1.0, seed=42)
+    first, second = make_generator(params), make_generator(params)
+    assert [sample_token(LOGITS, params, first) for _ in range(30)] == [
+        sample_token(LOGITS, params, second) for _ in range(30)
+    ]
+
+
+@pytest.mark.parametrize("bad", [{"max_tokens": 0}, {"temperature": -1}, {"top_p": 0}, {"top_k": -1}])
+def test_invalid_params_are_refused(bad: dict[str, float]) -> None:
+    with pytest.raises(ValidationError):
+        SamplingParams(**bad)
