@@ -15,6 +15,16 @@ from coop.errors import CoopError
 app = typer.Typer(no_args_is_help=True, help="Coop: a cooperative compute pool for large language models.")
 model_app = typer.Typer(no_args_is_help=True, help="Prepare and inspect model stores.")
 app.add_typer(model_app, name="model")
+node_app = typer.Typer(no_args_is_help=True, help="Run and inspect node daemons.")
+app.add_typer(node_app, name="node")
+dht_app = typer.Typer(no_args_is_help=True, help="Run a DHT bootstrap peer.")
+app.add_typer(dht_app, name="dht")
+coordinator_app = typer.Typer(no_args_is_help=True, help="Run a coordinator (routing + OpenAI-compatible API).")
+app.add_typer(coordinator_app, name="coordinator")
+
+PeersOption = Annotated[
+    list[str] | None, typer.Option("--initial-peers", help="DHT multiaddrs of any pool member (repeatable)")
+]
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True, highlight=False)
@@ -118,6 +128,154 @@ def generate(
         console.print(client.decode(tokens))
     except CoopError as exc:
         _fail(exc)
+
+
+@dht_app.command("start")
+def dht_start(
+    initial_peers: PeersOption = None,
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Start a DHT peer that helps nodes and coordinators find each other."""
+    from coop.node.daemon import run_dht
+
+    try:
+        asyncio.run(run_dht(initial_peers or [], host, port))
+    except CoopError as exc:
+        _fail(exc)
+
+
+@node_app.command("start")
+def node_start(
+    model: Annotated[Path, typer.Option("--model", help="a prepared model directory")],
+    blocks: Annotated[str, typer.Option(help="START:END, or auto to fill the least-served blocks")] = "auto",
+    port: Annotated[int, typer.Option(help="gRPC port (0 = any free port)")] = 0,
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    initial_peers: PeersOption = None,
+    max_blocks: Annotated[int, typer.Option("--max-blocks", help="with --blocks auto: how many")] = 0,
+    institution: Annotated[str, typer.Option()] = "local",
+    node_id: Annotated[str, typer.Option("--node-id")] = "",
+    device: Annotated[str, typer.Option()] = "auto",
+    cache_budget_mb: Annotated[int, typer.Option("--cache-budget-mb")] = 2048,
+) -> None:
+    """Serve a span of blocks to the pool until SIGTERM or Ctrl-C."""
+    from coop.config import NodeSettings
+    from coop.node.daemon import run_node
+
+    try:
+        settings = NodeSettings(
+            model_dir=model,
+            blocks=blocks,
+            port=port,
+            host=host,
+            initial_peers=tuple(initial_peers or ()),
+            max_blocks=max_blocks,
+            institution=institution,
+            node_id=node_id,
+            device=device,
+            cache_budget_bytes=cache_budget_mb << 20,
+        )
+        asyncio.run(run_node(settings))
+    except CoopError as exc:
+        _fail(exc)
+
+
+@node_app.command("status")
+def node_status(endpoint: Annotated[str, typer.Argument(help="host:port of the node's gRPC server")]) -> None:
+    """Show what a running node serves and how much work it did."""
+    from coop.node.client import node_info
+
+    try:
+        info = node_info(endpoint)
+    except CoopError as exc:
+        _fail(exc)
+        return
+    table = Table(title=f"node {info.node_id} at {endpoint}", show_header=False)
+    for key, value in [
+        ("blocks", f"{info.start}:{info.end}"),
+        ("model hash", info.model_hash[:16]),
+        ("throughput", f"{info.throughput_tps:.1f} tokens/s"),
+        ("free cache", f"{info.free_cache_bytes / 2**20:.0f} MiB"),
+        ("active sessions", str(info.active_sessions)),
+        ("steps run", str(info.counters.steps_run)),
+        ("pushes sent", str(info.counters.pushes_sent)),
+        ("results sent", str(info.counters.results_sent)),
+    ]:
+        table.add_row(key, value)
+    console.print(table)
+
+
+@coordinator_app.command("start")
+def coordinator_start(
+    model: Annotated[Path, typer.Option("--model", help="a prepared model directory")],
+    port: Annotated[int, typer.Option()] = 8000,
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    initial_peers: PeersOption = None,
+    device: Annotated[str, typer.Option()] = "auto",
+    max_context: Annotated[int, typer.Option("--max-context")] = 2048,
+) -> None:
+    """Serve the OpenAI-compatible API, routing every request through the swarm."""
+    from coop.config import CoordinatorSettings
+    from coop.coordinator.service import run_coordinator
+
+    try:
+        settings = CoordinatorSettings(
+            model_dir=model,
+            port=port,
+            host=host,
+            initial_peers=tuple(initial_peers or ()),
+            device=device,
+            max_context=max_context,
+        )
+        asyncio.run(run_coordinator(settings))
+    except CoopError as exc:
+        _fail(exc)
+
+
+@app.command("status")
+def swarm_status(
+    model: Annotated[Path, typer.Option("--model", help="a prepared model directory (names the model)")],
+    initial_peers: PeersOption = None,
+    pool_id: Annotated[str, typer.Option("--pool-id")] = "default",
+) -> None:
+    """The swarm as a table: which nodes serve which blocks, their throughput and free cache."""
+    from coop.coordinator.routing import coverage_of, missing_blocks
+    from coop.model.manifest import Manifest
+    from coop.node.directory import SwarmDirectory
+
+    try:
+        manifest = Manifest.load(model)
+        directory = SwarmDirectory.start(initial_peers or [])
+        try:
+            nodes = directory.list_nodes(pool_id, manifest.content_hash)
+        finally:
+            directory.shutdown()
+    except CoopError as exc:
+        _fail(exc)
+        return
+    n = manifest.num_blocks
+    table = Table(title=f"{manifest.name}: {len(nodes)} nodes, {n} blocks")
+    for column in ("node", "institution", "blocks", f"coverage 0..{n - 1}", "tokens/s", "free cache", "endpoint"):
+        table.add_column(column)
+    for node in nodes:
+        bar = "".join("█" if node.start <= i < node.end else "·" for i in range(n))
+        table.add_row(
+            node.node_id,
+            node.institution,
+            f"{node.start}:{node.end}",
+            bar,
+            f"{node.throughput_tps:.1f}",
+            f"{node.free_cache_bytes / 2**20:.0f} MiB",
+            node.endpoint,
+        )
+    console.print(table)
+    counts = coverage_of(nodes, n)
+    console.print("replicas per block: " + " ".join(str(c) for c in counts))
+    gaps = missing_blocks(nodes, n)
+    if gaps:
+        console.print("[red]missing blocks:[/] " + ", ".join(f"{a}:{b}" for a, b in gaps))
+    else:
+        console.print("[green]every block is served[/]")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,10 +30,14 @@ from coop.errors import (
     InvalidTensor,
     SessionExists,
     SessionLimitExceeded,
+    SpanOutOfRange,
     UnknownSession,
 )
 from coop.model.loading import check_span, load_span, resolve_device
 from coop.model.manifest import Manifest
+from coop.model.skeleton import PassThrough, decoder_layers
+
+_PASS_THROUGH = PassThrough()
 
 DEFAULT_CACHE_BUDGET_BYTES = 2 << 30
 DEFAULT_IDLE_TIMEOUT_S = 300.0
@@ -44,6 +50,8 @@ class _Session:
     cache: DynamicCache
     max_length: int
     reserved_bytes: int
+    start: int  # the blocks [start, end) this session runs: all of the engine's span, or a part of it
+    end: int
     length: int = 0  # tokens processed so far = the position the next step must start at
     last_used: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -75,7 +83,9 @@ class SpanEngine:
         self._sessions: dict[str, _Session] = {}
         self._sessions_lock = threading.Lock()
         self._compute_lock = threading.Lock()
-        self.bytes_per_token = self._cache_bytes_per_token()
+        self.bytes_per_token_per_block = self._cache_bytes_per_token()
+        self._layers = decoder_layers(span_model, manifest.num_blocks)
+        self._hosted_layers = {i: self._layers[i] for i in range(start, end)}
 
     @classmethod
     def load(
@@ -106,11 +116,12 @@ class SpanEngine:
     # -- accounting -------------------------------------------------------------------------
 
     def _cache_bytes_per_token(self) -> int:
+        """KV-cache bytes one token costs in each hosted block (keys + values)."""
         text = self._config.get_text_config()
         heads = int(getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
         head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
         itemsize = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * heads * head_dim * itemsize * (self.end - self.start)  # keys + values, each block
+        return 2 * heads * head_dim * itemsize
 
     @property
     def reserved_bytes(self) -> int:
@@ -140,25 +151,49 @@ class SpanEngine:
 
     # -- sessions ---------------------------------------------------------------------------
 
-    def open_session(self, session_id: str | None = None, *, max_length: int = DEFAULT_MAX_LENGTH) -> str:
+    @property
+    def bytes_per_token(self) -> int:
+        """KV-cache bytes per token of a session over the whole span."""
+        return self.bytes_per_token_per_block * (self.end - self.start)
+
+    def open_session(
+        self,
+        session_id: str | None = None,
+        *,
+        max_length: int = DEFAULT_MAX_LENGTH,
+        start: int | None = None,
+        end: int | None = None,
+    ) -> str:
+        """Open a session over blocks [start, end) of this engine's span (default: all of it)."""
+        start = self.start if start is None else start
+        end = self.end if end is None else end
+        if not self.start <= start < end <= self.end:
+            raise SpanOutOfRange(f"blocks {start}:{end} are not within this engine's span {self.start}:{self.end}")
         if max_length <= 0:
             raise SessionLimitExceeded(f"max_length must be positive, got {max_length}")
         session_id = session_id or uuid.uuid4().hex
         self.evict_idle()
-        needed = max_length * self.bytes_per_token
+        needed = max_length * self.bytes_per_token_per_block * (end - start)
         with self._sessions_lock:
             if session_id in self._sessions:
                 raise SessionExists(f"session {session_id} is already open on blocks {self.start}:{self.end}")
             free = self.cache_budget_bytes - sum(s.reserved_bytes for s in self._sessions.values())
             if needed > free:
                 raise CacheBudgetExceeded(needed, max(free, 0), self.cache_budget_bytes)
-            self._sessions[session_id] = _Session(session_id, self._new_cache(), max_length, needed)
+            self._sessions[session_id] = _Session(
+                session_id, self._new_cache(start, end), max_length, needed, start, end
+            )
         return session_id
 
     def close_session(self, session_id: str) -> None:
         with self._sessions_lock:
             if self._sessions.pop(session_id, None) is None:
                 raise UnknownSession(f"no session {session_id} on blocks {self.start}:{self.end}")
+
+    def evict(self, session_id: str) -> None:
+        """Free a session if it is still open (its stream ended); no error if it is already gone."""
+        with self._sessions_lock:
+            self._sessions.pop(session_id, None)
 
     def evict_idle(self, now: float | None = None) -> list[str]:
         """Free sessions unused for idle_timeout_s; returns their ids."""
@@ -182,10 +217,10 @@ class SpanEngine:
             )
         return session
 
-    def _new_cache(self) -> DynamicCache:
+    def _new_cache(self, start: int, end: int) -> DynamicCache:
         cache = DynamicCache(config=self._config)
         for index in range(len(cache.layers)):
-            if not self.start <= index < self.end:
+            if not start <= index < end:
                 cache.layers[index] = DummyLayer()
         return cache
 
@@ -212,7 +247,7 @@ class SpanEngine:
                     f"{session.length} + {n} would exceed it"
                 )
             positions = torch.arange(start_position, start_position + n, device=self.device).unsqueeze(0)
-            with self._compute_lock, torch.inference_mode():
+            with self._compute_lock, torch.inference_mode(), self._only_blocks(session.start, session.end):
                 output = self._model(
                     inputs_embeds=hidden.to(self.device),
                     position_ids=positions,
@@ -222,6 +257,21 @@ class SpanEngine:
             session.length += n
             session.last_used = time.monotonic()
         return output
+
+    @contextmanager
+    def _only_blocks(self, start: int, end: int) -> Iterator[None]:
+        """Let only blocks [start, end) compute; callers hold the compute lock, so the swap is private."""
+        if (start, end) == (self.start, self.end):
+            yield
+            return
+        for index in self._hosted_layers:
+            if not start <= index < end:
+                self._layers[index] = _PASS_THROUGH
+        try:
+            yield
+        finally:
+            for index, layer in self._hosted_layers.items():
+                self._layers[index] = layer
 
     def _validate_hidden(self, hidden: torch.Tensor) -> None:
         if not isinstance(hidden, torch.Tensor):

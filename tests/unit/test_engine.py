@@ -128,3 +128,20 @@ def test_idle_sessions_are_freed(tiny_llama_dir: str) -> None:
     assert engine.evict_idle(now=time.monotonic() + 11.0) == [sid]
     with pytest.raises(UnknownSession, match="expired"):
         engine.step(sid, _hidden(1), 1)
+
+
+def test_sub_span_session_matches_a_smaller_engine(tiny_llama_dir: str) -> None:
+    """A session over part of an engine's span computes exactly what an engine of that part does."""
+    wide = SpanEngine.load(tiny_llama_dir, 1, 6, device="cpu")
+    narrow = SpanEngine.load(tiny_llama_dir, 2, 4, device="cpu")
+    part = wide.open_session(max_length=16, start=2, end=4)
+    full = wide.open_session(max_length=16)
+    ref = narrow.open_session(max_length=16)
+    for position, n in [(0, 4), (4, 1), (5, 1)]:
+        hidden = _hidden(n, seed=position)
+        expected = narrow.step(ref, hidden, position)
+        assert torch.equal(wide.step(part, hidden, position), expected)
+        assert not torch.equal(wide.step(full, hidden, position), expected)
+    assert wide.cache_bytes(part) == 6 * wide.bytes_per_token_per_block * 2
+    with pytest.raises(SpanOutOfRange, match="not within"):
+        wide.open_session(max_length=4, start=0, end=3)

@@ -1,0 +1,57 @@
+"""Typed, frozen settings for each process, from flags, COOP_* environment variables and defaults.
+
+The CLI builds one of these per process and passes it down; nothing reads the environment at
+import time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_POOL_ID = "default"
+
+
+class NodeSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="COOP_NODE_", frozen=True)
+
+    model_dir: Path
+    # "A:B" to serve blocks [A, B), or "auto" to take the least-served window that fits max_blocks
+    blocks: str = "auto"
+    # how many blocks "auto" takes; 0 = as many as fit in memory_budget_bytes
+    max_blocks: int = Field(default=0, ge=0)
+    # bytes of block parameters "auto" may load (used when max_blocks is 0)
+    memory_budget_bytes: int = Field(default=4 << 30, gt=0)
+    host: str = "127.0.0.1"
+    port: int = Field(default=0, ge=0, le=65535)  # 0 = any free port
+    # the address other processes reach this node at (default: host)
+    announce_host: str = ""
+    initial_peers: tuple[str, ...] = ()
+    dht_port: int = Field(default=0, ge=0, le=65535)
+    pool_id: str = DEFAULT_POOL_ID
+    institution: str = "local"
+    node_id: str = ""  # default: a random id per start
+    device: str = "auto"
+    cache_budget_bytes: int = Field(default=2 << 30, gt=0)
+    idle_timeout_s: float = Field(default=300.0, gt=0)
+    # a node that dies drops out of routes within this many seconds
+    announce_ttl_s: float = Field(default=9.0, gt=1.0)
+
+
+class CoordinatorSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="COOP_COORDINATOR_", frozen=True)
+
+    model_dir: Path
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    initial_peers: tuple[str, ...] = ()
+    pool_id: str = DEFAULT_POOL_ID
+    device: str = "auto"
+    max_context: int = Field(default=2048, gt=0)
+    # how often the list of nodes is re-read from the DHT
+    refresh_s: float = Field(default=1.0, gt=0)
+    # a step that takes longer than this is treated as a node failure
+    step_timeout_s: float = Field(default=30.0, gt=0)
+    max_failovers: int = Field(default=3, ge=0)

@@ -1,0 +1,240 @@
+"""A chain of remote nodes for one session: open streams, push steps, fail over.
+
+The coordinator sends each step to the first hop only, with the rest of the route attached; the
+last hop returns the output on its session stream. If a hop dies (its stream breaks, a call to
+it fails, or the step times out and the hop does not answer a probe), the chain picks a new
+route without it, replays the session's tokens through it to rebuild every cache, and carries on:
+the caller sees a pause, and greedy decoding gives the same tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from coop.coordinator.routing import Hop
+from coop.coordinator.swarm import SwarmView
+from coop.errors import CoopError, PeerError, UnknownSession
+from coop.wire.channels import ChannelPool
+from coop.wire.errors import error_from_proto
+from coop.wire.generated import coop_pb2 as pb
+from coop.wire.tensors import tensor_from_proto, tensor_to_proto
+
+log = logging.getLogger(__name__)
+
+OPEN_TIMEOUT_S = 10.0
+PROBE_TIMEOUT_S = 1.0
+
+
+class _HopsFailed(Exception):
+    def __init__(self, node_ids: set[str], reason: str) -> None:
+        super().__init__(reason)
+        self.node_ids = node_ids
+
+
+@dataclass
+class _Stream:
+    hop: Hop
+    call: grpc.aio.StreamStreamCall
+    reader: asyncio.Task[None]
+
+
+class RemoteChain:
+    """Implements coordinator.generation.Chain over gRPC."""
+
+    def __init__(
+        self,
+        swarm: SwarmView,
+        channels: ChannelPool,
+        embed: Callable[[torch.Tensor], torch.Tensor],
+        *,
+        hidden_size: int,
+        dtype: torch.dtype,
+        max_length: int,
+        step_timeout_s: float = 30.0,
+        max_failovers: int = 3,
+    ) -> None:
+        self.swarm = swarm
+        self.channels = channels
+        self.embed = embed
+        self.hidden_size = hidden_size
+        self.dtype = dtype
+        self.max_length = max_length
+        self.step_timeout_s = step_timeout_s
+        self.max_failovers = max_failovers
+        self.session_id = ""
+        self.hops: list[Hop] = []
+        self.failovers = 0
+        self._streams: list[_Stream] = []
+        self._events: asyncio.Queue[tuple[int, pb.SessionEvent | None]] = asyncio.Queue()
+        self._step_id = 0
+        self._excluded: set[str] = set()
+
+    async def open(self) -> RemoteChain:
+        for _attempt in range(self.max_failovers + 1):
+            try:
+                await self._open_route()
+                return self
+            except _HopsFailed as exc:
+                await self._abandon(exc)
+        raise PeerError(f"could not open a session on any route after {self.max_failovers + 1} attempts")
+
+    async def _open_route(self) -> None:
+        self.hops = await self.swarm.route(exclude=self._excluded)
+        self.session_id = uuid.uuid4().hex
+        self._events = asyncio.Queue()
+        opened = await asyncio.gather(
+            *(self._open_stream(i, hop) for i, hop in enumerate(self.hops)), return_exceptions=True
+        )
+        self._streams = [s for s in opened if isinstance(s, _Stream)]
+        for stream in self._streams:
+            self.swarm.load[stream.hop.node_id] += 1
+        failed = {hop.node_id for hop, s in zip(self.hops, opened, strict=True) if not isinstance(s, _Stream)}
+        if failed:
+            errors = "; ".join(str(s) for s in opened if not isinstance(s, _Stream))
+            raise _HopsFailed(failed, f"could not open the session: {errors}")
+
+    async def _open_stream(self, index: int, hop: Hop) -> _Stream:
+        call = self.channels.stub(hop.endpoint).Session()
+        try:
+            open_msg = pb.SessionControl.Open(
+                session_id=self.session_id, max_length=self.max_length, start=hop.start, end=hop.end
+            )
+            await call.write(pb.SessionControl(open=open_msg))
+            first = await asyncio.wait_for(call.read(), OPEN_TIMEOUT_S)
+        except (grpc.aio.AioRpcError, TimeoutError) as exc:
+            call.cancel()
+            raise PeerError(f"node {hop.node_id} at {hop.endpoint} did not open the session") from exc
+        if first is grpc.aio.EOF or not isinstance(first, pb.SessionEvent) or first.WhichOneof("kind") != "opened":
+            call.cancel()
+            error = error_from_proto(first.failed.error) if isinstance(first, pb.SessionEvent) else None
+            raise PeerError(f"node {hop.node_id} refused the session: {error}")
+        return _Stream(hop, call, asyncio.create_task(self._read_events(index, call)))
+
+    async def _read_events(self, index: int, call: grpc.aio.StreamStreamCall) -> None:
+        try:
+            while (event := await call.read()) is not grpc.aio.EOF:
+                self._events.put_nowait((index, event))
+        except (grpc.aio.AioRpcError, asyncio.CancelledError):
+            pass
+        self._events.put_nowait((index, None))  # the stream is gone: the node died or dropped us
+
+    async def step(self, hidden: torch.Tensor, start_position: int, token_ids: Sequence[int]) -> torch.Tensor:
+        while True:
+            try:
+                return await self._step_once(hidden, start_position)
+            except _HopsFailed as exc:
+                if self.failovers >= self.max_failovers:
+                    raise PeerError(f"giving up after {self.failovers} failovers: {exc}") from exc
+                self.failovers += 1
+                await self._abandon(exc)
+                await self._open_route_with_retries()
+                log.warning("failover %d: new route %s", self.failovers, [h.node_id for h in self.hops])
+                if start_position > 0:
+                    # Rebuild every cache on the new route from the session's tokens so far.
+                    prefix = self.embed(torch.tensor([list(token_ids[:start_position])]))
+                    full = torch.cat([prefix.to(hidden.dtype), hidden], dim=1)
+                    try:
+                        return (await self._step_once(full, 0))[:, -hidden.shape[1] :]
+                    except _HopsFailed as again:
+                        exc = again
+                        continue
+
+    async def _open_route_with_retries(self) -> None:
+        while True:
+            try:
+                await self._open_route()
+                return
+            except _HopsFailed as exc:
+                if self.failovers >= self.max_failovers:
+                    raise PeerError(f"giving up after {self.failovers} failovers: {exc}") from exc
+                self.failovers += 1
+                await self._abandon(exc)
+
+    async def _step_once(self, hidden: torch.Tensor, start_position: int) -> torch.Tensor:
+        self._step_id += 1
+        step_id = self._step_id
+        first = self.hops[0]
+        request = pb.StepRequest(
+            session_id=self.session_id,
+            step_id=step_id,
+            hidden=tensor_to_proto(hidden),
+            start_position=start_position,
+            next=[pb.Hop(endpoint=h.endpoint, start=h.start, end=h.end) for h in self.hops[1:]],
+        )
+        try:
+            ack = await self.channels.stub(first.endpoint).Forward(request, timeout=self.step_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise _HopsFailed({first.node_id}, f"node {first.node_id} is unreachable: {exc.code().name}") from exc
+        if ack.HasField("error"):
+            error = error_from_proto(ack.error)
+            if isinstance(error, UnknownSession):  # the node restarted and lost our session
+                raise _HopsFailed({first.node_id}, str(error))
+            raise error
+        return await self._wait_result(step_id, hidden.shape[1])
+
+    async def _wait_result(self, step_id: int, n: int) -> torch.Tensor:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.step_timeout_s
+        while True:
+            try:
+                index, event = await asyncio.wait_for(self._events.get(), max(deadline - loop.time(), 0.0))
+            except TimeoutError:
+                dead = await self._probe()
+                raise _HopsFailed(dead or {h.node_id for h in self.hops}, "the step timed out") from None
+            hop = self.hops[index]
+            if event is None:
+                raise _HopsFailed({hop.node_id}, f"lost the session stream to node {hop.node_id}")
+            kind = event.WhichOneof("kind")
+            if kind == "result" and event.result.step_id == step_id:
+                return tensor_from_proto(
+                    event.result.hidden,
+                    expected_dtype=self.dtype,
+                    expected_shape=(1, n, self.hidden_size),
+                    name="hidden states from the last node",
+                )
+            if kind == "failed" and event.failed.step_id in (step_id, 0):
+                error = error_from_proto(event.failed.error)
+                if isinstance(error, PeerError | UnknownSession):
+                    dead = await self._probe()
+                    raise _HopsFailed(dead or {hop.node_id}, str(error))
+                raise error
+
+    async def _probe(self) -> set[str]:
+        """The hops that do not answer Info within a second."""
+
+        async def alive(hop: Hop) -> bool:
+            try:
+                await self.channels.stub(hop.endpoint).Info(pb.InfoRequest(), timeout=PROBE_TIMEOUT_S)
+                return True
+            except grpc.aio.AioRpcError:
+                return False
+
+        answers = await asyncio.gather(*(alive(h) for h in self.hops))
+        return {hop.node_id for hop, ok in zip(self.hops, answers, strict=True) if not ok}
+
+    async def _abandon(self, failure: _HopsFailed) -> None:
+        for node_id in failure.node_ids:
+            self._excluded.add(node_id)
+            self.swarm.suspect(node_id)
+        await self._close_streams()
+
+    async def _close_streams(self) -> None:
+        streams, self._streams = self._streams, []
+        for stream in streams:
+            self.swarm.load[stream.hop.node_id] -= 1
+            stream.reader.cancel()
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError, CoopError):
+                await stream.call.write(pb.SessionControl(close=pb.SessionControl.Close()))
+                await stream.call.done_writing()
+            stream.call.cancel()
+
+    async def close(self) -> None:
+        await self._close_streams()

@@ -1,0 +1,126 @@
+"""Route and span choice: pure functions over the nodes announced in the swarm directory.
+
+A route is a chain of hops whose block ranges tile [0, num_blocks). Finding the fastest one is a
+shortest path over block boundaries (Dijkstra): a node serving [s, e) offers an edge from every
+boundary a to every boundary b with s <= a < b <= e, costing one network round trip plus its
+share of the node's per-token compute time, inflated by the sessions it already runs for us.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+
+from coop.errors import RouteUnavailable
+from coop.node.directory import NodeAnnouncement
+
+DEFAULT_RTT_S = 0.002
+MIN_THROUGHPUT_TPS = 0.1  # a node announcing less (or nothing) is treated as this slow
+
+
+@dataclass(frozen=True)
+class Hop:
+    node_id: str
+    endpoint: str
+    start: int
+    end: int
+
+
+def missing_blocks(nodes: Sequence[NodeAnnouncement], num_blocks: int) -> list[tuple[int, int]]:
+    """Maximal runs of blocks that no node covers."""
+    covered = [False] * num_blocks
+    for node in nodes:
+        for index in range(max(node.start, 0), min(node.end, num_blocks)):
+            covered[index] = True
+    runs: list[tuple[int, int]] = []
+    for index, is_covered in enumerate(covered):
+        if is_covered:
+            continue
+        if runs and runs[-1][1] == index:
+            runs[-1] = (runs[-1][0], index + 1)
+        else:
+            runs.append((index, index + 1))
+    return runs
+
+
+def hop_cost_s(node: NodeAnnouncement, start: int, end: int, *, active_sessions: int, rtt_s: float) -> float:
+    """Expected seconds one decode token spends on this hop."""
+    per_token_s = 1.0 / max(node.throughput_tps, MIN_THROUGHPUT_TPS)
+    share = (end - start) / (node.end - node.start)
+    return rtt_s + per_token_s * share * (1 + active_sessions)
+
+
+def choose_route(
+    nodes: Sequence[NodeAnnouncement],
+    num_blocks: int,
+    *,
+    load: Mapping[str, int] | None = None,
+    exclude: Collection[str] = (),
+    rtt_s: Mapping[str, float] | None = None,
+) -> list[Hop]:
+    """The cheapest chain of hops covering blocks [0, num_blocks); RouteUnavailable if none does."""
+    load = load or {}
+    rtt_s = rtt_s or {}
+    usable = sorted((n for n in nodes if n.node_id not in exclude and n.end <= num_blocks), key=lambda n: n.node_id)
+    gaps = missing_blocks(usable, num_blocks)
+    if gaps:
+        raise RouteUnavailable(gaps, num_blocks)
+
+    best: dict[int, float] = {0: 0.0}
+    back: dict[int, tuple[int, NodeAnnouncement]] = {}
+    queue: list[tuple[float, int]] = [(0.0, 0)]
+    while queue:
+        cost, boundary = heapq.heappop(queue)
+        if boundary == num_blocks:
+            break
+        if cost > best.get(boundary, float("inf")):
+            continue
+        for node in usable:
+            if not node.start <= boundary < node.end:
+                continue
+            for end in range(boundary + 1, node.end + 1):
+                step = hop_cost_s(
+                    node,
+                    boundary,
+                    end,
+                    active_sessions=load.get(node.node_id, 0),
+                    rtt_s=rtt_s.get(node.node_id, DEFAULT_RTT_S),
+                )
+                if cost + step < best.get(end, float("inf")) - 1e-12:
+                    best[end] = cost + step
+                    back[end] = (boundary, node)
+                    heapq.heappush(queue, (cost + step, end))
+
+    hops: list[Hop] = []
+    boundary = num_blocks
+    while boundary > 0:
+        start, node = back[boundary]
+        hops.append(Hop(node.node_id, node.endpoint, start, boundary))
+        boundary = start
+    return hops[::-1]
+
+
+def choose_span(coverage: Sequence[int], length: int) -> tuple[int, int]:
+    """The window of `length` blocks that is served by the fewest nodes (leftmost on ties).
+
+    `coverage[i]` is how many live nodes serve block i; a new node taking this window fills the
+    least-served part of the model first.
+    """
+    num_blocks = len(coverage)
+    length = max(1, min(length, num_blocks))
+    best_start, best_key = 0, (float("inf"), float("inf"))
+    for start in range(num_blocks - length + 1):
+        window = coverage[start : start + length]
+        key = (min(window), sum(window))  # first fill holes, then the thinnest region
+        if key < best_key:
+            best_start, best_key = start, key
+    return best_start, best_start + length
+
+
+def coverage_of(nodes: Sequence[NodeAnnouncement], num_blocks: int) -> list[int]:
+    counts = [0] * num_blocks
+    for node in nodes:
+        for index in range(max(node.start, 0), min(node.end, num_blocks)):
+            counts[index] += 1
+    return counts

@@ -1,0 +1,91 @@
+"""`coop coordinator start`: the client part of the model, a live view of the swarm, the HTTP API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import uvicorn
+
+from coop.config import CoordinatorSettings
+from coop.coordinator.generation import Chain
+from coop.coordinator.remote import RemoteChain
+from coop.coordinator.swarm import SwarmView
+from coop.model.client_part import ClientPart
+from coop.node.directory import SwarmDirectory
+from coop.wire.channels import ChannelPool
+
+log = logging.getLogger(__name__)
+
+READY_MARKER = "COOP_COORDINATOR_READY"
+
+
+class RemoteBackend:
+    """Backend (see coordinator.backend) whose chains run on the swarm's nodes."""
+
+    def __init__(self, client: ClientPart, swarm: SwarmView, settings: CoordinatorSettings) -> None:
+        self.client = client
+        self.swarm = swarm
+        self.settings = settings
+        self.model_name = client.manifest.name
+        self.max_context = settings.max_context
+        self._channels: ChannelPool | None = None
+
+    async def open_chain(self, max_length: int) -> Chain:
+        if self._channels is None:
+            self._channels = ChannelPool()  # created on the serving event loop
+        chain = RemoteChain(
+            self.swarm,
+            self._channels,
+            self.client.embed,
+            hidden_size=self.client.manifest.hidden_size,
+            dtype=self.client.dtype,
+            max_length=max_length,
+            step_timeout_s=self.settings.step_timeout_s,
+            max_failovers=self.settings.max_failovers,
+        )
+        return await chain.open()
+
+    def route_info(self, chain: Chain) -> list[dict[str, object]]:
+        if not isinstance(chain, RemoteChain):
+            return []
+        return [
+            {"node_id": h.node_id, "endpoint": h.endpoint, "start": h.start, "end": h.end, "failovers": chain.failovers}
+            for h in chain.hops
+        ]
+
+    async def close(self) -> None:
+        if self._channels is not None:
+            await self._channels.close()
+
+
+async def run_coordinator(settings: CoordinatorSettings) -> None:
+    from coop.coordinator.api import create_app
+
+    client = await asyncio.to_thread(ClientPart.load, settings.model_dir, device=settings.device)
+    directory = await asyncio.to_thread(SwarmDirectory.start, list(settings.initial_peers), settings.host, 0)
+    swarm = SwarmView(
+        directory,
+        pool_id=settings.pool_id,
+        model_hash=client.manifest.content_hash,
+        num_blocks=client.manifest.num_blocks,
+        refresh_s=settings.refresh_s,
+    )
+    backend = RemoteBackend(client, swarm, settings)
+    try:
+        await swarm.start()
+        config = uvicorn.Config(create_app(backend), host=settings.host, port=settings.port, log_level="warning")
+        server = uvicorn.Server(config)
+        serving = asyncio.create_task(server.serve())
+        while not server.started and not serving.done():
+            await asyncio.sleep(0.05)
+        if server.started:
+            port = server.servers[0].sockets[0].getsockname()[1]
+            ready = {"url": f"http://{settings.host}:{port}", "dht_maddrs": directory.visible_maddrs()}
+            print(f"{READY_MARKER} {json.dumps(ready)}", flush=True)
+        await serving
+    finally:
+        await swarm.stop()
+        await backend.close()
+        await asyncio.to_thread(directory.shutdown)

@@ -1,0 +1,71 @@
+"""The coordinator's live view of the swarm: which nodes serve the model, and how busy we keep them.
+
+Nodes come from the DHT directory, re-read every `refresh_s`. A node that just failed one of our
+sessions is held back as a suspect for a while, so new requests avoid it before its DHT record
+expires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+
+from coop.coordinator.routing import Hop, choose_route
+from coop.errors import CoopError, RouteUnavailable
+from coop.node.directory import NodeAnnouncement, SwarmDirectory
+
+log = logging.getLogger(__name__)
+
+SUSPECT_S = 30.0
+
+
+class SwarmView:
+    def __init__(
+        self, directory: SwarmDirectory, *, pool_id: str, model_hash: str, num_blocks: int, refresh_s: float = 1.0
+    ) -> None:
+        self.directory = directory
+        self.pool_id = pool_id
+        self.model_hash = model_hash
+        self.num_blocks = num_blocks
+        self.refresh_s = refresh_s
+        self.nodes: list[NodeAnnouncement] = []
+        self.load: Counter[str] = Counter()  # our open sessions per node
+        self._suspects: dict[str, float] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> SwarmView:
+        await self.refresh()
+        self._task = asyncio.create_task(self._refresh_forever())
+        return self
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def refresh(self) -> None:
+        try:
+            self.nodes = await asyncio.to_thread(self.directory.list_nodes, self.pool_id, self.model_hash)
+        except CoopError as exc:
+            log.warning("could not refresh the node list from the DHT: %s", exc)
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            await self.refresh()
+
+    def suspect(self, node_id: str) -> None:
+        self._suspects[node_id] = time.monotonic() + SUSPECT_S
+
+    def live_nodes(self) -> list[NodeAnnouncement]:
+        now = time.monotonic()
+        self._suspects = {n: until for n, until in self._suspects.items() if until > now}
+        return [n for n in self.nodes if n.node_id not in self._suspects]
+
+    async def route(self, exclude: set[str] | frozenset[str] = frozenset()) -> list[Hop]:
+        try:
+            return choose_route(self.live_nodes(), self.num_blocks, load=self.load, exclude=exclude)
+        except RouteUnavailable:
+            await self.refresh()  # a node may have joined since the last refresh
+            return choose_route(self.live_nodes(), self.num_blocks, load=self.load, exclude=exclude)

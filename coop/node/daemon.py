@@ -1,0 +1,160 @@
+"""`coop node start`: load a span, serve it over gRPC, keep it announced in the DHT.
+
+Start-up order matters for the pool: the span is loaded and measured before the node announces
+itself, so a node is never routed to before it can serve; on SIGTERM/SIGINT it withdraws its
+announcement first, then drains in-flight calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+import uuid
+
+import grpc
+import torch
+
+from coop.config import NodeSettings
+from coop.coordinator.routing import choose_span, coverage_of
+from coop.errors import InvalidInput
+from coop.model.manifest import Manifest
+from coop.node.directory import Announcer, NodeAnnouncement, SwarmDirectory
+from coop.node.engine import SpanEngine
+from coop.node.service import NodeService
+from coop.wire.channels import GRPC_OPTIONS
+from coop.wire.generated import coop_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+READY_MARKER = "COOP_NODE_READY"
+SHUTDOWN_GRACE_S = 3.0
+_THROUGHPUT_STEPS = 8
+
+
+def parse_blocks(text: str, num_blocks: int) -> tuple[int, int] | None:
+    """'A:B' -> (A, B); 'auto' -> None."""
+    if text == "auto":
+        return None
+    try:
+        start, end = (int(x) for x in text.split(":"))
+    except ValueError as exc:
+        raise InvalidInput(f"--blocks must be START:END or auto, got {text!r}") from exc
+    if not 0 <= start < end <= num_blocks:
+        raise InvalidInput(f"--blocks {text} does not fit the model's blocks 0:{num_blocks}")
+    return start, end
+
+
+def pick_span(settings: NodeSettings, manifest: Manifest, directory: SwarmDirectory) -> tuple[int, int]:
+    explicit = parse_blocks(settings.blocks, manifest.num_blocks)
+    if explicit is not None:
+        return explicit
+    itemsize = torch.empty((), dtype=getattr(torch, manifest.dtype)).element_size()
+    block_bytes = max(b.param_count for b in manifest.blocks) * itemsize
+    length = settings.max_blocks or max(1, settings.memory_budget_bytes // block_bytes)
+    live = directory.list_nodes(settings.pool_id, manifest.content_hash)
+    return choose_span(coverage_of(live, manifest.num_blocks), length)
+
+
+def measure_throughput(engine: SpanEngine) -> float:
+    """Decode tokens per second through the whole span, measured on a throwaway session."""
+    session = engine.open_session(max_length=_THROUGHPUT_STEPS + 1)
+    try:
+        hidden = torch.zeros(1, 1, engine.hidden_size, dtype=engine.dtype)
+        engine.step(session, hidden, 0)  # warm-up
+        started = time.perf_counter()
+        for position in range(1, _THROUGHPUT_STEPS + 1):
+            engine.step(session, hidden, position)
+        return _THROUGHPUT_STEPS / max(time.perf_counter() - started, 1e-6)
+    finally:
+        engine.close_session(session)
+
+
+async def run_node(settings: NodeSettings) -> None:
+    manifest = Manifest.load(settings.model_dir)
+    directory = await asyncio.to_thread(
+        SwarmDirectory.start, list(settings.initial_peers), settings.host, settings.dht_port
+    )
+    announcer: Announcer | None = None
+    server: grpc.aio.Server | None = None
+    service: NodeService | None = None
+    try:
+        start, end = await asyncio.to_thread(pick_span, settings, manifest, directory)
+        print(f"loading blocks {start}:{end} of {manifest.name} …", file=sys.stderr, flush=True)
+        engine = await asyncio.to_thread(
+            SpanEngine.load,
+            settings.model_dir,
+            start,
+            end,
+            device=settings.device,
+            cache_budget_bytes=settings.cache_budget_bytes,
+            idle_timeout_s=settings.idle_timeout_s,
+        )
+        throughput = await asyncio.to_thread(measure_throughput, engine)
+        node_id = settings.node_id or f"node-{uuid.uuid4().hex[:12]}"
+        service = NodeService(engine, node_id=node_id, throughput_tps=throughput)
+        server = grpc.aio.server(options=GRPC_OPTIONS)
+        coop_pb2_grpc.add_NodeServicer_to_server(service, server)
+        port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+        await server.start()
+        endpoint = f"{settings.announce_host or settings.host}:{port}"
+
+        def make_announcement() -> NodeAnnouncement:
+            now = time.time()
+            return NodeAnnouncement(
+                node_id=node_id,
+                pool_id=settings.pool_id,
+                model_hash=manifest.content_hash,
+                start=start,
+                end=end,
+                endpoint=endpoint,
+                institution=settings.institution,
+                throughput_tps=throughput,
+                free_cache_bytes=engine.free_cache_bytes,
+                announced_at=now,
+                expires_at=now + settings.announce_ttl_s,
+            )
+
+        announcer = await asyncio.to_thread(
+            Announcer(directory, make_announcement, ttl_s=settings.announce_ttl_s).start
+        )
+        ready = {
+            "node_id": node_id,
+            "endpoint": endpoint,
+            "start": start,
+            "end": end,
+            "throughput_tps": round(throughput, 2),
+            "dht_maddrs": directory.visible_maddrs(),
+        }
+        print(f"{READY_MARKER} {json.dumps(ready)}", flush=True)
+        await _wait_for_signal()
+        print("shutting down: withdrawing announcement, draining calls …", file=sys.stderr, flush=True)
+    finally:
+        if announcer is not None:
+            await asyncio.to_thread(announcer.stop)
+        if server is not None:
+            await server.stop(SHUTDOWN_GRACE_S)
+        if service is not None:
+            await service.close()
+        await asyncio.to_thread(directory.shutdown)
+
+
+async def _wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def run_dht(initial_peers: list[str], host: str, port: int) -> None:
+    """A DHT peer that only helps others find each other (any member can run one)."""
+    directory = await asyncio.to_thread(SwarmDirectory.start, initial_peers, host, port)
+    try:
+        print(f"COOP_DHT_READY {json.dumps({'dht_maddrs': directory.visible_maddrs()})}", flush=True)
+        await _wait_for_signal()
+    finally:
+        await asyncio.to_thread(directory.shutdown)

@@ -1,0 +1,207 @@
+"""The node's gRPC service: sessions as streams, steps pushed from node to node.
+
+A step arrives by `Forward` (from the coordinator for the first node of a route, from the
+previous node otherwise). The node validates it, acknowledges at once, runs its blocks in a
+worker thread, then pushes the output to the next hop, or, on the last node, sends it to the
+coordinator as a `result` event on the session's stream: one network hop per node per token.
+Anything that goes wrong after the ack is reported as a `failed` event on that stream, so one
+session's trouble never reaches another session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from coop.errors import CoopError, InvalidInput, PeerError, SpanOutOfRange, UnknownSession
+from coop.node.engine import SpanEngine
+from coop.wire.channels import ChannelPool
+from coop.wire.errors import error_from_proto, error_to_proto
+from coop.wire.generated import coop_pb2 as pb
+from coop.wire.generated import coop_pb2_grpc
+from coop.wire.tensors import tensor_from_proto, tensor_to_proto
+
+log = logging.getLogger(__name__)
+
+PUSH_TIMEOUT_S = 30.0
+OPEN_TIMEOUT_S = 10.0
+MAX_HOPS = 256
+_SESSION_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+_ENDPOINT = re.compile(r"^[A-Za-z0-9_.\-\[\]:]{1,255}:\d{1,5}$")
+
+
+@dataclass
+class Counters:
+    steps_run: int = 0
+    pushes_sent: int = 0
+    results_sent: int = 0
+
+
+class NodeService(coop_pb2_grpc.NodeServicer):
+    def __init__(self, engine: SpanEngine, *, node_id: str, throughput_tps: float) -> None:
+        self.engine = engine
+        self.node_id = node_id
+        self.throughput_tps = throughput_tps
+        self.counters = Counters()
+        self._events: dict[str, asyncio.Queue[pb.SessionEvent | None]] = {}
+        self._channels = ChannelPool()
+        # Steps are serialised by the engine anyway; one worker keeps the event loop free.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coop-compute")
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await self._channels.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- Info -------------------------------------------------------------------------------
+
+    async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.NodeInfo:
+        return pb.NodeInfo(
+            node_id=self.node_id,
+            model_hash=self.engine.manifest.content_hash,
+            start=self.engine.start,
+            end=self.engine.end,
+            throughput_tps=self.throughput_tps,
+            free_cache_bytes=self.engine.free_cache_bytes,
+            active_sessions=self.engine.session_count,
+            counters=pb.NodeInfo.Counters(
+                steps_run=self.counters.steps_run,
+                pushes_sent=self.counters.pushes_sent,
+                results_sent=self.counters.results_sent,
+            ),
+        )
+
+    # -- Session ----------------------------------------------------------------------------
+
+    async def Session(
+        self, request_iterator: AsyncIterator[pb.SessionControl], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.SessionEvent]:
+        try:
+            first = await asyncio.wait_for(anext(request_iterator), OPEN_TIMEOUT_S)
+            session_id = self._open(first)
+        except (CoopError, StopAsyncIteration, TimeoutError) as exc:
+            error = exc if isinstance(exc, CoopError) else InvalidInput("the session stream must start with open")
+            yield pb.SessionEvent(failed=pb.SessionEvent.Failed(step_id=0, error=error_to_proto(error)))
+            return
+        queue: asyncio.Queue[pb.SessionEvent | None] = asyncio.Queue()
+        self._events[session_id] = queue
+        watcher = asyncio.create_task(self._watch_controls(request_iterator, queue))
+        try:
+            yield pb.SessionEvent(opened=pb.SessionEvent.Opened(session_id=session_id, cache_bytes=0))
+            while (event := await queue.get()) is not None:
+                yield event
+        finally:
+            watcher.cancel()
+            self._events.pop(session_id, None)
+            self.engine.evict(session_id)
+
+    def _open(self, control: pb.SessionControl) -> str:
+        if control.WhichOneof("kind") != "open":
+            raise InvalidInput("the session stream must start with open")
+        request = control.open
+        if not _SESSION_ID.match(request.session_id):
+            raise InvalidInput("session_id must be 1-128 characters of [A-Za-z0-9_.:-]")
+        if request.session_id in self._events:
+            raise InvalidInput(f"session {request.session_id} is already open on this node")
+        if not self.engine.start <= request.start < request.end <= self.engine.end:
+            raise SpanOutOfRange(
+                f"this node serves blocks {self.engine.start}:{self.engine.end}, not {request.start}:{request.end}"
+            )
+        self.engine.open_session(
+            request.session_id, max_length=request.max_length, start=request.start, end=request.end
+        )
+        return request.session_id
+
+    async def _watch_controls(
+        self, request_iterator: AsyncIterator[pb.SessionControl], queue: asyncio.Queue[pb.SessionEvent | None]
+    ) -> None:
+        """End the session on Close, on the end of the stream, or when the coordinator vanishes."""
+        try:
+            async for control in request_iterator:
+                if control.WhichOneof("kind") == "close":
+                    break
+        except (grpc.aio.AioRpcError, asyncio.CancelledError):
+            pass
+        finally:
+            queue.put_nowait(None)
+
+    # -- Forward ----------------------------------------------------------------------------
+
+    async def Forward(self, request: pb.StepRequest, context: grpc.aio.ServicerContext) -> pb.StepAck:
+        try:
+            queue, hidden, next_hops = self._accept(request)
+        except CoopError as exc:
+            return pb.StepAck(error=error_to_proto(exc))
+        task = asyncio.create_task(self._run_step(request, hidden, next_hops, queue))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return pb.StepAck()
+
+    def _accept(
+        self, request: pb.StepRequest
+    ) -> tuple[asyncio.Queue[pb.SessionEvent | None], torch.Tensor, list[pb.Hop]]:
+        queue = self._events.get(request.session_id)
+        if queue is None:
+            raise UnknownSession(f"no session {request.session_id} is open on node {self.node_id}")
+        hidden = tensor_from_proto(
+            request.hidden,
+            expected_dtype=self.engine.dtype,
+            expected_shape=(1, None, self.engine.hidden_size),
+            name="hidden states",
+        )
+        next_hops = list(request.next)
+        if len(next_hops) > MAX_HOPS or any(not _ENDPOINT.match(hop.endpoint) for hop in next_hops):
+            raise InvalidInput(f"the route must have at most {MAX_HOPS} hops, each with a host:port endpoint")
+        return queue, hidden, next_hops
+
+    async def _run_step(
+        self,
+        request: pb.StepRequest,
+        hidden: torch.Tensor,
+        next_hops: list[pb.Hop],
+        queue: asyncio.Queue[pb.SessionEvent | None],
+    ) -> None:
+        session_id, step_id = request.session_id, request.step_id
+        try:
+            loop = asyncio.get_running_loop()
+            output = await loop.run_in_executor(
+                self._executor, self.engine.step, session_id, hidden, request.start_position
+            )
+            self.counters.steps_run += 1
+            message = tensor_to_proto(output)
+            if next_hops:
+                await self._push(next_hops, session_id, step_id, message, request.start_position)
+                self.counters.pushes_sent += 1
+            else:
+                result = pb.SessionEvent.Result(session_id=session_id, step_id=step_id, hidden=message)
+                queue.put_nowait(pb.SessionEvent(result=result))
+                self.counters.results_sent += 1
+        except Exception as exc:
+            if not isinstance(exc, CoopError):
+                log.exception("step %s of session %s failed", step_id, session_id)
+            failed = pb.SessionEvent.Failed(session_id=session_id, step_id=step_id, error=error_to_proto(exc))
+            queue.put_nowait(pb.SessionEvent(failed=failed))
+
+    async def _push(
+        self, next_hops: list[pb.Hop], session_id: str, step_id: int, hidden: pb.Tensor, start_position: int
+    ) -> None:
+        target = next_hops[0]
+        request = pb.StepRequest(
+            session_id=session_id, step_id=step_id, hidden=hidden, start_position=start_position, next=next_hops[1:]
+        )
+        try:
+            ack = await self._channels.stub(target.endpoint).Forward(request, timeout=PUSH_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            raise PeerError(f"next node {target.endpoint} is unreachable: {exc.code().name}") from exc
+        if ack.HasField("error"):
+            remote = error_from_proto(ack.error)
+            raise PeerError(f"next node {target.endpoint} refused the step: {remote}") from remote

@@ -1,0 +1,37 @@
+"""e2e fixtures: one reference (single-process) answer per prompt, shared by the e2e modules."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from coop.coordinator.generation import LocalChain, collect_tokens
+from coop.coordinator.sampling import SamplingParams
+from coop.model.client_part import ClientPart
+from coop.node.engine import SpanEngine
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def demo_client(demo_model_dir: str) -> ClientPart:
+    return ClientPart.load(demo_model_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def reference(demo_model_dir: str, demo_client: ClientPart):  # type: ignore[no-untyped-def]
+    """reference(question, max_tokens) -> greedy token ids of the whole model in this process."""
+    engine = SpanEngine.load(demo_model_dir, 0, demo_client.manifest.num_blocks, device="cpu")
+    cache: dict[tuple[str, int], list[int]] = {}
+
+    def run(question: str, max_tokens: int) -> list[int]:
+        key = (question, max_tokens)
+        if key not in cache:
+            prompt = demo_client.encode_chat([{"role": "user", "content": question}])
+            chain = LocalChain([engine], max_length=len(prompt) + max_tokens)
+            cache[key] = asyncio.run(collect_tokens(demo_client, chain, prompt, SamplingParams(max_tokens=max_tokens)))
+            asyncio.run(chain.close())
+        return cache[key]
+
+    return run
