@@ -26,7 +26,7 @@ PeersOption = Annotated[
     list[str] | None, typer.Option("--initial-peers", help="DHT multiaddrs of any pool member (repeatable)")
 ]
 
-console = Console()
+console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True, highlight=False)
 
 
@@ -276,6 +276,24 @@ def swarm_status(
         console.print("[red]missing blocks:[/] " + ", ".join(f"{a}:{b}" for a, b in gaps))
     else:
         console.print("[green]every block is served[/]")
+
+
+@app.command("demo")
+def demo(
+    model_dir: Annotated[Path, typer.Option("--model-dir", help="where the demo model is prepared (cached)")] = Path(
+        ".cache/smollm2-demo"
+    ),
+    port: Annotated[int, typer.Option(help="HTTP port of the coordinator (0 = any free port)")] = 8000,
+    question: Annotated[str, typer.Option()] = "What is the capital of France?",
+    once: Annotated[bool, typer.Option("--once", help="exit after the answer")] = False,
+) -> None:
+    """A local pool in one command: DHT, three nodes, a coordinator, and one chat question."""
+    from coop.demo import run_demo
+
+    try:
+        run_demo(model_dir, port=port, question=question, once=once, console=console)
+    except CoopError as exc:
+        _fail(exc)
 
 
 if __name__ == "__main__":

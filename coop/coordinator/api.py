@@ -2,7 +2,7 @@
 
 What a request means lives in `coop.coordinator.serving`; the shapes on the wire in
 `coop.coordinator.protocol`. Every error, ours or the framework's, leaves through
-`serving.error_response`, so clients always get OpenAI's error envelope.
+`api_errors.error_response`, so clients always get OpenAI's error envelope.
 """
 
 from __future__ import annotations
@@ -18,16 +18,17 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.types import Send
 
+from coop.coordinator.api_errors import error_response
 from coop.coordinator.backend import Backend
 from coop.coordinator.protocol import ChatCompletionRequest, CompletionRequest
-from coop.coordinator.serving import OpenAIServing, error_response
+from coop.coordinator.serving import OpenAIServing
 from coop.errors import CoopError
 
 
 async def authenticate(authorization: Annotated[str | None, Header()] = None) -> str | None:
     """The caller's API key from `Authorization: Bearer KEY`, or None.
 
-    The one place to enforce keys later: raise `serving.RequestError(..., status=401,
+    The one place to enforce keys later: raise `api_errors.RequestError(..., status=401,
     code="invalid_api_key")` here (or swap it via `app.dependency_overrides[authenticate]`).
     Until then any header, or none, is accepted, as OpenAI clients insist on sending one.
     """

@@ -6,7 +6,7 @@ stream becomes text through an incremental detokeniser that applies stop sequenc
 non-streamed responses are built from the same events, so their text is identical by
 construction.
 
-Errors of every origin become OpenAI's error envelope in one place, `error_response`.
+Errors of every origin become OpenAI's error envelope in one place: `api_errors.error_response`.
 """
 
 from __future__ import annotations
@@ -14,18 +14,13 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
-from contextlib import aclosing
-from dataclasses import dataclass
-from typing import Any, cast
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import Any
 
-import anyio
-from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
-from starlette.exceptions import HTTPException
 
+from coop.coordinator.api_errors import RequestError, error_response
 from coop.coordinator.backend import Backend
-from coop.coordinator.generation import Chain, generate_tokens
 from coop.coordinator.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -38,262 +33,24 @@ from coop.coordinator.protocol import (
     CompletionChunk,
     CompletionRequest,
     CompletionResponse,
-    CoopExtras,
     DeltaMessage,
-    ErrorInfo,
-    ErrorResponse,
     FinishReason,
     GenerationRequest,
     HealthResponse,
     ModelCard,
     ModelList,
-    Usage,
 )
 from coop.coordinator.sampling import SamplingParams
-from coop.errors import (
-    CacheBudgetExceeded,
-    CoopError,
-    InvalidInput,
-    PeerError,
-    RouteUnavailable,
-)
+from coop.coordinator.text_stream import GenerationEvent, Started, TextDelta, collect_text, run_generation
 
 log = logging.getLogger(__name__)
+
+Render = Callable[[GenerationEvent], list[BaseModel]]
 
 # When the request names no max_tokens. Every session reserves KV cache for prompt + max_tokens
 # on each node of its route, so "the rest of the context" (vLLM's default) would be costly.
 DEFAULT_CHAT_MAX_TOKENS = 512
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-
-
-# -- errors -----------------------------------------------------------------------------------
-
-
-class RequestError(InvalidInput):
-    """A request the API refuses, with the HTTP status and OpenAI error code to answer with."""
-
-    def __init__(self, message: str, *, status: int = 400, code: str | None = None, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.param = param
-
-
-# Our exception types -> (HTTP status, OpenAI error type, code). The most specific class in an
-# exception's MRO wins, so a new CoopError subclass falls back to its parent's row.
-ERROR_TABLE: dict[type[BaseException], tuple[int, str, str]] = {
-    InvalidInput: (400, "invalid_request_error", "invalid_input"),
-    RouteUnavailable: (503, "service_unavailable_error", "route_unavailable"),
-    # Capacity, not a bug: the same request can succeed once other sessions finish.
-    CacheBudgetExceeded: (503, "service_unavailable_error", "capacity_exceeded"),
-    PeerError: (502, "server_error", "peer_error"),
-    CoopError: (500, "server_error", "internal_error"),
-}
-
-
-def error_response(exc: BaseException) -> tuple[int, ErrorResponse]:
-    """Any exception -> (HTTP status, OpenAI error envelope). The API's only error mapping."""
-    if isinstance(exc, RequestError):
-        kind = "invalid_request_error" if exc.status < 500 else "server_error"
-        return exc.status, _envelope(str(exc), kind, exc.code, exc.param)
-    if isinstance(exc, RequestValidationError):
-        message, param, code = _describe_validation_error(exc)
-        return 400, _envelope(message, "invalid_request_error", code, param)
-    if isinstance(exc, HTTPException):
-        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return exc.status_code, _envelope(str(exc.detail), kind, None, None)
-    for cls in type(exc).__mro__:
-        if cls in ERROR_TABLE:
-            status, kind, code = ERROR_TABLE[cls]
-            return status, _envelope(str(exc), kind, code, None)
-    log.error("unexpected error while serving a request", exc_info=exc)
-    message = f"internal error ({type(exc).__name__}); the coordinator's log has the details"
-    return 500, _envelope(message, "server_error", "internal_error", None)
-
-
-def _envelope(message: str, kind: str, code: str | None, param: str | None) -> ErrorResponse:
-    return ErrorResponse(error=ErrorInfo(message=message, type=kind, param=param, code=code))
-
-
-def _describe_validation_error(exc: RequestValidationError) -> tuple[str, str | None, str]:
-    """FastAPI's error list -> one readable message, the first offending field, and a code."""
-    errors: Sequence[Any] = exc.errors()
-    for error in errors:
-        if error.get("type") == "json_invalid":
-            detail = (error.get("ctx") or {}).get("error", error.get("msg", ""))
-            return f"the request body is not valid JSON: {detail}", None, "invalid_json"
-    parts: list[str] = []
-    params: list[str] = []
-    for error in errors:
-        loc = [str(part) for part in error.get("loc", ()) if part != "body"]
-        field = ".".join(loc) or "body"
-        if loc:
-            params.append(loc[0])  # the top-level field, as OpenAI's `param` names it
-        part = f"{field}: {error.get('msg', 'invalid')}"
-        if part not in parts:
-            parts.append(part)
-    message = "invalid request: " + "; ".join(parts[:5]) if parts else "invalid request"
-    return message, (params[0] if params else None), "invalid_request"
-
-
-# -- detokenisation ---------------------------------------------------------------------------
-
-
-class IncrementalDetokenizer:
-    """Token ids so far -> the new text that is safe to show, with stop sequences applied.
-
-    It decodes the whole completion each time and emits the suffix beyond what it already
-    emitted: a token's text depends on its neighbours (byte-level pieces, leading spaces), so
-    decoding tokens one by one would be wrong. It holds back a trailing U+FFFD (a multi-byte
-    character whose remaining bytes are still to come) and any tail that could still grow into
-    a stop sequence. Decoding everything is O(n) per token; fine at these lengths, and the place
-    to add prefix/read offsets if it ever shows up in a profile.
-    """
-
-    def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str] = ()) -> None:
-        self._decode = decode
-        self._stop = tuple(s for s in stop if s)
-        self.text = ""  # everything emitted so far
-        self.stopped = False
-
-    def push(self, token_ids: list[int]) -> str:
-        full = self._decode(token_ids)
-        floor = len(self.text)
-        hit = self._find_stop(full)
-        if hit is not None:
-            self.stopped = True
-            return self._emit(full, max(hit, floor))  # the text is cut before the stop string
-        end = _strip_partial_char(full, floor)
-        end -= self._stop_prefix_length(full[:end], floor)
-        return self._emit(full, end)
-
-    def finish(self, token_ids: list[int]) -> str:
-        """The generation ended (EOS or length): release held-back text but a partial character."""
-        full = self._decode(token_ids)
-        return self._emit(full, _strip_partial_char(full, len(self.text)))
-
-    def _emit(self, full: str, end: int) -> str:
-        # Decoding is prefix-stable for the tokenizers we serve; if it ever is not, the emitted
-        # text cannot be taken back, so we continue from the same character offset.
-        delta = full[len(self.text) : end] if end > len(self.text) else ""
-        self.text += delta
-        return delta
-
-    def _find_stop(self, text: str) -> int | None:
-        hits = [i for i in (text.find(s) for s in self._stop) if i >= 0]
-        return min(hits) if hits else None
-
-    def _stop_prefix_length(self, text: str, floor: int) -> int:
-        """Length of the longest tail of text (beyond floor) that is a proper prefix of a stop."""
-        longest = 0
-        for stop in self._stop:
-            for k in range(min(len(stop) - 1, len(text) - floor), longest, -1):
-                if text.endswith(stop[:k]):
-                    longest = k
-                    break
-        return longest
-
-
-def _strip_partial_char(text: str, floor: int) -> int:
-    end = len(text)
-    while end > floor and text[end - 1] == "\ufffd":
-        end -= 1
-    return end
-
-
-# -- the generation core ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Started:
-    """The chain is open: from here on, failures are reported inside the stream."""
-
-
-@dataclass(frozen=True)
-class TextDelta:
-    text: str
-
-
-@dataclass(frozen=True)
-class Finished:
-    finish_reason: FinishReason
-    token_ids: list[int]  # every generated token, EOS included
-    prompt_tokens: int
-    route: list[dict[str, Any]]
-
-    @property
-    def usage(self) -> Usage:
-        completion = len(self.token_ids)
-        return Usage(
-            prompt_tokens=self.prompt_tokens, completion_tokens=completion, total_tokens=self.prompt_tokens + completion
-        )
-
-    @property
-    def extras(self) -> CoopExtras:
-        return CoopExtras(token_ids=self.token_ids, route=self.route)
-
-
-GenerationEvent = Started | TextDelta | Finished
-
-
-async def run_generation(
-    backend: Backend, prompt_ids: list[int], params: SamplingParams
-) -> AsyncGenerator[GenerationEvent, None]:
-    """Started, then text deltas, then Finished. The chain is closed however this ends."""
-    chain = await backend.open_chain(len(prompt_ids) + params.max_tokens)
-    try:
-        yield Started()
-        client = backend.client
-        detokenizer = IncrementalDetokenizer(client.decode, params.stop)
-        token_ids: list[int] = []
-        finish_reason: FinishReason = "length"
-        # generate_tokens is an async generator (typed as an iterator): close it when we stop early
-        token_gen = cast(AsyncGenerator[int, None], generate_tokens(client, chain, prompt_ids, params))
-        async with aclosing(token_gen) as tokens:
-            async for token in tokens:
-                token_ids.append(token)
-                if token in client.eos_token_ids:
-                    finish_reason = "stop"
-                    break
-                delta = detokenizer.push(token_ids)
-                if delta:
-                    yield TextDelta(delta)
-                if detokenizer.stopped:
-                    finish_reason = "stop"
-                    break
-        if not detokenizer.stopped:
-            text_ids = token_ids[:-1] if token_ids and token_ids[-1] in client.eos_token_ids else token_ids
-            tail = detokenizer.finish(text_ids)
-            if tail:
-                yield TextDelta(tail)
-        yield Finished(finish_reason, token_ids, len(prompt_ids), backend.route_info(chain))
-    finally:
-        await _close_quietly(chain)
-
-
-async def _close_quietly(chain: Chain) -> None:
-    """Close even when the request was cancelled (client gone), and never mask the real error."""
-    try:
-        with anyio.CancelScope(shield=True):
-            await chain.close()
-    except Exception:
-        log.warning("closing a chain failed", exc_info=True)
-
-
-async def _collect(events: AsyncGenerator[GenerationEvent, None]) -> tuple[str, Finished]:
-    parts: list[str] = []
-    async with aclosing(events):
-        async for event in events:
-            if isinstance(event, TextDelta):
-                parts.append(event.text)
-            elif isinstance(event, Finished):
-                return "".join(parts), event
-    raise RuntimeError("generation ended without a Finished event")  # pragma: no cover
-
-
-# -- the endpoints' logic ---------------------------------------------------------------------
-
-Render = Callable[[GenerationEvent], list[BaseModel]]
 
 
 class OpenAIServing:
@@ -321,7 +78,7 @@ class OpenAIServing:
         if request.stream:
             render = _chat_renderer(response_id, created, self.backend.model_name, request.include_usage)
             return await _start_stream(events, render)
-        text, done = await _collect(events)
+        text, done = await collect_text(events)
         return ChatCompletionResponse(
             id=response_id,
             created=created,
@@ -340,7 +97,7 @@ class OpenAIServing:
         if request.stream:
             render = _completion_renderer(response_id, created, self.backend.model_name, request.include_usage)
             return await _start_stream(events, render)
-        text, done = await _collect(events)
+        text, done = await collect_text(events)
         return CompletionResponse(
             id=response_id,
             created=created,

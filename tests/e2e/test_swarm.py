@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from coop.client import Client
+from coop.launcher import LocalPool as Pool
 from coop.model.client_part import ClientPart
 from coop.node.client import node_info
 from coop.wire.generated import coop_pb2 as pb
 from coop.wire.generated import coop_pb2_grpc
 from coop.wire.tensors import tensor_to_proto
-from tests.e2e.harness import Pool
 
 pytestmark = pytest.mark.slow
 

@@ -24,7 +24,7 @@ from coop.coordinator.api import create_app
 from coop.coordinator.backend import LocalBackend
 from coop.coordinator.generation import Chain, LocalChain, collect_tokens
 from coop.coordinator.sampling import SamplingParams
-from coop.coordinator.serving import IncrementalDetokenizer
+from coop.coordinator.text_stream import IncrementalDetokenizer
 from coop.errors import PeerError, RouteUnavailable
 from coop.model.client_part import ClientPart
 
