@@ -42,3 +42,35 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     root = tmp_path_factory.mktemp("tiny-llama")
     prepare(str(save_tiny_model("llama", root / "hf")), root / "coop", dtype="float32")
     return str(root / "coop")
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model_dir(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: str) -> str:
+    """A tiny random Llama that speaks through the demo model's tokenizer: chat in milliseconds."""
+    import shutil
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from coop.model.prepare import prepare
+
+    root = tmp_path_factory.mktemp("tiny-chat")
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(root / "hf")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+        if (Path(demo_model_dir) / name).is_file():
+            shutil.copy(Path(demo_model_dir) / name, root / "hf" / name)
+    prepare(str(root / "hf"), root / "coop")
+    return str(root / "coop")

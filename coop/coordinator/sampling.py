@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+MIN_TEMPERATURE = 1e-4
+
 
 class SamplingParams(BaseModel):
     model_config = ConfigDict(frozen=True)
@@ -21,7 +23,8 @@ class SamplingParams(BaseModel):
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below this, logits / temperature overflows to inf and sampling is argmax anyway.
+        return self.temperature < MIN_TEMPERATURE
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:
@@ -45,6 +48,7 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
         cumulative = torch.softmax(sorted_scores, dim=-1).cumsum(dim=-1)
         # drop a token when the tokens ranked above it already reach top_p (the first is always kept)
         drop = cumulative - torch.softmax(sorted_scores, dim=-1) >= params.top_p
+        drop[0] = False  # the most likely token always survives, however small top_p is
         scores[order[drop]] = float("-inf")
     probs = torch.softmax(scores, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))

@@ -40,3 +40,12 @@ def test_seed_makes_sampling_repeatable() -> None:
 def test_invalid_params_are_refused(bad: dict[str, float]) -> None:
     with pytest.raises(ValidationError):
         SamplingParams(**bad)
+
+
+def test_extreme_values_still_give_a_token() -> None:
+    assert (
+        sample_token(LOGITS, SamplingParams(temperature=1.0, top_p=5e-324, seed=0), make_generator(SamplingParams()))
+        == 1
+    )
+    tiny = SamplingParams(temperature=1e-300, seed=0)
+    assert tiny.greedy and sample_token(LOGITS, tiny, make_generator(tiny)) == 1
