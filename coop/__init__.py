@@ -15,6 +15,7 @@ from coop.errors import (
     SessionExists,
     SessionLimitExceeded,
     SpanOutOfRange,
+    Unauthorized,
     UnknownSession,
     UnsupportedModel,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "SessionExists",
     "SessionLimitExceeded",
     "SpanOutOfRange",
+    "Unauthorized",
     "UnknownSession",
     "UnsupportedModel",
     "__version__",

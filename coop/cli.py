@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from coop.cli_pool import member_app, pool_app
 from coop.errors import CoopError
 
 app = typer.Typer(no_args_is_help=True, help="Coop: a cooperative compute pool for large language models.")
@@ -21,7 +22,12 @@ dht_app = typer.Typer(no_args_is_help=True, help="Run a DHT bootstrap peer.")
 app.add_typer(dht_app, name="dht")
 coordinator_app = typer.Typer(no_args_is_help=True, help="Run a coordinator (routing + OpenAI-compatible API).")
 app.add_typer(coordinator_app, name="coordinator")
+app.add_typer(pool_app, name="pool")
+app.add_typer(member_app, name="member")
 
+MemberOption = Annotated[
+    Path | None, typer.Option("--member", help="this institution's member bundle (mutual TLS, signed records)")
+]
 PeersOption = Annotated[
     list[str] | None, typer.Option("--initial-peers", help="DHT multiaddrs of any pool member (repeatable)")
 ]
@@ -157,6 +163,7 @@ def node_start(
     node_id: Annotated[str, typer.Option("--node-id")] = "",
     device: Annotated[str, typer.Option()] = "auto",
     cache_budget_mb: Annotated[int, typer.Option("--cache-budget-mb")] = 2048,
+    member: MemberOption = None,
 ) -> None:
     """Serve a span of blocks to the pool until SIGTERM or Ctrl-C."""
     from coop.config import NodeSettings
@@ -174,6 +181,7 @@ def node_start(
             node_id=node_id,
             device=device,
             cache_budget_bytes=cache_budget_mb << 20,
+            member_bundle=member,
         )
         asyncio.run(run_node(settings))
     except CoopError as exc:
@@ -181,12 +189,16 @@ def node_start(
 
 
 @node_app.command("status")
-def node_status(endpoint: Annotated[str, typer.Argument(help="host:port of the node's gRPC server")]) -> None:
+def node_status(
+    endpoint: Annotated[str, typer.Argument(help="host:port of the node's gRPC server")],
+    member: MemberOption = None,
+) -> None:
     """Show what a running node serves and how much work it did."""
+    from coop.membership import Membership
     from coop.node.client import node_info
 
     try:
-        info = node_info(endpoint)
+        info = node_info(endpoint, Membership.load(member).channel_security())
     except CoopError as exc:
         _fail(exc)
         return
@@ -213,6 +225,10 @@ def coordinator_start(
     initial_peers: PeersOption = None,
     device: Annotated[str, typer.Option()] = "auto",
     max_context: Annotated[int, typer.Option("--max-context")] = 2048,
+    member: MemberOption = None,
+    api_keys: Annotated[
+        Path | None, typer.Option("--api-keys", help="the pool's api_keys.json; without it anyone may call the API")
+    ] = None,
 ) -> None:
     """Serve the OpenAI-compatible API, routing every request through the swarm."""
     from coop.config import CoordinatorSettings
@@ -226,6 +242,8 @@ def coordinator_start(
             initial_peers=tuple(initial_peers or ()),
             device=device,
             max_context=max_context,
+            member_bundle=member,
+            api_keys_file=api_keys,
         )
         asyncio.run(run_coordinator(settings))
     except CoopError as exc:
@@ -236,18 +254,20 @@ def coordinator_start(
 def swarm_status(
     model: Annotated[Path, typer.Option("--model", help="a prepared model directory (names the model)")],
     initial_peers: PeersOption = None,
-    pool_id: Annotated[str, typer.Option("--pool-id")] = "default",
+    member: MemberOption = None,
 ) -> None:
     """The swarm as a table: which nodes serve which blocks, their throughput and free cache."""
     from coop.coordinator.routing import coverage_of, missing_blocks
+    from coop.membership import Membership
     from coop.model.manifest import Manifest
     from coop.node.directory import SwarmDirectory
 
     try:
         manifest = Manifest.load(model)
+        membership = Membership.load(member)
         directory = SwarmDirectory.start(initial_peers or [])
         try:
-            nodes = directory.list_nodes(pool_id, manifest.content_hash)
+            nodes = directory.list_nodes(membership.pool_id, manifest.content_hash, membership.announcement_validator())
         finally:
             directory.shutdown()
     except CoopError as exc:

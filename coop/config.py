@@ -38,6 +38,9 @@ class NodeSettings(BaseSettings):
     idle_timeout_s: float = Field(default=300.0, gt=0)
     # a node that dies drops out of routes within this many seconds
     announce_ttl_s: float = Field(default=9.0, gt=1.0)
+    # the institution's member bundle (`coop member add`): mutual TLS and signed announcements.
+    # Without it the node runs in development mode: plaintext, unsigned, pool "default".
+    member_bundle: Path | None = None
 
 
 class CoordinatorSettings(BaseSettings):
@@ -55,3 +58,7 @@ class CoordinatorSettings(BaseSettings):
     # a step that takes longer than this is treated as a node failure
     step_timeout_s: float = Field(default=30.0, gt=0)
     max_failovers: int = Field(default=3, ge=0)
+    # as for nodes: mutual TLS to nodes, and only nodes signed by the pool CA are routed to
+    member_bundle: Path | None = None
+    # the pool's api_keys.json: requests need `Authorization: Bearer <key>`; None = no keys (development)
+    api_keys_file: Path | None = None

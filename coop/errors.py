@@ -15,7 +15,8 @@
     │   ├── InvalidTensor          wrong dtype, shape or non-finite values
     │   └── InvalidPositions       positions that skip or rewind
     ├── RouteUnavailable           no chain of nodes covers every block
-    └── PeerError                  a remote node failed, vanished or timed out
+    ├── PeerError                  a remote node failed, vanished or timed out
+    └── Unauthorized               a certificate, signature or key the pool CA does not vouch for
 
 Components raise these; boundaries (gRPC servicers, the HTTP API, the CLI) map them to their
 wire form in one place each.
@@ -101,3 +102,7 @@ class RouteUnavailable(CoopError):
 
 class PeerError(CoopError):
     pass
+
+
+class Unauthorized(CoopError):
+    """Not vouched for by the pool CA: unsigned, forged, expired, revoked, or from another pool."""

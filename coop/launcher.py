@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 COOP = [sys.executable, "-m", "coop.cli"]
@@ -110,18 +111,27 @@ class LocalPool:
         self.processes.append(dht)
         self.peer = dht.ready["dht_maddrs"][0]
 
-    def start_nodes(self, spans: dict[str, str]) -> None:
-        """Start nodes {name: "A:B"} side by side, then wait until every one is serving."""
+    def start_nodes(self, spans: dict[str, str], members: dict[str, Path] | None = None) -> None:
+        """Start nodes {name: "A:B"} side by side, then wait until every one is serving.
+
+        `members` gives a node its institution's member bundle (mutual TLS, signed records).
+        """
         for name, blocks in spans.items():
             args = ["node", "start", "--model", self.model_dir, "--blocks", blocks, "--initial-peers", self.peer]
+            if members and name in members:
+                args += ["--member", str(members[name])]
             node = start(name, [*args, "--node-id", name, "--device", "cpu"], None)
             self.processes.append(node)
             self.nodes[name] = node
         for name in spans:
             self.nodes[name].wait_ready("COOP_NODE_READY")
 
-    def start_coordinator(self, port: int = 0) -> CoopProcess:
+    def start_coordinator(self, port: int = 0, member: Path | None = None, api_keys: Path | None = None) -> CoopProcess:
         args = ["coordinator", "start", "--model", self.model_dir, "--port", str(port), "--initial-peers", self.peer]
+        if member is not None:
+            args += ["--member", str(member)]
+        if api_keys is not None:
+            args += ["--api-keys", str(api_keys)]
         coordinator = start("coordinator", [*args, "--device", "cpu"], "COOP_COORDINATOR_READY")
         self.processes.append(coordinator)
         self.url = coordinator.ready["url"]

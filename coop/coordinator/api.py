@@ -5,9 +5,8 @@ What a request means lives in `coop.coordinator.serving`; the shapes on the wire
 `api_errors.error_response`, so clients always get OpenAI's error envelope.
 """
 
-from __future__ import annotations
-
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import ExitStack
 from typing import Annotated
 
 import anyio
@@ -19,23 +18,11 @@ from starlette.exceptions import HTTPException
 from starlette.types import Send
 
 from coop.coordinator.api_errors import error_response
+from coop.coordinator.auth import ApiKeyGate, Caller
 from coop.coordinator.backend import Backend
 from coop.coordinator.protocol import ChatCompletionRequest, CompletionRequest
 from coop.coordinator.serving import OpenAIServing
 from coop.errors import CoopError
-
-
-async def authenticate(authorization: Annotated[str | None, Header()] = None) -> str | None:
-    """The caller's API key from `Authorization: Bearer KEY`, or None.
-
-    The one place to enforce keys later: raise `api_errors.RequestError(..., status=401,
-    code="invalid_api_key")` here (or swap it via `app.dependency_overrides[authenticate]`).
-    Until then any header, or none, is accepted, as OpenAI clients insist on sending one.
-    """
-    if not authorization:
-        return None
-    scheme, _, key = authorization.partition(" ")
-    return key.strip() or None if scheme.lower() == "bearer" else authorization
 
 
 class _ClosingStreamingResponse(StreamingResponse):
@@ -59,13 +46,43 @@ def _respond(result: BaseModel | AsyncIterator[str]) -> Response:
     return _ClosingStreamingResponse(result, media_type="text/event-stream", headers=headers)
 
 
+async def _generate(
+    gate: ApiKeyGate, caller: Caller, work: Awaitable[BaseModel | AsyncIterator[str]]
+) -> BaseModel | AsyncIterator[str]:
+    """Run a generation while holding one of the caller's slots; a stream keeps it until it ends."""
+    stack = ExitStack()
+    stack.enter_context(gate.slot(caller))
+    try:
+        result = await work
+    except BaseException:
+        stack.close()
+        raise
+    if isinstance(result, BaseModel):
+        stack.close()
+        return result
+    return _release_at_end(result, stack)
+
+
+async def _release_at_end(stream: AsyncIterator[str], stack: ExitStack) -> AsyncIterator[str]:
+    with stack:
+        async for line in stream:
+            yield line
+
+
 async def _handle_error(request: Request, exc: Exception) -> Response:
     status, envelope = error_response(exc)
     return JSONResponse(envelope.model_dump(mode="json"), status_code=status)
 
 
-def create_app(backend: Backend) -> FastAPI:
+def create_app(backend: Backend, *, keys: ApiKeyGate | None = None) -> FastAPI:
+    """`keys`: the API-key gate; None serves anyone (development mode)."""
     serving = OpenAIServing(backend)
+    gate = keys or ApiKeyGate(None)
+
+    def caller(authorization: Annotated[str | None, Header()] = None) -> Caller:
+        return gate.identify(authorization)
+
+    Authenticated = Annotated[Caller, Depends(caller)]
     app = FastAPI(title="Coop coordinator", summary="OpenAI-compatible API over a cooperative pool")
     for exc_type in (CoopError, RequestValidationError, HTTPException, Exception):
         app.add_exception_handler(exc_type, _handle_error)
@@ -74,19 +91,21 @@ def create_app(backend: Backend) -> FastAPI:
     async def health() -> Response:
         return _respond(serving.health())
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authenticate)])
+    v1 = APIRouter(prefix="/v1")
 
     @v1.get("/models")
-    async def models() -> Response:
+    async def models(who: Authenticated) -> Response:
         return _respond(serving.models())
 
     @v1.post("/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest) -> Response:
-        return _respond(await serving.chat(body))
+    async def chat_completions(body: ChatCompletionRequest, who: Authenticated) -> Response:
+        gate.check_max_tokens(who, body.requested_max_tokens)
+        return _respond(await _generate(gate, who, serving.chat(body)))
 
     @v1.post("/completions")
-    async def completions(body: CompletionRequest) -> Response:
-        return _respond(await serving.complete(body))
+    async def completions(body: CompletionRequest, who: Authenticated) -> Response:
+        gate.check_max_tokens(who, body.requested_max_tokens)
+        return _respond(await _generate(gate, who, serving.complete(body)))
 
     app.include_router(v1)
     app.state.serving = serving

@@ -9,12 +9,14 @@ import logging
 import uvicorn
 
 from coop.config import CoordinatorSettings
+from coop.coordinator.auth import ApiKeyGate
 from coop.coordinator.generation import Chain
 from coop.coordinator.remote import RemoteChain
 from coop.coordinator.swarm import SwarmView
+from coop.membership import Membership
 from coop.model.client_part import ClientPart
 from coop.node.directory import SwarmDirectory
-from coop.wire.channels import ChannelPool
+from coop.wire.channels import ChannelPool, ChannelSecurity
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +26,11 @@ READY_MARKER = "COOP_COORDINATOR_READY"
 class RemoteBackend:
     """Backend (see coordinator.backend) whose chains run on the swarm's nodes."""
 
-    def __init__(self, client: ClientPart, swarm: SwarmView, settings: CoordinatorSettings) -> None:
+    def __init__(
+        self, client: ClientPart, swarm: SwarmView, settings: CoordinatorSettings, security: ChannelSecurity
+    ) -> None:
         self.client = client
+        self._security = security
         self.swarm = swarm
         self.settings = settings
         self.model_name = client.manifest.name
@@ -34,7 +39,7 @@ class RemoteBackend:
 
     async def open_chain(self, max_length: int) -> Chain:
         if self._channels is None:
-            self._channels = ChannelPool()  # created on the serving event loop
+            self._channels = ChannelPool(self._security)  # created on the serving event loop
         chain = RemoteChain(
             self.swarm,
             self._channels,
@@ -63,26 +68,35 @@ class RemoteBackend:
 async def run_coordinator(settings: CoordinatorSettings) -> None:
     from coop.coordinator.api import create_app
 
+    membership = Membership.load(settings.member_bundle)
     client = await asyncio.to_thread(ClientPart.load, settings.model_dir, device=settings.device)
     directory = await asyncio.to_thread(SwarmDirectory.start, list(settings.initial_peers), settings.host, 0)
     swarm = SwarmView(
         directory,
-        pool_id=settings.pool_id,
+        pool_id=membership.pool_id,
         model_hash=client.manifest.content_hash,
         num_blocks=client.manifest.num_blocks,
         refresh_s=settings.refresh_s,
+        validator=membership.announcement_validator(),
     )
-    backend = RemoteBackend(client, swarm, settings)
+    backend = RemoteBackend(client, swarm, settings, membership.channel_security())
     try:
         await swarm.start()
-        config = uvicorn.Config(create_app(backend), host=settings.host, port=settings.port, log_level="warning")
+        gate = ApiKeyGate(settings.api_keys_file, membership.bundle.limits if membership.bundle else None)
+        app = create_app(backend, keys=gate)
+        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning")
         server = uvicorn.Server(config)
         serving = asyncio.create_task(server.serve())
         while not server.started and not serving.done():
             await asyncio.sleep(0.05)
         if server.started:
             port = server.servers[0].sockets[0].getsockname()[1]
-            ready = {"url": f"http://{settings.host}:{port}", "dht_maddrs": directory.visible_maddrs()}
+            ready = {
+                "url": f"http://{settings.host}:{port}",
+                "dht_maddrs": directory.visible_maddrs(),
+                "pool_id": membership.pool_id,
+                "tls": membership.secure,
+            }
             print(f"{READY_MARKER} {json.dumps(ready)}", flush=True)
         await serving
     finally:

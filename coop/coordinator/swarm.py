@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 
 from coop.coordinator.routing import Hop, choose_route
 from coop.errors import CoopError, RouteUnavailable
@@ -23,8 +24,17 @@ SUSPECT_S = 30.0
 
 class SwarmView:
     def __init__(
-        self, directory: SwarmDirectory, *, pool_id: str, model_hash: str, num_blocks: int, refresh_s: float = 1.0
+        self,
+        directory: SwarmDirectory,
+        *,
+        pool_id: str,
+        model_hash: str,
+        num_blocks: int,
+        refresh_s: float = 1.0,
+        validator: Callable[[NodeAnnouncement], bool] | None = None,
     ) -> None:
+        """`validator` drops records not signed by the pool (see membership.Membership)."""
+        self.validator = validator
         self.directory = directory
         self.pool_id = pool_id
         self.model_hash = model_hash
@@ -46,7 +56,9 @@ class SwarmView:
 
     async def refresh(self) -> None:
         try:
-            self.nodes = await asyncio.to_thread(self.directory.list_nodes, self.pool_id, self.model_hash)
+            self.nodes = await asyncio.to_thread(
+                self.directory.list_nodes, self.pool_id, self.model_hash, self.validator
+            )
         except CoopError as exc:
             log.warning("could not refresh the node list from the DHT: %s", exc)
 

@@ -5,14 +5,21 @@ from __future__ import annotations
 import grpc
 
 from coop.errors import PeerError
-from coop.wire.channels import GRPC_OPTIONS
+from coop.wire.channels import GRPC_OPTIONS, ChannelSecurity
 from coop.wire.generated import coop_pb2 as pb
 from coop.wire.generated import coop_pb2_grpc
 
 
-def node_info(endpoint: str, timeout_s: float = 5.0) -> pb.NodeInfo:
-    with grpc.insecure_channel(endpoint, options=GRPC_OPTIONS) as channel:
+def node_info(endpoint: str, security: ChannelSecurity | None = None, timeout_s: float = 5.0) -> pb.NodeInfo:
+    """A node's NodeInfo; a node of a pool answers only callers with a member certificate."""
+    security = security or ChannelSecurity()
+    options = [*GRPC_OPTIONS, *security.options]
+    if security.credentials is None:
+        channel = grpc.insecure_channel(endpoint, options=options)
+    else:
+        channel = grpc.secure_channel(endpoint, security.credentials, options=options)
+    with channel:
         try:
             return coop_pb2_grpc.NodeStub(channel).Info(pb.InfoRequest(), timeout=timeout_s)
         except grpc.RpcError as exc:
-            raise PeerError(f"node at {endpoint} did not answer: {exc}") from exc
+            raise PeerError(f"node at {endpoint} did not answer ({exc.code().name}): {exc.details()}") from exc

@@ -21,6 +21,7 @@ import torch
 from coop.config import NodeSettings
 from coop.coordinator.routing import choose_span, coverage_of
 from coop.errors import InvalidInput
+from coop.membership import Membership
 from coop.model.manifest import Manifest
 from coop.node.directory import Announcer, NodeAnnouncement, SwarmDirectory
 from coop.node.engine import SpanEngine
@@ -48,14 +49,16 @@ def parse_blocks(text: str, num_blocks: int) -> tuple[int, int] | None:
     return start, end
 
 
-def pick_span(settings: NodeSettings, manifest: Manifest, directory: SwarmDirectory) -> tuple[int, int]:
+def pick_span(
+    settings: NodeSettings, manifest: Manifest, directory: SwarmDirectory, membership: Membership
+) -> tuple[int, int]:
     explicit = parse_blocks(settings.blocks, manifest.num_blocks)
     if explicit is not None:
         return explicit
     itemsize = torch.empty((), dtype=getattr(torch, manifest.dtype)).element_size()
     block_bytes = max(b.param_count for b in manifest.blocks) * itemsize
     length = settings.max_blocks or max(1, settings.memory_budget_bytes // block_bytes)
-    live = directory.list_nodes(settings.pool_id, manifest.content_hash)
+    live = directory.list_nodes(membership.pool_id, manifest.content_hash, membership.announcement_validator())
     return choose_span(coverage_of(live, manifest.num_blocks), length)
 
 
@@ -75,6 +78,9 @@ def measure_throughput(engine: SpanEngine) -> float:
 
 async def run_node(settings: NodeSettings) -> None:
     manifest = Manifest.load(settings.model_dir)
+    membership = Membership.load(settings.member_bundle, institution=settings.institution)
+    if settings.member_bundle is None:
+        print("development mode: no --member bundle, so plaintext gRPC and unsigned announcements", file=sys.stderr)
     directory = await asyncio.to_thread(
         SwarmDirectory.start, list(settings.initial_peers), settings.host, settings.dht_port
     )
@@ -82,7 +88,7 @@ async def run_node(settings: NodeSettings) -> None:
     server: grpc.aio.Server | None = None
     service: NodeService | None = None
     try:
-        start, end = await asyncio.to_thread(pick_span, settings, manifest, directory)
+        start, end = await asyncio.to_thread(pick_span, settings, manifest, directory, membership)
         print(f"loading blocks {start}:{end} of {manifest.name} …", file=sys.stderr, flush=True)
         engine = await asyncio.to_thread(
             SpanEngine.load,
@@ -95,10 +101,16 @@ async def run_node(settings: NodeSettings) -> None:
         )
         throughput = await asyncio.to_thread(measure_throughput, engine)
         node_id = settings.node_id or f"node-{uuid.uuid4().hex[:12]}"
-        service = NodeService(engine, node_id=node_id, throughput_tps=throughput)
+        service = NodeService(
+            engine,
+            node_id=node_id,
+            throughput_tps=throughput,
+            security=membership.channel_security(),
+            authorize=membership.authorize,
+        )
         server = grpc.aio.server(options=GRPC_OPTIONS)
         coop_pb2_grpc.add_NodeServicer_to_server(service, server)
-        port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+        port = membership.add_port(server, f"{settings.host}:{settings.port}")
         await server.start()
         endpoint = f"{settings.announce_host or settings.host}:{port}"
 
@@ -106,21 +118,20 @@ async def run_node(settings: NodeSettings) -> None:
             now = time.time()
             return NodeAnnouncement(
                 node_id=node_id,
-                pool_id=settings.pool_id,
+                pool_id=membership.pool_id,
                 model_hash=manifest.content_hash,
                 start=start,
                 end=end,
                 endpoint=endpoint,
-                institution=settings.institution,
+                institution=membership.institution,
                 throughput_tps=throughput,
                 free_cache_bytes=engine.free_cache_bytes,
                 announced_at=now,
                 expires_at=now + settings.announce_ttl_s,
             )
 
-        announcer = await asyncio.to_thread(
-            Announcer(directory, make_announcement, ttl_s=settings.announce_ttl_s).start
-        )
+        announcer = Announcer(directory, make_announcement, ttl_s=settings.announce_ttl_s, finalize=membership.sign)
+        await asyncio.to_thread(announcer.start)
         ready = {
             "node_id": node_id,
             "endpoint": endpoint,
@@ -128,6 +139,9 @@ async def run_node(settings: NodeSettings) -> None:
             "end": end,
             "throughput_tps": round(throughput, 2),
             "dht_maddrs": directory.visible_maddrs(),
+            "pool_id": membership.pool_id,
+            "institution": membership.institution,
+            "tls": membership.secure,
         }
         print(f"{READY_MARKER} {json.dumps(ready)}", flush=True)
         await _wait_for_signal()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -22,7 +22,7 @@ import torch
 
 from coop.errors import CoopError, InvalidInput, PeerError, SpanOutOfRange, UnknownSession
 from coop.node.engine import SpanEngine
-from coop.wire.channels import ChannelPool
+from coop.wire.channels import ChannelPool, ChannelSecurity
 from coop.wire.errors import error_from_proto, error_to_proto
 from coop.wire.generated import coop_pb2 as pb
 from coop.wire.generated import coop_pb2_grpc
@@ -45,13 +45,23 @@ class Counters:
 
 
 class NodeService(coop_pb2_grpc.NodeServicer):
-    def __init__(self, engine: SpanEngine, *, node_id: str, throughput_tps: float) -> None:
+    def __init__(
+        self,
+        engine: SpanEngine,
+        *,
+        node_id: str,
+        throughput_tps: float,
+        security: ChannelSecurity | None = None,
+        authorize: Callable[[grpc.aio.ServicerContext], None] | None = None,
+    ) -> None:
+        """`security` is how this node reaches the next hop; `authorize` vets every caller (raises Unauthorized)."""
         self.engine = engine
         self.node_id = node_id
         self.throughput_tps = throughput_tps
         self.counters = Counters()
+        self._authorize = authorize or (lambda context: None)
         self._events: dict[str, asyncio.Queue[pb.SessionEvent | None]] = {}
-        self._channels = ChannelPool()
+        self._channels = ChannelPool(security)
         # Steps are serialised by the engine anyway; one worker keeps the event loop free.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coop-compute")
         self._tasks: set[asyncio.Task[None]] = set()
@@ -65,6 +75,10 @@ class NodeService(coop_pb2_grpc.NodeServicer):
     # -- Info -------------------------------------------------------------------------------
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.NodeInfo:
+        try:
+            self._authorize(context)
+        except CoopError as exc:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
         return pb.NodeInfo(
             node_id=self.node_id,
             model_hash=self.engine.manifest.content_hash,
@@ -86,6 +100,7 @@ class NodeService(coop_pb2_grpc.NodeServicer):
         self, request_iterator: AsyncIterator[pb.SessionControl], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.SessionEvent]:
         try:
+            self._authorize(context)
             first = await asyncio.wait_for(anext(request_iterator), OPEN_TIMEOUT_S)
             session_id = self._open(first)
         except (CoopError, StopAsyncIteration, TimeoutError) as exc:
@@ -138,6 +153,7 @@ class NodeService(coop_pb2_grpc.NodeServicer):
 
     async def Forward(self, request: pb.StepRequest, context: grpc.aio.ServicerContext) -> pb.StepAck:
         try:
+            self._authorize(context)
             queue, hidden, next_hops = self._accept(request)
         except CoopError as exc:
             return pb.StepAck(error=error_to_proto(exc))

@@ -17,6 +17,7 @@ from coop.errors import (
     SessionExists,
     SessionLimitExceeded,
     SpanOutOfRange,
+    Unauthorized,
     UnknownSession,
 )
 from coop.wire.generated import coop_pb2 as pb
@@ -33,10 +34,11 @@ CODE_FOR_CLASS: dict[type[CoopError], pb.ErrorCode] = {
     SpanOutOfRange: pb.SPAN_MISMATCH,
     PeerError: pb.PEER_UNAVAILABLE,
     InvalidInput: pb.INVALID_REQUEST,
+    Unauthorized: pb.UNAUTHENTICATED,
 }
 
-#: Wire code -> exception class. Codes with no class of their own (INTERNAL, UNAUTHENTICATED,
-#: ERROR_UNSPECIFIED, codes added after this build) become a plain CoopError.
+#: Wire code -> exception class. Codes with no class of their own (INTERNAL, ERROR_UNSPECIFIED,
+#: codes added after this build) become a plain CoopError.
 CLASS_FOR_CODE: dict[int, type[CoopError]] = {code: cls for cls, code in CODE_FOR_CLASS.items()}
 
 

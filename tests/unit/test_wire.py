@@ -18,6 +18,7 @@ from coop.errors import (
     SessionExists,
     SessionLimitExceeded,
     SpanOutOfRange,
+    Unauthorized,
     UnknownSession,
 )
 from coop.wire.errors import error_from_proto, error_to_proto
@@ -253,7 +254,12 @@ def test_subclass_takes_nearest_mapped_ancestor() -> None:
     assert error_to_proto(OtherInput("x")).code == pb.INVALID_REQUEST
 
 
-@pytest.mark.parametrize("code", [pb.ERROR_UNSPECIFIED, pb.INTERNAL, pb.UNAUTHENTICATED, 999])
+def test_unauthorized_keeps_its_type() -> None:
+    back = error_from_proto(error_to_proto(Unauthorized("not a member of this pool")))
+    assert type(back) is Unauthorized and str(back) == "not a member of this pool"
+
+
+@pytest.mark.parametrize("code", [pb.ERROR_UNSPECIFIED, pb.INTERNAL, 999])
 def test_codes_without_class_become_coop_error(code: int) -> None:
     back = error_from_proto(pb.Error(code=cast(pb.ErrorCode, code), message="remote said no"))
     assert type(back) is CoopError
