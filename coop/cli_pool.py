@@ -109,18 +109,33 @@ def member_list(pool: PoolOption) -> None:
 
 
 @member_app.command("revoke")
-def member_revoke(institution: InstitutionArgument, pool: PoolOption) -> None:
-    """Revoke an institution's certificate and API keys (re-signs revocations.json)."""
-    from coop.identity import REVOCATIONS_FILE, revoke_member
+def member_revoke(
+    institution: InstitutionArgument,
+    pool: PoolOption,
+    initial_peers: Annotated[
+        list[str] | None,
+        typer.Option("--initial-peers", help="DHT peers to publish the list to (default: the pool's bootstrap)"),
+    ] = None,
+) -> None:
+    """Revoke an institution's certificate and API keys, and publish the signed list in the DHT."""
+    from coop.identity import PoolInfo, revoke_member
+    from coop.membership import REVOCATION_POLL_S, publish_revocations
+    from coop.node.directory import SwarmDirectory
 
     try:
         revocations = revoke_member(pool, institution)
+        peers = list(initial_peers or PoolInfo.load(pool).bootstrap)
+        if peers:
+            with SwarmDirectory.start(peers) as directory:
+                publish_revocations(directory, revocations)
     except CoopError as exc:
         _fail(exc)
-    console.print(
-        f"revoked {_q(institution)} ({len(revocations.revoked)} revoked in all); distribute "
-        f"{escape(str(pool / REVOCATIONS_FILE))} to the pool's coordinators and nodes"
+    where = (
+        f"published to the DHT; every node and coordinator applies it within {REVOCATION_POLL_S:.0f} s"
+        if peers
+        else "no DHT peers given (--initial-peers), so it was not published yet"
     )
+    console.print(f"revoked {_q(institution)} ({len(revocations.revoked)} revoked in all); {where}")
 
 
 @member_key_app.command("create")

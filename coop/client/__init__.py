@@ -1,5 +1,44 @@
-"""The Python SDK. `Client` talks to a coordinator over its OpenAI-compatible HTTP API."""
+"""The Python SDK.
+
+`Client` talks to a coordinator over its OpenAI-compatible HTTP API; `RemoteModel` (alias
+`AutoDistributedModelForCausalLM`) uses the swarm directly from this process, for research.
+The remote-model names are imported on first use, so the HTTP client does not pay for torch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from coop.client.http import ApiError, ChatResult, Client, CompletionResult, Usage
 
-__all__ = ["ApiError", "ChatResult", "Client", "CompletionResult", "Usage"]
+if TYPE_CHECKING:
+    from coop.client.remote_model import (
+        AutoDistributedModelForCausalLM,
+        InferenceSession,
+        RemoteModel,
+        ReplayUnavailable,
+    )
+
+_REMOTE_MODEL_NAMES = frozenset(
+    {"AutoDistributedModelForCausalLM", "InferenceSession", "RemoteModel", "ReplayUnavailable"}
+)
+
+__all__ = [
+    "ApiError",
+    "AutoDistributedModelForCausalLM",
+    "ChatResult",
+    "Client",
+    "CompletionResult",
+    "InferenceSession",
+    "RemoteModel",
+    "ReplayUnavailable",
+    "Usage",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _REMOTE_MODEL_NAMES:
+        from coop.client import remote_model
+
+        return getattr(remote_model, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -159,6 +159,9 @@ class RemoteChain:
                 await self._abandon(exc)
 
     async def _step_once(self, hidden: torch.Tensor, start_position: int) -> torch.Tensor:
+        revoked = self.swarm.revoked()
+        if dropped := {h.node_id for h in self.hops if h.institution in revoked}:
+            raise _HopsFailed(dropped, "a node of the route belongs to a revoked institution")
         self._step_id += 1
         step_id = self._step_id
         first = self.hops[0]

@@ -25,6 +25,7 @@ class Hop:
     endpoint: str
     start: int
     end: int
+    institution: str = ""
 
 
 def missing_blocks(nodes: Sequence[NodeAnnouncement], num_blocks: int) -> list[tuple[int, int]]:
@@ -96,7 +97,7 @@ def choose_route(
     boundary = num_blocks
     while boundary > 0:
         start, node = back[boundary]
-        hops.append(Hop(node.node_id, node.endpoint, start, boundary))
+        hops.append(Hop(node.node_id, node.endpoint, start, boundary, node.institution))
         boundary = start
     return hops[::-1]
 

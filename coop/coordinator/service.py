@@ -68,7 +68,7 @@ class RemoteBackend:
 async def run_coordinator(settings: CoordinatorSettings) -> None:
     from coop.coordinator.api import create_app
 
-    membership = Membership.load(settings.member_bundle)
+    membership = Membership.load(settings.member_bundle, pool_id=settings.pool_id)
     client = await asyncio.to_thread(ClientPart.load, settings.model_dir, device=settings.device)
     directory = await asyncio.to_thread(SwarmDirectory.start, list(settings.initial_peers), settings.host, 0)
     swarm = SwarmView(
@@ -78,9 +78,11 @@ async def run_coordinator(settings: CoordinatorSettings) -> None:
         num_blocks=client.manifest.num_blocks,
         refresh_s=settings.refresh_s,
         validator=membership.announcement_validator(),
+        revoked=membership.revocations,
     )
     backend = RemoteBackend(client, swarm, settings, membership.channel_security())
     try:
+        await asyncio.to_thread(membership.revocations.watch, directory)
         await swarm.start()
         gate = ApiKeyGate(settings.api_keys_file, membership.bundle.limits if membership.bundle else None)
         app = create_app(backend, keys=gate)
@@ -100,6 +102,7 @@ async def run_coordinator(settings: CoordinatorSettings) -> None:
             print(f"{READY_MARKER} {json.dumps(ready)}", flush=True)
         await serving
     finally:
+        membership.revocations.stop()
         await swarm.stop()
         await backend.close()
         await asyncio.to_thread(directory.shutdown)

@@ -32,9 +32,11 @@ class SwarmView:
         num_blocks: int,
         refresh_s: float = 1.0,
         validator: Callable[[NodeAnnouncement], bool] | None = None,
+        revoked: Callable[[], frozenset[str]] = frozenset,
     ) -> None:
-        """`validator` drops records not signed by the pool (see membership.Membership)."""
+        """`validator` drops records not signed by the pool; `revoked` names revoked institutions."""
         self.validator = validator
+        self.revoked = revoked
         self.directory = directory
         self.pool_id = pool_id
         self.model_hash = model_hash

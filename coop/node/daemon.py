@@ -78,7 +78,7 @@ def measure_throughput(engine: SpanEngine) -> float:
 
 async def run_node(settings: NodeSettings) -> None:
     manifest = Manifest.load(settings.model_dir)
-    membership = Membership.load(settings.member_bundle, institution=settings.institution)
+    membership = Membership.load(settings.member_bundle, institution=settings.institution, pool_id=settings.pool_id)
     if settings.member_bundle is None:
         print("development mode: no --member bundle, so plaintext gRPC and unsigned announcements", file=sys.stderr)
     directory = await asyncio.to_thread(
@@ -88,6 +88,7 @@ async def run_node(settings: NodeSettings) -> None:
     server: grpc.aio.Server | None = None
     service: NodeService | None = None
     try:
+        await asyncio.to_thread(membership.revocations.watch, directory)
         start, end = await asyncio.to_thread(pick_span, settings, manifest, directory, membership)
         print(f"loading blocks {start}:{end} of {manifest.name} …", file=sys.stderr, flush=True)
         engine = await asyncio.to_thread(
@@ -147,6 +148,7 @@ async def run_node(settings: NodeSettings) -> None:
         await _wait_for_signal()
         print("shutting down: withdrawing announcement, draining calls …", file=sys.stderr, flush=True)
     finally:
+        membership.revocations.stop()
         if announcer is not None:
             await asyncio.to_thread(announcer.stop)
         if server is not None:

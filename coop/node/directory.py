@@ -353,6 +353,22 @@ class SwarmDirectory:
             return None
         return ann
 
+    def publish_blob(self, key: str, data: bytes, expires_at: float) -> bool:
+        """Store signed pool-wide data (the revocation list) under key; a later expiry replaces it."""
+        return bool(
+            self._call(
+                "store",
+                lambda: self._dht.store(key, subkey="blob", value=data, expiration_time=expires_at, return_future=True),
+            )
+        )
+
+    def fetch_blobs(self, key: str) -> list[bytes]:
+        """Every bytes value stored under key: callers verify signatures and keep the newest."""
+        found = self._get(key)
+        if found is None or not isinstance(found.value, dict):
+            return []
+        return [item.value for item in found.value.values() if isinstance(item.value, bytes)]
+
     def shutdown(self) -> None:
         """Stop the DHT process; idempotent. Records this peer stored elsewhere live until they expire."""
         if self._closed:
