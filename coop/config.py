@@ -35,6 +35,7 @@ class NodeSettings(BaseSettings):
     node_id: str = ""  # default: a random id per start
     device: str = "auto"
     cache_budget_bytes: int = Field(default=2 << 30, gt=0)
+    max_sessions_per_peer: int = Field(default=128, gt=0)
     idle_timeout_s: float = Field(default=300.0, gt=0)
     # a node that dies drops out of routes within this many seconds
     announce_ttl_s: float = Field(default=9.0, gt=1.0)

@@ -134,12 +134,13 @@ class Membership:
             return None
         return AnnouncementVerifier(self.bundle.ca_cert_pem, self.pool_id, revoked=self.revocations)
 
-    def authorize(self, context: grpc.aio.ServicerContext) -> None:
-        """TLS already proved the caller's certificate chains to the pool CA; name the institution."""
+    def authorize(self, context: grpc.aio.ServicerContext) -> str | None:
+        """TLS already proved the caller's certificate chains to the pool CA: name its institution."""
         if self.bundle is None:
-            return
+            return None
         institution = peer_institution(context.auth_context(), pool_id=self.pool_id)
         if institution is None:
             raise Unauthorized("the caller presented no certificate of this pool")
         if institution in self.revocations.names:
             raise Unauthorized(f"{institution} has been revoked from this pool")
+        return institution

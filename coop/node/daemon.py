@@ -108,6 +108,7 @@ async def run_node(settings: NodeSettings) -> None:
             throughput_tps=throughput,
             security=membership.channel_security(),
             authorize=membership.authorize,
+            max_sessions_per_peer=settings.max_sessions_per_peer,
         )
         server = grpc.aio.server(options=GRPC_OPTIONS)
         coop_pb2_grpc.add_NodeServicer_to_server(service, server)

@@ -11,6 +11,7 @@ session's trouble never reaches another session.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import re
 from collections.abc import AsyncIterator, Callable
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from coop.errors import CoopError, InvalidInput, PeerError, SpanOutOfRange, UnknownSession
+from coop.errors import CoopError, InvalidInput, PeerError, SessionLimitExceeded, SpanOutOfRange, UnknownSession
 from coop.node.engine import SpanEngine
 from coop.wire.channels import ChannelPool, ChannelSecurity
 from coop.wire.errors import error_from_proto, error_to_proto
@@ -31,6 +32,7 @@ from coop.wire.tensors import tensor_from_proto, tensor_to_proto
 log = logging.getLogger(__name__)
 
 PUSH_TIMEOUT_S = 30.0
+DEFAULT_MAX_SESSIONS_PER_PEER = 128
 OPEN_TIMEOUT_S = 10.0
 MAX_HOPS = 256
 _SESSION_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
@@ -52,14 +54,18 @@ class NodeService(coop_pb2_grpc.NodeServicer):
         node_id: str,
         throughput_tps: float,
         security: ChannelSecurity | None = None,
-        authorize: Callable[[grpc.aio.ServicerContext], None] | None = None,
+        authorize: Callable[[grpc.aio.ServicerContext], str | None] | None = None,
+        max_sessions_per_peer: int = DEFAULT_MAX_SESSIONS_PER_PEER,
     ) -> None:
-        """`security` is how this node reaches the next hop; `authorize` vets every caller (raises Unauthorized)."""
+        """`security`: how to reach the next hop. `authorize`: vets every caller (raises Unauthorized)
+        and names its institution. `max_sessions_per_peer`: so one peer cannot take every session."""
         self.engine = engine
         self.node_id = node_id
         self.throughput_tps = throughput_tps
         self.counters = Counters()
         self._authorize = authorize or (lambda context: None)
+        self.max_sessions_per_peer = max_sessions_per_peer
+        self._sessions_by_peer: collections.Counter[str] = collections.Counter()
         self._events: dict[str, asyncio.Queue[pb.SessionEvent | None]] = {}
         self._channels = ChannelPool(security)
         # Steps are serialised by the engine anyway; one worker keeps the event loop free.
@@ -100,7 +106,11 @@ class NodeService(coop_pb2_grpc.NodeServicer):
         self, request_iterator: AsyncIterator[pb.SessionControl], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.SessionEvent]:
         try:
-            self._authorize(context)
+            peer = self._authorize(context) or _peer_host(context)
+            if self._sessions_by_peer[peer] >= self.max_sessions_per_peer:
+                raise SessionLimitExceeded(
+                    f"{peer} already has {self.max_sessions_per_peer} sessions open on this node, the limit per peer"
+                )
             first = await asyncio.wait_for(anext(request_iterator), OPEN_TIMEOUT_S)
             session_id = self._open(first)
         except (CoopError, StopAsyncIteration, TimeoutError) as exc:
@@ -109,6 +119,7 @@ class NodeService(coop_pb2_grpc.NodeServicer):
             return
         queue: asyncio.Queue[pb.SessionEvent | None] = asyncio.Queue()
         self._events[session_id] = queue
+        self._sessions_by_peer[peer] += 1
         watcher = asyncio.create_task(self._watch_controls(request_iterator, queue))
         try:
             yield pb.SessionEvent(opened=pb.SessionEvent.Opened(session_id=session_id, cache_bytes=0))
@@ -116,6 +127,7 @@ class NodeService(coop_pb2_grpc.NodeServicer):
                 yield event
         finally:
             watcher.cancel()
+            self._sessions_by_peer[peer] -= 1
             self._events.pop(session_id, None)
             self.engine.evict(session_id)
 
@@ -221,3 +233,8 @@ class NodeService(coop_pb2_grpc.NodeServicer):
         if ack.HasField("error"):
             remote = error_from_proto(ack.error)
             raise PeerError(f"next node {target.endpoint} refused the step: {remote}") from remote
+
+
+def _peer_host(context: grpc.aio.ServicerContext) -> str:
+    """'ipv4:127.0.0.1:53012' -> 'ipv4:127.0.0.1': without TLS, a peer is its address."""
+    return context.peer().rsplit(":", 1)[0]

@@ -11,6 +11,7 @@ import asyncio
 import queue
 import random
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -35,8 +36,9 @@ STRUCTURED_MESSAGES = 4000
 class NodeInThread:
     """A real gRPC server around a NodeService, on its own event loop in a thread."""
 
-    def __init__(self, engine: SpanEngine) -> None:
+    def __init__(self, engine: SpanEngine, max_sessions_per_peer: int = 128) -> None:
         self.engine = engine
+        self.max_sessions_per_peer = max_sessions_per_peer
         self.port = 0
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None
@@ -46,7 +48,9 @@ class NodeInThread:
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        service = NodeService(self.engine, node_id="fuzzed", throughput_tps=1.0)
+        service = NodeService(
+            self.engine, node_id="fuzzed", throughput_tps=1.0, max_sessions_per_peer=self.max_sessions_per_peer
+        )
         server = grpc.aio.server(options=GRPC_OPTIONS)
         coop_pb2_grpc.add_NodeServicer_to_server(service, server)
         self.port = server.add_insecure_port("127.0.0.1:0")
@@ -211,3 +215,26 @@ def _structured_fuzz(stub: coop_pb2_grpc.NodeStub, answered: dict[str, int]) -> 
         answered["structured"] += 1
 
     fire()
+
+
+def test_sessions_per_peer_are_limited(tiny_llama_dir: str) -> None:
+    engine = SpanEngine.load(tiny_llama_dir, 0, 6, device="cpu")
+    with (
+        NodeInThread(engine, max_sessions_per_peer=2) as running,
+        grpc.insecure_channel(f"127.0.0.1:{running.port}", options=GRPC_OPTIONS) as channel,
+    ):
+        stub = coop_pb2_grpc.NodeStub(channel)
+        first, _ = _open(stub, "one")
+        second = _open(stub, "two")  # keep a reference: a dropped stream closes its session
+        controls: queue.Queue[pb.SessionControl | None] = queue.Queue()
+        controls.put(pb.SessionControl(open=pb.SessionControl.Open(session_id="three", max_length=8, start=0, end=6)))
+        refused = next(stub.Session(iter(controls.get, None), timeout=30))
+        assert refused.failed.error.code == pb.SESSION_LIMIT_EXCEEDED
+        assert "2 sessions" in refused.failed.error.message
+        controls.put(None)
+        first.put(None)  # closing one session frees a place
+        deadline = time.monotonic() + 10
+        while _info(f"127.0.0.1:{running.port}").active_sessions != 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        _open(stub, "four")
+        assert second[0] is not None
