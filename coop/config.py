@@ -36,6 +36,8 @@ class NodeSettings(BaseSettings):
     device: str = "auto"
     cache_budget_bytes: int = Field(default=2 << 30, gt=0)
     max_sessions_per_peer: int = Field(default=128, gt=0)
+    # KV-cache bytes one peer may reserve on this node; 0 = the whole cache budget
+    max_cache_bytes_per_peer: int = Field(default=0, ge=0)
     idle_timeout_s: float = Field(default=300.0, gt=0)
     # a node that dies drops out of routes within this many seconds
     announce_ttl_s: float = Field(default=9.0, gt=1.0)

@@ -109,6 +109,7 @@ async def run_node(settings: NodeSettings) -> None:
             security=membership.channel_security(),
             authorize=membership.authorize,
             max_sessions_per_peer=settings.max_sessions_per_peer,
+            max_cache_bytes_per_peer=settings.max_cache_bytes_per_peer or None,
         )
         server = grpc.aio.server(options=GRPC_OPTIONS)
         coop_pb2_grpc.add_NodeServicer_to_server(service, server)

@@ -156,6 +156,10 @@ class SpanEngine:
         """KV-cache bytes per token of a session over the whole span."""
         return self.bytes_per_token_per_block * (self.end - self.start)
 
+    def reservation_bytes(self, max_length: int, start: int, end: int) -> int:
+        """The KV cache a session of max_length tokens over blocks [start, end) reserves."""
+        return max_length * self.bytes_per_token_per_block * (end - start)
+
     def open_session(
         self,
         session_id: str | None = None,
@@ -173,7 +177,7 @@ class SpanEngine:
             raise SessionLimitExceeded(f"max_length must be positive, got {max_length}")
         session_id = session_id or uuid.uuid4().hex
         self.evict_idle()
-        needed = max_length * self.bytes_per_token_per_block * (end - start)
+        needed = self.reservation_bytes(max_length, start, end)
         with self._sessions_lock:
             if session_id in self._sessions:
                 raise SessionExists(f"session {session_id} is already open on blocks {self.start}:{self.end}")

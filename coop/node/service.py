@@ -21,7 +21,15 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from coop.errors import CoopError, InvalidInput, PeerError, SessionLimitExceeded, SpanOutOfRange, UnknownSession
+from coop.errors import (
+    CacheBudgetExceeded,
+    CoopError,
+    InvalidInput,
+    PeerError,
+    SessionLimitExceeded,
+    SpanOutOfRange,
+    UnknownSession,
+)
 from coop.node.engine import SpanEngine
 from coop.wire.channels import ChannelPool, ChannelSecurity
 from coop.wire.errors import error_from_proto, error_to_proto
@@ -56,16 +64,20 @@ class NodeService(coop_pb2_grpc.NodeServicer):
         security: ChannelSecurity | None = None,
         authorize: Callable[[grpc.aio.ServicerContext], str | None] | None = None,
         max_sessions_per_peer: int = DEFAULT_MAX_SESSIONS_PER_PEER,
+        max_cache_bytes_per_peer: int | None = None,
     ) -> None:
         """`security`: how to reach the next hop. `authorize`: vets every caller (raises Unauthorized)
-        and names its institution. `max_sessions_per_peer`: so one peer cannot take every session."""
+        and names its institution. `max_sessions_per_peer`, `max_cache_bytes_per_peer` (default: the
+        whole cache budget): so that one peer cannot take every session or all of the KV cache."""
         self.engine = engine
         self.node_id = node_id
         self.throughput_tps = throughput_tps
         self.counters = Counters()
         self._authorize = authorize or (lambda context: None)
         self.max_sessions_per_peer = max_sessions_per_peer
+        self.max_cache_bytes_per_peer = max_cache_bytes_per_peer or engine.cache_budget_bytes
         self._sessions_by_peer: collections.Counter[str] = collections.Counter()
+        self._cache_by_peer: collections.Counter[str] = collections.Counter()
         self._events: dict[str, asyncio.Queue[pb.SessionEvent | None]] = {}
         self._channels = ChannelPool(security)
         # Steps are serialised by the engine anyway; one worker keeps the event loop free.
@@ -112,7 +124,7 @@ class NodeService(coop_pb2_grpc.NodeServicer):
                     f"{peer} already has {self.max_sessions_per_peer} sessions open on this node, the limit per peer"
                 )
             first = await asyncio.wait_for(anext(request_iterator), OPEN_TIMEOUT_S)
-            session_id = self._open(first)
+            session_id, reserved = self._open(first, peer)
         except (CoopError, StopAsyncIteration, TimeoutError) as exc:
             error = exc if isinstance(exc, CoopError) else InvalidInput("the session stream must start with open")
             yield pb.SessionEvent(failed=pb.SessionEvent.Failed(step_id=0, error=error_to_proto(error)))
@@ -120,18 +132,21 @@ class NodeService(coop_pb2_grpc.NodeServicer):
         queue: asyncio.Queue[pb.SessionEvent | None] = asyncio.Queue()
         self._events[session_id] = queue
         self._sessions_by_peer[peer] += 1
+        self._cache_by_peer[peer] += reserved
         watcher = asyncio.create_task(self._watch_controls(request_iterator, queue))
         try:
-            yield pb.SessionEvent(opened=pb.SessionEvent.Opened(session_id=session_id, cache_bytes=0))
+            yield pb.SessionEvent(opened=pb.SessionEvent.Opened(session_id=session_id, cache_bytes=reserved))
             while (event := await queue.get()) is not None:
                 yield event
         finally:
             watcher.cancel()
             self._sessions_by_peer[peer] -= 1
+            self._cache_by_peer[peer] -= reserved
             self._events.pop(session_id, None)
             self.engine.evict(session_id)
 
-    def _open(self, control: pb.SessionControl) -> str:
+    def _open(self, control: pb.SessionControl, peer: str) -> tuple[str, int]:
+        """Open the session the first control message asks for; returns its id and reserved cache bytes."""
         if control.WhichOneof("kind") != "open":
             raise InvalidInput("the session stream must start with open")
         request = control.open
@@ -143,10 +158,16 @@ class NodeService(coop_pb2_grpc.NodeServicer):
             raise SpanOutOfRange(
                 f"this node serves blocks {self.engine.start}:{self.engine.end}, not {request.start}:{request.end}"
             )
+        reserved = self.engine.reservation_bytes(request.max_length, request.start, request.end)
+        used = self._cache_by_peer[peer]
+        if used + reserved > self.max_cache_bytes_per_peer:
+            raise CacheBudgetExceeded(
+                reserved, max(self.max_cache_bytes_per_peer - used, 0), self.max_cache_bytes_per_peer
+            )
         self.engine.open_session(
             request.session_id, max_length=request.max_length, start=request.start, end=request.end
         )
-        return request.session_id
+        return request.session_id, reserved
 
     async def _watch_controls(
         self, request_iterator: AsyncIterator[pb.SessionControl], queue: asyncio.Queue[pb.SessionEvent | None]

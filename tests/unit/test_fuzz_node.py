@@ -36,9 +36,10 @@ STRUCTURED_MESSAGES = 4000
 class NodeInThread:
     """A real gRPC server around a NodeService, on its own event loop in a thread."""
 
-    def __init__(self, engine: SpanEngine, max_sessions_per_peer: int = 128) -> None:
+    def __init__(self, engine: SpanEngine, max_sessions_per_peer: int = 128, max_cache_bytes_per_peer: int = 0) -> None:
         self.engine = engine
         self.max_sessions_per_peer = max_sessions_per_peer
+        self.max_cache_bytes_per_peer = max_cache_bytes_per_peer or None
         self.port = 0
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None
@@ -49,7 +50,11 @@ class NodeInThread:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         service = NodeService(
-            self.engine, node_id="fuzzed", throughput_tps=1.0, max_sessions_per_peer=self.max_sessions_per_peer
+            self.engine,
+            node_id="fuzzed",
+            throughput_tps=1.0,
+            max_sessions_per_peer=self.max_sessions_per_peer,
+            max_cache_bytes_per_peer=self.max_cache_bytes_per_peer,
         )
         server = grpc.aio.server(options=GRPC_OPTIONS)
         coop_pb2_grpc.add_NodeServicer_to_server(service, server)
@@ -81,10 +86,11 @@ FUZZ_SESSION = "fuzz-session"  # opened by the fuzzer itself, so mutated steps r
 
 
 def _open(
-    stub: coop_pb2_grpc.NodeStub, session_id: str
+    stub: coop_pb2_grpc.NodeStub, session_id: str, max_length: int = 512
 ) -> tuple[queue.Queue[pb.SessionControl | None], Iterator[pb.SessionEvent]]:
     controls: queue.Queue[pb.SessionControl | None] = queue.Queue()
-    controls.put(pb.SessionControl(open=pb.SessionControl.Open(session_id=session_id, max_length=512, start=0, end=6)))
+    open_message = pb.SessionControl.Open(session_id=session_id, max_length=max_length, start=0, end=6)
+    controls.put(pb.SessionControl(open=open_message))
     events = stub.Session(iter(controls.get, None), timeout=300)
     assert next(events).WhichOneof("kind") == "opened"
     return controls, events
@@ -238,3 +244,21 @@ def test_sessions_per_peer_are_limited(tiny_llama_dir: str) -> None:
             time.sleep(0.05)
         _open(stub, "four")
         assert second[0] is not None
+
+
+def test_cache_bytes_per_peer_are_limited(tiny_llama_dir: str) -> None:
+    engine = SpanEngine.load(tiny_llama_dir, 0, 6, device="cpu")
+    per_session = engine.reservation_bytes(8, 0, 6)
+    with (
+        NodeInThread(engine, max_cache_bytes_per_peer=per_session * 3) as running,
+        grpc.insecure_channel(f"127.0.0.1:{running.port}", options=GRPC_OPTIONS) as channel,
+    ):
+        stub = coop_pb2_grpc.NodeStub(channel)
+        held = [_open(stub, name, max_length=8) for name in ("a", "b", "c")]
+        controls: queue.Queue[pb.SessionControl | None] = queue.Queue()
+        controls.put(pb.SessionControl(open=pb.SessionControl.Open(session_id="d", max_length=8, start=0, end=6)))
+        refused = next(stub.Session(iter(controls.get, None), timeout=30))
+        controls.put(None)
+        assert refused.failed.error.code == pb.CACHE_BUDGET_EXCEEDED
+        assert engine.free_cache_bytes == engine.cache_budget_bytes - 3 * per_session  # the node itself has room
+        assert len(held) == 3
