@@ -63,8 +63,8 @@ class Revocations:
             try:
                 candidate = RevocationList.from_bytes(blob)
                 candidate.verify(self._ca_cert_pem)
-            except CoopError as exc:
-                log.warning("ignoring a revocation list that does not verify: %s", exc)
+            except Exception as exc:  # anyone can write to the DHT: no blob may stop the watcher
+                log.warning("ignoring a revocation list that does not verify: %s", type(exc).__name__)
                 continue
             if candidate.pool_id == self._pool_id and candidate.issued_at > self._issued_at:
                 self._issued_at, self.names = candidate.issued_at, frozenset(candidate.revoked)
@@ -78,7 +78,10 @@ class Revocations:
 
         def loop() -> None:
             while not self._stop.wait(period_s):
-                self.refresh(directory)
+                try:
+                    self.refresh(directory)
+                except Exception:
+                    log.exception("refreshing the revocation list failed; trying again in %.0f s", period_s)
 
         self._thread = threading.Thread(target=loop, name="coop-revocations", daemon=True)
         self._thread.start()
@@ -91,7 +94,8 @@ class Revocations:
 
 def publish_revocations(directory: SwarmDirectory, revocations: RevocationList) -> bool:
     expires_at = max(revocations.issued_at, time.time()) + REVOCATION_TTL_S
-    return directory.publish_blob(revocations_key(revocations.pool_id), revocations.to_bytes(), expires_at)
+    key = revocations_key(revocations.pool_id)
+    return directory.publish_blob(key, f"{revocations.issued_at:.6f}", revocations.to_bytes(), expires_at)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ What a request means lives in `coop.coordinator.serving`; the shapes on the wire
 """
 
 from collections.abc import AsyncIterator, Awaitable
-from contextlib import ExitStack
+from contextlib import ExitStack, aclosing
 from typing import Annotated
 
 import anyio
@@ -64,9 +64,11 @@ async def _generate(
 
 
 async def _release_at_end(stream: AsyncIterator[str], stack: ExitStack) -> AsyncIterator[str]:
+    """Close the generation (and its chain) first, then give the caller's slot back."""
     with stack:
-        async for line in stream:
-            yield line
+        async with aclosing(stream):  # type: ignore[type-var]
+            async for line in stream:
+                yield line
 
 
 async def _handle_error(request: Request, exc: Exception) -> Response:

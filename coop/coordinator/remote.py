@@ -34,9 +34,12 @@ PROBE_TIMEOUT_S = 1.0
 
 
 class _HopsFailed(Exception):
-    def __init__(self, node_ids: set[str], reason: str) -> None:
+    """Nodes this chain must route around; `suspect` also warns the swarm view (they look dead)."""
+
+    def __init__(self, node_ids: set[str], reason: str, *, suspect: bool = True) -> None:
         super().__init__(reason)
         self.node_ids = node_ids
+        self.suspect = suspect
 
 
 @dataclass
@@ -90,18 +93,19 @@ class RemoteChain:
         self.hops = await self.swarm.route(exclude=self._excluded)
         self.session_id = uuid.uuid4().hex
         self._events = asyncio.Queue()
+        # Each stream joins self._streams as soon as it is open, so close() finds it even if
+        # this open is cancelled half-way.
         opened = await asyncio.gather(
-            *(self._open_stream(i, hop) for i, hop in enumerate(self.hops)), return_exceptions=True
+            *(self._open_stream(i, hop, self._events) for i, hop in enumerate(self.hops)), return_exceptions=True
         )
-        self._streams = [s for s in opened if isinstance(s, _Stream)]
-        for stream in self._streams:
-            self.swarm.load[stream.hop.node_id] += 1
         failed = {hop.node_id for hop, s in zip(self.hops, opened, strict=True) if not isinstance(s, _Stream)}
         if failed:
             errors = "; ".join(str(s) for s in opened if not isinstance(s, _Stream))
             raise _HopsFailed(failed, f"could not open the session: {errors}")
 
-    async def _open_stream(self, index: int, hop: Hop) -> _Stream:
+    async def _open_stream(
+        self, index: int, hop: Hop, events: asyncio.Queue[tuple[int, pb.SessionEvent | None]]
+    ) -> _Stream:
         call = self.channels.stub(hop.endpoint).Session()
         try:
             open_msg = pb.SessionControl.Open(
@@ -116,47 +120,51 @@ class RemoteChain:
             call.cancel()
             error = error_from_proto(first.failed.error) if isinstance(first, pb.SessionEvent) else None
             raise PeerError(f"node {hop.node_id} refused the session: {error}")
-        return _Stream(hop, call, asyncio.create_task(self._read_events(index, call)))
+        stream = _Stream(hop, call, asyncio.create_task(self._read_events(index, call, events)))
+        self._streams.append(stream)
+        self.swarm.load[hop.node_id] += 1
+        return stream
 
-    async def _read_events(self, index: int, call: grpc.aio.StreamStreamCall) -> None:
+    @staticmethod
+    async def _read_events(
+        index: int, call: grpc.aio.StreamStreamCall, events: asyncio.Queue[tuple[int, pb.SessionEvent | None]]
+    ) -> None:
+        """Forward a hop's events into the queue of the route it belongs to (never a later route's)."""
         try:
             while (event := await call.read()) is not grpc.aio.EOF:
-                self._events.put_nowait((index, event))
+                events.put_nowait((index, event))
         except (grpc.aio.AioRpcError, asyncio.CancelledError):
             pass
-        self._events.put_nowait((index, None))  # the stream is gone: the node died or dropped us
+        events.put_nowait((index, None))  # the stream is gone: the node died or dropped us
 
     async def step(self, hidden: torch.Tensor, start_position: int, token_ids: Sequence[int]) -> torch.Tensor:
+        fresh_route = False  # after a failover the new route's caches are empty: replay first
         while True:
             try:
-                return await self._step_once(hidden, start_position)
-            except _HopsFailed as exc:
-                if self.failovers >= self.max_failovers:
-                    raise PeerError(f"giving up after {self.failovers} failovers: {exc}") from exc
-                self.failovers += 1
-                await self._abandon(exc)
-                await self._open_route_with_retries()
-                log.warning("failover %d: new route %s", self.failovers, [h.node_id for h in self.hops])
-                if start_position > 0:
+                if fresh_route and start_position > 0:
                     # Rebuild every cache on the new route from the session's tokens so far.
                     prefix = self.embed(torch.tensor([list(token_ids[:start_position])]))
                     full = torch.cat([prefix.to(hidden.dtype), hidden], dim=1)
-                    try:
-                        return (await self._step_once(full, 0))[:, -hidden.shape[1] :]
-                    except _HopsFailed as again:
-                        exc = again
-                        continue
+                    return (await self._step_once(full, 0))[:, -hidden.shape[1] :]
+                return await self._step_once(hidden, start_position)
+            except _HopsFailed as exc:
+                await self._fail_over(exc)
+                fresh_route = True
 
-    async def _open_route_with_retries(self) -> None:
+    async def _fail_over(self, failure: _HopsFailed) -> None:
+        """Route around the failed hops; give up after max_failovers."""
         while True:
+            if self.failovers >= self.max_failovers:
+                raise PeerError(f"giving up after {self.failovers} failovers: {failure}") from failure
+            self.failovers += 1
+            await self._abandon(failure)
             try:
                 await self._open_route()
-                return
-            except _HopsFailed as exc:
-                if self.failovers >= self.max_failovers:
-                    raise PeerError(f"giving up after {self.failovers} failovers: {exc}") from exc
-                self.failovers += 1
-                await self._abandon(exc)
+            except _HopsFailed as again:
+                failure = again
+                continue
+            log.warning("failover %d: new route %s", self.failovers, [h.node_id for h in self.hops])
+            return
 
     async def _step_once(self, hidden: torch.Tensor, start_position: int) -> torch.Tensor:
         revoked = self.swarm.revoked()
@@ -190,13 +198,15 @@ class RemoteChain:
             try:
                 index, event = await asyncio.wait_for(self._events.get(), max(deadline - loop.time(), 0.0))
             except TimeoutError:
-                dead = await self._probe()
-                raise _HopsFailed(dead or {h.node_id for h in self.hops}, "the step timed out") from None
+                if dead := await self._probe():
+                    raise _HopsFailed(dead, "the step timed out") from None
+                # Everyone answers, so someone is just slow: avoid this route, but do not brand it dead.
+                raise _HopsFailed({h.node_id for h in self.hops}, "the step timed out", suspect=False) from None
             hop = self.hops[index]
             if event is None:
                 raise _HopsFailed({hop.node_id}, f"lost the session stream to node {hop.node_id}")
             kind = event.WhichOneof("kind")
-            if kind == "result" and event.result.step_id == step_id:
+            if kind == "result" and event.result.step_id == step_id and index == len(self.hops) - 1:
                 return tensor_from_proto(
                     event.result.hidden,
                     expected_dtype=self.dtype,
@@ -206,8 +216,10 @@ class RemoteChain:
             if kind == "failed" and event.failed.step_id in (step_id, 0):
                 error = error_from_proto(event.failed.error)
                 if isinstance(error, PeerError | UnknownSession):
+                    # A node that could not push onward blames its next hop, unless a probe finds the dead one.
+                    blamed = self.hops[min(index + 1, len(self.hops) - 1)] if isinstance(error, PeerError) else hop
                     dead = await self._probe()
-                    raise _HopsFailed(dead or {hop.node_id}, str(error))
+                    raise _HopsFailed(dead or {blamed.node_id}, str(error))
                 raise error
 
     async def _probe(self) -> set[str]:
@@ -226,18 +238,23 @@ class RemoteChain:
     async def _abandon(self, failure: _HopsFailed) -> None:
         for node_id in failure.node_ids:
             self._excluded.add(node_id)
-            self.swarm.suspect(node_id)
+            if failure.suspect:
+                self.swarm.suspect(node_id)
         await self._close_streams()
 
     async def _close_streams(self) -> None:
         streams, self._streams = self._streams, []
-        for stream in streams:
+        for stream in streams:  # bookkeeping first, with no await, so a cancellation cannot leak it
             self.swarm.load[stream.hop.node_id] -= 1
             stream.reader.cancel()
-            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError, CoopError):
-                await stream.call.write(pb.SessionControl(close=pb.SessionControl.Close()))
-                await stream.call.done_writing()
-            stream.call.cancel()
+        try:
+            for stream in streams:  # a polite close lets each node free the session at once
+                with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError, CoopError):
+                    await stream.call.write(pb.SessionControl(close=pb.SessionControl.Close()))
+                    await stream.call.done_writing()
+        finally:
+            for stream in streams:
+                stream.call.cancel()
 
     async def close(self) -> None:
         await self._close_streams()

@@ -353,12 +353,16 @@ class SwarmDirectory:
             return None
         return ann
 
-    def publish_blob(self, key: str, data: bytes, expires_at: float) -> bool:
-        """Store signed pool-wide data (the revocation list) under key; a later expiry replaces it."""
+    def publish_blob(self, key: str, subkey: str, data: bytes, expires_at: float) -> bool:
+        """Store signed pool-wide data (a revocation list) under key/subkey.
+
+        One subkey per version: a writer cannot overwrite another's version, only add its own,
+        and readers keep the newest version whose signature checks out.
+        """
         return bool(
             self._call(
                 "store",
-                lambda: self._dht.store(key, subkey="blob", value=data, expiration_time=expires_at, return_future=True),
+                lambda: self._dht.store(key, subkey=subkey, value=data, expiration_time=expires_at, return_future=True),
             )
         )
 

@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 PUSH_TIMEOUT_S = 30.0
 DEFAULT_MAX_SESSIONS_PER_PEER = 128
+# Steps of one session come one at a time from an honest coordinator; a few more allow for replays.
+MAX_STEPS_IN_FLIGHT_PER_SESSION = 4
 OPEN_TIMEOUT_S = 10.0
 MAX_HOPS = 256
 _SESSION_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
@@ -78,6 +80,7 @@ class NodeService(coop_pb2_grpc.NodeServicer):
         self.max_cache_bytes_per_peer = max_cache_bytes_per_peer or engine.cache_budget_bytes
         self._sessions_by_peer: collections.Counter[str] = collections.Counter()
         self._cache_by_peer: collections.Counter[str] = collections.Counter()
+        self._in_flight: collections.Counter[str] = collections.Counter()
         self._events: dict[str, asyncio.Queue[pb.SessionEvent | None]] = {}
         self._channels = ChannelPool(security)
         # Steps are serialised by the engine anyway; one worker keeps the event loop free.
@@ -119,10 +122,6 @@ class NodeService(coop_pb2_grpc.NodeServicer):
     ) -> AsyncIterator[pb.SessionEvent]:
         try:
             peer = self._authorize(context) or _peer_host(context)
-            if self._sessions_by_peer[peer] >= self.max_sessions_per_peer:
-                raise SessionLimitExceeded(
-                    f"{peer} already has {self.max_sessions_per_peer} sessions open on this node, the limit per peer"
-                )
             first = await asyncio.wait_for(anext(request_iterator), OPEN_TIMEOUT_S)
             session_id, reserved = self._open(first, peer)
         except (CoopError, StopAsyncIteration, TimeoutError) as exc:
@@ -158,6 +157,12 @@ class NodeService(coop_pb2_grpc.NodeServicer):
             raise SpanOutOfRange(
                 f"this node serves blocks {self.engine.start}:{self.engine.end}, not {request.start}:{request.end}"
             )
+        # Checked here, with no await before the caller counts the session in, so that streams
+        # opened side by side cannot all slip under the limit.
+        if self._sessions_by_peer[peer] >= self.max_sessions_per_peer:
+            raise SessionLimitExceeded(
+                f"{peer} already has {self.max_sessions_per_peer} sessions open on this node, the limit per peer"
+            )
         reserved = self.engine.reservation_bytes(request.max_length, request.start, request.end)
         used = self._cache_by_peer[peer]
         if used + reserved > self.max_cache_bytes_per_peer:
@@ -190,6 +195,7 @@ class NodeService(coop_pb2_grpc.NodeServicer):
             queue, hidden, next_hops = self._accept(request)
         except CoopError as exc:
             return pb.StepAck(error=error_to_proto(exc))
+        self._in_flight[request.session_id] += 1
         task = asyncio.create_task(self._run_step(request, hidden, next_hops, queue))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -207,6 +213,10 @@ class NodeService(coop_pb2_grpc.NodeServicer):
             expected_shape=(1, None, self.engine.hidden_size),
             name="hidden states",
         )
+        if self._in_flight[request.session_id] >= MAX_STEPS_IN_FLIGHT_PER_SESSION:
+            raise SessionLimitExceeded(
+                f"session {request.session_id} already has {MAX_STEPS_IN_FLIGHT_PER_SESSION} steps in flight"
+            )
         next_hops = list(request.next)
         if len(next_hops) > MAX_HOPS or any(not _ENDPOINT.match(hop.endpoint) for hop in next_hops):
             raise InvalidInput(f"the route must have at most {MAX_HOPS} hops, each with a host:port endpoint")
@@ -239,6 +249,10 @@ class NodeService(coop_pb2_grpc.NodeServicer):
                 log.exception("step %s of session %s failed", step_id, session_id)
             failed = pb.SessionEvent.Failed(session_id=session_id, step_id=step_id, error=error_to_proto(exc))
             queue.put_nowait(pb.SessionEvent(failed=failed))
+        finally:
+            self._in_flight[session_id] -= 1
+            if self._in_flight[session_id] <= 0:
+                del self._in_flight[session_id]
 
     async def _push(
         self, next_hops: list[pb.Hop], session_id: str, step_id: int, hidden: pb.Tensor, start_position: int
