@@ -5,7 +5,7 @@ What a request means lives in `coop.coordinator.serving`; the shapes on the wire
 `api_errors.error_response`, so clients always get OpenAI's error envelope.
 """
 
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import ExitStack, aclosing
 from typing import Annotated
 
@@ -47,13 +47,13 @@ def _respond(result: BaseModel | AsyncIterator[str]) -> Response:
 
 
 async def _generate(
-    gate: ApiKeyGate, caller: Caller, work: Awaitable[BaseModel | AsyncIterator[str]]
+    gate: ApiKeyGate, caller: Caller, work: Callable[[], Awaitable[BaseModel | AsyncIterator[str]]]
 ) -> BaseModel | AsyncIterator[str]:
     """Run a generation while holding one of the caller's slots; a stream keeps it until it ends."""
     stack = ExitStack()
     stack.enter_context(gate.slot(caller))
     try:
-        result = await work
+        result = await work()
     except BaseException:
         stack.close()
         raise
@@ -102,12 +102,12 @@ def create_app(backend: Backend, *, keys: ApiKeyGate | None = None) -> FastAPI:
     @v1.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, who: Authenticated) -> Response:
         gate.check_max_tokens(who, body.requested_max_tokens)
-        return _respond(await _generate(gate, who, serving.chat(body)))
+        return _respond(await _generate(gate, who, lambda: serving.chat(body)))
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, who: Authenticated) -> Response:
         gate.check_max_tokens(who, body.requested_max_tokens)
-        return _respond(await _generate(gate, who, serving.complete(body)))
+        return _respond(await _generate(gate, who, lambda: serving.complete(body)))
 
     app.include_router(v1)
     app.state.serving = serving
