@@ -15,12 +15,14 @@ from coop.coordinator.remote import RemoteChain
 from coop.coordinator.swarm import SwarmView
 from coop.membership import Membership
 from coop.model.client_part import ClientPart
-from coop.node.directory import SwarmDirectory
+from coop.node.directory import NodeAnnouncement, SwarmDirectory
 from coop.wire.channels import ChannelPool, ChannelSecurity
+from coop.wire.generated import coop_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 READY_MARKER = "COOP_COORDINATOR_READY"
+PING_TIMEOUT_S = 2.0
 
 
 class RemoteBackend:
@@ -37,12 +39,23 @@ class RemoteBackend:
         self.max_context = settings.max_context
         self._channels: ChannelPool | None = None
 
-    async def open_chain(self, max_length: int) -> Chain:
+    @property
+    def channels(self) -> ChannelPool:
         if self._channels is None:
             self._channels = ChannelPool(self._security)  # created on the serving event loop
+        return self._channels
+
+    async def ping(self, node: NodeAnnouncement) -> float:
+        """Seconds for one Info round trip to the node: the RTT that routing adds per hop."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await self.channels.stub(node.endpoint).Info(pb.InfoRequest(), timeout=PING_TIMEOUT_S)
+        return loop.time() - started
+
+    async def open_chain(self, max_length: int) -> Chain:
         chain = RemoteChain(
             self.swarm,
-            self._channels,
+            self.channels,
             self.client.embed,
             hidden_size=self.client.manifest.hidden_size,
             dtype=self.client.dtype,
@@ -81,6 +94,7 @@ async def run_coordinator(settings: CoordinatorSettings) -> None:
         revoked=membership.revocations,
     )
     backend = RemoteBackend(client, swarm, settings, membership.channel_security())
+    swarm.ping = backend.ping
     try:
         await asyncio.to_thread(membership.revocations.watch, directory)
         await swarm.start()

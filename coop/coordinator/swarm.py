@@ -8,10 +8,11 @@ expires.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from coop.coordinator.routing import Hop, choose_route
 from coop.errors import CoopError, RouteUnavailable
@@ -20,6 +21,10 @@ from coop.node.directory import NodeAnnouncement, SwarmDirectory
 log = logging.getLogger(__name__)
 
 SUSPECT_S = 30.0
+RTT_EVERY_REFRESHES = 5  # re-measure round trips every 5th refresh
+RTT_SMOOTHING = 0.3  # weight of a new RTT sample in the moving average
+
+Ping = Callable[[NodeAnnouncement], Awaitable[float]]
 
 
 class SwarmView:
@@ -33,9 +38,13 @@ class SwarmView:
         refresh_s: float = 1.0,
         validator: Callable[[NodeAnnouncement], bool] | None = None,
         revoked: Callable[[], frozenset[str]] = frozenset,
+        ping: Ping | None = None,
     ) -> None:
-        """`validator` drops records not signed by the pool; `revoked` names revoked institutions."""
+        """`validator` drops records not signed by the pool; `revoked` names revoked institutions;
+        `ping` measures a node's round-trip time in seconds (routes then weigh measured RTTs)."""
         self.validator = validator
+        self.ping = ping
+        self.rtt_s: dict[str, float] = {}
         self.revoked = revoked
         self.directory = directory
         self.pool_id = pool_id
@@ -49,6 +58,7 @@ class SwarmView:
 
     async def start(self) -> SwarmView:
         await self.refresh()
+        await self.measure_rtts()
         self._task = asyncio.create_task(self._refresh_forever())
         return self
 
@@ -65,9 +75,24 @@ class SwarmView:
             log.warning("could not refresh the node list from the DHT: %s", exc)
 
     async def _refresh_forever(self) -> None:
-        while True:
+        for count in itertools.count():
             await asyncio.sleep(self.refresh_s)
             await self.refresh()
+            if count % RTT_EVERY_REFRESHES == 0:
+                await self.measure_rtts()
+
+    async def measure_rtts(self) -> None:
+        """Ping every listed node at once; a node that does not answer keeps its last estimate."""
+        if self.ping is None:
+            return
+        nodes = list(self.nodes)
+        samples = await asyncio.gather(*(self.ping(node) for node in nodes), return_exceptions=True)
+        for node, sample in zip(nodes, samples, strict=True):
+            if isinstance(sample, float):
+                previous = self.rtt_s.get(node.node_id, sample)
+                self.rtt_s[node.node_id] = (1 - RTT_SMOOTHING) * previous + RTT_SMOOTHING * sample
+        listed = {node.node_id for node in nodes}
+        self.rtt_s = {node_id: rtt for node_id, rtt in self.rtt_s.items() if node_id in listed}
 
     def suspect(self, node_id: str) -> None:
         self._suspects[node_id] = time.monotonic() + SUSPECT_S
@@ -79,7 +104,7 @@ class SwarmView:
 
     async def route(self, exclude: set[str] | frozenset[str] = frozenset()) -> list[Hop]:
         try:
-            return choose_route(self.live_nodes(), self.num_blocks, load=self.load, exclude=exclude)
+            return choose_route(self.live_nodes(), self.num_blocks, load=self.load, exclude=exclude, rtt_s=self.rtt_s)
         except RouteUnavailable:
             await self.refresh()  # a node may have joined since the last refresh
-            return choose_route(self.live_nodes(), self.num_blocks, load=self.load, exclude=exclude)
+            return choose_route(self.live_nodes(), self.num_blocks, load=self.load, exclude=exclude, rtt_s=self.rtt_s)

@@ -75,3 +75,39 @@ def test_choose_span_fills_holes_first() -> None:
     assert choose_span([0] * NUM_BLOCKS, 10) == (0, 10)
     assert choose_span(coverage_of([node("a", 0, 30)], NUM_BLOCKS), 50) == (0, 30)
     assert choose_span([2, 2, 1, 1, 2, 2], 2) == (2, 4)
+
+
+class _FixedDirectory:
+    """Stands in for the DHT: the view's logic is what is tested here."""
+
+    def __init__(self, nodes: list[NodeAnnouncement]) -> None:
+        self.nodes = nodes
+
+    def list_nodes(self, pool_id: str, model_hash: str, validator: object = None) -> list[NodeAnnouncement]:
+        return list(self.nodes)
+
+
+def test_measured_rtt_steers_routes_to_the_nearer_replica() -> None:
+    import asyncio
+
+    from coop.coordinator.swarm import SwarmView
+
+    nodes = [node("a", 0, 10), node("far", 10, 20), node("near", 10, 20), node("c", 20, 30)]
+    rtts = {"a": 0.001, "far": 0.2, "near": 0.001, "c": 0.001}
+
+    async def ping(announcement: NodeAnnouncement) -> float:
+        if announcement.node_id == "c":
+            raise TimeoutError  # an unanswered ping keeps the default estimate
+        return rtts[announcement.node_id]
+
+    async def run() -> list[str]:
+        view = SwarmView(_FixedDirectory(nodes), pool_id="p", model_hash="m", num_blocks=NUM_BLOCKS, ping=ping)  # type: ignore[arg-type]
+        await view.start()
+        await view.stop()
+        assert set(view.rtt_s) == {"a", "far", "near"}
+        return [hop.node_id for hop in await view.route()]
+
+    rtts["far"], rtts["near"] = 0.001, 0.2  # measured, not named: the lower RTT wins either way
+    assert asyncio.run(run())[1] == "far"
+    rtts["far"], rtts["near"] = 0.2, 0.001
+    assert asyncio.run(run())[1] == "near"
