@@ -116,7 +116,7 @@ def generate(
     device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "auto",
 ) -> None:
     """Generate locally through a chain of spans: the reference path the swarm must match."""
-    from coop.coordinator.generation import LocalChain, collect_tokens
+    from coop.coordinator.generation import LocalChain, check_spans_tile, collect_tokens
     from coop.coordinator.sampling import SamplingParams
     from coop.model.client_part import ClientPart
     from coop.model.manifest import Manifest
@@ -125,6 +125,7 @@ def generate(
     try:
         manifest = Manifest.load(model)
         span_list = parse_spans(spans) if spans else [(0, manifest.num_blocks)]
+        check_spans_tile(span_list, manifest.num_blocks)  # before loading any weights
         client = ClientPart.load(model, device=device)
         engines = [SpanEngine.load(model, a, b, device=device) for a, b in span_list]
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)

@@ -7,16 +7,11 @@ nodes and builds a route per request).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
-import torch
-
-from coop.coordinator.generation import Chain, LocalChain
-from coop.errors import SessionError, SpanOutOfRange, UnknownSession
+from coop.coordinator.generation import Chain, LocalChain, check_spans_tile
 from coop.model.client_part import ClientPart
 from coop.model.manifest import Manifest
 from coop.node.engine import DEFAULT_CACHE_BUDGET_BYTES, SpanEngine
@@ -39,33 +34,6 @@ class Backend(Protocol):
         ...
 
 
-class _ThreadedLocalChain(LocalChain):
-    """A LocalChain whose block compute runs in worker threads.
-
-    `LocalChain.step` is synchronous under its `async def`; inside a server that would stall the
-    event loop (health checks, other streams) for the whole forward pass. Engines lock their own
-    compute, so concurrent sessions simply interleave.
-    """
-
-    def __init__(self, engines: Sequence[SpanEngine], *, max_length: int) -> None:
-        try:
-            super().__init__(engines, max_length=max_length)
-        except SessionError:
-            # LocalChain opens the session engine by engine; undo the ones that succeeded so a
-            # refused open (e.g. cache budget) does not hold reservations until idle eviction.
-            session_id = getattr(self, "session_id", None)
-            if session_id is not None:
-                for engine in engines:
-                    with contextlib.suppress(UnknownSession):
-                        engine.close_session(session_id)
-            raise
-
-    async def step(self, hidden: torch.Tensor, start_position: int, token_ids: Sequence[int] = ()) -> torch.Tensor:
-        for engine in self.engines:
-            hidden = await asyncio.to_thread(engine.step, self.session_id, hidden, start_position)
-        return hidden
-
-
 class LocalBackend:
     """Every block in this process: the reference path, used by tests and `coop generate`.
 
@@ -84,7 +52,7 @@ class LocalBackend:
     ) -> None:
         manifest = Manifest.load(model_dir)
         spans = list(spans) if spans is not None else [(0, manifest.num_blocks)]
-        _check_spans(spans, manifest)
+        check_spans_tile(spans, manifest.num_blocks)
         self.client = ClientPart.load(model_dir, device=device)
         self.engines = [
             SpanEngine.load(model_dir, start, end, device=device, cache_budget_bytes=cache_budget_bytes)
@@ -94,21 +62,10 @@ class LocalBackend:
         self.max_context = max_context or _context_length(manifest)
 
     async def open_chain(self, max_length: int) -> Chain:
-        return _ThreadedLocalChain(self.engines, max_length=max_length)
+        return LocalChain(self.engines, max_length=max_length)
 
     def route_info(self, chain: Chain) -> list[dict[str, object]]:
         return [{"start": e.start, "end": e.end, "node": "local", "device": str(e.device)} for e in self.engines]
-
-
-def _check_spans(spans: Sequence[tuple[int, int]], manifest: Manifest) -> None:
-    """Fail before loading any weights if the spans do not tile 0..num_blocks in order."""
-    expected = 0
-    for start, end in spans:
-        if start != expected or end <= start:
-            raise SpanOutOfRange(f"spans must be contiguous from 0: got {start}:{end} after {expected}")
-        expected = end
-    if expected != manifest.num_blocks:
-        raise SpanOutOfRange(f"spans end at block {expected}, {manifest.name} has {manifest.num_blocks}")
 
 
 def _context_length(manifest: Manifest) -> int:

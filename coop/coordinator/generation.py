@@ -7,6 +7,7 @@ which is what makes "distributed output equals local output" checkable.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
@@ -14,7 +15,7 @@ from typing import Protocol
 import torch
 
 from coop.coordinator.sampling import SamplingParams, make_generator, sample_token
-from coop.errors import InvalidInput, SpanOutOfRange
+from coop.errors import InvalidInput, SessionError, SpanOutOfRange
 from coop.model.client_part import ClientPart
 from coop.node.engine import SpanEngine
 
@@ -31,29 +32,43 @@ class Chain(Protocol):
     async def close(self) -> None: ...
 
 
+def check_spans_tile(spans: Sequence[tuple[int, int]], num_blocks: int) -> None:
+    """Spans must cover blocks 0..num_blocks-1 in order, each exactly once."""
+    if not spans:
+        raise SpanOutOfRange("a chain needs at least one span")
+    expected = 0
+    for start, end in spans:
+        if start != expected or end <= start:
+            raise SpanOutOfRange(f"spans must be contiguous from 0: got {start}:{end} after {expected}")
+        expected = end
+    if expected != num_blocks:
+        raise SpanOutOfRange(f"spans end at block {expected}, the model has {num_blocks}")
+
+
 class LocalChain:
-    """Engines in this process whose spans together cover every block, in order."""
+    """Engines in this process whose spans together cover every block, in order.
+
+    Block compute runs in worker threads, so a server's event loop stays free while it runs;
+    engines lock their own compute, so concurrent sessions simply interleave.
+    """
 
     def __init__(self, engines: Sequence[SpanEngine], *, max_length: int) -> None:
-        if not engines:
-            raise SpanOutOfRange("a chain needs at least one span")
-        expected = 0
-        for engine in engines:
-            if engine.start != expected:
-                raise SpanOutOfRange(
-                    f"spans must be contiguous from 0: got {engine.start}:{engine.end} after {expected}"
-                )
-            expected = engine.end
-        if expected != engines[0].manifest.num_blocks:
-            raise SpanOutOfRange(f"spans end at block {expected}, the model has {engines[0].manifest.num_blocks}")
+        check_spans_tile([(e.start, e.end) for e in engines], engines[0].manifest.num_blocks if engines else 0)
         self.engines = list(engines)
         self.session_id = uuid.uuid4().hex
-        for engine in self.engines:
-            engine.open_session(self.session_id, max_length=max_length)
+        opened: list[SpanEngine] = []
+        try:
+            for engine in self.engines:
+                engine.open_session(self.session_id, max_length=max_length)
+                opened.append(engine)
+        except SessionError:
+            for engine in opened:  # a refused open (e.g. cache budget) must not keep the others' reservations
+                engine.evict(self.session_id)
+            raise
 
     async def step(self, hidden: torch.Tensor, start_position: int, token_ids: Sequence[int] = ()) -> torch.Tensor:
         for engine in self.engines:
-            hidden = engine.step(self.session_id, hidden, start_position)
+            hidden = await asyncio.to_thread(engine.step, self.session_id, hidden, start_position)
         return hidden
 
     async def close(self) -> None:

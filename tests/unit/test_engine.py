@@ -145,3 +145,15 @@ def test_sub_span_session_matches_a_smaller_engine(tiny_llama_dir: str) -> None:
     assert wide.cache_bytes(part) == 6 * wide.bytes_per_token_per_block * 2
     with pytest.raises(SpanOutOfRange, match="not within"):
         wide.open_session(max_length=4, start=0, end=3)
+
+
+def test_a_refused_chain_releases_what_it_opened(tiny_llama_dir: str) -> None:
+    from coop.coordinator.generation import LocalChain
+
+    roomy = SpanEngine.load(tiny_llama_dir, 0, 3, device="cpu")
+    tight = SpanEngine.load(tiny_llama_dir, 3, 6, device="cpu", cache_budget_bytes=1)
+    with pytest.raises(CacheBudgetExceeded):
+        LocalChain([roomy, tight], max_length=8)
+    assert roomy.session_count == 0 and roomy.free_cache_bytes == roomy.cache_budget_bytes
+    with pytest.raises(SpanOutOfRange, match="contiguous"):
+        LocalChain([tight, roomy], max_length=8)
