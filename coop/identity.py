@@ -153,6 +153,11 @@ def _sha256_hex(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def api_key_digest(key: str) -> str:
+    """What api_keys.json stores of a key, and what a key is recognised by."""
+    return _sha256_hex(key)
+
+
 def _toml_str(value: str) -> str:
     # A JSON string of printable text (no control chars, no DEL) is a valid TOML basic string.
     return json.dumps(value, ensure_ascii=False)
@@ -953,8 +958,11 @@ class ApiKeyStore:
         return cls(records)
 
     def resolve(self, key: str) -> str | None:
-        """The institution of a live key, or None. Compares every digest in constant time."""
-        digest = _sha256_hex(key)
+        """The institution of a live key, or None."""
+        return self.resolve_digest(api_key_digest(key))
+
+    def resolve_digest(self, digest: str) -> str | None:
+        """The institution of the live key with this digest, or None. Compares every digest in constant time."""
         found: str | None = None
         for record in self.records:
             if hmac.compare_digest(record.sha256, digest) and not record.revoked:
@@ -974,7 +982,7 @@ def create_api_key(pool_dir: Path | str, institution: str) -> str:
         path = pool.directory / API_KEYS_FILE
         store = ApiKeyStore.load(path)
         key = API_KEY_PREFIX + secrets.token_urlsafe(32)
-        record = ApiKeyRecord(sha256=_sha256_hex(key), institution=institution, created_at=time.time())
+        record = ApiKeyRecord(sha256=api_key_digest(key), institution=institution, created_at=time.time())
         _replace_file(path, _api_keys_json([*store.records, record]), 0o600)
     return key
 

@@ -9,7 +9,6 @@ Without a key file the coordinator is in development mode and serves anyone.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coop.coordinator.api_errors import RequestError
-from coop.identity import ApiKeyStore, PoolLimits
+from coop.identity import ApiKeyStore, PoolLimits, api_key_digest
 
 
 @dataclass(frozen=True)
@@ -57,10 +56,11 @@ class ApiKeyGate:
                 status=401,
                 code="invalid_api_key",
             )
-        institution = self._keys().resolve(key.strip())
+        digest = api_key_digest(key.strip())
+        institution = self._keys().resolve_digest(digest)
         if institution is None:
             raise RequestError("unknown or revoked API key", status=401, code="invalid_api_key")
-        return Caller(institution, hashlib.sha256(key.strip().encode()).hexdigest())
+        return Caller(institution, digest)
 
     def check_max_tokens(self, caller: Caller, requested: int | None) -> None:
         limit = self.limits.max_tokens_per_request
