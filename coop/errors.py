@@ -16,7 +16,10 @@
     │   └── InvalidPositions       positions that skip or rewind
     ├── RouteUnavailable           no chain of nodes covers every block
     ├── PeerError                  a remote node failed, vanished or timed out
-    └── Unauthorized               a certificate, signature or key the pool CA does not vouch for
+    ├── Unauthorized               a certificate, signature or key the pool CA does not vouch for
+    ├── LedgerError                the ledger database failed or holds something it should not
+    │   └── ReceiptRejected        a receipt that must not be booked (forged, inflated, mismatched)
+    └── CreditExhausted            an institution's balance is below its credit floor (HTTP 402)
 
 Components raise these; boundaries (gRPC servicers, the HTTP API, the CLI) map them to their
 wire form in one place each.
@@ -106,3 +109,15 @@ class PeerError(CoopError):
 
 class Unauthorized(CoopError):
     """Not vouched for by the pool CA: unsigned, forged, expired, revoked, or from another pool."""
+
+
+class LedgerError(CoopError):
+    pass
+
+
+class ReceiptRejected(LedgerError):
+    """A receipt failed a check; the reason is recorded as an audit event."""
+
+
+class CreditExhausted(CoopError):
+    """Requests of an institution whose balance fell below its credit floor."""

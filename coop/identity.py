@@ -722,6 +722,11 @@ def verify_member_certificate(
     return institution
 
 
+def certificate_institution(cert_pem: bytes) -> str:
+    """The institution a member certificate names (not checked: see verify_member_certificate)."""
+    return _member_of(_load_cert(cert_pem, "member certificate"))[1]
+
+
 def verify_signature(cert_pem: bytes, payload: bytes, signature: bytes) -> None:
     """Check an ECDSA/SHA-256 signature by cert's key. Does not check the certificate itself."""
     key = _ec_public_key(_load_cert(cert_pem, "signer certificate"))

@@ -16,6 +16,7 @@ from coop.coordinator.protocol import (
 from coop.errors import (
     CacheBudgetExceeded,
     CoopError,
+    CreditExhausted,
     InvalidInput,
     PeerError,
     RouteUnavailable,
@@ -42,6 +43,7 @@ ERROR_TABLE: dict[type[BaseException], tuple[int, str, str]] = {
     # Capacity, not a bug: the same request can succeed once other sessions finish.
     CacheBudgetExceeded: (503, "service_unavailable_error", "capacity_exceeded"),
     PeerError: (502, "server_error", "peer_error"),
+    CreditExhausted: (402, "insufficient_quota", "credit_exhausted"),
     CoopError: (500, "server_error", "internal_error"),
 }
 

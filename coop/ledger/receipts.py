@@ -1,0 +1,137 @@
+"""Receipts: what a node computed for one session, in a form nobody can alter unnoticed.
+
+A node writes a `ReceiptBody` when a session ends, signs its canonical bytes with its member key
+(`sign_receipt`) and keeps the result in its outbox until a coordinator acknowledges it. The
+coordinator checks it (`coop.ledger.booking`) and countersigns the body's digest together with the
+consuming institution (`countersign_payload`), which the node cannot know. Both signatures are
+stored with the exact signed bytes, so `coop ledger verify` can recheck every booking later.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import re
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from coop.errors import InvalidInput
+from coop.identity import MemberBundle
+
+RECEIPT_FORMAT = "coop-receipt/1"
+_BODY_DOMAIN = b"coop-receipt-v1\n"
+_COUNTERSIGN_DOMAIN = b"coop-countersign-v1\n"
+MAX_BODY_BYTES = 4096
+_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+_HEX = re.compile(r"^[0-9a-f]{1,128}$")
+
+
+@dataclass(frozen=True)
+class ReceiptBody:
+    receipt_id: str
+    pool_id: str
+    session_id: str
+    node_id: str
+    institution: str  # the provider: the node's institution, as its certificate says
+    coordinator: str  # who opened the session: the peer's institution (or address in development)
+    model_hash: str
+    start_block: int
+    end_block: int
+    prefill_tokens: int  # tokens of multi-token steps (prompts, replays)
+    decode_tokens: int  # tokens of one-token steps
+    flops: int  # (prefill + decode) x the manifest's FLOPs per token of blocks [start, end)
+    started_at: float  # unix seconds
+    ended_at: float
+
+    @property
+    def tokens(self) -> int:
+        return self.prefill_tokens + self.decode_tokens
+
+    def to_bytes(self) -> bytes:
+        doc = {"format": RECEIPT_FORMAT, **asdict(self)}
+        return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ReceiptBody:
+        """Parse and validate; InvalidInput says what is wrong."""
+        if len(data) > MAX_BODY_BYTES:
+            raise InvalidInput(f"a receipt body is at most {MAX_BODY_BYTES} bytes")
+        try:
+            doc = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InvalidInput(f"a receipt body must be JSON: {exc}") from exc
+        if not isinstance(doc, dict) or doc.pop("format", None) != RECEIPT_FORMAT:
+            raise InvalidInput(f"a receipt body must be a {RECEIPT_FORMAT} object")
+        expected = set(cls.__dataclass_fields__)
+        if set(doc) != expected:
+            raise InvalidInput(f"receipt fields differ from {RECEIPT_FORMAT}: {sorted(set(doc) ^ expected)}")
+        body = cls(**doc)
+        body.validate()
+        return body
+
+    def validate(self) -> None:
+        for name in ("receipt_id", "pool_id", "session_id", "node_id", "institution", "coordinator"):
+            _require(isinstance(getattr(self, name), str) and _ID.match(getattr(self, name)), name, "an id")
+        _require(isinstance(self.model_hash, str) and _HEX.match(self.model_hash), "model_hash", "hex")
+        for name in ("start_block", "end_block", "prefill_tokens", "decode_tokens", "flops"):
+            value = getattr(self, name)
+            _require(type(value) is int and 0 <= value < 2**62, name, "a non-negative integer")
+        _require(self.start_block < self.end_block, "end_block", "greater than start_block")
+        for name in ("started_at", "ended_at"):
+            _require(type(getattr(self, name)) in (int, float), name, "a number")
+        _require(self.started_at <= self.ended_at, "ended_at", "not before started_at")
+
+    @property
+    def started(self) -> dt.datetime:
+        return _utc(self.started_at)
+
+    @property
+    def ended(self) -> dt.datetime:
+        return _utc(self.ended_at)
+
+
+@dataclass(frozen=True)
+class SignedReceipt:
+    body: bytes
+    signature: bytes  # ECDSA/SHA-256 by the node's member key over _BODY_DOMAIN + body
+    cert_pem: bytes  # the signer's member certificate
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.body).hexdigest()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"body": self.body.decode("utf-8"), "signature": self.signature.hex(), "cert": self.cert_pem.decode()}
+
+
+def new_receipt_id() -> str:
+    return uuid.uuid4().hex
+
+
+def body_payload(body: bytes) -> bytes:
+    return _BODY_DOMAIN + body
+
+
+def sign_receipt(bundle: MemberBundle, body: ReceiptBody) -> SignedReceipt:
+    data = body.to_bytes()
+    return SignedReceipt(data, bundle.sign(body_payload(data)), bundle.cert_pem)
+
+
+def countersign_payload(body: bytes, consumer: str) -> bytes:
+    """What the coordinator signs: this exact body, charged to this consumer."""
+    return _COUNTERSIGN_DOMAIN + hashlib.sha256(body).digest() + consumer.encode("utf-8")
+
+
+def cert_sha256(cert_pem: bytes) -> str:
+    return hashlib.sha256(cert_pem.strip()).hexdigest()
+
+
+def _require(ok: object, field: str, what: str) -> None:
+    if not ok:
+        raise InvalidInput(f"receipt field {field} must be {what}")
+
+
+def _utc(seconds: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(seconds, dt.UTC)

@@ -1,0 +1,384 @@
+"""The ledger database: bookings as balanced postings, one transaction each, same code on SQLite and PostgreSQL.
+
+A debit and its credit commit together or not at all; a receipt id is booked at most once (its
+primary key), so resubmitting a receipt, from a restarted node or to a restarted coordinator, is
+harmless. SQLite runs in WAL mode with synchronous=FULL: a booking that returned survives a crash.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, case, create_engine, event, func, insert, select
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlmodel import Session, col
+
+from coop.errors import InvalidInput, LedgerError
+from coop.ledger.models import (
+    FLOPS_PER_CREDIT,
+    POOL_ACCOUNT,
+    Account,
+    AuditEvent,
+    Certificate,
+    Grant,
+    Institution,
+    Node,
+    Observation,
+    Posting,
+    Receipt,
+    utcnow,
+)
+from coop.ledger.receipts import ReceiptBody, SignedReceipt, cert_sha256
+
+log = logging.getLogger(__name__)
+
+LEDGER_FILE = "ledger.db"
+
+
+def sqlite_url(path: Path | str) -> str:
+    return f"sqlite:///{Path(path).resolve()}"
+
+
+@dataclass(frozen=True)
+class Booking:
+    """A receipt that passed every check, with the coordinator's countersignature."""
+
+    body: ReceiptBody
+    signed: SignedReceipt
+    consumer: str
+    countersignature: bytes
+    coordinator_cert_pem: bytes
+
+
+@dataclass(frozen=True)
+class Balance:
+    institution: str
+    balance_flops: int
+    contributed_flops: int  # credited by receipts: compute its nodes delivered
+    used_flops: int  # debited by receipts: compute its requests consumed
+    granted_flops: int
+    credit_floor_flops: int | None
+
+    @property
+    def balance_credits(self) -> float:
+        return self.balance_flops / FLOPS_PER_CREDIT
+
+
+class Ledger:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._known: set[tuple[str, str]] = set()  # (table, key) rows known to exist: saves a query per booking
+
+    @classmethod
+    def open(cls, url: str) -> Ledger:
+        """Connect and bring the schema up to date (Alembic migrations)."""
+        from coop.ledger.migrate import upgrade
+
+        engine = _create_engine(url)
+        try:
+            upgrade(engine)
+        except SQLAlchemyError as exc:
+            engine.dispose()
+            raise LedgerError(f"cannot open the ledger at {_safe_url(url)}: {exc}") from exc
+        return cls(engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Session]:
+        try:
+            with Session(self.engine) as session, session.begin():
+                yield session
+        except SQLAlchemyError as exc:
+            self._known.clear()  # a rolled-back transaction may have taken rows with it
+            raise LedgerError(f"ledger transaction failed: {exc}") from exc
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def book(self, bookings: Sequence[Booking]) -> list[str]:
+        """Book receipts not booked before, all in one transaction; returns the ids newly booked."""
+        if not bookings:
+            return []
+        try:
+            return self._book(bookings)
+        except LedgerError as exc:
+            if not isinstance(exc.__cause__, IntegrityError) or len(bookings) == 1:
+                raise
+            # Another booker took one of these ids meanwhile: book one by one, skipping duplicates.
+            return [rid for b in bookings for rid in self._book([b])]
+
+    def _book(self, bookings: Sequence[Booking]) -> list[str]:
+        with self._transaction() as session:
+            ids = [b.body.receipt_id for b in bookings]
+            existing = set(session.execute(select(Receipt.receipt_id).where(col(Receipt.receipt_id).in_(ids))).scalars())
+            fresh: dict[str, Booking] = {}
+            for b in bookings:
+                if b.body.receipt_id not in existing:
+                    fresh.setdefault(b.body.receipt_id, b)
+            if not fresh:
+                return []
+            for b in fresh.values():
+                self._ensure_institution(session, b.body.institution)
+                self._ensure_institution(session, b.consumer)
+                self._ensure_certificate(session, b.signed.cert_pem, b.body.institution)
+                self._ensure_certificate(session, b.coordinator_cert_pem, None)
+            self._touch_nodes(session, [b.body for b in fresh.values()])
+            now = utcnow()
+            session.execute(insert(Receipt), [_receipt_row(b, now) for b in fresh.values()])
+            postings = []
+            for b in fresh.values():
+                rid, flops = b.body.receipt_id, b.body.flops
+                postings.append({"account": b.body.institution, "amount_flops": flops, "receipt_id": rid})
+                postings.append({"account": b.consumer, "amount_flops": -flops, "receipt_id": rid})
+            session.execute(insert(Posting), [{**p, "created_at": now} for p in postings])
+            return list(fresh)
+
+    def grant(self, institution: str, credits: float, *, reason: str, actor: str) -> Grant:
+        """Credits from the pool account to an institution (negative credits take them back)."""
+        flops = round(credits * FLOPS_PER_CREDIT)
+        if flops == 0:
+            raise InvalidInput("a grant must move a non-zero amount")
+        if not reason.strip():
+            raise InvalidInput("a grant needs a reason (--reason)")
+        grant = Grant(
+            grant_id=uuid.uuid4().hex, institution=institution, flops=flops, reason=reason[:500], granted_by=actor
+        )
+        with self._transaction() as session:
+            self._ensure_institution(session, institution)
+            session.add(grant)
+            session.flush()
+            session.add(Posting(account=institution, amount_flops=flops, grant_id=grant.grant_id))
+            session.add(Posting(account=POOL_ACCOUNT, amount_flops=-flops, grant_id=grant.grant_id))
+            session.add(
+                AuditEvent(
+                    actor=actor, action="credits_granted", subject=institution, detail=f"{credits:g} credits: {reason}"
+                )
+            )
+            session.flush()
+            session.expunge(grant)
+        return grant
+
+    def set_credit_floor(self, institution: str, credits: float | None, *, actor: str) -> None:
+        """Below this balance the institution's requests are refused (402); None removes the floor."""
+        with self._transaction() as session:
+            row = self._ensure_institution(session, institution)
+            row.credit_floor_flops = None if credits is None else round(credits * FLOPS_PER_CREDIT)
+            session.add(row)
+            detail = "no floor" if credits is None else f"floor {credits:g} credits"
+            session.add(AuditEvent(actor=actor, action="credit_floor_set", subject=institution, detail=detail))
+
+    def record(self, actor: str, action: str, subject: str = "", detail: str = "") -> None:
+        """Append an audit event."""
+        with self._transaction() as session:
+            session.add(AuditEvent(actor=actor, action=action, subject=subject[:200], detail=detail[:4000]))
+
+    def observe(self, observations: Sequence[Observation]) -> None:
+        """Store what the coordinator saw nodes do; a receipt may claim no more than this."""
+        if not observations:
+            return
+        with self._transaction() as session:
+            session.execute(
+                insert(Observation),
+                [o.model_dump(exclude={"id"}) for o in observations],
+            )
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def observation(self, session_id: str, node_id: str) -> Observation | None:
+        with Session(self.engine) as session:
+            query = select(Observation).where(Observation.session_id == session_id, Observation.node_id == node_id)
+            return session.execute(query).scalars().first()
+
+    def booked(self, receipt_ids: Sequence[str]) -> set[str]:
+        with Session(self.engine) as session:
+            query = select(Receipt.receipt_id).where(col(Receipt.receipt_id).in_(list(receipt_ids)))
+            return set(session.execute(query).scalars())
+
+    def balances(self) -> list[Balance]:
+        """Every institution's balance, derived from postings (never stored)."""
+        receipt_leg = col(Posting.receipt_id).is_not(None)
+        query = select(
+            Posting.account,
+            func.sum(Posting.amount_flops),
+            func.sum(case((receipt_leg & (col(Posting.amount_flops) > 0), Posting.amount_flops), else_=0)),
+            func.sum(case((receipt_leg & (col(Posting.amount_flops) < 0), -col(Posting.amount_flops)), else_=0)),
+            func.sum(case((col(Posting.grant_id).is_not(None), Posting.amount_flops), else_=0)),
+        ).group_by(Posting.account)
+        with Session(self.engine) as session:
+            sums = {row[0]: [int(v or 0) for v in row[1:]] for row in session.execute(query)}
+            floors = {i.name: i.credit_floor_flops for i in session.execute(select(Institution)).scalars()}
+        return [
+            Balance(name, *sums.get(name, [0, 0, 0, 0]), credit_floor_flops=floors[name])  # type: ignore[misc]
+            for name in sorted(floors)
+        ]
+
+    def balance(self, institution: str) -> Balance | None:
+        return next((b for b in self.balances() if b.institution == institution), None)
+
+    def pool_balance_flops(self) -> int:
+        with Session(self.engine) as session:
+            query = select(func.sum(Posting.amount_flops)).where(Posting.account == POOL_ACCOUNT)
+            return int(session.execute(query).scalar() or 0)
+
+    def receipts(
+        self,
+        *,
+        institution: str | None = None,
+        since: dt.datetime | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> list[Receipt]:
+        """Newest first. `institution` matches either side: the provider or the consumer."""
+        query = select(Receipt).order_by(col(Receipt.booked_at).desc(), col(Receipt.receipt_id))
+        if institution is not None:
+            query = query.where((Receipt.provider == institution) | (Receipt.consumer == institution))
+        if since is not None:
+            query = query.where(col(Receipt.ended_at) >= since)
+        query = query.offset(offset)
+        if limit is not None:
+            query = query.limit(limit)
+        with Session(self.engine) as session:
+            return list(session.execute(query).scalars())
+
+    def audit_events(self, *, limit: int | None = None, offset: int = 0, action: str | None = None) -> list[AuditEvent]:
+        query = select(AuditEvent).order_by(col(AuditEvent.id).desc()).offset(offset)
+        if action is not None:
+            query = query.where(AuditEvent.action == action)
+        if limit is not None:
+            query = query.limit(limit)
+        with Session(self.engine) as session:
+            return list(session.execute(query).scalars())
+
+    def flows_since(self, since: dt.datetime) -> list[tuple[dt.datetime, str, str, int]]:
+        """(ended_at, provider, consumer, flops) of receipts since a time: what fair share decays."""
+        query = (
+            select(Receipt.ended_at, Receipt.provider, Receipt.consumer, Receipt.flops)
+            .where(col(Receipt.ended_at) >= since)
+            .order_by(col(Receipt.ended_at))
+        )
+        with Session(self.engine) as session:
+            return [(r[0], r[1], r[2], int(r[3])) for r in session.execute(query)]
+
+    def nodes(self) -> list[Node]:
+        with Session(self.engine) as session:
+            return list(session.execute(select(Node).order_by(col(Node.node_id))).scalars())
+
+    def certificates(self) -> dict[str, Certificate]:
+        with Session(self.engine) as session:
+            return {c.sha256: c for c in session.execute(select(Certificate)).scalars()}
+
+    def all_postings(self) -> Iterator[Posting]:
+        with Session(self.engine) as session:
+            query = select(Posting).order_by(col(Posting.id)).execution_options(yield_per=1000)
+            yield from session.execute(query).scalars()
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _ensure_institution(self, session: Session, name: str) -> Institution:
+        if ("institution", name) in self._known:
+            row = session.get(Institution, name)
+            if row is not None:
+                return row
+        row = session.get(Institution, name)
+        if row is None:
+            row = Institution(name=name)
+            session.add(row)
+            session.flush()  # no ORM relationships: flush in foreign-key order by hand
+            session.add(Account(name=name, institution=name))
+            if session.get(Account, POOL_ACCOUNT) is None:
+                session.add(Account(name=POOL_ACCOUNT))
+            session.flush()
+        self._known.add(("institution", name))
+        return row
+
+    def _ensure_certificate(self, session: Session, pem: bytes, institution: str | None) -> None:
+        digest = cert_sha256(pem)
+        if ("certificate", digest) in self._known:
+            return
+        if session.get(Certificate, digest) is None:
+            from coop.identity import certificate_institution
+
+            session.add(Certificate(sha256=digest, institution=institution or certificate_institution(pem), pem=pem))
+            session.flush()
+        self._known.add(("certificate", digest))
+
+    @staticmethod
+    def _touch_nodes(session: Session, bodies: Sequence[ReceiptBody]) -> None:
+        latest: dict[str, ReceiptBody] = {}
+        for body in bodies:
+            if body.node_id not in latest or body.ended_at > latest[body.node_id].ended_at:
+                latest[body.node_id] = body
+        for node_id, body in latest.items():
+            row = session.get(Node, node_id)
+            if row is None:
+                row = Node(
+                    node_id=node_id,
+                    institution=body.institution,
+                    start_block=body.start_block,
+                    end_block=body.end_block,
+                    first_seen=body.started,
+                    last_seen=body.ended,
+                )
+            else:
+                row.last_seen = max(row.last_seen, body.ended)
+                row.start_block, row.end_block = body.start_block, body.end_block
+            session.add(row)
+
+
+def _receipt_row(b: Booking, booked_at: dt.datetime) -> dict[str, Any]:
+    body = b.body
+    return {
+        "receipt_id": body.receipt_id,
+        "session_id": body.session_id,
+        "node_id": body.node_id,
+        "provider": body.institution,
+        "consumer": b.consumer,
+        "model_hash": body.model_hash,
+        "start_block": body.start_block,
+        "end_block": body.end_block,
+        "prefill_tokens": body.prefill_tokens,
+        "decode_tokens": body.decode_tokens,
+        "flops": body.flops,
+        "started_at": body.started,
+        "ended_at": body.ended,
+        "booked_at": booked_at,
+        "body": b.signed.body,
+        "node_signature": b.signed.signature,
+        "node_cert_sha256": cert_sha256(b.signed.cert_pem),
+        "countersignature": b.countersignature,
+        "coordinator_cert_sha256": cert_sha256(b.coordinator_cert_pem),
+    }
+
+
+def _create_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=FULL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def _safe_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<unparseable URL>"
