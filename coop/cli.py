@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from coop.cli_ledger import ledger_app
 from coop.cli_pool import member_app, pool_app
 from coop.errors import CoopError
 
@@ -24,6 +25,7 @@ coordinator_app = typer.Typer(no_args_is_help=True, help="Run a coordinator (rou
 app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(pool_app, name="pool")
 app.add_typer(member_app, name="member")
+app.add_typer(ledger_app, name="ledger")
 
 MemberOption = Annotated[
     Path | None, typer.Option("--member", help="this institution's member bundle (mutual TLS, signed records)")
@@ -165,6 +167,9 @@ def node_start(
     device: Annotated[str, typer.Option()] = "auto",
     cache_budget_mb: Annotated[int, typer.Option("--cache-budget-mb")] = 2048,
     member: MemberOption = None,
+    outbox: Annotated[
+        Path | None, typer.Option("--outbox", help="receipts wait here until booked (default: <member>.outbox.db)")
+    ] = None,
 ) -> None:
     """Serve a span of blocks to the pool until SIGTERM or Ctrl-C."""
     from coop.config import NodeSettings
@@ -183,6 +188,7 @@ def node_start(
             device=device,
             cache_budget_bytes=cache_budget_mb << 20,
             member_bundle=member,
+            outbox_path=outbox,
         )
         asyncio.run(run_node(settings))
     except CoopError as exc:
@@ -230,6 +236,19 @@ def coordinator_start(
     api_keys: Annotated[
         Path | None, typer.Option("--api-keys", help="the pool's api_keys.json; without it anyone may call the API")
     ] = None,
+    ledger_url: Annotated[
+        str | None,
+        typer.Option("--ledger-url", help="e.g. postgresql+psycopg://coop@db/coop (default: SQLite, see README)"),
+    ] = None,
+    pool_dir: Annotated[
+        Path | None, typer.Option("--pool-dir", help="the pool directory: enables the admin view, holds the ledger")
+    ] = None,
+    max_active_sessions: Annotated[
+        int, typer.Option("--max-active-sessions", help="beyond this, requests wait in fair-share order")
+    ] = 32,
+    receipt_interval: Annotated[
+        float, typer.Option("--receipt-interval", help="seconds between rounds of receipt collection")
+    ] = 2.0,
 ) -> None:
     """Serve the OpenAI-compatible API, routing every request through the swarm."""
     from coop.config import CoordinatorSettings
@@ -245,6 +264,10 @@ def coordinator_start(
             max_context=max_context,
             member_bundle=member,
             api_keys_file=api_keys,
+            ledger_url=ledger_url,
+            pool_dir=pool_dir,
+            max_active_sessions=max_active_sessions,
+            receipt_interval_s=receipt_interval,
         )
         asyncio.run(run_coordinator(settings))
     except CoopError as exc:

@@ -44,6 +44,13 @@ class NodeSettings(BaseSettings):
     # the institution's member bundle (`coop member add`): mutual TLS and signed announcements.
     # Without it the node runs in development mode: plaintext, unsigned, pool "default".
     member_bundle: Path | None = None
+    # signed receipts wait here until a coordinator books them (default: <member_bundle>.outbox.db)
+    outbox_path: Path | None = None
+
+    def resolved_outbox_path(self) -> Path | None:
+        if self.outbox_path is not None:
+            return self.outbox_path
+        return None if self.member_bundle is None else self.member_bundle.with_suffix(".outbox.db")
 
 
 class CoordinatorSettings(BaseSettings):
@@ -65,3 +72,14 @@ class CoordinatorSettings(BaseSettings):
     member_bundle: Path | None = None
     # the pool's api_keys.json: requests need `Authorization: Bearer <key>`; None = no keys (development)
     api_keys_file: Path | None = None
+    # The ledger (needs member_bundle: receipts are signed). Default: the bundle's pool ledger_url, else
+    # SQLite in pool_dir, else next to the member bundle. PostgreSQL: postgresql+psycopg://user@host/db
+    ledger_url: str | None = None
+    # the pool directory (`coop pool init`): the admin view's login, members and API keys live there
+    pool_dir: Path | None = None
+    # fair share: usage and contribution lose half their weight after this long
+    fair_share_half_life_s: float = Field(default=7 * 24 * 3600.0, gt=0)
+    # sessions this coordinator runs at once; beyond this, requests wait and start in fair-share order
+    max_active_sessions: int = Field(default=32, gt=0)
+    # how often receipts are collected from nodes
+    receipt_interval_s: float = Field(default=2.0, gt=0)

@@ -1011,3 +1011,20 @@ def revoke_api_keys(pool_dir: Path | str, institution: str) -> int:
     _check_name("institution", institution)
     with _pool_lock(pool.directory):
         return _revoke_keys_locked(pool.directory, institution)
+
+
+def revoke_api_key(pool_dir: Path | str, sha256: str) -> ApiKeyRecord:
+    """Revoke the one API key with this digest; returns its record as it was (``.revoked``: already was)."""
+    pool = PoolInfo.load(pool_dir)
+    with _pool_lock(pool.directory):
+        path = pool.directory / API_KEYS_FILE
+        store = ApiKeyStore.load(path)
+        found = next((r for r in store.records if hmac.compare_digest(r.sha256, sha256)), None)
+        if found is None:
+            raise InvalidInput(f"no API key with digest {sha256[:12]!r} in pool {pool.name!r}")
+        if not found.revoked:
+            records = [
+                ApiKeyRecord(r.sha256, r.institution, r.created_at, True) if r is found else r for r in store.records
+            ]
+            _replace_file(path, _api_keys_json(records), 0o600)
+    return found

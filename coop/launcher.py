@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,7 +112,9 @@ class LocalPool:
         self.processes.append(dht)
         self.peer = dht.ready["dht_maddrs"][0]
 
-    def start_nodes(self, spans: dict[str, str], members: dict[str, Path] | None = None) -> None:
+    def start_nodes(
+        self, spans: dict[str, str], members: dict[str, Path] | None = None, extra_args: Sequence[str] = ()
+    ) -> None:
         """Start nodes {name: "A:B"} side by side, then wait until every one is serving.
 
         `members` gives a node its institution's member bundle (mutual TLS, signed records).
@@ -120,19 +123,26 @@ class LocalPool:
             args = ["node", "start", "--model", self.model_dir, "--blocks", blocks, "--initial-peers", self.peer]
             if members and name in members:
                 args += ["--member", str(members[name])]
-            node = start(name, [*args, "--node-id", name, "--device", "cpu"], None)
+            node = start(name, [*args, "--node-id", name, "--device", "cpu", *extra_args], None)
             self.processes.append(node)
             self.nodes[name] = node
         for name in spans:
             self.nodes[name].wait_ready("COOP_NODE_READY")
 
-    def start_coordinator(self, port: int = 0, member: Path | None = None, api_keys: Path | None = None) -> CoopProcess:
+    def start_coordinator(
+        self,
+        port: int = 0,
+        member: Path | None = None,
+        api_keys: Path | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> CoopProcess:
+        """`extra_args`: more `coop coordinator start` flags, e.g. ["--pool-dir", DIR]."""
         args = ["coordinator", "start", "--model", self.model_dir, "--port", str(port), "--initial-peers", self.peer]
         if member is not None:
             args += ["--member", str(member)]
         if api_keys is not None:
             args += ["--api-keys", str(api_keys)]
-        coordinator = start("coordinator", [*args, "--device", "cpu"], "COOP_COORDINATOR_READY")
+        coordinator = start("coordinator", [*args, "--device", "cpu", *extra_args], "COOP_COORDINATOR_READY")
         self.processes.append(coordinator)
         self.url = coordinator.ready["url"]
         return coordinator

@@ -6,7 +6,7 @@ What a request means lives in `coop.coordinator.serving`; the shapes on the wire
 """
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import ExitStack, aclosing
+from contextlib import AsyncExitStack, aclosing
 from typing import Annotated
 
 import anyio
@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.types import Send
 
+from coop.coordinator.admission import RequestAdmission
 from coop.coordinator.api_errors import error_response
 from coop.coordinator.auth import ApiKeyGate, Caller
 from coop.coordinator.backend import Backend
@@ -47,28 +48,35 @@ def _respond(result: BaseModel | AsyncIterator[str]) -> Response:
 
 
 async def _generate(
-    gate: ApiKeyGate, caller: Caller, work: Callable[[], Awaitable[BaseModel | AsyncIterator[str]]]
+    gate: ApiKeyGate,
+    access: RequestAdmission | None,
+    caller: Caller,
+    work: Callable[[str], Awaitable[BaseModel | AsyncIterator[str]]],
 ) -> BaseModel | AsyncIterator[str]:
-    """Run a generation while holding one of the caller's slots; a stream keeps it until it ends."""
-    stack = ExitStack()
+    """Run a generation while holding one of the caller's key slots and, when the pool meters use,
+    a session slot granted in fair-share order; a stream keeps both until it ends."""
+    stack = AsyncExitStack()
     stack.enter_context(gate.slot(caller))
+    consumer = caller.institution or ""
     try:
-        result = await work()
+        if access is not None:
+            consumer = access.consumer(caller.institution)
+            await stack.enter_async_context(access.enter(consumer))
+        result = await work(consumer)
     except BaseException:
-        stack.close()
+        await stack.aclose()
         raise
     if isinstance(result, BaseModel):
-        stack.close()
+        await stack.aclose()
         return result
     return _release_at_end(result, stack)
 
 
-async def _release_at_end(stream: AsyncIterator[str], stack: ExitStack) -> AsyncIterator[str]:
-    """Close the generation (and its chain) first, then give the caller's slot back."""
-    with stack:
-        async with aclosing(stream):  # type: ignore[type-var]
-            async for line in stream:
-                yield line
+async def _release_at_end(stream: AsyncIterator[str], stack: AsyncExitStack) -> AsyncIterator[str]:
+    """Close the generation (and its chain) first, then give the caller's slots back."""
+    async with stack, aclosing(stream):  # type: ignore[type-var]
+        async for line in stream:
+            yield line
 
 
 async def _handle_error(request: Request, exc: Exception) -> Response:
@@ -76,8 +84,9 @@ async def _handle_error(request: Request, exc: Exception) -> Response:
     return JSONResponse(envelope.model_dump(mode="json"), status_code=status)
 
 
-def create_app(backend: Backend, *, keys: ApiKeyGate | None = None) -> FastAPI:
-    """`keys`: the API-key gate; None serves anyone (development mode)."""
+def create_app(backend: Backend, *, keys: ApiKeyGate | None = None, access: RequestAdmission | None = None) -> FastAPI:
+    """`keys`: the API-key gate; None serves anyone (development mode). `access`: credit floors and
+    fair-share admission (None: every request starts at once)."""
     serving = OpenAIServing(backend)
     gate = keys or ApiKeyGate(None)
 
@@ -102,12 +111,12 @@ def create_app(backend: Backend, *, keys: ApiKeyGate | None = None) -> FastAPI:
     @v1.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, who: Authenticated) -> Response:
         gate.check_max_tokens(who, body.requested_max_tokens)
-        return _respond(await _generate(gate, who, lambda: serving.chat(body)))
+        return _respond(await _generate(gate, access, who, lambda consumer: serving.chat(body, consumer)))
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, who: Authenticated) -> Response:
         gate.check_max_tokens(who, body.requested_max_tokens)
-        return _respond(await _generate(gate, who, lambda: serving.complete(body)))
+        return _respond(await _generate(gate, access, who, lambda consumer: serving.complete(body, consumer)))
 
     app.include_router(v1)
     app.state.serving = serving

@@ -22,8 +22,8 @@ class Backend(Protocol):
     model_name: str  # the name clients put in "model"
     max_context: int  # max prompt + completion tokens
 
-    async def open_chain(self, max_length: int) -> Chain:
-        """A fresh route/session for one request of at most max_length tokens.
+    async def open_chain(self, max_length: int, *, consumer: str = "") -> Chain:
+        """A fresh route/session for one request of at most max_length tokens, charged to `consumer`.
 
         May raise `coop.errors.RouteUnavailable` when no set of nodes covers every block.
         """
@@ -61,7 +61,7 @@ class LocalBackend:
         self.model_name = model_name or manifest.name
         self.max_context = max_context or _context_length(manifest)
 
-    async def open_chain(self, max_length: int) -> Chain:
+    async def open_chain(self, max_length: int, *, consumer: str = "") -> Chain:
         return LocalChain(self.engines, max_length=max_length)
 
     def route_info(self, chain: Chain) -> list[dict[str, object]]:

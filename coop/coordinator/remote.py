@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 
+from coop.coordinator.metering import Metering
 from coop.coordinator.routing import Hop
 from coop.coordinator.swarm import SwarmView
 from coop.errors import CoopError, PeerError, UnknownSession
@@ -63,7 +64,12 @@ class RemoteChain:
         max_length: int,
         step_timeout_s: float = 30.0,
         max_failovers: int = 3,
+        consumer: str = "",
+        priority: float = 0.0,
+        metering: Metering | None = None,
     ) -> None:
+        """`consumer`: the institution this session is charged to; `priority`: its fair-share factor,
+        which nodes use to order queued steps; `metering`: where what each node did is written down."""
         self.swarm = swarm
         self.channels = channels
         self.embed = embed
@@ -79,6 +85,11 @@ class RemoteChain:
         self._events: asyncio.Queue[tuple[int, pb.SessionEvent | None]] = asyncio.Queue()
         self._step_id = 0
         self._excluded: set[str] = set()
+        self.consumer = consumer
+        self.priority = priority
+        self.metering = metering
+        self._prefill_tokens = 0  # sent to the current route, which every hop of it computes
+        self._decode_tokens = 0
 
     async def open(self) -> RemoteChain:
         for _attempt in range(self.max_failovers + 1):
@@ -92,6 +103,7 @@ class RemoteChain:
     async def _open_route(self) -> None:
         self.hops = await self.swarm.route(exclude=self._excluded)
         self.session_id = uuid.uuid4().hex
+        self._prefill_tokens = self._decode_tokens = 0
         self._events = asyncio.Queue()
         # Each stream joins self._streams as soon as it is open, so close() finds it even if
         # this open is cancelled half-way.
@@ -109,7 +121,11 @@ class RemoteChain:
         call = self.channels.stub(hop.endpoint).Session()
         try:
             open_msg = pb.SessionControl.Open(
-                session_id=self.session_id, max_length=self.max_length, start=hop.start, end=hop.end
+                session_id=self.session_id,
+                max_length=self.max_length,
+                start=hop.start,
+                end=hop.end,
+                priority=self.priority,
             )
             await call.write(pb.SessionControl(open=open_msg))
             first = await asyncio.wait_for(call.read(), OPEN_TIMEOUT_S)
@@ -184,12 +200,23 @@ class RemoteChain:
             ack = await self.channels.stub(first.endpoint).Forward(request, timeout=self.step_timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise _HopsFailed({first.node_id}, f"node {first.node_id} is unreachable: {exc.code().name}") from exc
+        finally:
+            self._count(hidden.shape[1])  # the ceiling of what the hops may bill, sent or not
         if ack.HasField("error"):
             error = error_from_proto(ack.error)
             if isinstance(error, UnknownSession):  # the node restarted and lost our session
                 raise _HopsFailed({first.node_id}, str(error))
             raise error
-        return await self._wait_result(step_id, hidden.shape[1])
+        output = await self._wait_result(step_id, hidden.shape[1])
+        if self.metering is not None:
+            self.metering.stepped(self.consumer, self.hops, hidden.shape[1])
+        return output
+
+    def _count(self, tokens: int) -> None:
+        if tokens == 1:
+            self._decode_tokens += 1
+        else:
+            self._prefill_tokens += tokens
 
     async def _wait_result(self, step_id: int, n: int) -> torch.Tensor:
         loop = asyncio.get_running_loop()
@@ -244,6 +271,10 @@ class RemoteChain:
 
     async def _close_streams(self) -> None:
         streams, self._streams = self._streams, []
+        if self.metering is not None and streams:
+            hops = [stream.hop for stream in streams]
+            self.metering.session_ended(self.session_id, self.consumer, hops, self._prefill_tokens, self._decode_tokens)
+        self._prefill_tokens = self._decode_tokens = 0
         for stream in streams:  # bookkeeping first, with no await, so a cancellation cannot leak it
             self.swarm.load[stream.hop.node_id] -= 1
             stream.reader.cancel()

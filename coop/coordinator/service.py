@@ -9,6 +9,7 @@ import logging
 import uvicorn
 
 from coop.config import CoordinatorSettings
+from coop.coordinator.accounting import Accounting
 from coop.coordinator.auth import ApiKeyGate
 from coop.coordinator.generation import Chain
 from coop.coordinator.remote import RemoteChain
@@ -31,6 +32,7 @@ class RemoteBackend:
     def __init__(
         self, client: ClientPart, swarm: SwarmView, settings: CoordinatorSettings, security: ChannelSecurity
     ) -> None:
+        self.accounting: Accounting | None = None  # set once the ledger is open (pool members only)
         self.client = client
         self._security = security
         self.swarm = swarm
@@ -52,7 +54,8 @@ class RemoteBackend:
         await self.channels.stub(node.endpoint).Info(pb.InfoRequest(), timeout=PING_TIMEOUT_S)
         return loop.time() - started
 
-    async def open_chain(self, max_length: int) -> Chain:
+    async def open_chain(self, max_length: int, *, consumer: str = "") -> Chain:
+        accounting = self.accounting
         chain = RemoteChain(
             self.swarm,
             self.channels,
@@ -62,6 +65,9 @@ class RemoteBackend:
             max_length=max_length,
             step_timeout_s=self.settings.step_timeout_s,
             max_failovers=self.settings.max_failovers,
+            consumer=consumer,
+            priority=accounting.priority(consumer) if accounting else 0.0,
+            metering=accounting.metering if accounting else None,
         )
         return await chain.open()
 
@@ -98,8 +104,13 @@ async def run_coordinator(settings: CoordinatorSettings) -> None:
     try:
         await asyncio.to_thread(membership.revocations.watch, directory)
         await swarm.start()
+        if membership.bundle is not None:
+            backend.accounting = await Accounting.start(
+                settings, membership.bundle, client.manifest, lambda: backend.channels, swarm.live_nodes
+            )
         gate = ApiKeyGate(settings.api_keys_file, membership.bundle.limits if membership.bundle else None)
-        app = create_app(backend, keys=gate)
+        access = backend.accounting.access if backend.accounting else None
+        app = create_app(backend, keys=gate, access=access)
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning")
         server = uvicorn.Server(config)
         serving = asyncio.create_task(server.serve())
@@ -117,6 +128,8 @@ async def run_coordinator(settings: CoordinatorSettings) -> None:
         await serving
     finally:
         membership.revocations.stop()
+        if backend.accounting is not None:
+            await backend.accounting.close()
         await swarm.stop()
         await backend.close()
         await asyncio.to_thread(directory.shutdown)

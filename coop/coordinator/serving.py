@@ -67,14 +67,17 @@ class OpenAIServing:
         card = ModelCard(id=self.backend.model_name, created=self.created, max_model_len=self.backend.max_context)
         return ModelList(data=[card])
 
-    async def chat(self, request: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator[str]:
+    async def chat(
+        self, request: ChatCompletionRequest, consumer: str = ""
+    ) -> ChatCompletionResponse | AsyncIterator[str]:
+        """`consumer`: the institution the compute is charged to ("" = the coordinator's own)."""
         self._check_common(request)
         if not request.messages:
             raise RequestError("messages must not be empty", param="messages")
         prompt_ids = self.backend.client.encode_chat([_message_dict(m, i) for i, m in enumerate(request.messages)])
         params = self._sampling_params(request, len(prompt_ids), DEFAULT_CHAT_MAX_TOKENS)
         response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        events = run_generation(self.backend, prompt_ids, params)
+        events = run_generation(self.backend, prompt_ids, params, consumer)
         if request.stream:
             render = _chat_renderer(response_id, created, self.backend.model_name, request.include_usage)
             return await _start_stream(events, render)
@@ -88,12 +91,12 @@ class OpenAIServing:
             coop=done.extras,
         )
 
-    async def complete(self, request: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
+    async def complete(self, request: CompletionRequest, consumer: str = "") -> CompletionResponse | AsyncIterator[str]:
         self._check_common(request)
         prompt_ids = self._completion_prompt(request)
         params = self._sampling_params(request, len(prompt_ids), DEFAULT_COMPLETION_MAX_TOKENS)
         response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        events = run_generation(self.backend, prompt_ids, params)
+        events = run_generation(self.backend, prompt_ids, params, consumer)
         if request.stream:
             render = _completion_renderer(response_id, created, self.backend.model_name, request.include_usage)
             return await _start_stream(events, render)

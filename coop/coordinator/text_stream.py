@@ -124,10 +124,10 @@ GenerationEvent = Started | TextDelta | Finished
 
 
 async def run_generation(
-    backend: Backend, prompt_ids: list[int], params: SamplingParams
+    backend: Backend, prompt_ids: list[int], params: SamplingParams, consumer: str = ""
 ) -> AsyncGenerator[GenerationEvent, None]:
     """Started, then text deltas, then Finished. The chain is closed however this ends."""
-    chain = await backend.open_chain(len(prompt_ids) + params.max_tokens)
+    chain = await backend.open_chain(len(prompt_ids) + params.max_tokens, consumer=consumer)
     try:
         yield Started()
         client = backend.client

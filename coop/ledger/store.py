@@ -86,7 +86,7 @@ class Ledger:
             upgrade(engine)
         except SQLAlchemyError as exc:
             engine.dispose()
-            raise LedgerError(f"cannot open the ledger at {_safe_url(url)}: {exc}") from exc
+            raise LedgerError(f"cannot open the ledger at {safe_url(url)}: {exc}") from exc
         return cls(engine)
 
     def close(self) -> None:
@@ -118,7 +118,9 @@ class Ledger:
     def _book(self, bookings: Sequence[Booking]) -> list[str]:
         with self._transaction() as session:
             ids = [b.body.receipt_id for b in bookings]
-            existing = set(session.execute(select(Receipt.receipt_id).where(col(Receipt.receipt_id).in_(ids))).scalars())
+            existing = set(
+                session.execute(select(col(Receipt.receipt_id)).where(col(Receipt.receipt_id).in_(ids))).scalars()
+            )
             fresh: dict[str, Booking] = {}
             for b in bookings:
                 if b.body.receipt_id not in existing:
@@ -194,24 +196,26 @@ class Ledger:
 
     def observation(self, session_id: str, node_id: str) -> Observation | None:
         with Session(self.engine) as session:
-            query = select(Observation).where(Observation.session_id == session_id, Observation.node_id == node_id)
+            query = select(Observation).where(
+                col(Observation.session_id) == session_id, col(Observation.node_id) == node_id
+            )
             return session.execute(query).scalars().first()
 
     def booked(self, receipt_ids: Sequence[str]) -> set[str]:
         with Session(self.engine) as session:
-            query = select(Receipt.receipt_id).where(col(Receipt.receipt_id).in_(list(receipt_ids)))
+            query = select(col(Receipt.receipt_id)).where(col(Receipt.receipt_id).in_(list(receipt_ids)))
             return set(session.execute(query).scalars())
 
     def balances(self) -> list[Balance]:
         """Every institution's balance, derived from postings (never stored)."""
         receipt_leg = col(Posting.receipt_id).is_not(None)
         query = select(
-            Posting.account,
-            func.sum(Posting.amount_flops),
-            func.sum(case((receipt_leg & (col(Posting.amount_flops) > 0), Posting.amount_flops), else_=0)),
+            col(Posting.account),
+            func.sum(col(Posting.amount_flops)),
+            func.sum(case((receipt_leg & (col(Posting.amount_flops) > 0), col(Posting.amount_flops)), else_=0)),
             func.sum(case((receipt_leg & (col(Posting.amount_flops) < 0), -col(Posting.amount_flops)), else_=0)),
-            func.sum(case((col(Posting.grant_id).is_not(None), Posting.amount_flops), else_=0)),
-        ).group_by(Posting.account)
+            func.sum(case((col(Posting.grant_id).is_not(None), col(Posting.amount_flops)), else_=0)),
+        ).group_by(col(Posting.account))
         with Session(self.engine) as session:
             sums = {row[0]: [int(v or 0) for v in row[1:]] for row in session.execute(query)}
             floors = {i.name: i.credit_floor_flops for i in session.execute(select(Institution)).scalars()}
@@ -223,9 +227,18 @@ class Ledger:
     def balance(self, institution: str) -> Balance | None:
         return next((b for b in self.balances() if b.institution == institution), None)
 
+    def credit_state(self, institution: str) -> tuple[int, int | None]:
+        """(balance, credit floor or None) in FLOPs: one cheap query per request."""
+        with Session(self.engine) as session:
+            floor = session.execute(
+                select(col(Institution.credit_floor_flops)).where(col(Institution.name) == institution)
+            ).scalar()
+            query = select(func.sum(col(Posting.amount_flops))).where(col(Posting.account) == institution)
+            return int(session.execute(query).scalar() or 0), floor
+
     def pool_balance_flops(self) -> int:
         with Session(self.engine) as session:
-            query = select(func.sum(Posting.amount_flops)).where(Posting.account == POOL_ACCOUNT)
+            query = select(func.sum(col(Posting.amount_flops))).where(col(Posting.account) == POOL_ACCOUNT)
             return int(session.execute(query).scalar() or 0)
 
     def receipts(
@@ -239,7 +252,7 @@ class Ledger:
         """Newest first. `institution` matches either side: the provider or the consumer."""
         query = select(Receipt).order_by(col(Receipt.booked_at).desc(), col(Receipt.receipt_id))
         if institution is not None:
-            query = query.where((Receipt.provider == institution) | (Receipt.consumer == institution))
+            query = query.where((col(Receipt.provider) == institution) | (col(Receipt.consumer) == institution))
         if since is not None:
             query = query.where(col(Receipt.ended_at) >= since)
         query = query.offset(offset)
@@ -251,7 +264,7 @@ class Ledger:
     def audit_events(self, *, limit: int | None = None, offset: int = 0, action: str | None = None) -> list[AuditEvent]:
         query = select(AuditEvent).order_by(col(AuditEvent.id).desc()).offset(offset)
         if action is not None:
-            query = query.where(AuditEvent.action == action)
+            query = query.where(col(AuditEvent.action) == action)
         if limit is not None:
             query = query.limit(limit)
         with Session(self.engine) as session:
@@ -260,7 +273,7 @@ class Ledger:
     def flows_since(self, since: dt.datetime) -> list[tuple[dt.datetime, str, str, int]]:
         """(ended_at, provider, consumer, flops) of receipts since a time: what fair share decays."""
         query = (
-            select(Receipt.ended_at, Receipt.provider, Receipt.consumer, Receipt.flops)
+            select(col(Receipt.ended_at), col(Receipt.provider), col(Receipt.consumer), col(Receipt.flops))
             .where(col(Receipt.ended_at) >= since)
             .order_by(col(Receipt.ended_at))
         )
@@ -374,7 +387,7 @@ def _create_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
-def _safe_url(url: str) -> str:
+def safe_url(url: str) -> str:
     """The URL without its password, for messages."""
     from sqlalchemy.engine import make_url
 

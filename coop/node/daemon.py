@@ -25,6 +25,8 @@ from coop.membership import Membership
 from coop.model.manifest import Manifest
 from coop.node.directory import Announcer, NodeAnnouncement, SwarmDirectory
 from coop.node.engine import SpanEngine
+from coop.node.metering import ReceiptWriter
+from coop.node.outbox import Outbox
 from coop.node.service import NodeService
 from coop.wire.channels import GRPC_OPTIONS
 from coop.wire.generated import coop_pb2_grpc
@@ -87,6 +89,8 @@ async def run_node(settings: NodeSettings) -> None:
     announcer: Announcer | None = None
     server: grpc.aio.Server | None = None
     service: NodeService | None = None
+    outbox: Outbox | None = None
+    receipts: ReceiptWriter | None = None
     try:
         await asyncio.to_thread(membership.revocations.watch, directory)
         start, end = await asyncio.to_thread(pick_span, settings, manifest, directory, membership)
@@ -102,6 +106,10 @@ async def run_node(settings: NodeSettings) -> None:
         )
         throughput = await asyncio.to_thread(measure_throughput, engine)
         node_id = settings.node_id or f"node-{uuid.uuid4().hex[:12]}"
+        outbox_path = settings.resolved_outbox_path()
+        if membership.bundle is not None and outbox_path is not None:
+            outbox = Outbox(outbox_path)
+            receipts = ReceiptWriter(membership.bundle, outbox, manifest, node_id)
         service = NodeService(
             engine,
             node_id=node_id,
@@ -110,6 +118,7 @@ async def run_node(settings: NodeSettings) -> None:
             authorize=membership.authorize,
             max_sessions_per_peer=settings.max_sessions_per_peer,
             max_cache_bytes_per_peer=settings.max_cache_bytes_per_peer or None,
+            receipts=receipts,
         )
         server = grpc.aio.server(options=GRPC_OPTIONS)
         coop_pb2_grpc.add_NodeServicer_to_server(service, server)
@@ -157,6 +166,8 @@ async def run_node(settings: NodeSettings) -> None:
             await server.stop(SHUTDOWN_GRACE_S)
         if service is not None:
             await service.close()
+        if outbox is not None:
+            outbox.close()
         await asyncio.to_thread(directory.shutdown)
 
 

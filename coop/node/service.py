@@ -31,6 +31,8 @@ from coop.errors import (
     UnknownSession,
 )
 from coop.node.engine import SpanEngine
+from coop.node.metering import ReceiptWriter, SessionMeter
+from coop.node.scheduling import PriorityGate
 from coop.wire.channels import ChannelPool, ChannelSecurity
 from coop.wire.errors import error_from_proto, error_to_proto
 from coop.wire.generated import coop_pb2 as pb
@@ -67,10 +69,12 @@ class NodeService(coop_pb2_grpc.NodeServicer):
         authorize: Callable[[grpc.aio.ServicerContext], str | None] | None = None,
         max_sessions_per_peer: int = DEFAULT_MAX_SESSIONS_PER_PEER,
         max_cache_bytes_per_peer: int | None = None,
+        receipts: ReceiptWriter | None = None,
     ) -> None:
         """`security`: how to reach the next hop. `authorize`: vets every caller (raises Unauthorized)
         and names its institution. `max_sessions_per_peer`, `max_cache_bytes_per_peer` (default: the
-        whole cache budget): so that one peer cannot take every session or all of the KV cache."""
+        whole cache budget): so that one peer cannot take every session or all of the KV cache.
+        `receipts`: signs a receipt for every session into the outbox (None in development mode)."""
         self.engine = engine
         self.node_id = node_id
         self.throughput_tps = throughput_tps
@@ -82,6 +86,9 @@ class NodeService(coop_pb2_grpc.NodeServicer):
         self._cache_by_peer: collections.Counter[str] = collections.Counter()
         self._in_flight: collections.Counter[str] = collections.Counter()
         self._events: dict[str, asyncio.Queue[pb.SessionEvent | None]] = {}
+        self._meters: dict[str, SessionMeter] = {}
+        self._receipts = receipts
+        self._gate = PriorityGate()
         self._channels = ChannelPool(security)
         # Steps are serialised by the engine anyway; one worker keeps the event loop free.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coop-compute")
@@ -124,12 +131,14 @@ class NodeService(coop_pb2_grpc.NodeServicer):
             peer = self._authorize(context) or _peer_host(context)
             first = await asyncio.wait_for(anext(request_iterator), OPEN_TIMEOUT_S)
             session_id, reserved = self._open(first, peer)
+            meter = SessionMeter(first.open.start, first.open.end, peer, min(max(first.open.priority, 0.0), 1.0))
         except (CoopError, StopAsyncIteration, TimeoutError) as exc:
             error = exc if isinstance(exc, CoopError) else InvalidInput("the session stream must start with open")
             yield pb.SessionEvent(failed=pb.SessionEvent.Failed(step_id=0, error=error_to_proto(error)))
             return
         queue: asyncio.Queue[pb.SessionEvent | None] = asyncio.Queue()
         self._events[session_id] = queue
+        self._meters[session_id] = meter
         self._sessions_by_peer[peer] += 1
         self._cache_by_peer[peer] += reserved
         watcher = asyncio.create_task(self._watch_controls(request_iterator, queue))
@@ -142,7 +151,17 @@ class NodeService(coop_pb2_grpc.NodeServicer):
             self._sessions_by_peer[peer] -= 1
             self._cache_by_peer[peer] -= reserved
             self._events.pop(session_id, None)
+            self._meters.pop(session_id, None)
             self.engine.evict(session_id)
+            self._write_receipt(session_id, meter)
+
+    def _write_receipt(self, session_id: str, meter: SessionMeter) -> None:
+        if self._receipts is None:
+            return
+        try:
+            self._receipts.write(session_id, meter)
+        except Exception:  # the session is over either way; losing one receipt must not crash the node
+            log.exception("could not write the receipt of session %s", session_id)
 
     def _open(self, control: pb.SessionControl, peer: str) -> tuple[str, int]:
         """Open the session the first control message asks for; returns its id and reserved cache bytes."""
@@ -232,9 +251,13 @@ class NodeService(coop_pb2_grpc.NodeServicer):
         session_id, step_id = request.session_id, request.step_id
         try:
             loop = asyncio.get_running_loop()
-            output = await loop.run_in_executor(
-                self._executor, self.engine.step, session_id, hidden, request.start_position
-            )
+            meter = self._meters.get(session_id)
+            async with self._gate.hold(meter.priority if meter else 0.0):
+                output = await loop.run_in_executor(
+                    self._executor, self.engine.step, session_id, hidden, request.start_position
+                )
+            if meter is not None:
+                meter.count(hidden.shape[1])
             self.counters.steps_run += 1
             message = tensor_to_proto(output)
             if next_hops:
@@ -268,6 +291,36 @@ class NodeService(coop_pb2_grpc.NodeServicer):
         if ack.HasField("error"):
             remote = error_from_proto(ack.error)
             raise PeerError(f"next node {target.endpoint} refused the step: {remote}") from remote
+
+    # -- Receipts ---------------------------------------------------------------------------
+
+    async def Receipts(self, request: pb.ReceiptsRequest, context: grpc.aio.ServicerContext) -> pb.ReceiptBatch:
+        coordinator = await self._caller(context)
+        if self._receipts is None:
+            return pb.ReceiptBatch()
+        pending = await asyncio.to_thread(self._receipts.outbox.pending, coordinator, request.limit or 100)
+        return pb.ReceiptBatch(
+            receipts=[
+                pb.SignedReceipt(receipt_id=rid, body=r.body, signature=r.signature, certificate_pem=r.cert_pem)
+                for rid, r in pending
+            ]
+        )
+
+    async def AckReceipts(self, request: pb.ReceiptAck, context: grpc.aio.ServicerContext) -> pb.ReceiptAckReply:
+        coordinator = await self._caller(context)
+        if self._receipts is not None:
+            await asyncio.to_thread(
+                self._receipts.outbox.acknowledge, coordinator, list(request.booked), list(request.rejected)
+            )
+        return pb.ReceiptAckReply()
+
+    async def _caller(self, context: grpc.aio.ServicerContext) -> str:
+        """Who is asking: receipts are handed to, and settled by, the coordinator that opened the session."""
+        try:
+            return self._authorize(context) or _peer_host(context)
+        except CoopError as exc:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+            raise  # unreachable: abort raises
 
 
 def _peer_host(context: grpc.aio.ServicerContext) -> str:

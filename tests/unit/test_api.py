@@ -257,7 +257,7 @@ class _NoRouteBackend:
         self.model_name = "smollm2-demo"
         self.max_context = 8192
 
-    async def open_chain(self, max_length: int) -> Chain:
+    async def open_chain(self, max_length: int, **kwargs: object) -> Chain:
         raise RouteUnavailable([(10, 20)], 30)
 
     def route_info(self, chain: Chain) -> list[dict[str, object]]:
@@ -299,7 +299,7 @@ class _FlakyBackend:
         self.model_name = inner.model_name
         self.max_context = inner.max_context
 
-    async def open_chain(self, max_length: int) -> Chain:
+    async def open_chain(self, max_length: int, **kwargs: object) -> Chain:
         return _FailingChain(await self.inner.open_chain(max_length))
 
     def route_info(self, chain: Chain) -> list[dict[str, object]]:

@@ -98,16 +98,18 @@ class NodeInfo(_message.Message):
 class SessionControl(_message.Message):
     __slots__ = ("open", "close")
     class Open(_message.Message):
-        __slots__ = ("session_id", "max_length", "start", "end")
+        __slots__ = ("session_id", "max_length", "start", "end", "priority")
         SESSION_ID_FIELD_NUMBER: _ClassVar[int]
         MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
         START_FIELD_NUMBER: _ClassVar[int]
         END_FIELD_NUMBER: _ClassVar[int]
+        PRIORITY_FIELD_NUMBER: _ClassVar[int]
         session_id: str
         max_length: int
         start: int
         end: int
-        def __init__(self, session_id: _Optional[str] = ..., max_length: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
+        priority: float
+        def __init__(self, session_id: _Optional[str] = ..., max_length: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., priority: _Optional[float] = ...) -> None: ...
     class Close(_message.Message):
         __slots__ = ()
         def __init__(self) -> None: ...
@@ -171,3 +173,39 @@ class StepAck(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     error: Error
     def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+
+class ReceiptsRequest(_message.Message):
+    __slots__ = ("limit",)
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    def __init__(self, limit: _Optional[int] = ...) -> None: ...
+
+class SignedReceipt(_message.Message):
+    __slots__ = ("body", "signature", "certificate_pem", "receipt_id")
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_ID_FIELD_NUMBER: _ClassVar[int]
+    body: bytes
+    signature: bytes
+    certificate_pem: bytes
+    receipt_id: str
+    def __init__(self, body: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., certificate_pem: _Optional[bytes] = ..., receipt_id: _Optional[str] = ...) -> None: ...
+
+class ReceiptBatch(_message.Message):
+    __slots__ = ("receipts",)
+    RECEIPTS_FIELD_NUMBER: _ClassVar[int]
+    receipts: _containers.RepeatedCompositeFieldContainer[SignedReceipt]
+    def __init__(self, receipts: _Optional[_Iterable[_Union[SignedReceipt, _Mapping]]] = ...) -> None: ...
+
+class ReceiptAck(_message.Message):
+    __slots__ = ("booked", "rejected")
+    BOOKED_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    booked: _containers.RepeatedScalarFieldContainer[str]
+    rejected: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, booked: _Optional[_Iterable[str]] = ..., rejected: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ReceiptAckReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -50,6 +50,16 @@ class NodeStub:
                 request_serializer=coop__pb2.StepRequest.SerializeToString,
                 response_deserializer=coop__pb2.StepAck.FromString,
                 _registered_method=True)
+        self.Receipts = channel.unary_unary(
+                '/coop.v1.Node/Receipts',
+                request_serializer=coop__pb2.ReceiptsRequest.SerializeToString,
+                response_deserializer=coop__pb2.ReceiptBatch.FromString,
+                _registered_method=True)
+        self.AckReceipts = channel.unary_unary(
+                '/coop.v1.Node/AckReceipts',
+                request_serializer=coop__pb2.ReceiptAck.SerializeToString,
+                response_deserializer=coop__pb2.ReceiptAckReply.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -84,6 +94,21 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Receipts(self, request, context):
+        """Signed receipts of finished sessions that the caller opened and has not acknowledged yet, oldest
+        first. The node keeps them in a durable outbox, so they survive restarts of either side.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AckReceipts(self, request, context):
+        """The caller booked (or refused for good) these receipts: the node drops them from its outbox.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -101,6 +126,16 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.Forward,
                     request_deserializer=coop__pb2.StepRequest.FromString,
                     response_serializer=coop__pb2.StepAck.SerializeToString,
+            ),
+            'Receipts': grpc.unary_unary_rpc_method_handler(
+                    servicer.Receipts,
+                    request_deserializer=coop__pb2.ReceiptsRequest.FromString,
+                    response_serializer=coop__pb2.ReceiptBatch.SerializeToString,
+            ),
+            'AckReceipts': grpc.unary_unary_rpc_method_handler(
+                    servicer.AckReceipts,
+                    request_deserializer=coop__pb2.ReceiptAck.FromString,
+                    response_serializer=coop__pb2.ReceiptAckReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -185,6 +220,60 @@ class Node:
             '/coop.v1.Node/Forward',
             coop__pb2.StepRequest.SerializeToString,
             coop__pb2.StepAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Receipts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coop.v1.Node/Receipts',
+            coop__pb2.ReceiptsRequest.SerializeToString,
+            coop__pb2.ReceiptBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AckReceipts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coop.v1.Node/AckReceipts',
+            coop__pb2.ReceiptAck.SerializeToString,
+            coop__pb2.ReceiptAckReply.FromString,
             options,
             channel_credentials,
             insecure,

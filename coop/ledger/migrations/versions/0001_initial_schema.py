@@ -8,7 +8,6 @@ Create Date: 2026-11-23 15:02:18.831567
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-import sqlmodel
 from alembic import op
 
 revision: str = "0001"
@@ -22,11 +21,11 @@ def upgrade() -> None:
     op.create_table(
         "audit_events",
         sa.Column("id", sa.Integer(), nullable=False),
-        sa.Column("at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
-        sa.Column("actor", sqlmodel.sql.sqltypes.AutoString(length=128), nullable=False),
-        sa.Column("action", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
-        sa.Column("subject", sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False),
-        sa.Column("detail", sqlmodel.sql.sqltypes.AutoString(length=4000), nullable=False),
+        sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("actor", sa.String(length=128), nullable=False),
+        sa.Column("action", sa.String(length=64), nullable=False),
+        sa.Column("subject", sa.String(length=200), nullable=False),
+        sa.Column("detail", sa.String(length=4000), nullable=False),
         sa.PrimaryKeyConstraint("id"),
     )
     with op.batch_alter_table("audit_events", schema=None) as batch_op:
@@ -34,38 +33,38 @@ def upgrade() -> None:
 
     op.create_table(
         "certificates",
-        sa.Column("sha256", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
-        sa.Column("institution", sqlmodel.sql.sqltypes.AutoString(length=128), nullable=False),
+        sa.Column("sha256", sa.String(length=64), nullable=False),
+        sa.Column("institution", sa.String(length=128), nullable=False),
         sa.Column("pem", sa.LargeBinary(), nullable=False),
         sa.PrimaryKeyConstraint("sha256"),
     )
     op.create_table(
         "institutions",
-        sa.Column("name", sqlmodel.sql.sqltypes.AutoString(length=128), nullable=False),
-        sa.Column("created_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
+        sa.Column("name", sa.String(length=128), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("credit_floor_flops", sa.BigInteger(), nullable=True),
         sa.PrimaryKeyConstraint("name"),
     )
     op.create_table(
         "observations",
         sa.Column("id", sa.Integer(), nullable=False),
-        sa.Column("session_id", sqlmodel.sql.sqltypes.AutoString(length=128), nullable=False),
-        sa.Column("node_id", sqlmodel.sql.sqltypes.AutoString(length=128), nullable=False),
-        sa.Column("provider", sqlmodel.sql.sqltypes.AutoString(length=128), nullable=False),
-        sa.Column("consumer", sqlmodel.sql.sqltypes.AutoString(length=128), nullable=False),
+        sa.Column("session_id", sa.String(length=128), nullable=False),
+        sa.Column("node_id", sa.String(length=128), nullable=False),
+        sa.Column("provider", sa.String(length=128), nullable=False),
+        sa.Column("consumer", sa.String(length=128), nullable=False),
         sa.Column("start_block", sa.Integer(), nullable=False),
         sa.Column("end_block", sa.Integer(), nullable=False),
         sa.Column("prefill_tokens", sa.Integer(), nullable=False),
         sa.Column("decode_tokens", sa.Integer(), nullable=False),
-        sa.Column("seen_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
+        sa.Column("seen_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("session_id", "node_id"),
     )
     op.create_table(
         "accounts",
-        sa.Column("name", sqlmodel.sql.sqltypes.AutoString(length=128), nullable=False),
-        sa.Column("institution", sqlmodel.sql.sqltypes.AutoString(length=128), nullable=True),
-        sa.Column("created_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
+        sa.Column("name", sa.String(length=128), nullable=False),
+        sa.Column("institution", sa.String(length=128), nullable=True),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
             ["institution"],
             ["institutions.name"],
@@ -74,12 +73,12 @@ def upgrade() -> None:
     )
     op.create_table(
         "grants",
-        sa.Column("grant_id", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
-        sa.Column("institution", sqlmodel.sql.sqltypes.AutoString(length=128), nullable=False),
+        sa.Column("grant_id", sa.String(length=64), nullable=False),
+        sa.Column("institution", sa.String(length=128), nullable=False),
         sa.Column("flops", sa.BigInteger(), nullable=False),
-        sa.Column("reason", sqlmodel.sql.sqltypes.AutoString(length=500), nullable=False),
-        sa.Column("granted_by", sqlmodel.sql.sqltypes.AutoString(length=128), nullable=False),
-        sa.Column("created_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
+        sa.Column("reason", sa.String(length=500), nullable=False),
+        sa.Column("granted_by", sa.String(length=128), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
             ["institution"],
             ["institutions.name"],
@@ -88,12 +87,12 @@ def upgrade() -> None:
     )
     op.create_table(
         "nodes",
-        sa.Column("node_id", sqlmodel.sql.sqltypes.AutoString(length=128), nullable=False),
-        sa.Column("institution", sqlmodel.sql.sqltypes.AutoString(length=128), nullable=False),
+        sa.Column("node_id", sa.String(length=128), nullable=False),
+        sa.Column("institution", sa.String(length=128), nullable=False),
         sa.Column("start_block", sa.Integer(), nullable=False),
         sa.Column("end_block", sa.Integer(), nullable=False),
-        sa.Column("first_seen", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
-        sa.Column("last_seen", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
+        sa.Column("first_seen", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("last_seen", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
             ["institution"],
             ["institutions.name"],
@@ -102,25 +101,25 @@ def upgrade() -> None:
     )
     op.create_table(
         "receipts",
-        sa.Column("receipt_id", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
-        sa.Column("session_id", sqlmodel.sql.sqltypes.AutoString(length=128), nullable=False),
-        sa.Column("node_id", sqlmodel.sql.sqltypes.AutoString(length=128), nullable=False),
-        sa.Column("provider", sqlmodel.sql.sqltypes.AutoString(length=128), nullable=False),
-        sa.Column("consumer", sqlmodel.sql.sqltypes.AutoString(length=128), nullable=False),
-        sa.Column("model_hash", sqlmodel.sql.sqltypes.AutoString(length=128), nullable=False),
+        sa.Column("receipt_id", sa.String(length=64), nullable=False),
+        sa.Column("session_id", sa.String(length=128), nullable=False),
+        sa.Column("node_id", sa.String(length=128), nullable=False),
+        sa.Column("provider", sa.String(length=128), nullable=False),
+        sa.Column("consumer", sa.String(length=128), nullable=False),
+        sa.Column("model_hash", sa.String(length=128), nullable=False),
         sa.Column("start_block", sa.Integer(), nullable=False),
         sa.Column("end_block", sa.Integer(), nullable=False),
         sa.Column("prefill_tokens", sa.Integer(), nullable=False),
         sa.Column("decode_tokens", sa.Integer(), nullable=False),
         sa.Column("flops", sa.BigInteger(), nullable=False),
-        sa.Column("started_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
-        sa.Column("ended_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
-        sa.Column("booked_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
+        sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("ended_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("booked_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("body", sa.LargeBinary(), nullable=False),
         sa.Column("node_signature", sa.LargeBinary(), nullable=False),
-        sa.Column("node_cert_sha256", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
+        sa.Column("node_cert_sha256", sa.String(length=64), nullable=False),
         sa.Column("countersignature", sa.LargeBinary(), nullable=False),
-        sa.Column("coordinator_cert_sha256", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
+        sa.Column("coordinator_cert_sha256", sa.String(length=64), nullable=False),
         sa.ForeignKeyConstraint(
             ["consumer"],
             ["institutions.name"],
@@ -148,11 +147,11 @@ def upgrade() -> None:
     op.create_table(
         "postings",
         sa.Column("id", sa.Integer(), nullable=False),
-        sa.Column("account", sqlmodel.sql.sqltypes.AutoString(length=128), nullable=False),
+        sa.Column("account", sa.String(length=128), nullable=False),
         sa.Column("amount_flops", sa.BigInteger(), nullable=False),
-        sa.Column("receipt_id", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=True),
-        sa.Column("grant_id", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=True),
-        sa.Column("created_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
+        sa.Column("receipt_id", sa.String(length=64), nullable=True),
+        sa.Column("grant_id", sa.String(length=64), nullable=True),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
             ["account"],
             ["accounts.name"],

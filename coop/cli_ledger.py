@@ -1,0 +1,226 @@
+"""`coop ledger ...`: balances, receipts, export, verify, grants and credit floors.
+
+The ledger is found from `--ledger-url`, else the pool's configured ledger URL (`pool.toml`), else
+`ledger.db` in the pool directory: the same rule the coordinator follows with `--pool-dir`.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, NoReturn
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from coop.errors import CoopError, InvalidInput
+
+if TYPE_CHECKING:
+    from coop.identity import PoolInfo
+    from coop.ledger.store import Ledger
+
+ledger_app = typer.Typer(no_args_is_help=True, help="The pool's credit ledger: who gave, who took.")
+
+PoolOption = Annotated[Path, typer.Option("--pool", help="the pool directory made by `coop pool init`")]
+UrlOption = Annotated[
+    str | None, typer.Option("--ledger-url", help="database URL (default: the pool's, else <pool>/ledger.db)")
+]
+
+console = Console(soft_wrap=True, highlight=False)
+err_console = Console(stderr=True, soft_wrap=True, highlight=False)
+ADMIN_ACTOR = "admin (cli)"
+
+
+def _fail(exc: CoopError) -> NoReturn:
+    err_console.print(f"[red]error:[/] {escape(str(exc))}")
+    raise typer.Exit(code=1)
+
+
+def _open(pool: Path, url: str | None) -> tuple[PoolInfo, Ledger]:
+    from coop.identity import PoolInfo
+    from coop.ledger.store import LEDGER_FILE, Ledger, sqlite_url
+
+    info = PoolInfo.load(pool)
+    return info, Ledger.open(url or info.ledger_url or sqlite_url(pool / LEDGER_FILE))
+
+
+def _credits(flops: int) -> str:
+    from coop.ledger.models import FLOPS_PER_CREDIT
+
+    return f"{flops / FLOPS_PER_CREDIT:,.6f}"
+
+
+def _since(text: str | None) -> dt.datetime | None:
+    """ISO date/time (UTC unless it says otherwise) or a duration back from now: 30m, 12h, 7d."""
+    if text is None:
+        return None
+    units = {"m": 60, "h": 3600, "d": 86400}
+    if text[-1:] in units and text[:-1].isdigit():
+        return dt.datetime.now(dt.UTC) - dt.timedelta(seconds=int(text[:-1]) * units[text[-1]])
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise InvalidInput(f"--since {text!r}: use an ISO date (2026-11-01) or a duration (30m, 12h, 7d)") from exc
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+
+
+@ledger_app.command("balances")
+def balances(pool: PoolOption, ledger_url: UrlOption = None) -> None:
+    """Every institution's balance, contribution, usage and grants, in credits (1 credit = 10^12 FLOPs)."""
+    try:
+        _, ledger = _open(pool, ledger_url)
+        rows = ledger.balances()
+        pool_flops = ledger.pool_balance_flops()
+    except CoopError as exc:
+        _fail(exc)
+    table = Table(title="Balances (credits)")
+    for column in ("institution", "balance", "contributed", "used", "granted", "floor"):
+        table.add_column(column, justify="left" if column == "institution" else "right")
+    for b in rows:
+        floor = "-" if b.credit_floor_flops is None else _credits(b.credit_floor_flops)
+        table.add_row(
+            escape(b.institution),
+            _credits(b.balance_flops),
+            _credits(b.contributed_flops),
+            _credits(b.used_flops),
+            _credits(b.granted_flops),
+            floor,
+        )
+    table.add_row("(pool account)", _credits(pool_flops), "", "", "", "")
+    console.print(table)
+
+
+@ledger_app.command("receipts")
+def receipts(
+    pool: PoolOption,
+    ledger_url: UrlOption = None,
+    institution: Annotated[str | None, typer.Option("--institution", help="as provider or consumer")] = None,
+    since: Annotated[str | None, typer.Option("--since", help="ISO date/time or 30m / 12h / 7d")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1)] = 50,
+) -> None:
+    """Booked receipts, newest first."""
+    try:
+        _, ledger = _open(pool, ledger_url)
+        rows = ledger.receipts(institution=institution, since=_since(since), limit=limit)
+    except CoopError as exc:
+        _fail(exc)
+    table = Table(title=f"{len(rows)} receipts")
+    for column in ("ended (UTC)", "receipt", "node", "provider", "consumer", "blocks", "tokens", "credits"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(
+            f"{r.ended_at:%Y-%m-%d %H:%M:%S}",
+            r.receipt_id[:12],
+            escape(r.node_id),
+            escape(r.provider),
+            escape(r.consumer),
+            f"{r.start_block}:{r.end_block}",
+            f"{r.prefill_tokens}+{r.decode_tokens}",
+            _credits(r.flops),
+        )
+    console.print(table)
+
+
+EXPORT_COLUMNS = (
+    "receipt_id",
+    "booked_at",
+    "started_at",
+    "ended_at",
+    "session_id",
+    "node_id",
+    "provider",
+    "consumer",
+    "model_hash",
+    "start_block",
+    "end_block",
+    "prefill_tokens",
+    "decode_tokens",
+    "flops",
+)
+
+
+@ledger_app.command("export")
+def export(
+    pool: PoolOption,
+    ledger_url: UrlOption = None,
+    as_csv: Annotated[bool, typer.Option("--csv", help="CSV (the only format so far)")] = True,
+    out: Annotated[Path | None, typer.Option("--out", help="file to write (default: stdout)")] = None,
+    since: Annotated[str | None, typer.Option("--since")] = None,
+) -> None:
+    """Every booked receipt as CSV, oldest first: for spreadsheets and audits."""
+    try:
+        _, ledger = _open(pool, ledger_url)
+        rows = list(reversed(ledger.receipts(since=_since(since))))
+    except CoopError as exc:
+        _fail(exc)
+    stream = out.open("w", newline="") if out else sys.stdout
+    try:
+        writer = csv.writer(stream)
+        writer.writerow(EXPORT_COLUMNS)
+        for r in rows:
+            writer.writerow([getattr(r, column) for column in EXPORT_COLUMNS])
+    finally:
+        if out:
+            stream.close()
+    if out:
+        err_console.print(f"wrote {len(rows)} receipts to {out}")
+
+
+@ledger_app.command("verify")
+def verify(pool: PoolOption, ledger_url: UrlOption = None) -> None:
+    """Recompute every balance from postings; check every signature and that postings sum to zero."""
+    from coop.ledger.verify import verify_ledger
+
+    try:
+        info, ledger = _open(pool, ledger_url)
+        report = verify_ledger(ledger, ca_cert_pem=info.ca_cert_pem(), pool_id=info.pool_id)
+    except CoopError as exc:
+        _fail(exc)
+    summary = f"{report.receipts} receipts, {report.grants} grants, {report.postings} postings"
+    if report.ok:
+        console.print(f"[green]ledger OK[/]: {summary}; every signature checks out and postings sum to zero")
+        return
+    for problem in report.problems:
+        err_console.print(f"[red]problem:[/] {escape(problem)}")
+    err_console.print(f"[red]ledger NOT OK[/]: {len(report.problems)} problems in {summary}")
+    raise typer.Exit(code=1)
+
+
+@ledger_app.command("grant")
+def grant(
+    institution: Annotated[str, typer.Argument(help="the member institution to credit")],
+    amount: Annotated[float, typer.Argument(help="credits (negative to take back)")],
+    pool: PoolOption,
+    reason: Annotated[str, typer.Option("--reason", help="recorded in the audit log")],
+    ledger_url: UrlOption = None,
+) -> None:
+    """Move credits from the pool account to an institution."""
+    try:
+        _, ledger = _open(pool, ledger_url)
+        row = ledger.grant(institution, amount, reason=reason, actor=ADMIN_ACTOR)
+    except CoopError as exc:
+        _fail(exc)
+    console.print(f"granted {amount:g} credits to {escape(repr(institution))} (grant {row.grant_id})")
+
+
+@ledger_app.command("floor")
+def floor(
+    institution: Annotated[str, typer.Argument(help="the member institution")],
+    pool: PoolOption,
+    credits: Annotated[
+        float | None, typer.Option("--credits", help="the lowest balance it may spend down to (omit: no floor)")
+    ] = None,
+    ledger_url: UrlOption = None,
+) -> None:
+    """Set (or with no --credits, remove) an institution's credit floor: below it, its requests get 402."""
+    try:
+        _, ledger = _open(pool, ledger_url)
+        ledger.set_credit_floor(institution, credits, actor=ADMIN_ACTOR)
+    except CoopError as exc:
+        _fail(exc)
+    what = "no floor" if credits is None else f"a floor of {credits:g} credits"
+    console.print(f"{escape(repr(institution))} now has {what}")

@@ -1,0 +1,103 @@
+"""The coordinator's share of the ledger: metering, fair share, admission, receipt collection.
+
+Only a coordinator with a member bundle keeps accounts: receipts are signed by members and
+countersigned by the coordinator, which needs keys. A development coordinator serves without.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from coop.config import CoordinatorSettings
+from coop.coordinator.admission import FairShareAdmission, RequestAdmission
+from coop.coordinator.metering import Metering
+from coop.coordinator.receipts import ReceiptCollector
+from coop.identity import MemberBundle
+from coop.ledger.booking import ReceiptChecker
+from coop.ledger.fairshare import FairShare
+from coop.ledger.store import LEDGER_FILE, Ledger, safe_url, sqlite_url
+from coop.model.manifest import Manifest
+from coop.node.directory import NodeAnnouncement
+from coop.wire.channels import ChannelPool
+
+log = logging.getLogger(__name__)
+
+SEED_HALF_LIVES = 10  # older flows weigh under 0.1% and are not read at start
+
+
+def ledger_url(settings: CoordinatorSettings, bundle: MemberBundle) -> str:
+    if settings.ledger_url:
+        return settings.ledger_url
+    if bundle.ledger_url:
+        return bundle.ledger_url
+    if settings.pool_dir is not None:
+        return sqlite_url(settings.pool_dir / LEDGER_FILE)
+    assert settings.member_bundle is not None
+    return sqlite_url(settings.member_bundle.with_name(LEDGER_FILE))
+
+
+@dataclass
+class Accounting:
+    ledger: Ledger
+    fair_share: FairShare
+    metering: Metering
+    access: RequestAdmission
+    collector: ReceiptCollector
+    _tasks: tuple[asyncio.Task[None], ...] = ()
+
+    @classmethod
+    async def start(
+        cls,
+        settings: CoordinatorSettings,
+        bundle: MemberBundle,
+        manifest: Manifest,
+        channels: Callable[[], ChannelPool],
+        nodes: Callable[[], Sequence[NodeAnnouncement]],
+    ) -> Accounting:
+        url = ledger_url(settings, bundle)
+        ledger = await asyncio.to_thread(Ledger.open, url)
+        now = time.time()
+        fair_share = FairShare(settings.fair_share_half_life_s, now_s=now)
+        since = dt.datetime.fromtimestamp(now - SEED_HALF_LIVES * settings.fair_share_half_life_s, dt.UTC)
+        flows = await asyncio.to_thread(ledger.flows_since, since)
+        fair_share.seed((at.timestamp(), provider, consumer, flops) for at, provider, consumer, flops in flows)
+        metering = Metering(fair_share, manifest.span_flops_per_token)
+        admission = FairShareAdmission(
+            settings.max_active_sessions, lambda institution: fair_share.factor(institution, time.time())
+        )
+        access = RequestAdmission(admission, default_consumer=bundle.institution, credit_state=ledger.credit_state)
+        checker = ReceiptChecker(
+            pool_id=bundle.pool_id,
+            ca_cert_pem=bundle.ca_cert_pem,
+            model_hash=manifest.content_hash,
+            span_flops_per_token=manifest.span_flops_per_token,
+            signer=bundle,
+            observation=ledger.observation,
+        )
+        collector = ReceiptCollector(ledger, checker, metering, channels, nodes, interval_s=settings.receipt_interval_s)
+        accounting = cls(ledger, fair_share, metering, access, collector)
+        accounting._tasks = (
+            asyncio.create_task(collector.run()),
+            asyncio.create_task(collector.write_observations()),
+        )
+        log.info("ledger at %s; fair share seeded from %d receipts", safe_url(url), len(flows))
+        return accounting
+
+    def priority(self, consumer: str) -> float:
+        return self.fair_share.factor(consumer, time.time())
+
+    async def close(self) -> None:
+        """Stop collecting, then write down what was seen so the next start can book the rest."""
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(self.collector.flush_observations)
+        await asyncio.to_thread(self.ledger.close)

@@ -1,0 +1,112 @@
+"""Admission of requests when the pool is saturated: waiting requests go in fair-share order.
+
+The coordinator runs at most `capacity` sessions at once. Below that, a request starts at once,
+whoever sends it: an idle pool serves anyone at full speed. At capacity, requests wait; each time
+a session ends, the waiting request whose institution has the highest fair-share factor *now*
+starts (ties: the earliest), so the order follows usage as it changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from coop.errors import CreditExhausted
+from coop.ledger.models import FLOPS_PER_CREDIT
+
+
+@dataclass
+class _Waiter:
+    institution: str
+    arrival: int
+    future: asyncio.Future[None] = field(repr=False)
+
+
+class FairShareAdmission:
+    def __init__(self, capacity: int, factor: Callable[[str], float]) -> None:
+        """`factor`: the current fair-share factor of an institution (higher goes first)."""
+        if capacity <= 0:
+            raise ValueError("capacity must be positive")
+        self.capacity = capacity
+        self._factor = factor
+        self._active = 0
+        self._waiters: list[_Waiter] = []
+        self._arrival = itertools.count()
+        self.admitted_after_wait: Counter[str] = Counter()
+        self.admitted_at_once: Counter[str] = Counter()
+
+    @property
+    def active(self) -> int:
+        return self._active
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    @asynccontextmanager
+    async def admit(self, institution: str) -> AsyncIterator[None]:
+        if self._active < self.capacity and not self._waiters:
+            self._active += 1
+            self.admitted_at_once[institution] += 1
+        else:
+            waiter = _Waiter(institution, next(self._arrival), asyncio.get_running_loop().create_future())
+            self._waiters.append(waiter)
+            try:
+                await waiter.future
+            except asyncio.CancelledError:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+                elif not waiter.future.cancelled():
+                    self._release()  # admitted just as we were cancelled: hand the slot on
+                raise
+            self.admitted_after_wait[institution] += 1
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if not self._waiters:
+            self._active -= 1
+            return
+        factors = {name: self._factor(name) for name in {w.institution for w in self._waiters}}
+        best = max(self._waiters, key=lambda w: (factors[w.institution], -w.arrival))
+        self._waiters.remove(best)
+        best.future.set_result(None)  # the slot passes straight to it
+
+
+class RequestAdmission:
+    """Every generation request passes here: the consumer's credit floor first, then a session slot."""
+
+    def __init__(
+        self,
+        admission: FairShareAdmission,
+        *,
+        default_consumer: str,
+        credit_state: Callable[[str], tuple[int, int | None]] | None = None,
+    ) -> None:
+        """`default_consumer`: who pays for requests without an API key (the coordinator's institution).
+        `credit_state`: institution -> (balance, floor or None) in FLOPs; None = no floors."""
+        self.admission = admission
+        self.default_consumer = default_consumer
+        self._credit_state = credit_state
+
+    def consumer(self, institution: str | None) -> str:
+        return institution or self.default_consumer
+
+    @asynccontextmanager
+    async def enter(self, consumer: str) -> AsyncIterator[None]:
+        if self._credit_state is not None:
+            balance, floor = await asyncio.to_thread(self._credit_state, consumer)
+            if floor is not None and balance < floor:
+                raise CreditExhausted(
+                    f"{consumer} has {balance / FLOPS_PER_CREDIT:.6g} credits, below its credit floor of "
+                    f"{floor / FLOPS_PER_CREDIT:.6g}: contribute compute (run a node) or ask the pool admin "
+                    "for a grant (`coop ledger grant`)"
+                )
+        async with self.admission.admit(consumer):
+            yield

@@ -1,0 +1,68 @@
+"""What the coordinator saw each node do, for the ledger (observations) and fair share (live usage).
+
+Every step a chain sends is counted against each hop of its route; when a route's session ends
+(normally or by failover) its counts become `Observation` rows, the ceiling for what the nodes'
+receipts may claim. They are buffered here and written at once by a background task (and by the
+receipt collector before it books), so requests never wait on the database. Fair share is fed at
+once, step by step, so priorities follow usage as it happens rather than when receipts arrive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from coop.coordinator.routing import Hop
+from coop.ledger.fairshare import FairShare
+from coop.ledger.models import Observation
+
+
+class Metering:
+    def __init__(self, fair_share: FairShare, span_flops_per_token: Callable[[int, int], int]) -> None:
+        self.fair_share = fair_share
+        self._flops = span_flops_per_token
+        self._observations: list[Observation] = []
+        self._lock = threading.Lock()
+        self.tokens_served = 0  # every token of every step, for the admin view's tokens/s
+        self.observed = asyncio.Event()  # set when rows wait to be written; used on the event loop only
+
+    def stepped(self, consumer: str, hops: Sequence[Hop], tokens: int) -> None:
+        now = time.time()
+        self.tokens_served += tokens
+        for hop in hops:
+            self.fair_share.record(hop.institution or None, consumer, tokens * self._flops(hop.start, hop.end), now)
+
+    def session_ended(
+        self, session_id: str, consumer: str, hops: Sequence[Hop], prefill_tokens: int, decode_tokens: int
+    ) -> None:
+        if prefill_tokens + decode_tokens == 0:
+            return
+        rows = [
+            Observation(
+                session_id=session_id,
+                node_id=hop.node_id,
+                provider=hop.institution,
+                consumer=consumer,
+                start_block=hop.start,
+                end_block=hop.end,
+                prefill_tokens=prefill_tokens,
+                decode_tokens=decode_tokens,
+            )
+            for hop in hops
+        ]
+        with self._lock:
+            self._observations.extend(rows)
+        self.observed.set()
+
+    def drain(self) -> list[Observation]:
+        self.observed.clear()
+        with self._lock:
+            rows, self._observations = self._observations, []
+        return rows
+
+    def put_back(self, rows: Sequence[Observation]) -> None:
+        """Rows whose write failed: written with the next batch."""
+        with self._lock:
+            self._observations[:0] = rows

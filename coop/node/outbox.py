@@ -1,0 +1,83 @@
+"""A node's durable outbox of signed receipts, kept until a coordinator acknowledges them.
+
+A receipt is written (and fsynced) when its session ends, before anyone can ask for it, so a node
+killed a moment later still has it after a restart; a coordinator that restarted simply asks
+again. Booking is idempotent by receipt id, so handing a receipt out twice is harmless.
+
+States: pending (handed out on every Receipts call by its coordinator) -> deleted when booked, or
+rejected (kept for the operator to inspect, never handed out again).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from coop.ledger.receipts import SignedReceipt
+
+MAX_BATCH = 500
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS receipts (
+    receipt_id TEXT PRIMARY KEY,
+    coordinator TEXT NOT NULL,
+    body BLOB NOT NULL,
+    signature BLOB NOT NULL,
+    cert_pem BLOB NOT NULL,
+    created_at REAL NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending'
+);
+CREATE INDEX IF NOT EXISTS receipts_pending ON receipts (coordinator, state, created_at);
+"""
+
+
+class Outbox:
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def add(self, receipt_id: str, coordinator: str, signed: SignedReceipt) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR IGNORE INTO receipts (receipt_id, coordinator, body, signature, cert_pem, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (receipt_id, coordinator, signed.body, signed.signature, signed.cert_pem, time.time()),
+            )
+
+    def pending(self, coordinator: str, limit: int = MAX_BATCH) -> list[tuple[str, SignedReceipt]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT receipt_id, body, signature, cert_pem FROM receipts"
+                " WHERE coordinator = ? AND state = 'pending' ORDER BY created_at LIMIT ?",
+                (coordinator, max(1, min(limit, MAX_BATCH))),
+            ).fetchall()
+        return [(rid, SignedReceipt(bytes(body), bytes(sig), bytes(cert))) for rid, body, sig, cert in rows]
+
+    def acknowledge(self, coordinator: str, booked: Sequence[str], rejected: Sequence[str]) -> None:
+        """Only the coordinator a receipt belongs to can settle it."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "DELETE FROM receipts WHERE receipt_id = ? AND coordinator = ?", [(r, coordinator) for r in booked]
+            )
+            self._db.executemany(
+                "UPDATE receipts SET state = 'rejected' WHERE receipt_id = ? AND coordinator = ?",
+                [(r, coordinator) for r in rejected],
+            )
+            self._db.execute("COMMIT")
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._db.execute("SELECT state, COUNT(*) FROM receipts GROUP BY state").fetchall())

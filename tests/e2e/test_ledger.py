@@ -1,0 +1,229 @@
+"""The ledger with real processes: signed receipts from two providers, one paying client, exact books.
+
+Pool "books": Alpha serves blocks 0:2 and Beta 2:4 of a tiny 4-block chat model, the coordinator
+belongs to Coord, and Gamma's API key pays for every request. Receipts travel from each node's
+outbox to the coordinator, which checks, countersigns and books them in SQLite in the pool
+directory; the test reads that database directly and runs `coop ledger verify` on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+
+from coop.identity import MemberBundle, add_member, create_api_key, create_pool
+from coop.launcher import COOP, LocalPool
+from coop.ledger.models import Observation, Receipt
+from coop.ledger.receipts import ReceiptBody, SignedReceipt, new_receipt_id, sign_receipt
+from coop.ledger.store import Ledger, sqlite_url
+from coop.model.manifest import Manifest
+from coop.node.outbox import Outbox
+
+pytestmark = pytest.mark.slow
+WAIT_S = 30.0
+PROMPTS = ["Count to three.", "Name a colour.", "Say hello to the pool."]
+
+
+@dataclass
+class BooksPool:
+    pool: LocalPool
+    pool_dir: Path
+    bundles: dict[str, Path]
+    key: str
+    manifest: Manifest
+
+    @property
+    def ledger(self) -> Ledger:
+        return Ledger.open(sqlite_url(self.pool_dir / "ledger.db"))
+
+    def outbox(self, institution: str) -> Outbox:
+        return Outbox(self.bundles[institution].with_suffix(".outbox.db"))
+
+    def start_coordinator(self, receipt_interval_s: float = 0.3) -> None:
+        self.pool.start_coordinator(
+            member=self.bundles["Coord"],
+            api_keys=self.pool_dir / "api_keys.json",
+            extra_args=["--pool-dir", str(self.pool_dir), "--receipt-interval", str(receipt_interval_s)],
+        )
+
+    def chat(self, content: str, max_tokens: int = 6) -> dict:  # type: ignore[type-arg]
+        body = {
+            "model": self.manifest.name,
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": max_tokens,
+        }
+        headers = {"Authorization": f"Bearer {self.key}"}
+        response = httpx.post(f"{self.pool.url}/v1/chat/completions", json=body, headers=headers, timeout=60)
+        assert response.status_code == 200, response.text
+        return response.json()  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def books(tiny_chat_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BooksPool]:
+    pool_dir = tmp_path_factory.mktemp("books") / "pool"
+    create_pool(pool_dir, "Books pool")
+    bundles = {name: add_member(pool_dir, name) for name in ("Alpha", "Beta", "Gamma", "Coord")}
+    key = create_api_key(pool_dir, "Gamma")
+    pool = LocalPool(tiny_chat_model_dir)
+    try:
+        pool.start_dht()
+        pool.start_nodes({"node-a": "0:2", "node-b": "2:4"}, {"node-a": bundles["Alpha"], "node-b": bundles["Beta"]})
+        books = BooksPool(pool, pool_dir, bundles, key, Manifest.load(tiny_chat_model_dir))
+        books.start_coordinator()
+        yield books
+    finally:
+        pool.stop()
+
+
+def _wait_for(what: str, check, timeout_s: float = WAIT_S):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if result := check():
+            return result
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def _verify(pool_dir: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*COOP, "ledger", "verify", "--pool", str(pool_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_providers_are_credited_exactly_what_they_computed(books: BooksPool) -> None:
+    ledger = books.ledger
+    before = {b.institution: b for b in ledger.balances()}
+    receipts_before = len(ledger.receipts())
+    # Each request runs its prompt as one step, then one step per generated token but the last.
+    tokens = 0
+    for prompt in PROMPTS:
+        usage = books.chat(prompt)["usage"]
+        tokens += usage["prompt_tokens"] + usage["completion_tokens"] - 1
+    _wait_for("two receipts per request", lambda: len(ledger.receipts()) >= receipts_before + 2 * len(PROMPTS))
+
+    after = {b.institution: b for b in ledger.balances()}
+
+    def gained(name: str) -> int:
+        return after[name].balance_flops - (before[name].balance_flops if name in before else 0)
+
+    alpha_flops = tokens * books.manifest.span_flops_per_token(0, 2)
+    beta_flops = tokens * books.manifest.span_flops_per_token(2, 4)
+    assert gained("Alpha") == alpha_flops
+    assert gained("Beta") == beta_flops
+    assert gained("Gamma") == -(alpha_flops + beta_flops)
+    assert "Coord" not in after or gained("Coord") == 0
+    assert sum(b.balance_flops for b in after.values()) + ledger.pool_balance_flops() == 0
+    new = ledger.receipts(limit=2 * len(PROMPTS))
+    assert {r.provider for r in new} == {"Alpha", "Beta"} and {r.consumer for r in new} == {"Gamma"}
+    result = _verify(books.pool_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ledger OK" in result.stdout
+
+
+def test_a_resubmitted_receipt_is_booked_once(books: BooksPool) -> None:
+    receipt = _fresh_receipt(books, "Once more.")
+    ledger = books.ledger
+    balance = ledger.balance("Alpha")
+    outbox = books.outbox("Alpha")
+    signed = SignedReceipt(receipt.body, receipt.node_signature, _cert(books, "Alpha"))
+    for _ in range(3):  # as if the node never heard the acknowledgement, three times over
+        outbox.add(receipt.receipt_id, "Coord", signed)
+        _wait_for("the resubmission to be acknowledged", lambda: not _pending(outbox))
+    assert len([r for r in ledger.receipts() if r.receipt_id == receipt.receipt_id]) == 1
+    assert ledger.balance("Alpha") == balance
+
+
+def test_altered_receipts_are_rejected_and_audited(books: BooksPool) -> None:
+    genuine = _fresh_receipt(books, "Something to sign.")
+    ledger = books.ledger
+    body = ReceiptBody.from_bytes(genuine.body)
+    alpha, beta = (MemberBundle.load(books.bundles[name]) for name in ("Alpha", "Beta"))
+    span_flops = books.manifest.span_flops_per_token(0, 2)
+
+    def variant(**changes: object) -> ReceiptBody:
+        """A new receipt like the genuine one, FLOPs consistent with its tokens."""
+        fresh = dataclasses.replace(body, receipt_id=new_receipt_id(), **changes)  # type: ignore[arg-type]
+        return dataclasses.replace(fresh, flops=fresh.tokens * span_flops)
+
+    inflated = sign_receipt(alpha, variant(decode_tokens=body.decode_tokens + 50))  # a cheating node, signed
+    doc = json.loads(variant().to_bytes())  # altered after signing: the signature no longer matches
+    doc["prefill_tokens"] += 10
+    doc["flops"] += 10 * span_flops
+    forged = SignedReceipt(
+        json.dumps(doc, sort_keys=True, separators=(",", ":")).encode(), inflated.signature, alpha.cert_pem
+    )
+    wrong_institution = sign_receipt(alpha, variant(institution="Beta"))
+    borrowed_cert = sign_receipt(beta, variant())  # credits Alpha, signed by Beta
+    bad = {
+        "inflated": (ReceiptBody.from_bytes(inflated.body).receipt_id, inflated),
+        "forged": (doc["receipt_id"], forged),
+        "wrong institution": (ReceiptBody.from_bytes(wrong_institution.body).receipt_id, wrong_institution),
+        "borrowed certificate": (ReceiptBody.from_bytes(borrowed_cert.body).receipt_id, borrowed_cert),
+    }
+    balances = {b.institution: b.balance_flops for b in ledger.balances()}
+    outbox = books.outbox("Alpha")
+    for receipt_id, signed in bad.values():
+        outbox.add(receipt_id, "Coord", signed)
+    _wait_for("every altered receipt to be settled", lambda: not _pending(outbox))
+
+    booked = {r.receipt_id for r in ledger.receipts()}
+    assert not booked & {rid for rid, _ in bad.values()}
+    assert {b.institution: b.balance_flops for b in ledger.balances()} == balances
+    audited = {e.subject: e.detail for e in ledger.audit_events(action="receipt_rejected")}
+    for what, (receipt_id, _) in bad.items():
+        assert receipt_id in audited, f"the {what} receipt left no audit event"
+    assert outbox.counts().get("rejected", 0) >= len(bad)
+    assert _verify(books.pool_dir).returncode == 0
+
+
+def test_receipts_survive_a_coordinator_crash(books: BooksPool) -> None:
+    """Receipts left in the nodes' outboxes while the coordinator is down are booked after it restarts."""
+    coordinator = books.pool.processes.pop()
+    coordinator.stop()
+    books.start_coordinator(receipt_interval_s=3600)  # collects once at start, then never
+    ledger = books.ledger
+    count = len(ledger.receipts())
+    observed = _observations(ledger)
+    books.chat("Before the crash.")
+    _wait_for("Alpha's receipt in its outbox", lambda: _pending(books.outbox("Alpha")))
+    _wait_for("the coordinator to write down what it saw", lambda: _observations(ledger) == observed + 2)
+    books.pool.processes.pop().kill_hard()
+    assert len(ledger.receipts()) == count
+    books.start_coordinator()
+    _wait_for("both receipts booked", lambda: len(ledger.receipts()) == count + 2)
+    assert not _pending(books.outbox("Alpha")) and not _pending(books.outbox("Beta"))
+    assert _verify(books.pool_dir).returncode == 0
+
+
+def _fresh_receipt(books: BooksPool, prompt: str) -> Receipt:
+    """Alpha's receipt for one new request, once both of its receipts are booked."""
+    ledger = books.ledger
+    count = len(ledger.receipts())
+    books.chat(prompt)
+    _wait_for("the request's receipts", lambda: len(ledger.receipts()) == count + 2)
+    return ledger.receipts(institution="Alpha", limit=1)[0]
+
+
+def _observations(ledger: Ledger) -> int:
+    with ledger.engine.connect() as connection:
+        return int(connection.execute(select(func.count()).select_from(Observation)).scalar_one())
+
+
+def _pending(outbox: Outbox) -> int:
+    return outbox.counts().get("pending", 0)
+
+
+def _cert(books: BooksPool, institution: str) -> bytes:
+    return MemberBundle.load(books.bundles[institution]).cert_pem
