@@ -65,6 +65,13 @@ class Outbox:
             ).fetchall()
         return [(rid, SignedReceipt(bytes(body), bytes(sig), bytes(cert))) for rid, body, sig, cert in rows]
 
+    def pending_ids(self, coordinator: str) -> set[str]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT receipt_id FROM receipts WHERE coordinator = ? AND state = 'pending'", (coordinator,)
+            ).fetchall()
+        return {row[0] for row in rows}
+
     def acknowledge(self, coordinator: str, booked: Sequence[str], rejected: Sequence[str]) -> None:
         """Only the coordinator a receipt belongs to can settle it."""
         with self._lock:

@@ -1,0 +1,110 @@
+"""Crash safety: kill -9 of the booking coordinator while it books 1,000 receipts from a node's outbox.
+
+Before the kill, every receipt the node saw acknowledged must be booked exactly once and every
+booking must be whole (both legs or neither); after a restart the outbox hands over the rest and
+the ledger ends with all 1,000, each once, and passes `verify`.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from sqlmodel import Session, col
+
+from coop.identity import MemberBundle, add_member, create_pool
+from coop.launcher import LocalPool, start
+from coop.ledger.models import Posting
+from coop.ledger.store import Ledger, sqlite_url
+from coop.ledger.verify import verify_ledger
+from coop.model.manifest import Manifest
+from coop.node.outbox import Outbox
+from tests.ledger_seed import seeded_receipts
+
+pytestmark = pytest.mark.slow
+RECEIPTS = 1000
+WAIT_S = 90.0
+
+
+def _wait(what: str, check, timeout_s: float = WAIT_S, every_s: float = 0.1):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if result := check():
+            return result
+        time.sleep(every_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def _legs_per_receipt(ledger: Ledger) -> Counter[str]:
+    with Session(ledger.engine) as session:
+        query = select(col(Posting.receipt_id)).where(col(Posting.receipt_id).is_not(None))
+        return Counter(session.execute(query).scalars())
+
+
+def test_kill_9_while_booking_loses_nothing_and_books_nothing_twice(tiny_chat_model_dir: str, tmp_path: Path) -> None:
+    pool_dir = tmp_path / "pool"
+    info = create_pool(pool_dir, "Crash pool")
+    bundles = {name: add_member(pool_dir, name) for name in ("Alpha", "Coord", "Gamma")}
+    manifest = Manifest.load(tiny_chat_model_dir)
+    alpha = MemberBundle.load(bundles["Alpha"])
+    flops_per_token = manifest.span_flops_per_token(0, manifest.num_blocks)
+    seeds = seeded_receipts(
+        alpha,
+        coordinator="Coord",
+        consumer="Gamma",
+        model_hash=manifest.content_hash,
+        node_id="node-a",
+        span=(0, manifest.num_blocks),
+        flops_per_token=flops_per_token,
+        count=RECEIPTS,
+    )
+    ledger = Ledger.open(sqlite_url(pool_dir / "ledger.db"))
+    ledger.observe([s.observation for s in seeds])  # what the coordinator saw before it went down
+    outbox = Outbox(bundles["Alpha"].with_suffix(".outbox.db"))
+    for s in seeds:
+        outbox.add(s.body.receipt_id, "Coord", s.signed)
+    all_ids = {s.body.receipt_id for s in seeds}
+
+    def pending_ids() -> set[str]:
+        return outbox.pending_ids("Coord")
+
+    pool = LocalPool(tiny_chat_model_dir)
+    try:
+        pool.start_dht()
+        pool.start_nodes({"node-a": f"0:{manifest.num_blocks}"}, {"node-a": bundles["Alpha"]})
+        args = ["coordinator", "start", "--model", tiny_chat_model_dir, "--port", "0", "--initial-peers", pool.peer]
+        args += ["--member", str(bundles["Coord"]), "--pool-dir", str(pool_dir), "--receipt-interval", "0.2"]
+        booker = start("booker", [*args, "--device", "cpu"], None)
+        pool.processes.append(booker)
+        _wait("the first acknowledged batch", lambda: outbox.counts().get("pending", 0) < RECEIPTS, every_s=0.01)
+        time.sleep(random.uniform(0.0, 0.1))  # land anywhere in the next batches
+        booker.kill_hard()
+
+        acknowledged = all_ids - pending_ids()
+        legs = _legs_per_receipt(ledger)
+        booked = {r.receipt_id for r in ledger.receipts()}
+        assert 0 < len(acknowledged) < RECEIPTS, "the kill must land in the middle of booking"
+        assert acknowledged <= booked, "a receipt was acknowledged but is not in the ledger"
+        assert set(legs) == booked and set(legs.values()) == {2}, "a booking is half-written"
+        report = verify_ledger(ledger, ca_cert_pem=info.ca_cert_pem(), pool_id=info.pool_id)
+        assert report.ok, report.problems
+
+        pool.processes.remove(booker)
+        pool.start_coordinator(
+            member=bundles["Coord"], extra_args=["--pool-dir", str(pool_dir), "--receipt-interval", "0.2"]
+        )
+        _wait("the outbox to empty", lambda: not pending_ids())
+        legs = _legs_per_receipt(ledger)
+        assert set(legs) == all_ids and set(legs.values()) == {2}
+        balances = {b.institution: b.balance_flops for b in ledger.balances()}
+        assert balances["Alpha"] == RECEIPTS * 8 * flops_per_token == -balances["Gamma"]
+        report = verify_ledger(ledger, ca_cert_pem=info.ca_cert_pem(), pool_id=info.pool_id)
+        assert report.ok and report.receipts == RECEIPTS, report.problems
+    finally:
+        pool.stop()
+        outbox.close()
+        ledger.close()

@@ -1,0 +1,66 @@
+"""Signed receipts and the matching observations, made the way a node and a coordinator make them."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from coop.identity import MemberBundle
+from coop.ledger.models import Observation
+from coop.ledger.receipts import ReceiptBody, SignedReceipt, new_receipt_id, sign_receipt
+
+
+@dataclass(frozen=True)
+class SeededReceipt:
+    body: ReceiptBody
+    signed: SignedReceipt
+    observation: Observation
+
+
+def seeded_receipts(
+    provider: MemberBundle,
+    *,
+    coordinator: str,
+    consumer: str,
+    model_hash: str,
+    node_id: str,
+    span: tuple[int, int],
+    flops_per_token: int,
+    count: int,
+    prefill_tokens: int = 5,
+    decode_tokens: int = 3,
+    ended_at: float | None = None,
+) -> list[SeededReceipt]:
+    """`count` sessions of one node, each with its own session id, receipt and observation."""
+    ended = ended_at if ended_at is not None else time.time()
+    out = []
+    for i in range(count):
+        session_id = f"seed-{new_receipt_id()[:12]}-{i}"
+        body = ReceiptBody(
+            receipt_id=new_receipt_id(),
+            pool_id=provider.pool_id,
+            session_id=session_id,
+            node_id=node_id,
+            institution=provider.institution,
+            coordinator=coordinator,
+            model_hash=model_hash,
+            start_block=span[0],
+            end_block=span[1],
+            prefill_tokens=prefill_tokens,
+            decode_tokens=decode_tokens,
+            flops=(prefill_tokens + decode_tokens) * flops_per_token,
+            started_at=ended - 1.0,
+            ended_at=ended,
+        )
+        observation = Observation(
+            session_id=session_id,
+            node_id=node_id,
+            provider=provider.institution,
+            consumer=consumer,
+            start_block=span[0],
+            end_block=span[1],
+            prefill_tokens=prefill_tokens,
+            decode_tokens=decode_tokens,
+        )
+        out.append(SeededReceipt(body, sign_receipt(provider, body), observation))
+    return out
