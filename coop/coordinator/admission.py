@@ -48,7 +48,10 @@ class FairShareAdmission:
         return len(self._waiters)
 
     @asynccontextmanager
-    async def admit(self, institution: str) -> AsyncIterator[None]:
+    async def admit(self, institution: str) -> AsyncIterator[float]:
+        """Hold a session slot for the block; yields the seconds spent waiting for it."""
+        loop = asyncio.get_running_loop()
+        arrived = loop.time()
         if self._active < self.capacity and not self._waiters:
             self._active += 1
             self.admitted_at_once[institution] += 1
@@ -65,7 +68,7 @@ class FairShareAdmission:
                 raise
             self.admitted_after_wait[institution] += 1
         try:
-            yield
+            yield loop.time() - arrived
         finally:
             self._release()
 
@@ -99,7 +102,8 @@ class RequestAdmission:
         return institution or self.default_consumer
 
     @asynccontextmanager
-    async def enter(self, consumer: str) -> AsyncIterator[None]:
+    async def enter(self, consumer: str) -> AsyncIterator[float]:
+        """Yields the seconds the request waited for its session slot."""
         if self._credit_state is not None:
             balance, floor = await asyncio.to_thread(self._credit_state, consumer)
             if floor is not None and balance < floor:
@@ -108,5 +112,5 @@ class RequestAdmission:
                     f"{floor / FLOPS_PER_CREDIT:.6g}: contribute compute (run a node) or ask the pool admin "
                     "for a grant (`coop ledger grant`)"
                 )
-        async with self.admission.admit(consumer):
-            yield
+        async with self.admission.admit(consumer) as waited_s:
+            yield waited_s

@@ -40,10 +40,15 @@ class _ClosingStreamingResponse(StreamingResponse):
                     await aclose()
 
 
-def _respond(result: BaseModel | AsyncIterator[str]) -> Response:
+# Seconds the request waited for a session slot: 0 on a pool with room, more when it is saturated.
+QUEUE_HEADER = "X-Coop-Queue-Seconds"
+
+
+def _respond(result: BaseModel | AsyncIterator[str], waited_s: float | None = None) -> Response:
+    headers = {} if waited_s is None else {QUEUE_HEADER: f"{waited_s:.3f}"}
     if isinstance(result, BaseModel):
-        return JSONResponse(result.model_dump(mode="json"))
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return JSONResponse(result.model_dump(mode="json"), headers=headers)
+    headers |= {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return _ClosingStreamingResponse(result, media_type="text/event-stream", headers=headers)
 
 
@@ -52,24 +57,24 @@ async def _generate(
     access: RequestAdmission | None,
     caller: Caller,
     work: Callable[[str], Awaitable[BaseModel | AsyncIterator[str]]],
-) -> BaseModel | AsyncIterator[str]:
+) -> Response:
     """Run a generation while holding one of the caller's key slots and, when the pool meters use,
     a session slot granted in fair-share order; a stream keeps both until it ends."""
     stack = AsyncExitStack()
     stack.enter_context(gate.slot(caller))
-    consumer = caller.institution or ""
+    consumer, waited_s = caller.institution or "", None
     try:
         if access is not None:
             consumer = access.consumer(caller.institution)
-            await stack.enter_async_context(access.enter(consumer))
+            waited_s = await stack.enter_async_context(access.enter(consumer))
         result = await work(consumer)
     except BaseException:
         await stack.aclose()
         raise
     if isinstance(result, BaseModel):
         await stack.aclose()
-        return result
-    return _release_at_end(result, stack)
+        return _respond(result, waited_s)
+    return _respond(_release_at_end(result, stack), waited_s)
 
 
 async def _release_at_end(stream: AsyncIterator[str], stack: AsyncExitStack) -> AsyncIterator[str]:
@@ -111,12 +116,12 @@ def create_app(backend: Backend, *, keys: ApiKeyGate | None = None, access: Requ
     @v1.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, who: Authenticated) -> Response:
         gate.check_max_tokens(who, body.requested_max_tokens)
-        return _respond(await _generate(gate, access, who, lambda consumer: serving.chat(body, consumer)))
+        return await _generate(gate, access, who, lambda consumer: serving.chat(body, consumer))
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, who: Authenticated) -> Response:
         gate.check_max_tokens(who, body.requested_max_tokens)
-        return _respond(await _generate(gate, access, who, lambda consumer: serving.complete(body, consumer)))
+        return await _generate(gate, access, who, lambda consumer: serving.complete(body, consumer))
 
     app.include_router(v1)
     app.state.serving = serving

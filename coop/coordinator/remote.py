@@ -277,14 +277,17 @@ class RemoteChain:
         self._prefill_tokens = self._decode_tokens = 0
         for stream in streams:  # bookkeeping first, with no await, so a cancellation cannot leak it
             self.swarm.load[stream.hop.node_id] -= 1
-            stream.reader.cancel()
         try:
-            for stream in streams:  # a polite close lets each node free the session at once
+            # A polite close lets each node free the session at once. The readers are cancelled only
+            # afterwards: cancelling a task blocked in call.read() cancels the whole call, and a write
+            # to a cancelled call raises CancelledError.
+            for stream in streams:
                 with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError, CoopError):
                     await stream.call.write(pb.SessionControl(close=pb.SessionControl.Close()))
                     await stream.call.done_writing()
         finally:
             for stream in streams:
+                stream.reader.cancel()
                 stream.call.cancel()
 
     async def close(self) -> None:

@@ -85,6 +85,7 @@ class RemoteBackend:
 
 
 async def run_coordinator(settings: CoordinatorSettings) -> None:
+    from coop.admin import AdminContext, mount_admin
     from coop.coordinator.api import create_app
 
     membership = Membership.load(settings.member_bundle, pool_id=settings.pool_id)
@@ -111,6 +112,8 @@ async def run_coordinator(settings: CoordinatorSettings) -> None:
         gate = ApiKeyGate(settings.api_keys_file, membership.bundle.limits if membership.bundle else None)
         access = backend.accounting.access if backend.accounting else None
         app = create_app(backend, keys=gate, access=access)
+        if settings.pool_dir is not None and backend.accounting is not None:
+            mount_admin(app, AdminContext.for_coordinator(settings.pool_dir, backend.accounting, swarm))
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning")
         server = uvicorn.Server(config)
         serving = asyncio.create_task(server.serve())

@@ -26,6 +26,7 @@ _COUNTERSIGN_DOMAIN = b"coop-countersign-v1\n"
 MAX_BODY_BYTES = 4096
 _ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 _HEX = re.compile(r"^[0-9a-f]{1,128}$")
+_NAME = re.compile(r"^[^\x00-\x1f\x7f]{1,128}$")  # institution names: free text, no control characters
 
 
 @dataclass(frozen=True)
@@ -72,8 +73,10 @@ class ReceiptBody:
         return body
 
     def validate(self) -> None:
-        for name in ("receipt_id", "pool_id", "session_id", "node_id", "institution", "coordinator"):
+        for name in ("receipt_id", "pool_id", "session_id", "node_id"):
             _require(isinstance(getattr(self, name), str) and _ID.match(getattr(self, name)), name, "an id")
+        for name in ("institution", "coordinator"):
+            _require(isinstance(getattr(self, name), str) and _NAME.match(getattr(self, name)), name, "a name")
         _require(isinstance(self.model_hash, str) and _HEX.match(self.model_hash), "model_hash", "hex")
         for name in ("start_block", "end_block", "prefill_tokens", "decode_tokens", "flops"):
             value = getattr(self, name)
