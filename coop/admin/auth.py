@@ -1,0 +1,146 @@
+"""Admin sign-in: the pool's admin token buys a session; every form carries the session's CSRF token.
+
+The session cookie holds only a random id (HttpOnly, SameSite=Strict, Path=/admin); sessions live
+in this process, so signing out ends one at once and a coordinator restart ends them all. The
+sign-in form is protected too, by a double-submit token: a cookie and a hidden field that must
+match. The JSON API also takes ``Authorization: Bearer <admin token>`` for scripts; a bearer token
+cannot be sent by another site's page, so such calls need no CSRF token.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from coop.errors import CoopError, Unauthorized
+from coop.identity import PoolInfo
+
+log = logging.getLogger(__name__)
+
+SESSION_COOKIE = "coop_admin_session"
+LOGIN_COOKIE = "coop_admin_login"
+CSRF_FIELD = "csrf_token"
+CSRF_HEADER = "x-csrf-token"
+COOKIE_PATH = "/admin"
+MAX_SESSIONS = 256  # the oldest session is dropped beyond this many
+LOGIN_TOKEN_TTL_S = 3600
+
+
+class SignInRequired(Unauthorized):
+    """No valid admin session (pages redirect to the sign-in form, the API answers 401)."""
+
+
+class CsrfRejected(Unauthorized):
+    """A state-changing request without the session's CSRF token (403)."""
+
+
+@dataclass(frozen=True)
+class AdminSession:
+    session_id: str
+    identity: str
+    csrf_token: str
+    expires_at: float
+
+
+class SessionStore:
+    def __init__(self, ttl_s: float, clock: Callable[[], float] = time.time) -> None:
+        self.ttl_s = ttl_s
+        self._clock = clock
+        self._sessions: dict[str, AdminSession] = {}
+        self._flashes: dict[str, list[tuple[str, str]]] = {}  # session id -> (kind, message) to show once
+        self._lock = threading.Lock()
+
+    def open(self, identity: str) -> AdminSession:
+        now = self._clock()
+        session = AdminSession(secrets.token_urlsafe(32), identity, secrets.token_urlsafe(32), now + self.ttl_s)
+        with self._lock:
+            self._sessions = {sid: s for sid, s in self._sessions.items() if s.expires_at > now}
+            while len(self._sessions) >= MAX_SESSIONS:
+                del self._sessions[next(iter(self._sessions))]
+            self._sessions[session.session_id] = session
+            self._flashes = {sid: f for sid, f in self._flashes.items() if sid in self._sessions}
+        return session
+
+    def get(self, session_id: str | None) -> AdminSession | None:
+        if not session_id:
+            return None
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is not None and session.expires_at <= self._clock():
+                del self._sessions[session_id]
+                return None
+        return session
+
+    def close(self, session_id: str | None) -> AdminSession | None:
+        with self._lock:
+            self._flashes.pop(session_id or "", None)
+            return self._sessions.pop(session_id or "", None)
+
+    def flash(self, session_id: str, kind: str, message: str) -> None:
+        """A message for the next page this session sees (after a redirect)."""
+        with self._lock:
+            if session_id in self._sessions:
+                self._flashes.setdefault(session_id, []).append((kind, message))
+
+    def pop_flashes(self, session_id: str) -> list[tuple[str, str]]:
+        with self._lock:
+            return self._flashes.pop(session_id, [])
+
+
+def tokens_match(expected: str, given: str | None) -> bool:
+    return bool(given) and hmac.compare_digest(expected.encode(), (given or "").encode())
+
+
+class AdminAuth:
+    def __init__(self, pool_dir: Path, *, ttl_s: float, secure_cookies: bool | None) -> None:
+        self.pool_dir = pool_dir
+        self.sessions = SessionStore(ttl_s)
+        self.secure_cookies = secure_cookies
+
+    def check_admin_token(self, token: str) -> bool:
+        """Read pool.toml on every attempt: a rotated admin token takes effect at once."""
+        try:
+            return bool(token) and PoolInfo.load(self.pool_dir).check_admin_token(token)
+        except CoopError as exc:
+            log.warning("cannot check the admin token against %s: %s", self.pool_dir, exc)
+            return False
+
+    def session(self, request: Request) -> AdminSession:
+        """The request's admin session, or SignInRequired."""
+        session = self.sessions.get(request.cookies.get(SESSION_COOKIE))
+        if session is None:
+            raise SignInRequired("sign in with the pool's admin token")
+        return session
+
+    def api_identity(self, request: Request) -> tuple[str, AdminSession | None]:
+        """(who, session) for a JSON API call: a session cookie, or the admin token as a bearer token."""
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            if self.check_admin_token(token.strip()):
+                return "admin (api)", None
+            raise SignInRequired("the bearer token is not this pool's admin token")
+        session = self.session(request)
+        return session.identity, session
+
+    @staticmethod
+    def require_csrf(session: AdminSession | None, given: str | None) -> None:
+        if session is not None and not tokens_match(session.csrf_token, given):
+            raise CsrfRejected("the form's CSRF token is missing or stale: reload the page and try again")
+
+    def set_cookie(self, request: Request, response: Response, name: str, value: str, max_age: int) -> None:
+        secure = request.url.scheme == "https" if self.secure_cookies is None else self.secure_cookies
+        response.set_cookie(
+            name, value, max_age=max_age, path=COOKIE_PATH, secure=secure, httponly=True, samesite="strict"
+        )
+
+    def clear_cookie(self, response: Response, name: str) -> None:
+        response.delete_cookie(name, path=COOKIE_PATH, httponly=True, samesite="strict")

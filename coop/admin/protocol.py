@@ -1,0 +1,166 @@
+"""The admin JSON API's shapes (`/admin/api/...`); the HTML pages render these same objects.
+
+Amounts are in credits (1 credit = 10**12 FLOPs) as floats for reading, with the exact FLOPs where a
+number is used for reconciliation (balances). Times are UTC.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class NodeOut(BaseModel):
+    node_id: str
+    institution: str
+    start: int  # the span [start, end) of blocks: live announcement, else its latest receipt
+    end: int
+    online: bool
+    revoked: bool  # its institution's membership is revoked
+    endpoint: str | None = None
+    throughput_tps: float | None = None  # as the node measured and announced it
+    sessions: int = 0  # this coordinator's sessions open on it now
+    online_since: dt.datetime | None = None  # as observed by this coordinator
+    uptime_s: float | None = None
+    first_seen: dt.datetime | None = None  # first receipt's start
+    last_seen: dt.datetime | None = None  # latest announcement, else latest receipt's end
+    receipts: int = 0
+    tokens: int = 0
+    credits_delivered: float = 0.0
+
+
+class RatePoint(BaseModel):
+    seconds_ago: float
+    tokens_per_s: float
+
+
+class OverviewOut(BaseModel):
+    pool_name: str
+    pool_id: str
+    generated_at: dt.datetime
+    num_blocks: int | None  # None: no live swarm view
+    blocks_uncovered: list[int]
+    nodes_online: int
+    members_online: int  # institutions with at least one node online
+    members_total: int
+    live_sessions: int
+    tokens_per_s: float | None  # over the last minute; None when the coordinator does not meter
+    token_rate: list[RatePoint]
+    shade: Literal["throughput", "load"]
+    nodes: list[NodeOut]  # the online nodes, as in the coverage map
+    coverage_svg: str  # the coverage map, rendered (the page embeds it, the live refresh swaps it)
+    tokens_svg: str
+
+
+class InstitutionOut(BaseModel):
+    name: str
+    member: bool  # admitted with `coop member add` (False: known to the ledger only)
+    revoked: bool
+    balance_credits: float
+    balance_flops: int
+    contributed_credits: float
+    used_credits: float
+    granted_credits: float
+    credit_floor_credits: float | None
+    fair_share: float | None  # F = 2^(-U/S); None when the coordinator does not compute it
+    nodes_online: int
+    api_keys_live: int
+
+
+class FlowPoint(BaseModel):
+    start: dt.datetime
+    contributed_credits: float
+    used_credits: float
+
+
+class ApiKeyOut(BaseModel):
+    key_id: str  # the first 12 hex digits of its sha256: enough to tell keys apart in the UI
+    sha256: str
+    created_at: dt.datetime
+    revoked: bool
+
+
+class GrantOut(BaseModel):
+    grant_id: str
+    credits: float
+    reason: str
+    granted_by: str
+    created_at: dt.datetime
+
+
+class ReceiptOut(BaseModel):
+    receipt_id: str
+    session_id: str
+    node_id: str
+    provider: str
+    consumer: str
+    start_block: int
+    end_block: int
+    prefill_tokens: int
+    decode_tokens: int
+    flops: int
+    credits: float
+    started_at: dt.datetime
+    ended_at: dt.datetime
+    booked_at: dt.datetime
+
+
+class InstitutionDetailOut(BaseModel):
+    institution: InstitutionOut
+    bucket: Literal["hour", "day"]
+    flows: list[FlowPoint]
+    flows_svg: str
+    nodes: list[NodeOut]
+    api_keys: list[ApiKeyOut]
+    grants: list[GrantOut]
+    receipts: list[ReceiptOut]  # the latest few; the receipts page has them all
+    receipts_total: int
+
+
+class ReceiptPageOut(BaseModel):
+    items: list[ReceiptOut]
+    total: int
+    page: int
+    per_page: int
+    pages: int
+
+
+class AuditEventOut(BaseModel):
+    id: int
+    at: dt.datetime
+    actor: str
+    action: str
+    subject: str
+    detail: str
+
+
+class AuditPageOut(BaseModel):
+    items: list[AuditEventOut]
+    total: int
+    page: int
+    per_page: int
+    pages: int
+    actions: list[str]  # every action in the log, for filtering
+    revoked_members: list[str]  # from the pool's CA-signed revocation list
+
+
+class GrantIn(BaseModel):
+    institution: str = Field(min_length=1, max_length=128)
+    credits: float = Field(allow_inf_nan=False, ge=-1e9, le=1e9)  # negative takes credits back
+    reason: str = Field(min_length=1, max_length=500)
+
+
+class ApiKeyCreateIn(BaseModel):
+    institution: str = Field(min_length=1, max_length=128)
+
+
+class ApiKeyCreatedOut(BaseModel):
+    institution: str
+    key: str  # shown this once: only its sha256 is stored
+    key_id: str
+
+
+class ApiKeyRevokeIn(BaseModel):
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")

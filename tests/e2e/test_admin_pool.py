@@ -1,0 +1,77 @@
+"""The admin view of a real pool: member nodes and a coordinator started with --pool-dir, in Chromium.
+
+Everything on the pages comes from the run itself: the coordinator's swarm view draws the coverage
+map, and the balances are the receipts it collected from the nodes and booked in its ledger.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from coop.identity import API_KEYS_FILE, add_member, create_api_key, create_pool
+from coop.launcher import LocalPool
+from coop.ledger.store import LEDGER_FILE, Ledger, sqlite_url
+from coop.model.manifest import Manifest
+from tests.e2e.test_admin_browser import credits_text, launch_chromium, open_tab, shoot, sign_in
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_real_pool_s_receipts_reach_the_view(tiny_chat_model_dir: str, tmp_path: Path) -> None:
+    """Real processes: two member nodes and a coordinator with --pool-dir; its own bookings are on the pages."""
+    pool_dir = tmp_path / "pool"
+    info = create_pool(pool_dir, "Real pool")
+    assert info.admin_token is not None
+    bundles = {name: add_member(pool_dir, name) for name in ("alpha", "beta", "coord")}
+    keys = {name: create_api_key(pool_dir, name) for name in ("alpha", "beta")}
+    blocks = Manifest.load(tiny_chat_model_dir).num_blocks
+    spans = {"alpha-0": f"0:{blocks // 2}", "beta-0": f"{blocks // 2}:{blocks}"}
+    requests = ["alpha", "beta", "alpha"]
+    pool = LocalPool(tiny_chat_model_dir)
+    try:
+        pool.start_dht()
+        pool.start_nodes(spans, {"alpha-0": bundles["alpha"], "beta-0": bundles["beta"]})
+        pool.start_coordinator(
+            member=bundles["coord"],
+            api_keys=pool_dir / API_KEYS_FILE,
+            extra_args=["--pool-dir", str(pool_dir), "--receipt-interval", "0.5"],
+        )
+        with httpx.Client(base_url=pool.url, timeout=60) as http:
+            for who in requests:
+                body = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4, "temperature": 0}
+                chat = http.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {keys[who]}"})
+                assert chat.status_code == 200, chat.text
+            admin = {"Authorization": f"Bearer {info.admin_token}"}
+            deadline = time.monotonic() + 30
+            while http.get("/admin/api/receipts", headers=admin).json()["total"] < len(requests) * len(spans):
+                assert time.monotonic() < deadline, "the coordinator did not book every receipt within 30 s"
+                time.sleep(0.2)
+        ledger = Ledger.open(sqlite_url(pool_dir / LEDGER_FILE))
+        try:
+            balances = {b.institution: b for b in ledger.balances()}
+        finally:
+            ledger.close()
+        assert balances["alpha"].used_flops > 0 and balances["beta"].contributed_flops > 0
+
+        with launch_chromium() as browser, open_tab(browser, pool.url) as tab:
+            sign_in(tab, info.admin_token)
+            spans_drawn = tab.page.locator("#coverage svg rect.span")
+            assert {spans_drawn.nth(i).get_attribute("data-node") for i in range(spans_drawn.count())} == set(spans)
+            assert tab.page.locator("#coverage svg rect.gap").count() == 0
+            shoot(tab, "real-pool-overview")
+            tab.page.goto("/admin/institutions")
+            for name, balance in balances.items():
+                cell = tab.page.locator(f'tr[data-institution="{name}"] td.balance')
+                assert cell.inner_text() == credits_text(balance.balance_flops), name
+            shoot(tab, "real-pool-institutions")
+            tab.page.goto("/admin/nodes")
+            for node_id in spans:
+                row = tab.page.locator(f'tr[data-node="{node_id}"]').inner_text()
+                assert "online" in row and f"\t{len(requests)}\t" in row, row
+            assert tab.problems == []
+    finally:
+        pool.stop()
