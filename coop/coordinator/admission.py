@@ -50,13 +50,14 @@ class FairShareAdmission:
     @asynccontextmanager
     async def admit(self, institution: str) -> AsyncIterator[float]:
         """Hold a session slot for the block; yields the seconds spent waiting for it."""
-        loop = asyncio.get_running_loop()
-        arrived = loop.time()
+        waited_s = 0.0
         if self._active < self.capacity and not self._waiters:
             self._active += 1
             self.admitted_at_once[institution] += 1
         else:
-            waiter = _Waiter(institution, next(self._arrival), asyncio.get_running_loop().create_future())
+            loop = asyncio.get_running_loop()
+            arrived = loop.time()
+            waiter = _Waiter(institution, next(self._arrival), loop.create_future())
             self._waiters.append(waiter)
             try:
                 await waiter.future
@@ -67,8 +68,9 @@ class FairShareAdmission:
                     self._release()  # admitted just as we were cancelled: hand the slot on
                 raise
             self.admitted_after_wait[institution] += 1
+            waited_s = loop.time() - arrived
         try:
-            yield loop.time() - arrived
+            yield waited_s
         finally:
             self._release()
 

@@ -55,8 +55,8 @@ class DecayedTotals:
         self.values[name] = self.values.get(name, 0.0) + amount * self._weight(at_s)
 
     def _rebase(self, reference_s: float) -> None:
-        scale = self._weight(reference_s)
-        self.values = {name: value / scale for name, value in self.values.items()}
+        shrink = math.exp2(-(reference_s - self.reference_s) / self.half_life_s)  # underflows to 0, never over
+        self.values = {name: value * shrink for name, value in self.values.items()}
         self.reference_s = reference_s
 
     def snapshot(self, now_s: float) -> dict[str, float]:
