@@ -73,14 +73,17 @@ def balances(pool: PoolOption, ledger_url: UrlOption = None) -> None:
     """Every institution's balance, contribution, usage and grants, in credits (1 credit = 10^12 FLOPs)."""
     try:
         _, ledger = _open(pool, ledger_url)
-        rows = ledger.balances()
-        pool_flops = ledger.pool_balance_flops()
+        console.print(balances_table(ledger))
     except CoopError as exc:
         _fail(exc)
-    table = Table(title="Balances (credits)")
+
+
+def balances_table(ledger: Ledger) -> Table:
+    """Balances as a table (also printed by `coop demo`)."""
+    table = Table(title="Balances (credits; 1 credit = 10^12 FLOPs)")
     for column in ("institution", "balance", "contributed", "used", "granted", "floor"):
         table.add_column(column, justify="left" if column == "institution" else "right")
-    for b in rows:
+    for b in ledger.balances():
         floor = "-" if b.credit_floor_flops is None else _credits(b.credit_floor_flops)
         table.add_row(
             escape(b.institution),
@@ -90,8 +93,8 @@ def balances(pool: PoolOption, ledger_url: UrlOption = None) -> None:
             _credits(b.granted_flops),
             floor,
         )
-    table.add_row("(pool account)", _credits(pool_flops), "", "", "", "")
-    console.print(table)
+    table.add_row("(pool account)", _credits(ledger.pool_balance_flops()), "", "", "", "")
+    return table
 
 
 @ledger_app.command("receipts")

@@ -2,7 +2,8 @@
 
 Prepares the demo model (cached), starts a DHT bootstrap peer, three nodes serving blocks 0:10,
 10:20 and 20:30 as separate processes and a coordinator, asks one chat question through the
-OpenAI-compatible API, and shows the answer, the route it took and the work each node did.
+OpenAI-compatible API, and shows the answer, the route it took, the work each node did and the
+ledger that work was booked in: who served what, who used what.
 """
 
 from __future__ import annotations
@@ -11,14 +12,18 @@ import contextlib
 import signal
 import tempfile
 import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from coop.cli_ledger import balances_table
 from coop.client import Client
 from coop.identity import add_member, create_api_key, create_pool
 from coop.launcher import LocalPool
+from coop.ledger.store import LEDGER_FILE, Ledger, sqlite_url
 from coop.membership import Membership
 from coop.model.prepare import prepare
 from coop.node.client import node_info
@@ -26,6 +31,7 @@ from coop.wire.channels import ChannelSecurity
 
 DEMO_SPANS = {"demo-node-1": "0:10", "demo-node-2": "10:20", "demo-node-3": "20:30"}
 DEMO_QUESTION = "What is the capital of France?"
+LEDGER_WAIT_S = 30.0
 DEMO_INSTITUTIONS = {
     "demo-node-1": "Demo University A",
     "demo-node-2": "Demo University B",
@@ -33,13 +39,23 @@ DEMO_INSTITUTIONS = {
 }
 
 
-def create_demo_pool(directory: Path) -> tuple[dict[str, Path], Path, str]:
+@dataclass(frozen=True)
+class DemoPool:
+    nodes: dict[str, Path]  # node name -> its institution's member bundle
+    coordinator: Path
+    api_key: str
+    admin_token: str
+
+
+def create_demo_pool(directory: Path) -> DemoPool:
     """A throwaway pool: one member institution per node, one for the coordinator, one API key."""
-    create_pool(directory, "Coop demo pool")
+    info = create_pool(directory, "Coop demo pool")
     nodes = {node: add_member(directory, institution) for node, institution in DEMO_INSTITUTIONS.items()}
     coordinator = add_member(directory, "Demo Coordinator")
     add_member(directory, "Demo Client Institute")
-    return nodes, coordinator, create_api_key(directory, "Demo Client Institute")
+    api_key = create_api_key(directory, "Demo Client Institute")
+    assert info.admin_token is not None  # create_pool always returns it
+    return DemoPool(nodes, coordinator, api_key, info.admin_token)
 
 
 def run_demo(model_dir: Path, *, port: int, question: str, once: bool, console: Console) -> None:
@@ -47,18 +63,20 @@ def run_demo(model_dir: Path, *, port: int, question: str, once: bool, console: 
     prepare("smollm2-demo", model_dir, console=console)
     with tempfile.TemporaryDirectory(prefix="coop-demo-pool-") as scratch:
         pool_dir = Path(scratch) / "pool"
-        node_members, coordinator_member, api_key = create_demo_pool(pool_dir)
-        console.print(f"created a throwaway pool in {pool_dir}: a CA, {len(node_members) + 2} member bundles")
+        demo = create_demo_pool(pool_dir)
+        console.print(f"created a throwaway pool in {pool_dir}: a CA, {len(demo.nodes) + 2} member bundles")
         pool = LocalPool(str(model_dir))
         try:
             console.print("starting a DHT bootstrap peer …")
             pool.start_dht()
             console.print(f"starting 3 nodes ({', '.join(DEMO_SPANS.values())}), mutual TLS, signed announcements …")
-            pool.start_nodes(DEMO_SPANS, node_members)
+            pool.start_nodes(DEMO_SPANS, demo.nodes)
             console.print("starting the coordinator …")
-            pool.start_coordinator(port, coordinator_member, pool_dir / "api_keys.json")
-            _ask(pool, api_key, question, Membership.load(coordinator_member).channel_security(), console)
-            _show_access(pool, model_dir, api_key, console)
+            extra = ["--pool-dir", str(pool_dir), "--receipt-interval", "0.5"]
+            pool.start_coordinator(port, demo.coordinator, pool_dir / "api_keys.json", extra_args=extra)
+            _ask(pool, demo.api_key, question, Membership.load(demo.coordinator).channel_security(), console)
+            _show_ledger(pool_dir, console)
+            _show_access(pool, demo, pool_dir, console)
             if not once:
                 console.print("\nThe pool keeps running; press Ctrl-C to stop it.")
                 _wait_for_ctrl_c()
@@ -67,11 +85,26 @@ def run_demo(model_dir: Path, *, port: int, question: str, once: bool, console: 
             pool.stop()
 
 
-def _show_access(pool: LocalPool, model_dir: Path, api_key: str, console: Console) -> None:
+def _show_ledger(pool_dir: Path, console: Console) -> None:
+    """Wait for the nodes' receipts to be booked, then show who served and who used what."""
+    ledger = Ledger.open(sqlite_url(pool_dir / LEDGER_FILE))
+    try:
+        deadline = time.monotonic() + LEDGER_WAIT_S
+        while len(ledger.receipts()) < len(DEMO_SPANS) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        console.print(f"\n{len(ledger.receipts())} signed receipts booked in the ledger ({pool_dir / LEDGER_FILE})")
+        console.print(balances_table(ledger))
+    finally:
+        ledger.close()
+    console.print(f"(the same with `coop ledger balances --pool {pool_dir}`; check it: `coop ledger verify`)")
+
+
+def _show_access(pool: LocalPool, demo: DemoPool, pool_dir: Path, console: Console) -> None:
     console.print(f"\nOpenAI-compatible API: [bold]{pool.url}/v1[/]   (health: {pool.url}/health)")
-    console.print(f"demo API key:          {api_key}")
+    console.print(f"demo API key:          {demo.api_key}")
     console.print(f"DHT bootstrap peer:    {pool.peer}")
-    console.print("admin web view:        not built yet")
+    console.print(f"admin web view:        [bold]{pool.url}/admin[/]   (admin token: {demo.admin_token})")
+    console.print(f"pool directory:        {pool_dir}")
 
 
 def _ask(pool: LocalPool, api_key: str, question: str, security: ChannelSecurity, console: Console) -> None:
