@@ -188,8 +188,9 @@ def test_altered_receipts_are_rejected_and_audited(books: BooksPool) -> None:
     assert _verify(books.pool_dir).returncode == 0
 
 
-def test_receipts_survive_a_coordinator_crash(books: BooksPool) -> None:
-    """Receipts left in the nodes' outboxes while the coordinator is down are booked after it restarts."""
+def test_receipts_survive_crashes_of_the_coordinator_and_the_node(books: BooksPool) -> None:
+    """Receipts left in the outboxes while the coordinator is down, and its node crashed and came back
+    meanwhile, are booked once everything is up again."""
     coordinator = books.pool.processes.pop()
     coordinator.stop()
     books.start_coordinator(receipt_interval_s=3600)  # collects once at start, then never
@@ -201,6 +202,10 @@ def test_receipts_survive_a_coordinator_crash(books: BooksPool) -> None:
     _wait_for("the coordinator to write down what it saw", lambda: _observations(ledger) == observed + 2)
     books.pool.processes.pop().kill_hard()
     assert len(ledger.receipts()) == count
+    node_a = books.pool.nodes["node-a"]
+    node_a.kill_hard()
+    books.pool.processes.remove(node_a)
+    books.pool.start_nodes({"node-a": "0:2"}, {"node-a": books.bundles["Alpha"]})  # same outbox file
     books.start_coordinator()
     _wait_for("both receipts booked", lambda: len(ledger.receipts()) == count + 2)
     assert not _pending(books.outbox("Alpha")) and not _pending(books.outbox("Beta"))
