@@ -79,6 +79,7 @@ class Accounting:
             span_flops_per_token=manifest.span_flops_per_token,
             signer=bundle,
             observation=ledger.observation,
+            booked_for=ledger.booked_for,
         )
         collector = ReceiptCollector(ledger, checker, metering, channels, nodes, interval_s=settings.receipt_interval_s)
         accounting = cls(ledger, fair_share, metering, access, collector)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -17,6 +18,8 @@ from dataclasses import dataclass, field
 
 from coop.errors import CreditExhausted
 from coop.ledger.models import FLOPS_PER_CREDIT
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -75,13 +78,22 @@ class FairShareAdmission:
             self._release()
 
     def _release(self) -> None:
+        self._waiters = [w for w in self._waiters if not w.future.done()]  # cancelled meanwhile
         if not self._waiters:
             self._active -= 1
             return
-        factors = {name: self._factor(name) for name in {w.institution for w in self._waiters}}
+        factors = {name: self._safe_factor(name) for name in {w.institution for w in self._waiters}}
         best = max(self._waiters, key=lambda w: (factors[w.institution], -w.arrival))
         self._waiters.remove(best)
         best.future.set_result(None)  # the slot passes straight to it
+
+    def _safe_factor(self, institution: str) -> float:
+        """A failing factor must not lose the slot being handed on: treat it as the lowest priority."""
+        try:
+            return self._factor(institution)
+        except Exception:
+            log.exception("fair-share factor of %s failed", institution)
+            return 0.0
 
 
 class RequestAdmission:

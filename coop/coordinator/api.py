@@ -6,8 +6,8 @@ What a request means lives in `coop.coordinator.serving`; the shapes on the wire
 """
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack, aclosing
-from typing import Annotated
+from contextlib import AsyncExitStack
+from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Header, Request
@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
-from starlette.types import Send
+from starlette.types import Receive, Scope, Send
 
 from coop.coordinator.admission import RequestAdmission
 from coop.coordinator.api_errors import error_response
@@ -27,29 +27,39 @@ from coop.errors import CoopError
 
 
 class _ClosingStreamingResponse(StreamingResponse):
-    """Closes the body iterator however the response ends (e.g. the client hung up), so the
-    request's chain is released now rather than whenever the garbage collector gets to it."""
+    """Closes the body iterator however the response ends (e.g. the client hung up, even before the
+    first byte), so the request's chain is released now rather than whenever the garbage collector
+    gets to it; then gives back the request's slots (`cleanup`)."""
 
-    async def stream_response(self, send: Send) -> None:
+    def __init__(self, content: AsyncIterator[str], cleanup: AsyncExitStack, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.cleanup = cleanup
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await super().stream_response(send)
+            await super().__call__(scope, receive, send)
         finally:
-            aclose = getattr(self.body_iterator, "aclose", None)
-            if aclose is not None:
-                with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True):
+                aclose = getattr(self.body_iterator, "aclose", None)
+                if aclose is not None:
                     await aclose()
+                await self.cleanup.aclose()
 
 
 # Seconds the request waited for a session slot: 0 on a pool with room, more when it is saturated.
 QUEUE_HEADER = "X-Coop-Queue-Seconds"
 
 
-def _respond(result: BaseModel | AsyncIterator[str], waited_s: float | None = None) -> Response:
+def _respond(
+    result: BaseModel | AsyncIterator[str], waited_s: float | None = None, cleanup: AsyncExitStack | None = None
+) -> Response:
     headers = {} if waited_s is None else {QUEUE_HEADER: f"{waited_s:.3f}"}
     if isinstance(result, BaseModel):
         return JSONResponse(result.model_dump(mode="json"), headers=headers)
     headers |= {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return _ClosingStreamingResponse(result, media_type="text/event-stream", headers=headers)
+    return _ClosingStreamingResponse(
+        result, cleanup or AsyncExitStack(), media_type="text/event-stream", headers=headers
+    )
 
 
 async def _generate(
@@ -74,14 +84,7 @@ async def _generate(
     if isinstance(result, BaseModel):
         await stack.aclose()
         return _respond(result, waited_s)
-    return _respond(_release_at_end(result, stack), waited_s)
-
-
-async def _release_at_end(stream: AsyncIterator[str], stack: AsyncExitStack) -> AsyncIterator[str]:
-    """Close the generation (and its chain) first, then give the caller's slots back."""
-    async with stack, aclosing(stream):  # type: ignore[type-var]
-        async for line in stream:
-            yield line
+    return _respond(result, waited_s, cleanup=stack)  # the response gives the slots back when it ends
 
 
 async def _handle_error(request: Request, exc: Exception) -> Response:

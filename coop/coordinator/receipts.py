@@ -28,6 +28,7 @@ from coop.wire.generated import coop_pb2 as pb
 log = logging.getLogger(__name__)
 
 CALL_TIMEOUT_S = 10.0
+MAX_BATCHES_PER_NODE = 10  # per round, so that one node cannot keep the collector to itself
 
 
 @dataclass
@@ -82,7 +83,7 @@ class ReceiptCollector:
         total = Settlement()
         for node in self._nodes():
             try:
-                while True:
+                for _ in range(MAX_BATCHES_PER_NODE):
                     settled = await self._collect_from(node)
                     total.booked += settled.booked
                     total.rejected += settled.rejected
@@ -91,6 +92,8 @@ class ReceiptCollector:
                         break  # drained (or only pending ones left)
             except grpc.aio.AioRpcError as exc:
                 log.info("no receipts from node %s this round: %s", node.node_id, exc.code().name)
+            except Exception:  # one node's trouble (or one bad batch) must not stop collection for the rest
+                log.exception("collecting receipts from node %s failed; next round retries", node.node_id)
         return total
 
     def flush_observations(self) -> None:
@@ -116,10 +119,14 @@ class ReceiptCollector:
         """Check and book one batch; rejections become audit events."""
         settled = Settlement()
         bookings: list[Booking] = []
+        billed: dict[tuple[str, str], str] = {}  # (session, node) -> receipt id, within this batch
         for receipt in receipts:
             signed = SignedReceipt(receipt.body, receipt.signature, receipt.certificate_pem)
             try:
                 booking = self.checker.check(signed)
+                key = (booking.body.session_id, booking.body.node_id)
+                if billed.setdefault(key, booking.body.receipt_id) != booking.body.receipt_id:
+                    raise ReceiptRejected(f"receipt {booking.body.receipt_id}: a second bill for session {key[0]}")
             except ReceiptPending:
                 settled.pending += 1
                 continue

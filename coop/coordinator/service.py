@@ -131,8 +131,8 @@ async def run_coordinator(settings: CoordinatorSettings) -> None:
         await serving
     finally:
         membership.revocations.stop()
+        await backend.close()
         if backend.accounting is not None:
             await backend.accounting.close()
         await swarm.stop()
-        await backend.close()
         await asyncio.to_thread(directory.shutdown)

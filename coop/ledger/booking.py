@@ -23,6 +23,7 @@ from coop.ledger.receipts import ReceiptBody, SignedReceipt, body_payload, count
 from coop.ledger.store import Booking
 
 UNKNOWN_SESSION_GRACE_S = 3600.0
+CLOCK_SKEW_S = 300.0  # a receipt may end this far in the coordinator's future, no further
 
 
 class ReceiptPending(CoopError):
@@ -37,6 +38,8 @@ class ReceiptChecker:
     span_flops_per_token: Callable[[int, int], int]  # the manifest's, for blocks [start, end)
     signer: MemberBundle  # the coordinator's own credentials: it countersigns with them
     observation: Callable[[str, str], Observation | None]  # (session_id, node_id) -> what it saw
+    # (session_id, node_id) -> the id of the receipt already booked for it, if any
+    booked_for: Callable[[str, str], str | None]
     unknown_session_grace_s: float = UNKNOWN_SESSION_GRACE_S
 
     @property
@@ -50,6 +53,8 @@ class ReceiptChecker:
             raise ReceiptRejected(f"receipt {body.receipt_id} is for pool {body.pool_id!r}, not {self.pool_id!r}")
         if body.coordinator != self.coordinator:
             raise ReceiptRejected(f"receipt {body.receipt_id} is for coordinator {body.coordinator!r}")
+        if body.ended_at > time.time() + CLOCK_SKEW_S:
+            raise ReceiptRejected(f"receipt {body.receipt_id} ends in the future ({body.ended_at:.0f})")
         if body.model_hash != self.model_hash:
             raise ReceiptRejected(f"receipt {body.receipt_id} is for another model ({body.model_hash[:12]})")
         expected_flops = body.tokens * self.span_flops_per_token(body.start_block, body.end_block)
@@ -66,6 +71,12 @@ class ReceiptChecker:
                 )
             raise ReceiptPending(f"receipt {body.receipt_id}: session {body.session_id} not recorded yet")
         _check_against(body, seen)
+        earlier = self.booked_for(body.session_id, body.node_id)
+        if earlier is not None and earlier != body.receipt_id:
+            raise ReceiptRejected(
+                f"receipt {body.receipt_id}: node {body.node_id} already billed session {body.session_id} "
+                f"with receipt {earlier}"
+            )
         payload = countersign_payload(signed.body, seen.consumer)
         return Booking(body, signed, seen.consumer, self.signer.sign(payload), self.signer.cert_pem)
 

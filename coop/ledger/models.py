@@ -84,7 +84,11 @@ class Receipt(SQLModel, table=True):
     """A node-signed, coordinator-countersigned account of compute; `body` is exactly what was signed."""
 
     __tablename__ = "receipts"
-    __table_args__ = (Index("ix_receipts_provider_time", "provider", "ended_at"),)
+    __table_args__ = (
+        Index("ix_receipts_provider_time", "provider", "ended_at"),
+        # a node bills its part of a session once, whatever receipt ids it makes up
+        UniqueConstraint("session_id", "node_id", name="uq_receipts_session_node"),
+    )
 
     receipt_id: str = Field(primary_key=True, max_length=64)
     session_id: str = Field(max_length=128, index=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
 import re
 import uuid
 from dataclasses import asdict, dataclass
@@ -24,6 +25,7 @@ RECEIPT_FORMAT = "coop-receipt/1"
 _BODY_DOMAIN = b"coop-receipt-v1\n"
 _COUNTERSIGN_DOMAIN = b"coop-countersign-v1\n"
 MAX_BODY_BYTES = 4096
+MAX_TIME_S = 1e11  # unix seconds: year 5138; keeps datetimes and decay arithmetic finite
 _ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 _HEX = re.compile(r"^[0-9a-f]{1,128}$")
 _NAME = re.compile(r"^[^\x00-\x1f\x7f]{1,128}$")  # institution names: free text, no control characters
@@ -83,7 +85,8 @@ class ReceiptBody:
             _require(type(value) is int and 0 <= value < 2**62, name, "a non-negative integer")
         _require(self.start_block < self.end_block, "end_block", "greater than start_block")
         for name in ("started_at", "ended_at"):
-            _require(type(getattr(self, name)) in (int, float), name, "a number")
+            value = getattr(self, name)
+            _require(type(value) in (int, float) and math.isfinite(value) and 0 <= value < MAX_TIME_S, name, "a time")
         _require(self.started_at <= self.ended_at, "ended_at", "not before started_at")
 
     @property

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -16,9 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, case, create_engine, event, func, insert, select
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
-from sqlmodel import Session, col
+from sqlalchemy import Engine, bindparam, case, create_engine, event, func, insert, select
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.sql.dml import Insert
+from sqlmodel import Session, SQLModel, col
 
 from coop.errors import InvalidInput, LedgerError
 from coop.ledger.models import (
@@ -40,6 +44,15 @@ from coop.ledger.receipts import ReceiptBody, SignedReceipt, cert_sha256
 log = logging.getLogger(__name__)
 
 LEDGER_FILE = "ledger.db"
+_MIGRATION_LOCK = threading.Lock()  # Alembic keeps the running migration in module globals
+BOOK_ATTEMPTS = 5  # a booking that lost a race to another booker is run again, skipping what that one booked
+# Plain Core inserts on the tables: the ORM's bulk-insert path costs more per row.
+_RECEIPTS = SQLModel.metadata.tables[Receipt.__tablename__]
+_POSTINGS = SQLModel.metadata.tables[Posting.__tablename__]
+_OBSERVATIONS = SQLModel.metadata.tables[Observation.__tablename__]
+_OBSERVATION = select(_OBSERVATIONS).where(
+    _OBSERVATIONS.c.session_id == bindparam("session_id"), _OBSERVATIONS.c.node_id == bindparam("node_id")
+)
 
 
 def sqlite_url(path: Path | str) -> str:
@@ -83,7 +96,8 @@ class Ledger:
 
         engine = _create_engine(url)
         try:
-            upgrade(engine)
+            with _MIGRATION_LOCK:
+                upgrade(engine)
         except SQLAlchemyError as exc:
             engine.dispose()
             raise LedgerError(f"cannot open the ledger at {safe_url(url)}: {exc}") from exc
@@ -97,23 +111,31 @@ class Ledger:
         try:
             with Session(self.engine) as session, session.begin():
                 yield session
-        except SQLAlchemyError as exc:
+        except BaseException as exc:
             self._known.clear()  # a rolled-back transaction may have taken rows with it
-            raise LedgerError(f"ledger transaction failed: {exc}") from exc
+            if isinstance(exc, SQLAlchemyError):
+                raise LedgerError(f"ledger transaction failed: {exc}") from exc
+            raise
 
     # -- writing -------------------------------------------------------------------------------
 
     def book(self, bookings: Sequence[Booking]) -> list[str]:
-        """Book receipts not booked before, all in one transaction; returns the ids newly booked."""
+        """Book receipts not booked before, all in one transaction; returns the ids newly booked.
+
+        Another booker on the same database (a second coordinator process) may commit some of the same
+        rows first: this transaction then fails on a unique key and runs again, skipping them.
+        """
         if not bookings:
             return []
-        try:
-            return self._book(bookings)
-        except LedgerError as exc:
-            if not isinstance(exc.__cause__, IntegrityError) or len(bookings) == 1:
-                raise
-            # Another booker took one of these ids meanwhile: book one by one, skipping duplicates.
-            return [rid for b in bookings for rid in self._book([b])]
+        attempt = 1
+        while True:
+            try:
+                return self._book(bookings)
+            except LedgerError as exc:
+                if attempt == BOOK_ATTEMPTS or not _lost_a_race(exc.__cause__):
+                    raise
+                log.debug("booking lost a race to another booker (attempt %d): %s", attempt, exc)
+            attempt += 1
 
     def _book(self, bookings: Sequence[Booking]) -> list[str]:
         with self._transaction() as session:
@@ -127,20 +149,29 @@ class Ledger:
                     fresh.setdefault(b.body.receipt_id, b)
             if not fresh:
                 return []
-            for b in fresh.values():
-                self._ensure_institution(session, b.body.institution)
-                self._ensure_institution(session, b.consumer)
-                self._ensure_certificate(session, b.signed.cert_pem, b.body.institution)
-                self._ensure_certificate(session, b.coordinator_cert_pem, None)
-            self._touch_nodes(session, [b.body for b in fresh.values()])
+            # Rows are written table by table, each in key order: two bookers on PostgreSQL then wait
+            # for each other (and one retries) instead of deadlocking.
+            ordered = sorted(fresh.values(), key=lambda b: b.body.receipt_id)
+            institutions = {b.body.institution for b in ordered} | {b.consumer for b in ordered}
+            for name in sorted(institutions):
+                if ("institution", name) not in self._known:
+                    self._ensure_institution(session, name)
+            certificates: dict[str, tuple[bytes, str | None]] = {
+                cert_sha256(b.signed.cert_pem): (b.signed.cert_pem, b.body.institution) for b in ordered
+            }
+            for b in ordered:
+                certificates.setdefault(cert_sha256(b.coordinator_cert_pem), (b.coordinator_cert_pem, None))
+            for _, (pem, institution) in sorted(certificates.items()):
+                self._ensure_certificate(session, pem, institution)
+            self._touch_nodes(session, [b.body for b in ordered])
             now = utcnow()
-            session.execute(insert(Receipt), [_receipt_row(b, now) for b in fresh.values()])
+            session.execute(insert(_RECEIPTS), [_receipt_row(b, now) for b in ordered])
             postings = []
-            for b in fresh.values():
+            for b in ordered:
                 rid, flops = b.body.receipt_id, b.body.flops
                 postings.append({"account": b.body.institution, "amount_flops": flops, "receipt_id": rid})
                 postings.append({"account": b.consumer, "amount_flops": -flops, "receipt_id": rid})
-            session.execute(insert(Posting), [{**p, "created_at": now} for p in postings])
+            session.execute(insert(_POSTINGS), [{**p, "created_at": now} for p in postings])
             return list(fresh)
 
     def grant(self, institution: str, credits: float, *, reason: str, actor: str) -> Grant:
@@ -186,20 +217,28 @@ class Ledger:
         """Store what the coordinator saw nodes do; a receipt may claim no more than this."""
         if not observations:
             return
+        rows = [o.model_dump(exclude={"id"}) for o in observations]
         with self._transaction() as session:
-            session.execute(
-                insert(Observation),
-                [o.model_dump(exclude={"id"}) for o in observations],
-            )
+            # A batch written once already (its commit succeeded but reported an error) must not
+            # block every later write: rows already there are skipped.
+            session.execute(_insert_ignoring_duplicates(self.engine, Observation), rows)
 
     # -- reading -------------------------------------------------------------------------------
 
     def observation(self, session_id: str, node_id: str) -> Observation | None:
+        """Called once per receipt checked: one Core query, no transaction (half the round trips on PostgreSQL)."""
+        with self.engine.connect() as connection:
+            connection = connection.execution_options(isolation_level="AUTOCOMMIT")
+            row = connection.execute(_OBSERVATION, {"session_id": session_id, "node_id": node_id}).first()
+        return None if row is None else Observation(**row._mapping)
+
+    def booked_for(self, session_id: str, node_id: str) -> str | None:
+        """The receipt already booked for this node's part of this session: a node bills a session once."""
+        query = select(col(Receipt.receipt_id)).where(
+            col(Receipt.session_id) == session_id, col(Receipt.node_id) == node_id
+        )
         with Session(self.engine) as session:
-            query = select(Observation).where(
-                col(Observation.session_id) == session_id, col(Observation.node_id) == node_id
-            )
-            return session.execute(query).scalars().first()
+            return session.execute(query.limit(1)).scalar()
 
     def booked(self, receipt_ids: Sequence[str]) -> set[str]:
         with Session(self.engine) as session:
@@ -271,14 +310,21 @@ class Ledger:
             return list(session.execute(query).scalars())
 
     def flows_since(self, since: dt.datetime) -> list[tuple[dt.datetime, str, str, int]]:
-        """(ended_at, provider, consumer, flops) of receipts since a time: what fair share decays."""
+        """(time, provider, consumer, flops) of receipts since a time: what fair share decays. The time is
+        the receipt's end, but never later than its booking: a node cannot date its work into the future."""
         query = (
-            select(col(Receipt.ended_at), col(Receipt.provider), col(Receipt.consumer), col(Receipt.flops))
+            select(
+                col(Receipt.ended_at),
+                col(Receipt.booked_at),
+                col(Receipt.provider),
+                col(Receipt.consumer),
+                col(Receipt.flops),
+            )
             .where(col(Receipt.ended_at) >= since)
             .order_by(col(Receipt.ended_at))
         )
         with Session(self.engine) as session:
-            return [(r[0], r[1], r[2], int(r[3])) for r in session.execute(query)]
+            return [(min(r[0], r[1]), r[2], r[3], int(r[4])) for r in session.execute(query)]
 
     def nodes(self) -> list[Node]:
         with Session(self.engine) as session:
@@ -325,25 +371,49 @@ class Ledger:
 
     @staticmethod
     def _touch_nodes(session: Session, bodies: Sequence[ReceiptBody]) -> None:
+        """Whatever order receipts arrive in, a node's span is its newest receipt's; first/last seen only widen."""
         latest: dict[str, ReceiptBody] = {}
+        first_seen: dict[str, dt.datetime] = {}
         for body in bodies:
             if body.node_id not in latest or body.ended_at > latest[body.node_id].ended_at:
                 latest[body.node_id] = body
-        for node_id, body in latest.items():
-            row = session.get(Node, node_id)
+            first_seen[body.node_id] = min(first_seen.get(body.node_id, body.started), body.started)
+        # FOR UPDATE (PostgreSQL): read the rows another booker may be changing only once it has committed
+        query = select(Node).where(col(Node.node_id).in_(latest)).order_by(col(Node.node_id)).with_for_update()
+        rows = {row.node_id: row for row in session.execute(query).scalars()}
+        for node_id in sorted(latest):
+            body, row = latest[node_id], rows.get(node_id)
             if row is None:
-                row = Node(
-                    node_id=node_id,
-                    institution=body.institution,
-                    start_block=body.start_block,
-                    end_block=body.end_block,
-                    first_seen=body.started,
-                    last_seen=body.ended,
+                session.add(
+                    Node(
+                        node_id=node_id,
+                        institution=body.institution,
+                        start_block=body.start_block,
+                        end_block=body.end_block,
+                        first_seen=first_seen[node_id],
+                        last_seen=body.ended,
+                    )
                 )
-            else:
-                row.last_seen = max(row.last_seen, body.ended)
-                row.start_block, row.end_block = body.start_block, body.end_block
-            session.add(row)
+                continue
+            if body.ended >= row.last_seen:
+                row.last_seen, row.start_block, row.end_block = body.ended, body.start_block, body.end_block
+            row.first_seen = min(row.first_seen, first_seen[node_id])
+        session.flush()
+
+
+def _lost_a_race(exc: BaseException | None) -> bool:
+    """A unique key another transaction committed first, or PostgreSQL aborting this one to break a deadlock."""
+    if isinstance(exc, IntegrityError):
+        return True
+    return isinstance(exc, OperationalError) and getattr(exc.orig, "sqlstate", None) in ("40001", "40P01")
+
+
+def _insert_ignoring_duplicates(engine: Engine, table: type[SQLModel]) -> Insert:
+    if engine.dialect.name == "postgresql":
+        return postgresql_insert(table).on_conflict_do_nothing()
+    if engine.dialect.name == "sqlite":
+        return sqlite_insert(table).on_conflict_do_nothing()
+    return insert(table)
 
 
 def _receipt_row(b: Booking, booked_at: dt.datetime) -> dict[str, Any]:

@@ -59,9 +59,13 @@ def verify_ledger(ledger: Ledger, *, ca_cert_pem: bytes, pool_id: str) -> Verify
             report.problem(f"balance of {name!r}: {flops} reported, {report.balances_flops.get(name, 0)} from postings")
 
     certificates = ledger.certificates()
+    billed: dict[tuple[str, str], str] = {}
     with Session(ledger.engine) as session:
         for receipt in session.execute(select(Receipt).order_by(col(Receipt.receipt_id))).scalars():
             report.receipts += 1
+            earlier = billed.setdefault((receipt.session_id, receipt.node_id), receipt.receipt_id)
+            if earlier != receipt.receipt_id:
+                report.problem(f"receipt {receipt.receipt_id} bills session {receipt.session_id} again ({earlier})")
             expected = _sum({receipt.provider: receipt.flops}, {receipt.consumer: -receipt.flops})
             _check_legs(
                 report, f"receipt {receipt.receipt_id}", legs.pop(("receipt", receipt.receipt_id), {}), expected
@@ -105,7 +109,9 @@ def _check_receipt(
         body = ReceiptBody.from_bytes(receipt.body)
         institution = verify_member_certificate(ca_cert_pem, node_cert.pem, pool_id=pool_id, now=body.ended)
         verify_signature(node_cert.pem, body_payload(receipt.body), receipt.node_signature)
-        verify_member_certificate(ca_cert_pem, coordinator_cert.pem, pool_id=pool_id, now=body.ended)
+        coordinator = verify_member_certificate(ca_cert_pem, coordinator_cert.pem, pool_id=pool_id, now=body.ended)
+        if coordinator != body.coordinator:
+            report.problem(f"{what}: countersigned by {coordinator!r}, but the session was {body.coordinator!r}'s")
         countersigned = countersign_payload(receipt.body, receipt.consumer)
         verify_signature(coordinator_cert.pem, countersigned, receipt.countersignature)
     except CoopError as exc:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import re
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -131,7 +132,8 @@ class NodeService(coop_pb2_grpc.NodeServicer):
             peer = self._authorize(context) or _peer_host(context)
             first = await asyncio.wait_for(anext(request_iterator), OPEN_TIMEOUT_S)
             session_id, reserved = self._open(first, peer)
-            meter = SessionMeter(first.open.start, first.open.end, peer, min(max(first.open.priority, 0.0), 1.0))
+            priority = first.open.priority if math.isfinite(first.open.priority) else 0.0
+            meter = SessionMeter(first.open.start, first.open.end, peer, min(max(priority, 0.0), 1.0))
         except (CoopError, StopAsyncIteration, TimeoutError) as exc:
             error = exc if isinstance(exc, CoopError) else InvalidInput("the session stream must start with open")
             yield pb.SessionEvent(failed=pb.SessionEvent.Failed(step_id=0, error=error_to_proto(error)))

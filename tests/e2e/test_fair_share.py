@@ -43,6 +43,7 @@ def _book_history(pool_dir: Path, bundles: dict[str, Path], manifest: Manifest) 
         manifest.span_flops_per_token,
         coord,
         ledger.observation,
+        ledger.booked_for,
     )
     for provider, sessions in (("Uni A", 40), ("Uni B", 20)):
         seeds = seeded_receipts(

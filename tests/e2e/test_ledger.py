@@ -166,11 +166,15 @@ def test_altered_receipts_are_rejected_and_audited(books: BooksPool) -> None:
     )
     wrong_institution = sign_receipt(alpha, variant(institution="Beta"))
     borrowed_cert = sign_receipt(beta, variant())  # credits Alpha, signed by Beta
+    second_bill = sign_receipt(alpha, variant())  # the same session again, under a new receipt id
+    future = sign_receipt(alpha, variant(ended_at=time.time() + 30 * 86400))  # to outweigh decayed history
     bad = {
         "inflated": (ReceiptBody.from_bytes(inflated.body).receipt_id, inflated),
         "forged": (doc["receipt_id"], forged),
         "wrong institution": (ReceiptBody.from_bytes(wrong_institution.body).receipt_id, wrong_institution),
         "borrowed certificate": (ReceiptBody.from_bytes(borrowed_cert.body).receipt_id, borrowed_cert),
+        "second bill": (ReceiptBody.from_bytes(second_bill.body).receipt_id, second_bill),
+        "future-dated": (ReceiptBody.from_bytes(future.body).receipt_id, future),
     }
     balances = {b.institution: b.balance_flops for b in ledger.balances()}
     outbox = books.outbox("Alpha")

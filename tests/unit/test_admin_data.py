@@ -111,6 +111,7 @@ def build_admin_pool(root: Path, *, ledger_url: str | None = None, seed: int = 6
         span_flops_per_token=lambda start, end: (end - start) * FLOPS_PER_BLOCK_TOKEN,
         signer=bundles[COORDINATOR],
         observation=ledger.observation,
+        booked_for=ledger.booked_for,
     )
     for name in MEMBERS:
         ledger.grant(name, 100, reason="sign-up credit", actor="admin (cli)")

@@ -152,3 +152,27 @@ def test_node_runs_queued_steps_by_priority_then_arrival() -> None:
 
     _run(scenario())
     assert ran == ["busy", "high-1", "high-2", "mid", "low", "alone"]
+
+
+def test_a_waiter_cancelled_just_before_its_turn_does_not_leak_the_slot() -> None:
+    admission = FairShareAdmission(1, lambda name: 1.0)
+
+    async def scenario() -> None:
+        holding = admission.admit("a")
+        await holding.__aenter__()
+
+        async def wait_in_line() -> None:
+            async with admission.admit("b"):
+                pass
+
+        waiter = asyncio.create_task(wait_in_line())
+        await asyncio.sleep(0)
+        waiter.cancel()  # its future is cancelled at once, before the task sees it
+        await holding.__aexit__(None, None, None)  # the slot must not be handed to the cancelled waiter
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        async with admission.admit("c") as waited_s:
+            assert waited_s == 0.0
+
+    _run(scenario())
+    assert admission.active == 0 and admission.waiting == 0

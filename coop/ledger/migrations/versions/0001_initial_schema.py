@@ -137,6 +137,7 @@ def upgrade() -> None:
             ["institutions.name"],
         ),
         sa.PrimaryKeyConstraint("receipt_id"),
+        sa.UniqueConstraint("session_id", "node_id", name="uq_receipts_session_node"),
     )
     with op.batch_alter_table("receipts", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_receipts_booked_at"), ["booked_at"], unique=False)
