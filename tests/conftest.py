@@ -1,11 +1,17 @@
-"""Shared fixtures: offline hub, a clean environment per test, tiny random models."""
+"""Shared fixtures: offline hub, a clean environment per test, tiny random models, a pool with members."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.pg_server import PostgresServer
+    from tests.pools import MemberPool
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -74,3 +80,33 @@ def tiny_chat_model_dir(tmp_path_factory: pytest.TempPathFactory, demo_model_dir
             shutil.copy(Path(demo_model_dir) / name, root / "hf" / name)
     prepare(str(root / "hf"), root / "coop")
     return str(root / "coop")
+
+
+@pytest.fixture
+def member_pool(tmp_path: Path) -> MemberPool:
+    """A fresh pool (tmp_path/"pool") with members alpha, beta and coord, each with its bundle loaded."""
+    from tests.pools import make_member_pool
+
+    return make_member_pool(tmp_path / "pool")
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A throwaway PostgreSQL server for the whole session, started on first use (tests/pg_server.py)."""
+    from tests.pg_server import PostgresUnavailable, postgres_server
+
+    try:
+        with postgres_server() as server:
+            yield server
+    except PostgresUnavailable as exc:
+        pytest.fail(str(exc), pytrace=False)  # never a skip: the PostgreSQL ledger must be tested
+
+
+@pytest.fixture
+def postgres_url(postgres: PostgresServer) -> Iterator[str]:
+    """SQLAlchemy URL of a fresh, empty database, dropped after the test."""
+    name = postgres.create_database()
+    try:
+        yield postgres.url(name)
+    finally:
+        postgres.drop_database(name)

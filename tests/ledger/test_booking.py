@@ -1,0 +1,112 @@
+"""The coordinator's checks on a receipt: every dishonest or foreign receipt is rejected, an early one waits."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from coop.errors import ReceiptRejected
+from coop.identity import verify_signature
+from coop.ledger.booking import UNKNOWN_SESSION_GRACE_S, ReceiptPending
+from coop.ledger.models import Observation
+from coop.ledger.receipts import SignedReceipt, countersign_payload
+from tests.ledger.conftest import Receipts
+from tests.pools import make_member_pool
+
+Forge = Callable[[Receipts, Observation, Path], SignedReceipt]
+
+
+def flipped_byte(signed: SignedReceipt) -> SignedReceipt:
+    """The body with one hex digit of its receipt id changed: still a valid body, no longer what was signed."""
+    at = signed.body.index(b'"receipt_id":"') + len(b'"receipt_id":"')
+    digit = b"1" if signed.body[at : at + 1] != b"1" else b"2"
+    return replace(signed, body=signed.body[:at] + digit + signed.body[at + 1 :])
+
+
+def other_pools_alpha(receipts: Receipts, seen: Observation, tmp_path: Path) -> SignedReceipt:
+    """An "alpha" certified by another pool's CA, claiming work in this pool."""
+    impostor = make_member_pool(tmp_path / "other-pool", "other", members=("alpha",))["alpha"]
+    return receipts.sign(receipts.body(seen), signer=impostor)
+
+
+FORGERIES: dict[str, tuple[Forge, str]] = {
+    "decode tokens beyond the observation": (
+        lambda r, seen, _: r.sign(r.body(seen, decode_tokens=seen.decode_tokens + 1)),
+        "the coordinator sent",
+    ),
+    "prefill tokens beyond the observation": (
+        lambda r, seen, _: r.sign(r.body(seen, prefill_tokens=seen.prefill_tokens + 5, decode_tokens=0)),
+        "the coordinator sent",
+    ),
+    "flops not matching the tokens": (
+        lambda r, seen, _: r.sign(r.body(seen, flops=r.body(seen).flops + 1)),
+        "FLOPs",
+    ),
+    "a byte of the body flipped": (lambda r, seen, _: flipped_byte(r.sign(r.body(seen))), "signature does not match"),
+    "signed by beta, crediting alpha": (
+        lambda r, seen, _: r.sign(r.body(seen), signer=r.pool["beta"]),
+        "signed by 'beta'",
+    ),
+    "a certificate from another pool's CA": (other_pools_alpha, "not issued by this pool's CA"),
+    "another model": (lambda r, seen, _: r.sign(r.body(seen, model_hash="cd34")), "another model"),
+    "another coordinator": (lambda r, seen, _: r.sign(r.body(seen, coordinator="beta")), "for coordinator 'beta'"),
+    "another pool id": (lambda r, seen, _: r.sign(r.body(seen, pool_id="0123456789abcdef")), "is for pool"),
+    "other blocks than observed": (lambda r, seen, _: r.sign(r.body(seen, end_block=11)), "the session used 0:10"),
+    "a node that served for beta": (
+        lambda r, seen, _: r.sign(r.body(seen, institution="beta")),
+        "served for 'alpha', not 'beta'",
+    ),
+    "a body that is not JSON": (lambda r, seen, _: replace(r.sign(r.body(seen)), body=b"{not json"), "malformed"),
+}
+
+
+@pytest.mark.parametrize("forgery", list(FORGERIES))
+def test_a_forged_or_foreign_receipt_is_rejected(receipts: Receipts, tmp_path: Path, forgery: str) -> None:
+    forge, reason = FORGERIES[forgery]
+    seen = receipts.observe("alpha", "beta")
+
+    with pytest.raises(ReceiptRejected, match=reason):
+        receipts.checker().check(forge(receipts, seen, tmp_path))
+
+
+def test_an_honest_receipt_is_countersigned_for_the_consumer_the_coordinator_saw(receipts: Receipts) -> None:
+    seen = receipts.observe("alpha", "beta")
+    signed = receipts.sign(receipts.body(seen))
+
+    booking = receipts.checker().check(signed)
+
+    assert (booking.body.institution, booking.consumer, booking.signed) == ("alpha", "beta", signed)
+    coordinator = receipts.pool["coord"]
+    assert booking.coordinator_cert_pem == coordinator.cert_pem
+    verify_signature(coordinator.cert_pem, countersign_payload(signed.body, "beta"), booking.countersignature)
+
+
+def test_a_receipt_may_claim_less_than_was_observed(receipts: Receipts) -> None:
+    """A node that crashed mid-session lost its last steps: it claims fewer tokens, never more."""
+    seen = receipts.observe(prefill_tokens=7, decode_tokens=20)
+    body = receipts.body(seen, decode_tokens=12)
+
+    booking = receipts.checker().check(receipts.sign(body))
+
+    assert booking.body.flops == 19 * 10 * 1000
+    assert receipts.ledger.book([booking]) == [body.receipt_id]
+
+
+def test_a_receipt_for_a_session_not_yet_written_down_is_pending(receipts: Receipts) -> None:
+    unseen = receipts.observe(record=False)
+
+    with pytest.raises(ReceiptPending):
+        receipts.checker().check(receipts.sign(receipts.body(unseen)))
+
+
+def test_a_receipt_for_a_session_never_seen_is_rejected_after_the_grace_period(receipts: Receipts) -> None:
+    unseen = receipts.observe(record=False)
+    ended = time.time() - UNKNOWN_SESSION_GRACE_S - 60
+    body = receipts.body(unseen, started_at=ended - 5, ended_at=ended)
+
+    with pytest.raises(ReceiptRejected, match=f"never saw session {unseen.session_id}"):
+        receipts.checker().check(receipts.sign(body))

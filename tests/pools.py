@@ -1,0 +1,33 @@
+"""A pool with member bundles, made the way an admin makes one (`coop pool create`, `coop member add`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from coop.identity import MemberBundle, PoolInfo, add_member, create_pool
+
+MEMBERS = ("alpha", "beta", "coord")
+
+
+@dataclass(frozen=True)
+class MemberPool:
+    info: PoolInfo
+    bundles: dict[str, MemberBundle]
+
+    @property
+    def pool_id(self) -> str:
+        return self.info.pool_id
+
+    @property
+    def directory(self) -> Path:
+        return self.info.directory
+
+    def __getitem__(self, institution: str) -> MemberBundle:
+        return self.bundles[institution]
+
+
+def make_member_pool(directory: Path, name: str = "test", members: Sequence[str] = MEMBERS) -> MemberPool:
+    info = create_pool(directory, name)
+    return MemberPool(info, {m: MemberBundle.load(add_member(directory, m)) for m in members})
