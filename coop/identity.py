@@ -69,6 +69,7 @@ ADMIN_TOKEN_FILE = "admin.token"
 REVOCATIONS_FILE = "revocations.json"
 API_KEYS_FILE = "api_keys.json"
 MEMBERS_DIR = "members"
+RESERVED_INSTITUTION = "pool"  # the ledger's pool account (coop.ledger.models.POOL_ACCOUNT)
 
 BUNDLE_FORMAT = "coop-member-bundle/1"
 API_KEYS_FORMAT = "coop-api-keys/1"
@@ -508,6 +509,8 @@ def add_member(pool_dir: Path | str, institution: str) -> Path:
     """
     pool = PoolInfo.load(pool_dir)
     _check_name("institution", institution)
+    if institution.lower() == RESERVED_INSTITUTION:
+        raise InvalidInput(f"{institution!r} is reserved for the pool's own ledger account; pick another name")
     record_path, bundle_path = _member_paths(pool.directory, institution)
     with _pool_lock(pool.directory):
         if record_path.exists() or bundle_path.exists():

@@ -12,8 +12,11 @@ import datetime as dt
 from sqlalchemy import BigInteger, Column, Index, LargeBinary, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
+from coop.identity import RESERVED_INSTITUTION
+
 FLOPS_PER_CREDIT = 10**12
-POOL_ACCOUNT = "pool"  # grants are paid from here; it goes negative by what the pool has given away
+# grants are paid from here; it goes negative by what the pool has given away. No member may take the name.
+POOL_ACCOUNT = RESERVED_INSTITUTION
 
 
 def utcnow() -> dt.datetime:

@@ -342,6 +342,8 @@ class Ledger:
     # -- helpers -------------------------------------------------------------------------------
 
     def _ensure_institution(self, session: Session, name: str) -> Institution:
+        if name.lower() == POOL_ACCOUNT:
+            raise InvalidInput(f"{name!r} is the pool's own account, not an institution")
         if ("institution", name) in self._known:
             row = session.get(Institution, name)
             if row is not None:

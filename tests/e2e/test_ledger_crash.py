@@ -27,7 +27,7 @@ from tests.ledger_seed import seeded_receipts
 
 pytestmark = pytest.mark.slow
 RECEIPTS = 1000
-WAIT_S = 90.0
+WAIT_S = 240.0  # generous: the 2-core CI machine runs other tests' processes too
 
 
 def _wait(what: str, check, timeout_s: float = WAIT_S, every_s: float = 0.1):  # type: ignore[no-untyped-def]

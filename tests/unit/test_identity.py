@@ -466,3 +466,9 @@ def test_cli_pool_and_member_commands(tmp_path: Path) -> None:
 
     missing = runner.invoke(app, ["member", "list", "--pool", str(tmp_path / "nowhere")])
     assert missing.exit_code == 1 and "does not exist" in missing.stderr
+
+
+def test_the_pool_account_name_is_reserved(tmp_path: Path) -> None:
+    create_pool(tmp_path, "Pool")
+    with pytest.raises(InvalidInput, match="reserved"):
+        add_member(tmp_path, "Pool")
