@@ -39,7 +39,6 @@ class FairShareAdmission:
         self._active = 0
         self._waiters: list[_Waiter] = []
         self._arrival = itertools.count()
-        self.admitted_after_wait: Counter[str] = Counter()
         self.admitted_at_once: Counter[str] = Counter()
 
     @property
@@ -70,7 +69,6 @@ class FairShareAdmission:
                 elif not waiter.future.cancelled():
                     self._release()  # admitted just as we were cancelled: hand the slot on
                 raise
-            self.admitted_after_wait[institution] += 1
             waited_s = loop.time() - arrived
         try:
             yield waited_s

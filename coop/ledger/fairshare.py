@@ -99,8 +99,3 @@ class FairShare:
     def factor(self, institution: str, now_s: float) -> float:
         """1.0 for an institution the pool has not seen yet."""
         return self.factors(now_s).get(institution, 1.0)
-
-    def decayed(self, now_s: float) -> tuple[dict[str, float], dict[str, float]]:
-        """(usage, contribution) per institution, decayed to now."""
-        with self._lock:
-            return self._usage.snapshot(now_s), self._contribution.snapshot(now_s)

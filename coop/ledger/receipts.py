@@ -16,7 +16,6 @@ import math
 import re
 import uuid
 from dataclasses import asdict, dataclass
-from typing import Any
 
 from coop.errors import InvalidInput
 from coop.identity import MemberBundle
@@ -103,13 +102,6 @@ class SignedReceipt:
     body: bytes
     signature: bytes  # ECDSA/SHA-256 by the node's member key over _BODY_DOMAIN + body
     cert_pem: bytes  # the signer's member certificate
-
-    @property
-    def digest(self) -> str:
-        return hashlib.sha256(self.body).hexdigest()
-
-    def to_json(self) -> dict[str, Any]:
-        return {"body": self.body.decode("utf-8"), "signature": self.signature.hex(), "cert": self.cert_pem.decode()}
 
 
 def new_receipt_id() -> str:

@@ -240,11 +240,6 @@ class Ledger:
         with Session(self.engine) as session:
             return session.execute(query.limit(1)).scalar()
 
-    def booked(self, receipt_ids: Sequence[str]) -> set[str]:
-        with Session(self.engine) as session:
-            query = select(col(Receipt.receipt_id)).where(col(Receipt.receipt_id).in_(list(receipt_ids)))
-            return set(session.execute(query).scalars())
-
     def balances(self) -> list[Balance]:
         """Every institution's balance, derived from postings (never stored)."""
         receipt_leg = col(Posting.receipt_id).is_not(None)
