@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from coop.coordinator.routing import Hop
 from coop.ledger.fairshare import FairShare
 from coop.ledger.models import Observation
+from coop.ledger.receipts import TokenTally
 
 
 class Metering:
@@ -34,10 +35,8 @@ class Metering:
         for hop in hops:
             self.fair_share.record(hop.institution or None, consumer, tokens * self._flops(hop.start, hop.end), now)
 
-    def session_ended(
-        self, session_id: str, consumer: str, hops: Sequence[Hop], prefill_tokens: int, decode_tokens: int
-    ) -> None:
-        if prefill_tokens + decode_tokens == 0:
+    def session_ended(self, session_id: str, consumer: str, hops: Sequence[Hop], sent: TokenTally) -> None:
+        if sent.total == 0:
             return
         rows = [
             Observation(
@@ -47,8 +46,8 @@ class Metering:
                 consumer=consumer,
                 start_block=hop.start,
                 end_block=hop.end,
-                prefill_tokens=prefill_tokens,
-                decode_tokens=decode_tokens,
+                prefill_tokens=sent.prefill,
+                decode_tokens=sent.decode,
             )
             for hop in hops
         ]

@@ -23,6 +23,7 @@ from coop.coordinator.metering import Metering
 from coop.coordinator.routing import Hop
 from coop.coordinator.swarm import SwarmView
 from coop.errors import CoopError, PeerError, UnknownSession
+from coop.ledger.receipts import TokenTally
 from coop.wire.channels import ChannelPool
 from coop.wire.errors import error_from_proto
 from coop.wire.generated import coop_pb2 as pb
@@ -88,8 +89,7 @@ class RemoteChain:
         self.consumer = consumer
         self.priority = priority
         self.metering = metering
-        self._prefill_tokens = 0  # sent to the current route, which every hop of it computes
-        self._decode_tokens = 0
+        self._sent = TokenTally()  # sent to the current route, which every hop of it computes
 
     async def open(self) -> RemoteChain:
         for _attempt in range(self.max_failovers + 1):
@@ -103,7 +103,7 @@ class RemoteChain:
     async def _open_route(self) -> None:
         self.hops = await self.swarm.route(exclude=self._excluded)
         self.session_id = uuid.uuid4().hex
-        self._prefill_tokens = self._decode_tokens = 0
+        self._sent = TokenTally()
         self._events = asyncio.Queue()
         # Each stream joins self._streams as soon as it is open, so close() finds it even if
         # this open is cancelled half-way.
@@ -201,7 +201,7 @@ class RemoteChain:
         except grpc.aio.AioRpcError as exc:
             raise _HopsFailed({first.node_id}, f"node {first.node_id} is unreachable: {exc.code().name}") from exc
         finally:
-            self._count(hidden.shape[1])  # the ceiling of what the hops may bill, sent or not
+            self._sent.add(hidden.shape[1])  # the ceiling of what the hops may bill, sent or not
         if ack.HasField("error"):
             error = error_from_proto(ack.error)
             if isinstance(error, UnknownSession):  # the node restarted and lost our session
@@ -211,12 +211,6 @@ class RemoteChain:
         if self.metering is not None:
             self.metering.stepped(self.consumer, self.hops, hidden.shape[1])
         return output
-
-    def _count(self, tokens: int) -> None:
-        if tokens == 1:
-            self._decode_tokens += 1
-        else:
-            self._prefill_tokens += tokens
 
     async def _wait_result(self, step_id: int, n: int) -> torch.Tensor:
         loop = asyncio.get_running_loop()
@@ -273,8 +267,8 @@ class RemoteChain:
         streams, self._streams = self._streams, []
         if self.metering is not None and streams:
             hops = [stream.hop for stream in streams]
-            self.metering.session_ended(self.session_id, self.consumer, hops, self._prefill_tokens, self._decode_tokens)
-        self._prefill_tokens = self._decode_tokens = 0
+            self.metering.session_ended(self.session_id, self.consumer, hops, self._sent)
+        self._sent = TokenTally()
         for stream in streams:  # bookkeeping first, with no await, so a cancellation cannot leak it
             self.swarm.load[stream.hop.node_id] -= 1
         try:

@@ -41,8 +41,8 @@ class ReceiptBody:
     model_hash: str
     start_block: int
     end_block: int
-    prefill_tokens: int  # tokens of multi-token steps (prompts, replays)
-    decode_tokens: int  # tokens of one-token steps
+    prefill_tokens: int  # split as TokenTally splits them
+    decode_tokens: int
     flops: int  # (prefill + decode) x the manifest's FLOPs per token of blocks [start, end)
     started_at: float  # unix seconds
     ended_at: float
@@ -102,6 +102,25 @@ class SignedReceipt:
     body: bytes
     signature: bytes  # ECDSA/SHA-256 by the node's member key over _BODY_DOMAIN + body
     cert_pem: bytes  # the signer's member certificate
+
+
+@dataclass
+class TokenTally:
+    """A session's tokens, split the way receipts bill them. Nodes count what they computed and the
+    coordinator what it sent, both with this one rule, so that the two can be compared."""
+
+    prefill: int = 0  # tokens of multi-token steps: prompts, replays after a failover
+    decode: int = 0  # one-token steps
+
+    def add(self, step_tokens: int) -> None:
+        if step_tokens == 1:
+            self.decode += 1
+        else:
+            self.prefill += step_tokens
+
+    @property
+    def total(self) -> int:
+        return self.prefill + self.decode
 
 
 def new_receipt_id() -> str:

@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from coop.identity import MemberBundle
-from coop.ledger.receipts import ReceiptBody, new_receipt_id, sign_receipt
+from coop.ledger.receipts import ReceiptBody, TokenTally, new_receipt_id, sign_receipt
 from coop.model.manifest import Manifest
 from coop.node.outbox import Outbox
 
@@ -17,16 +17,8 @@ class SessionMeter:
     end: int
     coordinator: str  # the institution (or, in development, the address) that opened the session
     priority: float = 0.0
-    prefill_tokens: int = 0
-    decode_tokens: int = 0
+    tokens: TokenTally = field(default_factory=TokenTally)
     started_at: float = field(default_factory=time.time)
-
-    def count(self, tokens: int) -> None:
-        """One step's tokens: a one-token step is decoding, anything longer is a prompt or a replay."""
-        if tokens == 1:
-            self.decode_tokens += 1
-        else:
-            self.prefill_tokens += tokens
 
 
 class ReceiptWriter:
@@ -40,7 +32,7 @@ class ReceiptWriter:
 
     def write(self, session_id: str, meter: SessionMeter) -> str | None:
         """The receipt id, or None when the session computed nothing."""
-        tokens = meter.prefill_tokens + meter.decode_tokens
+        tokens = meter.tokens.total
         if tokens == 0:
             return None
         body = ReceiptBody(
@@ -53,8 +45,8 @@ class ReceiptWriter:
             model_hash=self.manifest.content_hash,
             start_block=meter.start,
             end_block=meter.end,
-            prefill_tokens=meter.prefill_tokens,
-            decode_tokens=meter.decode_tokens,
+            prefill_tokens=meter.tokens.prefill,
+            decode_tokens=meter.tokens.decode,
             flops=tokens * self.manifest.span_flops_per_token(meter.start, meter.end),
             started_at=meter.started_at,
             ended_at=max(time.time(), meter.started_at),

@@ -259,7 +259,7 @@ class NodeService(coop_pb2_grpc.NodeServicer):
                     self._executor, self.engine.step, session_id, hidden, request.start_position
                 )
             if meter is not None:
-                meter.count(hidden.shape[1])
+                meter.tokens.add(hidden.shape[1])
             self.counters.steps_run += 1
             message = tensor_to_proto(output)
             if next_hops:
