@@ -42,10 +42,10 @@ def _fail(exc: CoopError) -> NoReturn:
 
 def _open(pool: Path, url: str | None) -> tuple[PoolInfo, Ledger]:
     from coop.identity import PoolInfo
-    from coop.ledger.store import LEDGER_FILE, Ledger, sqlite_url
+    from coop.ledger.store import Ledger, ledger_location
 
     info = PoolInfo.load(pool)
-    return info, Ledger.open(url or info.ledger_url or sqlite_url(pool / LEDGER_FILE))
+    return info, Ledger.open(ledger_location(url, info.ledger_url, pool))
 
 
 def _credits(flops: int) -> str:

@@ -21,7 +21,7 @@ from coop.coordinator.receipts import ReceiptCollector
 from coop.identity import MemberBundle
 from coop.ledger.booking import ReceiptChecker
 from coop.ledger.fairshare import FairShare
-from coop.ledger.store import LEDGER_FILE, Ledger, safe_url, sqlite_url
+from coop.ledger.store import Ledger, ledger_location, safe_url
 from coop.model.manifest import Manifest
 from coop.node.directory import NodeAnnouncement
 from coop.wire.channels import ChannelPool
@@ -32,14 +32,9 @@ SEED_HALF_LIVES = 10  # older flows weigh under 0.1% and are not read at start
 
 
 def ledger_url(settings: CoordinatorSettings, bundle: MemberBundle) -> str:
-    if settings.ledger_url:
-        return settings.ledger_url
-    if bundle.ledger_url:
-        return bundle.ledger_url
-    if settings.pool_dir is not None:
-        return sqlite_url(settings.pool_dir / LEDGER_FILE)
+    """Without a pool directory, the ledger goes next to the member bundle."""
     assert settings.member_bundle is not None
-    return sqlite_url(settings.member_bundle.with_name(LEDGER_FILE))
+    return ledger_location(settings.ledger_url, bundle.ledger_url, settings.pool_dir or settings.member_bundle.parent)
 
 
 @dataclass

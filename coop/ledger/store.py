@@ -59,6 +59,12 @@ def sqlite_url(path: Path | str) -> str:
     return f"sqlite:///{Path(path).resolve()}"
 
 
+def ledger_location(explicit: str | None, configured: str | None, directory: Path) -> str:
+    """The one rule for which ledger a process opens: the URL it was given, else the pool's configured
+    URL, else SQLite in `directory` (the pool directory). Coordinator and `coop ledger` both follow it."""
+    return explicit or configured or sqlite_url(directory / LEDGER_FILE)
+
+
 @dataclass(frozen=True)
 class Booking:
     """A receipt that passed every check, with the coordinator's countersignature."""
