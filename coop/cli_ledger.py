@@ -49,9 +49,9 @@ def _open(pool: Path, url: str | None) -> tuple[PoolInfo, Ledger]:
 
 
 def _credits(flops: int) -> str:
-    from coop.ledger.models import FLOPS_PER_CREDIT
+    from coop.ledger.models import flops_to_credits
 
-    return f"{flops / FLOPS_PER_CREDIT:,.6f}"
+    return f"{flops_to_credits(flops):,.6f}"
 
 
 def _since(text: str | None) -> dt.datetime | None:

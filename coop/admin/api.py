@@ -31,6 +31,7 @@ from coop.admin.protocol import (
 )
 from coop.admin.queries import AuditFilter, ReceiptFilter, as_utc
 from coop.identity import api_key_digest
+from coop.ledger.models import flops_to_credits
 
 UNAUTHORIZED: dict[int | str, dict[str, Any]] = {401: {"description": "No admin session and no admin bearer token"}}
 
@@ -97,7 +98,7 @@ def api_router(ctx: AdminContext, auth: AdminAuth) -> APIRouter:
         row = await run_in_threadpool(actions.grant, ctx, who, body.institution, body.credits, body.reason)
         return GrantOut(
             grant_id=row.grant_id,
-            credits=views.credits(row.flops),
+            credits=flops_to_credits(row.flops),
             reason=row.reason,
             granted_by=row.granted_by,
             created_at=as_utc(row.created_at),

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from coop.admin import queries
 from coop.admin.context import AdminContext
 from coop.admin.queries import AuditFilter, ReceiptFilter, as_utc
-from coop.admin.views import credits
+from coop.ledger.models import flops_to_credits
 
 RECEIPT_COLUMNS = [
     "receipt_id",
@@ -63,7 +63,7 @@ def receipts_csv(ctx: AdminContext, filters: ReceiptFilter) -> Iterator[str]:
                 r.prefill_tokens,
                 r.decode_tokens,
                 r.flops,
-                f"{credits(r.flops):.6f}",
+                f"{flops_to_credits(r.flops):.6f}",
                 as_utc(r.started_at).isoformat(),
                 as_utc(r.ended_at).isoformat(),
                 as_utc(r.booked_at).isoformat(),

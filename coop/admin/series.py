@@ -6,7 +6,7 @@ import datetime as dt
 from collections.abc import Iterable, Sequence
 
 from coop.admin.queries import BUCKET_SECONDS, Bucket, FlowBucket, bucket_start
-from coop.ledger.models import FLOPS_PER_CREDIT
+from coop.ledger.models import flops_to_credits
 
 RATE_STEP_S = 10.0
 
@@ -38,8 +38,8 @@ def flow_series(
     sums = {s: [0.0, 0.0] for s in starts}
     for flow in flows:
         if flow.institution == institution and flow.start in sums:
-            sums[flow.start][0] += flow.contributed_flops / FLOPS_PER_CREDIT
-            sums[flow.start][1] += flow.used_flops / FLOPS_PER_CREDIT
+            sums[flow.start][0] += flops_to_credits(flow.contributed_flops)
+            sums[flow.start][1] += flops_to_credits(flow.used_flops)
     return [(s, sums[s][0], sums[s][1]) for s in starts]
 
 

@@ -39,15 +39,11 @@ from coop.identity import (
     list_members,
     read_revocations,
 )
-from coop.ledger.models import FLOPS_PER_CREDIT, Receipt
+from coop.ledger.models import Receipt, flops_to_credits
 from coop.node.directory import NodeAnnouncement
 
 DETAIL_RECEIPTS = 20
 SMALL_CHART_WIDTH = 480  # the institutions page's small multiples
-
-
-def credits(flops: int) -> float:
-    return flops / FLOPS_PER_CREDIT
 
 
 def utc_from_s(seconds: float) -> dt.datetime:
@@ -115,7 +111,7 @@ def nodes(ctx: AdminContext, pool: PoolState, now: Live, *, now_s: float | None 
                 last_seen=utc_from_s(ann.announced_at),
                 receipts=s.receipts if s else 0,
                 tokens=s.tokens if s else 0,
-                credits_delivered=credits(s.flops) if s else 0.0,
+                credits_delivered=flops_to_credits(s.flops) if s else 0.0,
             )
         )
     online = {ann.node_id for ann in live}
@@ -135,7 +131,7 @@ def nodes(ctx: AdminContext, pool: PoolState, now: Live, *, now_s: float | None 
                 last_seen=as_utc(row.last_seen),
                 receipts=s.receipts if s else 0,
                 tokens=s.tokens if s else 0,
-                credits_delivered=credits(s.flops) if s else 0.0,
+                credits_delivered=flops_to_credits(s.flops) if s else 0.0,
             )
         )
     return out
@@ -207,12 +203,12 @@ def _institutions(ctx: AdminContext, pool: PoolState, online: Sequence[NodeOut])
                 name=name,
                 member=name in members,
                 revoked=name in pool.revoked,
-                balance_credits=credits(b.balance_flops) if b else 0.0,
+                balance_credits=flops_to_credits(b.balance_flops) if b else 0.0,
                 balance_flops=b.balance_flops if b else 0,
-                contributed_credits=credits(b.contributed_flops) if b else 0.0,
-                used_credits=credits(b.used_flops) if b else 0.0,
-                granted_credits=credits(b.granted_flops) if b else 0.0,
-                credit_floor_credits=None if floor is None else credits(floor),
+                contributed_credits=flops_to_credits(b.contributed_flops) if b else 0.0,
+                used_credits=flops_to_credits(b.used_flops) if b else 0.0,
+                granted_credits=flops_to_credits(b.granted_flops) if b else 0.0,
+                credit_floor_credits=None if floor is None else flops_to_credits(floor),
                 fair_share=ctx.fair_share(name) if ctx.fair_share is not None else None,
                 nodes_online=nodes_online[name],
                 api_keys_live=keys_live[name],
@@ -258,7 +254,7 @@ def receipt_out(r: Receipt) -> ReceiptOut:
         prefill_tokens=r.prefill_tokens,
         decode_tokens=r.decode_tokens,
         flops=r.flops,
-        credits=credits(r.flops),
+        credits=flops_to_credits(r.flops),
         started_at=as_utc(r.started_at),
         ended_at=as_utc(r.ended_at),
         booked_at=as_utc(r.booked_at),
@@ -301,7 +297,7 @@ def institution_detail(
         grants=[
             GrantOut(
                 grant_id=g.grant_id,
-                credits=credits(g.flops),
+                credits=flops_to_credits(g.flops),
                 reason=g.reason,
                 granted_by=g.granted_by,
                 created_at=as_utc(g.created_at),

@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from coop.errors import CreditExhausted
-from coop.ledger.models import FLOPS_PER_CREDIT
+from coop.ledger.models import flops_to_credits
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +120,8 @@ class RequestAdmission:
             balance, floor = await asyncio.to_thread(self._credit_state, consumer)
             if floor is not None and balance < floor:
                 raise CreditExhausted(
-                    f"{consumer} has {balance / FLOPS_PER_CREDIT:.6g} credits, below its credit floor of "
-                    f"{floor / FLOPS_PER_CREDIT:.6g}: contribute compute (run a node) or ask the pool admin "
+                    f"{consumer} has {flops_to_credits(balance):.6g} credits, below its credit floor of "
+                    f"{flops_to_credits(floor):.6g}: contribute compute (run a node) or ask the pool admin "
                     "for a grant (`coop ledger grant`)"
                 )
         async with self.admission.admit(consumer) as waited_s:

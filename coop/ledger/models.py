@@ -19,6 +19,14 @@ FLOPS_PER_CREDIT = 10**12
 POOL_ACCOUNT = RESERVED_INSTITUTION
 
 
+def flops_to_credits(flops: int) -> float:
+    return flops / FLOPS_PER_CREDIT
+
+
+def credits_to_flops(amount: float) -> int:
+    return round(amount * FLOPS_PER_CREDIT)
+
+
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 

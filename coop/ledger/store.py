@@ -26,7 +26,6 @@ from sqlmodel import Session, SQLModel, col
 
 from coop.errors import InvalidInput, LedgerError
 from coop.ledger.models import (
-    FLOPS_PER_CREDIT,
     POOL_ACCOUNT,
     Account,
     AuditEvent,
@@ -37,6 +36,8 @@ from coop.ledger.models import (
     Observation,
     Posting,
     Receipt,
+    credits_to_flops,
+    flops_to_credits,
     utcnow,
 )
 from coop.ledger.receipts import ReceiptBody, SignedReceipt, cert_sha256
@@ -87,7 +88,7 @@ class Balance:
 
     @property
     def balance_credits(self) -> float:
-        return self.balance_flops / FLOPS_PER_CREDIT
+        return flops_to_credits(self.balance_flops)
 
 
 class Ledger:
@@ -182,7 +183,7 @@ class Ledger:
 
     def grant(self, institution: str, credits: float, *, reason: str, actor: str) -> Grant:
         """Credits from the pool account to an institution (negative credits take them back)."""
-        flops = round(credits * FLOPS_PER_CREDIT)
+        flops = credits_to_flops(credits)
         if flops == 0:
             raise InvalidInput("a grant must move a non-zero amount")
         if not reason.strip():
@@ -209,7 +210,7 @@ class Ledger:
         """Below this balance the institution's requests are refused (402); None removes the floor."""
         with self._transaction() as session:
             row = self._ensure_institution(session, institution)
-            row.credit_floor_flops = None if credits is None else round(credits * FLOPS_PER_CREDIT)
+            row.credit_floor_flops = None if credits is None else credits_to_flops(credits)
             session.add(row)
             detail = "no floor" if credits is None else f"floor {credits:g} credits"
             session.add(AuditEvent(actor=actor, action="credit_floor_set", subject=institution, detail=detail))
