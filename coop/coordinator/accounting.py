@@ -63,9 +63,7 @@ class Accounting:
         flows = await asyncio.to_thread(ledger.flows_since, since)
         fair_share.seed((at.timestamp(), provider, consumer, flops) for at, provider, consumer, flops in flows)
         metering = Metering(fair_share, manifest.span_flops_per_token)
-        admission = FairShareAdmission(
-            settings.max_active_sessions, lambda institution: fair_share.factor(institution, time.time())
-        )
+        admission = FairShareAdmission(settings.max_active_sessions, lambda: fair_share.factors(time.time()))
         access = RequestAdmission(admission, default_consumer=bundle.institution, credit_state=ledger.credit_state)
         checker = ReceiptChecker(
             pool_id=bundle.pool_id,

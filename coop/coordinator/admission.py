@@ -12,7 +12,7 @@ import asyncio
 import itertools
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -30,12 +30,12 @@ class _Waiter:
 
 
 class FairShareAdmission:
-    def __init__(self, capacity: int, factor: Callable[[str], float]) -> None:
-        """`factor`: the current fair-share factor of an institution (higher goes first)."""
+    def __init__(self, capacity: int, factors: Callable[[], Mapping[str, float]]) -> None:
+        """`factors`: every institution's current fair-share factor (higher goes first; unknown: 1.0)."""
         if capacity <= 0:
             raise ValueError("capacity must be positive")
         self.capacity = capacity
-        self._factor = factor
+        self._factors = factors
         self._active = 0
         self._waiters: list[_Waiter] = []
         self._arrival = itertools.count()
@@ -80,18 +80,18 @@ class FairShareAdmission:
         if not self._waiters:
             self._active -= 1
             return
-        factors = {name: self._safe_factor(name) for name in {w.institution for w in self._waiters}}
-        best = max(self._waiters, key=lambda w: (factors[w.institution], -w.arrival))
+        factors = self._current_factors()
+        best = max(self._waiters, key=lambda w: (factors.get(w.institution, 1.0), -w.arrival))
         self._waiters.remove(best)
         best.future.set_result(None)  # the slot passes straight to it
 
-    def _safe_factor(self, institution: str) -> float:
-        """A failing factor must not lose the slot being handed on: treat it as the lowest priority."""
+    def _current_factors(self) -> Mapping[str, float]:
+        """Failing factors must not lose the slot being handed on: then everyone is equal (arrival order)."""
         try:
-            return self._factor(institution)
+            return self._factors()
         except Exception:
-            log.exception("fair-share factor of %s failed", institution)
-            return 0.0
+            log.exception("fair-share factors failed; admitting in arrival order")
+            return {}
 
 
 class RequestAdmission:

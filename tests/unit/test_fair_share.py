@@ -58,7 +58,7 @@ def _run(coro):  # type: ignore[no-untyped-def]
 
 def test_idle_pool_admits_anyone_at_once_and_a_saturated_one_in_factor_order() -> None:
     factors = {"low": 0.1, "mid": 0.5, "high": 0.9}
-    admission = FairShareAdmission(1, factors.__getitem__)
+    admission = FairShareAdmission(1, lambda: factors)
     order: list[str] = []
 
     async def request(name: str, hold: asyncio.Event | None = None) -> float:
@@ -87,7 +87,7 @@ def test_idle_pool_admits_anyone_at_once_and_a_saturated_one_in_factor_order() -
 
 
 def test_a_cancelled_waiter_gives_its_turn_away() -> None:
-    admission = FairShareAdmission(1, lambda name: 1.0)
+    admission = FairShareAdmission(1, dict)
 
     async def scenario() -> None:
         hold = asyncio.Event()
@@ -114,7 +114,7 @@ def test_a_cancelled_waiter_gives_its_turn_away() -> None:
 
 def test_credit_floor_refuses_with_a_clear_message() -> None:
     state = {"poor": (-5 * FLOPS_PER_CREDIT, -2 * FLOPS_PER_CREDIT), "rich": (3 * FLOPS_PER_CREDIT, 0)}
-    access = RequestAdmission(FairShareAdmission(4, lambda n: 1.0), default_consumer="coord", credit_state=state.get)
+    access = RequestAdmission(FairShareAdmission(4, dict), default_consumer="coord", credit_state=state.get)
 
     async def enter(name: str) -> None:
         async with access.enter(name):
@@ -155,7 +155,7 @@ def test_node_runs_queued_steps_by_priority_then_arrival() -> None:
 
 
 def test_a_waiter_cancelled_just_before_its_turn_does_not_leak_the_slot() -> None:
-    admission = FairShareAdmission(1, lambda name: 1.0)
+    admission = FairShareAdmission(1, dict)
 
     async def scenario() -> None:
         holding = admission.admit("a")
