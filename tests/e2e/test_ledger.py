@@ -27,6 +27,7 @@ from coop.ledger.receipts import ReceiptBody, SignedReceipt, new_receipt_id, sig
 from coop.ledger.store import Ledger, sqlite_url
 from coop.model.manifest import Manifest
 from coop.node.outbox import Outbox
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 WAIT_S = 30.0
@@ -84,15 +85,6 @@ def books(tiny_chat_model_dir: str, tmp_path_factory: pytest.TempPathFactory) ->
         pool.stop()
 
 
-def _wait_for(what: str, check, timeout_s: float = WAIT_S):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if result := check():
-            return result
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-
-
 def _verify(pool_dir: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*COOP, "ledger", "verify", "--pool", str(pool_dir)],
@@ -111,7 +103,7 @@ def test_providers_are_credited_exactly_what_they_computed(books: BooksPool) -> 
     for prompt in PROMPTS:
         usage = books.chat(prompt)["usage"]
         tokens += usage["prompt_tokens"] + usage["completion_tokens"] - 1
-    _wait_for("two receipts per request", lambda: len(ledger.receipts()) >= receipts_before + 2 * len(PROMPTS))
+    wait_for("two receipts per request", lambda: len(ledger.receipts()) >= receipts_before + 2 * len(PROMPTS), WAIT_S)
 
     after = {b.institution: b for b in ledger.balances()}
 
@@ -140,7 +132,7 @@ def test_a_resubmitted_receipt_is_booked_once(books: BooksPool) -> None:
     signed = SignedReceipt(receipt.body, receipt.node_signature, _cert(books, "Alpha"))
     for _ in range(3):  # as if the node never heard the acknowledgement, three times over
         outbox.add(receipt.receipt_id, "Coord", signed)
-        _wait_for("the resubmission to be acknowledged", lambda: not _pending(outbox))
+        wait_for("the resubmission to be acknowledged", lambda: not _pending(outbox), WAIT_S)
     assert len([r for r in ledger.receipts() if r.receipt_id == receipt.receipt_id]) == 1
     assert ledger.balance("Alpha") == balance
 
@@ -180,7 +172,7 @@ def test_altered_receipts_are_rejected_and_audited(books: BooksPool) -> None:
     outbox = books.outbox("Alpha")
     for receipt_id, signed in bad.values():
         outbox.add(receipt_id, "Coord", signed)
-    _wait_for("every altered receipt to be settled", lambda: not _pending(outbox))
+    wait_for("every altered receipt to be settled", lambda: not _pending(outbox), WAIT_S)
 
     booked = {r.receipt_id for r in ledger.receipts()}
     assert not booked & {rid for rid, _ in bad.values()}
@@ -202,8 +194,8 @@ def test_receipts_survive_crashes_of_the_coordinator_and_the_node(books: BooksPo
     count = len(ledger.receipts())
     observed = _observations(ledger)
     books.chat("Before the crash.")
-    _wait_for("Alpha's receipt in its outbox", lambda: _pending(books.outbox("Alpha")))
-    _wait_for("the coordinator to write down what it saw", lambda: _observations(ledger) == observed + 2)
+    wait_for("Alpha's receipt in its outbox", lambda: _pending(books.outbox("Alpha")), WAIT_S)
+    wait_for("the coordinator to write down what it saw", lambda: _observations(ledger) == observed + 2, WAIT_S)
     books.pool.processes.pop().kill_hard()
     assert len(ledger.receipts()) == count
     node_a = books.pool.nodes["node-a"]
@@ -211,7 +203,7 @@ def test_receipts_survive_crashes_of_the_coordinator_and_the_node(books: BooksPo
     books.pool.processes.remove(node_a)
     books.pool.start_nodes({"node-a": "0:2"}, {"node-a": books.bundles["Alpha"]})  # same outbox file
     books.start_coordinator()
-    _wait_for("both receipts booked", lambda: len(ledger.receipts()) == count + 2)
+    wait_for("both receipts booked", lambda: len(ledger.receipts()) == count + 2, WAIT_S)
     assert not _pending(books.outbox("Alpha")) and not _pending(books.outbox("Beta"))
     assert _verify(books.pool_dir).returncode == 0
 
@@ -221,7 +213,7 @@ def _fresh_receipt(books: BooksPool, prompt: str) -> Receipt:
     ledger = books.ledger
     count = len(ledger.receipts())
     books.chat(prompt)
-    _wait_for("the request's receipts", lambda: len(ledger.receipts()) == count + 2)
+    wait_for("the request's receipts", lambda: len(ledger.receipts()) == count + 2, WAIT_S)
     return ledger.receipts(institution="Alpha", limit=1)[0]
 
 

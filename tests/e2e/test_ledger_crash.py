@@ -24,19 +24,11 @@ from coop.ledger.verify import verify_ledger
 from coop.model.manifest import Manifest
 from coop.node.outbox import Outbox
 from tests.ledger_seed import seeded_receipts
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 RECEIPTS = 1000
 WAIT_S = 240.0  # generous: the 2-core CI machine runs other tests' processes too
-
-
-def _wait(what: str, check, timeout_s: float = WAIT_S, every_s: float = 0.1):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if result := check():
-            return result
-        time.sleep(every_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
 def _legs_per_receipt(ledger: Ledger) -> Counter[str]:
@@ -80,7 +72,9 @@ def test_kill_9_while_booking_loses_nothing_and_books_nothing_twice(tiny_chat_mo
         args += ["--member", str(bundles["Coord"]), "--pool-dir", str(pool_dir), "--receipt-interval", "0.2"]
         booker = start("booker", [*args, "--device", "cpu"], None)
         pool.processes.append(booker)
-        _wait("the first acknowledged batch", lambda: outbox.counts().get("pending", 0) < RECEIPTS, every_s=0.01)
+        wait_for(
+            "the first acknowledged batch", lambda: outbox.counts().get("pending", 0) < RECEIPTS, WAIT_S, every_s=0.01
+        )
         time.sleep(random.uniform(0.0, 0.1))  # land anywhere in the next batches
         booker.kill_hard()
 
@@ -97,7 +91,7 @@ def test_kill_9_while_booking_loses_nothing_and_books_nothing_twice(tiny_chat_mo
         pool.start_coordinator(
             member=bundles["Coord"], extra_args=["--pool-dir", str(pool_dir), "--receipt-interval", "0.2"]
         )
-        _wait("the outbox to empty", lambda: not pending_ids())
+        wait_for("the outbox to empty", lambda: not pending_ids(), WAIT_S, every_s=0.1)
         legs = _legs_per_receipt(ledger)
         assert set(legs) == all_ids and set(legs.values()) == {2}
         balances = {b.institution: b.balance_flops for b in ledger.balances()}
