@@ -29,9 +29,10 @@ from typing import TypeVar
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.pg_server and tests.pools
 
 from coop.ledger.booking import ReceiptChecker
+from coop.ledger.database import sqlite_url
 from coop.ledger.models import Observation
-from coop.ledger.receipts import ReceiptBody, SignedReceipt, new_receipt_id, sign_receipt
-from coop.ledger.store import Booking, Ledger, sqlite_url
+from coop.ledger.store import Booking, Ledger
+from coop.receipts import ReceiptBody, SignedReceipt, new_receipt_id, sign_receipt
 from tests.pg_server import PostgresServer, postgres_server
 from tests.pools import MemberPool, make_member_pool
 

@@ -22,14 +22,15 @@ from pathlib import Path
 import httpx
 import torch
 
-from coop.coordinator.generation import LocalChain, generate_tokens
-from coop.coordinator.sampling import SamplingParams
 from coop.launcher import LocalPool
 from coop.model.client_part import ClientPart
+from coop.model.engine import SpanEngine
 from coop.model.loading import load_full_model
 from coop.model.manifest import Manifest
 from coop.model.prepare import prepare
-from coop.node.engine import SpanEngine
+from coop.pipeline.generation import generate_tokens
+from coop.pipeline.local import LocalChain
+from coop.pipeline.sampling import SamplingParams
 
 PROMPT = "Write a long story about a brave knight and a dragon."
 MODEL_DIR = Path(os.environ.get("COOP_BENCH_MODEL_DIR", ".cache/smollm2-demo"))

@@ -10,19 +10,28 @@
     │   ├── UnknownSession
     │   ├── SessionExists
     │   ├── SessionLimitExceeded   a step beyond the length the session was opened with
-    │   └── CacheBudgetExceeded    not enough KV-cache budget left on this engine
+    │   ├── CacheBudgetExceeded    not enough KV-cache budget left on this engine
+    │   └── ReplayUnavailable      (SDK) a failed session cannot be rebuilt: earlier tokens unknown
     ├── InvalidInput               input from a client or a peer that fails validation
     │   ├── InvalidTensor          wrong dtype, shape or non-finite values
-    │   └── InvalidPositions       positions that skip or rewind
+    │   ├── InvalidPositions       positions that skip or rewind
+    │   ├── RequestError           (HTTP API) a request refused with its own status and OpenAI code
+    │   └── NotFound               (admin view) no such institution
     ├── RouteUnavailable           no chain of nodes covers every block
-    ├── PeerError                  a remote node failed, vanished or timed out
+    ├── PeerError                  a remote node failed, vanished, timed out or reported an error
     ├── Unauthorized               a certificate, signature or key the pool CA does not vouch for
+    │   ├── SignInRequired         (admin view) no valid admin session
+    │   └── CsrfRejected           (admin view) a state-changing request without the CSRF token
     ├── LedgerError                the ledger database failed or holds something it should not
     │   └── ReceiptRejected        a receipt that must not be booked (forged, inflated, mismatched)
-    └── CreditExhausted            an institution's balance is below its credit floor (HTTP 402)
+    ├── ReceiptPending             a receipt not bookable yet: its session is not recorded (yet)
+    ├── CreditExhausted            an institution's balance is below its credit floor (HTTP 402)
+    └── ApiError                   (SDK) a coordinator refused or failed an HTTP request
 
 Components raise these; boundaries (gRPC servicers, the HTTP API, the CLI) map them to their
-wire form in one place each.
+wire form in one place each. An error a peer reports crosses into the coordinator as a
+`PeerError` whose `remote_type` names the peer's own class: a node's `InvalidTensor` is the
+node's fault, not the client's.
 """
 
 from __future__ import annotations
@@ -80,6 +89,14 @@ class CacheBudgetExceeded(SessionError):
         self.budget_bytes = budget_bytes
 
 
+class ReplayUnavailable(SessionError):
+    """A node failed mid-session and the session cannot be rebuilt: its earlier tokens are unknown.
+
+    Raised by `InferenceSession.step` when failover needs to replay the session on a new route but
+    some earlier step was given without `token_ids`.
+    """
+
+
 class InvalidInput(CoopError):
     pass
 
@@ -90,6 +107,20 @@ class InvalidTensor(InvalidInput):
 
 class InvalidPositions(InvalidInput):
     pass
+
+
+class RequestError(InvalidInput):
+    """A request the API refuses, with the HTTP status and OpenAI error code to answer with."""
+
+    def __init__(self, message: str, *, status: int = 400, code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.param = param
+
+
+class NotFound(InvalidInput):
+    """No such institution (404)."""
 
 
 class RouteUnavailable(CoopError):
@@ -104,11 +135,31 @@ class RouteUnavailable(CoopError):
 
 
 class PeerError(CoopError):
-    pass
+    """A remote node failed, vanished, timed out, sent something invalid, or reported an error.
+
+    `remote_type` names the class of the error the peer reported or caused (e.g. "InvalidTensor"),
+    for logs; None when the peer did not answer at all. When the peer's error was rebuilt from the
+    wire, it is also the `__cause__`.
+    """
+
+    # class-level default: instances rebuilt from the wire (`coop.wire.errors`) skip __init__
+    remote_type: str | None = None
+
+    def __init__(self, message: str, *, remote_type: str | None = None) -> None:
+        super().__init__(message)
+        self.remote_type = remote_type
 
 
 class Unauthorized(CoopError):
     """Not vouched for by the pool CA: unsigned, forged, expired, revoked, or from another pool."""
+
+
+class SignInRequired(Unauthorized):
+    """No valid admin session (pages redirect to the sign-in form, the API answers 401)."""
+
+
+class CsrfRejected(Unauthorized):
+    """A state-changing request without the session's CSRF token (403)."""
 
 
 class LedgerError(CoopError):
@@ -119,5 +170,66 @@ class ReceiptRejected(LedgerError):
     """A receipt failed a check; the reason is recorded as an audit event."""
 
 
+class ReceiptPending(CoopError):
+    """Not bookable yet: the coordinator has no record of the session (yet)."""
+
+
 class CreditExhausted(CoopError):
     """Requests of an institution whose balance fell below its credit floor."""
+
+
+# Codes of failures that may clear up: those the coordinator answers with 502, 503 or 504, and the
+# SDK's own. Listed for errors sent mid-stream, after a 200; a unit test keeps them in step with
+# `coop.coordinator.api_errors.ERROR_TABLE`.
+_RETRYABLE_CODES = frozenset(
+    {
+        # 503: capacity
+        "capacity_exceeded",
+        "receipt_pending",
+        "route_unavailable",
+        "session_limit_exceeded",
+        # 502: a node (or an engine) failed; a retry may get a route without it
+        "invalid_positions",
+        "invalid_tensor",
+        "peer_error",
+        "replay_unavailable",
+        "session_error",
+        "session_exists",
+        "span_out_of_range",
+        "unknown_session",
+        "upstream_error",
+        # the SDK's own: the coordinator did not answer
+        "connection_error",
+        "timeout",
+    }
+)
+
+
+class ApiError(CoopError):
+    """The coordinator refused or failed a request (or could not be reached: status None).
+
+    `code` is the OpenAI-style error code the server sent, e.g. "model_not_found",
+    "context_length_exceeded", "route_unavailable", "peer_error", "connection_error".
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None,
+        code: str | None = None,
+        type: str | None = None,
+        param: str | None = None,
+    ) -> None:
+        where = f"HTTP {status}" if status is not None else "no response"
+        super().__init__(f"{message} ({where}{f', {code}' if code else ''})")
+        self.message = message
+        self.status = status
+        self.code = code
+        self.type = type
+        self.param = param
+
+    @property
+    def retryable(self) -> bool:
+        """A later attempt may succeed: no route yet, a node failed, or the server was unreachable."""
+        return self.status is None or self.status in (502, 503, 504) or self.code in _RETRYABLE_CODES

@@ -1,4 +1,5 @@
-"""Shared fixtures: offline hub, a clean environment per test, tiny random models, a pool with members."""
+"""Shared fixtures: offline hub, a clean environment per test, no leftover processes, tiny random models,
+a pool with members."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from tests.reaper import mark_this_run, processes_of_this_run, reap, started_since
+
 if TYPE_CHECKING:
     from tests.pg_server import PostgresServer
     from tests.pools import MemberPool
@@ -16,6 +19,9 @@ if TYPE_CHECKING:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+RUN_ID = mark_this_run()  # inherited by every process the tests start (tests/reaper.py)
+# processes of session-scoped fixtures (the PostgreSQL server): they, and their children, outlive modules
+OUTLIVE_MODULES: set[int] = set()
 
 
 @pytest.fixture(autouse=True)
@@ -25,6 +31,21 @@ def _clean_coop_environ(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         if key.startswith("COOP_"):
             monkeypatch.delenv(key)
     yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _reap_leftover_processes() -> Iterator[None]:
+    """At the end of the session, every process this run started and left running is ended, orphans too."""
+    yield
+    reap(processes_of_this_run(RUN_ID).values(), "at the end of the session")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _reap_module_processes(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After each module, the processes it started and left running are ended (session fixtures' are kept)."""
+    before = set(processes_of_this_run(RUN_ID))
+    yield
+    reap(started_since(RUN_ID, before, OUTLIVE_MODULES), f"after {request.module.__name__}")
 
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,7 +117,9 @@ def postgres() -> Iterator[PostgresServer]:
     from tests.pg_server import PostgresUnavailable, postgres_server
 
     try:
+        before = set(processes_of_this_run(RUN_ID))
         with postgres_server() as server:
+            OUTLIVE_MODULES.update(set(processes_of_this_run(RUN_ID)) - before)
             yield server
     except PostgresUnavailable as exc:
         pytest.fail(str(exc), pytrace=False)  # never a skip: the PostgreSQL ledger must be tested

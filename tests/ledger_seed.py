@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from coop.identity import MemberBundle
 from coop.ledger.models import Observation
-from coop.ledger.receipts import ReceiptBody, SignedReceipt, new_receipt_id, sign_receipt
+from coop.pool.bundle import MemberBundle
+from coop.receipts import ReceiptBody, SignedReceipt, new_receipt_id, sign_receipt
 
 
 @dataclass(frozen=True)

@@ -15,12 +15,13 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.waiting import wait_for
 
 READY_TIMEOUT_S = 30.0
 
@@ -133,17 +134,19 @@ def postgres_server(*, durable: bool = False) -> Iterator[PostgresServer]:
 
 def _wait_ready(bindir: Path, port: int, process: subprocess.Popen[bytes]) -> bool:
     """True once the server accepts connections; False if it exited (e.g. the port was taken)."""
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
+
+    def settled() -> str | None:
         if process.poll() is not None:
-            return False
+            return "exited"
         probe = subprocess.run(
             [str(bindir / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(port), "-t", "1"], check=False
         )
-        if probe.returncode == 0:
-            return True
-        time.sleep(0.05)
-    raise PostgresUnavailable(f"postgres on port {port} not ready after {READY_TIMEOUT_S:.0f} s")
+        return "ready" if probe.returncode == 0 else None
+
+    try:
+        return wait_for(f"postgres on port {port} to accept connections", settled, READY_TIMEOUT_S, 0.05) == "ready"
+    except AssertionError as exc:
+        raise PostgresUnavailable(str(exc)) from None
 
 
 def _free_port() -> int:

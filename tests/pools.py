@@ -6,7 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from coop.identity import MemberBundle, PoolInfo, add_member, create_pool
+from coop.pool.bundle import MemberBundle
+from coop.pool.registry import PoolInfo, add_member, create_pool
 
 MEMBERS = ("alpha", "beta", "coord")
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from coop.admin.context import AdminContext
 from coop.errors import InvalidInput
-from coop.identity import ApiKeyRecord, api_key_digest, create_api_key, list_members, revoke_api_key
 from coop.ledger.models import Grant
+from coop.pool.api_keys import ApiKeyRecord, api_key_digest
+from coop.pool.registry import create_api_key, list_members, revoke_api_key
 
 
 def grant(ctx: AdminContext, actor: str, institution: str, credits: float, reason: str) -> Grant:

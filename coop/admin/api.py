@@ -13,7 +13,7 @@ from fastapi.concurrency import run_in_threadpool
 from coop.admin import actions, views
 from coop.admin.auth import CSRF_HEADER, AdminAuth, AdminSession
 from coop.admin.context import AdminContext
-from coop.admin.errors import AdminApiRoute, NotFound
+from coop.admin.errors import AdminApiRoute
 from coop.admin.pages import PER_PAGE, audit_filter, receipt_filter
 from coop.admin.protocol import (
     ApiKeyCreatedOut,
@@ -30,8 +30,9 @@ from coop.admin.protocol import (
     ReceiptPageOut,
 )
 from coop.admin.queries import AuditFilter, ReceiptFilter, as_utc
-from coop.identity import api_key_digest
+from coop.errors import NotFound
 from coop.ledger.models import flops_to_credits
+from coop.pool.api_keys import api_key_digest
 
 UNAUTHORIZED: dict[int | str, dict[str, Any]] = {401: {"description": "No admin session and no admin bearer token"}}
 

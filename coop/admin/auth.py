@@ -21,8 +21,8 @@ from pathlib import Path
 from fastapi import Request
 from fastapi.responses import Response
 
-from coop.errors import CoopError, Unauthorized
-from coop.identity import PoolInfo
+from coop.errors import CoopError, CsrfRejected, SignInRequired
+from coop.pool.registry import PoolInfo
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +33,6 @@ CSRF_HEADER = "x-csrf-token"
 COOKIE_PATH = "/admin"
 MAX_SESSIONS = 256  # the oldest session is dropped beyond this many
 LOGIN_TOKEN_TTL_S = 3600
-
-
-class SignInRequired(Unauthorized):
-    """No valid admin session (pages redirect to the sign-in form, the API answers 401)."""
-
-
-class CsrfRejected(Unauthorized):
-    """A state-changing request without the session's CSRF token (403)."""
 
 
 @dataclass(frozen=True)

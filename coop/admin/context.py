@@ -13,13 +13,11 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
+from coop.ledger.fairshare import FairShare
 from coop.ledger.store import Ledger
-from coop.node.directory import NodeAnnouncement
-
-if TYPE_CHECKING:
-    from coop.coordinator.accounting import Accounting
+from coop.swarm.announcement import NodeAnnouncement
 
 TOKEN_WINDOW_S = 15 * 60.0  # how far back the tokens/s chart looks
 
@@ -138,13 +136,22 @@ class AdminContext:
     presence: NodePresence = field(default_factory=NodePresence)
 
     @classmethod
-    def for_coordinator(cls, pool_dir: Path, accounting: Accounting, swarm: SwarmProvider) -> AdminContext:
-        """The view of a coordinator that keeps accounts (`coop coordinator start --member ... --pool-dir ...`)."""
-        fair_share, metering = accounting.fair_share, accounting.metering
+    def for_coordinator(
+        cls,
+        pool_dir: Path,
+        ledger: Ledger,
+        fair_share: FairShare,
+        tokens_served: Callable[[], int],
+        swarm: SwarmProvider,
+    ) -> AdminContext:
+        """The view of a coordinator that keeps accounts (`coop coordinator start --member ... --pool-dir ...`).
+
+        `tokens_served` reads the coordinator's running count of tokens, sampled into the tokens/s chart.
+        """
         return cls(
             pool_dir=pool_dir,
-            ledger=accounting.ledger,
+            ledger=ledger,
             swarm=swarm,
             fair_share=lambda institution: fair_share.factor(institution, time.time()),
-            token_samples=CounterRate(lambda: metering.tokens_served).samples,
+            token_samples=CounterRate(tokens_served).samples,
         )

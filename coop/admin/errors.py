@@ -16,15 +16,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.routing import APIRoute
 
-from coop.admin.auth import CsrfRejected, SignInRequired
 from coop.admin.rendering import render, with_security_headers
-from coop.errors import CoopError, InvalidInput, LedgerError, Unauthorized
+from coop.errors import CoopError, CsrfRejected, InvalidInput, LedgerError, NotFound, SignInRequired, Unauthorized
 
 LOGIN_PATH = "/admin/login"
-
-
-class NotFound(InvalidInput):
-    """No such institution (404)."""
 
 
 def _status(exc: Exception) -> int:

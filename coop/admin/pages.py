@@ -22,14 +22,13 @@ from coop.admin.auth import (
     SESSION_COOKIE,
     AdminAuth,
     AdminSession,
-    CsrfRejected,
     tokens_match,
 )
 from coop.admin.context import AdminContext
 from coop.admin.errors import AdminPageRoute
 from coop.admin.queries import AuditFilter, ReceiptFilter
 from coop.admin.rendering import read_form, render
-from coop.errors import InvalidInput
+from coop.errors import CsrfRejected, InvalidInput
 
 PER_PAGE = 50
 # Pages that show the live swarm are `async`: they copy it on the event loop that updates it, then

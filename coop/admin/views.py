@@ -30,17 +30,10 @@ from coop.admin.protocol import (
 )
 from coop.admin.queries import AuditFilter, Bucket, ReceiptFilter, as_utc
 from coop.admin.series import flow_series, flow_window, recent_rate, token_rate
-from coop.identity import (
-    API_KEYS_FILE,
-    ApiKeyRecord,
-    ApiKeyStore,
-    MemberInfo,
-    PoolInfo,
-    list_members,
-    read_revocations,
-)
 from coop.ledger.models import Receipt, flops_to_credits
-from coop.node.directory import NodeAnnouncement
+from coop.pool.api_keys import ApiKeyRecord, ApiKeyStore
+from coop.pool.registry import API_KEYS_FILE, MemberInfo, PoolInfo, list_members, read_revocations
+from coop.swarm.announcement import NodeAnnouncement
 
 DETAIL_RECEIPTS = 20
 SMALL_CHART_WIDTH = 480  # the institutions page's small multiples

@@ -9,19 +9,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from coop.client.http import ApiError, ChatResult, Client, CompletionResult, Usage
+from coop.client.http import ChatResult, Client, CompletionResult, RouteHop, Usage
+from coop.errors import ApiError, ReplayUnavailable
 
 if TYPE_CHECKING:
     from coop.client.remote_model import (
         AutoDistributedModelForCausalLM,
         InferenceSession,
         RemoteModel,
-        ReplayUnavailable,
     )
 
-_REMOTE_MODEL_NAMES = frozenset(
-    {"AutoDistributedModelForCausalLM", "InferenceSession", "RemoteModel", "ReplayUnavailable"}
-)
+_REMOTE_MODEL_NAMES = frozenset({"AutoDistributedModelForCausalLM", "InferenceSession", "RemoteModel"})
 
 __all__ = [
     "ApiError",
@@ -32,6 +30,7 @@ __all__ = [
     "InferenceSession",
     "RemoteModel",
     "ReplayUnavailable",
+    "RouteHop",
     "Usage",
 ]
 

@@ -14,40 +14,7 @@ from typing import Any
 
 import httpx
 
-from coop.errors import CoopError
-
-# codes of failures that may clear up; listed for errors sent mid-stream, after a 200
-_RETRYABLE_CODES = frozenset({"route_unavailable", "capacity_exceeded", "peer_error", "connection_error", "timeout"})
-
-
-class ApiError(CoopError):
-    """The coordinator refused or failed a request (or could not be reached: status None).
-
-    `code` is the OpenAI-style error code the server sent, e.g. "model_not_found",
-    "context_length_exceeded", "route_unavailable", "peer_error", "connection_error".
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        status: int | None,
-        code: str | None = None,
-        type: str | None = None,
-        param: str | None = None,
-    ) -> None:
-        where = f"HTTP {status}" if status is not None else "no response"
-        super().__init__(f"{message} ({where}{f', {code}' if code else ''})")
-        self.message = message
-        self.status = status
-        self.code = code
-        self.type = type
-        self.param = param
-
-    @property
-    def retryable(self) -> bool:
-        """A later attempt may succeed: no route yet, a node failed, or the server was unreachable."""
-        return self.status is None or self.status in (502, 503, 504) or self.code in _RETRYABLE_CODES
+from coop.errors import ApiError
 
 
 @dataclass(frozen=True)
@@ -58,6 +25,17 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class RouteHop:
+    """One node of the route a completion took, and the blocks [start, end) it ran."""
+
+    node_id: str
+    endpoint: str
+    start: int
+    end: int
+    failovers: int = 0  # of the whole session: how many times it moved to another route
+
+
+@dataclass(frozen=True)
 class ChatResult:
     """One completion (chat or text): the text, the exact token ids and why it ended."""
 
@@ -65,7 +43,7 @@ class ChatResult:
     token_ids: list[int]
     finish_reason: str
     usage: Usage
-    route: list[dict[str, Any]] = field(default_factory=list)
+    route: list[RouteHop] = field(default_factory=list)
 
 
 CompletionResult = ChatResult  # `complete` returns the same shape
@@ -160,6 +138,16 @@ class Client:
             raise _transport_error(exc, self._http.base_url) from exc
 
 
+def _route_hop(hop: dict[str, Any]) -> RouteHop:
+    return RouteHop(
+        node_id=str(hop["node_id"]),
+        endpoint=str(hop["endpoint"]),
+        start=int(hop["start"]),
+        end=int(hop["end"]),
+        failovers=int(hop.get("failovers", 0)),
+    )
+
+
 def _result(body: dict[str, Any], text: str, choice: dict[str, Any]) -> ChatResult:
     extras = body.get("coop") or {}
     return ChatResult(
@@ -167,7 +155,7 @@ def _result(body: dict[str, Any], text: str, choice: dict[str, Any]) -> ChatResu
         token_ids=[int(t) for t in extras.get("token_ids", [])],
         finish_reason=str(choice.get("finish_reason")),
         usage=Usage(**body["usage"]),
-        route=list(extras.get("route", [])),
+        route=[_route_hop(hop) for hop in extras.get("route", [])],
     )
 
 

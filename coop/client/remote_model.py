@@ -18,14 +18,12 @@ coroutines to it; gRPC channels are bound to the loop that created them, so they
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import operator
 import threading
 import weakref
 from collections.abc import Coroutine, Sequence
-from concurrent.futures import Future
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -34,79 +32,24 @@ import pydantic
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from coop.coordinator.generation import collect_tokens
-from coop.coordinator.remote import RemoteChain
-from coop.coordinator.routing import Hop
-from coop.coordinator.sampling import SamplingParams
-from coop.coordinator.swarm import SwarmView
-from coop.errors import CoopError, InvalidInput, SessionError
+from coop.client.event_loop import LOOP_STOP_TIMEOUT_S, LoopThread
+from coop.config import DEFAULT_POOL_ID
+from coop.errors import CoopError, InvalidInput, InvalidTensor, ReplayUnavailable, SessionError
 from coop.model.client_part import ClientPart
-from coop.node.directory import SwarmDirectory
-from coop.wire.channels import ChannelPool, ChannelSecurity
+from coop.pipeline.generation import collect_tokens
+from coop.pipeline.remote import RemoteChain
+from coop.pipeline.sampling import SamplingParams
+from coop.pool.membership import Membership
+from coop.swarm.announcement import announcement_validator
+from coop.swarm.directory import SwarmDirectory
+from coop.swarm.revocations import RevocationWatcher
+from coop.swarm.routing import Hop
+from coop.swarm.view import SwarmView
+from coop.wire.channels import ChannelPool
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-LOOP_STOP_TIMEOUT_S = 30.0
-
-
-class ReplayUnavailable(SessionError):
-    """A node failed mid-session and the session cannot be rebuilt: its earlier tokens are unknown.
-
-    Raised by `InferenceSession.step` when failover needs to replay the session on a new route but
-    some earlier step was given without `token_ids`.
-    """
-
-
-class _LoopThread:
-    """One asyncio event loop running forever in a daemon thread; sync callers submit coroutines."""
-
-    def __init__(self, name: str) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout_s: float | None = None) -> T:
-        """Run coro on the loop and wait for its result in the calling thread."""
-        if threading.current_thread() is self._thread:
-            coro.close()
-            raise RuntimeError("RemoteModel's blocking methods cannot be called from its own event loop")
-        if not self._thread.is_alive():
-            coro.close()
-            raise CoopError("this RemoteModel is closed")
-        future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        try:
-            return future.result(timeout_s)
-        except BaseException:
-            future.cancel()  # e.g. KeyboardInterrupt in the caller: do not leave the step running
-            raise
-
-    def stop(self) -> None:
-        """Cancel what is left on the loop, join its worker threads, then the loop thread; idempotent."""
-        if not self._thread.is_alive():
-            if not self.loop.is_closed():
-                self.loop.close()
-            return
-        with contextlib.suppress(Exception):
-            self.run(self._drain(), LOOP_STOP_TIMEOUT_S)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(LOOP_STOP_TIMEOUT_S)
-        if not self._thread.is_alive():
-            self.loop.close()
-
-    async def _drain(self) -> None:
-        current = asyncio.current_task()
-        tasks = [t for t in asyncio.all_tasks() if t is not current]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await self.loop.shutdown_asyncgens()
-        await self.loop.shutdown_default_executor()  # the threads asyncio.to_thread started
 
 
 def _as_token_ids(token_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]], what: str) -> list[int]:
@@ -141,37 +84,45 @@ class RemoteModel:
         self,
         client: ClientPart,
         directory: SwarmDirectory,
+        membership: Membership,
         *,
-        pool_id: str = "default",
         step_timeout_s: float = 30.0,
         max_failovers: int = 3,
         refresh_s: float = 1.0,
-        channel_security: ChannelSecurity | None = None,
     ) -> None:
-        """Start the event loop, the channels and the swarm view; most callers want from_pretrained."""
+        """Start the event loop, the channels and the swarm view; most callers want from_pretrained.
+
+        `membership` decides, as for a coordinator, the pool, the TLS credentials, which announcements
+        are believed (signed by a member of this pool) and which institutions are revoked.
+        """
         self.client = client
         self.directory = directory
-        self.pool_id = pool_id
+        self.membership = membership
+        self.pool_id = membership.pool_id
         self.step_timeout_s = step_timeout_s
         self.max_failovers = max_failovers
         self._closed = False
         self._close_lock = threading.Lock()
         self._sessions: weakref.WeakSet[InferenceSession] = weakref.WeakSet()
-        self._loop = _LoopThread(f"coop-remote-model-{id(self):x}")
+        self._revocations = RevocationWatcher(membership.revocations, directory).start()
+        self._loop = LoopThread(f"coop-remote-model-{id(self):x}")
         try:
-            self._channels, self.swarm = self._loop.run(self._start(refresh_s, channel_security))
+            self._channels, self.swarm = self._loop.run(self._start(refresh_s))
         except BaseException:
             self._loop.stop()
+            self._revocations.stop()
             raise
 
-    async def _start(self, refresh_s: float, security: ChannelSecurity | None) -> tuple[ChannelPool, SwarmView]:
-        channels = ChannelPool(security)
+    async def _start(self, refresh_s: float) -> tuple[ChannelPool, SwarmView]:
+        channels = ChannelPool(self.membership.channel_security())
         swarm = SwarmView(
             self.directory,
             pool_id=self.pool_id,
             model_hash=self.client.manifest.content_hash,
             num_blocks=self.client.manifest.num_blocks,
             refresh_s=refresh_s,
+            validator=announcement_validator(self.membership),
+            revoked=self.membership.revocations,
         )
         return channels, await swarm.start()
 
@@ -181,32 +132,28 @@ class RemoteModel:
         model_dir: str | Path,
         initial_peers: Sequence[str],
         *,
-        pool_id: str = "default",
+        member: str | Path | None = None,
+        pool_id: str = DEFAULT_POOL_ID,
         device: str | torch.device = "cpu",
         step_timeout_s: float = 30.0,
         max_failovers: int = 3,
         dht_host: str = "127.0.0.1",
-        channel_security: ChannelSecurity | None = None,
     ) -> RemoteModel:
         """Load the client part of a prepared model and join the swarm through initial_peers.
 
         model_dir is a directory made by `coop model prepare` (the same one the nodes serve: its
-        content hash picks the nodes). The DHT peer runs in client mode: it looks nodes up but
-        serves no DHT requests, so it needs no reachable address.
+        content hash picks the nodes). `member` is the institution's member bundle (mutual TLS,
+        signed announcements only, revocations honoured); without one, the development pool
+        `pool_id` in plaintext. The DHT peer runs in client mode: it looks nodes up but serves no
+        DHT requests, so it needs no reachable address.
         """
         if isinstance(initial_peers, str):
             raise InvalidInput("initial_peers must be a list of multiaddrs, not one string")
+        membership = Membership.load(None if member is None else Path(member), pool_id=pool_id)
         client = ClientPart.load(model_dir, device=device)
         directory = SwarmDirectory.start(list(initial_peers), dht_host, 0, client_mode=True)
         try:
-            return cls(
-                client,
-                directory,
-                pool_id=pool_id,
-                step_timeout_s=step_timeout_s,
-                max_failovers=max_failovers,
-                channel_security=channel_security,
-            )
+            return cls(client, directory, membership, step_timeout_s=step_timeout_s, max_failovers=max_failovers)
         except BaseException:
             directory.shutdown()
             raise
@@ -334,6 +281,7 @@ class RemoteModel:
                     self._loop.run(self._stop(), LOOP_STOP_TIMEOUT_S)
                 self._loop.stop()
             finally:
+                self._revocations.stop()
                 self.directory.shutdown()
 
     async def _stop(self) -> None:
@@ -365,7 +313,9 @@ class InferenceSession:
     which needs those tokens: pass `token_ids` (the ids of this step's tokens) to every step. A
     session stepped without them works the same until a node fails after the first step; then the
     step raises `ReplayUnavailable` instead of failing over. Replay re-embeds the token ids, so it
-    is exact only when the hidden states you stepped were `embed(token_ids)`.
+    is exact only when the hidden states you stepped were `embed(token_ids)`. A node that fails in
+    a way failover cannot fix (it reports an error, or sends states that fail validation) makes the
+    step raise `PeerError`, whose `remote_type` names the node's error.
     """
 
     def __init__(self, model: RemoteModel, max_length: int) -> None:
@@ -402,6 +352,10 @@ class InferenceSession:
         ids = None if token_ids is None else _as_token_ids(token_ids, "token_ids")
         if ids is not None and len(ids) != n:
             raise InvalidInput(f"token_ids has {len(ids)} ids for {n} hidden states")
+        # Checked here, so that what a node rejects is the node's fault (a PeerError), never the caller's.
+        hidden = hidden.detach().to("cpu", self.model.dtype)
+        if not bool(torch.isfinite(hidden).all()):
+            raise InvalidTensor(f"hidden contains NaN or Inf (in {self.model.dtype})")
         with self._lock:
             if self._closed:
                 raise SessionError("this inference session is closed")
@@ -412,7 +366,7 @@ class InferenceSession:
             start = self.position
             known = self._token_ids + (ids if ids is not None else [0] * n)
             try:
-                output = self.model._run(self._chain.step(hidden.detach().to("cpu", self.model.dtype), start, known))
+                output = self.model._run(self._chain.step(hidden, start, known))
             except ReplayUnavailable:
                 # the chain already moved to a new route whose caches are empty: nothing can continue
                 self._closed = True

@@ -18,12 +18,13 @@ from coop.config import CoordinatorSettings
 from coop.coordinator.admission import FairShareAdmission, RequestAdmission
 from coop.coordinator.metering import Metering
 from coop.coordinator.receipts import ReceiptCollector
-from coop.identity import MemberBundle
 from coop.ledger.booking import ReceiptChecker
+from coop.ledger.database import ledger_location, safe_url
 from coop.ledger.fairshare import FairShare
-from coop.ledger.store import Ledger, ledger_location, safe_url
+from coop.ledger.store import Ledger
 from coop.model.manifest import Manifest
-from coop.node.directory import NodeAnnouncement
+from coop.pool.bundle import MemberBundle
+from coop.swarm.announcement import NodeAnnouncement
 from coop.wire.channels import ChannelPool
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,13 @@ class Accounting:
         fair_share.seed((at.timestamp(), provider, consumer, flops) for at, provider, consumer, flops in flows)
         metering = Metering(fair_share, manifest.span_flops_per_token)
         admission = FairShareAdmission(settings.max_active_sessions, lambda: fair_share.factors(time.time()))
-        access = RequestAdmission(admission, default_consumer=bundle.institution, credit_state=ledger.credit_state)
+        access = RequestAdmission(
+            admission,
+            default_consumer=bundle.institution,
+            credit_state=ledger.credit_state,
+            priority=lambda consumer: fair_share.factor(consumer, time.time()),
+            meter=metering,
+        )
         checker = ReceiptChecker(
             pool_id=bundle.pool_id,
             ca_cert_pem=bundle.ca_cert_pem,
@@ -82,9 +89,6 @@ class Accounting:
         )
         log.info("ledger at %s; fair share seeded from %d receipts", safe_url(url), len(flows))
         return accounting
-
-    def priority(self, consumer: str) -> float:
-        return self.fair_share.factor(consumer, time.time())
 
     async def close(self) -> None:
         """Stop collecting, then write down what was seen so the next start can book the rest."""

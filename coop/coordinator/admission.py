@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from coop.errors import CreditExhausted
 from coop.ledger.models import flops_to_credits
+from coop.pipeline.charge import Charge, Meter
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,12 @@ class FairShareAdmission:
             return {}
 
 
+@dataclass(frozen=True)
+class Admitted:
+    charge: Charge  # who pays, at what priority, metered where
+    waited_s: float  # how long the request waited for its session slot
+
+
 class RequestAdmission:
     """Every generation request passes here: the consumer's credit floor first, then a session slot."""
 
@@ -103,19 +110,26 @@ class RequestAdmission:
         *,
         default_consumer: str,
         credit_state: Callable[[str], tuple[int, int | None]] | None = None,
+        priority: Callable[[str], float] | None = None,
+        meter: Meter | None = None,
     ) -> None:
         """`default_consumer`: who pays for requests without an API key (the coordinator's institution).
-        `credit_state`: institution -> (balance, floor or None) in FLOPs; None = no floors."""
+        `credit_state`: institution -> (balance, floor or None) in FLOPs; None = no floors.
+        `priority`: institution -> fair-share factor now; `meter`: where sessions' steps are written down."""
         self.admission = admission
         self.default_consumer = default_consumer
         self._credit_state = credit_state
+        self._priority = priority
+        self._meter = meter
 
     def consumer(self, institution: str | None) -> str:
+        """Who pays for a request of institution (None: a request without an API key)."""
         return institution or self.default_consumer
 
     @asynccontextmanager
-    async def enter(self, consumer: str) -> AsyncIterator[float]:
-        """Yields the seconds the request waited for its session slot."""
+    async def enter(self, institution: str | None) -> AsyncIterator[Admitted]:
+        """Admit a request of institution (None: the coordinator's own) and say how it is charged."""
+        consumer = self.consumer(institution)
         if self._credit_state is not None:
             balance, floor = await asyncio.to_thread(self._credit_state, consumer)
             if floor is not None and balance < floor:
@@ -125,4 +139,5 @@ class RequestAdmission:
                     "for a grant (`coop ledger grant`)"
                 )
         async with self.admission.admit(consumer) as waited_s:
-            yield waited_s
+            priority = self._priority(consumer) if self._priority is not None else 0.0
+            yield Admitted(Charge(consumer, priority, self._meter), waited_s)

@@ -20,10 +20,11 @@ from starlette.types import Receive, Scope, Send
 from coop.coordinator.admission import RequestAdmission
 from coop.coordinator.api_errors import error_response
 from coop.coordinator.auth import ApiKeyGate, Caller
-from coop.coordinator.backend import Backend
 from coop.coordinator.protocol import ChatCompletionRequest, CompletionRequest
 from coop.coordinator.serving import OpenAIServing
 from coop.errors import CoopError
+from coop.pipeline.backend import Backend
+from coop.pipeline.charge import Charge
 
 
 class _ClosingStreamingResponse(StreamingResponse):
@@ -66,18 +67,18 @@ async def _generate(
     gate: ApiKeyGate,
     access: RequestAdmission | None,
     caller: Caller,
-    work: Callable[[str], Awaitable[BaseModel | AsyncIterator[str]]],
+    work: Callable[[Charge], Awaitable[BaseModel | AsyncIterator[str]]],
 ) -> Response:
     """Run a generation while holding one of the caller's key slots and, when the pool meters use,
     a session slot granted in fair-share order; a stream keeps both until it ends."""
     stack = AsyncExitStack()
     stack.enter_context(gate.slot(caller))
-    consumer, waited_s = caller.institution or "", None
+    charge, waited_s = Charge(caller.institution or ""), None
     try:
         if access is not None:
-            consumer = access.consumer(caller.institution)
-            waited_s = await stack.enter_async_context(access.enter(consumer))
-        result = await work(consumer)
+            admitted = await stack.enter_async_context(access.enter(caller.institution))
+            charge, waited_s = admitted.charge, admitted.waited_s
+        result = await work(charge)
     except BaseException:
         await stack.aclose()
         raise
@@ -119,12 +120,12 @@ def create_app(backend: Backend, *, keys: ApiKeyGate | None = None, access: Requ
     @v1.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, who: Authenticated) -> Response:
         gate.check_max_tokens(who, body.requested_max_tokens)
-        return await _generate(gate, access, who, lambda consumer: serving.chat(body, consumer))
+        return await _generate(gate, access, who, lambda charge: serving.chat(body, charge))
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, who: Authenticated) -> Response:
         gate.check_max_tokens(who, body.requested_max_tokens)
-        return await _generate(gate, access, who, lambda consumer: serving.complete(body, consumer))
+        return await _generate(gate, access, who, lambda charge: serving.complete(body, charge))
 
     app.include_router(v1)
     app.state.serving = serving

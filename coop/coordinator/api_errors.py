@@ -14,58 +14,110 @@ from coop.coordinator.protocol import (
     ErrorResponse,
 )
 from coop.errors import (
+    ApiError,
     CacheBudgetExceeded,
     CoopError,
     CreditExhausted,
+    CsrfRejected,
     InvalidInput,
+    InvalidPositions,
+    InvalidTensor,
+    LedgerError,
+    ModelIntegrityError,
+    ModelNotFound,
+    ModelStoreError,
+    NotFound,
     PeerError,
+    ReceiptPending,
+    ReceiptRejected,
+    ReplayUnavailable,
+    RequestError,
     RouteUnavailable,
+    SessionError,
+    SessionExists,
+    SessionLimitExceeded,
+    SignInRequired,
+    SpanOutOfRange,
+    Unauthorized,
+    UnknownSession,
+    UnsupportedModel,
 )
 
 log = logging.getLogger(__name__)
 
+_BAD_REQUEST = "invalid_request_error"
+_SERVER = "server_error"
+_UNAVAILABLE = "service_unavailable_error"
 
-class RequestError(InvalidInput):
-    """A request the API refuses, with the HTTP status and OpenAI error code to answer with."""
-
-    def __init__(self, message: str, *, status: int = 400, code: str | None = None, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.param = param
-
-
-# Our exception types -> (HTTP status, OpenAI error type, code). The most specific class in an
-# exception's MRO wins, so a new CoopError subclass falls back to its parent's row.
+# Every class of the `coop.errors` tree -> (HTTP status, OpenAI error type, code); a unit test
+# fails when a class has no row of its own. 4xx: the client can fix the request. 502: the nodes
+# (or the local engines) that run the model broke the session, which a retry on a fresh route
+# may not meet again; a node's own errors arrive here as PeerError (see coop.pipeline.remote).
+# 503: capacity, worth a retry. 500: the coordinator's own store or ledger failed.
 ERROR_TABLE: dict[type[BaseException], tuple[int, str, str]] = {
-    InvalidInput: (400, "invalid_request_error", "invalid_input"),
-    RouteUnavailable: (503, "service_unavailable_error", "route_unavailable"),
-    # Capacity, not a bug: the same request can succeed once other sessions finish.
-    CacheBudgetExceeded: (503, "service_unavailable_error", "capacity_exceeded"),
-    PeerError: (502, "server_error", "peer_error"),
+    CoopError: (500, _SERVER, "internal_error"),
+    # the coordinator's prepared model: a broken install, not the request
+    ModelStoreError: (500, _SERVER, "model_store_error"),
+    ModelNotFound: (500, _SERVER, "model_store_error"),
+    ModelIntegrityError: (500, _SERVER, "model_store_error"),
+    UnsupportedModel: (500, _SERVER, "model_store_error"),
+    # the session protocol between the coordinator and the engines: no client request can break it
+    SpanOutOfRange: (502, _SERVER, "span_out_of_range"),
+    SessionError: (502, _SERVER, "session_error"),
+    UnknownSession: (502, _SERVER, "unknown_session"),
+    SessionExists: (502, _SERVER, "session_exists"),
+    ReplayUnavailable: (502, _SERVER, "replay_unavailable"),
+    InvalidTensor: (502, _SERVER, "invalid_tensor"),  # the client sends text and token ids, never tensors
+    InvalidPositions: (502, _SERVER, "invalid_positions"),  # positions are the coordinator's to count
+    # capacity, not a bug: the same request can succeed once other sessions finish
+    SessionLimitExceeded: (503, _UNAVAILABLE, "session_limit_exceeded"),
+    CacheBudgetExceeded: (503, _UNAVAILABLE, "capacity_exceeded"),
+    RouteUnavailable: (503, _UNAVAILABLE, "route_unavailable"),
+    PeerError: (502, _SERVER, "peer_error"),
+    # the request itself
+    InvalidInput: (400, _BAD_REQUEST, "invalid_input"),
+    RequestError: (400, _BAD_REQUEST, "invalid_request"),  # each instance carries its own status and code
+    NotFound: (404, _BAD_REQUEST, "not_found"),
+    Unauthorized: (401, _BAD_REQUEST, "unauthorized"),
+    SignInRequired: (401, _BAD_REQUEST, "admin_sign_in_required"),
+    CsrfRejected: (403, _BAD_REQUEST, "csrf_token_invalid"),
     CreditExhausted: (402, "insufficient_quota", "credit_exhausted"),
-    CoopError: (500, "server_error", "internal_error"),
+    # the coordinator's ledger
+    LedgerError: (500, _SERVER, "ledger_error"),
+    ReceiptRejected: (500, _SERVER, "ledger_error"),
+    ReceiptPending: (503, _UNAVAILABLE, "receipt_pending"),
+    # another coordinator's answer, should this one ever call one
+    ApiError: (502, _SERVER, "upstream_error"),
 }
 
 
 def error_response(exc: BaseException) -> tuple[int, ErrorResponse]:
     """Any exception -> (HTTP status, OpenAI error envelope). The API's only error mapping."""
     if isinstance(exc, RequestError):
-        kind = "invalid_request_error" if exc.status < 500 else "server_error"
+        kind = _BAD_REQUEST if exc.status < 500 else _SERVER
         return exc.status, _envelope(str(exc), kind, exc.code, exc.param)
     if isinstance(exc, RequestValidationError):
         message, param, code = _describe_validation_error(exc)
-        return 400, _envelope(message, "invalid_request_error", code, param)
+        return 400, _envelope(message, _BAD_REQUEST, code, param)
     if isinstance(exc, HTTPException):
-        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        kind = _BAD_REQUEST if exc.status_code < 500 else _SERVER
         return exc.status_code, _envelope(str(exc.detail), kind, None, None)
-    for cls in type(exc).__mro__:
-        if cls in ERROR_TABLE:
-            status, kind, code = ERROR_TABLE[cls]
-            return status, _envelope(str(exc), kind, code, None)
+    if isinstance(exc, CoopError):
+        status, kind, code = error_row(type(exc))
+        if status == 500:  # our own fault: worth a traceback in the log
+            log.error("%s while serving a request", type(exc).__name__, exc_info=exc)
+        return status, _envelope(str(exc), kind, code, None)
     log.error("unexpected error while serving a request", exc_info=exc)
     message = f"internal error ({type(exc).__name__}); the coordinator's log has the details"
-    return 500, _envelope(message, "server_error", "internal_error", None)
+    return 500, _envelope(message, _SERVER, "internal_error", None)
+
+
+def error_row(cls: type[CoopError]) -> tuple[int, str, str]:
+    """The table row of `cls`, or of its nearest ancestor that has one (CoopError at worst)."""
+    for ancestor in cls.__mro__:
+        if ancestor in ERROR_TABLE:
+            return ERROR_TABLE[ancestor]
+    return ERROR_TABLE[CoopError]
 
 
 def _envelope(message: str, kind: str, code: str | None, param: str | None) -> ErrorResponse:

@@ -16,8 +16,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from coop.coordinator.api_errors import RequestError
-from coop.identity import ApiKeyStore, PoolLimits, api_key_digest
+from coop.errors import RequestError
+from coop.pool.api_keys import ApiKeyStore, api_key_digest
+from coop.pool.bundle import PoolLimits
 
 
 @dataclass(frozen=True)

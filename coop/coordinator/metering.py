@@ -14,10 +14,10 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from coop.coordinator.routing import Hop
 from coop.ledger.fairshare import FairShare
 from coop.ledger.models import Observation
-from coop.ledger.receipts import TokenTally
+from coop.receipts import TokenTally
+from coop.swarm.routing import Hop
 
 
 class Metering:

@@ -8,7 +8,7 @@ ignore.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -83,11 +83,21 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class RouteHop(BaseModel):
+    """One hop of the route a response took: which node ran which blocks."""
+
+    node_id: str
+    endpoint: str
+    start: int
+    end: int
+    failovers: int  # of the whole session: how many times it moved to another route
+
+
 class CoopExtras(BaseModel):
     """Non-standard diagnostics: the exact token ids (for comparisons) and the route taken."""
 
     token_ids: list[int]
-    route: list[dict[str, Any]]
+    route: list[RouteHop]
 
 
 FinishReason = Literal["stop", "length"]

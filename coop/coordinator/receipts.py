@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 import grpc
 
 from coop.coordinator.metering import Metering
-from coop.errors import CoopError, ReceiptRejected
-from coop.ledger.booking import ReceiptChecker, ReceiptPending
-from coop.ledger.receipts import SignedReceipt
+from coop.errors import CoopError, ReceiptPending, ReceiptRejected
+from coop.ledger.booking import ReceiptChecker
 from coop.ledger.store import Booking, Ledger
-from coop.node.directory import NodeAnnouncement
+from coop.swarm.announcement import NodeAnnouncement
 from coop.wire.channels import ChannelPool
 from coop.wire.generated import coop_pb2 as pb
+from coop.wire.receipts import receipt_from_proto
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class ReceiptCollector:
         bookings: list[Booking] = []
         billed: dict[tuple[str, str], str] = {}  # (session, node) -> receipt id, within this batch
         for receipt in receipts:
-            signed = SignedReceipt(receipt.body, receipt.signature, receipt.certificate_pem)
+            signed = receipt_from_proto(receipt)
             try:
                 booking = self.checker.check(signed)
                 key = (booking.body.session_id, booking.body.node_id)

@@ -11,12 +11,15 @@ import uvicorn
 from coop.config import CoordinatorSettings
 from coop.coordinator.accounting import Accounting
 from coop.coordinator.auth import ApiKeyGate
-from coop.coordinator.generation import Chain
-from coop.coordinator.remote import RemoteChain
-from coop.coordinator.swarm import SwarmView
-from coop.membership import Membership
 from coop.model.client_part import ClientPart
-from coop.node.directory import NodeAnnouncement, SwarmDirectory
+from coop.pipeline.charge import UNMETERED, Charge
+from coop.pipeline.generation import Chain
+from coop.pipeline.remote import RemoteChain
+from coop.pool.membership import Membership
+from coop.swarm.announcement import NodeAnnouncement, announcement_validator
+from coop.swarm.directory import SwarmDirectory
+from coop.swarm.revocations import RevocationWatcher
+from coop.swarm.view import SwarmView
 from coop.wire.channels import ChannelPool, ChannelSecurity
 from coop.wire.generated import coop_pb2 as pb
 
@@ -27,7 +30,7 @@ PING_TIMEOUT_S = 2.0
 
 
 class RemoteBackend:
-    """Backend (see coordinator.backend) whose chains run on the swarm's nodes."""
+    """A `coop.pipeline.backend.Backend` whose chains run on the swarm's nodes."""
 
     def __init__(
         self, client: ClientPart, swarm: SwarmView, settings: CoordinatorSettings, security: ChannelSecurity
@@ -54,8 +57,7 @@ class RemoteBackend:
         await self.channels.stub(node.endpoint).Info(pb.InfoRequest(), timeout=PING_TIMEOUT_S)
         return loop.time() - started
 
-    async def open_chain(self, max_length: int, *, consumer: str = "") -> Chain:
-        accounting = self.accounting
+    async def open_chain(self, max_length: int, charge: Charge = UNMETERED) -> Chain:
         chain = RemoteChain(
             self.swarm,
             self.channels,
@@ -65,19 +67,9 @@ class RemoteBackend:
             max_length=max_length,
             step_timeout_s=self.settings.step_timeout_s,
             max_failovers=self.settings.max_failovers,
-            consumer=consumer,
-            priority=accounting.priority(consumer) if accounting else 0.0,
-            metering=accounting.metering if accounting else None,
+            charge=charge,
         )
         return await chain.open()
-
-    def route_info(self, chain: Chain) -> list[dict[str, object]]:
-        if not isinstance(chain, RemoteChain):
-            return []
-        return [
-            {"node_id": h.node_id, "endpoint": h.endpoint, "start": h.start, "end": h.end, "failovers": chain.failovers}
-            for h in chain.hops
-        ]
 
     async def close(self) -> None:
         if self._channels is not None:
@@ -97,13 +89,14 @@ async def run_coordinator(settings: CoordinatorSettings) -> None:
         model_hash=client.manifest.content_hash,
         num_blocks=client.manifest.num_blocks,
         refresh_s=settings.refresh_s,
-        validator=membership.announcement_validator(),
+        validator=announcement_validator(membership),
         revoked=membership.revocations,
     )
     backend = RemoteBackend(client, swarm, settings, membership.channel_security())
     swarm.ping = backend.ping
+    watcher = RevocationWatcher(membership.revocations, directory)
     try:
-        await asyncio.to_thread(membership.revocations.watch, directory)
+        await asyncio.to_thread(watcher.start)
         await swarm.start()
         if membership.bundle is not None:
             backend.accounting = await Accounting.start(
@@ -113,7 +106,15 @@ async def run_coordinator(settings: CoordinatorSettings) -> None:
         access = backend.accounting.access if backend.accounting else None
         app = create_app(backend, keys=gate, access=access)
         if settings.pool_dir is not None and backend.accounting is not None:
-            mount_admin(app, AdminContext.for_coordinator(settings.pool_dir, backend.accounting, swarm))
+            accounting = backend.accounting
+            admin = AdminContext.for_coordinator(
+                settings.pool_dir,
+                accounting.ledger,
+                accounting.fair_share,
+                lambda: accounting.metering.tokens_served,
+                swarm,
+            )
+            mount_admin(app, admin)
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning")
         server = uvicorn.Server(config)
         serving = asyncio.create_task(server.serve())
@@ -130,7 +131,7 @@ async def run_coordinator(settings: CoordinatorSettings) -> None:
             print(f"{READY_MARKER} {json.dumps(ready)}", flush=True)
         await serving
     finally:
-        membership.revocations.stop()
+        watcher.stop()
         await backend.close()
         if backend.accounting is not None:
             await backend.accounting.close()

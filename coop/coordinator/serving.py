@@ -19,8 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from coop.coordinator.api_errors import RequestError, error_response
-from coop.coordinator.backend import Backend
+from coop.coordinator.api_errors import error_response
 from coop.coordinator.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -40,8 +39,11 @@ from coop.coordinator.protocol import (
     ModelCard,
     ModelList,
 )
-from coop.coordinator.sampling import SamplingParams
 from coop.coordinator.text_stream import GenerationEvent, Started, TextDelta, collect_text, run_generation
+from coop.errors import RequestError
+from coop.pipeline.backend import Backend
+from coop.pipeline.charge import UNMETERED, Charge
+from coop.pipeline.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +70,16 @@ class OpenAIServing:
         return ModelList(data=[card])
 
     async def chat(
-        self, request: ChatCompletionRequest, consumer: str = ""
+        self, request: ChatCompletionRequest, charge: Charge = UNMETERED
     ) -> ChatCompletionResponse | AsyncIterator[str]:
-        """`consumer`: the institution the compute is charged to ("" = the coordinator's own)."""
+        """`charge`: who pays for the compute, as admission decided."""
         self._check_common(request)
         if not request.messages:
             raise RequestError("messages must not be empty", param="messages")
         prompt_ids = self.backend.client.encode_chat([_message_dict(m, i) for i, m in enumerate(request.messages)])
         params = self._sampling_params(request, len(prompt_ids), DEFAULT_CHAT_MAX_TOKENS)
         response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        events = run_generation(self.backend, prompt_ids, params, consumer)
+        events = run_generation(self.backend, prompt_ids, params, charge)
         if request.stream:
             render = _chat_renderer(response_id, created, self.backend.model_name, request.include_usage)
             return await _start_stream(events, render)
@@ -91,12 +93,14 @@ class OpenAIServing:
             coop=done.extras,
         )
 
-    async def complete(self, request: CompletionRequest, consumer: str = "") -> CompletionResponse | AsyncIterator[str]:
+    async def complete(
+        self, request: CompletionRequest, charge: Charge = UNMETERED
+    ) -> CompletionResponse | AsyncIterator[str]:
         self._check_common(request)
         prompt_ids = self._completion_prompt(request)
         params = self._sampling_params(request, len(prompt_ids), DEFAULT_COMPLETION_MAX_TOKENS)
         response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        events = run_generation(self.backend, prompt_ids, params, consumer)
+        events = run_generation(self.backend, prompt_ids, params, charge)
         if request.stream:
             render = _completion_renderer(response_id, created, self.backend.model_name, request.include_usage)
             return await _start_stream(events, render)

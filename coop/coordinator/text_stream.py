@@ -10,18 +10,20 @@ import logging
 from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import cast
 
 import anyio
 
-from coop.coordinator.backend import Backend
-from coop.coordinator.generation import Chain, generate_tokens
 from coop.coordinator.protocol import (
     CoopExtras,
     FinishReason,
+    RouteHop,
     Usage,
 )
-from coop.coordinator.sampling import SamplingParams
+from coop.pipeline.backend import Backend
+from coop.pipeline.charge import UNMETERED, Charge
+from coop.pipeline.generation import Chain, generate_tokens
+from coop.pipeline.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +108,7 @@ class Finished:
     finish_reason: FinishReason
     token_ids: list[int]  # every generated token, EOS included
     prompt_tokens: int
-    route: list[dict[str, Any]]
+    route: list[RouteHop]
 
     @property
     def usage(self) -> Usage:
@@ -124,10 +126,10 @@ GenerationEvent = Started | TextDelta | Finished
 
 
 async def run_generation(
-    backend: Backend, prompt_ids: list[int], params: SamplingParams, consumer: str = ""
+    backend: Backend, prompt_ids: list[int], params: SamplingParams, charge: Charge = UNMETERED
 ) -> AsyncGenerator[GenerationEvent, None]:
     """Started, then text deltas, then Finished. The chain is closed however this ends."""
-    chain = await backend.open_chain(len(prompt_ids) + params.max_tokens, consumer=consumer)
+    chain = await backend.open_chain(len(prompt_ids) + params.max_tokens, charge=charge)
     try:
         yield Started()
         client = backend.client
@@ -153,9 +155,16 @@ async def run_generation(
             tail = detokenizer.finish(text_ids)
             if tail:
                 yield TextDelta(tail)
-        yield Finished(finish_reason, token_ids, len(prompt_ids), backend.route_info(chain))
+        yield Finished(finish_reason, token_ids, len(prompt_ids), _route(chain))
     finally:
         await _close_quietly(chain)
+
+
+def _route(chain: Chain) -> list[RouteHop]:
+    return [
+        RouteHop(node_id=h.node_id, endpoint=h.endpoint, start=h.start, end=h.end, failovers=chain.failovers)
+        for h in chain.hops
+    ]
 
 
 async def _close_quietly(chain: Chain) -> None:

@@ -16,18 +16,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from coop.errors import CoopError, InvalidInput, ReceiptRejected, Unauthorized
-from coop.identity import MemberBundle, verify_member_certificate, verify_signature
+from coop.errors import InvalidInput, ReceiptPending, ReceiptRejected, Unauthorized
 from coop.ledger.models import Observation
-from coop.ledger.receipts import ReceiptBody, SignedReceipt, body_payload, countersign_payload
 from coop.ledger.store import Booking
+from coop.pool.bundle import MemberBundle
+from coop.pool.ca import verify_member_certificate, verify_signature
+from coop.receipts import ReceiptBody, SignedReceipt, body_payload, countersign_payload
 
 UNKNOWN_SESSION_GRACE_S = 3600.0
 CLOCK_SKEW_S = 300.0  # a receipt may end this far in the coordinator's future, no further
-
-
-class ReceiptPending(CoopError):
-    """Not bookable yet: the coordinator has no record of the session (yet)."""
 
 
 @dataclass

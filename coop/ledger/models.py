@@ -12,7 +12,7 @@ import datetime as dt
 from sqlalchemy import BigInteger, Column, Index, LargeBinary, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
-from coop.identity import RESERVED_INSTITUTION
+from coop.pool.registry import RESERVED_INSTITUTION
 
 FLOPS_PER_CREDIT = 10**12
 # grants are paid from here; it goes negative by what the pool has given away. No member may take the name.

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, bindparam, case, create_engine, event, func, insert, select
+from sqlalchemy import Engine, bindparam, case, func, insert, select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
@@ -25,6 +23,7 @@ from sqlalchemy.sql.dml import Insert
 from sqlmodel import Session, SQLModel, col
 
 from coop.errors import InvalidInput, LedgerError
+from coop.ledger.database import open_engine
 from coop.ledger.models import (
     POOL_ACCOUNT,
     Account,
@@ -40,12 +39,10 @@ from coop.ledger.models import (
     flops_to_credits,
     utcnow,
 )
-from coop.ledger.receipts import ReceiptBody, SignedReceipt, cert_sha256
+from coop.receipts import ReceiptBody, SignedReceipt, cert_sha256
 
 log = logging.getLogger(__name__)
 
-LEDGER_FILE = "ledger.db"
-_MIGRATION_LOCK = threading.Lock()  # Alembic keeps the running migration in module globals
 BOOK_ATTEMPTS = 5  # a booking that lost a race to another booker is run again, skipping what that one booked
 # Plain Core inserts on the tables: the ORM's bulk-insert path costs more per row.
 _RECEIPTS = SQLModel.metadata.tables[Receipt.__tablename__]
@@ -54,16 +51,6 @@ _OBSERVATIONS = SQLModel.metadata.tables[Observation.__tablename__]
 _OBSERVATION = select(_OBSERVATIONS).where(
     _OBSERVATIONS.c.session_id == bindparam("session_id"), _OBSERVATIONS.c.node_id == bindparam("node_id")
 )
-
-
-def sqlite_url(path: Path | str) -> str:
-    return f"sqlite:///{Path(path).resolve()}"
-
-
-def ledger_location(explicit: str | None, configured: str | None, directory: Path) -> str:
-    """The one rule for which ledger a process opens: the URL it was given, else the pool's configured
-    URL, else SQLite in `directory` (the pool directory). Coordinator and `coop ledger` both follow it."""
-    return explicit or configured or sqlite_url(directory / LEDGER_FILE)
 
 
 @dataclass(frozen=True)
@@ -99,16 +86,7 @@ class Ledger:
     @classmethod
     def open(cls, url: str) -> Ledger:
         """Connect and bring the schema up to date (Alembic migrations)."""
-        from coop.ledger.migrate import upgrade
-
-        engine = _create_engine(url)
-        try:
-            with _MIGRATION_LOCK:
-                upgrade(engine)
-        except SQLAlchemyError as exc:
-            engine.dispose()
-            raise LedgerError(f"cannot open the ledger at {safe_url(url)}: {exc}") from exc
-        return cls(engine)
+        return cls(open_engine(url))
 
     def close(self) -> None:
         self.engine.dispose()
@@ -367,7 +345,7 @@ class Ledger:
         if ("certificate", digest) in self._known:
             return
         if session.get(Certificate, digest) is None:
-            from coop.identity import certificate_institution
+            from coop.pool.ca import certificate_institution
 
             session.add(Certificate(sha256=digest, institution=institution or certificate_institution(pem), pem=pem))
             session.flush()
@@ -443,29 +421,3 @@ def _receipt_row(b: Booking, booked_at: dt.datetime) -> dict[str, Any]:
         "countersignature": b.countersignature,
         "coordinator_cert_sha256": cert_sha256(b.coordinator_cert_pem),
     }
-
-
-def _create_engine(url: str) -> Engine:
-    if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30})
-
-        @event.listens_for(engine, "connect")
-        def _pragmas(dbapi_connection: Any, _record: Any) -> None:
-            cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=FULL")
-            cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.close()
-
-        return engine
-    return create_engine(url, pool_pre_ping=True)
-
-
-def safe_url(url: str) -> str:
-    """The URL without its password, for messages."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return "<unparseable URL>"

@@ -15,10 +15,10 @@ from sqlalchemy import select
 from sqlmodel import Session, col
 
 from coop.errors import CoopError
-from coop.identity import verify_member_certificate, verify_signature
 from coop.ledger.models import POOL_ACCOUNT, Certificate, Grant, Receipt
-from coop.ledger.receipts import ReceiptBody, body_payload, countersign_payload
 from coop.ledger.store import Ledger
+from coop.pool.ca import verify_member_certificate, verify_signature
+from coop.receipts import ReceiptBody, body_payload, countersign_payload
 
 MAX_PROBLEMS = 100
 

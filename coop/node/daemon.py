@@ -19,15 +19,17 @@ import grpc
 import torch
 
 from coop.config import NodeSettings
-from coop.coordinator.routing import choose_span, coverage_of
 from coop.errors import InvalidInput
-from coop.membership import Membership
+from coop.model.engine import SpanEngine
 from coop.model.manifest import Manifest
-from coop.node.directory import Announcer, NodeAnnouncement, SwarmDirectory
-from coop.node.engine import SpanEngine
 from coop.node.metering import ReceiptWriter
 from coop.node.outbox import Outbox
 from coop.node.service import NodeService
+from coop.pool.membership import Membership
+from coop.swarm.announcement import announcement_validator
+from coop.swarm.directory import Announcer, SwarmDirectory
+from coop.swarm.revocations import RevocationWatcher
+from coop.swarm.routing import choose_span, coverage_of
 from coop.wire.channels import GRPC_OPTIONS
 from coop.wire.generated import coop_pb2_grpc
 
@@ -60,7 +62,7 @@ def pick_span(
     itemsize = torch.empty((), dtype=getattr(torch, manifest.dtype)).element_size()
     block_bytes = max(b.param_count for b in manifest.blocks) * itemsize
     length = settings.max_blocks or max(1, settings.memory_budget_bytes // block_bytes)
-    live = directory.list_nodes(membership.pool_id, manifest.content_hash, membership.announcement_validator())
+    live = directory.list_nodes(membership.pool_id, manifest.content_hash, announcement_validator(membership))
     return choose_span(coverage_of(live, manifest.num_blocks), length)
 
 
@@ -87,12 +89,13 @@ async def run_node(settings: NodeSettings) -> None:
         SwarmDirectory.start, list(settings.initial_peers), settings.host, settings.dht_port
     )
     announcer: Announcer | None = None
+    watcher = RevocationWatcher(membership.revocations, directory)
     server: grpc.aio.Server | None = None
     service: NodeService | None = None
     outbox: Outbox | None = None
     receipts: ReceiptWriter | None = None
     try:
-        await asyncio.to_thread(membership.revocations.watch, directory)
+        await asyncio.to_thread(watcher.start)
         start, end = await asyncio.to_thread(pick_span, settings, manifest, directory, membership)
         print(f"loading blocks {start}:{end} of {manifest.name} …", file=sys.stderr, flush=True)
         engine = await asyncio.to_thread(
@@ -126,23 +129,20 @@ async def run_node(settings: NodeSettings) -> None:
         await server.start()
         endpoint = f"{settings.announce_host or settings.host}:{port}"
 
-        def make_announcement() -> NodeAnnouncement:
-            now = time.time()
-            return NodeAnnouncement(
-                node_id=node_id,
-                pool_id=membership.pool_id,
-                model_hash=manifest.content_hash,
-                start=start,
-                end=end,
-                endpoint=endpoint,
-                institution=membership.institution,
-                throughput_tps=throughput,
-                free_cache_bytes=engine.free_cache_bytes,
-                announced_at=now,
-                expires_at=now + settings.announce_ttl_s,
-            )
+        def describe() -> dict[str, object]:
+            return {
+                "node_id": node_id,
+                "pool_id": membership.pool_id,
+                "model_hash": manifest.content_hash,
+                "start": start,
+                "end": end,
+                "endpoint": endpoint,
+                "institution": membership.institution,
+                "throughput_tps": throughput,
+                "free_cache_bytes": engine.free_cache_bytes,
+            }
 
-        announcer = Announcer(directory, make_announcement, ttl_s=settings.announce_ttl_s, finalize=membership.sign)
+        announcer = Announcer(directory, describe, ttl_s=settings.announce_ttl_s, bundle=membership.bundle)
         await asyncio.to_thread(announcer.start)
         ready = {
             "node_id": node_id,
@@ -159,7 +159,7 @@ async def run_node(settings: NodeSettings) -> None:
         await _wait_for_signal()
         print("shutting down: withdrawing announcement, draining calls …", file=sys.stderr, flush=True)
     finally:
-        membership.revocations.stop()
+        watcher.stop()
         if announcer is not None:
             await asyncio.to_thread(announcer.stop)
         if server is not None:

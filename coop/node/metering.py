@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from coop.identity import MemberBundle
-from coop.ledger.receipts import ReceiptBody, TokenTally, new_receipt_id, sign_receipt
 from coop.model.manifest import Manifest
 from coop.node.outbox import Outbox
+from coop.pool.bundle import MemberBundle
+from coop.receipts import ReceiptBody, TokenTally, new_receipt_id, sign_receipt
 
 
 @dataclass

@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from coop.ledger.receipts import SignedReceipt
+from coop.receipts import SignedReceipt
 
 MAX_BATCH = 500
 

@@ -31,13 +31,14 @@ from coop.errors import (
     SpanOutOfRange,
     UnknownSession,
 )
-from coop.node.engine import SpanEngine
+from coop.model.engine import SpanEngine
 from coop.node.metering import ReceiptWriter, SessionMeter
 from coop.node.scheduling import PriorityGate
 from coop.wire.channels import ChannelPool, ChannelSecurity
 from coop.wire.errors import error_from_proto, error_to_proto
 from coop.wire.generated import coop_pb2 as pb
 from coop.wire.generated import coop_pb2_grpc
+from coop.wire.receipts import receipt_to_proto
 from coop.wire.tensors import tensor_from_proto, tensor_to_proto
 
 log = logging.getLogger(__name__)
@@ -292,7 +293,10 @@ class NodeService(coop_pb2_grpc.NodeServicer):
             raise PeerError(f"next node {target.endpoint} is unreachable: {exc.code().name}") from exc
         if ack.HasField("error"):
             remote = error_from_proto(ack.error)
-            raise PeerError(f"next node {target.endpoint} refused the step: {remote}") from remote
+            remote_type = type(remote).__name__
+            raise PeerError(
+                f"next node {target.endpoint} refused the step ({remote_type}): {remote}", remote_type=remote_type
+            ) from remote
 
     # -- Receipts ---------------------------------------------------------------------------
 
@@ -301,12 +305,7 @@ class NodeService(coop_pb2_grpc.NodeServicer):
         if self._receipts is None:
             return pb.ReceiptBatch()
         pending = await asyncio.to_thread(self._receipts.outbox.pending, coordinator, request.limit or 100)
-        return pb.ReceiptBatch(
-            receipts=[
-                pb.SignedReceipt(receipt_id=rid, body=r.body, signature=r.signature, certificate_pem=r.cert_pem)
-                for rid, r in pending
-            ]
-        )
+        return pb.ReceiptBatch(receipts=[receipt_to_proto(rid, r) for rid, r in pending])
 
     async def AckReceipts(self, request: pb.ReceiptAck, context: grpc.aio.ServicerContext) -> pb.ReceiptAckReply:
         coordinator = await self._caller(context)

@@ -6,10 +6,11 @@ import asyncio
 
 import pytest
 
-from coop.coordinator.generation import LocalChain, collect_tokens
-from coop.coordinator.sampling import SamplingParams
 from coop.model.client_part import ClientPart
-from coop.node.engine import SpanEngine
+from coop.model.engine import SpanEngine
+from coop.pipeline.generation import collect_tokens
+from coop.pipeline.local import LocalChain
+from coop.pipeline.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
 

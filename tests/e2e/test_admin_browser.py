@@ -23,9 +23,10 @@ from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
 from coop.admin import mount_admin
 from coop.coordinator.api import create_app
 from coop.coordinator.auth import ApiKeyGate
-from coop.coordinator.backend import LocalBackend
-from coop.identity import API_KEYS_FILE, api_key_digest
 from coop.ledger.models import FLOPS_PER_CREDIT
+from coop.pipeline.local import LocalBackend
+from coop.pool.api_keys import api_key_digest
+from coop.pool.registry import API_KEYS_FILE
 from tests.conftest import REPO_ROOT
 from tests.unit.test_admin_data import LIVE_NODES, MEMBERS, XSS_NAME, AdminPool, build_admin_pool
 from tests.unit.test_api import serve_in_thread

@@ -17,11 +17,13 @@ import httpx
 import pytest
 
 from coop.coordinator.api import QUEUE_HEADER
-from coop.identity import MemberBundle, add_member, create_api_key, create_pool
 from coop.launcher import LocalPool
 from coop.ledger.booking import ReceiptChecker
-from coop.ledger.store import Ledger, sqlite_url
+from coop.ledger.database import sqlite_url
+from coop.ledger.store import Ledger
 from coop.model.manifest import Manifest
+from coop.pool.bundle import MemberBundle
+from coop.pool.registry import add_member, create_api_key, create_pool
 from tests.ledger_seed import seeded_receipts
 
 pytestmark = pytest.mark.slow

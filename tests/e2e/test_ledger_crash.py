@@ -16,19 +16,24 @@ import pytest
 from sqlalchemy import select
 from sqlmodel import Session, col
 
-from coop.identity import MemberBundle, add_member, create_pool
 from coop.launcher import LocalPool, start
+from coop.ledger.database import sqlite_url
 from coop.ledger.models import Posting
-from coop.ledger.store import Ledger, sqlite_url
+from coop.ledger.store import Ledger
 from coop.ledger.verify import verify_ledger
 from coop.model.manifest import Manifest
 from coop.node.outbox import Outbox
+from coop.pool.bundle import MemberBundle
+from coop.pool.registry import add_member, create_pool
 from tests.ledger_seed import seeded_receipts
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 RECEIPTS = 1000
+BATCH = 200  # receipts the coordinator books and acknowledges at a time (ReceiptCollector's batch)
 WAIT_S = 240.0  # generous: the 2-core CI machine runs other tests' processes too
+FIRST_BATCH_PHASE_S = 0.1  # how far into the second batch a kill after the first may land (its start is unseen)
+PHASE = 0.75  # a kill lands up to this part of a batch's time into the next one: it may be quicker
 
 
 def _legs_per_receipt(ledger: Ledger) -> Counter[str]:
@@ -72,22 +77,32 @@ def test_kill_9_while_booking_loses_nothing_and_books_nothing_twice(tiny_chat_mo
         args += ["--member", str(bundles["Coord"]), "--pool-dir", str(pool_dir), "--receipt-interval", "0.2"]
         booker = start("booker", [*args, "--device", "cpu"], None)
         pool.processes.append(booker)
-        wait_for(
-            "the first acknowledged batch", lambda: outbox.counts().get("pending", 0) < RECEIPTS, WAIT_S, every_s=0.01
-        )
-        time.sleep(random.uniform(0.0, 0.1))  # land anywhere in the next batches
+        # The kill point: after a random number of acknowledged batches (the final batch always still
+        # ahead), then a random part of the next batch's time: fetching, checking or booking it.
+        acks: list[tuple[float, int]] = []  # (when, receipts acknowledged) each time that count went up
+
+        def acknowledged_count() -> int:
+            count = RECEIPTS - outbox.counts().get("pending", 0)
+            if not acks or count > acks[-1][1]:
+                acks.append((time.monotonic(), count))
+            return count
+
+        kill_after = random.randint(1, RECEIPTS // BATCH - 1) * BATCH
+        wait_for(f"{kill_after} acknowledged receipts", lambda: acknowledged_count() >= kill_after, WAIT_S, 0.005)
+        phase_s = PHASE * (acks[-1][0] - acks[-2][0]) if len(acks) >= 3 else FIRST_BATCH_PHASE_S
+        time.sleep(random.uniform(0.0, phase_s))
         booker.kill_hard()
 
         acknowledged = all_ids - pending_ids()
         legs = _legs_per_receipt(ledger)
         booked = {r.receipt_id for r in ledger.receipts()}
+        print(f"killed after {len(acknowledged)} acknowledged receipts (aimed after {kill_after})")
         assert 0 < len(acknowledged) < RECEIPTS, "the kill must land in the middle of booking"
         assert acknowledged <= booked, "a receipt was acknowledged but is not in the ledger"
         assert set(legs) == booked and set(legs.values()) == {2}, "a booking is half-written"
         report = verify_ledger(ledger, ca_cert_pem=info.ca_cert_pem(), pool_id=info.pool_id)
         assert report.ok, report.problems
 
-        pool.processes.remove(booker)
         pool.start_coordinator(
             member=bundles["Coord"], extra_args=["--pool-dir", str(pool_dir), "--receipt-interval", "0.2"]
         )

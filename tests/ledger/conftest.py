@@ -10,11 +10,12 @@ from typing import Any
 
 import pytest
 
-from coop.identity import MemberBundle
 from coop.ledger.booking import ReceiptChecker
+from coop.ledger.database import sqlite_url
 from coop.ledger.models import Observation
-from coop.ledger.receipts import ReceiptBody, SignedReceipt, new_receipt_id, sign_receipt
-from coop.ledger.store import Booking, Ledger, sqlite_url
+from coop.ledger.store import Booking, Ledger
+from coop.pool.bundle import MemberBundle
+from coop.receipts import ReceiptBody, SignedReceipt, new_receipt_id, sign_receipt
 from tests.pools import MemberPool
 
 MODEL_HASH = "ab12"

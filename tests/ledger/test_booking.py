@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from coop.errors import ReceiptRejected
-from coop.identity import verify_signature
-from coop.ledger.booking import UNKNOWN_SESSION_GRACE_S, ReceiptPending
+from coop.errors import ReceiptPending, ReceiptRejected
+from coop.ledger.booking import UNKNOWN_SESSION_GRACE_S
 from coop.ledger.models import Observation
-from coop.ledger.receipts import SignedReceipt, countersign_payload
+from coop.pool.ca import verify_signature
+from coop.receipts import SignedReceipt, countersign_payload
 from tests.ledger.conftest import Receipts
 from tests.pools import make_member_pool
 

@@ -15,10 +15,10 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 
 from coop.errors import InvalidInput, LedgerError
-from coop.ledger.migrate import alembic_config
+from coop.ledger.database import alembic_config
 from coop.ledger.models import FLOPS_PER_CREDIT, POOL_ACCOUNT
-from coop.ledger.receipts import cert_sha256
 from coop.ledger.store import Booking, Ledger
+from coop.receipts import cert_sha256
 from tests.ledger.conftest import Receipts
 
 TABLES = {

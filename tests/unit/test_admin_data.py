@@ -16,21 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coop.admin import AdminContext, TokenRateMeter
-from coop.identity import (
-    MemberBundle,
-    PoolInfo,
-    add_member,
-    create_api_key,
-    create_pool,
-    revoke_member,
-    sign_announcement,
-)
 from coop.ledger.booking import ReceiptChecker
+from coop.ledger.database import sqlite_url
 from coop.ledger.fairshare import FairShare
 from coop.ledger.models import FLOPS_PER_CREDIT, Observation
-from coop.ledger.receipts import ReceiptBody, new_receipt_id, sign_receipt
-from coop.ledger.store import Ledger, sqlite_url
-from coop.node.directory import NodeAnnouncement
+from coop.ledger.store import Ledger
+from coop.pool.bundle import MemberBundle
+from coop.pool.registry import PoolInfo, add_member, create_api_key, create_pool, revoke_member
+from coop.receipts import ReceiptBody, new_receipt_id, sign_receipt
+from coop.swarm.announcement import NodeAnnouncement, sign_announcement
 
 NUM_BLOCKS = 30
 MODEL_HASH = "c0ffee00d15ea5e5"

@@ -12,8 +12,9 @@ from fastapi.testclient import TestClient
 
 from coop.admin import mount_admin
 from coop.admin.auth import LOGIN_COOKIE, SESSION_COOKIE, SessionStore
-from coop.identity import API_KEYS_FILE, ApiKeyStore, api_key_digest
 from coop.ledger.models import FLOPS_PER_CREDIT
+from coop.pool.api_keys import ApiKeyStore, api_key_digest
+from coop.pool.registry import API_KEYS_FILE
 from tests.unit.test_admin_data import REVOKED, XSS_NAME, AdminPool, build_admin_pool
 
 PAGES = ["/admin", "/admin/", "/admin/institutions", "/admin/institutions/beta-lab", "/admin/nodes"]

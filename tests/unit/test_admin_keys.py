@@ -9,15 +9,8 @@ import pytest
 import coop.admin
 from coop.admin import CounterRate, NodePresence, TokenRateMeter
 from coop.errors import InvalidInput
-from coop.identity import (
-    API_KEYS_FILE,
-    ApiKeyStore,
-    add_member,
-    api_key_digest,
-    create_api_key,
-    create_pool,
-    revoke_api_key,
-)
+from coop.pool.api_keys import ApiKeyStore, api_key_digest
+from coop.pool.registry import API_KEYS_FILE, add_member, create_api_key, create_pool, revoke_api_key
 
 
 def test_revoking_one_key_leaves_the_institution_s_other_keys_alone(tmp_path: Path) -> None:

@@ -6,12 +6,13 @@ import asyncio
 import json
 import socket
 import threading
-import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
+import grpc
 import httpx
 import openai
 import pytest
@@ -21,12 +22,18 @@ from fastapi import FastAPI
 
 from coop.client import ApiError, Client
 from coop.coordinator.api import create_app
-from coop.coordinator.backend import LocalBackend
-from coop.coordinator.generation import Chain, LocalChain, collect_tokens
-from coop.coordinator.sampling import SamplingParams
 from coop.coordinator.text_stream import IncrementalDetokenizer
-from coop.errors import PeerError, RouteUnavailable
+from coop.errors import InvalidTensor, PeerError, RouteUnavailable
 from coop.model.client_part import ClientPart
+from coop.pipeline.generation import Chain, collect_tokens
+from coop.pipeline.local import LocalBackend, LocalChain
+from coop.pipeline.remote import RemoteChain
+from coop.pipeline.sampling import SamplingParams
+from coop.swarm.routing import Hop
+from coop.wire.errors import error_to_proto
+from coop.wire.generated import coop_pb2 as pb
+from coop.wire.tensors import tensor_to_proto
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -49,19 +56,19 @@ def serve_in_thread(app: FastAPI, *, ready_timeout_s: float = 30.0) -> Iterator[
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
+
+    def answering() -> bool:
+        try:
+            if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
+                return True
+        except httpx.TransportError:
+            pass
+        if not thread.is_alive():
+            raise RuntimeError("the API server thread exited during startup")
+        return False
+
     try:
-        deadline = time.monotonic() + ready_timeout_s
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if not thread.is_alive():
-                raise RuntimeError("the API server thread exited during startup")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the API server at {url} was not ready within {ready_timeout_s} s")
-            time.sleep(0.05)
+        wait_for(f"the API server at {url} to answer /health", answering, ready_timeout_s, every_s=0.05)
         yield url
     finally:
         server.should_exit = True
@@ -260,9 +267,6 @@ class _NoRouteBackend:
     async def open_chain(self, max_length: int, **kwargs: object) -> Chain:
         raise RouteUnavailable([(10, 20)], 30)
 
-    def route_info(self, chain: Chain) -> list[dict[str, object]]:
-        return []
-
 
 def test_route_unavailable_is_503(backend: LocalBackend) -> None:
     with serve_in_thread(create_app(_NoRouteBackend(backend.client))) as url:
@@ -280,6 +284,8 @@ class _FailingChain:
 
     def __init__(self, inner: Chain) -> None:
         self.inner = inner
+        self.hops = inner.hops
+        self.failovers = 0
         self.steps = 0
 
     async def step(self, hidden: torch.Tensor, start_position: int, token_ids: Sequence[int]) -> torch.Tensor:
@@ -302,15 +308,14 @@ class _FlakyBackend:
     async def open_chain(self, max_length: int, **kwargs: object) -> Chain:
         return _FailingChain(await self.inner.open_chain(max_length))
 
-    def route_info(self, chain: Chain) -> list[dict[str, object]]:
-        return []
 
-
-def _wait_for_no_sessions(backend: LocalBackend, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while any(engine.session_count for engine in backend.engines):
-        assert time.monotonic() < deadline, [engine.session_count for engine in backend.engines]
-        time.sleep(0.05)
+def _wait_for_no_sessions(backend: LocalBackend, timeout_s: float = 30.0) -> None:
+    wait_for(
+        "every engine session to be released",
+        lambda: not any(engine.session_count for engine in backend.engines),
+        timeout_s,
+        every_s=0.05,
+    )
 
 
 def test_peer_failure_is_502_or_an_error_event(backend: LocalBackend) -> None:
@@ -335,6 +340,135 @@ def test_peer_failure_is_502_or_an_error_event(backend: LocalBackend) -> None:
     _wait_for_no_sessions(backend)
 
 
+class _FakeSessionCall:
+    """The coordinator's end of one node's session stream."""
+
+    def __init__(self) -> None:
+        self.events: asyncio.Queue[object] = asyncio.Queue()
+
+    async def write(self, control: pb.SessionControl) -> None:
+        if control.WhichOneof("kind") == "open":
+            opened = pb.SessionEvent.Opened(session_id=control.open.session_id)
+            self.events.put_nowait(pb.SessionEvent(opened=opened))
+
+    async def read(self) -> object:
+        return await self.events.get()
+
+    async def done_writing(self) -> None:
+        self.events.put_nowait(grpc.aio.EOF)
+
+    def cancel(self) -> None:
+        self.events.put_nowait(grpc.aio.EOF)
+
+
+class _HostileNode:
+    """The one node of a route (and the ChannelPool that reaches it): every step meets `misbehaviour`.
+
+    "refuses": the node rejects the step with InvalidTensor; "fails": it accepts the step, then
+    reports InvalidTensor on its session stream; "sends_nan": it returns hidden states full of NaN.
+    """
+
+    node_id = "12D3KooWhostile"
+
+    def __init__(self, misbehaviour: str, hidden_size: int, num_blocks: int) -> None:
+        self.misbehaviour = misbehaviour
+        self.hidden_size = hidden_size
+        self.hop = Hop(self.node_id, "127.0.0.1:1", 0, num_blocks)
+        self.load: Counter[str] = Counter()  # the SwarmView half
+        self.suspected: list[str] = []
+        self.call = _FakeSessionCall()
+
+    # SwarmView
+    async def route(self, exclude: object = frozenset()) -> list[Hop]:
+        return [self.hop]
+
+    def suspect(self, node_id: str) -> None:
+        self.suspected.append(node_id)
+
+    def revoked(self) -> frozenset[str]:
+        return frozenset()
+
+    # ChannelPool and the node's stub
+    def stub(self, endpoint: str) -> _HostileNode:
+        return self
+
+    def Session(self) -> _FakeSessionCall:
+        self.call = _FakeSessionCall()
+        return self.call
+
+    async def Forward(self, request: pb.StepRequest, timeout: float) -> pb.StepAck:
+        error = error_to_proto(InvalidTensor("hidden states contain NaN or Inf"))
+        if self.misbehaviour == "refuses":
+            return pb.StepAck(error=error)
+        if self.misbehaviour == "fails":
+            failed = pb.SessionEvent.Failed(session_id=request.session_id, step_id=request.step_id, error=error)
+            self.call.events.put_nowait(pb.SessionEvent(failed=failed))
+        else:
+            n = len(request.hidden.data) // (4 * self.hidden_size)  # float32
+            nan = tensor_to_proto(torch.full((1, n, self.hidden_size), float("nan")))
+            result = pb.SessionEvent.Result(session_id=request.session_id, step_id=request.step_id, hidden=nan)
+            self.call.events.put_nowait(pb.SessionEvent(result=result))
+        return pb.StepAck()
+
+    async def Info(self, request: pb.InfoRequest, timeout: float) -> pb.NodeInfo:
+        return pb.NodeInfo()
+
+
+class _HostileBackend:
+    """The coordinator's RemoteBackend with a real RemoteChain, over a route of one hostile node."""
+
+    def __init__(self, inner: LocalBackend, misbehaviour: str) -> None:
+        self.client = inner.client
+        self.model_name = inner.model_name
+        self.max_context = inner.max_context
+        self.misbehaviour = misbehaviour
+
+    def chain(self, max_length: int) -> RemoteChain:
+        manifest = self.client.manifest
+        node = _HostileNode(self.misbehaviour, manifest.hidden_size, manifest.num_blocks)
+        return RemoteChain(
+            node,  # type: ignore[arg-type]
+            node,  # type: ignore[arg-type]
+            self.client.embed,
+            hidden_size=manifest.hidden_size,
+            dtype=self.client.dtype,
+            max_length=max_length,
+        )
+
+    async def open_chain(self, max_length: int, **kwargs: object) -> Chain:
+        return await self.chain(max_length).open()
+
+
+MISBEHAVIOURS = ["refuses", "fails", "sends_nan"]
+
+
+@pytest.mark.parametrize("misbehaviour", MISBEHAVIOURS)
+def test_remote_chain_raises_a_peers_error_as_peer_error(backend: LocalBackend, misbehaviour: str) -> None:
+    async def step() -> None:
+        chain = await _HostileBackend(backend, misbehaviour).chain(16).open()
+        try:
+            await chain.step(backend.client.embed(torch.tensor([[1, 2, 3]])), 0, [1, 2, 3])
+        finally:
+            await chain.close()
+
+    with pytest.raises(PeerError) as info:
+        asyncio.run(step())
+    assert info.value.remote_type == "InvalidTensor"
+    assert isinstance(info.value.__cause__, InvalidTensor)
+    assert _HostileNode.node_id in str(info.value) and "NaN" in str(info.value)
+
+
+@pytest.mark.parametrize("misbehaviour", MISBEHAVIOURS)
+def test_a_peers_invalid_tensor_is_502_not_the_clients_400(backend: LocalBackend, misbehaviour: str) -> None:
+    with serve_in_thread(create_app(_HostileBackend(backend, misbehaviour))) as url:
+        body = {"messages": QUESTION, "max_tokens": 4}
+        message = _assert_error(_post(url, "/v1/chat/completions", json=body), 502, "peer_error")
+        assert _HostileNode.node_id in message and "InvalidTensor" in message
+        with Client(url) as sdk, pytest.raises(ApiError) as info:
+            sdk.chat(QUESTION, max_tokens=4)
+        assert info.value.status == 502 and info.value.retryable
+
+
 def test_sessions_are_closed_after_requests_and_disconnects(base_url: str, backend: LocalBackend) -> None:
     _wait_for_no_sessions(backend)  # everything the tests above did has been released
     # ignore_eos-free greedy text may end early, so ask for a long completion: minutes of work
@@ -346,7 +480,7 @@ def test_sessions_are_closed_after_requests_and_disconnects(base_url: str, backe
         assert next(lines).startswith("data: ")
         assert any(engine.session_count for engine in backend.engines)
     # the client hung up after the first event: the server must stop and release its sessions
-    _wait_for_no_sessions(backend, timeout_s=5)
+    _wait_for_no_sessions(backend)  # long before 4000 tokens could be generated
 
 
 # -- the SDK ------------------------------------------------------------------------------------

@@ -12,8 +12,9 @@ import pytest
 
 from coop.coordinator.api import create_app
 from coop.coordinator.auth import ApiKeyGate
-from coop.coordinator.backend import LocalBackend
-from coop.identity import PoolLimits, add_member, create_api_key, create_pool, revoke_api_keys, revoke_member
+from coop.pipeline.local import LocalBackend
+from coop.pool.bundle import PoolLimits
+from coop.pool.registry import add_member, create_api_key, create_pool, revoke_api_keys, revoke_member
 from tests.unit.test_api import serve_in_thread
 
 pytestmark = pytest.mark.slow

@@ -11,7 +11,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 
 from coop.coordinator.api import create_app
-from coop.coordinator.backend import LocalBackend
+from coop.pipeline.local import LocalBackend
 
 pytestmark = pytest.mark.slow
 EXAMPLES_PER_OPERATION = 40

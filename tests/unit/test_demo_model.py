@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from coop.coordinator.generation import LocalChain, collect_tokens
-from coop.coordinator.sampling import SamplingParams
 from coop.model.client_part import ClientPart
+from coop.model.engine import SpanEngine
 from coop.model.loading import load_full_model
 from coop.model.manifest import Manifest
-from coop.node.engine import SpanEngine
+from coop.pipeline.generation import collect_tokens
+from coop.pipeline.local import LocalChain
+from coop.pipeline.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
 QUESTION = "What is the capital of France?"

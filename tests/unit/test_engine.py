@@ -19,8 +19,8 @@ from coop.errors import (
     SpanOutOfRange,
     UnknownSession,
 )
+from coop.model.engine import SpanEngine
 from coop.model.manifest import Manifest
-from coop.node.engine import SpanEngine
 
 HIDDEN = 64
 
@@ -148,7 +148,7 @@ def test_sub_span_session_matches_a_smaller_engine(tiny_llama_dir: str) -> None:
 
 
 def test_a_refused_chain_releases_what_it_opened(tiny_llama_dir: str) -> None:
-    from coop.coordinator.generation import LocalChain
+    from coop.pipeline.local import LocalChain
 
     roomy = SpanEngine.load(tiny_llama_dir, 0, 3, device="cpu")
     tight = SpanEngine.load(tiny_llama_dir, 3, 6, device="cpu", cache_budget_bytes=1)

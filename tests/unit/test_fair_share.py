@@ -11,6 +11,7 @@ from coop.errors import CreditExhausted
 from coop.ledger.fairshare import DecayedTotals, FairShare, fair_share_factor, fair_share_factors
 from coop.ledger.models import FLOPS_PER_CREDIT
 from coop.node.scheduling import PriorityGate
+from tests.waiting import wait_for_async
 
 HOUR = 3600.0
 
@@ -74,8 +75,7 @@ def test_idle_pool_admits_anyone_at_once_and_a_saturated_one_in_factor_order() -
         first = asyncio.create_task(request("mid", hold))
         await asyncio.sleep(0)
         waiters = [asyncio.create_task(request(name)) for name in ("low", "mid", "high")]
-        await asyncio.sleep(0.01)
-        assert admission.waiting == 3
+        await wait_for_async("three requests in line", lambda: admission.waiting == 3, timeout_s=5)
         hold.set()
         await asyncio.gather(first, *waiters)
         return waited_low

@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from coop.coordinator.generation import LocalChain
 from coop.model.client_part import ClientPart
+from coop.model.engine import SpanEngine
 from coop.model.prepare import prepare
-from coop.node.engine import SpanEngine
+from coop.pipeline.local import LocalChain
 from tests.tiny_models import TINY_CONFIGS, save_tiny_model
 
 PROMPT = [5, 17, 42, 8, 91, 3, 60]

@@ -11,7 +11,6 @@ import asyncio
 import queue
 import random
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 
@@ -21,12 +20,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from coop.node.engine import SpanEngine
+from coop.model.engine import SpanEngine
 from coop.node.service import NodeService
 from coop.wire.channels import GRPC_OPTIONS
 from coop.wire.generated import coop_pb2 as pb
 from coop.wire.generated import coop_pb2_grpc
 from coop.wire.tensors import tensor_from_proto, tensor_to_proto
+from tests.waiting import wait_for
 
 HIDDEN = 64
 RAW_MESSAGES = 6000
@@ -239,9 +239,12 @@ def test_sessions_per_peer_are_limited(tiny_llama_dir: str) -> None:
         assert "2 sessions" in refused.failed.error.message
         controls.put(None)
         first.put(None)  # closing one session frees a place
-        deadline = time.monotonic() + 10
-        while _info(f"127.0.0.1:{running.port}").active_sessions != 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(
+            "the closed session to be freed",
+            lambda: _info(f"127.0.0.1:{running.port}").active_sessions == 1,
+            timeout_s=10,
+            every_s=0.05,
+        )
         _open(stub, "four")
         assert second[0] is not None
 

@@ -21,35 +21,29 @@ from pathlib import Path
 
 import grpc
 import pytest
-import typer
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from typer.testing import CliRunner
 
-from coop.cli_pool import member_app, pool_app
+from coop.cli import app
 from coop.errors import InvalidInput, Unauthorized
-from coop.identity import (
-    AnnouncementVerifier,
-    ApiKeyStore,
-    MemberBundle,
+from coop.pool.api_keys import ApiKeyStore
+from coop.pool.bundle import MemberBundle
+from coop.pool.ca import member_certificate, peer_institution, verify_member_certificate, verify_signature
+from coop.pool.registry import (
     PoolInfo,
-    RevocationList,
-    _load_ca,
-    _member_certificate,
     add_member,
-    announcement_payload,
     create_api_key,
     create_pool,
     list_members,
-    peer_institution,
+    load_ca,
     revoke_api_keys,
     revoke_member,
-    sign_announcement,
-    verify_member_certificate,
-    verify_signature,
 )
-from coop.node.directory import NodeAnnouncement, SwarmDirectory
+from coop.pool.revocation import RevocationList
+from coop.swarm.announcement import AnnouncementVerifier, NodeAnnouncement, announcement_payload, sign_announcement
+from coop.swarm.directory import SwarmDirectory
 
 
 def mode(path: Path) -> int:
@@ -310,8 +304,8 @@ def test_signed_announcements_verify_and_tampering_is_rejected(pools: tuple[Pool
     assert verify(signed) and verify.check(signed) == "University A"
     assert verify(NodeAnnouncement.from_wire(signed.to_wire()))
 
-    ca_key, ca_cert = _load_ca(one.info)
-    other_pool_key, other_pool_cert = _member_certificate(ca_key, ca_cert, "other-pool", "University A")
+    ca_key, ca_cert = load_ca(one.info)
+    other_pool_key, other_pool_cert = member_certificate(ca_key, ca_cert, "other-pool", "University A")
     other_pool_pem = other_pool_cert.public_bytes(serialization.Encoding.PEM)
 
     def forged(cert_pem: bytes, signer: MemberBundle | None = None) -> NodeAnnouncement:
@@ -432,9 +426,6 @@ def test_api_keys_are_shown_once_and_stored_as_hashes(pool: Pool) -> None:
 
 
 def test_cli_pool_and_member_commands(tmp_path: Path) -> None:
-    app = typer.Typer()
-    app.add_typer(pool_app, name="pool")
-    app.add_typer(member_app, name="member")
     runner = CliRunner()
     d = tmp_path / "pool"
 

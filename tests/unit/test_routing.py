@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from coop.coordinator.routing import choose_route, choose_span, coverage_of, missing_blocks
 from coop.errors import RouteUnavailable
-from coop.node.directory import NodeAnnouncement
+from coop.swarm.announcement import NodeAnnouncement
+from coop.swarm.routing import choose_route, choose_span, coverage_of, missing_blocks
 
 NUM_BLOCKS = 30
 
@@ -90,7 +90,7 @@ class _FixedDirectory:
 def test_measured_rtt_steers_routes_to_the_nearer_replica() -> None:
     import asyncio
 
-    from coop.coordinator.swarm import SwarmView
+    from coop.swarm.view import SwarmView
 
     nodes = [node("a", 0, 10), node("far", 10, 20), node("near", 10, 20), node("c", 20, 30)]
     rtts = {"a": 0.001, "far": 0.2, "near": 0.001, "c": 0.001}

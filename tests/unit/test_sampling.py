@@ -6,7 +6,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from coop.coordinator.sampling import SamplingParams, make_generator, sample_token
+from coop.pipeline.sampling import SamplingParams, make_generator, sample_token
 
 LOGITS = torch.tensor([1.0, 3.0, 2.0, 0.5, -1.0])
 

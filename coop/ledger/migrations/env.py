@@ -1,4 +1,4 @@
-"""Alembic environment: runs on the connection coop.ledger.migrate passes in (never a URL of its own)."""
+"""Alembic environment: runs on the connection coop.ledger.database passes in (never a URL of its own)."""
 
 from alembic import context
 from sqlalchemy import engine_from_config, pool

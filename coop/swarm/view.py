@@ -14,9 +14,10 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
-from coop.coordinator.routing import Hop, choose_route
 from coop.errors import CoopError, RouteUnavailable
-from coop.node.directory import NodeAnnouncement, SwarmDirectory
+from coop.swarm.announcement import NodeAnnouncement
+from coop.swarm.directory import SwarmDirectory
+from coop.swarm.routing import Hop, choose_route
 
 log = logging.getLogger(__name__)
 

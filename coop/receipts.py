@@ -18,7 +18,7 @@ import uuid
 from dataclasses import asdict, dataclass
 
 from coop.errors import InvalidInput
-from coop.identity import MemberBundle
+from coop.pool.bundle import MemberBundle
 
 RECEIPT_FORMAT = "coop-receipt/1"
 _BODY_DOMAIN = b"coop-receipt-v1\n"

@@ -1,26 +1,27 @@
 """The decoding loop: embed, run every block through a chain of spans, sample, repeat.
 
 `Chain` is whatever runs all of the model's blocks for one session: engines in this process
-(`LocalChain`, the reference path) or nodes across the network. The loop is the same for both,
+(`coop.pipeline.local.LocalChain`, the reference path) or nodes across the network. The loop is the same for both,
 which is what makes "distributed output equals local output" checkable.
 """
 
 from __future__ import annotations
 
-import asyncio
-import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
 import torch
 
-from coop.coordinator.sampling import SamplingParams, make_generator, sample_token
-from coop.errors import InvalidInput, SessionError, SpanOutOfRange
+from coop.errors import InvalidInput, SpanOutOfRange
 from coop.model.client_part import ClientPart
-from coop.node.engine import SpanEngine
+from coop.pipeline.sampling import SamplingParams, make_generator, sample_token
+from coop.swarm.routing import Hop
 
 
 class Chain(Protocol):
+    hops: list[Hop]  # the route the session runs on now (one hop per span)
+    failovers: int  # how many times the session moved to another route
+
     async def step(self, hidden: torch.Tensor, start_position: int, token_ids: Sequence[int]) -> torch.Tensor:
         """Hidden states [1, n, h] of tokens start_position.. -> hidden states after the last block.
 
@@ -43,37 +44,6 @@ def check_spans_tile(spans: Sequence[tuple[int, int]], num_blocks: int) -> None:
         expected = end
     if expected != num_blocks:
         raise SpanOutOfRange(f"spans end at block {expected}, the model has {num_blocks}")
-
-
-class LocalChain:
-    """Engines in this process whose spans together cover every block, in order.
-
-    Block compute runs in worker threads, so a server's event loop stays free while it runs;
-    engines lock their own compute, so concurrent sessions simply interleave.
-    """
-
-    def __init__(self, engines: Sequence[SpanEngine], *, max_length: int) -> None:
-        check_spans_tile([(e.start, e.end) for e in engines], engines[0].manifest.num_blocks if engines else 0)
-        self.engines = list(engines)
-        self.session_id = uuid.uuid4().hex
-        opened: list[SpanEngine] = []
-        try:
-            for engine in self.engines:
-                engine.open_session(self.session_id, max_length=max_length)
-                opened.append(engine)
-        except SessionError:
-            for engine in opened:  # a refused open (e.g. cache budget) must not keep the others' reservations
-                engine.evict(self.session_id)
-            raise
-
-    async def step(self, hidden: torch.Tensor, start_position: int, token_ids: Sequence[int] = ()) -> torch.Tensor:
-        for engine in self.engines:
-            hidden = await asyncio.to_thread(engine.step, self.session_id, hidden, start_position)
-        return hidden
-
-    async def close(self) -> None:
-        for engine in self.engines:
-            engine.close_session(self.session_id)
 
 
 async def generate_tokens(

@@ -13,7 +13,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from coop.errors import RouteUnavailable
-from coop.node.directory import NodeAnnouncement
+from coop.swarm.announcement import NodeAnnouncement
 
 DEFAULT_RTT_S = 0.002
 MIN_THROUGHPUT_TPS = 0.1  # a node announcing less (or nothing) is treated as this slow

@@ -5,6 +5,10 @@ last hop returns the output on its session stream. If a hop dies (its stream bre
 it fails, or the step times out and the hop does not answer a probe), the chain picks a new
 route without it, replays the session's tokens through it to rebuild every cache, and carries on:
 the caller sees a pause, and greedy decoding gives the same tokens.
+
+What a node reports, or sends that fails validation, is the node's fault, never the caller's: it
+leaves the chain as a `PeerError` whose `remote_type` names the node's error (a node's
+`InvalidTensor` must not become the HTTP client's 400).
 """
 
 from __future__ import annotations
@@ -19,11 +23,11 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from coop.coordinator.metering import Metering
-from coop.coordinator.routing import Hop
-from coop.coordinator.swarm import SwarmView
-from coop.errors import CoopError, PeerError, UnknownSession
-from coop.ledger.receipts import TokenTally
+from coop.errors import CoopError, InvalidTensor, PeerError, UnknownSession
+from coop.pipeline.charge import UNMETERED, Charge
+from coop.receipts import TokenTally
+from coop.swarm.routing import Hop
+from coop.swarm.view import SwarmView
 from coop.wire.channels import ChannelPool
 from coop.wire.errors import error_from_proto
 from coop.wire.generated import coop_pb2 as pb
@@ -52,7 +56,7 @@ class _Stream:
 
 
 class RemoteChain:
-    """Implements coordinator.generation.Chain over gRPC."""
+    """Implements `coop.pipeline.generation.Chain` over gRPC."""
 
     def __init__(
         self,
@@ -65,12 +69,10 @@ class RemoteChain:
         max_length: int,
         step_timeout_s: float = 30.0,
         max_failovers: int = 3,
-        consumer: str = "",
-        priority: float = 0.0,
-        metering: Metering | None = None,
+        charge: Charge = UNMETERED,
     ) -> None:
-        """`consumer`: the institution this session is charged to; `priority`: its fair-share factor,
-        which nodes use to order queued steps; `metering`: where what each node did is written down."""
+        """`charge`: who pays, the fair-share priority nodes order queued steps by, and the meter
+        that writes down what each node did."""
         self.swarm = swarm
         self.channels = channels
         self.embed = embed
@@ -86,9 +88,7 @@ class RemoteChain:
         self._events: asyncio.Queue[tuple[int, pb.SessionEvent | None]] = asyncio.Queue()
         self._step_id = 0
         self._excluded: set[str] = set()
-        self.consumer = consumer
-        self.priority = priority
-        self.metering = metering
+        self.charge = charge
         self._sent = TokenTally()  # sent to the current route, which every hop of it computes
 
     async def open(self) -> RemoteChain:
@@ -125,7 +125,7 @@ class RemoteChain:
                 max_length=self.max_length,
                 start=hop.start,
                 end=hop.end,
-                priority=self.priority,
+                priority=self.charge.priority,
             )
             await call.write(pb.SessionControl(open=open_msg))
             first = await asyncio.wait_for(call.read(), OPEN_TIMEOUT_S)
@@ -135,7 +135,8 @@ class RemoteChain:
         if first is grpc.aio.EOF or not isinstance(first, pb.SessionEvent) or first.WhichOneof("kind") != "opened":
             call.cancel()
             error = error_from_proto(first.failed.error) if isinstance(first, pb.SessionEvent) else None
-            raise PeerError(f"node {hop.node_id} refused the session: {error}")
+            remote_type = type(error).__name__ if error is not None else None
+            raise PeerError(f"node {hop.node_id} refused the session: {error}", remote_type=remote_type) from error
         stream = _Stream(hop, call, asyncio.create_task(self._read_events(index, call, events)))
         self._streams.append(stream)
         self.swarm.load[hop.node_id] += 1
@@ -206,10 +207,10 @@ class RemoteChain:
             error = error_from_proto(ack.error)
             if isinstance(error, UnknownSession):  # the node restarted and lost our session
                 raise _HopsFailed({first.node_id}, str(error))
-            raise error
+            raise _peer_error(first, "refused the step", error) from error
         output = await self._wait_result(step_id, hidden.shape[1])
-        if self.metering is not None:
-            self.metering.stepped(self.consumer, self.hops, hidden.shape[1])
+        if self.charge.meter is not None:
+            self.charge.meter.stepped(self.charge.consumer, self.hops, hidden.shape[1])
         return output
 
     async def _wait_result(self, step_id: int, n: int) -> torch.Tensor:
@@ -228,12 +229,15 @@ class RemoteChain:
                 raise _HopsFailed({hop.node_id}, f"lost the session stream to node {hop.node_id}")
             kind = event.WhichOneof("kind")
             if kind == "result" and event.result.step_id == step_id and index == len(self.hops) - 1:
-                return tensor_from_proto(
-                    event.result.hidden,
-                    expected_dtype=self.dtype,
-                    expected_shape=(1, n, self.hidden_size),
-                    name="hidden states from the last node",
-                )
+                try:
+                    return tensor_from_proto(
+                        event.result.hidden,
+                        expected_dtype=self.dtype,
+                        expected_shape=(1, n, self.hidden_size),
+                        name="hidden states from the last node",
+                    )
+                except InvalidTensor as exc:
+                    raise _peer_error(hop, "sent an invalid result", exc) from exc
             if kind == "failed" and event.failed.step_id in (step_id, 0):
                 error = error_from_proto(event.failed.error)
                 if isinstance(error, PeerError | UnknownSession):
@@ -241,7 +245,7 @@ class RemoteChain:
                     blamed = self.hops[min(index + 1, len(self.hops) - 1)] if isinstance(error, PeerError) else hop
                     dead = await self._probe()
                     raise _HopsFailed(dead or {blamed.node_id}, str(error))
-                raise error
+                raise _peer_error(hop, "failed the step", error) from error
 
     async def _probe(self) -> set[str]:
         """The hops that do not answer Info within a second."""
@@ -265,9 +269,9 @@ class RemoteChain:
 
     async def _close_streams(self) -> None:
         streams, self._streams = self._streams, []
-        if self.metering is not None and streams:
+        if self.charge.meter is not None and streams:
             hops = [stream.hop for stream in streams]
-            self.metering.session_ended(self.session_id, self.consumer, hops, self._sent)
+            self.charge.meter.session_ended(self.session_id, self.charge.consumer, hops, self._sent)
         self._sent = TokenTally()
         for stream in streams:  # bookkeeping first, with no await, so a cancellation cannot leak it
             self.swarm.load[stream.hop.node_id] -= 1
@@ -286,3 +290,10 @@ class RemoteChain:
 
     async def close(self) -> None:
         await self._close_streams()
+
+
+def _peer_error(hop: Hop, what: str, error: CoopError) -> PeerError:
+    """A node's error (reported by it, or found in what it sent) as the PeerError the caller sees."""
+    remote_type = type(error).__name__
+    log.warning("node %s at %s %s: %s: %s", hop.node_id, hop.endpoint, what, remote_type, error)
+    return PeerError(f"node {hop.node_id} {what} ({remote_type}): {error}", remote_type=remote_type)

@@ -15,19 +15,16 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
 
-from rich.console import Console
+import typer
 from rich.table import Table
 
-from coop.cli_ledger import balances_table
-from coop.client import Client
-from coop.identity import add_member, create_api_key, create_pool
-from coop.launcher import LocalPool
-from coop.ledger.store import LEDGER_FILE, Ledger, sqlite_url
-from coop.membership import Membership
-from coop.model.prepare import prepare
-from coop.node.client import node_info
-from coop.wire.channels import ChannelSecurity
+from coop.cli.console import console, plain
+
+if TYPE_CHECKING:
+    from coop.launcher import LocalPool
+    from coop.wire.channels import ChannelSecurity
 
 DEMO_SPANS = {"demo-node-1": "0:10", "demo-node-2": "10:20", "demo-node-3": "20:30"}
 DEMO_QUESTION = "What is the capital of France?"
@@ -47,8 +44,22 @@ class DemoPool:
     admin_token: str
 
 
+def demo(
+    model_dir: Annotated[Path, typer.Option("--model-dir", help="where the demo model is prepared (cached)")] = Path(
+        ".cache/smollm2-demo"
+    ),
+    port: Annotated[int, typer.Option(help="HTTP port of the coordinator (0 = any free port)")] = 8000,
+    question: Annotated[str, typer.Option()] = DEMO_QUESTION,
+    once: Annotated[bool, typer.Option("--once", help="exit after the answer")] = False,
+) -> None:
+    """A local pool in one command: DHT, three nodes, a coordinator, and one chat question."""
+    run_demo(model_dir, port=port, question=question, once=once)
+
+
 def create_demo_pool(directory: Path) -> DemoPool:
     """A throwaway pool: one member institution per node, one for the coordinator, one API key."""
+    from coop.pool.registry import add_member, create_api_key, create_pool
+
     info = create_pool(directory, "Coop demo pool")
     nodes = {node: add_member(directory, institution) for node, institution in DEMO_INSTITUTIONS.items()}
     coordinator = add_member(directory, "Demo Coordinator")
@@ -58,13 +69,17 @@ def create_demo_pool(directory: Path) -> DemoPool:
     return DemoPool(nodes, coordinator, api_key, info.admin_token)
 
 
-def run_demo(model_dir: Path, *, port: int, question: str, once: bool, console: Console) -> None:
+def run_demo(model_dir: Path, *, port: int, question: str, once: bool) -> None:
+    from coop.launcher import LocalPool
+    from coop.model.prepare import prepare
+    from coop.pool.membership import Membership
+
     console.rule("[bold]Coop demo")
     prepare("smollm2-demo", model_dir, console=console)
     with tempfile.TemporaryDirectory(prefix="coop-demo-pool-") as scratch:
         pool_dir = Path(scratch) / "pool"
         demo = create_demo_pool(pool_dir)
-        console.print(f"created a throwaway pool in {pool_dir}: a CA, {len(demo.nodes) + 2} member bundles")
+        console.print(f"created a throwaway pool in {plain(pool_dir)}: a CA, {len(demo.nodes) + 2} member bundles")
         pool = LocalPool(str(model_dir))
         try:
             console.print("starting a DHT bootstrap peer …")
@@ -74,9 +89,9 @@ def run_demo(model_dir: Path, *, port: int, question: str, once: bool, console: 
             console.print("starting the coordinator …")
             extra = ["--pool-dir", str(pool_dir), "--receipt-interval", "0.5"]
             pool.start_coordinator(port, demo.coordinator, pool_dir / "api_keys.json", extra_args=extra)
-            _ask(pool, demo.api_key, question, Membership.load(demo.coordinator).channel_security(), console)
-            _show_ledger(pool_dir, console)
-            _show_access(pool, demo, pool_dir, console)
+            _ask(pool, demo.api_key, question, Membership.load(demo.coordinator).channel_security())
+            _show_ledger(pool_dir)
+            _show_access(pool, demo, pool_dir)
             if not once:
                 console.print("\nThe pool keeps running; press Ctrl-C to stop it.")
                 _wait_for_ctrl_c()
@@ -85,44 +100,53 @@ def run_demo(model_dir: Path, *, port: int, question: str, once: bool, console: 
             pool.stop()
 
 
-def _show_ledger(pool_dir: Path, console: Console) -> None:
+def _show_ledger(pool_dir: Path) -> None:
     """Wait for the nodes' receipts to be booked, then show who served and who used what."""
+    from coop.cli.ledger import balances_table
+    from coop.ledger.database import LEDGER_FILE, sqlite_url
+    from coop.ledger.store import Ledger
+
     ledger = Ledger.open(sqlite_url(pool_dir / LEDGER_FILE))
     try:
         deadline = time.monotonic() + LEDGER_WAIT_S
         while len(ledger.receipts()) < len(DEMO_SPANS) and time.monotonic() < deadline:
             time.sleep(0.2)
-        console.print(f"\n{len(ledger.receipts())} signed receipts booked in the ledger ({pool_dir / LEDGER_FILE})")
+        console.print(
+            f"\n{len(ledger.receipts())} signed receipts booked in the ledger ({plain(pool_dir / LEDGER_FILE)})"
+        )
         console.print(balances_table(ledger))
     finally:
         ledger.close()
-    console.print(f"(the same with `coop ledger balances --pool {pool_dir}`; check it: `coop ledger verify`)")
+    console.print(f"(the same with `coop ledger balances --pool {plain(pool_dir)}`; check it: `coop ledger verify`)")
 
 
-def _show_access(pool: LocalPool, demo: DemoPool, pool_dir: Path, console: Console) -> None:
+def _show_access(pool: LocalPool, demo: DemoPool, pool_dir: Path) -> None:
     console.print(f"\nOpenAI-compatible API: [bold]{pool.url}/v1[/]   (health: {pool.url}/health)")
     console.print(f"demo API key:          {demo.api_key}")
     console.print(f"DHT bootstrap peer:    {pool.peer}")
     console.print(f"admin web view:        [bold]{pool.url}/admin[/]   (admin token: {demo.admin_token})")
-    console.print(f"pool directory:        {pool_dir}")
+    console.print(f"pool directory:        {plain(pool_dir)}")
 
 
-def _ask(pool: LocalPool, api_key: str, question: str, security: ChannelSecurity, console: Console) -> None:
-    console.print(f"\n[bold]Q:[/] {question}")
+def _ask(pool: LocalPool, api_key: str, question: str, security: ChannelSecurity) -> None:
+    from coop.client import Client
+    from coop.node.client import node_info
+
+    console.print(f"\n[bold]Q:[/] {plain(question)}")
     result = Client(pool.url, api_key=api_key, timeout_s=300).chat(
         [{"role": "user", "content": question}], temperature=0, max_tokens=64
     )
-    console.print(f"[bold]A:[/] {result.text}")
+    console.print(f"[bold]A:[/] {plain(result.text)}")
     console.print(f"({result.usage.prompt_tokens} prompt + {result.usage.completion_tokens} completion tokens)\n")
     route = Table(title="route and work per node")
     for column in ("node", "blocks", "endpoint", "steps run", "pushed on", "returned"):
         route.add_column(column)
     for hop in result.route:
-        info = node_info(str(hop["endpoint"]), security)
+        info = node_info(hop.endpoint, security)
         route.add_row(
-            str(hop["node_id"]),
-            f"{hop['start']}:{hop['end']}",
-            str(hop["endpoint"]),
+            plain(hop.node_id),
+            f"{hop.start}:{hop.end}",
+            plain(hop.endpoint),
             str(info.counters.steps_run),
             str(info.counters.pushes_sent),
             str(info.counters.results_sent),

@@ -22,18 +22,19 @@ from __future__ import annotations
 import ipaddress
 import logging
 import math
-import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Annotated, Any
+from typing import Any
 
 from hivemind import DHT
 from hivemind.dht.node import DHTNode
 from hivemind.utils.multiaddr import Multiaddr
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from coop.errors import InvalidInput, PeerError
+from coop.pool.bundle import MemberBundle
+from coop.swarm.announcement import NodeAnnouncement, stamp_announcement
+from coop.swarm.periodic import Periodic
 
 logger = logging.getLogger(__name__)
 
@@ -45,88 +46,6 @@ DEFAULT_TIMEOUT_S = 10.0
 
 _TOMBSTONE_MARGIN_S = 1e-3
 """How much later than the withdrawn record a tombstone expires (hivemind needs strictly later)."""
-
-_ID = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:-]{1,128}$")]
-_HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
-_NON_NEGATIVE_FLOAT = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
-_TIMESTAMP = Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
-
-
-def _check_endpoint(endpoint: str) -> str:
-    """Accept ``host:port`` with an IPv4 address, a hostname, or a bracketed IPv6 address."""
-    host, sep, port = endpoint.rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"endpoint must be host:port, got {endpoint[:80]!r}")
-    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
-        raise ValueError(f"endpoint port must be 1..65535, got {port[:16]!r}")
-    if host.startswith("[") and host.endswith("]"):
-        try:
-            ipaddress.IPv6Address(host[1:-1])
-        except ValueError as exc:
-            raise ValueError(f"endpoint has an invalid IPv6 host {host[:80]!r}") from exc
-    elif not _HOSTNAME.match(host):
-        raise ValueError(f"endpoint host {host[:80]!r} is not an IPv4 address, hostname or [IPv6]")
-    return endpoint
-
-
-class NodeAnnouncement(BaseModel):
-    """What a node tells the swarm about itself: which blocks it serves, where, and how fast.
-
-    Strict and frozen because it arrives from untrusted peers: no coercion ("3" is not 3), no extra
-    fields, no NaN, and a parsed announcement cannot be altered after validation (a later signature
-    check must see exactly what was validated).
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
-
-    node_id: _ID
-    pool_id: _ID
-    model_hash: _ID
-    start: Annotated[int, Field(ge=0)]
-    end: Annotated[int, Field(gt=0)]
-    endpoint: Annotated[str, StringConstraints(min_length=3, max_length=262)]
-    institution: Annotated[str, StringConstraints(min_length=1, max_length=256)]
-    throughput_tps: _NON_NEGATIVE_FLOAT
-    free_cache_bytes: Annotated[int, Field(ge=0, le=2**63 - 1)]
-    announced_at: _TIMESTAMP
-    expires_at: _TIMESTAMP
-    signature: Annotated[bytes, Field(max_length=8192)] = b""
-    certificate: Annotated[bytes, Field(max_length=65536)] = b""
-
-    @model_validator(mode="after")
-    def _check(self) -> NodeAnnouncement:
-        if not self.start < self.end:
-            raise ValueError(f"span must satisfy 0 <= start < end, got [{self.start}, {self.end})")
-        if not self.expires_at > self.announced_at:
-            raise ValueError("expires_at must be later than announced_at")
-        if not self.institution.isprintable():
-            raise ValueError("institution must be printable text")
-        _check_endpoint(self.endpoint)
-        return self
-
-    def to_wire(self) -> dict[str, str | int | float | bytes]:
-        """A plain dict of str/int/float/bytes that msgpack (and hence the DHT) can carry."""
-        return {name: getattr(self, name) for name in type(self).model_fields}
-
-    @classmethod
-    def from_wire(cls, obj: object) -> NodeAnnouncement:
-        """Parse what a peer stored; raise InvalidInput on anything malformed, never anything else.
-
-        Unknown keys are ignored so that a newer node may add fields without hiding itself from
-        older readers.
-        """
-        if not isinstance(obj, Mapping):
-            raise InvalidInput(f"node announcement must be a map, got {type(obj).__name__}")
-        try:
-            known = {key: value for key, value in obj.items() if key in cls.model_fields}
-            return cls.model_validate(known)
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(part) for part in err['loc']) or 'record'}: {err['msg']}" for err in exc.errors()[:5]
-            )
-            raise InvalidInput(f"malformed node announcement: {problems}") from exc
-        except Exception as exc:  # garbage from a peer must never crash a reader
-            raise InvalidInput(f"malformed node announcement: {type(exc).__name__}") from exc
 
 
 def directory_key(pool_id: str, model_hash: str) -> str:
@@ -391,30 +310,29 @@ class SwarmDirectory:
 class Announcer:
     """Keeps one node in the directory by re-announcing it every refresh_s seconds.
 
-    Each round calls make_announcement() for fresh figures (throughput, free cache), stamps
-    announced_at = now and expires_at = now + ttl_s, applies finalize (the place to sign, since
-    signing must come after stamping) and stores the result. If the process dies the record lapses
-    within ttl_s; stop() withdraws it at once.
+    Each round calls describe() for the node's fresh fields (throughput, free cache), has
+    `stamp_announcement` make the record (announced now, expiring in ttl_s, signed with bundle
+    when given) and stores it. If the process dies the record lapses within ttl_s; stop()
+    withdraws it at once.
     """
 
     def __init__(
         self,
         directory: SwarmDirectory,
-        make_announcement: Callable[[], NodeAnnouncement],
+        describe: Callable[[], Mapping[str, Any]],
         ttl_s: float = DEFAULT_TTL_S,
         refresh_s: float | None = None,
-        finalize: Callable[[NodeAnnouncement], NodeAnnouncement] | None = None,
+        bundle: MemberBundle | None = None,
     ) -> None:
         refresh = ttl_s / 3 if refresh_s is None else refresh_s
         if not (0 < refresh < ttl_s and math.isfinite(ttl_s)):
             raise InvalidInput(f"need 0 < refresh_s < ttl_s, got refresh_s={refresh}, ttl_s={ttl_s}")
         self._directory = directory
-        self._make_announcement = make_announcement
-        self._finalize = finalize
+        self._describe = describe
+        self._bundle = bundle
         self.ttl_s = ttl_s
         self.refresh_s = refresh
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._refresher = Periodic(self.announce_once, refresh, "coop-announcer")
         self._last: NodeAnnouncement | None = None
 
     @property
@@ -423,14 +341,8 @@ class Announcer:
         return self._last
 
     def announce_once(self) -> NodeAnnouncement:
-        """Build, stamp and store one announcement; raises like SwarmDirectory.announce."""
-        now = time.time()
-        ann = self._make_announcement()
-        stamped = NodeAnnouncement.model_validate(
-            {**ann.to_wire(), "announced_at": now, "expires_at": now + self.ttl_s}
-        )
-        if self._finalize is not None:
-            stamped = self._finalize(stamped)
+        """Make and store one announcement; raises like SwarmDirectory.announce."""
+        stamped = stamp_announcement(self._describe(), now=time.time(), ttl_s=self.ttl_s, bundle=self._bundle)
         if not self._directory.announce(stamped):
             logger.warning("DHT kept a later record for node %s; it may stay hidden until then", stamped.node_id)
         self._last = stamped
@@ -438,25 +350,13 @@ class Announcer:
 
     def start(self) -> Announcer:
         """Announce once synchronously (so errors surface to the caller), then keep refreshing."""
-        if self._thread is not None:
-            raise RuntimeError("Announcer already started")
         self.announce_once()
-        self._thread = threading.Thread(target=self._run, name="coop-announcer", daemon=True)
-        self._thread.start()
+        self._refresher.start()
         return self
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.refresh_s):
-            try:
-                self.announce_once()
-            except Exception:  # keep refreshing: a transient DHT failure must not end the node's presence
-                logger.warning("re-announcing failed; retrying in %.1fs", self.refresh_s, exc_info=True)
 
     def stop(self, withdraw: bool = True) -> None:
         """Stop refreshing and, unless withdraw=False, remove the node from the directory now."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        self._refresher.stop()
         last, self._last = self._last, None  # a second stop() has nothing left to withdraw
         if withdraw and last is not None:
             try:

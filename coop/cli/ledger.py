@@ -10,39 +10,32 @@ import csv
 import datetime as dt
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
-from coop.errors import CoopError, InvalidInput
+from coop.cli.console import console, err_console, plain, quoted
+from coop.cli.options import PoolOption
+from coop.errors import InvalidInput
 
 if TYPE_CHECKING:
-    from coop.identity import PoolInfo
     from coop.ledger.store import Ledger
+    from coop.pool.registry import PoolInfo
 
 ledger_app = typer.Typer(no_args_is_help=True, help="The pool's credit ledger: who gave, who took.")
 
-PoolOption = Annotated[Path, typer.Option("--pool", help="the pool directory made by `coop pool init`")]
 UrlOption = Annotated[
     str | None, typer.Option("--ledger-url", help="database URL (default: the pool's, else <pool>/ledger.db)")
 ]
 
-console = Console(soft_wrap=True, highlight=False)
-err_console = Console(stderr=True, soft_wrap=True, highlight=False)
 ADMIN_ACTOR = "admin (cli)"
 
 
-def _fail(exc: CoopError) -> NoReturn:
-    err_console.print(f"[red]error:[/] {escape(str(exc))}")
-    raise typer.Exit(code=1)
-
-
 def _open(pool: Path, url: str | None) -> tuple[PoolInfo, Ledger]:
-    from coop.identity import PoolInfo
-    from coop.ledger.store import Ledger, ledger_location
+    from coop.ledger.database import ledger_location
+    from coop.ledger.store import Ledger
+    from coop.pool.registry import PoolInfo
 
     info = PoolInfo.load(pool)
     return info, Ledger.open(ledger_location(url, info.ledger_url, pool))
@@ -71,11 +64,8 @@ def _since(text: str | None) -> dt.datetime | None:
 @ledger_app.command("balances")
 def balances(pool: PoolOption, ledger_url: UrlOption = None) -> None:
     """Every institution's balance, contribution, usage and grants, in credits (1 credit = 10^12 FLOPs)."""
-    try:
-        _, ledger = _open(pool, ledger_url)
-        console.print(balances_table(ledger))
-    except CoopError as exc:
-        _fail(exc)
+    _, ledger = _open(pool, ledger_url)
+    console.print(balances_table(ledger))
 
 
 def balances_table(ledger: Ledger) -> Table:
@@ -86,7 +76,7 @@ def balances_table(ledger: Ledger) -> Table:
     for b in ledger.balances():
         floor = "-" if b.credit_floor_flops is None else _credits(b.credit_floor_flops)
         table.add_row(
-            escape(b.institution),
+            plain(b.institution),
             _credits(b.balance_flops),
             _credits(b.contributed_flops),
             _credits(b.used_flops),
@@ -106,11 +96,8 @@ def receipts(
     limit: Annotated[int, typer.Option("--limit", min=1)] = 50,
 ) -> None:
     """Booked receipts, newest first."""
-    try:
-        _, ledger = _open(pool, ledger_url)
-        rows = ledger.receipts(institution=institution, since=_since(since), limit=limit)
-    except CoopError as exc:
-        _fail(exc)
+    _, ledger = _open(pool, ledger_url)
+    rows = ledger.receipts(institution=institution, since=_since(since), limit=limit)
     table = Table(title=f"{len(rows)} receipts")
     for column in ("ended (UTC)", "receipt", "node", "provider", "consumer", "blocks", "tokens", "credits"):
         table.add_column(column)
@@ -118,9 +105,9 @@ def receipts(
         table.add_row(
             f"{r.ended_at:%Y-%m-%d %H:%M:%S}",
             r.receipt_id[:12],
-            escape(r.node_id),
-            escape(r.provider),
-            escape(r.consumer),
+            plain(r.node_id),
+            plain(r.provider),
+            plain(r.consumer),
             f"{r.start_block}:{r.end_block}",
             f"{r.prefill_tokens}+{r.decode_tokens}",
             _credits(r.flops),
@@ -155,11 +142,8 @@ def export(
     since: Annotated[str | None, typer.Option("--since")] = None,
 ) -> None:
     """Every booked receipt as CSV, oldest first: for spreadsheets and audits."""
-    try:
-        _, ledger = _open(pool, ledger_url)
-        rows = list(reversed(ledger.receipts(since=_since(since))))
-    except CoopError as exc:
-        _fail(exc)
+    _, ledger = _open(pool, ledger_url)
+    rows = list(reversed(ledger.receipts(since=_since(since))))
     stream = out.open("w", newline="") if out else sys.stdout
     try:
         writer = csv.writer(stream)
@@ -170,7 +154,7 @@ def export(
         if out:
             stream.close()
     if out:
-        err_console.print(f"wrote {len(rows)} receipts to {out}")
+        err_console.print(f"wrote {len(rows)} receipts to {plain(out)}")
 
 
 @ledger_app.command("verify")
@@ -178,17 +162,14 @@ def verify(pool: PoolOption, ledger_url: UrlOption = None) -> None:
     """Recompute every balance from postings; check every signature and that postings sum to zero."""
     from coop.ledger.verify import verify_ledger
 
-    try:
-        info, ledger = _open(pool, ledger_url)
-        report = verify_ledger(ledger, ca_cert_pem=info.ca_cert_pem(), pool_id=info.pool_id)
-    except CoopError as exc:
-        _fail(exc)
+    info, ledger = _open(pool, ledger_url)
+    report = verify_ledger(ledger, ca_cert_pem=info.ca_cert_pem(), pool_id=info.pool_id)
     summary = f"{report.receipts} receipts, {report.grants} grants, {report.postings} postings"
     if report.ok:
         console.print(f"[green]ledger OK[/]: {summary}; every signature checks out and postings sum to zero")
         return
     for problem in report.problems:
-        err_console.print(f"[red]problem:[/] {escape(problem)}")
+        err_console.print(f"[red]problem:[/] {plain(problem)}")
     err_console.print(f"[red]ledger NOT OK[/]: {len(report.problems)} problems in {summary}")
     raise typer.Exit(code=1)
 
@@ -202,12 +183,9 @@ def grant(
     ledger_url: UrlOption = None,
 ) -> None:
     """Move credits from the pool account to an institution."""
-    try:
-        _, ledger = _open(pool, ledger_url)
-        row = ledger.grant(institution, amount, reason=reason, actor=ADMIN_ACTOR)
-    except CoopError as exc:
-        _fail(exc)
-    console.print(f"granted {amount:g} credits to {escape(repr(institution))} (grant {row.grant_id})")
+    _, ledger = _open(pool, ledger_url)
+    row = ledger.grant(institution, amount, reason=reason, actor=ADMIN_ACTOR)
+    console.print(f"granted {amount:g} credits to {quoted(institution)} (grant {row.grant_id})")
 
 
 @ledger_app.command("floor")
@@ -220,10 +198,7 @@ def floor(
     ledger_url: UrlOption = None,
 ) -> None:
     """Set (or with no --credits, remove) an institution's credit floor: below it, its requests get 402."""
-    try:
-        _, ledger = _open(pool, ledger_url)
-        ledger.set_credit_floor(institution, credits, actor=ADMIN_ACTOR)
-    except CoopError as exc:
-        _fail(exc)
+    _, ledger = _open(pool, ledger_url)
+    ledger.set_credit_floor(institution, credits, actor=ADMIN_ACTOR)
     what = "no floor" if credits is None else f"a floor of {credits:g} credits"
-    console.print(f"{escape(repr(institution))} now has {what}")
+    console.print(f"{quoted(institution)} now has {what}")

@@ -1,0 +1,91 @@
+"""`coop node start|status` and `coop dht start`: the processes that serve blocks and hold the DHT."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from coop.cli.console import console, plain
+from coop.cli.options import MemberOption, ModelOption, PeersOption
+
+node_app = typer.Typer(no_args_is_help=True, help="Run and inspect node daemons.")
+dht_app = typer.Typer(no_args_is_help=True, help="Run a DHT bootstrap peer.")
+
+
+@dht_app.command("start")
+def dht_start(
+    initial_peers: PeersOption = None,
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Start a DHT peer that helps nodes and coordinators find each other."""
+    from coop.node.daemon import run_dht
+
+    asyncio.run(run_dht(initial_peers or [], host, port))
+
+
+@node_app.command("start")
+def node_start(
+    model: ModelOption,
+    blocks: Annotated[str, typer.Option(help="START:END, or auto to fill the least-served blocks")] = "auto",
+    port: Annotated[int, typer.Option(help="gRPC port (0 = any free port)")] = 0,
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    initial_peers: PeersOption = None,
+    max_blocks: Annotated[int, typer.Option("--max-blocks", help="with --blocks auto: how many")] = 0,
+    institution: Annotated[str, typer.Option()] = "local",
+    node_id: Annotated[str, typer.Option("--node-id")] = "",
+    device: Annotated[str, typer.Option()] = "auto",
+    cache_budget_mb: Annotated[int, typer.Option("--cache-budget-mb")] = 2048,
+    member: MemberOption = None,
+    outbox: Annotated[
+        Path | None, typer.Option("--outbox", help="receipts wait here until booked (default: <member>.outbox.db)")
+    ] = None,
+) -> None:
+    """Serve a span of blocks to the pool until SIGTERM or Ctrl-C."""
+    from coop.config import NodeSettings
+    from coop.node.daemon import run_node
+
+    settings = NodeSettings(
+        model_dir=model,
+        blocks=blocks,
+        port=port,
+        host=host,
+        initial_peers=tuple(initial_peers or ()),
+        max_blocks=max_blocks,
+        institution=institution,
+        node_id=node_id,
+        device=device,
+        cache_budget_bytes=cache_budget_mb << 20,
+        member_bundle=member,
+        outbox_path=outbox,
+    )
+    asyncio.run(run_node(settings))
+
+
+@node_app.command("status")
+def node_status(
+    endpoint: Annotated[str, typer.Argument(help="host:port of the node's gRPC server")],
+    member: MemberOption = None,
+) -> None:
+    """Show what a running node serves and how much work it did."""
+    from coop.node.client import node_info
+    from coop.pool.membership import Membership
+
+    info = node_info(endpoint, Membership.load(member).channel_security())
+    table = Table(title=plain(f"node {info.node_id} at {endpoint}"), show_header=False)
+    for key, value in [
+        ("blocks", f"{info.start}:{info.end}"),
+        ("model hash", info.model_hash[:16]),
+        ("throughput", f"{info.throughput_tps:.1f} tokens/s"),
+        ("free cache", f"{info.free_cache_bytes / 2**20:.0f} MiB"),
+        ("active sessions", str(info.active_sessions)),
+        ("steps run", str(info.counters.steps_run)),
+        ("pushes sent", str(info.counters.pushes_sent)),
+        ("results sent", str(info.counters.results_sent)),
+    ]:
+        table.add_row(key, value)
+    console.print(table)

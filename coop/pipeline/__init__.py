@@ -1,0 +1,1 @@
+"""Generation over a chain of spans, local or remote: sampling, failover, and who pays (`Charge`)."""

@@ -1,0 +1,1 @@
+"""Who belongs to a pool: CA and certificates, member bundles, the registry, API keys, revocations."""

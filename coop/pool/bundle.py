@@ -1,0 +1,144 @@
+"""A member bundle: what the pool admin hands an institution (its certificate and key, the pool CA
+and the pool's config and limits), and what a node or coordinator loads to take part."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import grpc
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from coop.errors import InvalidInput, Unauthorized
+from coop.pool.ca import SIGNATURE_HASH, ec_public_key, load_cert, pool_tls_name, verify_member_certificate
+from coop.pool.files import read_file
+
+BUNDLE_FORMAT = "coop-member-bundle/1"
+
+
+@dataclass(frozen=True)
+class PoolLimits:
+    """Per-request guard rails every coordinator of the pool enforces."""
+
+    max_tokens_per_request: int = 4096
+    max_concurrent_requests_per_key: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("max_tokens_per_request", "max_concurrent_requests_per_key"):
+            value = getattr(self, name)
+            if type(value) is not int or value <= 0:
+                raise InvalidInput(f"pool limit {name} must be a positive integer, got {value!r}")
+
+    def to_dict(self) -> dict[str, int]:
+        return {
+            "max_tokens_per_request": self.max_tokens_per_request,
+            "max_concurrent_requests_per_key": self.max_concurrent_requests_per_key,
+        }
+
+    @classmethod
+    def from_dict(cls, obj: object) -> PoolLimits:
+        if not isinstance(obj, Mapping):
+            raise InvalidInput("pool limits must be a table")
+        try:
+            return cls(**{key: obj[key] for key in ("max_tokens_per_request", "max_concurrent_requests_per_key")})
+        except KeyError as exc:
+            raise InvalidInput(f"pool limits lack {exc.args[0]}") from exc
+
+
+@dataclass(frozen=True)
+class MemberBundle:
+    """A member institution's credentials: its certificate and key, and the pool's CA and config."""
+
+    pool_id: str
+    pool_name: str
+    institution: str
+    ca_cert_pem: bytes = field(repr=False)
+    cert_pem: bytes = field(repr=False)
+    key_pem: bytes = field(repr=False)
+    bootstrap: tuple[str, ...] = ()
+    ledger_url: str | None = None
+    limits: PoolLimits = field(default_factory=PoolLimits)
+
+    @classmethod
+    def load(cls, path: Path | str) -> MemberBundle:
+        """Read and check a bundle: well-formed, key matches certificate, certificate valid for its pool."""
+        path = Path(path)
+        raw = read_file(path, "member bundle")
+        try:
+            doc = json.loads(raw)
+            if doc.get("format") != BUNDLE_FORMAT:
+                raise ValueError(f"format is {str(doc.get('format'))[:40]!r}, expected {BUNDLE_FORMAT!r}")
+            pool = doc["pool"]
+            bundle = cls(
+                pool_id=str(pool["pool_id"]),
+                pool_name=str(pool["name"]),
+                institution=str(doc["institution"]),
+                ca_cert_pem=str(doc["ca_cert_pem"]).encode("ascii"),
+                cert_pem=str(doc["cert_pem"]).encode("ascii"),
+                key_pem=str(doc["key_pem"]).encode("ascii"),
+                bootstrap=tuple(str(addr) for addr in pool.get("bootstrap", [])),
+                ledger_url=None if pool.get("ledger_url") is None else str(pool["ledger_url"]),
+                limits=PoolLimits.from_dict(pool.get("limits", {})),
+            )
+            key = bundle._private_key
+        except (ValueError, KeyError, TypeError, AttributeError, InvalidInput, UnsupportedAlgorithm) as exc:
+            raise InvalidInput(f"{path} is not a valid coop member bundle: {exc}") from exc
+        try:
+            institution = verify_member_certificate(bundle.ca_cert_pem, bundle.cert_pem, pool_id=bundle.pool_id)
+        except Unauthorized as exc:
+            raise Unauthorized(f"member bundle {path}: {exc}; ask the pool admin for a new one") from exc
+        if institution != bundle.institution:
+            raise InvalidInput(f"{path}: certificate is for {institution!r}, bundle says {bundle.institution!r}")
+        cert_key = ec_public_key(load_cert(bundle.cert_pem, "member certificate"))
+        if key.public_key().public_numbers() != cert_key.public_numbers():
+            raise InvalidInput(f"{path}: the private key does not match the certificate")
+        return bundle
+
+    def to_bytes(self) -> bytes:
+        doc = {
+            "format": BUNDLE_FORMAT,
+            "pool": {
+                "pool_id": self.pool_id,
+                "name": self.pool_name,
+                "bootstrap": list(self.bootstrap),
+                "ledger_url": self.ledger_url,
+                "limits": self.limits.to_dict(),
+            },
+            "institution": self.institution,
+            "ca_cert_pem": self.ca_cert_pem.decode("ascii"),
+            "cert_pem": self.cert_pem.decode("ascii"),
+            "key_pem": self.key_pem.decode("ascii"),
+        }
+        return (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+    @cached_property
+    def _private_key(self) -> ec.EllipticCurvePrivateKey:
+        key = serialization.load_pem_private_key(self.key_pem, password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ValueError("member key is not an ECDSA key")
+        return key
+
+    def sign(self, payload: bytes) -> bytes:
+        """DER-encoded ECDSA/SHA-256 signature; check with verify_signature(self.cert_pem, ...)."""
+        return self._private_key.sign(payload, ec.ECDSA(SIGNATURE_HASH))
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        """Mutual TLS: clients must present a certificate chaining to the pool CA."""
+        return grpc.ssl_server_credentials(
+            [(self.key_pem, self.cert_pem)], root_certificates=self.ca_cert_pem, require_client_auth=True
+        )
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        """Trust only the pool CA, and present this member's certificate."""
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca_cert_pem, private_key=self.key_pem, certificate_chain=self.cert_pem
+        )
+
+    def channel_options(self) -> list[tuple[str, str]]:
+        """Channel options that make any node of this pool verifiable at any address (see pool_tls_name)."""
+        return [("grpc.ssl_target_name_override", pool_tls_name(self.pool_id))]

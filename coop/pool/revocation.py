@@ -1,0 +1,116 @@
+"""The CA-signed revocation list of a pool, and the newest one a running process has accepted."""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from coop.errors import InvalidInput, Unauthorized
+from coop.pool.ca import SIGNATURE_HASH, load_cert, pool_of_ca, verify_signature
+from coop.pool.files import read_file
+
+_REVOCATIONS_DOMAIN = b"coop-revocations-v1\n"  # domain separation: never valid as another signature
+
+
+@dataclass(frozen=True)
+class RevocationList:
+    """The CA-signed list of revoked institutions (and their certificate serials, in hex) of one pool."""
+
+    pool_id: str
+    revoked: tuple[str, ...] = ()
+    serials: tuple[str, ...] = ()
+    issued_at: float = 0.0
+    signature: bytes = field(default=b"", repr=False)
+
+    def payload(self) -> bytes:
+        """The canonical bytes the CA signs: everything but the signature."""
+        doc = {
+            "pool_id": self.pool_id,
+            "revoked": list(self.revoked),
+            "serials": list(self.serials),
+            "issued_at": self.issued_at,
+        }
+        return _REVOCATIONS_DOMAIN + json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+    def signed(self, ca_key: ec.EllipticCurvePrivateKey) -> RevocationList:
+        signature = ca_key.sign(self.payload(), ec.ECDSA(SIGNATURE_HASH))
+        return RevocationList(self.pool_id, self.revoked, self.serials, self.issued_at, signature)
+
+    def to_bytes(self) -> bytes:
+        doc = {
+            "pool_id": self.pool_id,
+            "revoked": list(self.revoked),
+            "serials": list(self.serials),
+            "issued_at": self.issued_at,
+            "signature": base64.b64encode(self.signature).decode("ascii"),
+        }
+        return (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> RevocationList:
+        try:
+            doc = json.loads(data)
+            revoked, serials = doc["revoked"], doc["serials"]
+            if not all(isinstance(x, str) for x in [*revoked, *serials]):
+                raise TypeError("revoked and serials must be lists of strings")
+            issued_at = doc["issued_at"]
+            if isinstance(issued_at, bool) or not isinstance(issued_at, int | float):
+                raise TypeError("issued_at must be a number")
+            return cls(
+                pool_id=str(doc["pool_id"]),
+                revoked=tuple(revoked),
+                serials=tuple(serials),
+                issued_at=float(issued_at),
+                signature=base64.b64decode(doc["signature"], validate=True),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InvalidInput(f"malformed revocation list: {exc}") from exc
+
+    def verify(self, ca_cert_pem: bytes) -> None:
+        """Unauthorized unless this list is signed by the given pool CA and is for that CA's pool."""
+        ca = load_cert(ca_cert_pem, "pool CA certificate")
+        ca_pool = pool_of_ca(ca)
+        if ca_pool != self.pool_id:
+            raise Unauthorized(f"revocation list is for pool {self.pool_id!r}, the CA is of pool {ca_pool!r}")
+        try:
+            verify_signature(ca_cert_pem, self.payload(), self.signature)
+        except Unauthorized as exc:
+            raise Unauthorized("revocation list is not signed by the pool CA") from exc
+
+    @classmethod
+    def load(cls, path: Path | str, ca_cert_pem: bytes) -> RevocationList:
+        """Read and verify a revocations.json (e.g. a copy the admin distributed)."""
+        revocations = cls.from_bytes(read_file(Path(path), "revocation list"))
+        revocations.verify(ca_cert_pem)
+        return revocations
+
+
+class Revocations:
+    """The newest revocation list signed by the pool CA that this process has accepted.
+
+    Lists arrive from anywhere (the DHT, a file the admin distributed); only one that verifies against
+    the pool CA, is for this pool and is newer than the current one replaces it.
+    """
+
+    def __init__(self, ca_cert_pem: bytes | None, pool_id: str) -> None:
+        self.ca_cert_pem = ca_cert_pem
+        self.pool_id = pool_id
+        self.issued_at = 0.0
+        self.names: frozenset[str] = frozenset()
+
+    def __call__(self) -> frozenset[str]:
+        return self.names
+
+    def offer(self, candidate: RevocationList) -> bool:
+        """Accept candidate if it is this pool's, signed by its CA and newer; Unauthorized if not signed."""
+        if self.ca_cert_pem is None:
+            return False
+        candidate.verify(self.ca_cert_pem)
+        if candidate.pool_id != self.pool_id or candidate.issued_at <= self.issued_at:
+            return False
+        self.issued_at, self.names = candidate.issued_at, frozenset(candidate.revoked)
+        return True
