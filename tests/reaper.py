@@ -65,6 +65,7 @@ def started_since(run_id: str, before: Collection[int], keep: Collection[int]) -
 def reap(processes: Iterable[psutil.Process], where: str) -> None:
     """SIGTERM, a grace period, then SIGKILL; warns naming what had to be ended."""
     _, alive = psutil.wait_procs(list(processes), timeout=SETTLE_S)
+    alive = [p for p in alive if _live(p)]  # an orphan that exited is a zombie until init reaps it
     if not alive:
         return
     described = [_describe(p) for p in alive if not _is_helper(p)]

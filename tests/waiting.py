@@ -10,7 +10,7 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def wait_for(what: str, check: Callable[[], T], timeout_s: float, every_s: float = 0.2) -> T:
+def wait_for(what: str, check: Callable[[], T | None], timeout_s: float, every_s: float = 0.2) -> T:
     """check()'s first truthy result; AssertionError naming `what` after timeout_s."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -20,7 +20,7 @@ def wait_for(what: str, check: Callable[[], T], timeout_s: float, every_s: float
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
-async def wait_for_async(what: str, check: Callable[[], T], timeout_s: float, every_s: float = 0.01) -> T:
+async def wait_for_async(what: str, check: Callable[[], T | None], timeout_s: float, every_s: float = 0.01) -> T:
     """wait_for inside an event loop: the loop runs other tasks between checks."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

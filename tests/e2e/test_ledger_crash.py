@@ -96,7 +96,7 @@ def test_kill_9_while_booking_loses_nothing_and_books_nothing_twice(tiny_chat_mo
         acknowledged = all_ids - pending_ids()
         legs = _legs_per_receipt(ledger)
         booked = {r.receipt_id for r in ledger.receipts()}
-        print(f"killed after {len(acknowledged)} acknowledged receipts (aimed after {kill_after})")
+        print(f"killed with {len(acknowledged)} receipts acknowledged, {len(booked)} booked (aimed: {kill_after})")
         assert 0 < len(acknowledged) < RECEIPTS, "the kill must land in the middle of booking"
         assert acknowledged <= booked, "a receipt was acknowledged but is not in the ledger"
         assert set(legs) == booked and set(legs.values()) == {2}, "a booking is half-written"

@@ -204,9 +204,10 @@ def test_announcer_refresh_keeps_node_alive(swarm: Swarm, model: tuple[str, str]
         latest = b.list_nodes(pool_id, model_hash)[0]
         assert latest.announced_at > first.announced_at + 1.0
     finally:
-        stopped = threading.Event()
-        threading.Thread(target=lambda: (announcer.stop(), stopped.set()), daemon=True).start()
-        assert stopped.wait(EXPIRY_WAIT_S), "stop() did not return"
+        stopping = threading.Thread(target=announcer.stop, daemon=True)
+        stopping.start()
+        stopping.join(EXPIRY_WAIT_S)
+        assert not stopping.is_alive(), "stop() did not return"
     assert b.list_nodes(pool_id, model_hash) == []
 
 
