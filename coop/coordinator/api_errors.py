@@ -9,38 +9,10 @@ from typing import Any
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 
+from coop import errors
 from coop.coordinator.protocol import (
     ErrorInfo,
     ErrorResponse,
-)
-from coop.errors import (
-    ApiError,
-    CacheBudgetExceeded,
-    CoopError,
-    CreditExhausted,
-    CsrfRejected,
-    InvalidInput,
-    InvalidPositions,
-    InvalidTensor,
-    LedgerError,
-    ModelIntegrityError,
-    ModelNotFound,
-    ModelStoreError,
-    NotFound,
-    PeerError,
-    ReceiptPending,
-    ReceiptRejected,
-    ReplayUnavailable,
-    RequestError,
-    RouteUnavailable,
-    SessionError,
-    SessionExists,
-    SessionLimitExceeded,
-    SignInRequired,
-    SpanOutOfRange,
-    Unauthorized,
-    UnknownSession,
-    UnsupportedModel,
 )
 
 log = logging.getLogger(__name__)
@@ -55,45 +27,45 @@ _UNAVAILABLE = "service_unavailable_error"
 # may not meet again; a node's own errors arrive here as PeerError (see coop.pipeline.remote).
 # 503: capacity, worth a retry. 500: the coordinator's own store or ledger failed.
 ERROR_TABLE: dict[type[BaseException], tuple[int, str, str]] = {
-    CoopError: (500, _SERVER, "internal_error"),
+    errors.CoopError: (500, _SERVER, "internal_error"),
     # the coordinator's prepared model: a broken install, not the request
-    ModelStoreError: (500, _SERVER, "model_store_error"),
-    ModelNotFound: (500, _SERVER, "model_store_error"),
-    ModelIntegrityError: (500, _SERVER, "model_store_error"),
-    UnsupportedModel: (500, _SERVER, "model_store_error"),
+    errors.ModelStoreError: (500, _SERVER, "model_store_error"),
+    errors.ModelNotFound: (500, _SERVER, "model_store_error"),
+    errors.ModelIntegrityError: (500, _SERVER, "model_store_error"),
+    errors.UnsupportedModel: (500, _SERVER, "model_store_error"),
     # the session protocol between the coordinator and the engines: no client request can break it
-    SpanOutOfRange: (502, _SERVER, "span_out_of_range"),
-    SessionError: (502, _SERVER, "session_error"),
-    UnknownSession: (502, _SERVER, "unknown_session"),
-    SessionExists: (502, _SERVER, "session_exists"),
-    ReplayUnavailable: (502, _SERVER, "replay_unavailable"),
-    InvalidTensor: (502, _SERVER, "invalid_tensor"),  # the client sends text and token ids, never tensors
-    InvalidPositions: (502, _SERVER, "invalid_positions"),  # positions are the coordinator's to count
+    errors.SpanOutOfRange: (502, _SERVER, "span_out_of_range"),
+    errors.SessionError: (502, _SERVER, "session_error"),
+    errors.UnknownSession: (502, _SERVER, "unknown_session"),
+    errors.SessionExists: (502, _SERVER, "session_exists"),
+    errors.ReplayUnavailable: (502, _SERVER, "replay_unavailable"),
+    errors.InvalidTensor: (502, _SERVER, "invalid_tensor"),  # the client sends text and token ids, never tensors
+    errors.InvalidPositions: (502, _SERVER, "invalid_positions"),  # positions are the coordinator's to count
     # capacity, not a bug: the same request can succeed once other sessions finish
-    SessionLimitExceeded: (503, _UNAVAILABLE, "session_limit_exceeded"),
-    CacheBudgetExceeded: (503, _UNAVAILABLE, "capacity_exceeded"),
-    RouteUnavailable: (503, _UNAVAILABLE, "route_unavailable"),
-    PeerError: (502, _SERVER, "peer_error"),
+    errors.SessionLimitExceeded: (503, _UNAVAILABLE, "session_limit_exceeded"),
+    errors.CacheBudgetExceeded: (503, _UNAVAILABLE, "capacity_exceeded"),
+    errors.RouteUnavailable: (503, _UNAVAILABLE, "route_unavailable"),
+    errors.PeerError: (502, _SERVER, "peer_error"),
     # the request itself
-    InvalidInput: (400, _BAD_REQUEST, "invalid_input"),
-    RequestError: (400, _BAD_REQUEST, "invalid_request"),  # each instance carries its own status and code
-    NotFound: (404, _BAD_REQUEST, "not_found"),
-    Unauthorized: (401, _BAD_REQUEST, "unauthorized"),
-    SignInRequired: (401, _BAD_REQUEST, "admin_sign_in_required"),
-    CsrfRejected: (403, _BAD_REQUEST, "csrf_token_invalid"),
-    CreditExhausted: (402, "insufficient_quota", "credit_exhausted"),
+    errors.InvalidInput: (400, _BAD_REQUEST, "invalid_input"),
+    errors.RequestError: (400, _BAD_REQUEST, "invalid_request"),  # each instance carries its own status and code
+    errors.NotFound: (404, _BAD_REQUEST, "not_found"),
+    errors.Unauthorized: (401, _BAD_REQUEST, "unauthorized"),
+    errors.SignInRequired: (401, _BAD_REQUEST, "admin_sign_in_required"),
+    errors.CsrfRejected: (403, _BAD_REQUEST, "csrf_token_invalid"),
+    errors.CreditExhausted: (402, "insufficient_quota", "credit_exhausted"),
     # the coordinator's ledger
-    LedgerError: (500, _SERVER, "ledger_error"),
-    ReceiptRejected: (500, _SERVER, "ledger_error"),
-    ReceiptPending: (503, _UNAVAILABLE, "receipt_pending"),
+    errors.LedgerError: (500, _SERVER, "ledger_error"),
+    errors.ReceiptRejected: (500, _SERVER, "ledger_error"),
+    errors.ReceiptPending: (503, _UNAVAILABLE, "receipt_pending"),
     # another coordinator's answer, should this one ever call one
-    ApiError: (502, _SERVER, "upstream_error"),
+    errors.ApiError: (502, _SERVER, "upstream_error"),
 }
 
 
 def error_response(exc: BaseException) -> tuple[int, ErrorResponse]:
     """Any exception -> (HTTP status, OpenAI error envelope). The API's only error mapping."""
-    if isinstance(exc, RequestError):
+    if isinstance(exc, errors.RequestError):
         kind = _BAD_REQUEST if exc.status < 500 else _SERVER
         return exc.status, _envelope(str(exc), kind, exc.code, exc.param)
     if isinstance(exc, RequestValidationError):
@@ -102,7 +74,7 @@ def error_response(exc: BaseException) -> tuple[int, ErrorResponse]:
     if isinstance(exc, HTTPException):
         kind = _BAD_REQUEST if exc.status_code < 500 else _SERVER
         return exc.status_code, _envelope(str(exc.detail), kind, None, None)
-    if isinstance(exc, CoopError):
+    if isinstance(exc, errors.CoopError):
         status, kind, code = error_row(type(exc))
         if status == 500:  # our own fault: worth a traceback in the log
             log.error("%s while serving a request", type(exc).__name__, exc_info=exc)
@@ -112,12 +84,12 @@ def error_response(exc: BaseException) -> tuple[int, ErrorResponse]:
     return 500, _envelope(message, _SERVER, "internal_error", None)
 
 
-def error_row(cls: type[CoopError]) -> tuple[int, str, str]:
+def error_row(cls: type[errors.CoopError]) -> tuple[int, str, str]:
     """The table row of `cls`, or of its nearest ancestor that has one (CoopError at worst)."""
     for ancestor in cls.__mro__:
         if ancestor in ERROR_TABLE:
             return ERROR_TABLE[ancestor]
-    return ERROR_TABLE[CoopError]
+    return ERROR_TABLE[errors.CoopError]
 
 
 def _envelope(message: str, kind: str, code: str | None, param: str | None) -> ErrorResponse:

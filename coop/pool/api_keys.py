@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from coop.errors import InvalidInput
-from coop.pool.files import read_file
+from coop.pool.files import read_document
 
 API_KEYS_FORMAT = "coop-api-keys/1"
 API_KEY_PREFIX = "coop_"
@@ -52,11 +52,8 @@ class ApiKeyStore:
     @classmethod
     def load(cls, path: Path | str) -> ApiKeyStore:
         path = Path(path)
-        raw = read_file(path, "API key file")
+        doc = read_document(path, "API key file", API_KEYS_FORMAT)
         try:
-            doc = json.loads(raw)
-            if doc.get("format") != API_KEYS_FORMAT:
-                raise ValueError(f"format is not {API_KEYS_FORMAT!r}")
             records = [
                 ApiKeyRecord(
                     sha256=str(item["sha256"]),

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from coop.errors import InvalidInput, Unauthorized
 from coop.pool.ca import SIGNATURE_HASH, ec_public_key, load_cert, pool_tls_name, verify_member_certificate
-from coop.pool.files import read_file
+from coop.pool.files import read_document
 
 BUNDLE_FORMAT = "coop-member-bundle/1"
 
@@ -68,11 +68,8 @@ class MemberBundle:
     def load(cls, path: Path | str) -> MemberBundle:
         """Read and check a bundle: well-formed, key matches certificate, certificate valid for its pool."""
         path = Path(path)
-        raw = read_file(path, "member bundle")
+        doc = read_document(path, "coop member bundle", BUNDLE_FORMAT)
         try:
-            doc = json.loads(raw)
-            if doc.get("format") != BUNDLE_FORMAT:
-                raise ValueError(f"format is {str(doc.get('format'))[:40]!r}, expected {BUNDLE_FORMAT!r}")
             pool = doc["pool"]
             bundle = cls(
                 pool_id=str(pool["pool_id"]),

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from coop.errors import InvalidInput
 
@@ -69,3 +71,16 @@ def pool_lock(pool_dir: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def read_document(path: Path, what: str, expected_format: str) -> dict[str, Any]:
+    """A JSON file whose "format" field names what it is; InvalidInput saying what is wrong otherwise."""
+    raw = read_file(path, what)
+    try:
+        doc = json.loads(raw)
+    except ValueError as exc:
+        raise InvalidInput(f"{path} is not a valid {what}: {exc}") from exc
+    if not isinstance(doc, dict) or doc.get("format") != expected_format:
+        found = str(doc.get("format"))[:40] if isinstance(doc, dict) else type(doc).__name__
+        raise InvalidInput(f"{path} is not a valid {what}: format is {found!r}, expected {expected_format!r}")
+    return doc
