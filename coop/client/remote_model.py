@@ -34,7 +34,7 @@ from transformers import PreTrainedTokenizerBase
 
 from coop.client.event_loop import LOOP_STOP_TIMEOUT_S, LoopThread
 from coop.config import DEFAULT_POOL_ID
-from coop.errors import CoopError, InvalidInput, InvalidTensor, ReplayUnavailable, SessionError
+from coop.errors import CoopError, InvalidInput, ReplayUnavailable, SessionError
 from coop.model.client_part import ClientPart
 from coop.pipeline.generation import collect_tokens
 from coop.pipeline.remote import RemoteChain
@@ -46,6 +46,7 @@ from coop.swarm.revocations import RevocationWatcher
 from coop.swarm.routing import Hop
 from coop.swarm.view import SwarmView
 from coop.wire.channels import ChannelPool
+from coop.wire.tensors import check_finite
 
 log = logging.getLogger(__name__)
 
@@ -354,8 +355,7 @@ class InferenceSession:
             raise InvalidInput(f"token_ids has {len(ids)} ids for {n} hidden states")
         # Checked here, so that what a node rejects is the node's fault (a PeerError), never the caller's.
         hidden = hidden.detach().to("cpu", self.model.dtype)
-        if not bool(torch.isfinite(hidden).all()):
-            raise InvalidTensor(f"hidden contains NaN or Inf (in {self.model.dtype})")
+        check_finite(hidden, f"hidden (in {self.model.dtype})")
         with self._lock:
             if self._closed:
                 raise SessionError("this inference session is closed")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 from collections.abc import Sequence
@@ -11,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from coop.errors import InvalidInput
-from coop.pool.files import read_document
+from coop.pool.files import read_document, secret_digest
 
 API_KEYS_FORMAT = "coop-api-keys/1"
 API_KEY_PREFIX = "coop_"
@@ -19,7 +18,7 @@ API_KEY_PREFIX = "coop_"
 
 def api_key_digest(key: str) -> str:
     """What api_keys.json stores of a key, and what a key is recognised by."""
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+    return secret_digest(key)
 
 
 @dataclass(frozen=True)

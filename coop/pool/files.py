@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import secrets
@@ -71,6 +72,11 @@ def pool_lock(pool_dir: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def secret_digest(secret: str) -> str:
+    """What the pool directory keeps of a secret (an API key, the admin token): its sha256, in hex."""
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
 
 
 def read_document(path: Path, what: str, expected_format: str) -> dict[str, Any]:

@@ -16,7 +16,6 @@ created with mode 0600 from the first byte::
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import hmac
 import json
 import secrets
@@ -34,7 +33,7 @@ from coop.errors import InvalidInput, Unauthorized
 from coop.pool.api_keys import API_KEY_PREFIX, ApiKeyRecord, ApiKeyStore, api_key_digest, api_keys_json
 from coop.pool.bundle import MemberBundle, PoolLimits
 from coop.pool.ca import ca_certificate, key_pem, load_cert, member_certificate, new_key
-from coop.pool.files import check_name, check_text, create_file, pool_lock, read_file, replace_file
+from coop.pool.files import check_name, check_text, create_file, pool_lock, read_file, replace_file, secret_digest
 from coop.pool.revocation import RevocationList
 
 POOL_FILE = "pool.toml"
@@ -45,10 +44,6 @@ REVOCATIONS_FILE = "revocations.json"
 API_KEYS_FILE = "api_keys.json"
 MEMBERS_DIR = "members"
 RESERVED_INSTITUTION = "pool"  # the ledger's pool account (coop.ledger.models.POOL_ACCOUNT)
-
-
-def _sha256_hex(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _toml_str(value: str) -> str:
@@ -90,7 +85,7 @@ class PoolInfo:
 
     def check_admin_token(self, token: str) -> bool:
         """Constant-time check of an admin credential against the stored hash."""
-        return hmac.compare_digest(_sha256_hex(token), self.admin_token_sha256)
+        return hmac.compare_digest(secret_digest(token), self.admin_token_sha256)
 
     def ca_cert_pem(self) -> bytes:
         return read_file(self.directory / CA_CERT_FILE, "pool CA certificate")
@@ -152,7 +147,7 @@ def create_pool(
         bootstrap=addrs,
         ledger_url=ledger_url,
         limits=limits or PoolLimits(),
-        admin_token_sha256=_sha256_hex(token),
+        admin_token_sha256=secret_digest(token),
         admin_token=token,
     )
     revocations = RevocationList(pool_id=pool_id, issued_at=time.time()).signed(ca_key)

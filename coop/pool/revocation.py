@@ -26,28 +26,25 @@ class RevocationList:
     issued_at: float = 0.0
     signature: bytes = field(default=b"", repr=False)
 
-    def payload(self) -> bytes:
-        """The canonical bytes the CA signs: everything but the signature."""
-        doc = {
+    def _unsigned(self) -> dict[str, object]:
+        return {
             "pool_id": self.pool_id,
             "revoked": list(self.revoked),
             "serials": list(self.serials),
             "issued_at": self.issued_at,
         }
-        return _REVOCATIONS_DOMAIN + json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+    def payload(self) -> bytes:
+        """The canonical bytes the CA signs: everything but the signature."""
+        body = json.dumps(self._unsigned(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return _REVOCATIONS_DOMAIN + body.encode()
 
     def signed(self, ca_key: ec.EllipticCurvePrivateKey) -> RevocationList:
         signature = ca_key.sign(self.payload(), ec.ECDSA(SIGNATURE_HASH))
         return RevocationList(self.pool_id, self.revoked, self.serials, self.issued_at, signature)
 
     def to_bytes(self) -> bytes:
-        doc = {
-            "pool_id": self.pool_id,
-            "revoked": list(self.revoked),
-            "serials": list(self.serials),
-            "issued_at": self.issued_at,
-            "signature": base64.b64encode(self.signature).decode("ascii"),
-        }
+        doc = {**self._unsigned(), "signature": base64.b64encode(self.signature).decode("ascii")}
         return (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
     @classmethod

@@ -100,10 +100,15 @@ def tensor_from_proto(
     # bytearray() is the one copy; it makes the tensor writable and owns the memory for its lifetime.
     t = torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
 
+    check_finite(t, name)
+    return t
+
+
+def check_finite(t: torch.Tensor, name: str = "tensor") -> None:
+    """InvalidTensor counting the NaN and Inf values if a floating-point tensor holds any."""
     if t.is_floating_point():
         finite = torch.isfinite(t)
         if not bool(finite.all()):
             nans = int(torch.isnan(t).sum())
             infs = int((~finite).sum()) - nans
             raise InvalidTensor(f"{name} contains non-finite values ({nans} NaN, {infs} Inf)")
-    return t
