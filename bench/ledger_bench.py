@@ -78,7 +78,7 @@ def make_receipts(pool: MemberPool, count: int) -> tuple[list[Observation], list
             now,
         )
         observations.append(seen)
-        signed.append(sign_receipt(pool[provider], body))
+        signed.append(sign_receipt(pool[provider].credentials(body.node_id), body))
     return observations, signed
 
 

@@ -18,7 +18,7 @@ import uuid
 from dataclasses import asdict, dataclass
 
 from coop.errors import InvalidInput
-from coop.pool.bundle import MemberBundle
+from coop.pool.bundle import Credentials
 
 RECEIPT_FORMAT = "coop-receipt/1"
 _BODY_DOMAIN = b"coop-receipt-v1\n"
@@ -131,7 +131,7 @@ def body_payload(body: bytes) -> bytes:
     return _BODY_DOMAIN + body
 
 
-def sign_receipt(bundle: MemberBundle, body: ReceiptBody) -> SignedReceipt:
+def sign_receipt(bundle: Credentials, body: ReceiptBody) -> SignedReceipt:
     data = body.to_bytes()
     return SignedReceipt(data, bundle.sign(body_payload(data)), bundle.cert_pem)
 

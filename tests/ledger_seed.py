@@ -62,5 +62,5 @@ def seeded_receipts(
             prefill_tokens=prefill_tokens,
             decode_tokens=decode_tokens,
         )
-        out.append(SeededReceipt(body, sign_receipt(provider, body), observation))
+        out.append(SeededReceipt(body, sign_receipt(provider.credentials(node_id), body), observation))
     return out

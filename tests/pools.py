@@ -7,9 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coop.pool.bundle import MemberBundle
+from coop.pool.ca import ROLE_COORDINATOR, ROLE_MEMBER
 from coop.pool.registry import PoolInfo, add_member, create_pool
 
 MEMBERS = ("alpha", "beta", "coord")
+COORDINATORS = frozenset({"coord"})  # these get a pool coordinator's bundle, the others a member's
 
 
 @dataclass(frozen=True)
@@ -31,4 +33,5 @@ class MemberPool:
 
 def make_member_pool(directory: Path, name: str = "test", members: Sequence[str] = MEMBERS) -> MemberPool:
     info = create_pool(directory, name)
-    return MemberPool(info, {m: MemberBundle.load(add_member(directory, m)) for m in members})
+    roles = {m: ROLE_COORDINATOR if m in COORDINATORS else ROLE_MEMBER for m in members}
+    return MemberPool(info, {m: MemberBundle.load(add_member(directory, m, role=roles[m])) for m in members})

@@ -58,11 +58,12 @@ def demo(
 
 def create_demo_pool(directory: Path) -> DemoPool:
     """A throwaway pool: one member institution per node, one for the coordinator, one API key."""
+    from coop.pool.ca import ROLE_COORDINATOR
     from coop.pool.registry import add_member, create_api_key, create_pool
 
     info = create_pool(directory, "Coop demo pool")
     nodes = {node: add_member(directory, institution) for node, institution in DEMO_INSTITUTIONS.items()}
-    coordinator = add_member(directory, "Demo Coordinator")
+    coordinator = add_member(directory, "Demo Coordinator", role=ROLE_COORDINATOR)
     add_member(directory, "Demo Client Institute")
     api_key = create_api_key(directory, "Demo Client Institute")
     assert info.admin_token is not None  # create_pool always returns it
@@ -142,7 +143,7 @@ def _ask(pool: LocalPool, api_key: str, question: str, security: ChannelSecurity
     for column in ("node", "blocks", "endpoint", "steps run", "pushed on", "returned"):
         route.add_column(column)
     for hop in result.route:
-        info = node_info(hop.endpoint, security)
+        info = node_info(hop.endpoint, security, institution=hop.institution, node_id=hop.node_id)
         route.add_row(
             plain(hop.node_id),
             f"{hop.start}:{hop.end}",

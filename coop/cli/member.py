@@ -22,12 +22,24 @@ InstitutionArgument = Annotated[str, typer.Argument(help="the member institution
 
 
 @member_app.command("add")
-def member_add(institution: InstitutionArgument, pool: PoolOption) -> None:
-    """Admit an institution: issue it a certificate signed by the pool CA, in a bundle file."""
+def member_add(
+    institution: InstitutionArgument,
+    pool: PoolOption,
+    coordinator: Annotated[
+        bool, typer.Option("--coordinator", help="issue a pool coordinator's bundle instead of a member's")
+    ] = False,
+) -> None:
+    """Admit an institution: issue it a certificate signed by the pool CA, in a bundle file.
+
+    A member's bundle runs nodes (each node makes its own certificate from it); a coordinator's bundle
+    (--coordinator) runs a pool coordinator, the only kind that opens sessions and books receipts.
+    """
+    from coop.pool.ca import ROLE_COORDINATOR, ROLE_MEMBER
     from coop.pool.registry import add_member
 
-    bundle = add_member(pool, institution)
-    console.print(f"admitted {quoted(institution)}; its member bundle is {plain(bundle)}")
+    role = ROLE_COORDINATOR if coordinator else ROLE_MEMBER
+    bundle = add_member(pool, institution, role=role)
+    console.print(f"admitted {quoted(institution)} as a {role}; its bundle is {plain(bundle)}")
     console.print(
         "The bundle holds the member's private key: send it to the member over a secure channel, never by plain e-mail."
     )

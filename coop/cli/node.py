@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from pathlib import Path
 from typing import Annotated
 
@@ -70,12 +71,20 @@ def node_start(
 def node_status(
     endpoint: Annotated[str, typer.Argument(help="host:port of the node's gRPC server")],
     member: MemberOption = None,
+    node_id: Annotated[str, typer.Option("--node-id", help="in a pool: the node's id, which it must prove")] = "",
+    institution: Annotated[
+        str, typer.Option("--institution", help="in a pool: the node's institution (default: the bundle's)")
+    ] = "",
 ) -> None:
     """Show what a running node serves and how much work it did."""
     from coop.node.client import node_info
     from coop.pool.membership import Membership
 
-    info = node_info(endpoint, Membership.load(member).channel_security())
+    if member is not None and not node_id:
+        raise typer.BadParameter("in a pool, name the node with --node-id (see `coop swarm status`)")
+    membership = Membership.load(member, node_id=f"status-{uuid.uuid4().hex[:8]}")
+    security = membership.channel_security()
+    info = node_info(endpoint, security, institution=institution or membership.institution, node_id=node_id)
     table = Table(title=plain(f"node {info.node_id} at {endpoint}"), show_header=False)
     for key, value in [
         ("blocks", f"{info.start}:{info.end}"),

@@ -32,7 +32,8 @@ class RouteHop:
     endpoint: str
     start: int
     end: int
-    failovers: int = 0  # of the whole session: how many times it moved to another route
+    failovers: int = 0
+    institution: str = ""  # of the whole session: how many times it moved to another route
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,7 @@ class Client:
 def _route_hop(hop: dict[str, Any]) -> RouteHop:
     return RouteHop(
         node_id=str(hop["node_id"]),
+        institution=str(hop.get("institution", "")),
         endpoint=str(hop["endpoint"]),
         start=int(hop["start"]),
         end=int(hop["end"]),

@@ -87,6 +87,7 @@ class RouteHop(BaseModel):
     """One hop of the route a response took: which node ran which blocks."""
 
     node_id: str
+    institution: str = ""
     endpoint: str
     start: int
     end: int

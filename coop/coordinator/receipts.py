@@ -105,7 +105,7 @@ class ReceiptCollector:
             raise
 
     async def _collect_from(self, node: NodeAnnouncement) -> Settlement:
-        stub = self._channels().stub(node.endpoint)
+        stub = self._channels().stub(node.endpoint, node.institution, node.node_id)
         batch = await stub.Receipts(pb.ReceiptsRequest(limit=self.batch), timeout=CALL_TIMEOUT_S)
         if not batch.receipts:
             return Settlement()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 
 import uvicorn
 
@@ -33,11 +34,17 @@ class RemoteBackend:
     """A `coop.pipeline.backend.Backend` whose chains run on the swarm's nodes."""
 
     def __init__(
-        self, client: ClientPart, swarm: SwarmView, settings: CoordinatorSettings, security: ChannelSecurity
+        self,
+        client: ClientPart,
+        swarm: SwarmView,
+        settings: CoordinatorSettings,
+        security: ChannelSecurity,
+        sign_route: Callable[[bytes], bytes] | None = None,
     ) -> None:
         self.accounting: Accounting | None = None  # set once the ledger is open (pool members only)
         self.client = client
         self._security = security
+        self._sign_route = sign_route
         self.swarm = swarm
         self.settings = settings
         self.model_name = client.manifest.name
@@ -54,7 +61,8 @@ class RemoteBackend:
         """Seconds for one Info round trip to the node: the RTT that routing adds per hop."""
         loop = asyncio.get_running_loop()
         started = loop.time()
-        await self.channels.stub(node.endpoint).Info(pb.InfoRequest(), timeout=PING_TIMEOUT_S)
+        stub = self.channels.stub(node.endpoint, node.institution, node.node_id)
+        await stub.Info(pb.InfoRequest(), timeout=PING_TIMEOUT_S)
         return loop.time() - started
 
     async def open_chain(self, max_length: int, charge: Charge = UNMETERED) -> Chain:
@@ -68,6 +76,7 @@ class RemoteBackend:
             step_timeout_s=self.settings.step_timeout_s,
             max_failovers=self.settings.max_failovers,
             charge=charge,
+            sign_route=self._sign_route,
         )
         return await chain.open()
 
@@ -92,7 +101,8 @@ async def run_coordinator(settings: CoordinatorSettings) -> None:
         validator=announcement_validator(membership),
         revoked=membership.revocations,
     )
-    backend = RemoteBackend(client, swarm, settings, membership.channel_security())
+    sign_route = membership.credentials.sign if membership.credentials is not None else None
+    backend = RemoteBackend(client, swarm, settings, membership.channel_security(), sign_route)
     swarm.ping = backend.ping
     watcher = RevocationWatcher(membership.revocations, directory)
     try:

@@ -162,7 +162,14 @@ async def run_generation(
 
 def _route(chain: Chain) -> list[RouteHop]:
     return [
-        RouteHop(node_id=h.node_id, endpoint=h.endpoint, start=h.start, end=h.end, failovers=chain.failovers)
+        RouteHop(
+            node_id=h.node_id,
+            institution=h.institution,
+            endpoint=h.endpoint,
+            start=h.start,
+            end=h.end,
+            failovers=chain.failovers,
+        )
         for h in chain.hops
     ]
 

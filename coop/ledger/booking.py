@@ -20,7 +20,8 @@ from coop.errors import InvalidInput, ReceiptPending, ReceiptRejected, Unauthori
 from coop.ledger.models import Observation
 from coop.ledger.store import Booking
 from coop.pool.bundle import MemberBundle
-from coop.pool.ca import verify_member_certificate, verify_signature
+from coop.pool.ca import ROLE_NODE, verify_signature
+from coop.pool.identity import Identity, verify_identity
 from coop.receipts import ReceiptBody, SignedReceipt, body_payload, countersign_payload
 
 UNKNOWN_SESSION_GRACE_S = 3600.0
@@ -83,10 +84,15 @@ class ReceiptChecker:
         except (InvalidInput, TypeError) as exc:
             raise ReceiptRejected(f"malformed receipt: {exc}") from exc
         try:
-            institution = _certified_institution(self.ca_cert_pem, signed.cert_pem, self.pool_id)
+            signer = _certified_node(self.ca_cert_pem, signed.cert_pem, self.pool_id)
             verify_signature(signed.cert_pem, body_payload(signed.body), signed.signature)
         except Unauthorized as exc:
             raise ReceiptRejected(f"receipt {body.receipt_id}: {exc}") from exc
+        institution = signer.institution
+        if signer.node_id != body.node_id:
+            raise ReceiptRejected(
+                f"receipt {body.receipt_id} is for node {body.node_id!r}, signed by {signer.describe()}"
+            )
         if institution != body.institution:
             raise ReceiptRejected(
                 f"receipt {body.receipt_id} credits {body.institution!r} but is signed by {institution!r}"
@@ -114,6 +120,6 @@ def _check_against(body: ReceiptBody, seen: Observation) -> None:
 
 
 @functools.lru_cache(maxsize=256)
-def _certified_institution(ca_cert_pem: bytes, cert_pem: bytes, pool_id: str) -> str:
-    """Cached: a process checks each member certificate once (a failure is not cached: it raises)."""
-    return verify_member_certificate(ca_cert_pem, cert_pem, pool_id=pool_id)
+def _certified_node(ca_cert_pem: bytes, cert_pem: bytes, pool_id: str) -> Identity:
+    """Cached: a process checks each node certificate once (a failure is not cached: it raises)."""
+    return verify_identity(ca_cert_pem, cert_pem, pool_id=pool_id).require(ROLE_NODE)

@@ -345,9 +345,10 @@ class Ledger:
         if ("certificate", digest) in self._known:
             return
         if session.get(Certificate, digest) is None:
-            from coop.pool.ca import certificate_institution
+            from coop.pool.identity import claimed_identity
 
-            session.add(Certificate(sha256=digest, institution=institution or certificate_institution(pem), pem=pem))
+            institution = institution or claimed_identity(pem).institution
+            session.add(Certificate(sha256=digest, institution=institution, pem=pem))
             session.flush()
         self._known.add(("certificate", digest))
 

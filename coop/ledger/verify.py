@@ -17,7 +17,8 @@ from sqlmodel import Session, col
 from coop.errors import CoopError
 from coop.ledger.models import POOL_ACCOUNT, Certificate, Grant, Receipt
 from coop.ledger.store import Ledger
-from coop.pool.ca import verify_member_certificate, verify_signature
+from coop.pool.ca import ROLE_COORDINATOR, ROLE_NODE, verify_signature
+from coop.pool.identity import verify_identity
 from coop.receipts import ReceiptBody, body_payload, countersign_payload
 
 MAX_PROBLEMS = 100
@@ -107,9 +108,13 @@ def _check_receipt(
         return
     try:
         body = ReceiptBody.from_bytes(receipt.body)
-        institution = verify_member_certificate(ca_cert_pem, node_cert.pem, pool_id=pool_id, now=body.ended)
+        signer = verify_identity(ca_cert_pem, node_cert.pem, pool_id=pool_id, now=body.ended).require(ROLE_NODE)
+        institution = signer.institution
+        if signer.node_id != body.node_id:
+            report.problem(f"{what}: signed by {signer.describe()}, not by node {body.node_id!r}")
         verify_signature(node_cert.pem, body_payload(receipt.body), receipt.node_signature)
-        coordinator = verify_member_certificate(ca_cert_pem, coordinator_cert.pem, pool_id=pool_id, now=body.ended)
+        countersigner = verify_identity(ca_cert_pem, coordinator_cert.pem, pool_id=pool_id, now=body.ended)
+        coordinator = countersigner.require(ROLE_COORDINATOR).institution
         if coordinator != body.coordinator:
             report.problem(f"{what}: countersigned by {coordinator!r}, but the session was {body.coordinator!r}'s")
         countersigned = countersign_payload(receipt.body, receipt.consumer)

@@ -10,13 +10,23 @@ from coop.wire.generated import coop_pb2 as pb
 from coop.wire.generated import coop_pb2_grpc
 
 
-def node_info(endpoint: str, security: ChannelSecurity | None = None, timeout_s: float = 5.0) -> pb.NodeInfo:
-    """A node's NodeInfo; a node of a pool answers only callers with a member certificate."""
+def node_info(
+    endpoint: str,
+    security: ChannelSecurity | None = None,
+    *,
+    institution: str = "",
+    node_id: str = "",
+    timeout_s: float = 5.0,
+) -> pb.NodeInfo:
+    """A node's NodeInfo. In a pool, the node must prove it is `node_id` of `institution`, and it
+    answers only callers with a certificate of the pool."""
     security = security or ChannelSecurity()
-    options = [*GRPC_OPTIONS, *security.options]
+    options: list[tuple[str, int | str]] = list(GRPC_OPTIONS)
     if security.credentials is None:
         channel = grpc.insecure_channel(endpoint, options=options)
     else:
+        if security.tls_name is not None:
+            options.append(("grpc.ssl_target_name_override", security.tls_name(institution, node_id)))
         channel = grpc.secure_channel(endpoint, security.credentials, options=options)
     with channel:
         try:

@@ -82,7 +82,10 @@ def measure_throughput(engine: SpanEngine) -> float:
 
 async def run_node(settings: NodeSettings) -> None:
     manifest = Manifest.load(settings.model_dir)
-    membership = Membership.load(settings.member_bundle, institution=settings.institution, pool_id=settings.pool_id)
+    node_id = settings.node_id or f"node-{uuid.uuid4().hex[:12]}"
+    membership = Membership.load(
+        settings.member_bundle, node_id=node_id, institution=settings.institution, pool_id=settings.pool_id
+    )
     if settings.member_bundle is None:
         print("development mode: no --member bundle, so plaintext gRPC and unsigned announcements", file=sys.stderr)
     directory = await asyncio.to_thread(
@@ -108,14 +111,14 @@ async def run_node(settings: NodeSettings) -> None:
             idle_timeout_s=settings.idle_timeout_s,
         )
         throughput = await asyncio.to_thread(measure_throughput, engine)
-        node_id = settings.node_id or f"node-{uuid.uuid4().hex[:12]}"
         outbox_path = settings.resolved_outbox_path()
-        if membership.bundle is not None and outbox_path is not None:
+        if membership.credentials is not None and outbox_path is not None:
             outbox = Outbox(outbox_path)
-            receipts = ReceiptWriter(membership.bundle, outbox, manifest, node_id)
+            receipts = ReceiptWriter(membership.credentials, outbox, manifest, node_id)
         service = NodeService(
             engine,
             node_id=node_id,
+            institution=membership.institution,
             throughput_tps=throughput,
             security=membership.channel_security(),
             authorize=membership.authorize,
@@ -142,7 +145,7 @@ async def run_node(settings: NodeSettings) -> None:
                 "free_cache_bytes": engine.free_cache_bytes,
             }
 
-        announcer = Announcer(directory, describe, ttl_s=settings.announce_ttl_s, bundle=membership.bundle)
+        announcer = Announcer(directory, describe, ttl_s=settings.announce_ttl_s, bundle=membership.credentials)
         await asyncio.to_thread(announcer.start)
         ready = {
             "node_id": node_id,

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from coop.model.manifest import Manifest
 from coop.node.outbox import Outbox
-from coop.pool.bundle import MemberBundle
+from coop.pool.bundle import Credentials
 from coop.receipts import ReceiptBody, TokenTally, new_receipt_id, sign_receipt
 
 
@@ -22,9 +22,9 @@ class SessionMeter:
 
 
 class ReceiptWriter:
-    """Signs a receipt with the node's member key for every session that computed anything."""
+    """Signs a receipt with the node's own key for every session that computed anything."""
 
-    def __init__(self, bundle: MemberBundle, outbox: Outbox, manifest: Manifest, node_id: str) -> None:
+    def __init__(self, bundle: Credentials, outbox: Outbox, manifest: Manifest, node_id: str) -> None:
         self.bundle = bundle
         self.outbox = outbox
         self.manifest = manifest

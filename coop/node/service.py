@@ -29,16 +29,20 @@ from coop.errors import (
     PeerError,
     SessionLimitExceeded,
     SpanOutOfRange,
+    Unauthorized,
     UnknownSession,
 )
 from coop.model.engine import SpanEngine
 from coop.node.metering import ReceiptWriter, SessionMeter
 from coop.node.scheduling import PriorityGate
+from coop.pool.ca import ROLE_COORDINATOR, ROLE_NODE, verify_signature
+from coop.pool.identity import Identity
 from coop.wire.channels import ChannelPool, ChannelSecurity
 from coop.wire.errors import error_from_proto, error_to_proto
 from coop.wire.generated import coop_pb2 as pb
 from coop.wire.generated import coop_pb2_grpc
 from coop.wire.receipts import receipt_to_proto
+from coop.wire.routes import decode_route, route_payload
 from coop.wire.tensors import tensor_from_proto, tensor_to_proto
 
 log = logging.getLogger(__name__)
@@ -48,9 +52,7 @@ DEFAULT_MAX_SESSIONS_PER_PEER = 128
 # Steps of one session come one at a time from an honest coordinator; a few more allow for replays.
 MAX_STEPS_IN_FLIGHT_PER_SESSION = 4
 OPEN_TIMEOUT_S = 10.0
-MAX_HOPS = 256
 _SESSION_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
-_ENDPOINT = re.compile(r"^[A-Za-z0-9_.\-\[\]:]{1,255}:\d{1,5}$")
 
 
 @dataclass
@@ -66,19 +68,22 @@ class NodeService(coop_pb2_grpc.NodeServicer):
         engine: SpanEngine,
         *,
         node_id: str,
+        institution: str = "",
         throughput_tps: float,
         security: ChannelSecurity | None = None,
-        authorize: Callable[[grpc.aio.ServicerContext], str | None] | None = None,
+        authorize: Callable[[grpc.aio.ServicerContext], Identity | None] | None = None,
         max_sessions_per_peer: int = DEFAULT_MAX_SESSIONS_PER_PEER,
         max_cache_bytes_per_peer: int | None = None,
         receipts: ReceiptWriter | None = None,
     ) -> None:
         """`security`: how to reach the next hop. `authorize`: vets every caller (raises Unauthorized)
-        and names its institution. `max_sessions_per_peer`, `max_cache_bytes_per_peer` (default: the
+        and names it; None means development mode, where nobody is checked. `max_sessions_per_peer`,
+        `max_cache_bytes_per_peer` (default: the
         whole cache budget): so that one peer cannot take every session or all of the KV cache.
         `receipts`: signs a receipt for every session into the outbox (None in development mode)."""
         self.engine = engine
         self.node_id = node_id
+        self.institution = institution
         self.throughput_tps = throughput_tps
         self.counters = Counters()
         self._authorize = authorize or (lambda context: None)
@@ -89,6 +94,8 @@ class NodeService(coop_pb2_grpc.NodeServicer):
         self._in_flight: collections.Counter[str] = collections.Counter()
         self._events: dict[str, asyncio.Queue[pb.SessionEvent | None]] = {}
         self._meters: dict[str, SessionMeter] = {}
+        self._openers: dict[str, Identity] = {}  # session -> the coordinator that opened it
+        self._routes: dict[str, tuple[bytes, bytes, list[pb.Hop]]] = {}  # last verified route per session
         self._receipts = receipts
         self._gate = PriorityGate()
         self._channels = ChannelPool(security)
@@ -130,9 +137,12 @@ class NodeService(coop_pb2_grpc.NodeServicer):
         self, request_iterator: AsyncIterator[pb.SessionControl], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.SessionEvent]:
         try:
-            peer = self._authorize(context) or _peer_host(context)
+            opener = self._authorize(context)
+            if opener is not None:
+                opener.require(ROLE_COORDINATOR)
+            peer = opener.institution if opener is not None else _peer_host(context)
             first = await asyncio.wait_for(anext(request_iterator), OPEN_TIMEOUT_S)
-            session_id, reserved = self._open(first, peer)
+            session_id, reserved = self._open(first, peer, secure=opener is not None)
             priority = first.open.priority if math.isfinite(first.open.priority) else 0.0
             meter = SessionMeter(first.open.start, first.open.end, peer, min(max(priority, 0.0), 1.0))
         except (CoopError, StopAsyncIteration, TimeoutError) as exc:
@@ -142,6 +152,8 @@ class NodeService(coop_pb2_grpc.NodeServicer):
         queue: asyncio.Queue[pb.SessionEvent | None] = asyncio.Queue()
         self._events[session_id] = queue
         self._meters[session_id] = meter
+        if opener is not None:
+            self._openers[session_id] = opener
         self._sessions_by_peer[peer] += 1
         self._cache_by_peer[peer] += reserved
         watcher = asyncio.create_task(self._watch_controls(request_iterator, queue))
@@ -155,6 +167,8 @@ class NodeService(coop_pb2_grpc.NodeServicer):
             self._cache_by_peer[peer] -= reserved
             self._events.pop(session_id, None)
             self._meters.pop(session_id, None)
+            self._openers.pop(session_id, None)
+            self._routes.pop(session_id, None)
             self.engine.evict(session_id)
             self._write_receipt(session_id, meter)
 
@@ -166,11 +180,13 @@ class NodeService(coop_pb2_grpc.NodeServicer):
         except Exception:  # the session is over either way; losing one receipt must not crash the node
             log.exception("could not write the receipt of session %s", session_id)
 
-    def _open(self, control: pb.SessionControl, peer: str) -> tuple[str, int]:
+    def _open(self, control: pb.SessionControl, peer: str, *, secure: bool) -> tuple[str, int]:
         """Open the session the first control message asks for; returns its id and reserved cache bytes."""
         if control.WhichOneof("kind") != "open":
             raise InvalidInput("the session stream must start with open")
         request = control.open
+        if secure and request.node_id != self.node_id:
+            raise Unauthorized(f"this is node {self.node_id!r}, not {request.node_id!r}: check the directory")
         if not _SESSION_ID.match(request.session_id):
             raise InvalidInput("session_id must be 1-128 characters of [A-Za-z0-9_.:-]")
         if request.session_id in self._events:
@@ -213,8 +229,8 @@ class NodeService(coop_pb2_grpc.NodeServicer):
 
     async def Forward(self, request: pb.StepRequest, context: grpc.aio.ServicerContext) -> pb.StepAck:
         try:
-            self._authorize(context)
-            queue, hidden, next_hops = self._accept(request)
+            caller = self._authorize(context)
+            queue, hidden, next_hops = self._accept(request, caller)
         except CoopError as exc:
             return pb.StepAck(error=error_to_proto(exc))
         self._in_flight[request.session_id] += 1
@@ -224,11 +240,12 @@ class NodeService(coop_pb2_grpc.NodeServicer):
         return pb.StepAck()
 
     def _accept(
-        self, request: pb.StepRequest
+        self, request: pb.StepRequest, caller: Identity | None
     ) -> tuple[asyncio.Queue[pb.SessionEvent | None], torch.Tensor, list[pb.Hop]]:
         queue = self._events.get(request.session_id)
         if queue is None:
             raise UnknownSession(f"no session {request.session_id} is open on node {self.node_id}")
+        next_hops = self._route_after_me(request, caller)
         hidden = tensor_from_proto(
             request.hidden,
             expected_dtype=self.engine.dtype,
@@ -239,10 +256,52 @@ class NodeService(coop_pb2_grpc.NodeServicer):
             raise SessionLimitExceeded(
                 f"session {request.session_id} already has {MAX_STEPS_IN_FLIGHT_PER_SESSION} steps in flight"
             )
-        next_hops = list(request.next)
-        if len(next_hops) > MAX_HOPS or any(not _ENDPOINT.match(hop.endpoint) for hop in next_hops):
-            raise InvalidInput(f"the route must have at most {MAX_HOPS} hops, each with a host:port endpoint")
         return queue, hidden, next_hops
+
+    def _route_after_me(self, request: pb.StepRequest, caller: Identity | None) -> list[pb.Hop]:
+        """The hops after this one on the step's route, once the route and the caller check out.
+
+        In a pool the route must carry the signature of the coordinator that opened the session, and
+        the caller must be this node's predecessor on it: that coordinator for the first hop, the
+        previous node otherwise. (Verified routes are kept per session: the signature is checked once
+        per route, not once per step.)
+        """
+        session_id = request.session_id
+        known = self._routes.get(session_id)
+        if known is not None and known[:2] == (request.route, request.route_signature):
+            hops = known[2]
+        else:
+            hops = decode_route(request.route, session_id)
+            opener = self._openers.get(session_id)
+            if opener is not None:
+                try:
+                    verify_signature(opener.certificate, route_payload(request.route), request.route_signature)
+                except Unauthorized as exc:
+                    raise Unauthorized(f"the route of session {session_id} is not signed by its coordinator") from exc
+                self._routes[session_id] = (request.route, request.route_signature, hops)
+        mine = [i for i, hop in enumerate(hops) if (hop.node_id, hop.institution) == (self.node_id, self.institution)]
+        if len(mine) != 1:
+            raise InvalidInput(f"node {self.node_id} is not on the route of session {session_id}")
+        index = mine[0]
+        meter = self._meters.get(session_id)
+        if meter is not None and (hops[index].start, hops[index].end) != (meter.start, meter.end):
+            raise SpanOutOfRange(
+                f"the route gives this node blocks {hops[index].start}:{hops[index].end}, "
+                f"the session was opened for {meter.start}:{meter.end}"
+            )
+        if caller is not None:
+            self._check_predecessor(session_id, caller, None if index == 0 else hops[index - 1])
+        return hops[index + 1 :]
+
+    def _check_predecessor(self, session_id: str, caller: Identity, previous: pb.Hop | None) -> None:
+        if previous is None:
+            opener = self._openers.get(session_id)
+            if opener is None or caller.certificate != opener.certificate:
+                raise Unauthorized(f"only the coordinator of session {session_id} may send it its first step")
+        elif (caller.role, caller.institution, caller.node_id) != (ROLE_NODE, previous.institution, previous.node_id):
+            raise Unauthorized(
+                f"{caller.describe()} is not the node before this one on the route of session {session_id}"
+            )
 
     async def _run_step(
         self,
@@ -264,7 +323,7 @@ class NodeService(coop_pb2_grpc.NodeServicer):
             self.counters.steps_run += 1
             message = tensor_to_proto(output)
             if next_hops:
-                await self._push(next_hops, session_id, step_id, message, request.start_position)
+                await self._push(next_hops, request, message)
                 self.counters.pushes_sent += 1
             else:
                 result = pb.SessionEvent.Result(session_id=session_id, step_id=step_id, hidden=message)
@@ -280,15 +339,21 @@ class NodeService(coop_pb2_grpc.NodeServicer):
             if self._in_flight[session_id] <= 0:
                 del self._in_flight[session_id]
 
-    async def _push(
-        self, next_hops: list[pb.Hop], session_id: str, step_id: int, hidden: pb.Tensor, start_position: int
-    ) -> None:
+    async def _push(self, next_hops: list[pb.Hop], step: pb.StepRequest, hidden: pb.Tensor) -> None:
+        session_id, step_id, start_position = step.session_id, step.step_id, step.start_position
+        route, route_signature = step.route, step.route_signature
         target = next_hops[0]
         request = pb.StepRequest(
-            session_id=session_id, step_id=step_id, hidden=hidden, start_position=start_position, next=next_hops[1:]
+            session_id=session_id,
+            step_id=step_id,
+            hidden=hidden,
+            start_position=start_position,
+            route=route,
+            route_signature=route_signature,
         )
         try:
-            ack = await self._channels.stub(target.endpoint).Forward(request, timeout=PUSH_TIMEOUT_S)
+            stub = self._channels.stub(target.endpoint, target.institution, target.node_id)
+            ack = await stub.Forward(request, timeout=PUSH_TIMEOUT_S)
         except grpc.aio.AioRpcError as exc:
             raise PeerError(f"next node {target.endpoint} is unreachable: {exc.code().name}") from exc
         if ack.HasField("error"):
@@ -318,7 +383,8 @@ class NodeService(coop_pb2_grpc.NodeServicer):
     async def _caller(self, context: grpc.aio.ServicerContext) -> str:
         """Who is asking: receipts are handed to, and settled by, the coordinator that opened the session."""
         try:
-            return self._authorize(context) or _peer_host(context)
+            caller = self._authorize(context)
+            return _peer_host(context) if caller is None else caller.require(ROLE_COORDINATOR).institution
         except CoopError as exc:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
             raise  # unreachable: abort raises

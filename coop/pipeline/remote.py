@@ -1,8 +1,9 @@
 """A chain of remote nodes for one session: open streams, push steps, fail over.
 
-The coordinator sends each step to the first hop only, with the rest of the route attached; the
-last hop returns the output on its session stream. If a hop dies (its stream breaks, a call to
-it fails, or the step times out and the hop does not answer a probe), the chain picks a new
+The coordinator sends each step to the first hop only, with the route attached and, in a pool,
+signed (`coop.wire.routes`): each node takes steps only from its predecessor on it and pushes
+only to its successor. The last hop returns the output on its session stream. If a hop dies (its
+stream breaks, a call to it fails, or the step times out and the hop does not answer a probe), the chain picks a new
 route without it, replays the session's tokens through it to rebuild every cache, and carries on:
 the caller sees a pause, and greedy decoding gives the same tokens.
 
@@ -31,6 +32,7 @@ from coop.swarm.view import SwarmView
 from coop.wire.channels import ChannelPool
 from coop.wire.errors import error_from_proto
 from coop.wire.generated import coop_pb2 as pb
+from coop.wire.routes import encode_route, route_payload
 from coop.wire.tensors import tensor_from_proto, tensor_to_proto
 
 log = logging.getLogger(__name__)
@@ -70,9 +72,11 @@ class RemoteChain:
         step_timeout_s: float = 30.0,
         max_failovers: int = 3,
         charge: Charge = UNMETERED,
+        sign_route: Callable[[bytes], bytes] | None = None,
     ) -> None:
         """`charge`: who pays, the fair-share priority nodes order queued steps by, and the meter
-        that writes down what each node did."""
+        that writes down what each node did. `sign_route`: the coordinator's signature over a
+        route (None in development mode, where nodes check nothing)."""
         self.swarm = swarm
         self.channels = channels
         self.embed = embed
@@ -90,6 +94,9 @@ class RemoteChain:
         self._excluded: set[str] = set()
         self.charge = charge
         self._sent = TokenTally()  # sent to the current route, which every hop of it computes
+        self._sign_route = sign_route
+        self._route = b""
+        self._route_signature = b""
 
     async def open(self) -> RemoteChain:
         for _attempt in range(self.max_failovers + 1):
@@ -103,6 +110,8 @@ class RemoteChain:
     async def _open_route(self) -> None:
         self.hops = await self.swarm.route(exclude=self._excluded)
         self.session_id = uuid.uuid4().hex
+        self._route = encode_route(self.session_id, self.hops)
+        self._route_signature = b"" if self._sign_route is None else self._sign_route(route_payload(self._route))
         self._sent = TokenTally()
         self._events = asyncio.Queue()
         # Each stream joins self._streams as soon as it is open, so close() finds it even if
@@ -118,7 +127,7 @@ class RemoteChain:
     async def _open_stream(
         self, index: int, hop: Hop, events: asyncio.Queue[tuple[int, pb.SessionEvent | None]]
     ) -> _Stream:
-        call = self.channels.stub(hop.endpoint).Session()
+        call = self.channels.stub(hop.endpoint, hop.institution, hop.node_id).Session()
         try:
             open_msg = pb.SessionControl.Open(
                 session_id=self.session_id,
@@ -126,6 +135,7 @@ class RemoteChain:
                 start=hop.start,
                 end=hop.end,
                 priority=self.charge.priority,
+                node_id=hop.node_id,
             )
             await call.write(pb.SessionControl(open=open_msg))
             first = await asyncio.wait_for(call.read(), OPEN_TIMEOUT_S)
@@ -195,10 +205,12 @@ class RemoteChain:
             step_id=step_id,
             hidden=tensor_to_proto(hidden),
             start_position=start_position,
-            next=[pb.Hop(endpoint=h.endpoint, start=h.start, end=h.end) for h in self.hops[1:]],
+            route=self._route,
+            route_signature=self._route_signature,
         )
         try:
-            ack = await self.channels.stub(first.endpoint).Forward(request, timeout=self.step_timeout_s)
+            stub = self.channels.stub(first.endpoint, first.institution, first.node_id)
+            ack = await stub.Forward(request, timeout=self.step_timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise _HopsFailed({first.node_id}, f"node {first.node_id} is unreachable: {exc.code().name}") from exc
         finally:
@@ -252,7 +264,8 @@ class RemoteChain:
 
         async def alive(hop: Hop) -> bool:
             try:
-                await self.channels.stub(hop.endpoint).Info(pb.InfoRequest(), timeout=PROBE_TIMEOUT_S)
+                stub = self.channels.stub(hop.endpoint, hop.institution, hop.node_id)
+                await stub.Info(pb.InfoRequest(), timeout=PROBE_TIMEOUT_S)
                 return True
             except grpc.aio.AioRpcError:
                 return False

@@ -15,8 +15,18 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from coop.errors import InvalidInput, Unauthorized
-from coop.pool.ca import SIGNATURE_HASH, ec_public_key, load_cert, pool_tls_name, verify_member_certificate
+from coop.pool.ca import (
+    ROLE_COORDINATOR,
+    ROLE_MEMBER,
+    SIGNATURE_HASH,
+    ec_public_key,
+    key_pem,
+    load_cert,
+    node_certificate,
+    node_tls_name,
+)
 from coop.pool.files import read_document
+from coop.pool.identity import Identity, verify_identity
 
 BUNDLE_FORMAT = "coop-member-bundle/1"
 
@@ -86,11 +96,11 @@ class MemberBundle:
         except (ValueError, KeyError, TypeError, AttributeError, InvalidInput, UnsupportedAlgorithm) as exc:
             raise InvalidInput(f"{path} is not a valid coop member bundle: {exc}") from exc
         try:
-            institution = verify_member_certificate(bundle.ca_cert_pem, bundle.cert_pem, pool_id=bundle.pool_id)
+            identity = verify_identity(bundle.ca_cert_pem, bundle.cert_pem, pool_id=bundle.pool_id)
         except Unauthorized as exc:
             raise Unauthorized(f"member bundle {path}: {exc}; ask the pool admin for a new one") from exc
-        if institution != bundle.institution:
-            raise InvalidInput(f"{path}: certificate is for {institution!r}, bundle says {bundle.institution!r}")
+        if identity.role not in (ROLE_MEMBER, ROLE_COORDINATOR) or identity.institution != bundle.institution:
+            raise InvalidInput(f"{path}: certificate is for {identity.describe()}, bundle says {bundle.institution!r}")
         cert_key = ec_public_key(load_cert(bundle.cert_pem, "member certificate"))
         if key.public_key().public_numbers() != cert_key.public_numbers():
             raise InvalidInput(f"{path}: the private key does not match the certificate")
@@ -120,22 +130,76 @@ class MemberBundle:
             raise ValueError("member key is not an ECDSA key")
         return key
 
+    @cached_property
+    def identity(self) -> Identity:
+        return verify_identity(self.ca_cert_pem, self.cert_pem, pool_id=self.pool_id)
+
     def sign(self, payload: bytes) -> bytes:
         """DER-encoded ECDSA/SHA-256 signature; check with verify_signature(self.cert_pem, ...)."""
+        return self._private_key.sign(payload, ec.ECDSA(SIGNATURE_HASH))
+
+    def credentials(self, node_id: str | None = None) -> Credentials:
+        """What this process presents in TLS and signs with.
+
+        A coordinator's bundle is used as is. A member's bundle is an institution's CA: each of its
+        nodes gets a certificate of its own, made here for `node_id`.
+        """
+        if self.identity.role == ROLE_COORDINATOR:
+            return Credentials(self.identity, self.ca_cert_pem, self.key_pem, self.cert_pem)
+        if node_id is None:
+            raise InvalidInput(
+                f"the bundle of {self.institution!r} is a member's: it runs nodes; a coordinator needs a "
+                "coordinator bundle (coop member add NAME --coordinator)"
+            )
+        member_cert = load_cert(self.cert_pem, "member certificate")
+        key, cert = node_certificate(self._private_key, member_cert, self.pool_id, self.institution, node_id)
+        chain = cert.public_bytes(serialization.Encoding.PEM) + self.cert_pem
+        identity = verify_identity(self.ca_cert_pem, chain, pool_id=self.pool_id)
+        return Credentials(identity, self.ca_cert_pem, key_pem(key), chain)
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """One process's identity in the pool: its key and the certificate chain that vouches for it."""
+
+    identity: Identity
+    ca_cert_pem: bytes = field(repr=False)
+    key_pem: bytes = field(repr=False)
+    chain_pem: bytes = field(repr=False)  # leaf first: what TLS presents and signatures carry
+
+    @property
+    def pool_id(self) -> str:
+        return self.identity.pool_id
+
+    @property
+    def institution(self) -> str:
+        return self.identity.institution
+
+    @property
+    def cert_pem(self) -> bytes:
+        return self.chain_pem
+
+    @cached_property
+    def _private_key(self) -> ec.EllipticCurvePrivateKey:
+        key = serialization.load_pem_private_key(self.key_pem, password=None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        return key
+
+    def sign(self, payload: bytes) -> bytes:
         return self._private_key.sign(payload, ec.ECDSA(SIGNATURE_HASH))
 
     def server_credentials(self) -> grpc.ServerCredentials:
         """Mutual TLS: clients must present a certificate chaining to the pool CA."""
         return grpc.ssl_server_credentials(
-            [(self.key_pem, self.cert_pem)], root_certificates=self.ca_cert_pem, require_client_auth=True
+            [(self.key_pem, self.chain_pem)], root_certificates=self.ca_cert_pem, require_client_auth=True
         )
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
-        """Trust only the pool CA, and present this member's certificate."""
+        """Trust only the pool CA, and present this identity's chain."""
         return grpc.ssl_channel_credentials(
-            root_certificates=self.ca_cert_pem, private_key=self.key_pem, certificate_chain=self.cert_pem
+            root_certificates=self.ca_cert_pem, private_key=self.key_pem, certificate_chain=self.chain_pem
         )
 
-    def channel_options(self) -> list[tuple[str, str]]:
-        """Channel options that make any node of this pool verifiable at any address (see pool_tls_name)."""
-        return [("grpc.ssl_target_name_override", pool_tls_name(self.pool_id))]
+    def node_tls_name(self, institution: str, node_id: str) -> str:
+        """The name a node of this pool must prove in TLS (see coop.pool.ca.node_tls_name)."""
+        return node_tls_name(self.pool_id, institution, node_id)

@@ -1,29 +1,35 @@
-"""The pool CA and member certificates: keys, issuing, verifying, and who a TLS peer is.
+"""The pool's certificates: who issues what, and the names they carry.
 
-Keys are ECDSA P-256 with SHA-256: gRPC's BoringSSL accepts them for TLS and they sign fast. A member
-certificate names its pool and institution in a SAN URI ``coop://<pool_id>/member/<institution>``
-(institution percent-encoded), so a certificate from another pool's CA or for another pool id never
-passes, and the institution cannot be confused with free-form subject text.
+Keys are ECDSA P-256 with SHA-256: gRPC's BoringSSL accepts them for TLS and they sign fast. Three
+levels, each naming its pool, role and institution (and node) in a SAN URI
+``coop://<pool_id>/<role>/<institution>[/<node_id>]``, percent-encoded:
 
-gRPC checks only the chain during the TLS handshake; revocation is not its job, so servers must
-still check ``peer_institution(...)`` against the revocation list.
+    pool CA (path length 1)                   held by the pool admin
+      member certificate (CA, path length 0)  one per institution, constrained to its DNS subtree
+        node certificate (leaf)               made by each node at start, for its node id
+      coordinator certificate (leaf)          one per pool coordinator, issued by the pool CA
+
+Checking a chain and naming a TLS peer is `coop.pool.identity`'s job.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import ipaddress
-from collections.abc import Collection, Mapping, Sequence
-from urllib.parse import quote, unquote
+import hashlib
+from urllib.parse import quote
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from coop.errors import Unauthorized
+
+ROLE_MEMBER = "member"  # an institution: a CA for its own nodes
+ROLE_NODE = "node"
+ROLE_COORDINATOR = "coordinator"  # a pool coordinator: opens sessions, countersigns receipts
+ROLES = (ROLE_MEMBER, ROLE_NODE, ROLE_COORDINATOR)
 
 MEMBER_VALIDITY = dt.timedelta(days=365)
 CA_VALIDITY = dt.timedelta(days=3650)
@@ -65,7 +71,7 @@ def ec_public_key(cert: x509.Certificate) -> ec.EllipticCurvePublicKey:
     return key
 
 
-def _uris(cert: x509.Certificate) -> list[str]:
+def san_uris(cert: x509.Certificate) -> list[str]:
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
@@ -73,40 +79,42 @@ def _uris(cert: x509.Certificate) -> list[str]:
     return san.get_values_for_type(x509.UniformResourceIdentifier)
 
 
+def role_uri(pool_id: str, role: str, institution: str, node_id: str | None = None) -> str:
+    """The SAN URI that names a certificate's pool, role, institution (and node)."""
+    uri = f"coop://{pool_id}/{role}/{quote(institution, safe='')}"
+    return uri if node_id is None else f"{uri}/{quote(node_id, safe='')}"
+
+
 def member_uri(pool_id: str, institution: str) -> str:
-    """The SAN URI that names a member certificate's pool and institution."""
-    return f"coop://{pool_id}/member/{quote(institution, safe='')}"
-
-
-def _member_of(cert: x509.Certificate) -> tuple[str, str]:
-    """(pool_id, institution) from a member certificate's SAN URI; Unauthorized if it has none."""
-    for uri in _uris(cert):
-        rest = uri.removeprefix("coop://")
-        pool_id, sep, encoded = rest.partition("/member/")
-        if rest != uri and sep and pool_id and encoded and "/" not in encoded:
-            try:
-                return pool_id, unquote(encoded, errors="strict")
-            except UnicodeDecodeError as exc:
-                raise Unauthorized("certificate names an institution that is not UTF-8") from exc
-    raise Unauthorized("certificate is not a coop member certificate (no coop://<pool>/member/<name> SAN)")
+    return role_uri(pool_id, ROLE_MEMBER, institution)
 
 
 def pool_of_ca(cert: x509.Certificate) -> str | None:
-    for uri in _uris(cert):
+    for uri in san_uris(cert):
         rest = uri.removeprefix("coop://")
         if rest != uri and rest.endswith("/ca"):
             return rest.removesuffix("/ca")
     return None
 
 
-def pool_tls_name(pool_id: str) -> str:
-    """A DNS name every member certificate of the pool carries.
+def _label(text: str) -> str:
+    """A DNS label for free text (institution names and node ids are not DNS-safe)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]
 
-    Nodes run on hosts whose names are unknown when the certificate is issued, so a client reaching a
-    node at any address verifies the server against this name (``MemberBundle.channel_options``); the
-    chain to the pool CA is what proves membership, and ``peer_institution`` tells who it is.
-    """
-    return f"{pool_id}.pool.coop"
+
+def member_domain(pool_id: str, institution: str) -> str:
+    """The DNS subtree a member may name its nodes in: its certificate's name constraint."""
+    return f"m{_label(institution)}.p{_label(pool_id)}.coop"
+
+
+def node_tls_name(pool_id: str, institution: str, node_id: str) -> str:
+    """The one DNS name a node's certificate carries. A client dialing an announced node verifies the
+    server against exactly this name, so only that node (never another member's) can answer."""
+    return f"n{_label(node_id)}.{member_domain(pool_id, institution)}"
+
+
+def coordinator_tls_name(pool_id: str, institution: str) -> str:
+    return f"c{_label(institution)}.p{_label(pool_id)}.coop"
 
 
 def new_key() -> ec.EllipticCurvePrivateKey:
@@ -120,6 +128,7 @@ def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def ca_certificate(key: ec.EllipticCurvePrivateKey, pool_id: str, name: str) -> x509.Certificate:
+    """Self-signed; path length 1: it issues member certificates, which issue node certificates."""
     subject = x509.Name(
         [
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, name),
@@ -127,112 +136,134 @@ def ca_certificate(key: ec.EllipticCurvePrivateKey, pool_id: str, name: str) -> 
         ]
     )
     now = utc_now()
-    public = key.public_key()
     return (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(public)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - CLOCK_SKEW)
-        .not_valid_after(now + CA_VALIDITY)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            _signing_key_usage(issues_certificates=True),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        _builder(subject, subject, key.public_key(), now - CLOCK_SKEW, now + CA_VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
+        .add_extension(_signing_key_usage(issues_certificates=True), critical=True)
         .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"coop://{pool_id}/ca")]), False)
         .sign(key, SIGNATURE_HASH)
+    )
+
+
+def institution_name(institution: str) -> x509.Name:
+    """The subject of an institution's member certificate: the issuer name of its nodes' certificates."""
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, institution),
+            x509.NameAttribute(NameOID.COMMON_NAME, institution),
+        ]
     )
 
 
 def member_certificate(
     ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, pool_id: str, institution: str
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """An institution's certificate: a CA for its own nodes only.
+
+    It may issue leaf certificates (path length 0) whose DNS names lie in the institution's own
+    subtree (a critical name constraint TLS libraries enforce), so a member can mint certificates
+    for its nodes but never one that answers for another member's node.
+    """
     key = new_key()
-    public = key.public_key()
     now = utc_now()
-    name = x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, institution),
-            x509.NameAttribute(NameOID.COMMON_NAME, institution),
-        ]
-    )
-    san = x509.SubjectAlternativeName(
-        [
-            x509.DNSName("localhost"),
-            x509.DNSName(pool_tls_name(pool_id)),
-            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-            x509.IPAddress(ipaddress.ip_address("::1")),
-            x509.UniformResourceIdentifier(member_uri(pool_id, institution)),
-        ]
-    )
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(ca_cert.subject)
-        .public_key(public)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - CLOCK_SKEW)
-        .not_valid_after(now + MEMBER_VALIDITY)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        _builder(
+            institution_name(institution), ca_cert.subject, key.public_key(), now - CLOCK_SKEW, now + MEMBER_VALIDITY
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_signing_key_usage(issues_certificates=True), critical=True)
         .add_extension(
-            _signing_key_usage(issues_certificates=False),
+            x509.NameConstraints(
+                permitted_subtrees=[x509.DNSName(member_domain(pool_id, institution))], excluded_subtrees=None
+            ),
             critical=True,
         )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), False)
-        .add_extension(san, critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
         .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ec_public_key(ca_cert)),
-            critical=False,
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(member_uri(pool_id, institution))]), False
         )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ec_public_key(ca_cert)), critical=False)
         .sign(ca_key, SIGNATURE_HASH)
     )
     return key, cert
 
 
-def verify_member_certificate(
-    ca_cert_pem: bytes,
-    cert_pem: bytes,
-    *,
-    pool_id: str,
-    revoked: Collection[str] = (),
-    now: dt.datetime | None = None,
-) -> str:
-    """The institution a member certificate vouches for; Unauthorized unless it is valid in this pool.
+def node_certificate(
+    member_key: ec.EllipticCurvePrivateKey, member_cert: x509.Certificate, pool_id: str, institution: str, node_id: str
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A node's own TLS and signing certificate, issued by its institution's member certificate.
 
-    Valid means: signed by this CA, within its validity period (and the CA's), a member (not CA)
-    certificate, naming pool_id, and its institution not in revoked.
+    A node makes a fresh one at every start; it is valid as long as the member certificate is.
     """
-    ca = load_cert(ca_cert_pem, "pool CA certificate")
-    cert = load_cert(cert_pem, "member certificate")
-    try:
-        cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm) as exc:
-        raise Unauthorized("certificate was not issued by this pool's CA") from exc
-    when = now or utc_now()
-    for what, c in (("certificate", cert), ("pool CA certificate", ca)):
-        if when < c.not_valid_before_utc:
-            raise Unauthorized(f"{what} is not valid before {c.not_valid_before_utc:%Y-%m-%d %H:%M} UTC")
-        if when > c.not_valid_after_utc:
-            raise Unauthorized(f"{what} expired on {c.not_valid_after_utc:%Y-%m-%d} UTC")
-    with contextlib.suppress(x509.ExtensionNotFound):
-        if cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
-            raise Unauthorized("a CA certificate cannot act as a member")
-    cert_pool, institution = _member_of(cert)
-    ca_pool = pool_of_ca(ca)
-    if cert_pool != pool_id or (ca_pool is not None and ca_pool != pool_id):
-        raise Unauthorized(f"certificate belongs to pool {cert_pool!r}, not {pool_id!r}")
-    if institution in revoked:
-        raise Unauthorized(f"membership of {institution!r} in pool {pool_id} has been revoked")
-    return institution
+    key = new_key()
+    now = utc_now()
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, institution),
+            x509.NameAttribute(NameOID.COMMON_NAME, node_id[:64]),
+        ]
+    )
+    san = x509.SubjectAlternativeName(
+        [
+            x509.DNSName(node_tls_name(pool_id, institution, node_id)),
+            x509.UniformResourceIdentifier(role_uri(pool_id, ROLE_NODE, institution, node_id)),
+        ]
+    )
+    return key, _leaf(name, member_cert, member_key, key, san, now - CLOCK_SKEW, member_cert.not_valid_after_utc)
 
 
-def certificate_institution(cert_pem: bytes) -> str:
-    """The institution a member certificate names (not checked: see verify_member_certificate)."""
-    return _member_of(load_cert(cert_pem, "member certificate"))[1]
+def coordinator_certificate(
+    ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, pool_id: str, institution: str
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A pool coordinator's certificate, issued by the pool CA itself: only it may open sessions on
+    nodes and countersign receipts."""
+    key = new_key()
+    now = utc_now()
+    san = x509.SubjectAlternativeName(
+        [
+            x509.DNSName(coordinator_tls_name(pool_id, institution)),
+            x509.UniformResourceIdentifier(role_uri(pool_id, ROLE_COORDINATOR, institution)),
+        ]
+    )
+    return key, _leaf(institution_name(institution), ca_cert, ca_key, key, san, now - CLOCK_SKEW, now + MEMBER_VALIDITY)
+
+
+def _builder(
+    subject: x509.Name,
+    issuer: x509.Name,
+    public: ec.EllipticCurvePublicKey,
+    not_before: dt.datetime,
+    not_after: dt.datetime,
+) -> x509.CertificateBuilder:
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+    )
+
+
+def _leaf(
+    subject: x509.Name,
+    issuer_cert: x509.Certificate,
+    issuer_key: ec.EllipticCurvePrivateKey,
+    key: ec.EllipticCurvePrivateKey,
+    san: x509.SubjectAlternativeName,
+    not_before: dt.datetime,
+    not_after: dt.datetime,
+) -> x509.Certificate:
+    return (
+        _builder(subject, issuer_cert.subject, key.public_key(), not_before, not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_signing_key_usage(issues_certificates=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), False)
+        .add_extension(san, critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ec_public_key(issuer_cert)), critical=False)
+        .sign(issuer_key, SIGNATURE_HASH)
+    )
 
 
 def verify_signature(cert_pem: bytes, payload: bytes, signature: bytes) -> None:
@@ -242,24 +273,3 @@ def verify_signature(cert_pem: bytes, payload: bytes, signature: bytes) -> None:
         key.verify(signature, payload, ec.ECDSA(SIGNATURE_HASH))
     except (InvalidSignature, ValueError) as exc:
         raise Unauthorized("signature does not match") from exc
-
-
-def peer_institution(auth_context: Mapping[str, Sequence[bytes]], *, pool_id: str | None = None) -> str | None:
-    """The institution of the TLS peer of a gRPC call (``context.auth_context()``), or None.
-
-    The server's mutual-TLS handshake already proved the certificate chains to the pool CA; this
-    reads who it is from the SAN URI of ``x509_pem_cert``. It does not consult revocations.
-    """
-    pems = auth_context.get("x509_pem_cert") or ()
-    if not pems:
-        return None
-    try:
-        cert_pool, institution = _member_of(x509.load_pem_x509_certificate(pems[0]))
-    except (ValueError, TypeError, Unauthorized):
-        return None
-    if pool_id is not None and cert_pool != pool_id:
-        return None
-    return institution
-
-
-# ----------------------------------------------------------------------------------------- revocations

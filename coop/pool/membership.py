@@ -1,7 +1,7 @@
 """What a process does differently when it belongs to a pool: mutual TLS and vetting its peers.
 
-`Membership.load(bundle_path)` gives everything a node or coordinator needs from its member
-bundle; without a bundle it is the plaintext development mode. Signing and checking DHT
+`Membership.load(bundle_path)` gives everything a node or coordinator needs from its bundle (a
+node's own certificate included); without a bundle it is the plaintext development mode. Signing and checking DHT
 announcements with it is the swarm's job (`coop.swarm.announcement`), and so is keeping its
 revocation list fresh from the DHT (`coop.swarm.revocations`).
 """
@@ -15,8 +15,8 @@ import grpc
 
 from coop.config import DEFAULT_POOL_ID
 from coop.errors import Unauthorized
-from coop.pool.bundle import MemberBundle
-from coop.pool.ca import peer_institution
+from coop.pool.bundle import Credentials, MemberBundle
+from coop.pool.identity import Identity, peer_identity
 from coop.pool.revocation import Revocations
 from coop.wire.channels import ChannelSecurity
 
@@ -27,38 +27,52 @@ class Membership:
     institution: str
     bundle: MemberBundle | None
     revocations: Revocations
+    credentials: Credentials | None = None  # what this process presents and signs with
 
     @classmethod
     def load(
-        cls, bundle_path: Path | None, *, institution: str = "local", pool_id: str = DEFAULT_POOL_ID
+        cls,
+        bundle_path: Path | None,
+        *,
+        node_id: str | None = None,
+        institution: str = "local",
+        pool_id: str = DEFAULT_POOL_ID,
     ) -> Membership:
-        """The bundle decides pool and institution; without one, the given (development) values do."""
+        """The bundle decides pool and institution; without one, the given (development) values do.
+
+        A node passes its node_id: it gets a certificate of its own, made from its member's bundle.
+        """
         if bundle_path is None:
             return cls(pool_id, institution, None, Revocations(None, pool_id))
         bundle = MemberBundle.load(bundle_path)
-        return cls(bundle.pool_id, bundle.institution, bundle, Revocations(bundle.ca_cert_pem, bundle.pool_id))
+        revocations = Revocations(bundle.ca_cert_pem, bundle.pool_id)
+        return cls(bundle.pool_id, bundle.institution, bundle, revocations, bundle.credentials(node_id))
 
     @property
     def secure(self) -> bool:
-        return self.bundle is not None
+        return self.credentials is not None
 
     def channel_security(self) -> ChannelSecurity:
-        if self.bundle is None:
+        if self.credentials is None:
             return ChannelSecurity()
-        return ChannelSecurity(self.bundle.channel_credentials(), self.bundle.channel_options())
+        return ChannelSecurity(self.credentials.channel_credentials(), self.credentials.node_tls_name)
 
     def add_port(self, server: grpc.aio.Server, address: str) -> int:
-        if self.bundle is None:
+        if self.credentials is None:
             return server.add_insecure_port(address)
-        return server.add_secure_port(address, self.bundle.server_credentials())
+        return server.add_secure_port(address, self.credentials.server_credentials())
 
-    def authorize(self, context: grpc.aio.ServicerContext) -> str | None:
-        """TLS already proved the caller's certificate chains to the pool CA: name its institution."""
-        if self.bundle is None:
+    def authorize(self, context: grpc.aio.ServicerContext) -> Identity | None:
+        """Who is calling (None in development mode); Unauthorized if no one of this pool, or revoked.
+
+        TLS already proved the caller's chain leads to the pool CA; this names it and checks it
+        against the revocation list, which TLS does not know.
+        """
+        if self.credentials is None:
             return None
-        institution = peer_institution(context.auth_context(), pool_id=self.pool_id)
-        if institution is None:
-            raise Unauthorized("the caller presented no certificate of this pool")
-        if institution in self.revocations.names:
-            raise Unauthorized(f"{institution} has been revoked from this pool")
-        return institution
+        peer = peer_identity(context.auth_context(), self.credentials.ca_cert_pem, pool_id=self.pool_id)
+        if peer is None:
+            raise Unauthorized("the caller presented no node or coordinator certificate of this pool")
+        if peer.institution in self.revocations.names:
+            raise Unauthorized(f"{peer.institution} has been revoked from this pool")
+        return peer

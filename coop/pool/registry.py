@@ -11,6 +11,7 @@ created with mode 0600 from the first byte::
     api_keys.json   0600    sha256 of every API key with its institution; never a key itself
     members/<name>.json     public record of a member certificate (serial, validity, PEM)
     members/<name>.bundle   0600: what the admin hands the member: pool config, CA cert, member cert + key
+    coordinators/<name>.*   the same for the pool's coordinators (coordinator certificates)
 """
 
 from __future__ import annotations
@@ -32,7 +33,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from coop.errors import InvalidInput, Unauthorized
 from coop.pool.api_keys import API_KEY_PREFIX, ApiKeyRecord, ApiKeyStore, api_key_digest, api_keys_json
 from coop.pool.bundle import MemberBundle, PoolLimits
-from coop.pool.ca import ca_certificate, key_pem, load_cert, member_certificate, new_key
+from coop.pool.ca import (
+    ROLE_COORDINATOR,
+    ROLE_MEMBER,
+    ca_certificate,
+    coordinator_certificate,
+    key_pem,
+    load_cert,
+    member_certificate,
+    new_key,
+)
 from coop.pool.files import check_name, check_text, create_file, pool_lock, read_file, replace_file, secret_digest
 from coop.pool.revocation import RevocationList
 
@@ -43,6 +53,7 @@ ADMIN_TOKEN_FILE = "admin.token"
 REVOCATIONS_FILE = "revocations.json"
 API_KEYS_FILE = "api_keys.json"
 MEMBERS_DIR = "members"
+COORDINATORS_DIR = "coordinators"
 RESERVED_INSTITUTION = "pool"  # the ledger's pool account (coop.ledger.models.POOL_ACCOUNT)
 
 
@@ -189,27 +200,34 @@ class MemberInfo:
     cert_pem: bytes = field(repr=False)
 
 
-def _member_paths(pool_dir: Path, institution: str) -> tuple[Path, Path]:
-    members = pool_dir / MEMBERS_DIR
-    return members / f"{institution}.json", members / f"{institution}.bundle"
+def _member_paths(pool_dir: Path, institution: str, role: str = ROLE_MEMBER) -> tuple[Path, Path]:
+    folder = pool_dir / (MEMBERS_DIR if role == ROLE_MEMBER else COORDINATORS_DIR)
+    return folder / f"{institution}.json", folder / f"{institution}.bundle"
 
 
-def add_member(pool_dir: Path | str, institution: str) -> Path:
+def add_member(pool_dir: Path | str, institution: str, *, role: str = ROLE_MEMBER) -> Path:
     """Admit institution: issue it a CA-signed key + certificate and write its bundle; returns the bundle path.
 
-    The bundle holds the member's private key: hand it over out of band and delete the admin's copy if
-    policy demands. Refuses a name already used, even by a revoked member.
+    role "member" (the default) makes the institution's certificate, from which its nodes make their
+    own; role "coordinator" makes a pool coordinator's certificate (coordinators/<name>.bundle), the
+    only kind that may open sessions on nodes and countersign receipts. The bundle holds a private
+    key: hand it over out of band and delete the admin's copy if policy demands. Refuses a name
+    already used for that role, even by a revoked member.
     """
     pool = PoolInfo.load(pool_dir)
     check_name("institution", institution)
     if institution.lower() == RESERVED_INSTITUTION:
         raise InvalidInput(f"{institution!r} is reserved for the pool's own ledger account; pick another name")
-    record_path, bundle_path = _member_paths(pool.directory, institution)
+    if role not in (ROLE_MEMBER, ROLE_COORDINATOR):
+        raise InvalidInput(f"role must be {ROLE_MEMBER!r} or {ROLE_COORDINATOR!r}, not {role!r}")
+    record_path, bundle_path = _member_paths(pool.directory, institution, role)
     with pool_lock(pool.directory):
         if record_path.exists() or bundle_path.exists():
-            raise InvalidInput(f"member {institution!r} already exists in pool {pool.name!r}; pick another name")
+            raise InvalidInput(f"{role} {institution!r} already exists in pool {pool.name!r}; pick another name")
+        record_path.parent.mkdir(mode=0o700, exist_ok=True)
         ca_key, ca_cert = load_ca(pool)
-        key, cert = member_certificate(ca_key, ca_cert, pool.pool_id, institution)
+        issue = member_certificate if role == ROLE_MEMBER else coordinator_certificate
+        key, cert = issue(ca_key, ca_cert, pool.pool_id, institution)
         cert_pem = cert.public_bytes(serialization.Encoding.PEM)
         bundle = MemberBundle(
             pool_id=pool.pool_id,

@@ -1,8 +1,8 @@
 """A node's announcement: the record it keeps in the DHT, how it is signed, and how readers check it.
 
-The record is built and stamped once (`stamp_announcement`): fields, times, the member's certificate
-and a signature over all of them. Readers keep only records the pool CA vouches for
-(`AnnouncementVerifier`): a valid, unrevoked member certificate of this pool, naming the same
+The record is built and stamped once (`stamp_announcement`): fields, times, the node's certificate
+chain and a signature over all of them. Readers keep only records the pool CA vouches for
+(`AnnouncementVerifier`): the valid, unrevoked node certificate of exactly the announced node and
 institution, that signed exactly these field values.
 """
 
@@ -19,8 +19,9 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from coop.errors import InvalidInput, Unauthorized
-from coop.pool.bundle import MemberBundle
-from coop.pool.ca import load_cert, verify_member_certificate, verify_signature
+from coop.pool.bundle import Credentials
+from coop.pool.ca import ROLE_NODE, load_cert, verify_signature
+from coop.pool.identity import verify_identity
 from coop.pool.membership import Membership
 
 logger = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ def announcement_payload(ann: NodeAnnouncement) -> bytes:
     return _payload(ann.to_wire())
 
 
-def _signed_fields(bundle: MemberBundle, fields: Mapping[str, Any]) -> dict[str, Any]:
+def _signed_fields(bundle: Credentials, fields: Mapping[str, Any]) -> dict[str, Any]:
     if fields["pool_id"] != bundle.pool_id or fields["institution"] != bundle.institution:
         raise InvalidInput(
             f"cannot sign an announcement of {fields['institution']!r} in pool {fields['pool_id']!r} "
@@ -146,7 +147,7 @@ def _signed_fields(bundle: MemberBundle, fields: Mapping[str, Any]) -> dict[str,
 
 
 def stamp_announcement(
-    fields: Mapping[str, Any], *, now: float, ttl_s: float, bundle: MemberBundle | None = None
+    fields: Mapping[str, Any], *, now: float, ttl_s: float, bundle: Credentials | None = None
 ) -> NodeAnnouncement:
     """The one place a record is made: fields, announced now for ttl_s, signed with bundle when given.
 
@@ -157,7 +158,7 @@ def stamp_announcement(
     return NodeAnnouncement.model_validate(doc if bundle is None else _signed_fields(bundle, doc))
 
 
-def sign_announcement(bundle: MemberBundle, ann: NodeAnnouncement) -> NodeAnnouncement:
+def sign_announcement(bundle: Credentials, ann: NodeAnnouncement) -> NodeAnnouncement:
     """A copy of ann carrying bundle's certificate and a signature over everything else."""
     return NodeAnnouncement.model_validate(_signed_fields(bundle, ann.to_wire()))
 
@@ -165,8 +166,8 @@ def sign_announcement(bundle: MemberBundle, ann: NodeAnnouncement) -> NodeAnnoun
 class AnnouncementVerifier:
     """``list_nodes(validator=AnnouncementVerifier(...))``: keep only announcements the pool CA vouches for.
 
-    An announcement passes if its certificate is a valid, unrevoked member certificate of this pool,
-    names the same institution as the announcement, and signed exactly these field values.
+    An announcement passes if its certificate chain is a valid, unrevoked node certificate of this
+    pool for exactly the announced node and institution, and signed exactly these field values.
     """
 
     def __init__(self, ca_cert_pem: bytes, pool_id: str, revoked: Callable[[], Collection[str]] = lambda: ()) -> None:
@@ -184,13 +185,15 @@ class AnnouncementVerifier:
             raise Unauthorized(f"announcement is for pool {ann.pool_id!r}, not {self._pool_id!r}")
         if not ann.certificate or not ann.signature:
             raise Unauthorized("announcement is not signed")
-        institution = verify_member_certificate(
+        signer = verify_identity(
             self._ca_cert_pem, ann.certificate, pool_id=self._pool_id, revoked=self._revoked()
-        )
-        if institution != ann.institution:
-            raise Unauthorized(f"certificate of {institution!r} cannot announce for {ann.institution!r}")
+        ).require(ROLE_NODE)
+        if (signer.institution, signer.node_id) != (ann.institution, ann.node_id):
+            raise Unauthorized(
+                f"the certificate of {signer.describe()} cannot announce node {ann.node_id!r} of {ann.institution!r}"
+            )
         verify_signature(ann.certificate, announcement_payload(ann), ann.signature)
-        return institution
+        return signer.institution
 
     def __call__(self, ann: NodeAnnouncement) -> bool:
         try:

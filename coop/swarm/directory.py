@@ -32,7 +32,7 @@ from hivemind.dht.node import DHTNode
 from hivemind.utils.multiaddr import Multiaddr
 
 from coop.errors import InvalidInput, PeerError
-from coop.pool.bundle import MemberBundle
+from coop.pool.bundle import Credentials
 from coop.swarm.announcement import NodeAnnouncement, stamp_announcement
 from coop.swarm.periodic import Periodic
 
@@ -322,7 +322,7 @@ class Announcer:
         describe: Callable[[], Mapping[str, Any]],
         ttl_s: float = DEFAULT_TTL_S,
         refresh_s: float | None = None,
-        bundle: MemberBundle | None = None,
+        bundle: Credentials | None = None,
     ) -> None:
         refresh = ttl_s / 3 if refresh_s is None else refresh_s
         if not (0 < refresh < ttl_s and math.isfinite(ttl_s)):

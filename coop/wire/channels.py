@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import grpc
 
@@ -23,10 +23,14 @@ GRPC_OPTIONS: list[tuple[str, int | str]] = [
 
 @dataclass(frozen=True)
 class ChannelSecurity:
-    """How to reach nodes: plaintext (development), or mutual TLS with a pool member's certificate."""
+    """How to reach nodes: plaintext (development), or mutual TLS in a pool.
+
+    `tls_name(institution, node_id)` is the one name the node announced as must prove: a channel
+    to an endpoint is only as good as the identity checked at its other end.
+    """
 
     credentials: grpc.ChannelCredentials | None = None
-    options: Sequence[tuple[str, int | str]] = field(default_factory=list)
+    tls_name: Callable[[str, str], str] | None = None
 
 
 class ChannelPool:
@@ -34,17 +38,21 @@ class ChannelPool:
 
     def __init__(self, security: ChannelSecurity | None = None) -> None:
         self._security = security or ChannelSecurity()
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels: dict[tuple[str, str], grpc.aio.Channel] = {}
 
-    def stub(self, endpoint: str) -> coop_pb2_grpc.NodeStub:
-        channel = self._channels.get(endpoint)
+    def stub(self, endpoint: str, institution: str, node_id: str) -> coop_pb2_grpc.NodeStub:
+        """A stub for the node `node_id` of `institution` at `endpoint` (in a pool, TLS checks it is)."""
+        credentials, tls_name = self._security.credentials, self._security.tls_name
+        name = "" if credentials is None or tls_name is None else tls_name(institution, node_id)
+        channel = self._channels.get((endpoint, name))
         if channel is None:
-            options = [*GRPC_OPTIONS, *self._security.options]
-            if self._security.credentials is None:
+            options: list[tuple[str, int | str]] = list(GRPC_OPTIONS)
+            if credentials is None:
                 channel = grpc.aio.insecure_channel(endpoint, options=options)
             else:
-                channel = grpc.aio.secure_channel(endpoint, self._security.credentials, options=options)
-            self._channels[endpoint] = channel
+                options.append(("grpc.ssl_target_name_override", name))
+                channel = grpc.aio.secure_channel(endpoint, credentials, options=options)
+            self._channels[(endpoint, name)] = channel
         return coop_pb2_grpc.NodeStub(channel)
 
     async def close(self) -> None:

@@ -153,12 +153,25 @@ def test_hostile_peer_input_gets_clear_errors(pool: Pool) -> None:
 
         events = stub.Session(requests(), timeout=30)
         assert next(events).WhichOneof("kind") == "opened"
+        ready = pool.nodes["node-b"].ready
+        me = pb.Hop(endpoint=endpoint, start=10, end=20, node_id=ready["node_id"], institution=ready["institution"])
+        route = pb.Route(session_id="probe", hops=[me]).SerializeToString()
         wrong = tensor_to_proto(torch.zeros(1, 1, 100))
-        ack = stub.Forward(pb.StepRequest(session_id="probe", step_id=1, hidden=wrong), timeout=10)
+        ack = stub.Forward(pb.StepRequest(session_id="probe", step_id=1, hidden=wrong, route=route), timeout=10)
         assert ack.error.code == pb.INVALID_TENSOR and "576" in ack.error.message
         garbage = pb.Tensor(data=b"\x00" * 7, dtype="float32", shape=[1, 1, 576])
-        ack = stub.Forward(pb.StepRequest(session_id="probe", step_id=2, hidden=garbage), timeout=10)
+        ack = stub.Forward(pb.StepRequest(session_id="probe", step_id=2, hidden=garbage, route=route), timeout=10)
         assert ack.error.code == pb.INVALID_TENSOR
+        # a route this node is not on (or twice on), a route of another session, no route at all
+        elsewhere = pb.Hop(endpoint="10.9.9.9:1", start=10, end=20, node_id="someone-else")
+        for bad in (
+            pb.Route(session_id="probe", hops=[elsewhere]),
+            pb.Route(session_id="probe", hops=[me, me]),
+            pb.Route(session_id="other", hops=[me]),
+            pb.Route(session_id="probe"),
+        ):
+            step = pb.StepRequest(session_id="probe", step_id=3, hidden=hidden, route=bad.SerializeToString())
+            assert stub.Forward(step, timeout=10).error.code == pb.INVALID_REQUEST, bad
         done.set()
         events.cancel()
     # the node keeps serving everyone else

@@ -112,7 +112,7 @@ class Receipts:
         return replace(body, flops=overrides.get("flops", flops))
 
     def sign(self, body: ReceiptBody, signer: MemberBundle | None = None) -> SignedReceipt:
-        return sign_receipt(signer or self.pool[body.institution], body)
+        return sign_receipt((signer or self.pool[body.institution]).credentials(body.node_id), body)
 
     def booking(self, provider: str = "alpha", consumer: str = "beta", **observed: Any) -> Booking:
         """Observed, signed by the provider and checked: ready to book."""

@@ -51,7 +51,7 @@ FORGERIES: dict[str, tuple[Forge, str]] = {
         lambda r, seen, _: r.sign(r.body(seen), signer=r.pool["beta"]),
         "signed by 'beta'",
     ),
-    "a certificate from another pool's CA": (other_pools_alpha, "not issued by this pool's CA"),
+    "a certificate from another pool's CA": (other_pools_alpha, "belongs to pool"),
     "another model": (lambda r, seen, _: r.sign(r.body(seen, model_hash="cd34")), "another model"),
     "another coordinator": (lambda r, seen, _: r.sign(r.body(seen, coordinator="beta")), "for coordinator 'beta'"),
     "another pool id": (lambda r, seen, _: r.sign(r.body(seen, pool_id="0123456789abcdef")), "is for pool"),

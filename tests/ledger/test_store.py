@@ -264,7 +264,7 @@ def test_receipts_filter_by_institution_and_time_and_page_newest_first(receipts:
     t0 = time.time() - 1000
     check = receipts.checker().check
     made = {}
-    for i, (provider, consumer) in enumerate([("alpha", "beta"), ("beta", "coord"), ("coord", "alpha")] * 2):
+    for i, (provider, consumer) in enumerate([("alpha", "beta"), ("beta", "coord"), ("alpha", "alpha")] * 2):
         seen = receipts.observe(provider, consumer, node_id=f"{provider}-node")
         body = receipts.body(seen, started_at=t0 + 10 * i, ended_at=t0 + 10 * i + 5)
         made[i] = body.receipt_id

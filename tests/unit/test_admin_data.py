@@ -92,7 +92,8 @@ def build_admin_pool(root: Path, *, ledger_url: str | None = None, seed: int = 6
     rng = random.Random(seed)
     info = create_pool(root / "pool", "Coop demo pool")
     assert info.admin_token is not None
-    bundles = {name: MemberBundle.load(add_member(info.directory, name)) for name in (*MEMBERS, COORDINATOR, REVOKED)}
+    bundles = {name: MemberBundle.load(add_member(info.directory, name)) for name in (*MEMBERS, REVOKED)}
+    bundles[COORDINATOR] = MemberBundle.load(add_member(info.directory, COORDINATOR, role="coordinator"))
     api_keys = {name: create_api_key(info.directory, name) for name in MEMBERS}
     create_api_key(info.directory, "alpha-university")  # a second key: revoking one leaves the other
     revoke_member(info.directory, REVOKED)
@@ -142,7 +143,9 @@ def build_admin_pool(root: Path, *, ledger_url: str | None = None, seed: int = 6
             )  # fmt: skip
             bodies.append(body)
         ledger.observe(observations)
-        booked += ledger.book([checker.check(sign_receipt(bundles[b.institution], b)) for b in bodies])
+        booked += ledger.book(
+            [checker.check(sign_receipt(bundles[b.institution].credentials(b.node_id), b)) for b in bodies]
+        )
 
     fair_share = FairShare(now_s=now)
     fair_share.seed(
@@ -184,7 +187,7 @@ def _announcements(pool_id: str, bundles: dict[str, MemberBundle], now: float) -
             announced_at=now,
             expires_at=now + 9,
         )
-        out.append(sign_announcement(bundles[institution], unsigned))
+        out.append(sign_announcement(bundles[institution].credentials(node_id), unsigned))
     return out
 
 

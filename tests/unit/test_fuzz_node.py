@@ -85,6 +85,12 @@ def node(tiny_llama_dir: str) -> Iterator[NodeInThread]:
 FUZZ_SESSION = "fuzz-session"  # opened by the fuzzer itself, so mutated steps reach the compute path
 
 
+def _route(session_id: str) -> bytes:
+    """The one-hop route through this node: steps must carry it to reach the compute path."""
+    hop = pb.Hop(endpoint="127.0.0.1:1", start=0, end=6, node_id="fuzzed")
+    return pb.Route(session_id=session_id, hops=[hop]).SerializeToString()
+
+
 def _open(
     stub: coop_pb2_grpc.NodeStub, session_id: str, max_length: int = 512
 ) -> tuple[queue.Queue[pb.SessionControl | None], Iterator[pb.SessionEvent]]:
@@ -120,7 +126,11 @@ def _run_legit_session(endpoint: str, engine: SpanEngine, results: list[object],
             hidden = torch.randn(1, 1 if position else 5, HIDDEN, generator=generator)
             ack = stub.Forward(
                 pb.StepRequest(
-                    session_id=session_id, step_id=step_id, hidden=tensor_to_proto(hidden), start_position=position
+                    session_id=session_id,
+                    step_id=step_id,
+                    hidden=tensor_to_proto(hidden),
+                    start_position=position,
+                    route=_route(session_id),
                 ),
                 timeout=30,
             )
@@ -154,7 +164,7 @@ def test_fuzzed_node_stays_up_and_serves_a_real_session(node: NodeInThread, tiny
                 step_id=10**9,
                 hidden=tensor_to_proto(torch.zeros(1, 1, HIDDEN)),
                 start_position=3,
-                next=[pb.Hop(endpoint="127.0.0.1:1", start=0, end=6)],
+                route=_route(FUZZ_SESSION),
             )
             valid_bytes = valid.SerializeToString()
             rng = random.Random(1234)
@@ -196,7 +206,19 @@ _dtypes = st.sampled_from(["float32", "float16", "bfloat16", "int64", "float64",
 _shapes = st.lists(st.integers(min_value=-3, max_value=1 << 40), max_size=5)
 _tensors = st.builds(pb.Tensor, data=st.binary(max_size=600), dtype=_dtypes, shape=_shapes)
 _hops = st.lists(
-    st.builds(pb.Hop, endpoint=st.text(max_size=30), start=st.integers(-5, 40), end=st.integers(-5, 40)), max_size=4
+    st.builds(
+        pb.Hop,
+        endpoint=st.text(max_size=30),
+        start=st.integers(-5, 40),
+        end=st.integers(-5, 40),
+        node_id=st.sampled_from(["fuzzed", "", "other"]),
+    ),
+    max_size=4,
+)
+_routes = st.one_of(
+    st.builds(lambda hops: pb.Route(session_id=FUZZ_SESSION, hops=hops).SerializeToString(), _hops),
+    st.just(_route(FUZZ_SESSION)),
+    st.binary(max_size=64),
 )
 _requests = st.builds(
     pb.StepRequest,
@@ -204,7 +226,7 @@ _requests = st.builds(
     step_id=st.integers(0, 2**64 - 1),
     hidden=_tensors,
     start_position=st.integers(-(2**63), 2**63 - 1),
-    next=_hops,
+    route=_routes,
 )
 
 

@@ -29,8 +29,16 @@ from typer.testing import CliRunner
 from coop.cli import app
 from coop.errors import InvalidInput, Unauthorized
 from coop.pool.api_keys import ApiKeyStore
-from coop.pool.bundle import MemberBundle
-from coop.pool.ca import member_certificate, peer_institution, verify_member_certificate, verify_signature
+from coop.pool.bundle import Credentials, MemberBundle
+from coop.pool.ca import (
+    coordinator_certificate,
+    key_pem,
+    member_certificate,
+    member_domain,
+    node_certificate,
+    verify_signature,
+)
+from coop.pool.identity import Identity, peer_identity, verify_identity
 from coop.pool.registry import (
     PoolInfo,
     add_member,
@@ -139,13 +147,18 @@ def test_add_member_writes_a_0600_bundle_that_loads(pool: Pool) -> None:
     assert pool.a.pool_name == "Test Pool" and pool.a.ca_cert_pem == (d / "ca.crt").read_bytes()
     assert b"PRIVATE KEY" not in repr(pool.a).encode()
 
-    assert verify_member_certificate(pool.a.ca_cert_pem, pool.a.cert_pem, pool_id=pool.info.pool_id) == "University A"
+    identity = verify_identity(pool.a.ca_cert_pem, pool.a.cert_pem, pool_id=pool.info.pool_id)
+    assert (identity.role, identity.institution, identity.node_id) == ("member", "University A", None)
     cert = x509.load_pem_x509_certificate(pool.a.cert_pem)
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert "localhost" in san.get_values_for_type(x509.DNSName)
-    assert f"coop://{pool.info.pool_id}/member/University%20A" in san.get_values_for_type(
-        x509.UniformResourceIdentifier
-    )
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == [
+        f"coop://{pool.info.pool_id}/member/University%20A"
+    ]
+    constraints = cert.extensions.get_extension_for_class(x509.NameConstraints)
+    assert constraints.critical and constraints.value.permitted_subtrees == [
+        x509.DNSName(member_domain(pool.info.pool_id, "University A"))
+    ]
+    assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.path_length == 0
     assert cert.not_valid_after_utc - cert.not_valid_before_utc >= dt.timedelta(days=365)
 
     members = list_members(d)
@@ -154,6 +167,17 @@ def test_add_member_writes_a_0600_bundle_that_loads(pool: Pool) -> None:
 
     with pytest.raises(InvalidInput, match="already exists"):
         add_member(d, "University A")
+
+
+def test_a_coordinator_bundle_is_a_leaf_of_the_pool_ca_and_a_member_bundle_cannot_coordinate(pool: Pool) -> None:
+    d = pool.info.directory
+    coordinator = MemberBundle.load(add_member(d, "University A", role="coordinator"))
+    assert (d / "coordinators" / "University A.bundle").exists()
+    assert coordinator.identity.role == "coordinator" and coordinator.credentials().chain_pem == coordinator.cert_pem
+    with pytest.raises(InvalidInput, match="coordinator bundle"):
+        pool.a.credentials()
+    node = pool.a.credentials("node-1")
+    assert (node.identity.role, node.identity.node_id, node.institution) == ("node", "node-1", "University A")
 
 
 def test_bundle_load_reports_missing_corrupt_and_mismatched_files(pool: Pool, tmp_path: Path) -> None:
@@ -174,20 +198,48 @@ def test_bundle_load_reports_missing_corrupt_and_mismatched_files(pool: Pool, tm
 def test_certificates_are_checked_for_ca_pool_expiry_and_revocation(pools: tuple[Pool, Pool]) -> None:
     one, two = pools
     pid = one.info.pool_id
-    with pytest.raises(Unauthorized, match="not issued by this pool's CA"):
-        verify_member_certificate(one.a.ca_cert_pem, two.a.cert_pem, pool_id=pid)
+    ca = one.a.ca_cert_pem
     with pytest.raises(Unauthorized, match="belongs to pool"):
-        verify_member_certificate(one.a.ca_cert_pem, one.a.cert_pem, pool_id=two.info.pool_id)
+        verify_identity(ca, two.a.cert_pem, pool_id=pid)
+    with pytest.raises(Unauthorized, match="belongs to pool"):
+        verify_identity(ca, one.a.cert_pem, pool_id=two.info.pool_id)
     with pytest.raises(Unauthorized, match="expired"):
-        verify_member_certificate(
-            one.a.ca_cert_pem, one.a.cert_pem, pool_id=pid, now=dt.datetime.now(dt.UTC) + dt.timedelta(days=400)
-        )
+        verify_identity(ca, one.a.cert_pem, pool_id=pid, now=dt.datetime.now(dt.UTC) + dt.timedelta(days=400))
     with pytest.raises(Unauthorized, match="revoked"):
-        verify_member_certificate(one.a.ca_cert_pem, one.a.cert_pem, pool_id=pid, revoked={"University A"})
-    with pytest.raises(Unauthorized, match="CA"):
-        verify_member_certificate(one.a.ca_cert_pem, one.a.ca_cert_pem, pool_id=pid)
+        verify_identity(ca, one.a.cert_pem, pool_id=pid, revoked={"University A"})
+    with pytest.raises(Unauthorized, match="not a coop certificate"):
+        verify_identity(ca, ca, pool_id=pid)
     with pytest.raises(Unauthorized):
-        verify_member_certificate(one.a.ca_cert_pem, b"garbage", pool_id=pid)
+        verify_identity(ca, b"garbage", pool_id=pid)
+
+
+def test_node_chains_bind_node_institution_and_member(pools: tuple[Pool, Pool]) -> None:
+    one, two = pools
+    pid, ca = one.info.pool_id, one.a.ca_cert_pem
+    node = one.a.credentials("node-a")
+    assert verify_identity(ca, node.chain_pem, pool_id=pid) == Identity(pid, "node", "University A", "node-a")
+    with pytest.raises(Unauthorized, match="revoked"):
+        verify_identity(ca, node.chain_pem, pool_id=pid, revoked={"University A"})
+    leaf = node.chain_pem[: node.chain_pem.index(b"-----END CERTIFICATE-----") + 26]
+    with pytest.raises(Unauthorized, match="must come with"):
+        verify_identity(ca, leaf, pool_id=pid)
+    with pytest.raises(Unauthorized, match="not issued by that member"):
+        verify_identity(ca, leaf + one.b.cert_pem, pool_id=pid)  # A's node presented with B's member certificate
+    with pytest.raises(Unauthorized, match="belongs to pool"):
+        verify_identity(ca, two.a.credentials("node-a").chain_pem, pool_id=pid)
+
+    # A member signs a certificate that claims to be a node of another member, or a coordinator.
+    member_key = serialization.load_pem_private_key(one.a.key_pem, password=None)
+    assert isinstance(member_key, ec.EllipticCurvePrivateKey)
+    member_cert = x509.load_pem_x509_certificate(one.a.cert_pem)
+    _, posing = node_certificate(member_key, member_cert, pid, "Lab B [gpu]", "node-b")
+    with pytest.raises(Unauthorized, match="not issued by"):
+        verify_identity(ca, posing.public_bytes(serialization.Encoding.PEM) + one.b.cert_pem, pool_id=pid)
+    with pytest.raises(Unauthorized, match="not issued by that member"):
+        verify_identity(ca, posing.public_bytes(serialization.Encoding.PEM) + one.a.cert_pem, pool_id=pid)
+    _, coordinator = coordinator_certificate(member_key, member_cert, pid, "University A")
+    with pytest.raises(Unauthorized, match="not issued by"):
+        verify_identity(ca, coordinator.public_bytes(serialization.Encoding.PEM), pool_id=pid)
 
 
 def test_signatures(pools: tuple[Pool, Pool]) -> None:
@@ -200,6 +252,8 @@ def test_signatures(pools: tuple[Pool, Pool]) -> None:
         verify_signature(one.b.cert_pem, b"payload", signature)
     with pytest.raises(Unauthorized):
         verify_signature(one.a.cert_pem, b"payload", b"\x00" * 8)
+    node = one.a.credentials("node-a")
+    verify_signature(node.chain_pem, b"payload", node.sign(b"payload"))  # the leaf's key signs
 
 
 # -------------------------------------------------------------------------------------------- mutual TLS
@@ -208,24 +262,24 @@ def test_signatures(pools: tuple[Pool, Pool]) -> None:
 @dataclass
 class EchoServer:
     port: int
-    seen: list[tuple[str | None, dict[str, list[bytes]]]]
+    seen: list[tuple[Identity | None, dict[str, list[bytes]]]]
 
 
 @pytest.fixture(scope="module")
 def echo_server(pools: tuple[Pool, Pool]) -> Iterator[EchoServer]:
-    """A real gRPC server with member A's mutual-TLS credentials and one raw-bytes echo method."""
+    """A real gRPC server with node-a of member A's mutual-TLS credentials and one raw-bytes echo method."""
     one, _ = pools
-    seen: list[tuple[str | None, dict[str, list[bytes]]]] = []
+    seen: list[tuple[Identity | None, dict[str, list[bytes]]]] = []
 
     def echo(request: bytes, context: grpc.ServicerContext) -> bytes:
         auth = {key: list(values) for key, values in context.auth_context().items()}
-        seen.append((peer_institution(auth, pool_id=one.info.pool_id), auth))
+        seen.append((peer_identity(auth, one.a.ca_cert_pem, pool_id=one.info.pool_id), auth))
         return request
 
     handler = grpc.method_handlers_generic_handler("test.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)})
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     server.add_generic_rpc_handlers((handler,))
-    port = server.add_secure_port("127.0.0.1:0", one.a.server_credentials())
+    port = server.add_secure_port("127.0.0.1:0", one.a.credentials("node-a").server_credentials())
     server.start()
     try:
         yield EchoServer(port, seen)
@@ -233,23 +287,59 @@ def echo_server(pools: tuple[Pool, Pool]) -> Iterator[EchoServer]:
         server.stop(grace=None)
 
 
-def call_echo(port: int, credentials: grpc.ChannelCredentials, options: list[tuple[str, str]] | None = None) -> bytes:
-    with grpc.secure_channel(f"127.0.0.1:{port}", credentials, options=options or []) as channel:
+def call_echo(port: int, credentials: grpc.ChannelCredentials, name: str) -> bytes:
+    options = [("grpc.ssl_target_name_override", name)]
+    with grpc.secure_channel(f"127.0.0.1:{port}", credentials, options=options) as channel:
         result: bytes = channel.unary_unary("/test.Echo/Echo")(b"ping", timeout=5)
         return result
 
 
-def test_members_of_one_pool_talk_over_mutual_tls(pools: tuple[Pool, Pool], echo_server: EchoServer) -> None:
+def test_nodes_of_one_pool_talk_over_mutual_tls_as_exactly_who_they_are(
+    pools: tuple[Pool, Pool], echo_server: EchoServer
+) -> None:
     one, _ = pools
-    assert call_echo(echo_server.port, one.b.channel_credentials()) == b"ping"
-    institution, auth = echo_server.seen[-1]
-    assert institution == "Lab B [gpu]"
+    client = one.b.credentials("node-b")
+    node_a = client.node_tls_name("University A", "node-a")
+    assert call_echo(echo_server.port, client.channel_credentials(), node_a) == b"ping"
+    identity, auth = echo_server.seen[-1]
+    assert identity == Identity(one.info.pool_id, "node", "Lab B [gpu]", "node-b")
     assert auth["transport_security_type"] == [b"ssl"]
-    assert auth["x509_common_name"] == [b"Lab B [gpu]"]
     assert auth["x509_pem_cert"][0].startswith(b"-----BEGIN CERTIFICATE-----")
-    # Nodes on other hosts are reached through the pool-wide TLS name every member certificate carries.
-    assert call_echo(echo_server.port, one.b.channel_credentials(), one.b.channel_options()) == b"ping"
-    assert peer_institution({}) is None
+    assert peer_identity({}, one.a.ca_cert_pem, pool_id=one.info.pool_id) is None
+
+    # The server must be the node the client expects: another node id or institution fails TLS.
+    for wrong in (client.node_tls_name("University A", "node-z"), client.node_tls_name("Lab B [gpu]", "node-a")):
+        with pytest.raises(grpc.RpcError) as info:
+            call_echo(echo_server.port, client.channel_credentials(), wrong)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_member_cannot_mint_a_certificate_for_another_members_node(pools: tuple[Pool, Pool]) -> None:
+    """The name constraint on B's member certificate, enforced by TLS itself: a server B made for
+    A's node name is refused, and so is a client presenting such a certificate."""
+    one, _ = pools
+    pid = one.info.pool_id
+    b_key = serialization.load_pem_private_key(one.b.key_pem, password=None)
+    assert isinstance(b_key, ec.EllipticCurvePrivateKey)
+    key, cert = node_certificate(b_key, x509.load_pem_x509_certificate(one.b.cert_pem), pid, "University A", "node-a")
+    chain = cert.public_bytes(serialization.Encoding.PEM) + one.b.cert_pem
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    handler = grpc.method_handlers_generic_handler(
+        "test.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(lambda r, c: r)}
+    )
+    server.add_generic_rpc_handlers((handler,))
+    credentials = grpc.ssl_server_credentials(
+        [(key_pem(key), chain)], root_certificates=one.a.ca_cert_pem, require_client_auth=True
+    )
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    try:
+        coordinator = one.a.credentials("node-c")
+        with pytest.raises(grpc.RpcError) as info:
+            call_echo(port, coordinator.channel_credentials(), coordinator.node_tls_name("University A", "node-a"))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop(grace=None)
 
 
 def test_tls_refuses_clients_from_another_pool_or_without_a_certificate(
@@ -257,14 +347,16 @@ def test_tls_refuses_clients_from_another_pool_or_without_a_certificate(
 ) -> None:
     one, two = pools
     count = len(echo_server.seen)
+    name = one.a.credentials("x").node_tls_name("University A", "node-a")
+    foreign_node = two.a.credentials("node-f")
     # a client of another pool that (wrongly) trusts this pool's CA still presents a foreign certificate
     foreign = grpc.ssl_channel_credentials(
-        root_certificates=one.a.ca_cert_pem, private_key=two.a.key_pem, certificate_chain=two.a.cert_pem
+        root_certificates=one.a.ca_cert_pem, private_key=foreign_node.key_pem, certificate_chain=foreign_node.chain_pem
     )
     no_cert = grpc.ssl_channel_credentials(root_certificates=one.a.ca_cert_pem)
-    for credentials in (foreign, no_cert, two.a.channel_credentials()):
+    for credentials in (foreign, no_cert, foreign_node.channel_credentials()):
         with pytest.raises(grpc.RpcError) as info:
-            call_echo(echo_server.port, credentials)
+            call_echo(echo_server.port, credentials, name)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     assert len(echo_server.seen) == count
 
@@ -299,16 +391,18 @@ def test_signed_announcements_verify_and_tampering_is_rejected(pools: tuple[Pool
     one, two = pools
     revoked: set[str] = set()
     verify = AnnouncementVerifier(one.info.ca_cert_pem(), one.info.pool_id, revoked=lambda: revoked)
-    signed = sign_announcement(one.a, make_ann(one))
-    assert signed.certificate == one.a.cert_pem and signed.signature
+    node_a = one.a.credentials("node-a")
+    signed = sign_announcement(node_a, make_ann(one))
+    assert signed.certificate == node_a.chain_pem and signed.signature
     assert verify(signed) and verify.check(signed) == "University A"
     assert verify(NodeAnnouncement.from_wire(signed.to_wire()))
 
     ca_key, ca_cert = load_ca(one.info)
     other_pool_key, other_pool_cert = member_certificate(ca_key, ca_cert, "other-pool", "University A")
     other_pool_pem = other_pool_cert.public_bytes(serialization.Encoding.PEM)
+    node_b, other_node, foreign = one.b.credentials("node-a"), one.a.credentials("node-z"), two.a.credentials("node-a")
 
-    def forged(cert_pem: bytes, signer: MemberBundle | None = None) -> NodeAnnouncement:
+    def forged(cert_pem: bytes, signer: Credentials | None = None) -> NodeAnnouncement:
         """signed, re-signed with another certificate and its own key: a valid signature, wrong authority."""
         ann = changed(signed, certificate=cert_pem, signature=b"")
         payload = announcement_payload(ann)
@@ -323,10 +417,12 @@ def test_signed_announcements_verify_and_tampering_is_rejected(pools: tuple[Pool
         "changed expiry": changed(signed, expires_at=signed.expires_at + 3600),
         "bad signature": changed(signed, signature=signed.signature[:-2] + b"\x00\x00"),
         "signature of another member": changed(signed, signature=one.b.sign(b"something")),
-        "institution mismatch": forged(one.b.cert_pem, one.b),
-        "cert from another CA": forged(two.a.cert_pem, two.a),
+        "institution mismatch": forged(node_b.chain_pem, node_b),
+        "another node of the member": forged(other_node.chain_pem, other_node),
+        "the member itself": forged(one.a.cert_pem),
+        "cert from another CA": forged(foreign.chain_pem, foreign),
         "cert for another pool id": forged(other_pool_pem),
-        "announcement for another pool": sign_announcement(two.a, make_ann(two)),
+        "announcement for another pool": sign_announcement(foreign, make_ann(two)),
     }
     reasons = {
         "unsigned": "not signed",
@@ -336,8 +432,10 @@ def test_signed_announcements_verify_and_tampering_is_rejected(pools: tuple[Pool
         "changed expiry": "signature does not match",
         "bad signature": "signature does not match",
         "signature of another member": "signature does not match",
-        "institution mismatch": "cannot announce for",
-        "cert from another CA": "not issued by this pool's CA",
+        "institution mismatch": "cannot announce node",
+        "another node of the member": "cannot announce node",
+        "the member itself": "is not a node",
+        "cert from another CA": "belongs to pool",
         "cert for another pool id": "belongs to pool 'other-pool'",
         "announcement for another pool": "announcement is for pool",
     }
@@ -351,14 +449,15 @@ def test_signed_announcements_verify_and_tampering_is_rejected(pools: tuple[Pool
         verify.check(signed)
 
     with pytest.raises(InvalidInput, match="cannot sign"):
-        sign_announcement(one.b, make_ann(one))
+        sign_announcement(node_b, make_ann(one))
 
 
 def test_list_nodes_keeps_only_signed_announcements_after_a_dht_round_trip(pools: tuple[Pool, Pool]) -> None:
     one, _ = pools
     verify = AnnouncementVerifier(one.info.ca_cert_pem(), one.info.pool_id)
-    good = sign_announcement(one.a, make_ann(one, node_id="good"))
-    tampered = changed(sign_announcement(one.b, make_ann(one, "Lab B [gpu]", node_id="tampered")), start=1)
+    good = sign_announcement(one.a.credentials("good"), make_ann(one, node_id="good"))
+    tampered_node = one.b.credentials("tampered")
+    tampered = changed(sign_announcement(tampered_node, make_ann(one, "Lab B [gpu]", node_id="tampered")), start=1)
     unsigned = make_ann(one, node_id="unsigned")
     with SwarmDirectory.start([]) as directory:
         for ann in (good, tampered, unsigned):

@@ -24,55 +24,57 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\ncoop.proto\x12\x07\x63oop.v1\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\":\n\x05\x45rror\x12 \n\x04\x63ode\x18\x01 \x01(\x0e\x32\x12.coop.v1.ErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\"3\n\x03Hop\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x05\"\r\n\x0bInfoRequest\"\x8e\x02\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x12\n\nmodel_hash\x18\x02 \x01(\t\x12\r\n\x05start\x18\x03 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x04 \x01(\x05\x12\x16\n\x0ethroughput_tps\x18\x05 \x01(\x01\x12\x18\n\x10\x66ree_cache_bytes\x18\x06 \x01(\x04\x12\x17\n\x0f\x61\x63tive_sessions\x18\x07 \x01(\r\x12,\n\x08\x63ounters\x18\x08 \x01(\x0b\x32\x1a.coop.v1.NodeInfo.Counters\x1aH\n\x08\x43ounters\x12\x11\n\tsteps_run\x18\x01 \x01(\x04\x12\x13\n\x0bpushes_sent\x18\x02 \x01(\x04\x12\x14\n\x0cresults_sent\x18\x03 \x01(\x04\"\xdd\x01\n\x0eSessionControl\x12,\n\x04open\x18\x01 \x01(\x0b\x32\x1c.coop.v1.SessionControl.OpenH\x00\x12.\n\x05\x63lose\x18\x02 \x01(\x0b\x32\x1d.coop.v1.SessionControl.CloseH\x00\x1a\\\n\x04Open\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nmax_length\x18\x02 \x01(\x05\x12\r\n\x05start\x18\x03 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x04 \x01(\x05\x12\x10\n\x08priority\x18\x05 \x01(\x01\x1a\x07\n\x05\x43loseB\x06\n\x04kind\"\xf7\x02\n\x0cSessionEvent\x12.\n\x06opened\x18\x01 \x01(\x0b\x32\x1c.coop.v1.SessionEvent.OpenedH\x00\x12.\n\x06result\x18\x02 \x01(\x0b\x32\x1c.coop.v1.SessionEvent.ResultH\x00\x12.\n\x06\x66\x61iled\x18\x03 \x01(\x0b\x32\x1c.coop.v1.SessionEvent.FailedH\x00\x1a\x31\n\x06Opened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x02 \x01(\x04\x1aN\n\x06Result\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x1f\n\x06hidden\x18\x03 \x01(\x0b\x32\x0f.coop.v1.Tensor\x1aL\n\x06\x46\x61iled\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x1d\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x0e.coop.v1.ErrorB\x06\n\x04kind\"\x87\x01\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x1f\n\x06hidden\x18\x03 \x01(\x0b\x32\x0f.coop.v1.Tensor\x12\x16\n\x0estart_position\x18\x04 \x01(\x03\x12\x1a\n\x04next\x18\x05 \x03(\x0b\x32\x0c.coop.v1.Hop\"(\n\x07StepAck\x12\x1d\n\x05\x65rror\x18\x01 \x01(\x0b\x32\x0e.coop.v1.Error\" \n\x0fReceiptsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"]\n\rSignedReceipt\x12\x0c\n\x04\x62ody\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x03 \x01(\x0c\x12\x12\n\nreceipt_id\x18\x04 \x01(\t\"8\n\x0cReceiptBatch\x12(\n\x08receipts\x18\x01 \x03(\x0b\x32\x16.coop.v1.SignedReceipt\".\n\nReceiptAck\x12\x0e\n\x06\x62ooked\x18\x01 \x03(\t\x12\x10\n\x08rejected\x18\x02 \x03(\t\"\x11\n\x0fReceiptAckReply*\x8e\x02\n\tErrorCode\x12\x15\n\x11\x45RROR_UNSPECIFIED\x10\x00\x12\x12\n\x0eINVALID_TENSOR\x10\x01\x12\x15\n\x11INVALID_POSITIONS\x10\x02\x12\x13\n\x0fUNKNOWN_SESSION\x10\x03\x12\x12\n\x0eSESSION_EXISTS\x10\x04\x12\x19\n\x15\x43\x41\x43HE_BUDGET_EXCEEDED\x10\x05\x12\x1a\n\x16SESSION_LIMIT_EXCEEDED\x10\x06\x12\x11\n\rSPAN_MISMATCH\x10\x07\x12\x14\n\x10PEER_UNAVAILABLE\x10\x08\x12\x0c\n\x08INTERNAL\x10\t\x12\x13\n\x0fINVALID_REQUEST\x10\n\x12\x13\n\x0fUNAUTHENTICATED\x10\x0b\x32\xa4\x02\n\x04Node\x12/\n\x04Info\x12\x14.coop.v1.InfoRequest\x1a\x11.coop.v1.NodeInfo\x12=\n\x07Session\x12\x17.coop.v1.SessionControl\x1a\x15.coop.v1.SessionEvent(\x01\x30\x01\x12\x31\n\x07\x46orward\x12\x14.coop.v1.StepRequest\x1a\x10.coop.v1.StepAck\x12;\n\x08Receipts\x12\x18.coop.v1.ReceiptsRequest\x1a\x15.coop.v1.ReceiptBatch\x12<\n\x0b\x41\x63kReceipts\x12\x13.coop.v1.ReceiptAck\x1a\x18.coop.v1.ReceiptAckReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\ncoop.proto\x12\x07\x63oop.v1\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\":\n\x05\x45rror\x12 \n\x04\x63ode\x18\x01 \x01(\x0e\x32\x12.coop.v1.ErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\"Y\n\x03Hop\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x05\x12\x0f\n\x07node_id\x18\x04 \x01(\t\x12\x13\n\x0binstitution\x18\x05 \x01(\t\"7\n\x05Route\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1a\n\x04hops\x18\x02 \x03(\x0b\x32\x0c.coop.v1.Hop\"\r\n\x0bInfoRequest\"\x8e\x02\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x12\n\nmodel_hash\x18\x02 \x01(\t\x12\r\n\x05start\x18\x03 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x04 \x01(\x05\x12\x16\n\x0ethroughput_tps\x18\x05 \x01(\x01\x12\x18\n\x10\x66ree_cache_bytes\x18\x06 \x01(\x04\x12\x17\n\x0f\x61\x63tive_sessions\x18\x07 \x01(\r\x12,\n\x08\x63ounters\x18\x08 \x01(\x0b\x32\x1a.coop.v1.NodeInfo.Counters\x1aH\n\x08\x43ounters\x12\x11\n\tsteps_run\x18\x01 \x01(\x04\x12\x13\n\x0bpushes_sent\x18\x02 \x01(\x04\x12\x14\n\x0cresults_sent\x18\x03 \x01(\x04\"\xee\x01\n\x0eSessionControl\x12,\n\x04open\x18\x01 \x01(\x0b\x32\x1c.coop.v1.SessionControl.OpenH\x00\x12.\n\x05\x63lose\x18\x02 \x01(\x0b\x32\x1d.coop.v1.SessionControl.CloseH\x00\x1am\n\x04Open\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nmax_length\x18\x02 \x01(\x05\x12\r\n\x05start\x18\x03 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x04 \x01(\x05\x12\x10\n\x08priority\x18\x05 \x01(\x01\x12\x0f\n\x07node_id\x18\x06 \x01(\t\x1a\x07\n\x05\x43loseB\x06\n\x04kind\"\xf7\x02\n\x0cSessionEvent\x12.\n\x06opened\x18\x01 \x01(\x0b\x32\x1c.coop.v1.SessionEvent.OpenedH\x00\x12.\n\x06result\x18\x02 \x01(\x0b\x32\x1c.coop.v1.SessionEvent.ResultH\x00\x12.\n\x06\x66\x61iled\x18\x03 \x01(\x0b\x32\x1c.coop.v1.SessionEvent.FailedH\x00\x1a\x31\n\x06Opened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x02 \x01(\x04\x1aN\n\x06Result\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x1f\n\x06hidden\x18\x03 \x01(\x0b\x32\x0f.coop.v1.Tensor\x1aL\n\x06\x46\x61iled\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x1d\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x0e.coop.v1.ErrorB\x06\n\x04kind\"\x99\x01\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x1f\n\x06hidden\x18\x03 \x01(\x0b\x32\x0f.coop.v1.Tensor\x12\x16\n\x0estart_position\x18\x04 \x01(\x03\x12\r\n\x05route\x18\x06 \x01(\x0c\x12\x17\n\x0froute_signature\x18\x07 \x01(\x0cJ\x04\x08\x05\x10\x06\"(\n\x07StepAck\x12\x1d\n\x05\x65rror\x18\x01 \x01(\x0b\x32\x0e.coop.v1.Error\" \n\x0fReceiptsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"]\n\rSignedReceipt\x12\x0c\n\x04\x62ody\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x03 \x01(\x0c\x12\x12\n\nreceipt_id\x18\x04 \x01(\t\"8\n\x0cReceiptBatch\x12(\n\x08receipts\x18\x01 \x03(\x0b\x32\x16.coop.v1.SignedReceipt\".\n\nReceiptAck\x12\x0e\n\x06\x62ooked\x18\x01 \x03(\t\x12\x10\n\x08rejected\x18\x02 \x03(\t\"\x11\n\x0fReceiptAckReply*\x8e\x02\n\tErrorCode\x12\x15\n\x11\x45RROR_UNSPECIFIED\x10\x00\x12\x12\n\x0eINVALID_TENSOR\x10\x01\x12\x15\n\x11INVALID_POSITIONS\x10\x02\x12\x13\n\x0fUNKNOWN_SESSION\x10\x03\x12\x12\n\x0eSESSION_EXISTS\x10\x04\x12\x19\n\x15\x43\x41\x43HE_BUDGET_EXCEEDED\x10\x05\x12\x1a\n\x16SESSION_LIMIT_EXCEEDED\x10\x06\x12\x11\n\rSPAN_MISMATCH\x10\x07\x12\x14\n\x10PEER_UNAVAILABLE\x10\x08\x12\x0c\n\x08INTERNAL\x10\t\x12\x13\n\x0fINVALID_REQUEST\x10\n\x12\x13\n\x0fUNAUTHENTICATED\x10\x0b\x32\xa4\x02\n\x04Node\x12/\n\x04Info\x12\x14.coop.v1.InfoRequest\x1a\x11.coop.v1.NodeInfo\x12=\n\x07Session\x12\x17.coop.v1.SessionControl\x1a\x15.coop.v1.SessionEvent(\x01\x30\x01\x12\x31\n\x07\x46orward\x12\x14.coop.v1.StepRequest\x1a\x10.coop.v1.StepAck\x12;\n\x08Receipts\x12\x18.coop.v1.ReceiptsRequest\x1a\x15.coop.v1.ReceiptBatch\x12<\n\x0b\x41\x63kReceipts\x12\x13.coop.v1.ReceiptAck\x1a\x18.coop.v1.ReceiptAckReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'coop_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ERRORCODE']._serialized_start=1515
-  _globals['_ERRORCODE']._serialized_end=1785
+  _globals['_ERRORCODE']._serialized_start=1645
+  _globals['_ERRORCODE']._serialized_end=1915
   _globals['_TENSOR']._serialized_start=23
   _globals['_TENSOR']._serialized_end=75
   _globals['_ERROR']._serialized_start=77
   _globals['_ERROR']._serialized_end=135
   _globals['_HOP']._serialized_start=137
-  _globals['_HOP']._serialized_end=188
-  _globals['_INFOREQUEST']._serialized_start=190
-  _globals['_INFOREQUEST']._serialized_end=203
-  _globals['_NODEINFO']._serialized_start=206
-  _globals['_NODEINFO']._serialized_end=476
-  _globals['_NODEINFO_COUNTERS']._serialized_start=404
-  _globals['_NODEINFO_COUNTERS']._serialized_end=476
-  _globals['_SESSIONCONTROL']._serialized_start=479
-  _globals['_SESSIONCONTROL']._serialized_end=700
-  _globals['_SESSIONCONTROL_OPEN']._serialized_start=591
-  _globals['_SESSIONCONTROL_OPEN']._serialized_end=683
-  _globals['_SESSIONCONTROL_CLOSE']._serialized_start=685
-  _globals['_SESSIONCONTROL_CLOSE']._serialized_end=692
-  _globals['_SESSIONEVENT']._serialized_start=703
-  _globals['_SESSIONEVENT']._serialized_end=1078
-  _globals['_SESSIONEVENT_OPENED']._serialized_start=863
-  _globals['_SESSIONEVENT_OPENED']._serialized_end=912
-  _globals['_SESSIONEVENT_RESULT']._serialized_start=914
-  _globals['_SESSIONEVENT_RESULT']._serialized_end=992
-  _globals['_SESSIONEVENT_FAILED']._serialized_start=994
-  _globals['_SESSIONEVENT_FAILED']._serialized_end=1070
-  _globals['_STEPREQUEST']._serialized_start=1081
-  _globals['_STEPREQUEST']._serialized_end=1216
-  _globals['_STEPACK']._serialized_start=1218
-  _globals['_STEPACK']._serialized_end=1258
-  _globals['_RECEIPTSREQUEST']._serialized_start=1260
-  _globals['_RECEIPTSREQUEST']._serialized_end=1292
-  _globals['_SIGNEDRECEIPT']._serialized_start=1294
-  _globals['_SIGNEDRECEIPT']._serialized_end=1387
-  _globals['_RECEIPTBATCH']._serialized_start=1389
-  _globals['_RECEIPTBATCH']._serialized_end=1445
-  _globals['_RECEIPTACK']._serialized_start=1447
-  _globals['_RECEIPTACK']._serialized_end=1493
-  _globals['_RECEIPTACKREPLY']._serialized_start=1495
-  _globals['_RECEIPTACKREPLY']._serialized_end=1512
-  _globals['_NODE']._serialized_start=1788
-  _globals['_NODE']._serialized_end=2080
+  _globals['_HOP']._serialized_end=226
+  _globals['_ROUTE']._serialized_start=228
+  _globals['_ROUTE']._serialized_end=283
+  _globals['_INFOREQUEST']._serialized_start=285
+  _globals['_INFOREQUEST']._serialized_end=298
+  _globals['_NODEINFO']._serialized_start=301
+  _globals['_NODEINFO']._serialized_end=571
+  _globals['_NODEINFO_COUNTERS']._serialized_start=499
+  _globals['_NODEINFO_COUNTERS']._serialized_end=571
+  _globals['_SESSIONCONTROL']._serialized_start=574
+  _globals['_SESSIONCONTROL']._serialized_end=812
+  _globals['_SESSIONCONTROL_OPEN']._serialized_start=686
+  _globals['_SESSIONCONTROL_OPEN']._serialized_end=795
+  _globals['_SESSIONCONTROL_CLOSE']._serialized_start=797
+  _globals['_SESSIONCONTROL_CLOSE']._serialized_end=804
+  _globals['_SESSIONEVENT']._serialized_start=815
+  _globals['_SESSIONEVENT']._serialized_end=1190
+  _globals['_SESSIONEVENT_OPENED']._serialized_start=975
+  _globals['_SESSIONEVENT_OPENED']._serialized_end=1024
+  _globals['_SESSIONEVENT_RESULT']._serialized_start=1026
+  _globals['_SESSIONEVENT_RESULT']._serialized_end=1104
+  _globals['_SESSIONEVENT_FAILED']._serialized_start=1106
+  _globals['_SESSIONEVENT_FAILED']._serialized_end=1182
+  _globals['_STEPREQUEST']._serialized_start=1193
+  _globals['_STEPREQUEST']._serialized_end=1346
+  _globals['_STEPACK']._serialized_start=1348
+  _globals['_STEPACK']._serialized_end=1388
+  _globals['_RECEIPTSREQUEST']._serialized_start=1390
+  _globals['_RECEIPTSREQUEST']._serialized_end=1422
+  _globals['_SIGNEDRECEIPT']._serialized_start=1424
+  _globals['_SIGNEDRECEIPT']._serialized_end=1517
+  _globals['_RECEIPTBATCH']._serialized_start=1519
+  _globals['_RECEIPTBATCH']._serialized_end=1575
+  _globals['_RECEIPTACK']._serialized_start=1577
+  _globals['_RECEIPTACK']._serialized_end=1623
+  _globals['_RECEIPTACKREPLY']._serialized_start=1625
+  _globals['_RECEIPTACKREPLY']._serialized_end=1642
+  _globals['_NODE']._serialized_start=1918
+  _globals['_NODE']._serialized_end=2210
 # @@protoc_insertion_point(module_scope)

@@ -53,14 +53,26 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[_Union[ErrorCode, str]] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Hop(_message.Message):
-    __slots__ = ("endpoint", "start", "end")
+    __slots__ = ("endpoint", "start", "end", "node_id", "institution")
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    INSTITUTION_FIELD_NUMBER: _ClassVar[int]
     endpoint: str
     start: int
     end: int
-    def __init__(self, endpoint: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
+    node_id: str
+    institution: str
+    def __init__(self, endpoint: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., node_id: _Optional[str] = ..., institution: _Optional[str] = ...) -> None: ...
+
+class Route(_message.Message):
+    __slots__ = ("session_id", "hops")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    HOPS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    hops: _containers.RepeatedCompositeFieldContainer[Hop]
+    def __init__(self, session_id: _Optional[str] = ..., hops: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()
@@ -98,18 +110,20 @@ class NodeInfo(_message.Message):
 class SessionControl(_message.Message):
     __slots__ = ("open", "close")
     class Open(_message.Message):
-        __slots__ = ("session_id", "max_length", "start", "end", "priority")
+        __slots__ = ("session_id", "max_length", "start", "end", "priority", "node_id")
         SESSION_ID_FIELD_NUMBER: _ClassVar[int]
         MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
         START_FIELD_NUMBER: _ClassVar[int]
         END_FIELD_NUMBER: _ClassVar[int]
         PRIORITY_FIELD_NUMBER: _ClassVar[int]
+        NODE_ID_FIELD_NUMBER: _ClassVar[int]
         session_id: str
         max_length: int
         start: int
         end: int
         priority: float
-        def __init__(self, session_id: _Optional[str] = ..., max_length: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., priority: _Optional[float] = ...) -> None: ...
+        node_id: str
+        def __init__(self, session_id: _Optional[str] = ..., max_length: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., priority: _Optional[float] = ..., node_id: _Optional[str] = ...) -> None: ...
     class Close(_message.Message):
         __slots__ = ()
         def __init__(self) -> None: ...
@@ -155,18 +169,20 @@ class SessionEvent(_message.Message):
     def __init__(self, opened: _Optional[_Union[SessionEvent.Opened, _Mapping]] = ..., result: _Optional[_Union[SessionEvent.Result, _Mapping]] = ..., failed: _Optional[_Union[SessionEvent.Failed, _Mapping]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("session_id", "step_id", "hidden", "start_position", "next")
+    __slots__ = ("session_id", "step_id", "hidden", "start_position", "route", "route_signature")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     START_POSITION_FIELD_NUMBER: _ClassVar[int]
-    NEXT_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step_id: int
     hidden: Tensor
     start_position: int
-    next: _containers.RepeatedCompositeFieldContainer[Hop]
-    def __init__(self, session_id: _Optional[str] = ..., step_id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., start_position: _Optional[int] = ..., next: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ...) -> None: ...
+    route: bytes
+    route_signature: bytes
+    def __init__(self, session_id: _Optional[str] = ..., step_id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., start_position: _Optional[int] = ..., route: _Optional[bytes] = ..., route_signature: _Optional[bytes] = ...) -> None: ...
 
 class StepAck(_message.Message):
     __slots__ = ("error",)

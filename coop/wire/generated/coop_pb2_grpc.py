@@ -85,10 +85,10 @@ class NodeServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Forward(self, request, context):
-        """Run this node's blocks for one step of a session, then push the output onward: if `next` is
-        non-empty, call Forward on next[0].endpoint with next[1:]; otherwise (last node of the route) send
-        a `result` event on the session's stream. The ack only says whether the step was accepted;
-        failures after acceptance (including a failed push) arrive as `failed` events on the stream.
+        """Run this node's blocks for one step of a session, then push the output onward: to the next hop
+        of the step's `route`, or, on the last node of the route, as a `result` event on the session's
+        stream. The ack only says whether the step was accepted; failures after acceptance (including a
+        failed push) arrive as `failed` events on the stream.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
