@@ -16,6 +16,7 @@ from coop.model.client_part import ClientPart
 from coop.pipeline.charge import UNMETERED, Charge
 from coop.pipeline.generation import Chain
 from coop.pipeline.remote import RemoteChain
+from coop.pool.ca import ROLE_COORDINATOR
 from coop.pool.membership import Membership
 from coop.swarm.announcement import NodeAnnouncement, announcement_validator
 from coop.swarm.directory import SwarmDirectory
@@ -89,7 +90,7 @@ async def run_coordinator(settings: CoordinatorSettings) -> None:
     from coop.admin import AdminContext, mount_admin
     from coop.coordinator.api import create_app
 
-    membership = Membership.load(settings.member_bundle, pool_id=settings.pool_id)
+    membership = Membership.load(settings.member_bundle, pool_id=settings.pool_id).require(ROLE_COORDINATOR)
     client = await asyncio.to_thread(ClientPart.load, settings.model_dir, device=settings.device)
     directory = await asyncio.to_thread(SwarmDirectory.start, list(settings.initial_peers), settings.host, 0)
     swarm = SwarmView(

@@ -276,22 +276,24 @@ def list_members(pool_dir: Path | str) -> list[MemberInfo]:
 
 
 def revoke_member(pool_dir: Path | str, institution: str) -> RevocationList:
-    """Revoke institution's certificate and all its API keys; re-signs revocations.json. Idempotent.
+    """Revoke institution's certificates (member and coordinator) and all its API keys; re-signs
+    revocations.json. Idempotent.
 
     Distribute the new revocations.json to coordinators and nodes: TLS alone does not consult it.
     """
     pool = PoolInfo.load(pool_dir)
-    record_path, _ = _member_paths(pool.directory, check_name("institution", institution))
+    check_name("institution", institution)
+    records = [_member_paths(pool.directory, institution, role)[0] for role in (ROLE_MEMBER, ROLE_COORDINATOR)]
     with pool_lock(pool.directory):
-        if not record_path.exists():
+        serials = {_read_member(path, ()).serial for path in records if path.exists()}
+        if not serials:
             raise InvalidInput(f"no member {institution!r} in pool {pool.name!r}; see `coop member list`")
-        member = _read_member(record_path, ())
         ca_key, _ = load_ca(pool)
         current = read_revocations(pool)
         updated = RevocationList(
             pool_id=pool.pool_id,
             revoked=tuple(sorted({*current.revoked, institution})),
-            serials=tuple(sorted({*current.serials, member.serial})),
+            serials=tuple(sorted({*current.serials, *serials})),
             issued_at=time.time(),
         ).signed(ca_key)
         replace_file(pool.directory / REVOCATIONS_FILE, updated.to_bytes(), 0o644)

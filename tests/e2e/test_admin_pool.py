@@ -27,7 +27,8 @@ def test_a_real_pool_s_receipts_reach_the_view(tiny_chat_model_dir: str, tmp_pat
     pool_dir = tmp_path / "pool"
     info = create_pool(pool_dir, "Real pool")
     assert info.admin_token is not None
-    bundles = {name: add_member(pool_dir, name) for name in ("alpha", "beta", "coord")}
+    bundles = {name: add_member(pool_dir, name) for name in ("alpha", "beta")}
+    bundles["coord"] = add_member(pool_dir, "coord", role="coordinator")
     keys = {name: create_api_key(pool_dir, name) for name in ("alpha", "beta")}
     blocks = Manifest.load(tiny_chat_model_dir).num_blocks
     spans = {"alpha-0": f"0:{blocks // 2}", "beta-0": f"{blocks // 2}:{blocks}"}

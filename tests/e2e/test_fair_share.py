@@ -67,7 +67,8 @@ def _book_history(pool_dir: Path, bundles: dict[str, Path], manifest: Manifest) 
 def test_saturated_pool_serves_in_proportion_to_contribution(tiny_chat_model_dir: str, tmp_path: Path) -> None:
     pool_dir = tmp_path / "pool"
     create_pool(pool_dir, "Fair pool")
-    bundles = {name: add_member(pool_dir, name) for name in ("Host", "Uni A", "Uni B", "Newcomer", "Coord")}
+    bundles = {name: add_member(pool_dir, name) for name in ("Host", "Uni A", "Uni B", "Newcomer")}
+    bundles["Coord"] = add_member(pool_dir, "Coord", role="coordinator")
     keys = {name: create_api_key(pool_dir, name) for name in ("Uni A", "Uni B", "Newcomer")}
     manifest = Manifest.load(tiny_chat_model_dir)
     _book_history(pool_dir, bundles, manifest)

@@ -74,7 +74,8 @@ class BooksPool:
 def books(tiny_chat_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BooksPool]:
     pool_dir = tmp_path_factory.mktemp("books") / "pool"
     create_pool(pool_dir, "Books pool")
-    bundles = {name: add_member(pool_dir, name) for name in ("Alpha", "Beta", "Gamma", "Coord")}
+    bundles = {name: add_member(pool_dir, name) for name in ("Alpha", "Beta", "Gamma")}
+    bundles["Coord"] = add_member(pool_dir, "Coord", role="coordinator")
     key = create_api_key(pool_dir, "Gamma")
     pool = LocalPool(tiny_chat_model_dir)
     try:

@@ -45,7 +45,8 @@ def _legs_per_receipt(ledger: Ledger) -> Counter[str]:
 def test_kill_9_while_booking_loses_nothing_and_books_nothing_twice(tiny_chat_model_dir: str, tmp_path: Path) -> None:
     pool_dir = tmp_path / "pool"
     info = create_pool(pool_dir, "Crash pool")
-    bundles = {name: add_member(pool_dir, name) for name in ("Alpha", "Coord", "Gamma")}
+    bundles = {name: add_member(pool_dir, name) for name in ("Alpha", "Gamma")}
+    bundles["Coord"] = add_member(pool_dir, "Coord", role="coordinator")
     manifest = Manifest.load(tiny_chat_model_dir)
     alpha = MemberBundle.load(bundles["Alpha"])
     flops_per_token = manifest.span_flops_per_token(0, manifest.num_blocks)

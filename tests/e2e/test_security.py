@@ -46,7 +46,8 @@ def secure(demo_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
     root = tmp_path_factory.mktemp("security")
     pool_dir = root / "victim"
     create_pool(pool_dir, "Victim pool")
-    bundles = {name: add_member(pool_dir, name) for name in ("Uni A", "Uni B", "Uni C", "Coord Inst", "Client Inst")}
+    bundles = {name: add_member(pool_dir, name) for name in ("Uni A", "Uni B", "Uni C", "Client Inst")}
+    bundles["Coord Inst"] = add_member(pool_dir, "Coord Inst", role="coordinator")
     keys = {name: create_api_key(pool_dir, name) for name in ("Client Inst", "Uni B")}
     create_pool(root / "evil", "Evil pool")
     evil_bundle = add_member(root / "evil", "Mallory")
@@ -98,8 +99,8 @@ def test_api_keys_are_required(secure: SecurePool) -> None:
     assert _chat(secure.pool.url, "coop_forged").status_code == 401
 
 
-def _info(endpoint: str, credentials: grpc.ChannelCredentials | None, bundle: MemberBundle | None) -> grpc.StatusCode:
-    options = [*GRPC_OPTIONS, *(bundle.channel_options() if bundle else [])]
+def _info(endpoint: str, credentials: grpc.ChannelCredentials | None, name: str = "") -> grpc.StatusCode:
+    options = [*GRPC_OPTIONS, ("grpc.ssl_target_name_override", name)] if name else GRPC_OPTIONS
     channel = (
         grpc.secure_channel(endpoint, credentials, options=options)
         if credentials
@@ -115,12 +116,16 @@ def _info(endpoint: str, credentials: grpc.ChannelCredentials | None, bundle: Me
 
 def test_nodes_refuse_callers_without_a_pool_certificate(secure: SecurePool) -> None:
     endpoint = secure.pool.nodes["node-a"].ready["endpoint"]
-    member = MemberBundle.load(secure.bundles["Coord Inst"])
-    evil = MemberBundle.load(secure.evil_bundle)
-    assert _info(endpoint, member.channel_credentials(), member) == grpc.StatusCode.OK
-    assert _info(endpoint, None, None) == grpc.StatusCode.UNAVAILABLE
-    evil_creds = grpc.ssl_channel_credentials(member.ca_cert_pem, evil.key_pem, evil.cert_pem)
-    assert _info(endpoint, evil_creds, member) == grpc.StatusCode.UNAVAILABLE
+    coordinator = MemberBundle.load(secure.bundles["Coord Inst"]).credentials()
+    name = coordinator.node_tls_name("Uni A", "node-a")
+    evil = MemberBundle.load(secure.evil_bundle).credentials("node-x")
+    assert _info(endpoint, coordinator.channel_credentials(), name) == grpc.StatusCode.OK
+    assert _info(endpoint, None) == grpc.StatusCode.UNAVAILABLE
+    evil_creds = grpc.ssl_channel_credentials(coordinator.ca_cert_pem, evil.key_pem, evil.chain_pem)
+    assert _info(endpoint, evil_creds, name) == grpc.StatusCode.UNAVAILABLE
+    # The node must be the one announced at that endpoint: node-b's name does not answer there.
+    wrong = coordinator.node_tls_name("Uni B", "node-b")
+    assert _info(endpoint, coordinator.channel_credentials(), wrong) == grpc.StatusCode.UNAVAILABLE
 
 
 def test_revoked_member_leaves_routes_and_loses_its_keys(secure: SecurePool) -> None:

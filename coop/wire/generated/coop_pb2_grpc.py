@@ -78,7 +78,8 @@ class NodeServicer:
         the session's lifetime: the node allocates the KV cache on Open and frees it when the stream ends
         (Close, cancellation or disconnect), so a vanished coordinator can never leak cache.
         The first message must be `open`; the node answers `opened`, or `failed` (step_id 0) and ends the
-        stream. Afterwards the node sends `result` / `failed` events for steps of this session.
+        stream. Afterwards the node sends `result` / `failed` events for steps of this session. In a pool
+        only a coordinator (a certificate of that role, issued by the pool CA) may open a session.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
