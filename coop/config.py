@@ -12,6 +12,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_POOL_ID = "default"
+DEFAULT_SESSION_IDLE_TIMEOUT_S = 120.0
 
 
 class NodeSettings(BaseSettings):
@@ -83,3 +84,5 @@ class CoordinatorSettings(BaseSettings):
     max_active_sessions: int = Field(default=32, gt=0)
     # how often receipts are collected from nodes
     receipt_interval_s: float = Field(default=2.0, gt=0)
+    # an SDK session (the chain relay) idle this long is closed, giving back its KV caches and slots
+    session_idle_timeout_s: float = Field(default=DEFAULT_SESSION_IDLE_TIMEOUT_S, gt=0)

@@ -1,7 +1,8 @@
 """The Python SDK.
 
 `Client` talks to a coordinator over its OpenAI-compatible HTTP API; `RemoteModel` (alias
-`AutoDistributedModelForCausalLM`) uses the swarm directly from this process, for research.
+`AutoDistributedModelForCausalLM`) keeps embeddings and head in this process and steps hidden
+states through a coordinator's chain relay, for research.
 The remote-model names are imported on first use, so the HTTP client does not pay for torch.
 """
 

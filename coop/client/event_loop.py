@@ -1,7 +1,7 @@
 """One asyncio event loop in a daemon thread, so synchronous research code can drive async network code.
 
-gRPC channels are bound to the loop that created them, so everything network-side lives on this loop
-and sync callers hand it coroutines.
+An async HTTP client's connections are bound to the loop that uses them, so everything network-side
+lives on this loop and sync callers hand it coroutines.
 """
 
 from __future__ import annotations

@@ -113,9 +113,9 @@ class Client:
         try:
             response = self._http.request(method, path, json=body)
         except httpx.TransportError as exc:
-            raise _transport_error(exc, self._http.base_url) from exc
+            raise transport_error(exc, self._http.base_url) from exc
         if response.status_code >= 400:
-            raise _http_error(response.status_code, response.text)
+            raise http_error(response.status_code, response.text)
         data: dict[str, Any] = response.json()
         return data
 
@@ -124,7 +124,7 @@ class Client:
         try:
             with self._http.stream("POST", path, json=body) as response:
                 if response.status_code >= 400:
-                    raise _http_error(response.status_code, response.read().decode("utf-8", "replace"))
+                    raise http_error(response.status_code, response.read().decode("utf-8", "replace"))
                 for line in response.iter_lines():
                     if not line.startswith("data:"):
                         continue  # blank separators, comments, other SSE fields
@@ -136,7 +136,7 @@ class Client:
                         raise _error_from_envelope(event, status=response.status_code)
                     yield event
         except httpx.TransportError as exc:
-            raise _transport_error(exc, self._http.base_url) from exc
+            raise transport_error(exc, self._http.base_url) from exc
 
 
 def _route_hop(hop: dict[str, Any]) -> RouteHop:
@@ -161,7 +161,8 @@ def _result(body: dict[str, Any], text: str, choice: dict[str, Any]) -> ChatResu
     )
 
 
-def _http_error(status: int, text: str) -> ApiError:
+def http_error(status: int, text: str) -> ApiError:
+    """A coordinator's error answer (OpenAI's envelope, or any text) as an ApiError."""
     try:
         data = json.loads(text)
     except ValueError:
@@ -182,6 +183,7 @@ def _error_from_envelope(data: dict[str, Any], *, status: int) -> ApiError:
     )
 
 
-def _transport_error(exc: httpx.TransportError, base_url: httpx.URL) -> ApiError:
+def transport_error(exc: httpx.TransportError, base_url: httpx.URL) -> ApiError:
+    """The coordinator did not answer (status None)."""
     code = "timeout" if isinstance(exc, httpx.TimeoutException) else "connection_error"
     return ApiError(f"could not reach the coordinator at {base_url}: {exc}", status=None, code=code)

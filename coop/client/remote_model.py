@@ -1,25 +1,26 @@
-"""The research half of the Python SDK: drive the swarm from this process, without a coordinator.
+"""The research half of the Python SDK: the model's blocks through a coordinator, the rest here.
 
-`RemoteModel` holds the model's client part (tokenizer, embeddings, head) here and runs the
-decoder blocks on the swarm's nodes, found through the DHT. Use `generate()` like transformers'
-generate, or open an `InferenceSession` to step hidden states through every remote block yourself
-(custom decoding, inspecting or editing hidden states)::
+`RemoteModel` holds the model's client part (tokenizer, embeddings, head) in this process and
+sends hidden states to a coordinator's chain relay (`coop.coordinator.relay`), which runs them
+through the swarm's nodes on a route it keeps, fails over when a node dies, and bills the API
+key's institution as for a chat request. Use `generate()` like transformers' generate, or open
+an `InferenceSession` to step hidden states through every block yourself (custom decoding,
+inspecting or editing hidden states)::
 
-    with RemoteModel.from_pretrained(model_dir, [dht_peer]) as model:
+    with RemoteModel.from_pretrained(model_dir, "http://coordinator:8000", api_key=key) as model:
         out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=16)
         with model.inference_session(max_length=64) as session:
             hidden = session.step(model.embed([prompt_ids]), token_ids=prompt_ids)
             next_id = int(model.logits(hidden)[0, -1].argmax())
 
-The network code (`RemoteChain`, `SwarmView`, gRPC channels) is asyncio-based while most research
-code is synchronous, so each RemoteModel owns one private event loop in a daemon thread and hands
-coroutines to it; gRPC channels are bound to the loop that created them, so they live there too.
+The HTTP client is asyncio-based (so `generate` shares the coordinator's decoding loop) while most
+research code is synchronous, so each RemoteModel owns one private event loop in a daemon thread
+and hands coroutines to it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import operator
 import threading
 import weakref
@@ -28,29 +29,24 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
+import httpx
 import pydantic
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from coop.client.event_loop import LOOP_STOP_TIMEOUT_S, LoopThread
-from coop.config import DEFAULT_POOL_ID
-from coop.errors import CoopError, InvalidInput, ReplayUnavailable, SessionError
+from coop.client.http import http_error, transport_error
+from coop.client.relay import RelayChain
+from coop.errors import CoopError, InvalidInput, SessionError
 from coop.model.client_part import ClientPart
 from coop.pipeline.generation import collect_tokens
-from coop.pipeline.remote import RemoteChain
 from coop.pipeline.sampling import SamplingParams
-from coop.pool.membership import Membership
-from coop.swarm.announcement import announcement_validator
-from coop.swarm.directory import SwarmDirectory
-from coop.swarm.revocations import RevocationWatcher
 from coop.swarm.routing import Hop
-from coop.swarm.view import SwarmView
-from coop.wire.channels import ChannelPool
 from coop.wire.tensors import check_finite
 
-log = logging.getLogger(__name__)
-
 T = TypeVar("T")
+
+DEFAULT_TIMEOUT_S = 120.0  # one step may include a failover: a new route, and the session replayed on it
 
 
 def _as_token_ids(token_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]], what: str) -> list[int]:
@@ -75,89 +71,68 @@ def _as_token_ids(token_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[in
 
 
 class RemoteModel:
-    """A causal LM whose decoder blocks run on the swarm; embeddings and head run here.
+    """A causal LM whose decoder blocks run on a pool's nodes, through a coordinator; embeddings and head run here.
 
-    Thread-safe: several threads may generate or run sessions at once (each gets its own route).
-    Close it (or use it as a context manager) to stop its event loop, gRPC channels and DHT peer.
+    Thread-safe: several threads may generate or run sessions at once (each is its own session).
+    Close it (or use it as a context manager) to close its sessions, HTTP connections and event loop.
     """
 
     def __init__(
         self,
         client: ClientPart,
-        directory: SwarmDirectory,
-        membership: Membership,
+        coordinator_url: str,
         *,
-        step_timeout_s: float = 30.0,
-        max_failovers: int = 3,
-        refresh_s: float = 1.0,
+        api_key: str | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
-        """Start the event loop, the channels and the swarm view; most callers want from_pretrained.
-
-        `membership` decides, as for a coordinator, the pool, the TLS credentials, which announcements
-        are believed (signed by a member of this pool) and which institutions are revoked.
-        """
+        """Start the event loop and check that the coordinator answers (and takes the key); most callers
+        want from_pretrained."""
+        if not isinstance(coordinator_url, str):
+            raise InvalidInput("coordinator_url must be the coordinator's URL, e.g. http://127.0.0.1:8000")
         self.client = client
-        self.directory = directory
-        self.membership = membership
-        self.pool_id = membership.pool_id
-        self.step_timeout_s = step_timeout_s
-        self.max_failovers = max_failovers
+        self.coordinator_url = coordinator_url.rstrip("/").removesuffix("/v1")
         self._closed = False
         self._close_lock = threading.Lock()
         self._sessions: weakref.WeakSet[InferenceSession] = weakref.WeakSet()
-        self._revocations = RevocationWatcher(membership.revocations, directory).start()
         self._loop = LoopThread(f"coop-remote-model-{id(self):x}")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         try:
-            self._channels, self.swarm = self._loop.run(self._start(refresh_s))
+            self._http = self._loop.run(self._connect(headers, timeout_s))
         except BaseException:
             self._loop.stop()
-            self._revocations.stop()
             raise
 
-    async def _start(self, refresh_s: float) -> tuple[ChannelPool, SwarmView]:
-        channels = ChannelPool(self.membership.channel_security())
-        swarm = SwarmView(
-            self.directory,
-            pool_id=self.pool_id,
-            model_hash=self.client.manifest.content_hash,
-            num_blocks=self.client.manifest.num_blocks,
-            refresh_s=refresh_s,
-            validator=announcement_validator(self.membership),
-            revoked=self.membership.revocations,
-        )
-        return channels, await swarm.start()
+    async def _connect(self, headers: dict[str, str], timeout_s: float) -> httpx.AsyncClient:
+        http = httpx.AsyncClient(base_url=self.coordinator_url, headers=headers, timeout=timeout_s)
+        try:
+            response = await http.get("/v1/models")
+        except httpx.TransportError as exc:
+            await http.aclose()
+            raise transport_error(exc, http.base_url) from exc
+        if response.status_code >= 400:
+            await http.aclose()
+            raise http_error(response.status_code, response.text)
+        return http
 
     @classmethod
     def from_pretrained(
         cls,
         model_dir: str | Path,
-        initial_peers: Sequence[str],
+        coordinator_url: str,
         *,
-        member: str | Path | None = None,
-        pool_id: str = DEFAULT_POOL_ID,
+        api_key: str | None = None,
         device: str | torch.device = "cpu",
-        step_timeout_s: float = 30.0,
-        max_failovers: int = 3,
-        dht_host: str = "127.0.0.1",
+        timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> RemoteModel:
-        """Load the client part of a prepared model and join the swarm through initial_peers.
+        """Load the client part of a prepared model and connect to the coordinator at coordinator_url.
 
-        model_dir is a directory made by `coop model prepare` (the same one the nodes serve: its
-        content hash picks the nodes). `member` is the institution's member bundle (mutual TLS,
-        signed announcements only, revocations honoured); without one, the development pool
-        `pool_id` in plaintext. The DHT peer runs in client mode: it looks nodes up but serves no
-        DHT requests, so it needs no reachable address.
+        model_dir is a directory made by `coop model prepare`, the same one the pool serves (the
+        coordinator refuses sessions for another content hash). api_key is the institution's key
+        (`coop member key create`), which pays for the compute; a development coordinator (started
+        without --api-keys) needs none. timeout_s bounds each HTTP call, a step's failover included.
         """
-        if isinstance(initial_peers, str):
-            raise InvalidInput("initial_peers must be a list of multiaddrs, not one string")
-        membership = Membership.load(None if member is None else Path(member), pool_id=pool_id)
         client = ClientPart.load(model_dir, device=device)
-        directory = SwarmDirectory.start(list(initial_peers), dht_host, 0, client_mode=True)
-        try:
-            return cls(client, directory, membership, step_timeout_s=step_timeout_s, max_failovers=max_failovers)
-        except BaseException:
-            directory.shutdown()
-            raise
+        return cls(client, coordinator_url, api_key=api_key, timeout_s=timeout_s)
 
     # -- the local parts ------------------------------------------------------------------------
 
@@ -184,17 +159,14 @@ class RemoteModel:
 
     # -- the remote part ------------------------------------------------------------------------
 
-    def _chain(self, max_length: int, session: InferenceSession | None = None) -> RemoteChain:
-        """A RemoteChain (not yet open); a session's chain replays through the session's own check."""
-        return RemoteChain(
-            self.swarm,
-            self._channels,
-            self.client.embed if session is None else session._replay_embed,
+    def _chain(self, max_length: int) -> RelayChain:
+        """A relay session (not yet open)."""
+        return RelayChain(
+            self._http,
+            model_hash=self.client.manifest.content_hash,
             hidden_size=self.hidden_size,
             dtype=self.dtype,
             max_length=max_length,
-            step_timeout_s=self.step_timeout_s,
-            max_failovers=self.max_failovers,
         )
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -247,14 +219,20 @@ class RemoteModel:
     async def _generate(self, prompt: list[int], params: SamplingParams) -> list[int]:
         chain = await self._chain(len(prompt) + params.max_tokens).open()
         try:
-            return await collect_tokens(self.client, chain, prompt, params)
-        finally:
-            await chain.close()
+            tokens = await collect_tokens(self.client, chain, prompt, params)
+        except BaseException:
+            with contextlib.suppress(Exception):  # the coordinator ends a failed session itself
+                await chain.close()
+            raise
+        await chain.close()
+        return tokens
 
     def inference_session(self, max_length: int) -> InferenceSession:
-        """Open a session on a route through every block for up to max_length tokens.
+        """Open a session through every block for up to max_length tokens.
 
-        Use it as a context manager (or call close()): it holds a KV cache on every node of its route.
+        Use it as a context manager (or call close()): it holds a KV cache on every node of its route,
+        and one of the API key's concurrent-request slots, until it is closed (or idle too long, when
+        the coordinator closes it).
         """
         if max_length < 1:
             raise InvalidInput(f"max_length must be at least 1, got {max_length}")
@@ -269,7 +247,7 @@ class RemoteModel:
         return self._closed
 
     def close(self) -> None:
-        """Close open sessions, stop the swarm view, channels, event loop and DHT peer; idempotent."""
+        """Close open sessions, the HTTP connections and the event loop; idempotent."""
         with self._close_lock:
             if self._closed:
                 return
@@ -277,17 +255,9 @@ class RemoteModel:
                 with contextlib.suppress(Exception):
                     session.close()
             self._closed = True
-            try:
-                with contextlib.suppress(Exception):
-                    self._loop.run(self._stop(), LOOP_STOP_TIMEOUT_S)
-                self._loop.stop()
-            finally:
-                self._revocations.stop()
-                self.directory.shutdown()
-
-    async def _stop(self) -> None:
-        await self.swarm.stop()
-        await self._channels.close()
+            with contextlib.suppress(Exception):
+                self._loop.run(self._http.aclose(), LOOP_STOP_TIMEOUT_S)
+            self._loop.stop()
 
     def __enter__(self) -> RemoteModel:
         return self
@@ -298,7 +268,7 @@ class RemoteModel:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"pool {self.pool_id!r}"
+        state = "closed" if self._closed else self.coordinator_url
         return f"RemoteModel({self.client.manifest.name!r}, {state})"
 
 
@@ -307,36 +277,45 @@ AutoDistributedModelForCausalLM = RemoteModel
 
 
 class InferenceSession:
-    """One route through every block with a KV cache on each node: step hidden states through it.
+    """One session through every block, with a KV cache on each node of its route: step hidden states through it.
 
     Each `step` continues where the last one stopped (`position` counts the tokens so far). If a
-    node fails, the session picks a new route and replays the tokens so far to rebuild the caches,
-    which needs those tokens: pass `token_ids` (the ids of this step's tokens) to every step. A
-    session stepped without them works the same until a node fails after the first step; then the
-    step raises `ReplayUnavailable` instead of failing over. Replay re-embeds the token ids, so it
-    is exact only when the hidden states you stepped were `embed(token_ids)`. A node that fails in
-    a way failover cannot fix (it reports an error, or sends states that fail validation) makes the
-    step raise `PeerError`, whose `remote_type` names the node's error.
+    node fails, the coordinator moves the session to a new route and replays its tokens so far to
+    rebuild the caches, which needs those tokens: pass `token_ids` (the ids of this step's tokens)
+    to every step. A session stepped without them works the same until a node fails after the
+    first step; then the step raises `ReplayUnavailable` instead of failing over. Replay re-embeds
+    the token ids, so it is exact only when the hidden states you stepped were `embed(token_ids)`.
+
+    A step the coordinator refuses or fails raises `ApiError` (`code` says why: "peer_error" for a
+    node that failed in a way failover cannot fix, "session_not_found" for a session closed while
+    idle, ...) and ends the session; bad input is caught here first, as `InvalidInput`, and leaves
+    the session as it was.
     """
 
     def __init__(self, model: RemoteModel, max_length: int) -> None:
         self.model = model
         self.max_length = max_length
         self.position = 0
-        self._token_ids: list[int] = []
-        self._missing_from: int | None = None  # position of the first step without token ids
         self._lock = threading.Lock()
         self._closed = False
-        self._chain = model._chain(max_length, self)
+        self._chain = model._chain(max_length)
         model._run(self._chain.open())
 
     @property
+    def session_id(self) -> str:
+        """The coordinator's id of this session (GET /v1/coop/sessions/{session_id} describes it)."""
+        return self._chain.session_id
+
+    @property
     def route(self) -> list[Hop]:
-        """The nodes this session runs on now, in block order (changes after a failover)."""
+        """The nodes this session runs on now, in block order (changes after a failover); asks the coordinator."""
+        self.model._run(self._chain.refresh())
         return list(self._chain.hops)
 
     @property
     def failovers(self) -> int:
+        """How many times the session moved to a new route; asks the coordinator."""
+        self.model._run(self._chain.refresh())
         return self._chain.failovers
 
     def step(self, hidden: torch.Tensor, token_ids: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
@@ -353,7 +332,6 @@ class InferenceSession:
         ids = None if token_ids is None else _as_token_ids(token_ids, "token_ids")
         if ids is not None and len(ids) != n:
             raise InvalidInput(f"token_ids has {len(ids)} ids for {n} hidden states")
-        # Checked here, so that what a node rejects is the node's fault (a PeerError), never the caller's.
         hidden = hidden.detach().to("cpu", self.model.dtype)
         check_finite(hidden, f"hidden (in {self.model.dtype})")
         with self._lock:
@@ -363,31 +341,16 @@ class InferenceSession:
                 raise InvalidInput(
                     f"the session would reach {self.position + n} tokens, beyond its max_length {self.max_length}"
                 )
-            start = self.position
-            known = self._token_ids + (ids if ids is not None else [0] * n)
             try:
-                output = self.model._run(self._chain.step(hidden, start, known))
-            except ReplayUnavailable:
-                # the chain already moved to a new route whose caches are empty: nothing can continue
+                output = self.model._run(self._chain.send(hidden, self.position, ids))
+            except BaseException:
+                # the coordinator ends a session whose step failed; make sure, and refuse further steps
                 self._closed = True
                 with contextlib.suppress(Exception):
                     self.model._run(self._chain.close())
                 raise
-            self._token_ids = known
-            if ids is None and self._missing_from is None:
-                self._missing_from = start
-            self.position = start + n
+            self.position += n
             return output
-
-    def _replay_embed(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """Called by the chain on failover, with the session's tokens before the failed step."""
-        if self._missing_from is not None:
-            raise ReplayUnavailable(
-                f"a node failed at position {self.position} and the session cannot move to a new route: "
-                f"the step at position {self._missing_from} was given without token_ids, so the tokens to "
-                "replay are unknown; pass token_ids to every step, or open a new session"
-            )
-        return self.model.client.embed(token_ids)
 
     def close(self) -> None:
         """Release the KV caches on the route's nodes; idempotent."""

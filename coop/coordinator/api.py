@@ -1,12 +1,13 @@
 """The coordinator's OpenAI-compatible HTTP API: routes and HTTP plumbing only.
 
-What a request means lives in `coop.coordinator.serving`; the shapes on the wire in
+What a request means lives in `coop.coordinator.serving` (and, for the SDK's research sessions
+under /v1/coop/sessions, `coop.coordinator.relay`); the shapes on the wire in
 `coop.coordinator.protocol`. Every error, ours or the framework's, leaves through
 `api_errors.error_response`, so clients always get OpenAI's error envelope.
 """
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Annotated, Any
 
 import anyio
@@ -17,12 +18,14 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
-from coop.coordinator.admission import RequestAdmission
+from coop.config import DEFAULT_SESSION_IDLE_TIMEOUT_S
+from coop.coordinator.admission import RequestAdmission, enter_request
 from coop.coordinator.api_errors import error_response
 from coop.coordinator.auth import ApiKeyGate, Caller
-from coop.coordinator.protocol import ChatCompletionRequest, CompletionRequest
+from coop.coordinator.protocol import ChatCompletionRequest, CompletionRequest, RelayOpenRequest
+from coop.coordinator.relay import ChainRelay
 from coop.coordinator.serving import OpenAIServing
-from coop.errors import CoopError
+from coop.errors import CoopError, RequestError
 from coop.pipeline.backend import Backend
 from coop.pipeline.charge import Charge
 
@@ -72,12 +75,8 @@ async def _generate(
     """Run a generation while holding one of the caller's key slots and, when the pool meters use,
     a session slot granted in fair-share order; a stream keeps both until it ends."""
     stack = AsyncExitStack()
-    stack.enter_context(gate.slot(caller))
-    charge, waited_s = Charge(caller.institution or ""), None
     try:
-        if access is not None:
-            admitted = await stack.enter_async_context(access.enter(caller.institution))
-            charge, waited_s = admitted.charge, admitted.waited_s
+        charge, waited_s = await enter_request(stack, gate, access, caller)
         result = await work(charge)
     except BaseException:
         await stack.aclose()
@@ -88,22 +87,71 @@ async def _generate(
     return _respond(result, waited_s, cleanup=stack)  # the response gives the slots back when it ends
 
 
+# The body of a relay step and of its answer: a serialized protobuf message (coop.v1.RelayStep, coop.v1.Tensor).
+BINARY = "application/octet-stream"
+_BINARY_CONTENT = {"content": {BINARY: {"schema": {"type": "string", "format": "binary"}}}}
+_BINARY_STEP: dict[str, Any] = {
+    "requestBody": {"required": True, "description": "a serialized coop.v1.RelayStep", **_BINARY_CONTENT},
+    "responses": {
+        "200": {"description": "a serialized coop.v1.Tensor: the states after the last block", **_BINARY_CONTENT}
+    },
+}
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused (413) once it is known to exceed limit bytes: before reading any of it
+    when it declares its length, else as soon as the bytes read pass the limit."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(int(declared), limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(size, limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(size: int, limit: int) -> RequestError:
+    return RequestError(
+        f"the body has {size:,} bytes or more, over the {limit:,} this session can take now; "
+        "send fewer tokens per step, or check the tensor's dtype and shape",
+        status=413,
+        code="request_too_large",
+    )
+
+
 async def _handle_error(request: Request, exc: Exception) -> Response:
     status, envelope = error_response(exc)
     return JSONResponse(envelope.model_dump(mode="json"), status_code=status)
 
 
-def create_app(backend: Backend, *, keys: ApiKeyGate | None = None, access: RequestAdmission | None = None) -> FastAPI:
+def create_app(
+    backend: Backend,
+    *,
+    keys: ApiKeyGate | None = None,
+    access: RequestAdmission | None = None,
+    session_idle_timeout_s: float = DEFAULT_SESSION_IDLE_TIMEOUT_S,
+) -> FastAPI:
     """`keys`: the API-key gate; None serves anyone (development mode). `access`: credit floors and
-    fair-share admission (None: every request starts at once)."""
+    fair-share admission (None: every request starts at once). `session_idle_timeout_s`: relay
+    sessions idle this long are closed."""
     serving = OpenAIServing(backend)
     gate = keys or ApiKeyGate(None)
+    relay = ChainRelay(backend, gate, access, idle_timeout_s=session_idle_timeout_s)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await relay.aclose()
 
     def caller(authorization: Annotated[str | None, Header()] = None) -> Caller:
         return gate.identify(authorization)
 
     Authenticated = Annotated[Caller, Depends(caller)]
-    app = FastAPI(title="Coop coordinator", summary="OpenAI-compatible API over a cooperative pool")
+    app = FastAPI(title="Coop coordinator", summary="OpenAI-compatible API over a cooperative pool", lifespan=lifespan)
     for exc_type in (CoopError, RequestValidationError, HTTPException, Exception):
         app.add_exception_handler(exc_type, _handle_error)
 
@@ -127,6 +175,29 @@ def create_app(backend: Backend, *, keys: ApiKeyGate | None = None, access: Requ
         gate.check_max_tokens(who, body.requested_max_tokens)
         return await _generate(gate, access, who, lambda charge: serving.complete(body, charge))
 
+    sessions = APIRouter(prefix="/v1/coop/sessions")
+
+    @sessions.post("")
+    async def open_session(body: RelayOpenRequest, who: Authenticated) -> Response:
+        return _respond(await relay.open(who, body))
+
+    @sessions.get("/{session_id}")
+    async def describe_session(session_id: str, who: Authenticated) -> Response:
+        return _respond(relay.describe(relay.session(who, session_id)))
+
+    @sessions.post("/{session_id}/steps", openapi_extra=_BINARY_STEP)
+    async def step_session(session_id: str, request: Request, who: Authenticated) -> Response:
+        session = relay.session(who, session_id)
+        body = await _read_body(request, relay.body_limit(session))
+        return Response(await relay.step(session, body), media_type=BINARY)
+
+    @sessions.delete("/{session_id}", status_code=204)
+    async def close_session(session_id: str, who: Authenticated) -> Response:
+        await relay.close(who, session_id)
+        return Response(status_code=204)
+
     app.include_router(v1)
+    app.include_router(sessions)
     app.state.serving = serving
+    app.state.relay = relay
     return app

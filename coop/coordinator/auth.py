@@ -3,7 +3,8 @@
 `Authorization: Bearer <key>` resolves to the institution that spends for the request, through
 the pool's `api_keys.json` (only sha256 digests on disk). The file is re-read when it changes, so
 a revoked key stops working at its next request. Each key may hold at most
-`max_concurrent_requests_per_key` requests at once and ask for at most `max_tokens_per_request`.
+`max_concurrent_requests_per_key` requests at once (an SDK relay session counts as one for as
+long as it is open) and ask for at most `max_tokens_per_request`.
 Without a key file the coordinator is in development mode and serves anyone.
 """
 
@@ -83,7 +84,8 @@ class ApiKeyGate:
         with self._lock:
             if self._active[caller.key_digest] >= limit:
                 raise RequestError(
-                    f"this API key already has {limit} requests in flight, the pool's limit; retry when one ends",
+                    f"this API key already has {limit} requests in flight or sessions open, the pool's limit; "
+                    "retry when one ends",
                     status=429,
                     code="concurrency_limit",
                 )

@@ -200,6 +200,25 @@ class HealthResponse(BaseModel):
     model: str
 
 
+# -- the chain relay (the SDK's research sessions, coop.coordinator.relay) --------------------
+
+
+class RelayOpenRequest(_Request):
+    max_length: int = Field(ge=1)  # tokens the session may step in all: the KV cache each node reserves
+    model_hash: str  # the content hash of the caller's prepared model: its embeddings must be ours
+
+
+class RelaySessionInfo(BaseModel):
+    """A relay session: where it stands and the route it runs on now."""
+
+    session_id: str
+    model: str
+    max_length: int
+    position: int  # tokens stepped so far: the start_position of the next step
+    failovers: int
+    route: list[RouteHop]
+
+
 # -- errors -----------------------------------------------------------------------------------
 
 

@@ -115,7 +115,7 @@ async def run_coordinator(settings: CoordinatorSettings) -> None:
             )
         gate = ApiKeyGate(settings.api_keys_file, membership.bundle.limits if membership.bundle else None)
         access = backend.accounting.access if backend.accounting else None
-        app = create_app(backend, keys=gate, access=access)
+        app = create_app(backend, keys=gate, access=access, session_idle_timeout_s=settings.session_idle_timeout_s)
         if settings.pool_dir is not None and backend.accounting is not None:
             accounting = backend.accounting
             admin = AdminContext.for_coordinator(

@@ -155,12 +155,13 @@ async def run_generation(
             tail = detokenizer.finish(text_ids)
             if tail:
                 yield TextDelta(tail)
-        yield Finished(finish_reason, token_ids, len(prompt_ids), _route(chain))
+        yield Finished(finish_reason, token_ids, len(prompt_ids), route_hops(chain))
     finally:
-        await _close_quietly(chain)
+        await close_quietly(chain)
 
 
-def _route(chain: Chain) -> list[RouteHop]:
+def route_hops(chain: Chain) -> list[RouteHop]:
+    """The route a chain runs on now, as responses show it."""
     return [
         RouteHop(
             node_id=h.node_id,
@@ -174,7 +175,7 @@ def _route(chain: Chain) -> list[RouteHop]:
     ]
 
 
-async def _close_quietly(chain: Chain) -> None:
+async def close_quietly(chain: Chain) -> None:
     """Close even when the request was cancelled (client gone), and never mask the real error."""
     try:
         with anyio.CancelScope(shield=True):

@@ -1,44 +1,106 @@
-"""The research SDK: RemoteModel drives a real swarm (DHT + two node processes) with no coordinator."""
+"""The research SDK: RemoteModel steps hidden states through a real coordinator's chain relay.
+
+Pool "sdk": Alpha serves blocks 0:15 of the demo model, Beta and Delta 15:30 each (Delta's node is
+the spare the failover test needs), Coord runs the coordinator with the ledger, and Gamma's API key
+pays for every SDK session. Everything runs as real processes: a DHT, three nodes, the coordinator.
+"""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
-import psutil
+import httpx
 import pytest
 import torch
 
-from coop.client import AutoDistributedModelForCausalLM, InferenceSession, RemoteModel, ReplayUnavailable
+from coop.client import ApiError, AutoDistributedModelForCausalLM, InferenceSession, RemoteModel, ReplayUnavailable
 from coop.errors import CoopError, InvalidInput
-from coop.launcher import LocalPool as Pool
+from coop.launcher import LocalPool
+from coop.ledger.database import sqlite_url
+from coop.ledger.store import Ledger
+from coop.model.engine import SpanEngine
+from coop.model.manifest import Manifest
+from coop.pool.registry import add_member, create_api_key, create_pool
+from coop.wire.generated import coop_pb2 as pb
+from coop.wire.tensors import tensor_to_proto
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
 QUESTION = "What is the capital of France?"
 MAX_NEW = 16
+WAIT_S = 60.0
+SESSIONS = "/v1/coop/sessions"
+
+
+@dataclass
+class SdkPool:
+    pool: LocalPool
+    pool_dir: Path
+    key: str  # Gamma's
+
+    @property
+    def url(self) -> str:
+        return self.pool.url
+
+    def ledger(self) -> Ledger:
+        return Ledger.open(sqlite_url(self.pool_dir / "ledger.db"))
 
 
 @pytest.fixture(scope="module")
-def pool(demo_model_dir: str) -> Iterator[Pool]:
-    pool = Pool(demo_model_dir)
+def sdk_pool(demo_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SdkPool]:
+    pool_dir = tmp_path_factory.mktemp("sdk") / "pool"
+    create_pool(pool_dir, "SDK pool")
+    bundles = {name: add_member(pool_dir, name) for name in ("Alpha", "Beta", "Delta", "Coord", "Gamma")}
+    pool = LocalPool(demo_model_dir)
     try:
         pool.start_dht()
-        # node-b2 is a spare for blocks 15:30, started alongside (no extra wall time), for the failover test
-        pool.start_nodes({"node-a": "0:15", "node-b": "15:30", "node-b2": "15:30"})
-        yield pool
+        nodes = {"node-a": "0:15", "node-b": "15:30", "node-b2": "15:30"}
+        pool.start_nodes(nodes, {"node-a": bundles["Alpha"], "node-b": bundles["Beta"], "node-b2": bundles["Delta"]})
+        pool.start_coordinator(
+            member=bundles["Coord"],
+            api_keys=pool_dir / "api_keys.json",
+            extra_args=["--pool-dir", str(pool_dir), "--receipt-interval", "0.3"],
+        )
+        yield SdkPool(pool, pool_dir, create_api_key(pool_dir, "Gamma"))
     finally:
         pool.stop()
 
 
 @pytest.fixture(scope="module")
-def model(pool: Pool, demo_model_dir: str) -> Iterator[RemoteModel]:
-    with RemoteModel.from_pretrained(demo_model_dir, [pool.peer]) as model:
+def model(sdk_pool: SdkPool, demo_model_dir: str) -> Iterator[RemoteModel]:
+    with RemoteModel.from_pretrained(demo_model_dir, sdk_pool.url, api_key=sdk_pool.key) as model:
         yield model
 
 
 def _prompt(model: RemoteModel) -> list[int]:
     return model.client.encode_chat([{"role": "user", "content": QUESTION}])
+
+
+def test_sdk_sessions_are_booked_to_the_api_keys_institution(
+    sdk_pool: SdkPool, model: RemoteModel, demo_model_dir: str
+) -> None:
+    """Runs first, on an empty ledger: every receipt in it comes from this test's two sessions."""
+    prompt = _prompt(model)
+    generated = model.generate(prompt, max_new_tokens=4)[0, len(prompt) :].tolist()
+    with model.inference_session(max_length=len(prompt) + 2) as session:
+        hidden = session.step(model.embed([prompt]), token_ids=prompt)
+        token = int(model.logits(hidden)[0, -1].argmax())
+        session.step(model.embed([[token]]), token_ids=[token])
+    # generate steps the prompt and every new token but the last; the session the prompt and one more
+    tokens = (len(prompt) + len(generated) - 1) + (len(prompt) + 1)
+    ledger = sdk_pool.ledger()
+    receipts = wait_for("two receipts per session", lambda: (r := ledger.receipts()) and len(r) >= 4 and r, WAIT_S)
+    manifest = Manifest.load(demo_model_dir)
+    assert len(receipts) == 4
+    assert {r.consumer for r in receipts} == {"Gamma"}
+    assert {r.provider for r in receipts} <= {"Alpha", "Beta", "Delta"}
+    assert sum(r.flops for r in receipts) == tokens * manifest.total_flops_per_token
+    gamma = ledger.balance("Gamma")
+    assert gamma is not None and gamma.balance_flops == -tokens * manifest.total_flops_per_token
 
 
 def test_generate_greedy_equals_single_process(model: RemoteModel, reference: Callable[[str, int], list[int]]) -> None:
@@ -73,6 +135,21 @@ def test_manual_loop_through_an_inference_session(
     assert new == reference(QUESTION, MAX_NEW)
 
 
+def test_edited_hidden_states_go_through_as_they_are(model: RemoteModel, demo_model_dir: str) -> None:
+    prompt = _prompt(model)
+    plain = model.embed([prompt])
+    edited = plain * 0.5
+    edited[0, -1] += 0.1 * torch.randn(model.hidden_size, generator=torch.Generator().manual_seed(0))
+    outputs = []
+    for hidden in (plain, edited):
+        with model.inference_session(max_length=len(prompt)) as session:
+            outputs.append(session.step(hidden))  # no token ids: fine while no node fails
+    engine = SpanEngine.load(demo_model_dir, 0, model.client.manifest.num_blocks, device="cpu")
+    engine.open_session("edited", max_length=len(prompt))
+    assert torch.allclose(outputs[1], engine.step("edited", edited, 0), atol=1e-4)
+    assert not torch.allclose(outputs[0], outputs[1], atol=1e-3)  # the edit reached the nodes
+
+
 def test_session_checks_its_input(model: RemoteModel) -> None:
     with model.inference_session(max_length=4) as session:
         with pytest.raises(InvalidInput, match="shape"):
@@ -87,39 +164,60 @@ def test_session_checks_its_input(model: RemoteModel) -> None:
         session.step(model.embed([[1]]))
 
 
-def _shared_threads() -> set[threading.Thread]:
-    """Threads hivemind and multiprocessing start once per process (on the first DHT) and keep for good."""
-    from multiprocessing import resource_sharer
+def test_the_coordinator_refuses_bad_steps_and_bad_keys(sdk_pool: SdkPool, model: RemoteModel) -> None:
+    """What the SDK would never send, sent by hand: refused with a 4xx, and the session carries on."""
+    headers = {"Authorization": f"Bearer {sdk_pool.key}"}
+    body = {"max_length": 4, "model_hash": model.client.manifest.content_hash}
+    for key in (None, "coop-not-a-key"):
+        auth = {"Authorization": f"Bearer {key}"} if key else {}
+        refused = httpx.post(f"{sdk_pool.url}{SESSIONS}", json=body, headers=auth)
+        assert (refused.status_code, refused.json()["error"]["code"]) == (401, "invalid_api_key")
+        with pytest.raises(ApiError, match="API key"):
+            RemoteModel(model.client, sdk_pool.url, api_key=key)
+    opened = httpx.post(f"{sdk_pool.url}{SESSIONS}", json=body, headers=headers)
+    assert opened.status_code == 200, opened.text
+    steps = f"{sdk_pool.url}{SESSIONS}/{opened.json()['session_id']}/steps"
+    good = model.embed([[1, 2]])
+    nan = good.clone()
+    nan[0, 0, 0] = float("nan")
+    for what, hidden, status in [
+        ("shape", torch.zeros(1, 2, 100), 400),
+        ("non-finite", nan, 400),
+        ("bytes", torch.zeros(1, 4096, model.hidden_size), 413),  # far beyond the session's 4 tokens
+    ]:
+        response = httpx.post(steps, content=_step(hidden), headers=headers)
+        assert response.status_code == status and what in response.json()["error"]["message"], response.text
+    unknown = httpx.post(f"{sdk_pool.url}{SESSIONS}/{'0' * 32}/steps", content=_step(good), headers=headers)
+    assert (unknown.status_code, unknown.json()["error"]["code"]) == (404, "session_not_found")
+    assert httpx.post(steps, content=_step(good, [1, 2]), headers=headers).status_code == 200
+    assert httpx.delete(steps.removesuffix("/steps"), headers=headers).status_code == 204
 
-    from hivemind.utils.mpfuture import MPFuture
 
-    sharer = getattr(resource_sharer, "_resource_sharer", None)
-    shared = {getattr(MPFuture, "_pipe_waiter_thread", None), getattr(sharer, "_thread", None)}
-    return {t for t in shared if isinstance(t, threading.Thread)}
+def _step(hidden: torch.Tensor, token_ids: list[int] | None = None) -> bytes:
+    return pb.RelayStep(hidden=tensor_to_proto(hidden), start_position=0, token_ids=token_ids or []).SerializeToString()
 
 
-def test_close_leaves_no_threads_or_processes(pool: Pool, demo_model_dir: str) -> None:
+def test_close_leaves_no_threads_and_closes_the_sessions(sdk_pool: SdkPool, demo_model_dir: str) -> None:
     assert AutoDistributedModelForCausalLM is RemoteModel
     threads_before = set(threading.enumerate())
-    children_before = {p.pid for p in psutil.Process().children(recursive=True)}
-    model = AutoDistributedModelForCausalLM.from_pretrained(demo_model_dir, [pool.peer])
+    model = AutoDistributedModelForCausalLM.from_pretrained(demo_model_dir, sdk_pool.url, api_key=sdk_pool.key)
     assert model.generate([1, 2, 3], max_new_tokens=2).shape[1] <= 5
-    model.inference_session(max_length=8)  # left open: close() must release it
-    ours = [t for t in threading.enumerate() if t not in threads_before and t not in _shared_threads()]
+    session = model.inference_session(max_length=8)  # left open: close() must release it
+    session_url = f"{sdk_pool.url}{SESSIONS}/{session.session_id}"
+    headers = {"Authorization": f"Bearer {sdk_pool.key}"}
+    assert httpx.get(session_url, headers=headers).status_code == 200
+    ours = [t for t in threading.enumerate() if t not in threads_before]
     assert any(t.name.startswith("coop-remote-model") for t in ours)  # the check below can see our threads
-    dht = [p for p in psutil.Process().children(recursive=True) if p.pid not in children_before]
-    assert dht  # the DHT process and its p2pd
     model.close()
     model.close()  # idempotent
     with pytest.raises(CoopError, match="closed"):
         model.generate([1, 2, 3], max_new_tokens=2)
     assert [t for t in ours if t.is_alive()] == []
-    assert [t for t in threading.enumerate() if t not in threads_before and t not in _shared_threads()] == []
-    assert [p for p in dht if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] == []
+    assert httpx.get(session_url, headers=headers).status_code == 404
 
 
 def test_session_fails_over_with_token_ids_and_refuses_without(
-    pool: Pool, model: RemoteModel, reference: Callable[[str, int], list[int]]
+    sdk_pool: SdkPool, model: RemoteModel, reference: Callable[[str, int], list[int]]
 ) -> None:
     """Runs last: it kill -9s a node for blocks 15:30, leaving the other to serve the model."""
     prompt = _prompt(model)
@@ -134,7 +232,7 @@ def test_session_fails_over_with_token_ids_and_refuses_without(
     try:
         first = with_ids.step(model.embed([prompt]), token_ids=prompt)
         without_ids.step(model.embed([prompt]))
-        pool.nodes[victim].kill_hard()
+        sdk_pool.pool.nodes[victim].kill_hard()
 
         token = int(model.logits(first)[0, -1].argmax())
         hidden = with_ids.step(model.embed([[token]]), token_ids=[token])

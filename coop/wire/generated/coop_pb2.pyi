@@ -225,3 +225,13 @@ class ReceiptAck(_message.Message):
 class ReceiptAckReply(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class RelayStep(_message.Message):
+    __slots__ = ("hidden", "start_position", "token_ids")
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    START_POSITION_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    hidden: Tensor
+    start_position: int
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., start_position: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
