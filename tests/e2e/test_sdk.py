@@ -54,7 +54,8 @@ class SdkPool:
 def sdk_pool(demo_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SdkPool]:
     pool_dir = tmp_path_factory.mktemp("sdk") / "pool"
     create_pool(pool_dir, "SDK pool")
-    bundles = {name: add_member(pool_dir, name) for name in ("Alpha", "Beta", "Delta", "Coord", "Gamma")}
+    bundles = {name: add_member(pool_dir, name) for name in ("Alpha", "Beta", "Delta", "Gamma")}
+    bundles["Coord"] = add_member(pool_dir, "Coord", role="coordinator")
     pool = LocalPool(demo_model_dir)
     try:
         pool.start_dht()
