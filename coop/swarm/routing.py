@@ -60,7 +60,7 @@ def expected_block_s(nodes: Sequence[NodeAnnouncement], measured: Mapping[str, M
     """Per node id, the seconds per decode token per block that routing expects (one session of ours).
 
     A measured node's measurement; a node never measured, its claim but no less than the fastest
-    measured node's time (before any measurement, the median claim: one liar cannot move it).
+    measured node's time (before any measurement, the median claim, which one liar moves by one place at most).
     """
     seen = [m.block_s for m in measured.values() if m.block_s is not None]
     if seen:
