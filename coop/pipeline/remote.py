@@ -97,6 +97,7 @@ class RemoteChain:
         self._sign_route = sign_route
         self._route = b""
         self._route_signature = b""
+        self._reserved: list[Hop] = []  # the route the swarm view counts as our load until released
 
     async def open(self) -> RemoteChain:
         for _attempt in range(self.max_failovers + 1):
@@ -108,7 +109,7 @@ class RemoteChain:
         raise PeerError(f"could not open a session on any route after {self.max_failovers + 1} attempts")
 
     async def _open_route(self) -> None:
-        self.hops = await self.swarm.route(exclude=self._excluded)
+        self.hops = self._reserved = await self.swarm.route(exclude=self._excluded)
         self.session_id = uuid.uuid4().hex
         self._route = encode_route(self.session_id, self.hops)
         self._route_signature = b"" if self._sign_route is None else self._sign_route(route_payload(self._route))
@@ -149,7 +150,6 @@ class RemoteChain:
             raise PeerError(f"node {hop.node_id} refused the session: {error}", remote_type=remote_type) from error
         stream = _Stream(hop, call, asyncio.create_task(self._read_events(index, call, events)))
         self._streams.append(stream)
-        self.swarm.load[hop.node_id] += 1
         return stream
 
     @staticmethod
@@ -200,6 +200,7 @@ class RemoteChain:
         self._step_id += 1
         step_id = self._step_id
         first = self.hops[0]
+        started = asyncio.get_running_loop().time()
         request = pb.StepRequest(
             session_id=self.session_id,
             step_id=step_id,
@@ -221,6 +222,7 @@ class RemoteChain:
                 raise _HopsFailed({first.node_id}, str(error))
             raise _peer_error(first, "refused the step", error) from error
         output = await self._wait_result(step_id, hidden.shape[1])
+        self.swarm.step_completed(self.hops, hidden.shape[1], asyncio.get_running_loop().time() - started)
         if self.charge.meter is not None:
             self.charge.meter.stepped(self.charge.consumer, self.hops, hidden.shape[1])
         return output
@@ -286,8 +288,9 @@ class RemoteChain:
             hops = [stream.hop for stream in streams]
             self.charge.meter.session_ended(self.session_id, self.charge.consumer, hops, self._sent)
         self._sent = TokenTally()
-        for stream in streams:  # bookkeeping first, with no await, so a cancellation cannot leak it
-            self.swarm.load[stream.hop.node_id] -= 1
+        # bookkeeping first, with no await, so a cancellation cannot leak it
+        reserved, self._reserved = self._reserved, []
+        self.swarm.release(reserved)
         try:
             # A polite close lets each node free the session at once. The readers are cancelled only
             # afterwards: cancelling a task blocked in call.read() cancels the whole call, and a write

@@ -2,8 +2,13 @@
 
 A route is a chain of hops whose block ranges tile [0, num_blocks). Finding the fastest one is a
 shortest path over block boundaries (Dijkstra): a node serving [s, e) offers an edge from every
-boundary a to every boundary b with s <= a < b <= e, costing one network round trip plus its
-share of the node's per-token compute time, inflated by the sessions it already runs for us.
+boundary a to every boundary b with s <= a < b <= e, costing one network round trip plus the
+node's per-block time for b - a blocks, inflated by the sessions it already runs for us.
+
+A node's per-block time is what we measured of it (`coop.swarm.measurements`). Its announced
+throughput is only a prior for a node never measured, and a capped one: no node is believed
+faster than the fastest node measured (before any measurement, than the median claim), so a
+claim of 1e12 tokens/s buys nothing that a measurement has not shown possible.
 """
 
 from __future__ import annotations
@@ -14,8 +19,9 @@ from dataclasses import dataclass
 
 from coop.errors import RouteUnavailable
 from coop.swarm.announcement import NodeAnnouncement
+from coop.swarm.measurements import Measured
 
-DEFAULT_RTT_S = 0.002
+DEFAULT_RTT_S = 0.002  # for a node never pinged
 MIN_THROUGHPUT_TPS = 0.1  # a node announcing less (or nothing) is treated as this slow
 
 
@@ -45,28 +51,54 @@ def missing_blocks(nodes: Sequence[NodeAnnouncement], num_blocks: int) -> list[t
     return runs
 
 
-def hop_cost_s(node: NodeAnnouncement, start: int, end: int, *, active_sessions: int, rtt_s: float) -> float:
-    """Expected seconds one decode token spends on this hop."""
-    per_token_s = 1.0 / max(node.throughput_tps, MIN_THROUGHPUT_TPS)
-    share = (end - start) / (node.end - node.start)
-    return rtt_s + per_token_s * share * (1 + active_sessions)
+def claimed_block_s(node: NodeAnnouncement) -> float:
+    """Seconds per decode token per block that the node's announced throughput claims."""
+    return 1.0 / (max(node.throughput_tps, MIN_THROUGHPUT_TPS) * (node.end - node.start))
+
+
+def expected_block_s(nodes: Sequence[NodeAnnouncement], measured: Mapping[str, Measured]) -> dict[str, float]:
+    """Per node id, the seconds per decode token per block that routing expects (one session of ours).
+
+    A measured node's measurement; a node never measured, its claim but no less than the fastest
+    measured node's time (before any measurement, the median claim, which one liar moves by one place at most).
+    """
+    seen = [m.block_s for m in measured.values() if m.block_s is not None]
+    if seen:
+        prior_floor = min(seen)
+    else:
+        claims = sorted(claimed_block_s(node) for node in nodes)
+        prior_floor = claims[len(claims) // 2] if claims else 0.0
+    expected: dict[str, float] = {}
+    for node in nodes:
+        known = measured.get(node.node_id, Measured()).block_s
+        expected[node.node_id] = known if known is not None else max(claimed_block_s(node), prior_floor)
+    return expected
+
+
+def hop_cost_s(block_s: float, blocks: int, *, active_sessions: int, rtt_s: float) -> float:
+    """Expected seconds one decode token spends on a hop of `blocks` blocks."""
+    return rtt_s + block_s * blocks * (1 + active_sessions)
 
 
 def choose_route(
     nodes: Sequence[NodeAnnouncement],
     num_blocks: int,
     *,
+    measured: Mapping[str, Measured] | None = None,
     load: Mapping[str, int] | None = None,
     exclude: Collection[str] = (),
-    rtt_s: Mapping[str, float] | None = None,
 ) -> list[Hop]:
-    """The cheapest chain of hops covering blocks [0, num_blocks); RouteUnavailable if none does."""
+    """The cheapest chain of hops covering blocks [0, num_blocks); RouteUnavailable if none does.
+
+    `measured`: what we measured of each node; `load`: our open sessions on each node.
+    """
+    measured = measured or {}
     load = load or {}
-    rtt_s = rtt_s or {}
     usable = sorted((n for n in nodes if n.node_id not in exclude and n.end <= num_blocks), key=lambda n: n.node_id)
     gaps = missing_blocks(usable, num_blocks)
     if gaps:
         raise RouteUnavailable(gaps, num_blocks)
+    block_s = expected_block_s(usable, measured)
 
     best: dict[int, float] = {0: 0.0}
     back: dict[int, tuple[int, NodeAnnouncement]] = {}
@@ -80,13 +112,13 @@ def choose_route(
         for node in usable:
             if not node.start <= boundary < node.end:
                 continue
+            rtt_s = measured.get(node.node_id, Measured()).rtt_s
             for end in range(boundary + 1, node.end + 1):
                 step = hop_cost_s(
-                    node,
-                    boundary,
-                    end,
+                    block_s[node.node_id],
+                    end - boundary,
                     active_sessions=load.get(node.node_id, 0),
-                    rtt_s=rtt_s.get(node.node_id, DEFAULT_RTT_S),
+                    rtt_s=DEFAULT_RTT_S if rtt_s is None else rtt_s,
                 )
                 if cost + step < best.get(end, float("inf")) - 1e-12:
                     best[end] = cost + step

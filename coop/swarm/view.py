@@ -1,8 +1,11 @@
-"""The coordinator's live view of the swarm: which nodes serve the model, and how busy we keep them.
+"""The coordinator's live view of the swarm: which nodes serve the model, how fast we measured them,
+and how busy we keep them.
 
 Nodes come from the DHT directory, re-read every `refresh_s`. A node that just failed one of our
 sessions is held back as a suspect for a while, so new requests avoid it before its DHT record
-expires.
+expires. A route counts as our load on its nodes from the moment it is chosen until its chain
+releases it, so requests that arrive together spread out instead of all taking the route that
+was cheapest before any of them opened.
 """
 
 from __future__ import annotations
@@ -12,18 +15,18 @@ import itertools
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from coop.errors import CoopError, RouteUnavailable
 from coop.swarm.announcement import NodeAnnouncement
 from coop.swarm.directory import SwarmDirectory
-from coop.swarm.routing import Hop, choose_route
+from coop.swarm.measurements import Measurements
+from coop.swarm.routing import Hop, choose_route, expected_block_s
 
 log = logging.getLogger(__name__)
 
 SUSPECT_S = 30.0
 RTT_EVERY_REFRESHES = 5  # re-measure round trips every 5th refresh
-RTT_SMOOTHING = 0.3  # weight of a new RTT sample in the moving average
 
 Ping = Callable[[NodeAnnouncement], Awaitable[float]]
 
@@ -45,7 +48,7 @@ class SwarmView:
         `ping` measures a node's round-trip time in seconds (routes then weigh measured RTTs)."""
         self.validator = validator
         self.ping = ping
-        self.rtt_s: dict[str, float] = {}
+        self.measurements = Measurements()
         self.revoked = revoked
         self.directory = directory
         self.pool_id = pool_id
@@ -53,7 +56,7 @@ class SwarmView:
         self.num_blocks = num_blocks
         self.refresh_s = refresh_s
         self.nodes: list[NodeAnnouncement] = []
-        self.load: Counter[str] = Counter()  # our open sessions per node
+        self.load: Counter[str] = Counter()  # our sessions per node: routes chosen and not yet released
         self._suspects: dict[str, float] = {}
         self._task: asyncio.Task[None] | None = None
 
@@ -74,6 +77,8 @@ class SwarmView:
             )
         except CoopError as exc:
             log.warning("could not refresh the node list from the DHT: %s", exc)
+            return
+        self.measurements.keep_only({node.node_id for node in self.nodes})
 
     async def _refresh_forever(self) -> None:
         for count in itertools.count():
@@ -90,10 +95,21 @@ class SwarmView:
         samples = await asyncio.gather(*(self.ping(node) for node in nodes), return_exceptions=True)
         for node, sample in zip(nodes, samples, strict=True):
             if isinstance(sample, float):
-                previous = self.rtt_s.get(node.node_id, sample)
-                self.rtt_s[node.node_id] = (1 - RTT_SMOOTHING) * previous + RTT_SMOOTHING * sample
-        listed = {node.node_id for node in nodes}
-        self.rtt_s = {node_id: rtt for node_id, rtt in self.rtt_s.items() if node_id in listed}
+                self.measurements.rtt_measured(node.node_id, sample)
+
+    def step_completed(self, hops: Sequence[Hop], tokens: int, seconds: float) -> None:
+        """A chain's step of `tokens` tokens took `seconds` through `hops`, network included.
+
+        Only decode steps (one token) are measured: routes are priced per decode token, and a
+        prompt's time per token is another quantity.
+        """
+        if tokens != 1:
+            return
+        blocks: Counter[str] = Counter()
+        for hop in hops:
+            blocks[hop.node_id] += hop.end - hop.start
+        estimates = expected_block_s(self.nodes, self.measurements.nodes)
+        self.measurements.step_measured(seconds, blocks, block_s=estimates, sessions=self.load)
 
     def suspect(self, node_id: str) -> None:
         self._suspects[node_id] = time.monotonic() + SUSPECT_S
@@ -104,8 +120,23 @@ class SwarmView:
         return [n for n in self.nodes if n.node_id not in self._suspects]
 
     async def route(self, exclude: set[str] | frozenset[str] = frozenset()) -> list[Hop]:
+        """The cheapest route now, counted as our load on its nodes until `release`d."""
         try:
-            return choose_route(self.live_nodes(), self.num_blocks, load=self.load, exclude=exclude, rtt_s=self.rtt_s)
+            hops = self._choose(exclude)
         except RouteUnavailable:
             await self.refresh()  # a node may have joined since the last refresh
-            return choose_route(self.live_nodes(), self.num_blocks, load=self.load, exclude=exclude, rtt_s=self.rtt_s)
+            hops = self._choose(exclude)
+        self.load.update(hop.node_id for hop in hops)  # no await since the choice: no one else chose meanwhile
+        return hops
+
+    def release(self, hops: Sequence[Hop]) -> None:
+        """A chain is done with a route that `route` returned."""
+        for hop in hops:
+            self.load[hop.node_id] -= 1
+            if self.load[hop.node_id] <= 0:
+                del self.load[hop.node_id]
+
+    def _choose(self, exclude: set[str] | frozenset[str]) -> list[Hop]:
+        return choose_route(
+            self.live_nodes(), self.num_blocks, measured=self.measurements.nodes, load=self.load, exclude=exclude
+        )

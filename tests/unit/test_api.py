@@ -385,6 +385,9 @@ class _HostileNode:
     def suspect(self, node_id: str) -> None:
         self.suspected.append(node_id)
 
+    def release(self, hops: object) -> None:
+        pass
+
     def revoked(self) -> frozenset[str]:
         return frozenset()
 

@@ -1,16 +1,22 @@
-"""Route and span choice as pure functions over announcements: no network."""
+"""Route and span choice as pure functions over announcements, measurements and load: no network."""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections import Counter
 
 import pytest
 
 from coop.errors import RouteUnavailable
 from coop.swarm.announcement import NodeAnnouncement
-from coop.swarm.routing import choose_route, choose_span, coverage_of, missing_blocks
+from coop.swarm.measurements import Measured, Measurements, attribute_step
+from coop.swarm.routing import Hop, choose_route, choose_span, coverage_of, expected_block_s, missing_blocks
+from coop.swarm.view import Ping, SwarmView
 
 NUM_BLOCKS = 30
+LIAR_TPS = 1e12
+BLOCK_S = 0.001  # what the honest nodes were measured at, per block and decode token
 
 
 def node(node_id: str, start: int, end: int, tps: float = 10.0) -> NodeAnnouncement:
@@ -30,7 +36,7 @@ def node(node_id: str, start: int, end: int, tps: float = 10.0) -> NodeAnnouncem
     )
 
 
-def spans(route: list) -> list[tuple[str, int, int]]:  # type: ignore[type-arg]
+def spans(route: list[Hop]) -> list[tuple[str, int, int]]:
     return [(h.node_id, h.start, h.end) for h in route]
 
 
@@ -87,11 +93,11 @@ class _FixedDirectory:
         return list(self.nodes)
 
 
+def _view(nodes: list[NodeAnnouncement], ping: Ping | None = None) -> SwarmView:
+    return SwarmView(_FixedDirectory(nodes), pool_id="p", model_hash="m", num_blocks=NUM_BLOCKS, ping=ping)  # type: ignore[arg-type]
+
+
 def test_measured_rtt_steers_routes_to_the_nearer_replica() -> None:
-    import asyncio
-
-    from coop.swarm.view import SwarmView
-
     nodes = [node("a", 0, 10), node("far", 10, 20), node("near", 10, 20), node("c", 20, 30)]
     rtts = {"a": 0.001, "far": 0.2, "near": 0.001, "c": 0.001}
 
@@ -101,13 +107,99 @@ def test_measured_rtt_steers_routes_to_the_nearer_replica() -> None:
         return rtts[announcement.node_id]
 
     async def run() -> list[str]:
-        view = SwarmView(_FixedDirectory(nodes), pool_id="p", model_hash="m", num_blocks=NUM_BLOCKS, ping=ping)  # type: ignore[arg-type]
+        view = _view(nodes, ping)
         await view.start()
         await view.stop()
-        assert set(view.rtt_s) == {"a", "far", "near"}
+        assert {n for n, m in view.measurements.nodes.items() if m.rtt_s is not None} == {"a", "far", "near"}
         return [hop.node_id for hop in await view.route()]
 
     rtts["far"], rtts["near"] = 0.001, 0.2  # measured, not named: the lower RTT wins either way
     assert asyncio.run(run())[1] == "far"
     rtts["far"], rtts["near"] = 0.2, 0.001
     assert asyncio.run(run())[1] == "near"
+
+
+# -- throughput is measured, not believed ------------------------------------------------------
+
+
+def honest_pool() -> list[NodeAnnouncement]:
+    """Two nodes that together cover the model, one that serves it whole, and a liar claiming 1e12 tokens/s."""
+    return [node("head", 0, 15), node("tail", 15, 30), node("whole", 0, 30), node("liar", 0, 30, tps=LIAR_TPS)]
+
+
+HONEST_MEASURED = {name: Measured(rtt_s=0.001, block_s=BLOCK_S) for name in ("head", "tail", "whole")}
+
+
+def test_a_claim_is_believed_no_faster_than_the_fastest_measured_node() -> None:
+    estimates = expected_block_s(honest_pool(), {**HONEST_MEASURED, "whole": Measured(block_s=BLOCK_S / 2)})
+    assert estimates["liar"] == BLOCK_S / 2
+    assert estimates["head"] == estimates["tail"] == BLOCK_S
+    slow_claim = node("slow", 0, 30, tps=1.0)  # a claim slower than the cap stands
+    assert expected_block_s([slow_claim], HONEST_MEASURED)["slow"] == 1.0 / NUM_BLOCKS
+
+
+def test_before_any_measurement_the_median_claim_caps_the_liar() -> None:
+    nodes = honest_pool()
+    estimates = expected_block_s(nodes, {})
+    assert estimates["liar"] == estimates["whole"] == estimates["head"]  # the median claim, per block
+    # without load the liar and the honest whole node cost the same: the liar is not preferred
+    assert spans(choose_route(nodes, NUM_BLOCKS, load={"liar": 1})) == [("whole", 0, 30)]
+
+
+def test_a_measured_liar_is_priced_by_what_it_did() -> None:
+    measurements = Measurements()
+    for name, measured in HONEST_MEASURED.items():
+        measurements.nodes[name] = measured
+    nodes = honest_pool()
+    liar_route = {"liar": NUM_BLOCKS}
+    for _ in range(3):  # the liar really takes 10 ms per block
+        estimates = expected_block_s(nodes, measurements.nodes)
+        measurements.step_measured(10 * BLOCK_S * NUM_BLOCKS, liar_route, block_s=estimates, sessions={"liar": 1})
+    liar = measurements.nodes["liar"].block_s
+    assert liar is not None and liar > 5 * BLOCK_S
+    load = {"whole": 3, "head": 3, "tail": 3}  # even busy honest nodes beat the slow liar
+    assert "liar" not in {
+        hop.node_id for hop in choose_route(nodes, NUM_BLOCKS, measured=measurements.nodes, load=load)
+    }
+
+
+def test_fifty_sessions_spread_over_every_node_that_can_serve_them() -> None:
+    nodes = honest_pool()
+    load: Counter[str] = Counter()
+    routes: Counter[str] = Counter()
+    for _ in range(50):
+        route = choose_route(nodes, NUM_BLOCKS, measured=HONEST_MEASURED, load=load)
+        load.update(hop.node_id for hop in route)
+        routes["+".join(hop.node_id for hop in route)] += 1
+    assert set(routes) == {"liar", "whole", "head+tail"}
+    assert max(routes.values()) - min(routes.values()) <= 2
+    assert load["head"] == load["tail"] == routes["head+tail"]
+
+
+def test_a_step_time_is_shared_by_expected_cost_and_a_slow_hop_keeps_its_own() -> None:
+    assert attribute_step(0.3, {"a": 0.1, "b": 0.2}, measured=()) == pytest.approx({"a": 0.1, "b": 0.2})
+    assert attribute_step(0.5, {"one": 0.1}, measured=()) == {"one": 0.5}  # a lone hop is measured exactly
+    # "b" was expected to be as quick as measured "a", but the route took a second: "b" gets at
+    # least what "a"'s measurement leaves, "a" no more than its proportional share
+    spent = attribute_step(1.0, {"a": 0.01, "b": 0.01}, measured={"a"})
+    assert spent["b"] == pytest.approx(0.99) and spent["a"] == pytest.approx(0.5)
+
+
+def test_the_view_reserves_routes_as_it_chooses_them_and_measures_decode_steps() -> None:
+    nodes = [node("a", 0, 30), node("b", 0, 30)]
+
+    async def run() -> None:
+        view = _view(nodes)
+        await view.start()
+        await view.stop()
+        routes = [await view.route() for _ in range(3)]  # no stream opened in between
+        assert [route[0].node_id for route in routes] == ["a", "b", "a"]
+        view.step_completed(routes[0], tokens=7, seconds=5.0)  # a prompt: not a decode step
+        assert "a" not in view.measurements.nodes
+        view.step_completed(routes[0], tokens=1, seconds=0.3)  # 0.3 s = 30 blocks x 2 of our sessions x 5 ms
+        assert view.measurements.nodes["a"].block_s == pytest.approx(0.005)
+        for route in routes:
+            view.release(route)
+        assert not view.load
+
+    asyncio.run(run())
