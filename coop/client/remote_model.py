@@ -44,6 +44,7 @@ from coop.swarm.announcement import announcement_validator
 from coop.swarm.directory import SwarmDirectory
 from coop.swarm.revocations import RevocationWatcher
 from coop.swarm.routing import Hop
+from coop.swarm.validation import pool_record_validator
 from coop.swarm.view import SwarmView
 from coop.wire.channels import ChannelPool
 from coop.wire.tensors import check_finite
@@ -152,7 +153,8 @@ class RemoteModel:
             raise InvalidInput("initial_peers must be a list of multiaddrs, not one string")
         membership = Membership.load(None if member is None else Path(member), pool_id=pool_id)
         client = ClientPart.load(model_dir, device=device)
-        directory = SwarmDirectory.start(list(initial_peers), dht_host, 0, client_mode=True)
+        validator = pool_record_validator(membership)
+        directory = SwarmDirectory.start(list(initial_peers), dht_host, 0, client_mode=True, validator=validator)
         try:
             return cls(client, directory, membership, step_timeout_s=step_timeout_s, max_failovers=max_failovers)
         except BaseException:

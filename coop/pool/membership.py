@@ -17,7 +17,7 @@ from coop.config import DEFAULT_POOL_ID
 from coop.errors import Unauthorized
 from coop.pool.bundle import MemberBundle
 from coop.pool.ca import peer_institution
-from coop.pool.revocation import Revocations
+from coop.pool.revocation import Revocations, saved_revocations_path
 from coop.wire.channels import ChannelSecurity
 
 
@@ -36,7 +36,10 @@ class Membership:
         if bundle_path is None:
             return cls(pool_id, institution, None, Revocations(None, pool_id))
         bundle = MemberBundle.load(bundle_path)
-        return cls(bundle.pool_id, bundle.institution, bundle, Revocations(bundle.ca_cert_pem, bundle.pool_id))
+        revocations = Revocations.load(
+            bundle.ca_cert_pem, bundle.pool_id, saved_revocations_path(bundle_path), bundle.revocations
+        )
+        return cls(bundle.pool_id, bundle.institution, bundle, revocations)
 
     @property
     def secure(self) -> bool:
