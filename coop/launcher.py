@@ -107,8 +107,9 @@ class LocalPool:
         self.peer = ""
         self.url = ""
 
-    def start_dht(self) -> None:
-        dht = start("dht", ["dht", "start"], "COOP_DHT_READY")
+    def start_dht(self, member: Path | None = None) -> None:
+        """`member`: the bundle of the member running the bootstrap peer (it then holds only pool records)."""
+        dht = start("dht", ["dht", "start", *(["--member", str(member)] if member else [])], "COOP_DHT_READY")
         self.processes.append(dht)
         self.peer = dht.ready["dht_maddrs"][0]
 

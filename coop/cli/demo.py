@@ -84,7 +84,7 @@ def run_demo(model_dir: Path, *, port: int, question: str, once: bool) -> None:
         pool = LocalPool(str(model_dir))
         try:
             console.print("starting a DHT bootstrap peer …")
-            pool.start_dht()
+            pool.start_dht(member=demo.coordinator)  # holds only records the pool signed
             console.print(f"starting 3 nodes ({', '.join(DEMO_SPANS.values())}), mutual TLS, signed announcements …")
             pool.start_nodes(DEMO_SPANS, demo.nodes)
             console.print("starting the coordinator …")

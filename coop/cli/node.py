@@ -22,11 +22,13 @@ def dht_start(
     initial_peers: PeersOption = None,
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 0,
+    member: MemberOption = None,
 ) -> None:
     """Start a DHT peer that helps nodes and coordinators find each other."""
     from coop.node.daemon import run_dht
+    from coop.pool.membership import Membership
 
-    asyncio.run(run_dht(initial_peers or [], host, port))
+    asyncio.run(run_dht(initial_peers or [], host, port, Membership.load(member)))
 
 
 @node_app.command("start")

@@ -23,10 +23,11 @@ def swarm_status(
     from coop.swarm.announcement import announcement_validator
     from coop.swarm.directory import SwarmDirectory
     from coop.swarm.routing import coverage_of, missing_blocks
+    from coop.swarm.validation import pool_record_validator
 
     manifest = Manifest.load(model)
     membership = Membership.load(member)
-    directory = SwarmDirectory.start(initial_peers or [])
+    directory = SwarmDirectory.start(initial_peers or [], validator=pool_record_validator(membership))
     try:
         nodes = directory.list_nodes(membership.pool_id, manifest.content_hash, announcement_validator(membership))
     finally:

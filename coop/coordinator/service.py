@@ -18,9 +18,11 @@ from coop.pipeline.generation import Chain
 from coop.pipeline.remote import RemoteChain
 from coop.pool.ca import ROLE_COORDINATOR
 from coop.pool.membership import Membership
+from coop.pool.registry import REVOCATIONS_FILE
 from coop.swarm.announcement import NodeAnnouncement, announcement_validator
 from coop.swarm.directory import SwarmDirectory
 from coop.swarm.revocations import RevocationWatcher
+from coop.swarm.validation import pool_record_validator
 from coop.swarm.view import SwarmView
 from coop.wire.channels import ChannelPool, ChannelSecurity
 from coop.wire.generated import coop_pb2 as pb
@@ -92,7 +94,10 @@ async def run_coordinator(settings: CoordinatorSettings) -> None:
 
     membership = Membership.load(settings.member_bundle, pool_id=settings.pool_id).require(ROLE_COORDINATOR)
     client = await asyncio.to_thread(ClientPart.load, settings.model_dir, device=settings.device)
-    directory = await asyncio.to_thread(SwarmDirectory.start, list(settings.initial_peers), settings.host, 0)
+    validator = pool_record_validator(membership)
+    directory = await asyncio.to_thread(
+        SwarmDirectory.start, list(settings.initial_peers), settings.host, 0, validator=validator
+    )
     swarm = SwarmView(
         directory,
         pool_id=membership.pool_id,
@@ -105,7 +110,8 @@ async def run_coordinator(settings: CoordinatorSettings) -> None:
     sign_route = membership.credentials.sign if membership.credentials is not None else None
     backend = RemoteBackend(client, swarm, settings, membership.channel_security(), sign_route)
     swarm.ping = backend.ping
-    watcher = RevocationWatcher(membership.revocations, directory)
+    pool_list = [] if settings.pool_dir is None else [settings.pool_dir / REVOCATIONS_FILE]
+    watcher = RevocationWatcher(membership.revocations, directory, files=pool_list)
     try:
         await asyncio.to_thread(watcher.start)
         await swarm.start()

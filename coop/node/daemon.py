@@ -30,6 +30,7 @@ from coop.swarm.announcement import announcement_validator
 from coop.swarm.directory import Announcer, SwarmDirectory
 from coop.swarm.revocations import RevocationWatcher
 from coop.swarm.routing import choose_span, coverage_of
+from coop.swarm.validation import pool_record_validator
 from coop.wire.channels import GRPC_OPTIONS
 from coop.wire.generated import coop_pb2_grpc
 
@@ -89,7 +90,11 @@ async def run_node(settings: NodeSettings) -> None:
     if settings.member_bundle is None:
         print("development mode: no --member bundle, so plaintext gRPC and unsigned announcements", file=sys.stderr)
     directory = await asyncio.to_thread(
-        SwarmDirectory.start, list(settings.initial_peers), settings.host, settings.dht_port
+        SwarmDirectory.start,
+        list(settings.initial_peers),
+        settings.host,
+        settings.dht_port,
+        validator=pool_record_validator(membership),
     )
     announcer: Announcer | None = None
     watcher = RevocationWatcher(membership.revocations, directory)
@@ -182,9 +187,13 @@ async def _wait_for_signal() -> None:
     await stop.wait()
 
 
-async def run_dht(initial_peers: list[str], host: str, port: int) -> None:
-    """A DHT peer that only helps others find each other (any member can run one)."""
-    directory = await asyncio.to_thread(SwarmDirectory.start, initial_peers, host, port)
+async def run_dht(initial_peers: list[str], host: str, port: int, membership: Membership) -> None:
+    """A DHT peer that only helps others find each other (any member can run one).
+
+    With a member bundle it holds only records its pool signed, like every other pool process.
+    """
+    validator = pool_record_validator(membership)
+    directory = await asyncio.to_thread(SwarmDirectory.start, initial_peers, host, port, validator=validator)
     try:
         print(f"COOP_DHT_READY {json.dumps({'dht_maddrs': directory.visible_maddrs()})}", flush=True)
         await _wait_for_signal()

@@ -27,6 +27,7 @@ from coop.pool.ca import (
 )
 from coop.pool.files import read_document
 from coop.pool.identity import Identity, verify_identity
+from coop.pool.revocation import RevocationList
 
 BUNDLE_FORMAT = "coop-member-bundle/1"
 
@@ -73,6 +74,9 @@ class MemberBundle:
     bootstrap: tuple[str, ...] = ()
     ledger_url: str | None = None
     limits: PoolLimits = field(default_factory=PoolLimits)
+    # the pool's revocation list when the bundle was made: a process starts from it even if the DHT
+    # copy is lost or attacked (checked against the CA by whoever uses it)
+    revocations: RevocationList | None = None
 
     @classmethod
     def load(cls, path: Path | str) -> MemberBundle:
@@ -91,6 +95,7 @@ class MemberBundle:
                 bootstrap=tuple(str(addr) for addr in pool.get("bootstrap", [])),
                 ledger_url=None if pool.get("ledger_url") is None else str(pool["ledger_url"]),
                 limits=PoolLimits.from_dict(pool.get("limits", {})),
+                revocations=None if doc.get("revocations") is None else RevocationList.from_dict(doc["revocations"]),
             )
             key = bundle._private_key
         except (ValueError, KeyError, TypeError, AttributeError, InvalidInput, UnsupportedAlgorithm) as exc:
@@ -121,6 +126,8 @@ class MemberBundle:
             "cert_pem": self.cert_pem.decode("ascii"),
             "key_pem": self.key_pem.decode("ascii"),
         }
+        if self.revocations is not None:
+            doc["revocations"] = self.revocations.to_dict()
         return (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
     @cached_property

@@ -18,7 +18,7 @@ from coop.errors import InvalidInput, Unauthorized
 from coop.pool.bundle import Credentials, MemberBundle
 from coop.pool.ca import ROLE_COORDINATOR
 from coop.pool.identity import Identity, peer_identity
-from coop.pool.revocation import Revocations
+from coop.pool.revocation import Revocations, saved_revocations_path
 from coop.wire.channels import ChannelSecurity
 
 
@@ -48,7 +48,9 @@ class Membership:
         if bundle_path is None:
             return cls(pool_id, institution, None, Revocations(None, pool_id))
         bundle = MemberBundle.load(bundle_path)
-        revocations = Revocations(bundle.ca_cert_pem, bundle.pool_id)
+        revocations = Revocations.load(
+            bundle.ca_cert_pem, bundle.pool_id, saved_revocations_path(bundle_path), bundle.revocations
+        )
         role = bundle.identity.role
         credentials = bundle.credentials(node_id) if node_id is not None or role == ROLE_COORDINATOR else None
         return cls(bundle.pool_id, bundle.institution, bundle, revocations, credentials)

@@ -239,6 +239,7 @@ def add_member(pool_dir: Path | str, institution: str, *, role: str = ROLE_MEMBE
             bootstrap=pool.bootstrap,
             ledger_url=pool.ledger_url,
             limits=pool.limits,
+            revocations=read_revocations(pool),
         )
         create_file(bundle_path, bundle.to_bytes(), 0o600)
         record = {

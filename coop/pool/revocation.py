@@ -1,17 +1,31 @@
-"""The CA-signed revocation list of a pool, and the newest one a running process has accepted."""
+"""The CA-signed revocation list of a pool, and the newest one a running process has accepted.
+
+A revocation must survive the loss of any one copy: the admin keeps revocations.json in the pool
+directory, new member bundles carry the list current when they were made, every process keeps the
+newest list it accepted on disk next to its bundle (`saved_revocations_path`) and reloads it at
+start, and the DHT spreads it. So a DHT outage or attack delays news of a revocation, but never
+un-revokes anyone a process already knew about.
+"""
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import logging
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from coop.errors import InvalidInput, Unauthorized
+from coop.errors import CoopError, InvalidInput, Unauthorized
 from coop.pool.ca import SIGNATURE_HASH, load_cert, pool_of_ca, verify_signature
-from coop.pool.files import read_file
+from coop.pool.files import read_file, replace_file
+
+log = logging.getLogger(__name__)
 
 _REVOCATIONS_DOMAIN = b"coop-revocations-v1\n"  # domain separation: never valid as another signature
 
@@ -43,20 +57,31 @@ class RevocationList:
         signature = ca_key.sign(self.payload(), ec.ECDSA(SIGNATURE_HASH))
         return RevocationList(self.pool_id, self.revoked, self.serials, self.issued_at, signature)
 
+    def to_dict(self) -> dict[str, object]:
+        """The JSON document of revocations.json (also embedded in member bundles)."""
+        return {**self._unsigned(), "signature": base64.b64encode(self.signature).decode("ascii")}
+
     def to_bytes(self) -> bytes:
-        doc = {**self._unsigned(), "signature": base64.b64encode(self.signature).decode("ascii")}
-        return (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+        return (json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
     @classmethod
     def from_bytes(cls, data: bytes) -> RevocationList:
         try:
             doc = json.loads(data)
+        except ValueError as exc:
+            raise InvalidInput(f"malformed revocation list: {exc}") from exc
+        return cls.from_dict(doc)
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> RevocationList:
+        """Parse (not verify) a list; InvalidInput on anything malformed."""
+        try:
             revoked, serials = doc["revoked"], doc["serials"]
             if not all(isinstance(x, str) for x in [*revoked, *serials]):
                 raise TypeError("revoked and serials must be lists of strings")
             issued_at = doc["issued_at"]
-            if isinstance(issued_at, bool) or not isinstance(issued_at, int | float):
-                raise TypeError("issued_at must be a number")
+            if isinstance(issued_at, bool) or not isinstance(issued_at, int | float) or not math.isfinite(issued_at):
+                raise TypeError("issued_at must be a finite number")
             return cls(
                 pool_id=str(doc["pool_id"]),
                 revoked=tuple(revoked),
@@ -64,7 +89,7 @@ class RevocationList:
                 issued_at=float(issued_at),
                 signature=base64.b64decode(doc["signature"], validate=True),
             )
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise InvalidInput(f"malformed revocation list: {exc}") from exc
 
     def verify(self, ca_cert_pem: bytes) -> None:
@@ -86,18 +111,48 @@ class RevocationList:
         return revocations
 
 
+def saved_revocations_path(bundle_path: Path) -> Path:
+    """Where a process run with bundle_path keeps the newest list it accepted (e.g. alpha.revocations).
+
+    An admin may also copy the pool's revocations.json there to hand a member a list by hand.
+    """
+    return bundle_path.with_suffix(".revocations")
+
+
 class Revocations:
     """The newest revocation list signed by the pool CA that this process has accepted.
 
-    Lists arrive from anywhere (the DHT, a file the admin distributed); only one that verifies against
-    the pool CA, is for this pool and is newer than the current one replaces it.
+    Lists arrive from anywhere (the DHT, a member bundle, a file the admin distributed); only one that
+    verifies against the pool CA, is for this pool and is newer than the current one replaces it, and
+    is then saved to `path` (when given) so that the next start begins from it.
     """
 
-    def __init__(self, ca_cert_pem: bytes | None, pool_id: str) -> None:
+    def __init__(self, ca_cert_pem: bytes | None, pool_id: str, path: Path | None = None) -> None:
         self.ca_cert_pem = ca_cert_pem
         self.pool_id = pool_id
+        self.path = path
+        self.current: RevocationList | None = None
         self.issued_at = 0.0
         self.names: frozenset[str] = frozenset()
+
+    @classmethod
+    def load(cls, ca_cert_pem: bytes, pool_id: str, path: Path, carried: RevocationList | None = None) -> Revocations:
+        """Start from the newest of carried (a bundle's list) and the list saved at path.
+
+        A saved list that does not verify is an error, not something to skip: starting without it
+        could serve a revoked member.
+        """
+        revocations = cls(ca_cert_pem, pool_id, path)
+        if path.exists():  # first, so that carried cannot replace a broken file before it is noticed
+            try:
+                revocations.offer(RevocationList.load(path, ca_cert_pem))
+            except CoopError as exc:
+                raise InvalidInput(
+                    f"saved revocation list {path} is not usable ({exc}); replace it with the pool's revocations.json"
+                ) from exc
+        if carried is not None:
+            revocations.offer(carried)
+        return revocations
 
     def __call__(self) -> frozenset[str]:
         return self.names
@@ -109,5 +164,18 @@ class Revocations:
         candidate.verify(self.ca_cert_pem)
         if candidate.pool_id != self.pool_id or candidate.issued_at <= self.issued_at:
             return False
-        self.issued_at, self.names = candidate.issued_at, frozenset(candidate.revoked)
+        self.current, self.issued_at, self.names = candidate, candidate.issued_at, frozenset(candidate.revoked)
+        self._save(candidate)
         return True
+
+    def _save(self, revocations: RevocationList) -> None:
+        """Keep revocations at path unless a list as new is there already (another process of ours)."""
+        if self.path is None or self.ca_cert_pem is None:
+            return
+        with contextlib.suppress(CoopError):
+            if RevocationList.load(self.path, self.ca_cert_pem).issued_at >= revocations.issued_at:
+                return
+        try:
+            replace_file(self.path, revocations.to_bytes(), 0o644)
+        except (OSError, CoopError) as exc:
+            log.warning("could not save the revocation list to %s: %s", self.path, exc)

@@ -3,7 +3,8 @@
 The record is built and stamped once (`stamp_announcement`): fields, times, the node's certificate
 chain and a signature over all of them. Readers keep only records the pool CA vouches for
 (`AnnouncementVerifier`): the valid, unrevoked node certificate of exactly the announced node and
-institution, that signed exactly these field values.
+institution, that signed exactly these field values. A node that leaves replaces its record with a
+`Withdrawal`, signed the same way, so that nobody else can hide it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import logging
 import re
 from collections.abc import Callable, Collection, Mapping
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
@@ -27,6 +28,7 @@ from coop.pool.membership import Membership
 logger = logging.getLogger(__name__)
 
 _ANNOUNCEMENT_DOMAIN = b"coop-announcement-v1\n"  # domain separation: never valid as another signature
+_WITHDRAWAL_DOMAIN = b"coop-withdrawal-v1\n"
 
 _ID = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:-]{1,128}$")]
 _HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
@@ -111,14 +113,16 @@ class NodeAnnouncement(BaseModel):
             raise InvalidInput(f"malformed node announcement: {type(exc).__name__}") from exc
 
 
-def _payload(fields: Mapping[str, Any]) -> bytes:
-    """Canonical bytes of every field but the signature (certificate included, so it is bound too).
+def _payload(
+    fields: Mapping[str, Any], model: type[BaseModel] = NodeAnnouncement, domain: bytes = _ANNOUNCEMENT_DOMAIN
+) -> bytes:
+    """Canonical bytes of every field of model but the signature (certificate included, so it is bound too).
 
     JSON with sorted keys; bytes as base64; float fields always as floats, so an int that a peer's
     msgpack round trip keeps as an int cannot change the encoding.
     """
     doc: dict[str, Any] = {}
-    for name, info in NodeAnnouncement.model_fields.items():
+    for name, info in model.model_fields.items():
         if name == "signature":
             continue
         value = fields[name]
@@ -128,7 +132,7 @@ def _payload(fields: Mapping[str, Any]) -> bytes:
             value = float(value)
         doc[name] = value
     body = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    return _ANNOUNCEMENT_DOMAIN + body.encode("utf-8")
+    return domain + body.encode("utf-8")
 
 
 def announcement_payload(ann: NodeAnnouncement) -> bytes:
@@ -136,14 +140,16 @@ def announcement_payload(ann: NodeAnnouncement) -> bytes:
     return _payload(ann.to_wire())
 
 
-def _signed_fields(bundle: Credentials, fields: Mapping[str, Any]) -> dict[str, Any]:
+def _signed_fields(
+    bundle: Credentials, fields: Mapping[str, Any], payload: Callable[[Mapping[str, Any]], bytes] = _payload
+) -> dict[str, Any]:
     if fields["pool_id"] != bundle.pool_id or fields["institution"] != bundle.institution:
         raise InvalidInput(
-            f"cannot sign an announcement of {fields['institution']!r} in pool {fields['pool_id']!r} "
+            f"cannot sign a record of {fields['institution']!r} in pool {fields['pool_id']!r} "
             f"with the credentials of {bundle.institution!r} in pool {bundle.pool_id!r}"
         )
     doc = {**fields, "certificate": bundle.cert_pem, "signature": b""}
-    return {**doc, "signature": bundle.sign(_payload(doc))}
+    return {**doc, "signature": bundle.sign(payload(doc))}
 
 
 def stamp_announcement(
@@ -163,6 +169,98 @@ def sign_announcement(bundle: Credentials, ann: NodeAnnouncement) -> NodeAnnounc
     return NodeAnnouncement.model_validate(_signed_fields(bundle, ann.to_wire()))
 
 
+# ------------------------------------------------------------------------------------------ withdrawals
+
+
+class Withdrawal(BaseModel):
+    """A signed tombstone: node_id no longer serves (pool_id, model_hash), until expires_at.
+
+    hivemind cannot delete a record, only replace it with one expiring later; this is that
+    replacement. It is signed like an announcement so that only the node's own identity can hide it.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    withdrawn: Literal[True] = True  # tells it apart from a NodeAnnouncement on the wire
+    node_id: _ID
+    pool_id: _ID
+    model_hash: _ID
+    institution: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    withdrawn_at: _TIMESTAMP
+    expires_at: _TIMESTAMP
+    signature: Annotated[bytes, Field(max_length=8192)] = b""
+    certificate: Annotated[bytes, Field(max_length=65536)] = b""
+
+    @model_validator(mode="after")
+    def _check(self) -> Withdrawal:
+        if not self.expires_at > self.withdrawn_at:
+            raise ValueError("expires_at must be later than withdrawn_at")
+        return self
+
+    def to_wire(self) -> dict[str, str | int | float | bytes | bool]:
+        return {name: getattr(self, name) for name in type(self).model_fields}
+
+    @classmethod
+    def from_wire(cls, obj: object) -> Withdrawal:
+        """Parse what a peer stored; InvalidInput on anything malformed, never anything else."""
+        if not is_withdrawal(obj):
+            raise InvalidInput("not a withdrawal record")
+        try:
+            return cls.model_validate(obj)
+        except Exception as exc:  # garbage from a peer must never crash a reader
+            raise InvalidInput(f"malformed withdrawal: {type(exc).__name__}") from exc
+
+
+def is_withdrawal(obj: object) -> bool:
+    """Whether a DHT value is meant as a Withdrawal (the reader still has to parse and check it)."""
+    return isinstance(obj, Mapping) and obj.get("withdrawn") is True
+
+
+def _withdrawal_payload(fields: Mapping[str, Any]) -> bytes:
+    return _payload(fields, Withdrawal, _WITHDRAWAL_DOMAIN)
+
+
+def withdrawal_payload(withdrawal: Withdrawal) -> bytes:
+    """The bytes a withdrawal's signature covers."""
+    return _withdrawal_payload(withdrawal.to_wire())
+
+
+def stamp_withdrawal(
+    ann: NodeAnnouncement, *, now: float, expires_at: float, bundle: Credentials | None = None
+) -> Withdrawal:
+    """The tombstone of ann's node, made at now until expires_at, signed with bundle when given."""
+    doc: dict[str, Any] = {
+        "withdrawn": True,
+        "node_id": ann.node_id,
+        "pool_id": ann.pool_id,
+        "model_hash": ann.model_hash,
+        "institution": ann.institution,
+        "withdrawn_at": now,
+        "expires_at": expires_at,
+        "certificate": b"",
+        "signature": b"",
+    }
+    return Withdrawal.model_validate(doc if bundle is None else _signed_fields(bundle, doc, _withdrawal_payload))
+
+
+# -------------------------------------------------------------------------------------------- readers
+
+
+class SignedRecord(Protocol):
+    """What identifies the signer of a node's record (NodeAnnouncement and Withdrawal both have it)."""
+
+    @property
+    def node_id(self) -> str: ...
+    @property
+    def pool_id(self) -> str: ...
+    @property
+    def institution(self) -> str: ...
+    @property
+    def certificate(self) -> bytes: ...
+    @property
+    def signature(self) -> bytes: ...
+
+
 class AnnouncementVerifier:
     """``list_nodes(validator=AnnouncementVerifier(...))``: keep only announcements the pool CA vouches for.
 
@@ -170,7 +268,7 @@ class AnnouncementVerifier:
     pool for exactly the announced node and institution, and signed exactly these field values.
     """
 
-    def __init__(self, ca_cert_pem: bytes, pool_id: str, revoked: Callable[[], Collection[str]] = lambda: ()) -> None:
+    def __init__(self, ca_cert_pem: bytes, pool_id: str, revoked: Callable[[], Collection[str]] = tuple) -> None:
         try:
             load_cert(ca_cert_pem, "pool CA certificate")
         except Unauthorized as exc:
@@ -181,18 +279,26 @@ class AnnouncementVerifier:
 
     def check(self, ann: NodeAnnouncement) -> str:
         """The announcing institution, or Unauthorized saying why the announcement is rejected."""
-        if ann.pool_id != self._pool_id:
-            raise Unauthorized(f"announcement is for pool {ann.pool_id!r}, not {self._pool_id!r}")
-        if not ann.certificate or not ann.signature:
+        return self.check_signed(ann, announcement_payload(ann))
+
+    def check_signed(self, record: SignedRecord, payload: bytes) -> str:
+        """The institution that signed payload as record's node, or Unauthorized saying why not.
+
+        The one identity check of every signed record of a node (announcement or withdrawal).
+        """
+        if record.pool_id != self._pool_id:
+            raise Unauthorized(f"announcement is for pool {record.pool_id!r}, not {self._pool_id!r}")
+        if not record.certificate or not record.signature:
             raise Unauthorized("announcement is not signed")
         signer = verify_identity(
-            self._ca_cert_pem, ann.certificate, pool_id=self._pool_id, revoked=self._revoked()
+            self._ca_cert_pem, record.certificate, pool_id=self._pool_id, revoked=self._revoked()
         ).require(ROLE_NODE)
-        if (signer.institution, signer.node_id) != (ann.institution, ann.node_id):
+        if (signer.institution, signer.node_id) != (record.institution, record.node_id):
             raise Unauthorized(
-                f"the certificate of {signer.describe()} cannot announce node {ann.node_id!r} of {ann.institution!r}"
+                f"the certificate of {signer.describe()} cannot sign for node {record.node_id!r} "
+                f"of {record.institution!r}"
             )
-        verify_signature(ann.certificate, announcement_payload(ann), ann.signature)
+        verify_signature(record.certificate, payload, record.signature)
         return signer.institution
 
     def __call__(self, ann: NodeAnnouncement) -> bool:

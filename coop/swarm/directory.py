@@ -9,12 +9,13 @@ hivemind quirks this module works around (hivemind 1.1.12):
 
 * A subkey store is accepted only if its expiration is *later* than the one already stored, and a store
   whose expiration is already past is rejected outright. So a record cannot be deleted by re-storing
-  it "expiring now"; :meth:`SwarmDirectory.withdraw` stores a tombstone (value ``None``) that expires a
-  hair after the record it replaces, and readers skip tombstones.
+  it "expiring now"; :meth:`SwarmDirectory.withdraw` stores a tombstone (a signed `Withdrawal`) that
+  expires a hair after the record it replaces, and readers skip tombstones.
 * ``hivemind.DHT`` talks to its background process through one pipe that is not safe to write from two
   threads at once; every call here is sent under a lock and awaited outside it, with a timeout.
-* The DHT accepts any msgpack value from any peer, so everything read back is parsed defensively by
-  :meth:`NodeAnnouncement.from_wire`; records that fail are dropped, never raised.
+* The DHT accepts any msgpack value from any peer unless a record validator says otherwise; a pool's
+  processes install one (`coop.swarm.validation`), and everything read back is still parsed
+  defensively by :meth:`NodeAnnouncement.from_wire`; records that fail are dropped, never raised.
 """
 
 from __future__ import annotations
@@ -29,17 +30,21 @@ from typing import Any
 
 from hivemind import DHT
 from hivemind.dht.node import DHTNode
+from hivemind.dht.validation import RecordValidatorBase
 from hivemind.utils.multiaddr import Multiaddr
 
 from coop.errors import InvalidInput, PeerError
 from coop.pool.bundle import Credentials
-from coop.swarm.announcement import NodeAnnouncement, stamp_announcement
+from coop.swarm.announcement import NodeAnnouncement, is_withdrawal, stamp_announcement, stamp_withdrawal
 from coop.swarm.periodic import Periodic
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TTL_S = 9.0
 """A dead node drops out of the directory within this many seconds (plus one refresh period at most)."""
+
+MAX_RECORD_TTL_S = 120.0
+"""The longest a node's announcement may be signed to live: a pool's DHT refuses longer ones."""
 
 DEFAULT_TIMEOUT_S = 10.0
 """Upper bound on any single DHT call; hivemind's own RPC timeout is 3 s per peer."""
@@ -109,18 +114,22 @@ class SwarmDirectory:
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         startup_timeout_s: float = 30.0,
+        validator: RecordValidatorBase | None = None,
         **dht_kwargs: Any,
     ) -> SwarmDirectory:
         """Start a DHT peer listening on host:port (0 = any free port) and join initial_peers.
 
-        With no initial_peers this peer starts a new swarm. dht_kwargs go to hivemind.DHT
-        (e.g. identity_path, announce_maddrs). Raises PeerError if none of the peers answers.
+        With no initial_peers this peer starts a new swarm. validator decides which records this
+        peer stores and believes (a pool's `pool_record_validator`; None in development mode).
+        dht_kwargs go to hivemind.DHT (e.g. identity_path, announce_maddrs). Raises PeerError if
+        none of the peers answers.
         """
         peers = _check_peers(initial_peers)
         dht = DHT(
             initial_peers=peers or None,
             start=False,
             host_maddrs=[_listen_maddr(host, port)],
+            record_validators=[] if validator is None else [validator],
             **dht_kwargs,
         )
         try:
@@ -166,18 +175,7 @@ class SwarmDirectory:
         if ann.expires_at <= time.time():
             raise InvalidInput(f"announcement for node {ann.node_id} has already expired")
         key = directory_key(ann.pool_id, ann.model_hash)
-        ok = bool(
-            self._call(
-                "store",
-                lambda: self._dht.store(
-                    key,
-                    subkey=ann.node_id,
-                    value=ann.to_wire(),
-                    expiration_time=ann.expires_at,
-                    return_future=True,
-                ),
-            )
-        )
+        ok = self._store_entry(key, ann.node_id, ann.to_wire(), ann.expires_at)
         if ok:
             with self._lock:
                 self._stored_until[(key, ann.node_id)] = ann.expires_at
@@ -185,32 +183,44 @@ class SwarmDirectory:
             logger.debug("DHT kept a newer record than node %s's announcement under %s", ann.node_id, key)
         return ok
 
-    def withdraw(self, pool_id: str, model_hash: str, node_id: str) -> None:
-        """Make node_id disappear from list_nodes now, instead of when its record expires.
+    def withdraw(self, ann: NodeAnnouncement, bundle: Credentials | None = None) -> None:
+        """Make ann's node disappear from list_nodes now, instead of when its record expires.
 
-        Stores a tombstone that expires just after the latest record of this node seen locally or in
-        the DHT (hivemind only replaces a subkey with a later-expiring value).
+        Stores a tombstone, signed with bundle like the node's announcements, that expires just after
+        the latest record of this node seen locally or in the DHT (hivemind only replaces a subkey
+        with a later-expiring value).
         """
-        key = directory_key(pool_id, model_hash)
+        key, node_id = directory_key(ann.pool_id, ann.model_hash), ann.node_id
         with self._lock:
             latest = self._stored_until.pop((key, node_id), -math.inf)
-        found = self._get(key)
-        if found is not None and isinstance(found.value, dict) and node_id in found.value:
-            latest = max(latest, float(found.value[node_id].expiration_time))
-        if latest <= time.time():
+        latest = max(latest, self._entry_expiration(key, node_id))
+        now = time.time()
+        if latest <= now:
             return  # nothing live to hide
+        tombstone = stamp_withdrawal(ann, now=now, expires_at=latest + _TOMBSTONE_MARGIN_S, bundle=bundle)
+        if not self._store_entry(key, node_id, tombstone.to_wire(), tombstone.expires_at):
+            raise PeerError(f"could not withdraw node {node_id}: no DHT peer accepted the tombstone")
+
+    def _store_entry(self, key: str, subkey: str, value: object, expiration_time: float) -> bool:
+        """Store one subkey entry; True if a replica holds it.
+
+        hivemind reports the answer of whichever replica replied last, so one peer's refusal (a
+        peer holding junk under the key, say) can read as failure: a False is checked by reading back.
+        """
         ok = self._call(
             "store",
             lambda: self._dht.store(
-                key,
-                subkey=node_id,
-                value=None,
-                expiration_time=latest + _TOMBSTONE_MARGIN_S,
-                return_future=True,
+                key, subkey=subkey, value=value, expiration_time=expiration_time, return_future=True
             ),
         )
-        if not ok:
-            raise PeerError(f"could not withdraw node {node_id}: no DHT peer accepted the tombstone")
+        return bool(ok) or self._entry_expiration(key, subkey) == expiration_time
+
+    def _entry_expiration(self, key: str, subkey: str) -> float:
+        """When the newest entry under key/subkey expires (-inf if there is none)."""
+        found = self._get(key)
+        if found is None or not isinstance(found.value, dict) or subkey not in found.value:
+            return -math.inf
+        return float(found.value[subkey].expiration_time)
 
     def _get(self, key: str) -> Any:
         return self._call("get", lambda: self._dht.get(key, latest=True, return_future=True))
@@ -257,7 +267,7 @@ class SwarmDirectory:
     def _parse(
         key: str, pool_id: str, model_hash: str, subkey: object, value: object, expiration: float, now: float
     ) -> NodeAnnouncement | None:
-        if value is None:
+        if is_withdrawal(value):
             return None  # tombstone left by withdraw
         try:
             ann = NodeAnnouncement.from_wire(value)
@@ -278,12 +288,7 @@ class SwarmDirectory:
         One subkey per version: a writer cannot overwrite another's version, only add its own,
         and readers keep the newest version whose signature checks out.
         """
-        return bool(
-            self._call(
-                "store",
-                lambda: self._dht.store(key, subkey=subkey, value=data, expiration_time=expires_at, return_future=True),
-            )
-        )
+        return self._store_entry(key, subkey, data, expires_at)
 
     def fetch_blobs(self, key: str) -> list[bytes]:
         """Every bytes value stored under key: callers verify signatures and keep the newest."""
@@ -325,8 +330,10 @@ class Announcer:
         bundle: Credentials | None = None,
     ) -> None:
         refresh = ttl_s / 3 if refresh_s is None else refresh_s
-        if not (0 < refresh < ttl_s and math.isfinite(ttl_s)):
-            raise InvalidInput(f"need 0 < refresh_s < ttl_s, got refresh_s={refresh}, ttl_s={ttl_s}")
+        if not (0 < refresh < ttl_s <= MAX_RECORD_TTL_S):
+            raise InvalidInput(
+                f"need 0 < refresh_s < ttl_s <= {MAX_RECORD_TTL_S:.0f}, got refresh_s={refresh}, ttl_s={ttl_s}"
+            )
         self._directory = directory
         self._describe = describe
         self._bundle = bundle
@@ -360,6 +367,6 @@ class Announcer:
         last, self._last = self._last, None  # a second stop() has nothing left to withdraw
         if withdraw and last is not None:
             try:
-                self._directory.withdraw(last.pool_id, last.model_hash, last.node_id)
+                self._directory.withdraw(last, self._bundle)
             except PeerError:
                 logger.warning("could not withdraw node %s; it lapses in %.0fs", last.node_id, self.ttl_s)

@@ -158,12 +158,13 @@ def test_announce_on_one_peer_list_on_others(swarm: Swarm, model: tuple[str, str
 def test_withdraw_removes_immediately(swarm: Swarm, model: tuple[str, str]) -> None:
     a, b, c = swarm
     pool_id, model_hash = model
-    a.announce(make_ann(pool_id, model_hash, "node-a"))
+    node_a = make_ann(pool_id, model_hash, "node-a")
+    a.announce(node_a)
     a.announce(make_ann(pool_id, model_hash, "node-b"))
     assert ids(b.list_nodes(pool_id, model_hash)) == ["node-a", "node-b"]
 
     # Withdrawn from a peer other than the one that announced it: the tombstone must still win.
-    c.withdraw(pool_id, model_hash, "node-a")
+    c.withdraw(node_a)
     for directory in (a, b, c):
         assert ids(directory.list_nodes(pool_id, model_hash)) == ["node-b"]
 
