@@ -27,7 +27,7 @@ from hivemind.utils import get_dht_time
 
 from coop.launcher import LocalPool
 from coop.model.manifest import Manifest
-from coop.pool.bundle import MemberBundle
+from coop.pool.bundle import Credentials, MemberBundle
 from coop.pool.membership import Membership
 from coop.pool.registry import add_member, create_api_key, create_pool
 from coop.pool.revocation import RevocationList, saved_revocations_path
@@ -105,7 +105,8 @@ def _attack(peer: str, pool_id: str, model_hash: str) -> DHT:
 def victim(demo_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Victim]:
     pool_dir = tmp_path_factory.mktemp("erasure") / "victim"
     create_pool(pool_dir, "Victim pool")
-    bundles = {name: add_member(pool_dir, name) for name in (*INSTITUTIONS.values(), "Coord Inst", "Client Inst")}
+    bundles = {name: add_member(pool_dir, name) for name in (*INSTITUTIONS.values(), "Client Inst")}
+    bundles["Coord Inst"] = add_member(pool_dir, "Coord Inst", role="coordinator")
     key = create_api_key(pool_dir, "Client Inst")
     pool = LocalPool(demo_model_dir)
     rogue: DHT | None = None
@@ -191,9 +192,10 @@ def test_the_revocation_list_stays_readable_and_the_admin_can_republish(victim: 
     assert newest_in_dht() == published
 
 
-def _info_as(endpoint: str, bundle: MemberBundle) -> grpc.StatusCode:
-    options = [*GRPC_OPTIONS, *bundle.channel_options()]
-    with grpc.secure_channel(endpoint, bundle.channel_credentials(), options=options) as channel:
+def _info_as(endpoint: str, caller: Credentials, node: tuple[str, str]) -> grpc.StatusCode:
+    """Info from `node` (institution, node id) at endpoint, asked by `caller`."""
+    options = [*GRPC_OPTIONS, ("grpc.ssl_target_name_override", caller.node_tls_name(*node))]
+    with grpc.secure_channel(endpoint, caller.channel_credentials(), options=options) as channel:
         try:
             coop_pb2_grpc.NodeStub(channel).Info(pb.InfoRequest(), timeout=10)
             return grpc.StatusCode.OK
@@ -216,10 +218,12 @@ def test_a_revoked_member_stays_revoked_after_the_dht_copy_is_lost(
 
         # The only node for 15:30 is the revoked member's: the coordinator knows it from disk.
         assert _answer(fresh.url, victim.key) is None
-        uni_c = MemberBundle.load(victim.bundles["Uni C"])
-        assert _info_as(fresh.nodes["node-a"].ready["endpoint"], uni_c) == grpc.StatusCode.PERMISSION_DENIED
-        coordinator = MemberBundle.load(victim.bundles["Coord Inst"])
-        assert _info_as(fresh.nodes["node-a"].ready["endpoint"], coordinator) == grpc.StatusCode.OK
+        uni_c = MemberBundle.load(victim.bundles["Uni C"]).credentials("node-c")
+        node_a = fresh.nodes["node-a"].ready
+        where, who = node_a["endpoint"], (node_a["institution"], node_a["node_id"])
+        assert _info_as(where, uni_c, who) == grpc.StatusCode.PERMISSION_DENIED
+        coordinator = MemberBundle.load(victim.bundles["Coord Inst"]).credentials()
+        assert _info_as(where, coordinator, who) == grpc.StatusCode.OK
 
         fresh.start_nodes({"node-b": SPANS["node-b"]}, {"node-b": victim.bundles["Uni B"]})
         answer = wait_for("a route through node-b", lambda: _answer(fresh.url, victim.key), REVOCATION_WAIT_S)

@@ -18,7 +18,7 @@ from hivemind.dht.validation import DHTRecord
 from hivemind.utils import get_dht_time
 from hivemind.utils.serializer import MSGPackSerializer
 
-from coop.pool.bundle import MemberBundle
+from coop.pool.bundle import Credentials, MemberBundle
 from coop.pool.membership import Membership
 from coop.pool.registry import MEMBERS_DIR, load_ca, read_revocations
 from coop.pool.revocation import RevocationList
@@ -75,15 +75,34 @@ def fields(bundle: MemberBundle, node_id: str = "node-a", **overrides: object) -
     }
 
 
+_NODES: dict[tuple[str, str, str], Credentials] = {}
+
+
+def node(bundle: MemberBundle, node_id: str = "node-a") -> Credentials:
+    """The credentials a node of bundle's institution makes for itself (one per node id)."""
+    key = (bundle.pool_id, bundle.institution, node_id)
+    if key not in _NODES:
+        _NODES[key] = bundle.credentials(node_id)
+    return _NODES[key]
+
+
 def announce(
     bundle: MemberBundle | None, *, of: MemberBundle, now: float | None = None, ttl_s: float = TTL_S
 ) -> NodeAnnouncement:
-    """of's node announcement, signed by bundle (None: unsigned)."""
-    return stamp_announcement(fields(of), now=time.time() if now is None else now, ttl_s=ttl_s, bundle=bundle)
+    """of's node announcement, signed by bundle's node-a (None: unsigned)."""
+    signer = None if bundle is None else node(bundle)
+    return stamp_announcement(fields(of), now=time.time() if now is None else now, ttl_s=ttl_s, bundle=signer)
 
 
-def signed_by(bundle: MemberBundle, ann: NodeAnnouncement) -> NodeAnnouncement:
-    """ann with bundle's certificate and signature, whatever its pool and institution say."""
+def signed_by(bundle: MemberBundle, ann: NodeAnnouncement, node_id: str | None = None) -> NodeAnnouncement:
+    """ann with the certificate and signature of bundle's node (ann's own id by default), whatever ann says."""
+    signer = node(bundle, node_id or ann.node_id)
+    with_cert = NodeAnnouncement.model_validate({**ann.to_wire(), "certificate": signer.chain_pem})
+    return with_cert.model_copy(update={"signature": signer.sign(announcement_payload(with_cert))})
+
+
+def signed_by_member(bundle: MemberBundle, ann: NodeAnnouncement) -> NodeAnnouncement:
+    """ann signed by the institution's own (CA) certificate instead of a node's."""
     with_cert = NodeAnnouncement.model_validate({**ann.to_wire(), "certificate": bundle.cert_pem})
     return with_cert.model_copy(update={"signature": bundle.sign(announcement_payload(with_cert))})
 
@@ -123,12 +142,14 @@ def revocation_record(
 
 def withdrawal_signed_by(bundle: MemberBundle, ann: NodeAnnouncement) -> Withdrawal:
     """ann's tombstone with bundle's certificate and signature, whatever its pool and institution say."""
-    with_cert = tombstone(None, ann).model_copy(update={"certificate": bundle.cert_pem})
-    return with_cert.model_copy(update={"signature": bundle.sign(withdrawal_payload(with_cert))})
+    signer = node(bundle, ann.node_id)
+    with_cert = tombstone(None, ann).model_copy(update={"certificate": signer.chain_pem})
+    return with_cert.model_copy(update={"signature": signer.sign(withdrawal_payload(with_cert))})
 
 
 def tombstone(bundle: MemberBundle | None, ann: NodeAnnouncement, lifetime_s: float = 1.0) -> Withdrawal:
-    return stamp_withdrawal(ann, now=time.time(), expires_at=ann.expires_at + lifetime_s, bundle=bundle)
+    signer = None if bundle is None else node(bundle, ann.node_id)
+    return stamp_withdrawal(ann, now=time.time(), expires_at=ann.expires_at + lifetime_s, bundle=signer)
 
 
 # --------------------------------------------------------------------------------------------- accepted
@@ -181,6 +202,8 @@ def _refused_cases(p: Pools) -> dict[str, Callable[[], DHTRecord]]:
         "unsigned announcement": lambda: node_record(announce(None, of=alpha)),
         "forged signature": lambda: node_record(ann.model_copy(update={"endpoint": "10.6.6.6:1"})),
         "signed for another institution": lambda: node_record(signed_by(alpha, announce(None, of=beta))),
+        "signed by another node of the member": lambda: node_record(signed_by(alpha, ann, node_id="node-z")),
+        "signed by the member certificate itself": lambda: node_record(signed_by_member(alpha, ann)),
         "signed by another pool's member": lambda: node_record(signed_by(outsider, announce(None, of=alpha))),
         "record of another pool": lambda: node_record(announce(outsider, of=outsider)),
         "ten-year expiry": lambda: node_record(ann, expiration_time=now + TEN_YEARS_S),
@@ -197,7 +220,7 @@ def _refused_cases(p: Pools) -> dict[str, Callable[[], DHTRecord]]:
             tombstone(alpha, ann), expiration_time=now + TEN_YEARS_S
         ),
         "tombstone signed to live too long": lambda: node_record(
-            stamp_withdrawal(ann, now=now - 900.0, expires_at=now + 100.0, bundle=alpha)
+            stamp_withdrawal(ann, now=now - 900.0, expires_at=now + 100.0, bundle=node(alpha))
         ),
         "unsigned revocation list": lambda: revocation_record(RevocationList(pool_id, (), (), now)),
         "revocation list signed by another CA": lambda: revocation_record(forged_list),
@@ -220,8 +243,10 @@ REFUSED = {  # case: why (a regular expression on the refusal)
     "record under another node's subkey": "under another node's subkey",
     "unsigned announcement": "not signed",
     "forged signature": "signature does not match",
-    "signed for another institution": "cannot announce for 'beta'",
-    "signed by another pool's member": "not issued by this pool's CA",
+    "signed for another institution": "cannot sign for node 'node-a' of 'beta'",
+    "signed by another node of the member": "cannot sign for node 'node-a'",
+    "signed by the member certificate itself": "is not a node",
+    "signed by another pool's member": "belongs to pool",
     "record of another pool": "record is for pool",
     "ten-year expiry": "later than it was signed to",
     "signed to live too long": "signed to live longer than 120 s",
@@ -229,8 +254,8 @@ REFUSED = {  # case: why (a regular expression on the refusal)
     "replayed old record with a later expiry": "later than it was signed to",
     "old-style unsigned tombstone": "must be a map",
     "unsigned tombstone": "not signed",
-    "tombstone signed by another pool's member": "not issued by this pool's CA",
-    "tombstone moved to another node": "signature does not match",
+    "tombstone signed by another pool's member": "belongs to pool",
+    "tombstone moved to another node": "cannot sign for node .node-b.",
     "tombstone with a ten-year expiry": "later than it was signed to",
     "tombstone signed to live too long": "withdrawal is signed to live longer",
     "unsigned revocation list": "not signed by the pool CA",
@@ -315,7 +340,7 @@ def test_validating_peers_keep_the_directory_from_a_bare_peer(
         assert publish_revocations(second, current)
         assert first.fetch_blobs(revocations_key(pool_id)) == [current.to_bytes()]
 
-        second.withdraw(later, alpha)  # the signed tombstone is accepted where the forged one was not
+        second.withdraw(later, node(alpha))  # the signed tombstone is accepted where the forged one was not
         assert first.list_nodes(pool_id, MODEL) == []
     finally:
         rogue.shutdown()
