@@ -30,8 +30,10 @@ def seeded_receipts(
     prefill_tokens: int = 5,
     decode_tokens: int = 3,
     ended_at: float | None = None,
+    api_key_id: str = "",
 ) -> list[SeededReceipt]:
-    """`count` sessions of one node, each with its own session id, receipt and observation."""
+    """`count` sessions of one node, each with its own session id, receipt and observation (of a request
+    admitted by the API key of `api_key_id`, "" = none)."""
     ended = ended_at if ended_at is not None else time.time()
     out = []
     for i in range(count):
@@ -61,6 +63,7 @@ def seeded_receipts(
             end_block=span[1],
             prefill_tokens=prefill_tokens,
             decode_tokens=decode_tokens,
+            api_key_id=api_key_id,
         )
         out.append(SeededReceipt(body, sign_receipt(provider, body), observation))
     return out

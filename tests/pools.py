@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import datetime as dt
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
+from coop.pool import ca
 from coop.pool.bundle import MemberBundle
 from coop.pool.registry import PoolInfo, add_member, create_pool
 
@@ -32,3 +36,11 @@ class MemberPool:
 def make_member_pool(directory: Path, name: str = "test", members: Sequence[str] = MEMBERS) -> MemberPool:
     info = create_pool(directory, name)
     return MemberPool(info, {m: MemberBundle.load(add_member(directory, m)) for m in members})
+
+
+@contextmanager
+def certificates_backdated(by: dt.timedelta) -> Iterator[None]:
+    """Certificates issued inside are valid from `by` ago: for tests that book a history of receipts,
+    since a receipt counts only if its signer's certificate was valid when the work ended."""
+    with mock.patch.object(ca, "CLOCK_SKEW", by):
+        yield

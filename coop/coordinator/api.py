@@ -25,6 +25,7 @@ from coop.coordinator.serving import OpenAIServing
 from coop.errors import CoopError
 from coop.pipeline.backend import Backend
 from coop.pipeline.charge import Charge
+from coop.receipts import api_key_id
 
 
 class _ClosingStreamingResponse(StreamingResponse):
@@ -76,7 +77,8 @@ async def _generate(
     charge, waited_s = Charge(caller.institution or ""), None
     try:
         if access is not None:
-            admitted = await stack.enter_async_context(access.enter(caller.institution))
+            key_id = api_key_id(caller.key_digest) if caller.key_digest else ""
+            admitted = await stack.enter_async_context(access.enter(caller.institution, key_id))
             charge, waited_s = admitted.charge, admitted.waited_s
         result = await work(charge)
     except BaseException:
