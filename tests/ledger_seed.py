@@ -1,11 +1,16 @@
-"""Signed receipts and the matching observations, made the way a node and a coordinator make them."""
+"""Signed receipts and the matching observations, made the way a node and a coordinator make them; and
+a grant written straight into the database, the way someone with its password could."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 
-from coop.ledger.models import Observation
+from sqlmodel import Session
+
+from coop.ledger.amounts import split
+from coop.ledger.models import POOL_ACCOUNT, Grant, Observation, Posting
+from coop.ledger.store import Ledger
 from coop.pool.bundle import MemberBundle
 from coop.receipts import ReceiptBody, SignedReceipt, new_receipt_id, sign_receipt
 
@@ -67,3 +72,25 @@ def seeded_receipts(
         )
         out.append(SeededReceipt(body, sign_receipt(provider, body), observation))
     return out
+
+
+def insert_grant(ledger: Ledger, institution: str, flops: int, body: bytes, signature: bytes, grant_id: str) -> None:
+    """A grant and its postings written straight into the database, bypassing `Ledger.grant` and its signer."""
+    hi, lo = split(flops)
+    with Session(ledger.engine) as session, session.begin():
+        session.add(
+            Grant(
+                grant_id=grant_id,
+                institution=institution,
+                amount_hi=hi,
+                amount_lo=lo,
+                reason="sign-up credit",
+                granted_by="admin (cli)",
+                body=body,
+                signature=signature,
+            )
+        )
+        session.flush()
+        for account, amount in ((institution, flops), (POOL_ACCOUNT, -flops)):
+            hi, lo = split(amount)
+            session.add(Posting(account=account, amount_hi=hi, amount_lo=lo, grant_id=grant_id))

@@ -48,9 +48,12 @@ def _open(pool: Path, url: str | None) -> Ledger:
 
 
 def _credits(flops: int) -> str:
-    from coop.ledger.models import flops_to_credits
+    """Exact to the micro-credit at any size (a float would round past 2**53)."""
+    from decimal import Decimal
 
-    return f"{flops_to_credits(flops):,.6f}"
+    from coop.ledger.models import FLOPS_PER_CREDIT
+
+    return f"{Decimal(flops) / FLOPS_PER_CREDIT:,.6f}"
 
 
 def _since(text: str | None) -> dt.datetime | None:
@@ -189,7 +192,7 @@ def verify(pool: PoolOption, ledger_url: UrlOption = None) -> None:
 @ledger_app.command("grant")
 def grant(
     institution: Annotated[str, typer.Argument(help="the member institution to credit")],
-    amount: Annotated[float, typer.Argument(help="credits (negative to take back)")],
+    amount: Annotated[str, typer.Argument(help="credits, exact in decimal: 100, 0.5, 1e9 (take back: -- -5)")],
     pool: PoolOption,
     reason: Annotated[str, typer.Option("--reason", help="recorded in the audit log")],
     ledger_url: UrlOption = None,
@@ -200,7 +203,7 @@ def grant(
     signer = AdminSigner.load(pool)
     ledger = _open(pool, ledger_url)
     row = ledger.grant(institution, amount, reason=reason, actor=ADMIN_ACTOR, signer=signer)
-    console.print(f"granted {amount:g} credits to {quoted(institution)} (grant {row.grant_id})")
+    console.print(f"granted {_credits(row.flops)} credits to {quoted(institution)} (grant {row.grant_id})")
 
 
 @ledger_app.command("floor")
@@ -208,17 +211,18 @@ def floor(
     institution: Annotated[str, typer.Argument(help="the member institution")],
     pool: PoolOption,
     credits: Annotated[
-        float | None, typer.Option("--credits", help="the lowest balance it may spend down to (omit: no floor)")
+        str | None, typer.Option("--credits", help="the lowest balance it may spend down to (omit: no floor)")
     ] = None,
     ledger_url: UrlOption = None,
 ) -> None:
     """Set (or with no --credits, remove) an institution's credit floor: below it, its requests get 402."""
     from coop.ledger.grants import AdminSigner
+    from coop.ledger.models import credits_to_flops
 
     signer = AdminSigner.load(pool)
     ledger = _open(pool, ledger_url)
     ledger.set_credit_floor(institution, credits, actor=ADMIN_ACTOR, signer=signer)
-    what = "no floor" if credits is None else f"a floor of {credits:g} credits"
+    what = "no floor" if credits is None else f"a floor of {_credits(credits_to_flops(credits))} credits"
     console.print(f"{quoted(institution)} now has {what}")
 
 

@@ -1,13 +1,16 @@
 """`coop ledger verify`: recheck the whole ledger from its raw material and the pool directory.
 
 Nothing in the database is trusted; what vouches for it comes from the pool directory (`PoolTrust`):
-the pool CA certificate, the API keys and the revocation list. Balances are recomputed from
-postings; every booking's legs must sum to zero and credit and debit exactly who and what its
-receipt or grant says. Every receipt must carry a valid node signature by a certificate of this
-pool naming the provider, valid when the work ended, for work ended before any revocation of the
-provider; and a valid countersignature, by a coordinator of the pool, of what it paid, charged to
-the institution that owns the API key that admitted the session. Every grant and credit floor must
-be signed by the pool admin (the CA key).
+the pool CA certificate and the API keys. Balances are recomputed from postings; every booking's
+legs must sum to zero and credit and debit exactly who and what its receipt or grant says. Every
+receipt must carry a valid node signature by a certificate of this pool naming the provider, valid
+when the work ended; and a valid countersignature, by a coordinator of the pool, of what it paid,
+charged to the institution that owns the API key that admitted the session. Every grant and credit
+floor must be signed by the pool admin (the CA key).
+
+Revocations are the coordinators' to apply when they book (`coop.ledger.booking`), not verify's: a
+coordinator that had not heard of a revocation yet booked in good faith, and a list tells only
+when it was signed, not when each member was revoked.
 """
 
 from __future__ import annotations
@@ -20,14 +23,13 @@ from sqlalchemy import select
 from sqlmodel import Session, col
 
 from coop.errors import CoopError
-from coop.ledger.booking import CLOCK_SKEW_S, revoked_since
+from coop.ledger.booking import CLOCK_SKEW_S
 from coop.ledger.grants import floor_payload, grant_payload, parse_floor, parse_grant, verify_admin_signature
 from coop.ledger.models import POOL_ACCOUNT, Certificate, CreditFloor, Grant, Receipt
 from coop.ledger.signers import countersigner_of, provider_of
 from coop.ledger.store import Ledger
 from coop.pool.api_keys import ApiKeyStore
 from coop.pool.ca import verify_signature
-from coop.pool.revocation import RevocationList
 from coop.receipts import API_KEY_ID_CHARS, Payment, ReceiptBody, body_payload, countersign_payload
 
 MAX_PROBLEMS = 100
@@ -35,20 +37,18 @@ MAX_PROBLEMS = 100
 
 @dataclass(frozen=True)
 class PoolTrust:
-    """What verification believes, all from the pool directory: the CA, the API keys, the revocations."""
+    """What verification believes, all from the pool directory: the CA and the API keys."""
 
     pool_id: str
     ca_cert_pem: bytes
     api_keys: ApiKeyStore
-    revocations: RevocationList
 
     @classmethod
     def load(cls, pool_dir: Path | str) -> PoolTrust:
-        from coop.pool.registry import API_KEYS_FILE, PoolInfo, read_revocations
+        from coop.pool.registry import API_KEYS_FILE, PoolInfo
 
         info = PoolInfo.load(pool_dir)
-        api_keys = ApiKeyStore.load(info.directory / API_KEYS_FILE)
-        return cls(info.pool_id, info.ca_cert_pem(), api_keys, read_revocations(info))
+        return cls(info.pool_id, info.ca_cert_pem(), ApiKeyStore.load(info.directory / API_KEYS_FILE))
 
 
 @dataclass
@@ -179,9 +179,6 @@ def _check_receipt(
         report.problem(f"{what}: for pool {body.pool_id!r}")
     _check_paid(report, what, body, payment)
     _check_consumer(report, what, body, payment, trust.api_keys)
-    revoked_at = revoked_since(trust.revocations.revoked, trust.revocations.issued_at, body.institution)
-    if revoked_at is not None and body.ended_at >= revoked_at:
-        report.problem(f"{what}: pays {body.institution!r} for work ended after its revocation")
 
 
 def _check_paid(report: VerifyReport, what: str, body: ReceiptBody, paid: Payment) -> None:
