@@ -7,6 +7,7 @@ created with mode 0600 from the first byte::
     ca.key          0600    the pool CA's private key: whoever holds it can admit members
     ca.crt                  self-signed pool CA certificate (SAN URI coop://<pool_id>/ca)
     admin.token     0600    the admin credential (shown once by `coop pool init`)
+    ledger.url      0600    the ledger's database URL, if not ledger.db here (coop.ledger.database); never shared
     revocations.json        CA-signed list of revoked institutions and certificate serials
     api_keys.json   0600    sha256 of every API key with its institution; never a key itself
     members/<name>.json     public record of a member certificate (serial, validity, PEM)
