@@ -9,12 +9,11 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import pytest
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from sqlalchemy import text
 from sqlalchemy.exc import ProgrammingError
 from sqlmodel import Session
@@ -30,9 +29,10 @@ from coop.ledger.models import FLOPS_PER_CREDIT, CreditFloor
 from coop.ledger.roles import create_coordinator_role
 from coop.ledger.store import Ledger
 from coop.ledger.verify import PoolTrust, verify_ledger
+from coop.pool import ca, identity
 from coop.pool.api_keys import api_key_digest
 from coop.pool.bundle import MemberBundle
-from coop.pool.ca import key_pem, load_cert, member_uri, new_key
+from coop.pool.ca import key_pem, load_cert, member_certificate
 from coop.pool.registry import create_api_key, load_ca, read_revocations, revoke_member
 from coop.receipts import api_key_id
 from tests.ledger.conftest import Receipts
@@ -193,22 +193,12 @@ def test_a_revoked_provider_is_paid_for_work_before_its_revocation_not_after(rec
 def _short_lived_alpha(pool: MemberPool, not_before: dt.datetime, not_after: dt.datetime) -> MemberBundle:
     """alpha's bundle with a certificate valid only from not_before to not_after."""
     ca_key, ca_cert = load_ca(pool.info)
-    key = new_key()
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "alpha")])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(member_uri(pool.pool_id, "alpha"))]), False
-        )
-        .sign(ca_key, ca_cert.signature_hash_algorithm)  # type: ignore[arg-type]
-    )
+    lifetime = not_after - not_before - ca.CLOCK_SKEW
+    with (
+        mock.patch.object(ca, "utc_now", lambda: not_before + ca.CLOCK_SKEW),
+        mock.patch.object(ca, "MEMBER_VALIDITY", lifetime),
+    ):
+        key, cert = member_certificate(ca_key, ca_cert, pool.pool_id, "alpha")
     alpha = pool["alpha"]
     return MemberBundle(
         alpha.pool_id,
@@ -229,9 +219,12 @@ def test_a_certificate_accepted_once_is_refused_for_work_after_it_expired(receip
     in_time = receipts.body(seen, started_at=now.timestamp() - 160, ended_at=now.timestamp() - 150)
     late = receipts.body(receipts.observe("alpha", "coord", node_id="n2"))
 
-    receipts.ledger.book([checker.check(receipts.sign(in_time, signer=alpha))])  # checked, and remembered
+    then = now - dt.timedelta(minutes=2)  # alpha's node made its certificate while alpha's was valid
+    with mock.patch.object(ca, "utc_now", lambda: then), mock.patch.object(identity, "utc_now", lambda: then):
+        early, later = receipts.sign(in_time, signer=alpha), receipts.sign(late, signer=alpha)
+    receipts.ledger.book([checker.check(early)])  # checked, and remembered
     with pytest.raises(ReceiptRejected, match="certificate expired"):
-        checker.check(receipts.sign(late, signer=alpha))
+        checker.check(later)
     assert [r.receipt_id for r in receipts.ledger.receipts()] == [in_time.receipt_id]
     assert problems(receipts) == []
 
