@@ -73,8 +73,9 @@ class CoordinatorSettings(BaseSettings):
     member_bundle: Path | None = None
     # the pool's api_keys.json: requests need `Authorization: Bearer <key>`; None = no keys (development)
     api_keys_file: Path | None = None
-    # The ledger (needs member_bundle: receipts are signed). Default: the bundle's pool ledger_url, else
-    # SQLite in pool_dir, else next to the member bundle. PostgreSQL: postgresql+psycopg://user@host/db
+    # The ledger (needs member_bundle: receipts are signed). Default: pool_dir's 0600 ledger.url, else
+    # SQLite in pool_dir, else next to the member bundle. PostgreSQL: postgresql+psycopg://user:pw@host/db
+    # (never in a member bundle; see `coop ledger create-role` for one role per coordinator)
     ledger_url: str | None = None
     # the pool directory (`coop pool init`): the admin view's login, members and API keys live there
     pool_dir: Path | None = None

@@ -3,8 +3,10 @@
 A node writes a `ReceiptBody` when a session ends, signs its canonical bytes with its member key
 (`sign_receipt`) and keeps the result in its outbox until a coordinator acknowledges it. The
 coordinator checks it (`coop.ledger.booking`) and countersigns the body's digest together with the
-consuming institution (`countersign_payload`), which the node cannot know. Both signatures are
-stored with the exact signed bytes, so `coop ledger verify` can recheck every booking later.
+`Payment` it books: the consuming institution and the id of the API key that admitted the session
+(which the node cannot know), and the tokens and FLOPs paid (the claim, or what the coordinator
+observed if the claim was higher). Both signatures are stored with the exact signed bytes, so
+`coop ledger verify` can recheck every booking later.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from coop.pool.bundle import Credentials
 
 RECEIPT_FORMAT = "coop-receipt/1"
 _BODY_DOMAIN = b"coop-receipt-v1\n"
-_COUNTERSIGN_DOMAIN = b"coop-countersign-v1\n"
+_COUNTERSIGN_DOMAIN = b"coop-countersign-v2\n"
 MAX_BODY_BYTES = 4096
+API_KEY_ID_CHARS = 16  # hex digits of an API key's sha256 that name it in observations and receipts
 MAX_TIME_S = 1e11  # unix seconds: year 5138; keeps datetimes and decay arithmetic finite
 _ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 _HEX = re.compile(r"^[0-9a-f]{1,128}$")
@@ -136,9 +139,26 @@ def sign_receipt(bundle: Credentials, body: ReceiptBody) -> SignedReceipt:
     return SignedReceipt(data, bundle.sign(body_payload(data)), bundle.cert_pem)
 
 
-def countersign_payload(body: bytes, consumer: str) -> bytes:
-    """What the coordinator signs: this exact body, charged to this consumer."""
-    return _COUNTERSIGN_DOMAIN + hashlib.sha256(body).digest() + consumer.encode("utf-8")
+@dataclass(frozen=True)
+class Payment:
+    """What a coordinator books for a receipt, and countersigns."""
+
+    consumer: str  # the institution charged: the owner of the API key
+    api_key_id: str  # the key that admitted the session (`api_key_id`); "" = none, the coordinator's own
+    prefill_tokens: int  # paid: never more than the coordinator observed
+    decode_tokens: int
+    flops: int
+
+
+def api_key_id(key_digest: str) -> str:
+    """The id of an API key in the ledger: a prefix of its sha256, never the key."""
+    return key_digest[:API_KEY_ID_CHARS]
+
+
+def countersign_payload(body: bytes, payment: Payment) -> bytes:
+    """What the coordinator signs: this exact body, paid this much, by this consumer through this key."""
+    terms = [payment.consumer, payment.api_key_id, payment.prefill_tokens, payment.decode_tokens, payment.flops]
+    return _COUNTERSIGN_DOMAIN + hashlib.sha256(body).digest() + json.dumps(terms, ensure_ascii=False).encode()
 
 
 def cert_sha256(cert_pem: bytes) -> str:

@@ -1,11 +1,16 @@
-"""Signed receipts and the matching observations, made the way a node and a coordinator make them."""
+"""Signed receipts and the matching observations, made the way a node and a coordinator make them; and
+a grant written straight into the database, the way someone with its password could."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 
-from coop.ledger.models import Observation
+from sqlmodel import Session
+
+from coop.ledger.amounts import split
+from coop.ledger.models import POOL_ACCOUNT, Grant, Observation, Posting
+from coop.ledger.store import Ledger
 from coop.pool.bundle import MemberBundle
 from coop.receipts import ReceiptBody, SignedReceipt, new_receipt_id, sign_receipt
 
@@ -30,8 +35,10 @@ def seeded_receipts(
     prefill_tokens: int = 5,
     decode_tokens: int = 3,
     ended_at: float | None = None,
+    api_key_id: str = "",
 ) -> list[SeededReceipt]:
-    """`count` sessions of one node, each with its own session id, receipt and observation."""
+    """`count` sessions of one node, each with its own session id, receipt and observation (of a request
+    admitted by the API key of `api_key_id`, "" = none)."""
     ended = ended_at if ended_at is not None else time.time()
     out = []
     for i in range(count):
@@ -61,6 +68,29 @@ def seeded_receipts(
             end_block=span[1],
             prefill_tokens=prefill_tokens,
             decode_tokens=decode_tokens,
+            api_key_id=api_key_id,
         )
         out.append(SeededReceipt(body, sign_receipt(provider.credentials(node_id), body), observation))
     return out
+
+
+def insert_grant(ledger: Ledger, institution: str, flops: int, body: bytes, signature: bytes, grant_id: str) -> None:
+    """A grant and its postings written straight into the database, bypassing `Ledger.grant` and its signer."""
+    hi, lo = split(flops)
+    with Session(ledger.engine) as session, session.begin():
+        session.add(
+            Grant(
+                grant_id=grant_id,
+                institution=institution,
+                amount_hi=hi,
+                amount_lo=lo,
+                reason="sign-up credit",
+                granted_by="admin (cli)",
+                body=body,
+                signature=signature,
+            )
+        )
+        session.flush()
+        for account, amount in ((institution, flops), (POOL_ACCOUNT, -flops)):
+            hi, lo = split(amount)
+            session.add(Posting(account=account, amount_hi=hi, amount_lo=lo, grant_id=grant_id))

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import datetime as dt
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
+from coop.pool import ca
 from coop.pool.bundle import MemberBundle
 from coop.pool.ca import ROLE_COORDINATOR, ROLE_MEMBER
 from coop.pool.registry import PoolInfo, add_member, create_pool
@@ -35,3 +39,11 @@ def make_member_pool(directory: Path, name: str = "test", members: Sequence[str]
     info = create_pool(directory, name)
     roles = {m: ROLE_COORDINATOR if m in COORDINATORS else ROLE_MEMBER for m in members}
     return MemberPool(info, {m: MemberBundle.load(add_member(directory, m, role=roles[m])) for m in members})
+
+
+@contextmanager
+def certificates_backdated(by: dt.timedelta) -> Iterator[None]:
+    """Certificates issued inside are valid from `by` ago: for tests that book a history of receipts,
+    since a receipt counts only if its signer's certificate was valid when the work ended."""
+    with mock.patch.object(ca, "CLOCK_SKEW", by):
+        yield

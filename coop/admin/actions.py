@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from coop.admin.context import AdminContext
 from coop.errors import InvalidInput
+from coop.ledger.grants import AdminSigner
 from coop.ledger.models import Grant
 from coop.pool.api_keys import ApiKeyRecord, api_key_digest
 from coop.pool.registry import create_api_key, list_members, revoke_api_key
@@ -14,7 +15,8 @@ def grant(ctx: AdminContext, actor: str, institution: str, credits: float, reaso
     known = {m.institution for m in list_members(ctx.pool_dir)} | {b.institution for b in ctx.ledger.balances()}
     if institution not in known:
         raise InvalidInput(f"no institution {institution!r} in this pool or its ledger")
-    return ctx.ledger.grant(institution, credits, reason=reason, actor=actor)
+    signer = AdminSigner.load(ctx.pool_dir)  # grants are signed with the pool CA key, which the pool directory holds
+    return ctx.ledger.grant(institution, credits, reason=reason, actor=actor, signer=signer)
 
 
 def create_key(ctx: AdminContext, actor: str, institution: str) -> str:

@@ -15,6 +15,7 @@ from sqlalchemy import Engine, Select, func, select
 from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import Session, col
 
+from coop.ledger.amounts import exact_sum, join
 from coop.ledger.models import AuditEvent, Grant, Receipt
 
 Bucket = Literal["hour", "day"]
@@ -64,11 +65,11 @@ def flow_buckets(
     sums: dict[tuple[dt.datetime, str], list[int]] = {}
     with Session(engine) as session:
         for index, side in enumerate(sides.values()):
-            query = select(when, side, func.sum(col(Receipt.flops))).where(ended >= since).group_by(when, side)
+            query = select(when, side, *exact_sum(col(Receipt.flops))).where(ended >= since).group_by(when, side)
             if institution is not None:
                 query = query.where(side == institution)
-            for start, name, flops in session.execute(query):
-                sums.setdefault((_parse_bucket(start), name), [0, 0])[index] += int(flops or 0)
+            for start, name, hi, lo in session.execute(query):
+                sums.setdefault((_parse_bucket(start), name), [0, 0])[index] += join(hi, lo)
     return [FlowBucket(start, name, c, u) for (start, name), (c, u) in sorted(sums.items())]
 
 
@@ -186,13 +187,13 @@ def node_stats(engine: Engine) -> dict[str, NodeStats]:
         col(Receipt.node_id),
         func.count(),
         func.sum(col(Receipt.prefill_tokens) + col(Receipt.decode_tokens)),
-        func.sum(col(Receipt.flops)),
+        *exact_sum(col(Receipt.flops)),
         func.min(col(Receipt.started_at)),
         func.max(col(Receipt.ended_at)),
     ).group_by(col(Receipt.node_id))
     with Session(engine) as session:
         return {
-            row[0]: NodeStats(int(row[1]), int(row[2] or 0), int(row[3] or 0), as_utc(row[4]), as_utc(row[5]))
+            row[0]: NodeStats(int(row[1]), int(row[2] or 0), join(row[3], row[4]), as_utc(row[5]), as_utc(row[6]))
             for row in session.execute(query)
         }
 

@@ -27,7 +27,11 @@ def coordinator_start(
     ] = None,
     ledger_url: Annotated[
         str | None,
-        typer.Option("--ledger-url", help="e.g. postgresql+psycopg://coop@db/coop (default: SQLite, see README)"),
+        typer.Option(
+            "--ledger-url",
+            envvar="COOP_LEDGER_URL",
+            help="e.g. postgresql+psycopg://coop:PW@db/coop (default: <pool-dir>/ledger.url, else SQLite; see README)",
+        ),
     ] = None,
     pool_dir: Annotated[
         Path | None, typer.Option("--pool-dir", help="the pool directory: enables the admin view, holds the ledger")

@@ -1,7 +1,9 @@
-"""`coop ledger ...`: balances, receipts, export, verify, grants and credit floors.
+"""`coop ledger ...`: balances, receipts, export, verify, grants and credit floors, the ledger's URL and roles.
 
-The ledger is found from `--ledger-url`, else the pool's configured ledger URL (`pool.toml`), else
-`ledger.db` in the pool directory: the same rule the coordinator follows with `--pool-dir`.
+Run by the pool admin, in the pool directory. The ledger is found from `--ledger-url` (or
+COOP_LEDGER_URL), else the pool directory's 0600 `ledger.url`, else `ledger.db` in the pool
+directory: the same rule the coordinator follows with `--pool-dir`. Grants and floors are signed
+with the pool CA key; `verify` believes only the pool directory's CA, API keys and revocations.
 """
 
 from __future__ import annotations
@@ -21,30 +23,37 @@ from coop.errors import InvalidInput
 
 if TYPE_CHECKING:
     from coop.ledger.store import Ledger
-    from coop.pool.registry import PoolInfo
 
 ledger_app = typer.Typer(no_args_is_help=True, help="The pool's credit ledger: who gave, who took.")
 
 UrlOption = Annotated[
-    str | None, typer.Option("--ledger-url", help="database URL (default: the pool's, else <pool>/ledger.db)")
+    str | None,
+    typer.Option(
+        "--ledger-url",
+        envvar="COOP_LEDGER_URL",
+        help="database URL (default: <pool>/ledger.url, else <pool>/ledger.db)",
+    ),
 ]
 
 ADMIN_ACTOR = "admin (cli)"
 
 
-def _open(pool: Path, url: str | None) -> tuple[PoolInfo, Ledger]:
+def _open(pool: Path, url: str | None) -> Ledger:
     from coop.ledger.database import ledger_location
     from coop.ledger.store import Ledger
     from coop.pool.registry import PoolInfo
 
-    info = PoolInfo.load(pool)
-    return info, Ledger.open(ledger_location(url, info.ledger_url, pool))
+    PoolInfo.load(pool)  # a clear error if this is no pool directory
+    return Ledger.open(ledger_location(url, pool))
 
 
 def _credits(flops: int) -> str:
-    from coop.ledger.models import flops_to_credits
+    """Exact to the micro-credit at any size (a float would round past 2**53)."""
+    from decimal import Decimal
 
-    return f"{flops_to_credits(flops):,.6f}"
+    from coop.ledger.models import FLOPS_PER_CREDIT
+
+    return f"{Decimal(flops) / FLOPS_PER_CREDIT:,.6f}"
 
 
 def _since(text: str | None) -> dt.datetime | None:
@@ -64,7 +73,7 @@ def _since(text: str | None) -> dt.datetime | None:
 @ledger_app.command("balances")
 def balances(pool: PoolOption, ledger_url: UrlOption = None) -> None:
     """Every institution's balance, contribution, usage and grants, in credits (1 credit = 10^12 FLOPs)."""
-    _, ledger = _open(pool, ledger_url)
+    ledger = _open(pool, ledger_url)
     console.print(balances_table(ledger))
 
 
@@ -96,7 +105,7 @@ def receipts(
     limit: Annotated[int, typer.Option("--limit", min=1)] = 50,
 ) -> None:
     """Booked receipts, newest first."""
-    _, ledger = _open(pool, ledger_url)
+    ledger = _open(pool, ledger_url)
     rows = ledger.receipts(institution=institution, since=_since(since), limit=limit)
     table = Table(title=f"{len(rows)} receipts")
     for column in ("ended (UTC)", "receipt", "node", "provider", "consumer", "blocks", "tokens", "credits"):
@@ -142,7 +151,7 @@ def export(
     since: Annotated[str | None, typer.Option("--since")] = None,
 ) -> None:
     """Every booked receipt as CSV, oldest first: for spreadsheets and audits."""
-    _, ledger = _open(pool, ledger_url)
+    ledger = _open(pool, ledger_url)
     rows = list(reversed(ledger.receipts(since=_since(since))))
     stream = out.open("w", newline="") if out else sys.stdout
     try:
@@ -160,13 +169,19 @@ def export(
 @ledger_app.command("verify")
 def verify(pool: PoolOption, ledger_url: UrlOption = None) -> None:
     """Recompute every balance from postings; check every signature and that postings sum to zero."""
-    from coop.ledger.verify import verify_ledger
+    from coop.ledger.verify import PoolTrust, verify_ledger
 
-    info, ledger = _open(pool, ledger_url)
-    report = verify_ledger(ledger, ca_cert_pem=info.ca_cert_pem(), pool_id=info.pool_id)
-    summary = f"{report.receipts} receipts, {report.grants} grants, {report.postings} postings"
+    trust = PoolTrust.load(pool)
+    ledger = _open(pool, ledger_url)
+    report = verify_ledger(ledger, trust)
+    summary = (
+        f"{report.receipts} receipts, {report.grants} grants, {report.floors} credit floors, {report.postings} postings"
+    )
     if report.ok:
-        console.print(f"[green]ledger OK[/]: {summary}; every signature checks out and postings sum to zero")
+        console.print(
+            f"[green]ledger OK[/]: {summary}; every signature checks out, every consumer owns the API key it "
+            "was charged through, and postings sum to zero"
+        )
         return
     for problem in report.problems:
         err_console.print(f"[red]problem:[/] {plain(problem)}")
@@ -177,15 +192,18 @@ def verify(pool: PoolOption, ledger_url: UrlOption = None) -> None:
 @ledger_app.command("grant")
 def grant(
     institution: Annotated[str, typer.Argument(help="the member institution to credit")],
-    amount: Annotated[float, typer.Argument(help="credits (negative to take back)")],
+    amount: Annotated[str, typer.Argument(help="credits, exact in decimal: 100, 0.5, 1e9 (take back: -- -5)")],
     pool: PoolOption,
     reason: Annotated[str, typer.Option("--reason", help="recorded in the audit log")],
     ledger_url: UrlOption = None,
 ) -> None:
-    """Move credits from the pool account to an institution."""
-    _, ledger = _open(pool, ledger_url)
-    row = ledger.grant(institution, amount, reason=reason, actor=ADMIN_ACTOR)
-    console.print(f"granted {amount:g} credits to {quoted(institution)} (grant {row.grant_id})")
+    """Move credits from the pool account to an institution, signed with the pool CA key."""
+    from coop.ledger.grants import AdminSigner
+
+    signer = AdminSigner.load(pool)
+    ledger = _open(pool, ledger_url)
+    row = ledger.grant(institution, amount, reason=reason, actor=ADMIN_ACTOR, signer=signer)
+    console.print(f"granted {_credits(row.flops)} credits to {quoted(institution)} (grant {row.grant_id})")
 
 
 @ledger_app.command("floor")
@@ -193,12 +211,58 @@ def floor(
     institution: Annotated[str, typer.Argument(help="the member institution")],
     pool: PoolOption,
     credits: Annotated[
-        float | None, typer.Option("--credits", help="the lowest balance it may spend down to (omit: no floor)")
+        str | None, typer.Option("--credits", help="the lowest balance it may spend down to (omit: no floor)")
     ] = None,
     ledger_url: UrlOption = None,
 ) -> None:
     """Set (or with no --credits, remove) an institution's credit floor: below it, its requests get 402."""
-    _, ledger = _open(pool, ledger_url)
-    ledger.set_credit_floor(institution, credits, actor=ADMIN_ACTOR)
-    what = "no floor" if credits is None else f"a floor of {credits:g} credits"
+    from coop.ledger.grants import AdminSigner
+    from coop.ledger.models import credits_to_flops
+
+    signer = AdminSigner.load(pool)
+    ledger = _open(pool, ledger_url)
+    ledger.set_credit_floor(institution, credits, actor=ADMIN_ACTOR, signer=signer)
+    what = "no floor" if credits is None else f"a floor of {_credits(credits_to_flops(credits))} credits"
     console.print(f"{quoted(institution)} now has {what}")
+
+
+@ledger_app.command("set-url")
+def set_url(
+    url: Annotated[str, typer.Argument(help="e.g. postgresql+psycopg://coop:PASSWORD@db/coop")],
+    pool: PoolOption,
+) -> None:
+    """Keep the ledger's database URL in <pool>/ledger.url (0600), where the coordinator and these commands find it.
+
+    Never in pool.toml or a member bundle: whoever has the URL can write to the books.
+    """
+    from coop.ledger.database import safe_url, write_ledger_url
+    from coop.pool.registry import PoolInfo
+
+    PoolInfo.load(pool)
+    path = write_ledger_url(pool, url, replace=True)
+    console.print(f"the ledger of this pool is {plain(safe_url(url))} (kept in {plain(path)}, mode 0600)")
+
+
+@ledger_app.command("create-role")
+def create_role(
+    name: Annotated[str, typer.Argument(help="PostgreSQL role for one coordinator, e.g. coordinator_eu")],
+    pool: PoolOption,
+    ledger_url: UrlOption = None,
+) -> None:
+    """Create a PostgreSQL role for one coordinator: it may book receipts, never change or delete them.
+
+    Prints the coordinator's ledger URL (with the role's new password) once: give it to that coordinator
+    as --ledger-url or COOP_LEDGER_URL. Run again after an upgrade to grant a role the new tables.
+    """
+    from coop.ledger.roles import create_coordinator_role
+
+    ledger = _open(pool, ledger_url)  # as the owner: brings the schema up to date first
+    try:
+        url = create_coordinator_role(ledger.engine, name)
+    finally:
+        ledger.close()
+    if url is None:
+        console.print(f"role {quoted(name)} exists: its privileges are granted again, its password is unchanged")
+        return
+    console.print(f"created role {quoted(name)}; its coordinator's ledger URL (shown only this once):")
+    typer.echo(f"  {url}")

@@ -2,6 +2,8 @@
 
 Only a coordinator with a member bundle keeps accounts: receipts are signed by members and
 countersigned by the coordinator, which needs keys. A development coordinator serves without.
+The ledger's URL never comes from the bundle (members must not hold it): see
+`coop.ledger.database.ledger_location`.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ from coop.config import CoordinatorSettings
 from coop.coordinator.admission import FairShareAdmission, RequestAdmission
 from coop.coordinator.metering import Metering
 from coop.coordinator.receipts import ReceiptCollector
-from coop.ledger.booking import ReceiptChecker
+from coop.ledger.booking import ReceiptChecker, revoked_since
 from coop.ledger.database import ledger_location, safe_url
 from coop.ledger.fairshare import FairShare
 from coop.ledger.store import Ledger
 from coop.model.manifest import Manifest
 from coop.pool.bundle import MemberBundle
+from coop.pool.revocation import Revocations
 from coop.swarm.announcement import NodeAnnouncement
 from coop.wire.channels import ChannelPool
 
@@ -32,10 +35,12 @@ log = logging.getLogger(__name__)
 SEED_HALF_LIVES = 10  # older flows weigh under 0.1% and are not read at start
 
 
-def ledger_url(settings: CoordinatorSettings, bundle: MemberBundle) -> str:
-    """Without a pool directory, the ledger goes next to the member bundle."""
+def ledger_url(settings: CoordinatorSettings) -> str:
+    """Without a pool directory, a SQLite ledger goes next to the member bundle."""
+    if settings.pool_dir is not None:
+        return ledger_location(settings.ledger_url, settings.pool_dir)
     assert settings.member_bundle is not None
-    return ledger_location(settings.ledger_url, bundle.ledger_url, settings.pool_dir or settings.member_bundle.parent)
+    return ledger_location(settings.ledger_url, settings.member_bundle.parent, pool_dir=False)
 
 
 @dataclass
@@ -52,11 +57,12 @@ class Accounting:
         cls,
         settings: CoordinatorSettings,
         bundle: MemberBundle,
+        revocations: Revocations,
         manifest: Manifest,
         channels: Callable[[], ChannelPool],
         nodes: Callable[[], Sequence[NodeAnnouncement]],
     ) -> Accounting:
-        url = ledger_url(settings, bundle)
+        url = ledger_url(settings)
         ledger = await asyncio.to_thread(Ledger.open, url)
         now = time.time()
         fair_share = FairShare(settings.fair_share_half_life_s, now_s=now)
@@ -70,7 +76,7 @@ class Accounting:
             default_consumer=bundle.institution,
             credit_state=ledger.credit_state,
             priority=lambda consumer: fair_share.factor(consumer, time.time()),
-            meter=metering,
+            meter=metering.for_key,
         )
         checker = ReceiptChecker(
             pool_id=bundle.pool_id,
@@ -80,6 +86,7 @@ class Accounting:
             signer=bundle,
             observation=ledger.observation,
             booked_for=ledger.booked_for,
+            revoked_since=lambda name: revoked_since(revocations.names, revocations.issued_at, name),
         )
         collector = ReceiptCollector(ledger, checker, metering, channels, nodes, interval_s=settings.receipt_interval_s)
         accounting = cls(ledger, fair_share, metering, access, collector)

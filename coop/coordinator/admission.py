@@ -20,6 +20,7 @@ from coop.coordinator.auth import ApiKeyGate, Caller
 from coop.errors import CreditExhausted
 from coop.ledger.models import flops_to_credits
 from coop.pipeline.charge import Charge, Meter
+from coop.receipts import api_key_id
 
 log = logging.getLogger(__name__)
 
@@ -112,11 +113,12 @@ class RequestAdmission:
         default_consumer: str,
         credit_state: Callable[[str], tuple[int, int | None]] | None = None,
         priority: Callable[[str], float] | None = None,
-        meter: Meter | None = None,
+        meter: Callable[[str], Meter] | None = None,
     ) -> None:
         """`default_consumer`: who pays for requests without an API key (the coordinator's institution).
         `credit_state`: institution -> (balance, floor or None) in FLOPs; None = no floors.
-        `priority`: institution -> fair-share factor now; `meter`: where sessions' steps are written down."""
+        `priority`: institution -> fair-share factor now; `meter`: API key id -> where the sessions of a
+        request admitted by that key write down their steps."""
         self.admission = admission
         self.default_consumer = default_consumer
         self._credit_state = credit_state
@@ -128,8 +130,9 @@ class RequestAdmission:
         return institution or self.default_consumer
 
     @asynccontextmanager
-    async def enter(self, institution: str | None) -> AsyncIterator[Admitted]:
-        """Admit a request of institution (None: the coordinator's own) and say how it is charged."""
+    async def enter(self, institution: str | None, api_key_id: str = "") -> AsyncIterator[Admitted]:
+        """Admit a request of institution (None: the coordinator's own), made with the API key of this id
+        ("" = none), and say how it is charged."""
         consumer = self.consumer(institution)
         if self._credit_state is not None:
             balance, floor = await asyncio.to_thread(self._credit_state, consumer)
@@ -141,7 +144,8 @@ class RequestAdmission:
                 )
         async with self.admission.admit(consumer) as waited_s:
             priority = self._priority(consumer) if self._priority is not None else 0.0
-            yield Admitted(Charge(consumer, priority, self._meter), waited_s)
+            meter = self._meter(api_key_id) if self._meter is not None else None
+            yield Admitted(Charge(consumer, priority, meter), waited_s)
 
 
 async def enter_request(
@@ -153,5 +157,6 @@ async def enter_request(
     slots.enter_context(gate.slot(caller))
     if access is None:
         return Charge(caller.institution or ""), None
-    admitted = await slots.enter_async_context(access.enter(caller.institution))
+    key_id = api_key_id(caller.key_digest) if caller.key_digest else ""
+    admitted = await slots.enter_async_context(access.enter(caller.institution, key_id))
     return admitted.charge, admitted.waited_s

@@ -13,6 +13,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from coop.ledger.fairshare import FairShare
 from coop.ledger.models import Observation
@@ -35,7 +36,13 @@ class Metering:
         for hop in hops:
             self.fair_share.record(hop.institution or None, consumer, tokens * self._flops(hop.start, hop.end), now)
 
-    def session_ended(self, session_id: str, consumer: str, hops: Sequence[Hop], sent: TokenTally) -> None:
+    def for_key(self, api_key_id: str) -> KeyedMeter:
+        """The meter of one request, admitted by this API key ("" = none)."""
+        return KeyedMeter(self, api_key_id)
+
+    def session_ended(
+        self, session_id: str, consumer: str, hops: Sequence[Hop], sent: TokenTally, api_key_id: str = ""
+    ) -> None:
         if sent.total == 0:
             return
         rows = [
@@ -48,6 +55,7 @@ class Metering:
                 end_block=hop.end,
                 prefill_tokens=sent.prefill,
                 decode_tokens=sent.decode,
+                api_key_id=api_key_id,
             )
             for hop in hops
         ]
@@ -65,3 +73,18 @@ class Metering:
         """Rows whose write failed: written with the next batch."""
         with self._lock:
             self._observations[:0] = rows
+
+
+@dataclass(frozen=True)
+class KeyedMeter:
+    """A `coop.pipeline.charge.Meter` for one request: its sessions' observations name the API key that
+    admitted it, which the countersignature of every receipt then covers."""
+
+    metering: Metering
+    api_key_id: str
+
+    def stepped(self, consumer: str, hops: Sequence[Hop], tokens: int) -> None:
+        self.metering.stepped(consumer, hops, tokens)
+
+    def session_ended(self, session_id: str, consumer: str, hops: Sequence[Hop], sent: TokenTally) -> None:
+        self.metering.session_ended(session_id, consumer, hops, sent, self.api_key_id)

@@ -117,7 +117,12 @@ async def run_coordinator(settings: CoordinatorSettings) -> None:
         await swarm.start()
         if membership.bundle is not None:
             backend.accounting = await Accounting.start(
-                settings, membership.bundle, client.manifest, lambda: backend.channels, swarm.live_nodes
+                settings,
+                membership.bundle,
+                membership.revocations,
+                client.manifest,
+                lambda: backend.channels,
+                swarm.live_nodes,
             )
         gate = ApiKeyGate(settings.api_keys_file, membership.bundle.limits if membership.bundle else None)
         access = backend.accounting.access if backend.accounting else None

@@ -1,31 +1,50 @@
 """The coordinator's checks on a receipt before it is booked, and its countersignature.
 
 A receipt is booked only if: its body parses; it is for this pool, this model and this
-coordinator; the node's certificate was issued by the pool CA and names the institution the
-receipt credits; the node's signature covers the exact bytes; its FLOPs are its tokens times the
-manifest's FLOPs per token for its blocks; and it claims no more tokens, for no other blocks, than
-the coordinator itself saw that node process in that session. Anything else is rejected and
-recorded as an audit event. A receipt whose session the coordinator has not written down yet is
-left pending (the node resubmits it), unless it is older than `unknown_session_grace_s`.
+coordinator; the node's certificate was issued by the pool CA, was valid when the work ended and
+names the institution the receipt credits; that institution was not revoked before the work ended;
+the node's signature covers the exact bytes; its FLOPs are its tokens times the manifest's FLOPs
+per token for its blocks; and it is for the blocks the coordinator itself saw that node serve in
+that session. Anything else is rejected and recorded as an audit event. A receipt that claims more
+tokens than the coordinator sent is paid for what was sent (the node may have been fed tokens by
+someone else, or be lying; either way the coordinator's count is what the consumer asked for), and
+the difference is an audit event. A receipt whose session the coordinator has not written down yet
+is left pending (the node resubmits it), unless it is older than `unknown_session_grace_s`.
+
+The consumer and the API key that admitted the session come from the coordinator's observation,
+never from the node; the countersignature covers both, so `verify` can check the key was the
+consumer's.
 """
 
 from __future__ import annotations
 
-import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from coop.errors import InvalidInput, ReceiptPending, ReceiptRejected, Unauthorized
 from coop.ledger.models import Observation
+from coop.ledger.signers import provider_of
 from coop.ledger.store import Booking
 from coop.pool.bundle import MemberBundle
-from coop.pool.ca import ROLE_NODE, verify_signature
-from coop.pool.identity import Identity, verify_identity
-from coop.receipts import ReceiptBody, SignedReceipt, body_payload, countersign_payload
+from coop.pool.ca import verify_signature
+from coop.receipts import Payment, ReceiptBody, SignedReceipt, body_payload, countersign_payload
 
 UNKNOWN_SESSION_GRACE_S = 3600.0
 CLOCK_SKEW_S = 300.0  # a receipt may end this far in the coordinator's future, no further
+
+
+def never_revoked(_institution: str) -> float | None:
+    return None
+
+
+def revoked_since(revoked: Collection[str], issued_at: float, institution: str) -> float | None:
+    """When institution was revoked, as a revocation list tells it (unix seconds), or None if it is not.
+
+    Lists carry one time, when they were signed, not one per entry: that is the time taken. It is
+    never earlier than the revocation itself, so no work before a revocation goes unpaid.
+    """
+    return issued_at if institution in revoked else None
 
 
 @dataclass
@@ -38,6 +57,8 @@ class ReceiptChecker:
     observation: Callable[[str, str], Observation | None]  # (session_id, node_id) -> what it saw
     # (session_id, node_id) -> the id of the receipt already booked for it, if any
     booked_for: Callable[[str, str], str | None]
+    # institution -> when it was revoked (unix seconds), None if it is not: its work after that is not paid
+    revoked_since: Callable[[str], float | None] = never_revoked
     unknown_session_grace_s: float = UNKNOWN_SESSION_GRACE_S
 
     @property
@@ -68,15 +89,15 @@ class ReceiptChecker:
                     f"receipt {body.receipt_id}: this coordinator never saw session {body.session_id}"
                 )
             raise ReceiptPending(f"receipt {body.receipt_id}: session {body.session_id} not recorded yet")
-        _check_against(body, seen)
+        payment, capped = _payment(body, seen, self.span_flops_per_token(body.start_block, body.end_block))
         earlier = self.booked_for(body.session_id, body.node_id)
         if earlier is not None and earlier != body.receipt_id:
             raise ReceiptRejected(
                 f"receipt {body.receipt_id}: node {body.node_id} already billed session {body.session_id} "
                 f"with receipt {earlier}"
             )
-        payload = countersign_payload(signed.body, seen.consumer)
-        return Booking(body, signed, seen.consumer, self.signer.sign(payload), self.signer.cert_pem)
+        countersignature = self.signer.sign(countersign_payload(signed.body, payment))
+        return Booking(body, signed, payment, countersignature, self.signer.cert_pem, capped)
 
     def _authentic_body(self, signed: SignedReceipt) -> ReceiptBody:
         try:
@@ -84,7 +105,7 @@ class ReceiptChecker:
         except (InvalidInput, TypeError) as exc:
             raise ReceiptRejected(f"malformed receipt: {exc}") from exc
         try:
-            signer = _certified_node(self.ca_cert_pem, signed.cert_pem, self.pool_id)
+            signer = provider_of(self.ca_cert_pem, signed.cert_pem, self.pool_id, body.ended)
             verify_signature(signed.cert_pem, body_payload(signed.body), signed.signature)
         except Unauthorized as exc:
             raise ReceiptRejected(f"receipt {body.receipt_id}: {exc}") from exc
@@ -97,11 +118,20 @@ class ReceiptChecker:
             raise ReceiptRejected(
                 f"receipt {body.receipt_id} credits {body.institution!r} but is signed by {institution!r}"
             )
+        revoked_at = self.revoked_since(institution)
+        if revoked_at is not None and body.ended_at >= revoked_at:
+            raise ReceiptRejected(
+                f"receipt {body.receipt_id}: its work ended after {institution!r} was revoked from the pool"
+            )
         return body
 
 
-def _check_against(body: ReceiptBody, seen: Observation) -> None:
-    """The receipt may claim less than the coordinator saw (a step lost in a crash), never more."""
+def _payment(body: ReceiptBody, seen: Observation, flops_per_token: int) -> tuple[Payment, str]:
+    """What the receipt is paid: its claim, capped at what the coordinator saw; and, if capped, why.
+
+    A node may claim less than the coordinator saw (a step lost in a crash). A claim of other blocks,
+    or for another institution, is no receipt of what was seen at all, and is rejected.
+    """
     rid = body.receipt_id
     if seen.provider != body.institution:
         raise ReceiptRejected(
@@ -112,14 +142,13 @@ def _check_against(body: ReceiptBody, seen: Observation) -> None:
             f"receipt {rid}: blocks {body.start_block}:{body.end_block}, "
             f"but the session used {seen.start_block}:{seen.end_block} on that node"
         )
-    if body.prefill_tokens > seen.prefill_tokens or body.decode_tokens > seen.decode_tokens:
-        raise ReceiptRejected(
-            f"receipt {rid} claims {body.prefill_tokens}+{body.decode_tokens} tokens, "
-            f"the coordinator sent {seen.prefill_tokens}+{seen.decode_tokens}"
-        )
-
-
-@functools.lru_cache(maxsize=256)
-def _certified_node(ca_cert_pem: bytes, cert_pem: bytes, pool_id: str) -> Identity:
-    """Cached: a process checks each node certificate once (a failure is not cached: it raises)."""
-    return verify_identity(ca_cert_pem, cert_pem, pool_id=pool_id).require(ROLE_NODE)
+    prefill = min(body.prefill_tokens, seen.prefill_tokens)
+    decode = min(body.decode_tokens, seen.decode_tokens)
+    payment = Payment(seen.consumer, seen.api_key_id, prefill, decode, (prefill + decode) * flops_per_token)
+    if (prefill, decode) == (body.prefill_tokens, body.decode_tokens):
+        return payment, ""
+    return payment, (
+        f"receipt {rid} claims {body.prefill_tokens}+{body.decode_tokens} tokens, the coordinator sent "
+        f"{seen.prefill_tokens}+{seen.decode_tokens}: paid {prefill}+{decode} tokens ({payment.flops} FLOPs, "
+        f"not {body.flops})"
+    )

@@ -1,17 +1,22 @@
 """Every ledger table, in one place. Schema changes go through coop/ledger/migrations.
 
-Amounts are whole FLOPs (1 credit = 10**12 FLOPs) in 64-bit integers, so a booking is exact:
-a provider is credited the very FLOPs its receipt names. Balances are never stored; they are
-sums of postings (`coop.ledger.store.Ledger.balances`).
+Amounts are whole FLOPs (1 credit = 10**12 FLOPs), so a booking is exact: a provider is credited
+the very FLOPs it was paid for. An amount that can outgrow 64 bits (a posting, a grant, a floor) is
+stored in two integer columns (`coop.ledger.amounts`). Balances are never stored; they are sums of
+postings (`coop.ledger.store.Ledger.balances`). Grants and credit floors carry the exact bytes the
+pool admin signed, receipts the bytes the node signed, so `coop ledger verify` can recheck them all.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from decimal import Decimal, InvalidOperation
 
 from sqlalchemy import BigInteger, Column, Index, LargeBinary, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
+from coop.errors import InvalidInput
+from coop.ledger.amounts import join
 from coop.pool.registry import RESERVED_INSTITUTION
 
 FLOPS_PER_CREDIT = 10**12
@@ -23,8 +28,15 @@ def flops_to_credits(flops: int) -> float:
     return flops / FLOPS_PER_CREDIT
 
 
-def credits_to_flops(amount: float) -> int:
-    return round(amount * FLOPS_PER_CREDIT)
+def credits_to_flops(amount: float | int | str | Decimal) -> int:
+    """Exact in decimal: 0.1 credits is 10**11 FLOPs, not what 0.1 * 10**12 rounds to in binary."""
+    try:
+        flops = Decimal(str(amount)) * FLOPS_PER_CREDIT
+    except InvalidOperation as exc:
+        raise InvalidInput(f"{amount!r} is not a number of credits") from exc
+    if not flops.is_finite():
+        raise InvalidInput(f"{amount!r} is not a finite number of credits")
+    return int(flops.to_integral_value())
 
 
 def utcnow() -> dt.datetime:
@@ -36,8 +48,6 @@ class Institution(SQLModel, table=True):
 
     name: str = Field(primary_key=True, max_length=128)
     created_at: dt.datetime = Field(default_factory=utcnow)
-    # below this balance (FLOPs, usually negative) the institution's requests get 402; None = no floor
-    credit_floor_flops: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
 
 
 class Account(SQLModel, table=True):
@@ -89,10 +99,17 @@ class Observation(SQLModel, table=True):
     prefill_tokens: int
     decode_tokens: int
     seen_at: dt.datetime = Field(default_factory=utcnow)
+    # the API key that admitted the session (its id, `coop.receipts.api_key_id`); "" = none: the
+    # coordinator's own institution pays
+    api_key_id: str = Field(default="", max_length=16, sa_column_kwargs={"server_default": ""})
 
 
 class Receipt(SQLModel, table=True):
-    """A node-signed, coordinator-countersigned account of compute; `body` is exactly what was signed."""
+    """A node-signed, coordinator-countersigned account of compute; `body` is exactly what the node signed.
+
+    Tokens and FLOPs are what was paid: the body's claim, or less where the claim exceeded what the
+    coordinator observed. The countersignature covers them, the consumer and the API key id.
+    """
 
     __tablename__ = "receipts"
     __table_args__ = (
@@ -111,10 +128,11 @@ class Receipt(SQLModel, table=True):
     end_block: int
     prefill_tokens: int
     decode_tokens: int
-    flops: int = Field(sa_column=Column(BigInteger, nullable=False))
+    flops: int = Field(sa_column=Column(BigInteger, nullable=False))  # at most 2**62 (ReceiptBody)
     started_at: dt.datetime
     ended_at: dt.datetime
     booked_at: dt.datetime = Field(default_factory=utcnow, index=True)
+    api_key_id: str = Field(default="", max_length=16, sa_column_kwargs={"server_default": ""})  # as observed
     body: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     node_signature: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     node_cert_sha256: str = Field(foreign_key="certificates.sha256", max_length=64)
@@ -123,14 +141,46 @@ class Receipt(SQLModel, table=True):
 
 
 class Grant(SQLModel, table=True):
+    """Credits from the pool account to an institution, as the pool admin signed them (`body`)."""
+
     __tablename__ = "grants"
 
     grant_id: str = Field(primary_key=True, max_length=64)
     institution: str = Field(foreign_key="institutions.name", max_length=128)
-    flops: int = Field(sa_column=Column(BigInteger, nullable=False))
+    amount_hi: int = Field(sa_column=Column(BigInteger, nullable=False))
+    amount_lo: int = Field(sa_column=Column(BigInteger, nullable=False))
     reason: str = Field(max_length=500)
     granted_by: str = Field(max_length=128)
     created_at: dt.datetime = Field(default_factory=utcnow)
+    body: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    signature: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+
+    @property
+    def flops(self) -> int:
+        return join(self.amount_hi, self.amount_lo)
+
+
+class CreditFloor(SQLModel, table=True):
+    """An institution's credit floor as the pool admin signed it; the newest row (highest id) is in force.
+
+    Below the floor (FLOPs, usually negative) the institution's requests get 402; no amount = no floor.
+    """
+
+    __tablename__ = "credit_floors"
+    __table_args__ = (Index("ix_credit_floors_institution", "institution", "id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    institution: str = Field(foreign_key="institutions.name", max_length=128)
+    floor_hi: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    floor_lo: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    set_by: str = Field(max_length=128)
+    set_at: dt.datetime = Field(default_factory=utcnow)
+    body: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    signature: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+
+    @property
+    def floor_flops(self) -> int | None:
+        return None if self.floor_hi is None else join(self.floor_hi, self.floor_lo)
 
 
 class Posting(SQLModel, table=True):
@@ -141,10 +191,15 @@ class Posting(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     account: str = Field(foreign_key="accounts.name", max_length=128)
-    amount_flops: int = Field(sa_column=Column(BigInteger, nullable=False))
+    amount_hi: int = Field(sa_column=Column(BigInteger, nullable=False))  # amount = hi * 10**9 + lo
+    amount_lo: int = Field(sa_column=Column(BigInteger, nullable=False))  # 0 <= lo < 10**9
     receipt_id: str | None = Field(default=None, foreign_key="receipts.receipt_id", max_length=64, index=True)
     grant_id: str | None = Field(default=None, foreign_key="grants.grant_id", max_length=64)
     created_at: dt.datetime = Field(default_factory=utcnow)
+
+    @property
+    def amount_flops(self) -> int:
+        return join(self.amount_hi, self.amount_lo)
 
 
 class AuditEvent(SQLModel, table=True):

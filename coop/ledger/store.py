@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, bindparam, case, func, insert, select
+from sqlalchemy import Engine, bindparam, func, insert, select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
@@ -23,12 +22,15 @@ from sqlalchemy.sql.dml import Insert
 from sqlmodel import Session, SQLModel, col
 
 from coop.errors import InvalidInput, LedgerError
+from coop.ledger.amounts import join, split, split_sum
 from coop.ledger.database import open_engine
+from coop.ledger.grants import AdminSigner
 from coop.ledger.models import (
     POOL_ACCOUNT,
     Account,
     AuditEvent,
     Certificate,
+    CreditFloor,
     Grant,
     Institution,
     Node,
@@ -39,7 +41,7 @@ from coop.ledger.models import (
     flops_to_credits,
     utcnow,
 )
-from coop.receipts import ReceiptBody, SignedReceipt, cert_sha256
+from coop.receipts import Payment, ReceiptBody, SignedReceipt, cert_sha256
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,7 @@ BOOK_ATTEMPTS = 5  # a booking that lost a race to another booker is run again, 
 # Plain Core inserts on the tables: the ORM's bulk-insert path costs more per row.
 _RECEIPTS = SQLModel.metadata.tables[Receipt.__tablename__]
 _POSTINGS = SQLModel.metadata.tables[Posting.__tablename__]
+_AUDIT = SQLModel.metadata.tables[AuditEvent.__tablename__]
 _OBSERVATIONS = SQLModel.metadata.tables[Observation.__tablename__]
 _OBSERVATION = select(_OBSERVATIONS).where(
     _OBSERVATIONS.c.session_id == bindparam("session_id"), _OBSERVATIONS.c.node_id == bindparam("node_id")
@@ -55,13 +58,18 @@ _OBSERVATION = select(_OBSERVATIONS).where(
 
 @dataclass(frozen=True)
 class Booking:
-    """A receipt that passed every check, with the coordinator's countersignature."""
+    """A receipt that passed every check, what it is paid, and the coordinator's countersignature of both."""
 
     body: ReceiptBody
     signed: SignedReceipt
-    consumer: str
+    payment: Payment
     countersignature: bytes
     coordinator_cert_pem: bytes
+    capped: str = ""  # why it is paid less than it claims (an audit event when booked); "" if it is not
+
+    @property
+    def consumer(self) -> str:
+        return self.payment.consumer
 
 
 @dataclass(frozen=True)
@@ -153,44 +161,74 @@ class Ledger:
             session.execute(insert(_RECEIPTS), [_receipt_row(b, now) for b in ordered])
             postings = []
             for b in ordered:
-                rid, flops = b.body.receipt_id, b.body.flops
-                postings.append({"account": b.body.institution, "amount_flops": flops, "receipt_id": rid})
-                postings.append({"account": b.consumer, "amount_flops": -flops, "receipt_id": rid})
-            session.execute(insert(_POSTINGS), [{**p, "created_at": now} for p in postings])
+                rid, flops = b.body.receipt_id, b.payment.flops
+                postings.append(_posting(b.body.institution, flops, now, receipt_id=rid))
+                postings.append(_posting(b.consumer, -flops, now, receipt_id=rid))
+            session.execute(insert(_POSTINGS), postings)
+            capped = [b for b in ordered if b.capped]
+            if capped:
+                session.execute(insert(_AUDIT), [_capped_event(b, now) for b in capped])
             return list(fresh)
 
-    def grant(self, institution: str, credits: float, *, reason: str, actor: str) -> Grant:
-        """Credits from the pool account to an institution (negative credits take them back)."""
+    def grant(self, institution: str, credits: float | str, *, reason: str, actor: str, signer: AdminSigner) -> Grant:
+        """Credits from the pool account to an institution (negative credits take them back), signed by the admin."""
         flops = credits_to_flops(credits)
         if flops == 0:
             raise InvalidInput("a grant must move a non-zero amount")
         if not reason.strip():
             raise InvalidInput("a grant needs a reason (--reason)")
+        hi, lo = split(flops)
+        body, signed = signer.grant(institution, flops, reason=reason[:500], granted_by=actor)
         grant = Grant(
-            grant_id=uuid.uuid4().hex, institution=institution, flops=flops, reason=reason[:500], granted_by=actor
+            grant_id=body.grant_id,
+            institution=institution,
+            amount_hi=hi,
+            amount_lo=lo,
+            reason=body.reason,
+            granted_by=actor,
+            created_at=dt.datetime.fromtimestamp(body.granted_at, dt.UTC),
+            body=signed.body,
+            signature=signed.signature,
         )
         with self._transaction() as session:
             self._ensure_institution(session, institution)
             session.add(grant)
             session.flush()
-            session.add(Posting(account=institution, amount_flops=flops, grant_id=grant.grant_id))
-            session.add(Posting(account=POOL_ACCOUNT, amount_flops=-flops, grant_id=grant.grant_id))
-            session.add(
-                AuditEvent(
-                    actor=actor, action="credits_granted", subject=institution, detail=f"{credits:g} credits: {reason}"
-                )
+            now = utcnow()
+            session.execute(
+                insert(_POSTINGS),
+                [
+                    _posting(institution, flops, now, grant_id=grant.grant_id),
+                    _posting(POOL_ACCOUNT, -flops, now, grant_id=grant.grant_id),
+                ],
             )
+            detail = f"{flops_to_credits(flops):g} credits: {reason}"
+            session.add(AuditEvent(actor=actor, action="credits_granted", subject=institution, detail=detail))
             session.flush()
             session.expunge(grant)
         return grant
 
-    def set_credit_floor(self, institution: str, credits: float | None, *, actor: str) -> None:
+    def set_credit_floor(
+        self, institution: str, credits: float | str | None, *, actor: str, signer: AdminSigner
+    ) -> None:
         """Below this balance the institution's requests are refused (402); None removes the floor."""
+        flops = None if credits is None else credits_to_flops(credits)
+        hi, lo = (None, None) if flops is None else split(flops)
+        body, signed = signer.floor(institution, flops, set_by=actor)
         with self._transaction() as session:
-            row = self._ensure_institution(session, institution)
-            row.credit_floor_flops = None if credits is None else credits_to_flops(credits)
-            session.add(row)
-            detail = "no floor" if credits is None else f"floor {credits:g} credits"
+            self._ensure_institution(session, institution)
+            session.add(
+                CreditFloor(
+                    institution=institution,
+                    floor_hi=hi,
+                    floor_lo=lo,
+                    set_by=actor,
+                    set_at=dt.datetime.fromtimestamp(body.set_at, dt.UTC),
+                    body=signed.body,
+                    signature=signed.signature,
+                )
+            )
+            detail = "no floor" if flops is None else f"floor {flops_to_credits(flops):g} credits"
             session.add(AuditEvent(actor=actor, action="credit_floor_set", subject=institution, detail=detail))
 
     def record(self, actor: str, action: str, subject: str = "", detail: str = "") -> None:
@@ -226,39 +264,58 @@ class Ledger:
             return session.execute(query.limit(1)).scalar()
 
     def balances(self) -> list[Balance]:
-        """Every institution's balance, derived from postings (never stored)."""
+        """Every institution's balance, derived from postings (never stored); exact at any size."""
+        hi, lo = col(Posting.amount_hi), col(Posting.amount_lo)
         receipt_leg = col(Posting.receipt_id).is_not(None)
         query = select(
             col(Posting.account),
-            func.sum(col(Posting.amount_flops)),
-            func.sum(case((receipt_leg & (col(Posting.amount_flops) > 0), col(Posting.amount_flops)), else_=0)),
-            func.sum(case((receipt_leg & (col(Posting.amount_flops) < 0), -col(Posting.amount_flops)), else_=0)),
-            func.sum(case((col(Posting.grant_id).is_not(None), col(Posting.amount_flops)), else_=0)),
+            *split_sum(hi, lo),
+            *split_sum(hi, lo, receipt_leg & (hi >= 0)),  # lo >= 0 always: the sign is hi's
+            *split_sum(hi, lo, receipt_leg & (hi < 0)),
+            *split_sum(hi, lo, col(Posting.grant_id).is_not(None)),
         ).group_by(col(Posting.account))
         with Session(self.engine) as session:
-            sums = {row[0]: [int(v or 0) for v in row[1:]] for row in session.execute(query)}
-            floors = {i.name: i.credit_floor_flops for i in session.execute(select(Institution)).scalars()}
-        return [
-            Balance(name, *sums.get(name, [0, 0, 0, 0]), credit_floor_flops=floors[name])  # type: ignore[misc]
-            for name in sorted(floors)
-        ]
+            sums = {row[0]: [join(row[i], row[i + 1]) for i in range(1, 9, 2)] for row in session.execute(query)}
+            names = list(session.execute(select(col(Institution.name))).scalars())
+            floors = self._floors(session)
+        result = []
+        for name in sorted(names):
+            total, contributed, used, granted = sums.get(name, [0, 0, 0, 0])
+            result.append(Balance(name, total, contributed, -used, granted, floors.get(name)))
+        return result
 
     def balance(self, institution: str) -> Balance | None:
         return next((b for b in self.balances() if b.institution == institution), None)
 
     def credit_state(self, institution: str) -> tuple[int, int | None]:
-        """(balance, credit floor or None) in FLOPs: one cheap query per request."""
+        """(balance, credit floor or None) in FLOPs: two cheap queries per request."""
         with Session(self.engine) as session:
             floor = session.execute(
-                select(col(Institution.credit_floor_flops)).where(col(Institution.name) == institution)
+                select(CreditFloor)
+                .where(col(CreditFloor.institution) == institution)
+                .order_by(col(CreditFloor.id).desc())
+                .limit(1)
             ).scalar()
-            query = select(func.sum(col(Posting.amount_flops))).where(col(Posting.account) == institution)
-            return int(session.execute(query).scalar() or 0), floor
+            return self._account_balance(session, institution), None if floor is None else floor.floor_flops
 
     def pool_balance_flops(self) -> int:
         with Session(self.engine) as session:
-            query = select(func.sum(col(Posting.amount_flops))).where(col(Posting.account) == POOL_ACCOUNT)
-            return int(session.execute(query).scalar() or 0)
+            return self._account_balance(session, POOL_ACCOUNT)
+
+    @staticmethod
+    def _account_balance(session: Session, account: str) -> int:
+        query = select(*split_sum(col(Posting.amount_hi), col(Posting.amount_lo))).where(
+            col(Posting.account) == account
+        )
+        hi, lo = session.execute(query).one()
+        return join(hi, lo)
+
+    @staticmethod
+    def _floors(session: Session) -> dict[str, int | None]:
+        """Each institution's floor in force: its newest signed floor."""
+        newest = select(func.max(col(CreditFloor.id))).group_by(col(CreditFloor.institution))
+        rows = session.execute(select(CreditFloor).where(col(CreditFloor.id).in_(newest))).scalars()
+        return {row.institution: row.floor_flops for row in rows}
 
     def receipts(
         self,
@@ -318,6 +375,15 @@ class Ledger:
         with Session(self.engine) as session:
             query = select(Posting).order_by(col(Posting.id)).execution_options(yield_per=1000)
             yield from session.execute(query).scalars()
+
+    def grants(self) -> list[Grant]:
+        with Session(self.engine) as session:
+            return list(session.execute(select(Grant).order_by(col(Grant.grant_id))).scalars())
+
+    def credit_floors(self) -> list[CreditFloor]:
+        """Every floor ever set, oldest first."""
+        with Session(self.engine) as session:
+            return list(session.execute(select(CreditFloor).order_by(col(CreditFloor.id))).scalars())
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -399,23 +465,48 @@ def _insert_ignoring_duplicates(engine: Engine, table: type[SQLModel]) -> Insert
     return insert(table)
 
 
+def _posting(
+    account: str, flops: int, at: dt.datetime, *, receipt_id: str | None = None, grant_id: str | None = None
+) -> dict[str, Any]:
+    hi, lo = split(flops)
+    return {
+        "account": account,
+        "amount_hi": hi,
+        "amount_lo": lo,
+        "receipt_id": receipt_id,
+        "grant_id": grant_id,
+        "created_at": at,
+    }
+
+
+def _capped_event(b: Booking, at: dt.datetime) -> dict[str, Any]:
+    return {
+        "at": at,
+        "actor": f"coordinator:{b.body.coordinator}"[:128],
+        "action": "receipt_capped",
+        "subject": b.body.receipt_id,
+        "detail": b.capped[:4000],
+    }
+
+
 def _receipt_row(b: Booking, booked_at: dt.datetime) -> dict[str, Any]:
-    body = b.body
+    body, paid = b.body, b.payment
     return {
         "receipt_id": body.receipt_id,
         "session_id": body.session_id,
         "node_id": body.node_id,
         "provider": body.institution,
-        "consumer": b.consumer,
+        "consumer": paid.consumer,
         "model_hash": body.model_hash,
         "start_block": body.start_block,
         "end_block": body.end_block,
-        "prefill_tokens": body.prefill_tokens,
-        "decode_tokens": body.decode_tokens,
-        "flops": body.flops,
+        "prefill_tokens": paid.prefill_tokens,
+        "decode_tokens": paid.decode_tokens,
+        "flops": paid.flops,
         "started_at": body.started,
         "ended_at": body.ended,
         "booked_at": booked_at,
+        "api_key_id": paid.api_key_id,
         "body": b.signed.body,
         "node_signature": b.signed.signature,
         "node_cert_sha256": cert_sha256(b.signed.cert_pem),

@@ -1,33 +1,61 @@
-"""`coop ledger verify`: recheck the whole ledger from its raw material.
+"""`coop ledger verify`: recheck the whole ledger from its raw material and the pool directory.
 
-Balances are recomputed from postings; every booking's legs must sum to zero and credit and debit
-exactly who and what its receipt or grant says; every receipt's stored bytes must carry a valid
-node signature by a certificate of this pool naming the provider, and a valid countersignature
-charging the consumer. Nothing is trusted from the derived columns.
+Nothing in the database is trusted; what vouches for it comes from the pool directory (`PoolTrust`):
+the pool CA certificate and the API keys. Balances are recomputed from postings; every booking's
+legs must sum to zero and credit and debit exactly who and what its receipt or grant says. Every
+receipt must carry a valid node signature by a certificate of this pool naming the provider, valid
+when the work ended; and a valid countersignature, by a coordinator of the pool, of what it paid,
+charged to the institution that owns the API key that admitted the session. Every grant and credit
+floor must be signed by the pool admin (the CA key).
+
+Revocations are the coordinators' to apply when they book (`coop.ledger.booking`), not verify's: a
+coordinator that had not heard of a revocation yet booked in good faith, and a list tells only
+when it was signed, not when each member was revoked.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from sqlalchemy import select
 from sqlmodel import Session, col
 
 from coop.errors import CoopError
-from coop.ledger.models import POOL_ACCOUNT, Certificate, Grant, Receipt
+from coop.ledger.booking import CLOCK_SKEW_S
+from coop.ledger.grants import floor_payload, grant_payload, parse_floor, parse_grant, verify_admin_signature
+from coop.ledger.models import POOL_ACCOUNT, Certificate, CreditFloor, Grant, Receipt
+from coop.ledger.signers import countersigner_of, provider_of
 from coop.ledger.store import Ledger
-from coop.pool.ca import ROLE_COORDINATOR, ROLE_NODE, verify_signature
-from coop.pool.identity import verify_identity
-from coop.receipts import ReceiptBody, body_payload, countersign_payload
+from coop.pool.api_keys import ApiKeyStore
+from coop.pool.ca import verify_signature
+from coop.receipts import API_KEY_ID_CHARS, Payment, ReceiptBody, body_payload, countersign_payload
 
 MAX_PROBLEMS = 100
+
+
+@dataclass(frozen=True)
+class PoolTrust:
+    """What verification believes, all from the pool directory: the CA and the API keys."""
+
+    pool_id: str
+    ca_cert_pem: bytes
+    api_keys: ApiKeyStore
+
+    @classmethod
+    def load(cls, pool_dir: Path | str) -> PoolTrust:
+        from coop.pool.registry import API_KEYS_FILE, PoolInfo
+
+        info = PoolInfo.load(pool_dir)
+        return cls(info.pool_id, info.ca_cert_pem(), ApiKeyStore.load(info.directory / API_KEYS_FILE))
 
 
 @dataclass
 class VerifyReport:
     receipts: int = 0
     grants: int = 0
+    floors: int = 0
     postings: int = 0
     balances_flops: dict[str, int] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
@@ -41,17 +69,18 @@ class VerifyReport:
             self.problems.append(text)
 
 
-def verify_ledger(ledger: Ledger, *, ca_cert_pem: bytes, pool_id: str) -> VerifyReport:
+def verify_ledger(ledger: Ledger, trust: PoolTrust) -> VerifyReport:
     report = VerifyReport()
     legs: dict[tuple[str, str], dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for posting in ledger.all_postings():
         report.postings += 1
-        report.balances_flops[posting.account] = report.balances_flops.get(posting.account, 0) + posting.amount_flops
+        amount = posting.amount_flops
+        report.balances_flops[posting.account] = report.balances_flops.get(posting.account, 0) + amount
         if (posting.receipt_id is None) == (posting.grant_id is None):
             report.problem(f"posting {posting.id} belongs to neither exactly one receipt nor one grant")
             continue
         entry = ("receipt", posting.receipt_id) if posting.receipt_id else ("grant", posting.grant_id or "")
-        legs[entry][posting.account] += posting.amount_flops
+        legs[entry][posting.account] += amount
     if sum(report.balances_flops.values()) != 0:
         report.problem(f"all postings sum to {sum(report.balances_flops.values())}, not 0")
     derived = {b.institution: b.balance_flops for b in ledger.balances()}
@@ -71,11 +100,15 @@ def verify_ledger(ledger: Ledger, *, ca_cert_pem: bytes, pool_id: str) -> Verify
             _check_legs(
                 report, f"receipt {receipt.receipt_id}", legs.pop(("receipt", receipt.receipt_id), {}), expected
             )
-            _check_receipt(report, receipt, certificates, ca_cert_pem, pool_id)
+            _check_receipt(report, receipt, certificates, trust)
         for grant in session.execute(select(Grant).order_by(col(Grant.grant_id))).scalars():
             report.grants += 1
             expected = _sum({grant.institution: grant.flops}, {POOL_ACCOUNT: -grant.flops})
             _check_legs(report, f"grant {grant.grant_id}", legs.pop(("grant", grant.grant_id), {}), expected)
+            _check_grant(report, grant, trust)
+        for floor in session.execute(select(CreditFloor).order_by(col(CreditFloor.id))).scalars():
+            report.floors += 1
+            _check_floor(report, floor, trust)
     for kind, entry_id in legs:
         report.problem(f"postings for {kind} {entry_id}, which does not exist")
     return report
@@ -98,7 +131,7 @@ def _check_legs(report: VerifyReport, what: str, actual: dict[str, int], expecte
 
 
 def _check_receipt(
-    report: VerifyReport, receipt: Receipt, certificates: dict[str, Certificate], ca_cert_pem: bytes, pool_id: str
+    report: VerifyReport, receipt: Receipt, certificates: dict[str, Certificate], trust: PoolTrust
 ) -> None:
     what = f"receipt {receipt.receipt_id}"
     node_cert = certificates.get(receipt.node_cert_sha256)
@@ -106,19 +139,20 @@ def _check_receipt(
     if node_cert is None or coordinator_cert is None:
         report.problem(f"{what}: a signing certificate is missing")
         return
+    payment = Payment(
+        receipt.consumer, receipt.api_key_id, receipt.prefill_tokens, receipt.decode_tokens, receipt.flops
+    )
     try:
         body = ReceiptBody.from_bytes(receipt.body)
-        signer = verify_identity(ca_cert_pem, node_cert.pem, pool_id=pool_id, now=body.ended).require(ROLE_NODE)
+        signer = provider_of(trust.ca_cert_pem, node_cert.pem, trust.pool_id, body.ended)
         institution = signer.institution
         if signer.node_id != body.node_id:
             report.problem(f"{what}: signed by {signer.describe()}, not by node {body.node_id!r}")
         verify_signature(node_cert.pem, body_payload(receipt.body), receipt.node_signature)
-        countersigner = verify_identity(ca_cert_pem, coordinator_cert.pem, pool_id=pool_id, now=body.ended)
-        coordinator = countersigner.require(ROLE_COORDINATOR).institution
+        coordinator = countersigner_of(trust.ca_cert_pem, coordinator_cert.pem, trust.pool_id, body.ended)
         if coordinator != body.coordinator:
             report.problem(f"{what}: countersigned by {coordinator!r}, but the session was {body.coordinator!r}'s")
-        countersigned = countersign_payload(receipt.body, receipt.consumer)
-        verify_signature(coordinator_cert.pem, countersigned, receipt.countersignature)
+        verify_signature(coordinator_cert.pem, countersign_payload(receipt.body, payment), receipt.countersignature)
     except CoopError as exc:
         report.problem(f"{what}: {exc}")
         return
@@ -130,9 +164,6 @@ def _check_receipt(
         receipt.model_hash,
         receipt.start_block,
         receipt.end_block,
-        receipt.prefill_tokens,
-        receipt.decode_tokens,
-        receipt.flops,
     )
     signed = (
         body.receipt_id,
@@ -142,13 +173,69 @@ def _check_receipt(
         body.model_hash,
         body.start_block,
         body.end_block,
-        body.prefill_tokens,
-        body.decode_tokens,
-        body.flops,
     )
     if institution != body.institution:
         report.problem(f"{what}: signed by {institution!r} but credits {body.institution!r}")
     if stored != signed:
         report.problem(f"{what}: stored columns differ from the signed body")
-    if body.pool_id != pool_id:
+    if body.pool_id != trust.pool_id:
         report.problem(f"{what}: for pool {body.pool_id!r}")
+    _check_paid(report, what, body, payment)
+    _check_consumer(report, what, body, payment, trust.api_keys)
+
+
+def _check_paid(report: VerifyReport, what: str, body: ReceiptBody, paid: Payment) -> None:
+    """Paid no more than claimed, at the claim's own FLOPs per token."""
+    amounts = (paid.prefill_tokens, paid.decode_tokens, paid.flops)
+    if min(amounts) < 0 or paid.prefill_tokens > body.prefill_tokens or paid.decode_tokens > body.decode_tokens:
+        report.problem(f"{what}: pays {paid.prefill_tokens}+{paid.decode_tokens} tokens, not within what was claimed")
+    elif paid.flops > body.flops or (paid.prefill_tokens + paid.decode_tokens) * body.flops != paid.flops * body.tokens:
+        report.problem(f"{what}: pays {paid.flops} FLOPs, not its tokens at the receipt's FLOPs per token")
+
+
+def _check_consumer(report: VerifyReport, what: str, body: ReceiptBody, paid: Payment, api_keys: ApiKeyStore) -> None:
+    """The consumer is the owner of the API key that admitted the session (none: the coordinator's own)."""
+    if not paid.api_key_id:
+        if paid.consumer != body.coordinator:
+            report.problem(
+                f"{what}: charges {paid.consumer!r} without an API key; only the coordinator's own institution "
+                f"({body.coordinator!r}) may be charged so"
+            )
+        return
+    keys = (
+        [r for r in api_keys.records if r.sha256.startswith(paid.api_key_id)]
+        if len(paid.api_key_id) == API_KEY_ID_CHARS
+        else []
+    )
+    owners = {r.institution for r in keys}
+    if owners != {paid.consumer}:
+        named = ", ".join(repr(o) for o in sorted(owners)) or "no institution of this pool"
+        report.problem(f"{what}: charges {paid.consumer!r} through API key {paid.api_key_id}, which is {named}'s")
+    elif all(r.created_at > body.ended_at + CLOCK_SKEW_S for r in keys):
+        report.problem(f"{what}: charged through API key {paid.api_key_id}, created after the work ended")
+
+
+def _check_grant(report: VerifyReport, grant: Grant, trust: PoolTrust) -> None:
+    what = f"grant {grant.grant_id}"
+    try:
+        verify_admin_signature(trust.ca_cert_pem, grant_payload(grant.body), grant.signature, what)
+        body = parse_grant(grant.body)
+    except CoopError as exc:
+        report.problem(f"{what}: {exc}")
+        return
+    signed = (body.grant_id, body.pool_id, body.institution, body.amount, body.reason, body.granted_by)
+    stored = (grant.grant_id, trust.pool_id, grant.institution, grant.flops, grant.reason, grant.granted_by)
+    if signed != stored:
+        report.problem(f"{what}: stored columns differ from what the pool admin signed")
+
+
+def _check_floor(report: VerifyReport, floor: CreditFloor, trust: PoolTrust) -> None:
+    what = f"credit floor {floor.id} of {floor.institution!r}"
+    try:
+        verify_admin_signature(trust.ca_cert_pem, floor_payload(floor.body), floor.signature, what)
+        body = parse_floor(floor.body)
+    except CoopError as exc:
+        report.problem(f"{what}: {exc}")
+        return
+    if (body.pool_id, body.institution, body.amount) != (trust.pool_id, floor.institution, floor.floor_flops):
+        report.problem(f"{what}: stored columns differ from what the pool admin signed")

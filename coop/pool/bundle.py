@@ -72,7 +72,6 @@ class MemberBundle:
     cert_pem: bytes = field(repr=False)
     key_pem: bytes = field(repr=False)
     bootstrap: tuple[str, ...] = ()
-    ledger_url: str | None = None
     limits: PoolLimits = field(default_factory=PoolLimits)
     # the pool's revocation list when the bundle was made: a process starts from it even if the DHT
     # copy is lost or attacked (checked against the CA by whoever uses it)
@@ -93,7 +92,6 @@ class MemberBundle:
                 cert_pem=str(doc["cert_pem"]).encode("ascii"),
                 key_pem=str(doc["key_pem"]).encode("ascii"),
                 bootstrap=tuple(str(addr) for addr in pool.get("bootstrap", [])),
-                ledger_url=None if pool.get("ledger_url") is None else str(pool["ledger_url"]),
                 limits=PoolLimits.from_dict(pool.get("limits", {})),
                 revocations=None if doc.get("revocations") is None else RevocationList.from_dict(doc["revocations"]),
             )
@@ -118,7 +116,6 @@ class MemberBundle:
                 "pool_id": self.pool_id,
                 "name": self.pool_name,
                 "bootstrap": list(self.bootstrap),
-                "ledger_url": self.ledger_url,
                 "limits": self.limits.to_dict(),
             },
             "institution": self.institution,

@@ -3,10 +3,11 @@
 Nothing in it is ever overwritten in place by ``create_pool`` or ``add_member``, and every secret is
 created with mode 0600 from the first byte::
 
-    pool.toml               pool id, name, bootstrap peers, ledger URL, limits, sha256 of the admin token
+    pool.toml               pool id, name, bootstrap peers, limits, sha256 of the admin token
     ca.key          0600    the pool CA's private key: whoever holds it can admit members
     ca.crt                  self-signed pool CA certificate (SAN URI coop://<pool_id>/ca)
     admin.token     0600    the admin credential (shown once by `coop pool init`)
+    ledger.url      0600    the ledger's database URL, if not ledger.db here (coop.ledger.database); never shared
     revocations.json        CA-signed list of revoked institutions and certificate serials
     api_keys.json   0600    sha256 of every API key with its institution; never a key itself
     members/<name>.json     public record of a member certificate (serial, validity, PEM)
@@ -70,7 +71,6 @@ class PoolInfo:
     pool_id: str
     name: str
     bootstrap: tuple[str, ...]
-    ledger_url: str | None
     limits: PoolLimits
     admin_token_sha256: str
     admin_token: str | None = field(default=None, repr=False, compare=False)
@@ -87,7 +87,6 @@ class PoolInfo:
                 pool_id=str(doc["pool_id"]),
                 name=str(doc["name"]),
                 bootstrap=tuple(str(addr) for addr in doc.get("bootstrap", [])),
-                ledger_url=str(doc["ledger_url"]) if "ledger_url" in doc else None,
                 limits=PoolLimits.from_dict(doc.get("limits", {})),
                 admin_token_sha256=str(doc["admin_token_sha256"]),
             )
@@ -108,8 +107,6 @@ class PoolInfo:
             f"name = {_toml_str(self.name)}",
             f"bootstrap = [{', '.join(_toml_str(addr) for addr in self.bootstrap)}]",
         ]
-        if self.ledger_url is not None:
-            lines.append(f"ledger_url = {_toml_str(self.ledger_url)}")
         lines += [
             f"admin_token_sha256 = {_toml_str(self.admin_token_sha256)}",
             "",
@@ -124,7 +121,6 @@ def create_pool(
     name: str,
     *,
     bootstrap: Sequence[str] = (),
-    ledger_url: str | None = None,
     limits: PoolLimits | None = None,
 ) -> PoolInfo:
     """Create a new pool in directory (made if missing): CA, admin token, empty registries.
@@ -135,8 +131,6 @@ def create_pool(
     directory = Path(directory)
     check_name("pool name", name)
     addrs = tuple(check_text("bootstrap address", addr) for addr in bootstrap)
-    if ledger_url is not None:
-        check_text("ledger URL", ledger_url)
     if directory.exists() and not directory.is_dir():
         raise InvalidInput(f"{directory} exists and is not a directory")
     names = (POOL_FILE, CA_KEY_FILE, CA_CERT_FILE, ADMIN_TOKEN_FILE, REVOCATIONS_FILE, API_KEYS_FILE, MEMBERS_DIR)
@@ -156,7 +150,6 @@ def create_pool(
         pool_id=pool_id,
         name=name,
         bootstrap=addrs,
-        ledger_url=ledger_url,
         limits=limits or PoolLimits(),
         admin_token_sha256=secret_digest(token),
         admin_token=token,
@@ -237,7 +230,6 @@ def add_member(pool_dir: Path | str, institution: str, *, role: str = ROLE_MEMBE
             cert_pem=cert_pem,
             key_pem=key_pem(key),
             bootstrap=pool.bootstrap,
-            ledger_url=pool.ledger_url,
             limits=pool.limits,
             revocations=read_revocations(pool),
         )

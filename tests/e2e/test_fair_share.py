@@ -33,7 +33,8 @@ WINDOW_LIMIT_S = 150.0
 
 
 def _book_history(pool_dir: Path, bundles: dict[str, Path], manifest: Manifest) -> None:
-    """Uni A delivered 2 units of compute, Uni B 1, all of it consumed by Newcomer, an hour ago."""
+    """Uni A delivered 2 units of compute, Uni B 1, all of it consumed by Newcomer, just before the pool opened
+    (after its certificates were issued: a receipt counts only if its signer's certificate was valid then)."""
     coord = MemberBundle.load(bundles["Coord"])
     ledger = Ledger.open(sqlite_url(pool_dir / "ledger.db"))
     span = (0, manifest.num_blocks)
@@ -57,7 +58,7 @@ def _book_history(pool_dir: Path, bundles: dict[str, Path], manifest: Manifest) 
             span=span,
             flops_per_token=flops,
             count=sessions,
-            ended_at=time.time() - 3600,
+            ended_at=time.time() - 120,
         )
         ledger.observe([s.observation for s in seeds])
         ledger.book([checker.check(s.signed) for s in seeds])

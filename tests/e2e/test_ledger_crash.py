@@ -20,11 +20,13 @@ from coop.launcher import LocalPool, start
 from coop.ledger.database import sqlite_url
 from coop.ledger.models import Posting
 from coop.ledger.store import Ledger
-from coop.ledger.verify import verify_ledger
+from coop.ledger.verify import PoolTrust, verify_ledger
 from coop.model.manifest import Manifest
 from coop.node.outbox import Outbox
+from coop.pool.api_keys import api_key_digest
 from coop.pool.bundle import MemberBundle
-from coop.pool.registry import add_member, create_pool
+from coop.pool.registry import add_member, create_api_key, create_pool
+from coop.receipts import api_key_id
 from tests.ledger_seed import seeded_receipts
 from tests.waiting import wait_for
 
@@ -44,16 +46,18 @@ def _legs_per_receipt(ledger: Ledger) -> Counter[str]:
 
 def test_kill_9_while_booking_loses_nothing_and_books_nothing_twice(tiny_chat_model_dir: str, tmp_path: Path) -> None:
     pool_dir = tmp_path / "pool"
-    info = create_pool(pool_dir, "Crash pool")
+    create_pool(pool_dir, "Crash pool")
     bundles = {name: add_member(pool_dir, name) for name in ("Alpha", "Gamma")}
     bundles["Coord"] = add_member(pool_dir, "Coord", role="coordinator")
     manifest = Manifest.load(tiny_chat_model_dir)
     alpha = MemberBundle.load(bundles["Alpha"])
+    gamma_key = api_key_id(api_key_digest(create_api_key(pool_dir, "Gamma")))  # the key Gamma's requests came with
     flops_per_token = manifest.span_flops_per_token(0, manifest.num_blocks)
     seeds = seeded_receipts(
         alpha,
         coordinator="Coord",
         consumer="Gamma",
+        api_key_id=gamma_key,
         model_hash=manifest.content_hash,
         node_id="node-a",
         span=(0, manifest.num_blocks),
@@ -101,7 +105,7 @@ def test_kill_9_while_booking_loses_nothing_and_books_nothing_twice(tiny_chat_mo
         assert 0 < len(acknowledged) < RECEIPTS, "the kill must land in the middle of booking"
         assert acknowledged <= booked, "a receipt was acknowledged but is not in the ledger"
         assert set(legs) == booked and set(legs.values()) == {2}, "a booking is half-written"
-        report = verify_ledger(ledger, ca_cert_pem=info.ca_cert_pem(), pool_id=info.pool_id)
+        report = verify_ledger(ledger, PoolTrust.load(pool_dir))
         assert report.ok, report.problems
 
         pool.start_coordinator(
@@ -112,7 +116,7 @@ def test_kill_9_while_booking_loses_nothing_and_books_nothing_twice(tiny_chat_mo
         assert set(legs) == all_ids and set(legs.values()) == {2}
         balances = {b.institution: b.balance_flops for b in ledger.balances()}
         assert balances["Alpha"] == RECEIPTS * 8 * flops_per_token == -balances["Gamma"]
-        report = verify_ledger(ledger, ca_cert_pem=info.ca_cert_pem(), pool_id=info.pool_id)
+        report = verify_ledger(ledger, PoolTrust.load(pool_dir))
         assert report.ok and report.receipts == RECEIPTS, report.problems
     finally:
         pool.stop()

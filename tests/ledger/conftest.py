@@ -12,6 +12,7 @@ import pytest
 
 from coop.ledger.booking import ReceiptChecker
 from coop.ledger.database import sqlite_url
+from coop.ledger.grants import AdminSigner
 from coop.ledger.models import Observation
 from coop.ledger.store import Booking, Ledger
 from coop.pool.bundle import MemberBundle
@@ -71,10 +72,12 @@ class Receipts:
         blocks: tuple[int, int] = (0, 10),
         prefill_tokens: int = 7,
         decode_tokens: int = 20,
+        api_key_id: str = "",
         record: bool = True,
     ) -> Observation:
         """What the coordinator saw one node do in a new session; written to the ledger unless record=False."""
         seen = Observation(
+            api_key_id=api_key_id,
             session_id=new_receipt_id(),
             node_id=node_id,
             provider=provider,
@@ -123,3 +126,9 @@ class Receipts:
 @pytest.fixture
 def receipts(member_pool: MemberPool, ledger: Ledger) -> Receipts:
     return Receipts(member_pool, ledger)
+
+
+@pytest.fixture
+def admin(member_pool: MemberPool) -> AdminSigner:
+    """The pool admin's signing key: what `coop ledger grant` and `floor` sign with."""
+    return AdminSigner.load(member_pool.directory)

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from coop.errors import ReceiptPending, ReceiptRejected
-from coop.ledger.booking import UNKNOWN_SESSION_GRACE_S
+from coop.errors import ReceiptPending, ReceiptRejected, Unauthorized
 from coop.ledger.models import Observation
 from coop.pool.ca import verify_signature
-from coop.receipts import SignedReceipt, countersign_payload
+from coop.receipts import Payment, SignedReceipt, countersign_payload
 from tests.ledger.conftest import Receipts
 from tests.pools import make_member_pool
 
 Forge = Callable[[Receipts, Observation, Path], SignedReceipt]
+GRACE_S = 120.0
 
 
 def flipped_byte(signed: SignedReceipt) -> SignedReceipt:
@@ -34,14 +34,6 @@ def other_pools_alpha(receipts: Receipts, seen: Observation, tmp_path: Path) -> 
 
 
 FORGERIES: dict[str, tuple[Forge, str]] = {
-    "decode tokens beyond the observation": (
-        lambda r, seen, _: r.sign(r.body(seen, decode_tokens=seen.decode_tokens + 1)),
-        "the coordinator sent",
-    ),
-    "prefill tokens beyond the observation": (
-        lambda r, seen, _: r.sign(r.body(seen, prefill_tokens=seen.prefill_tokens + 5, decode_tokens=0)),
-        "the coordinator sent",
-    ),
     "flops not matching the tokens": (
         lambda r, seen, _: r.sign(r.body(seen, flops=r.body(seen).flops + 1)),
         "FLOPs",
@@ -73,16 +65,53 @@ def test_a_forged_or_foreign_receipt_is_rejected(receipts: Receipts, tmp_path: P
         receipts.checker().check(forge(receipts, seen, tmp_path))
 
 
-def test_an_honest_receipt_is_countersigned_for_the_consumer_the_coordinator_saw(receipts: Receipts) -> None:
-    seen = receipts.observe("alpha", "beta")
-    signed = receipts.sign(receipts.body(seen))
+def test_an_honest_receipt_is_countersigned_for_the_consumer_and_key_the_coordinator_saw(receipts: Receipts) -> None:
+    seen = receipts.observe("alpha", "beta", api_key_id="0123456789abcdef")
+    body = receipts.body(seen)
+    signed = receipts.sign(body)
 
     booking = receipts.checker().check(signed)
 
-    assert (booking.body.institution, booking.consumer, booking.signed) == ("alpha", "beta", signed)
+    assert (booking.body.institution, booking.consumer, booking.signed, booking.capped) == ("alpha", "beta", signed, "")
+    paid = Payment("beta", "0123456789abcdef", body.prefill_tokens, body.decode_tokens, body.flops)
+    assert booking.payment == paid
     coordinator = receipts.pool["coord"]
     assert booking.coordinator_cert_pem == coordinator.cert_pem
-    verify_signature(coordinator.cert_pem, countersign_payload(signed.body, "beta"), booking.countersignature)
+    verify_signature(coordinator.cert_pem, countersign_payload(signed.body, paid), booking.countersignature)
+    for other in (replace(paid, consumer="alpha"), replace(paid, api_key_id=""), replace(paid, flops=paid.flops - 1)):
+        with pytest.raises(Unauthorized):  # the countersignature binds each term
+            verify_signature(coordinator.cert_pem, countersign_payload(signed.body, other), booking.countersignature)
+
+
+CLAIMS_BEYOND_THE_OBSERVATION = {
+    "one decode token more": ({"decode_tokens": 21}, (7, 20)),
+    "five prefill tokens more, no decode": ({"prefill_tokens": 12, "decode_tokens": 0}, (7, 0)),
+    "both more": ({"prefill_tokens": 9, "decode_tokens": 30}, (7, 20)),
+}
+
+
+@pytest.mark.parametrize("claim", list(CLAIMS_BEYOND_THE_OBSERVATION))
+def test_a_claim_beyond_the_observation_is_paid_what_was_observed_and_audited(receipts: Receipts, claim: str) -> None:
+    """A token injected into a node by someone else (or a node's lie) must not void its pay for the rest."""
+    claimed, (prefill, decode) = CLAIMS_BEYOND_THE_OBSERVATION[claim]
+    seen = receipts.observe(prefill_tokens=7, decode_tokens=20)
+    body = receipts.body(seen, **claimed)
+
+    booking = receipts.checker().check(receipts.sign(body))
+
+    paid_flops = (prefill + decode) * 10 * 1000
+    assert (booking.payment.prefill_tokens, booking.payment.decode_tokens, booking.payment.flops) == (
+        prefill,
+        decode,
+        paid_flops,
+    )
+    assert receipts.ledger.book([booking]) == [body.receipt_id]
+    assert receipts.ledger.balance("alpha").balance_flops == paid_flops  # type: ignore[union-attr]
+    [row] = receipts.ledger.receipts()
+    assert (row.prefill_tokens, row.decode_tokens, row.flops) == (prefill, decode, paid_flops)
+    [event] = receipts.ledger.audit_events(action="receipt_capped")
+    assert event.subject == body.receipt_id and f"paid {prefill}+{decode} tokens" in event.detail
+    assert receipts.ledger.book([booking]) == [] and len(receipts.ledger.audit_events(action="receipt_capped")) == 1
 
 
 def test_a_receipt_may_claim_less_than_was_observed(receipts: Receipts) -> None:
@@ -104,9 +133,13 @@ def test_a_receipt_for_a_session_not_yet_written_down_is_pending(receipts: Recei
 
 
 def test_a_receipt_for_a_session_never_seen_is_rejected_after_the_grace_period(receipts: Receipts) -> None:
+    """(A shorter grace than the default: the pool's certificates are minutes old, and a receipt must end
+    while its signer's certificate is valid.)"""
     unseen = receipts.observe(record=False)
-    ended = time.time() - UNKNOWN_SESSION_GRACE_S - 60
+    ended = time.time() - GRACE_S - 60
     body = receipts.body(unseen, started_at=ended - 5, ended_at=ended)
 
     with pytest.raises(ReceiptRejected, match=f"never saw session {unseen.session_id}"):
-        receipts.checker().check(receipts.sign(body))
+        receipts.checker(unknown_session_grace_s=GRACE_S).check(receipts.sign(body))
+    with pytest.raises(ReceiptPending):
+        receipts.checker(unknown_session_grace_s=GRACE_S + 120).check(receipts.sign(body))

@@ -16,6 +16,7 @@ from sqlalchemy import inspect, text
 
 from coop.errors import InvalidInput, LedgerError
 from coop.ledger.database import alembic_config
+from coop.ledger.grants import AdminSigner
 from coop.ledger.models import FLOPS_PER_CREDIT, POOL_ACCOUNT
 from coop.ledger.store import Booking, Ledger
 from coop.receipts import cert_sha256
@@ -29,6 +30,7 @@ TABLES = {
     "observations",
     "receipts",
     "grants",
+    "credit_floors",
     "postings",
     "audit_events",
     "alembic_version",
@@ -188,9 +190,9 @@ def test_a_node_row_follows_its_receipts_whatever_order_they_are_booked_in(recei
 # -- grants, floors, balances ------------------------------------------------------------------
 
 
-def test_a_grant_moves_credits_from_the_pool_account_and_is_audited(ledger: Ledger) -> None:
-    grant = ledger.grant("alpha", 5, reason="welcome", actor="admin")
-    ledger.grant("alpha", -1.5, reason="correction", actor="admin")
+def test_a_grant_moves_credits_from_the_pool_account_and_is_audited(ledger: Ledger, admin: AdminSigner) -> None:
+    grant = ledger.grant("alpha", 5, reason="welcome", actor="admin", signer=admin)
+    ledger.grant("alpha", -1.5, reason="correction", actor="admin", signer=admin)
 
     assert grant.flops == 5 * FLOPS_PER_CREDIT and grant.institution == "alpha"
     [alpha] = ledger.balances()
@@ -209,24 +211,26 @@ def test_a_grant_moves_credits_from_the_pool_account_and_is_audited(ledger: Ledg
 
 
 @pytest.mark.parametrize(("credits", "reason"), [(0, "nothing"), (1e-13, "rounds to zero"), (1, " ")])
-def test_a_grant_of_nothing_or_without_a_reason_is_refused(ledger: Ledger, credits: float, reason: str) -> None:
+def test_a_grant_of_nothing_or_without_a_reason_is_refused(
+    ledger: Ledger, admin: AdminSigner, credits: float, reason: str
+) -> None:
     with pytest.raises(InvalidInput):
-        ledger.grant("alpha", credits, reason=reason, actor="admin")
+        ledger.grant("alpha", credits, reason=reason, actor="admin", signer=admin)
     assert ledger.balances() == [] and ledger.audit_events() == []
 
 
-def test_a_credit_floor_is_set_and_removed(ledger: Ledger) -> None:
-    ledger.grant("beta", 2, reason="start", actor="admin")
+def test_a_credit_floor_is_set_and_removed(ledger: Ledger, admin: AdminSigner) -> None:
+    ledger.grant("beta", 2, reason="start", actor="admin", signer=admin)
 
-    ledger.set_credit_floor("beta", -10, actor="admin")
+    ledger.set_credit_floor("beta", -10, actor="admin", signer=admin)
     assert ledger.balance("beta").credit_floor_flops == -10 * FLOPS_PER_CREDIT  # type: ignore[union-attr]
     assert ledger.credit_state("beta") == (2 * FLOPS_PER_CREDIT, -10 * FLOPS_PER_CREDIT)
 
-    ledger.set_credit_floor("beta", None, actor="admin")
+    ledger.set_credit_floor("beta", None, actor="admin", signer=admin)
     assert ledger.balance("beta").credit_floor_flops is None  # type: ignore[union-attr]
     assert ledger.credit_state("beta") == (2 * FLOPS_PER_CREDIT, None)
 
-    ledger.set_credit_floor("gamma", 0, actor="ops")  # an institution not seen before
+    ledger.set_credit_floor("gamma", 0, actor="ops", signer=admin)  # an institution not seen before
     assert ledger.credit_state("gamma") == (0, 0)
     events = ledger.audit_events(action="credit_floor_set")
     assert [(e.actor, e.subject, e.detail) for e in events] == [
@@ -236,10 +240,12 @@ def test_a_credit_floor_is_set_and_removed(ledger: Ledger) -> None:
     ]
 
 
-def test_balances_combine_receipts_and_grants_and_the_pool_balances_them(receipts: Receipts) -> None:
+def test_balances_combine_receipts_and_grants_and_the_pool_balances_them(
+    receipts: Receipts, admin: AdminSigner
+) -> None:
     ledger = receipts.ledger
-    ledger.grant("beta", 1, reason="start", actor="admin")
-    ledger.set_credit_floor("coord", -3, actor="admin")
+    ledger.grant("beta", 1, reason="start", actor="admin", signer=admin)
+    ledger.set_credit_floor("coord", -3, actor="admin", signer=admin)
     a_to_b = receipts.booking("alpha", "beta")
     b_to_a = receipts.booking("beta", "alpha", node_id="n2", decode_tokens=3)
     ledger.book([a_to_b, b_to_a])
@@ -261,7 +267,7 @@ def test_balances_combine_receipts_and_grants_and_the_pool_balances_them(receipt
 
 def test_receipts_filter_by_institution_and_time_and_page_newest_first(receipts: Receipts) -> None:
     ledger = receipts.ledger
-    t0 = time.time() - 1000
+    t0 = time.time() - 200  # after the pool's certificates were issued: receipts must end while theirs is valid
     check = receipts.checker().check
     made = {}
     for i, (provider, consumer) in enumerate([("alpha", "beta"), ("beta", "coord"), ("alpha", "alpha")] * 2):

@@ -19,12 +19,14 @@ from coop.admin import AdminContext, TokenRateMeter
 from coop.ledger.booking import ReceiptChecker
 from coop.ledger.database import sqlite_url
 from coop.ledger.fairshare import FairShare
+from coop.ledger.grants import AdminSigner
 from coop.ledger.models import FLOPS_PER_CREDIT, Observation
 from coop.ledger.store import Ledger
 from coop.pool.bundle import MemberBundle
 from coop.pool.registry import PoolInfo, add_member, create_api_key, create_pool, revoke_member
 from coop.receipts import ReceiptBody, new_receipt_id, sign_receipt
 from coop.swarm.announcement import NodeAnnouncement, sign_announcement
+from tests.pools import certificates_backdated
 
 NUM_BLOCKS = 30
 MODEL_HASH = "c0ffee00d15ea5e5"
@@ -90,10 +92,12 @@ def _span(node_id: str) -> tuple[str, int, int]:
 def build_admin_pool(root: Path, *, ledger_url: str | None = None, seed: int = 6) -> AdminPool:
     """`ledger_url`: default, SQLite in root."""
     rng = random.Random(seed)
-    info = create_pool(root / "pool", "Coop demo pool")
+    with certificates_backdated(dt.timedelta(hours=41)):  # the history below goes back 40 hours
+        info = create_pool(root / "pool", "Coop demo pool")
+        bundles = {name: MemberBundle.load(add_member(info.directory, name)) for name in (*MEMBERS, REVOKED)}
+        bundles[COORDINATOR] = MemberBundle.load(add_member(info.directory, COORDINATOR, role="coordinator"))
+        nodes = {node_id: bundles[_span(node_id)[0]].credentials(node_id) for route in ROUTES for node_id in route}
     assert info.admin_token is not None
-    bundles = {name: MemberBundle.load(add_member(info.directory, name)) for name in (*MEMBERS, REVOKED)}
-    bundles[COORDINATOR] = MemberBundle.load(add_member(info.directory, COORDINATOR, role="coordinator"))
     api_keys = {name: create_api_key(info.directory, name) for name in MEMBERS}
     create_api_key(info.directory, "alpha-university")  # a second key: revoking one leaves the other
     revoke_member(info.directory, REVOKED)
@@ -108,9 +112,10 @@ def build_admin_pool(root: Path, *, ledger_url: str | None = None, seed: int = 6
         observation=ledger.observation,
         booked_for=ledger.booked_for,
     )
+    admin = AdminSigner.load(info.directory)
     for name in MEMBERS:
-        ledger.grant(name, 100, reason="sign-up credit", actor="admin (cli)")
-    ledger.grant(XSS_NAME, 5, reason="a name that must render as text", actor="admin (cli)")
+        ledger.grant(name, 100, reason="sign-up credit", actor="admin (cli)", signer=admin)
+    ledger.grant(XSS_NAME, 5, reason="a name that must render as text", actor="admin (cli)", signer=admin)
 
     now = time.time()
     booked: list[str] = []
@@ -143,9 +148,7 @@ def build_admin_pool(root: Path, *, ledger_url: str | None = None, seed: int = 6
             )  # fmt: skip
             bodies.append(body)
         ledger.observe(observations)
-        booked += ledger.book(
-            [checker.check(sign_receipt(bundles[b.institution].credentials(b.node_id), b)) for b in bodies]
-        )
+        booked += ledger.book([checker.check(sign_receipt(nodes[b.node_id], b)) for b in bodies])
 
     fair_share = FairShare(now_s=now)
     fair_share.seed(

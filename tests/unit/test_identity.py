@@ -90,9 +90,7 @@ def pools(tmp_path_factory: pytest.TempPathFactory) -> tuple[Pool, Pool]:
 def test_create_pool_writes_secrets_0600_even_with_permissive_umask(tmp_path: Path) -> None:
     old = os.umask(0)
     try:
-        info = create_pool(
-            tmp_path / "p", "Pool", bootstrap=["/ip4/10.0.0.1/tcp/31337/p2p/Qm"], ledger_url="sqlite:///l"
-        )
+        info = create_pool(tmp_path / "p", "Pool", bootstrap=["/ip4/10.0.0.1/tcp/31337/p2p/Qm"])
     finally:
         os.umask(old)
     d = info.directory
@@ -105,7 +103,7 @@ def test_create_pool_writes_secrets_0600_even_with_permissive_umask(tmp_path: Pa
     assert (d / "admin.token").read_text().strip() == info.admin_token
     doc = tomllib.loads((d / "pool.toml").read_text())
     assert doc["pool_id"] == info.pool_id and doc["name"] == "Pool"
-    assert doc["bootstrap"] == ["/ip4/10.0.0.1/tcp/31337/p2p/Qm"] and doc["ledger_url"] == "sqlite:///l"
+    assert doc["bootstrap"] == ["/ip4/10.0.0.1/tcp/31337/p2p/Qm"] and "ledger_url" not in doc  # members read it
     assert doc["admin_token_sha256"] == hashlib.sha256(info.admin_token.encode()).hexdigest()
     assert doc["limits"]["max_tokens_per_request"] > 0 and doc["limits"]["max_concurrent_requests_per_key"] > 0
     assert info.admin_token not in (d / "pool.toml").read_text()
