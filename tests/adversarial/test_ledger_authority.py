@@ -122,7 +122,8 @@ def books(
     try:
         created = coop("pool", "init", str(pool_dir), "--name", "Books", "--ledger-url", owner_url)
         assert created.returncode == 0, created.stdout + created.stderr
-        bundles = {name: add_member(pool_dir, name) for name in ("Alpha", "Beta", "Gamma", "Coord")}
+        bundles = {name: add_member(pool_dir, name) for name in ("Alpha", "Beta", "Gamma")}
+        bundles["Coord"] = add_member(pool_dir, "Coord", role="coordinator")
         keys = {name: create_api_key(pool_dir, name) for name in ("Gamma", "Beta")}
         coordinator_url = create_role(pool_dir, "coord_books")
         pool.start_dht()
@@ -217,11 +218,14 @@ def test_attack_3_a_coordinator_that_bills_another_member_is_caught_by_verify(bo
     record = ApiKeyRecord(api_key_digest(books.keys["Beta"]), "Gamma", time.time())
     rogue_keys.write_bytes(api_keys_json([record]))
     rogue_keys.chmod(0o600)
-    rogue = books.pool.start_coordinator(
-        member=books.bundles["Beta"],
-        api_keys=rogue_keys,
-        extra_args=["--ledger-url", create_role(books.pool_dir, "coord_beta"), "--receipt-interval", "0.3"],
-    )
+    ledger_url = create_role(books.pool_dir, "coord_beta")
+    extra_args = ["--ledger-url", ledger_url, "--receipt-interval", "0.3"]
+    # With its member bundle, Beta cannot run a coordinator at all: only the pool CA issues that role.
+    with pytest.raises(RuntimeError, match="coordinator bundle"):
+        books.pool.start_coordinator(member=books.bundles["Beta"], api_keys=rogue_keys, extra_args=extra_args)
+    # Even a coordinator the pool did certify (Beta's, gone rogue) cannot choose who pays.
+    rogue_bundle = add_member(books.pool_dir, "Beta", role="coordinator")
+    rogue = books.pool.start_coordinator(member=rogue_bundle, api_keys=rogue_keys, extra_args=extra_args)
     ledger = books.ledger()
     try:
         gamma_before = ledger.balance("Gamma")
@@ -295,7 +299,10 @@ def test_attack_8_a_revoked_providers_later_receipt_is_not_paid(books: Books) ->
         )
         metering = Metering(FairShare(), books.manifest.span_flops_per_token)
         collector = ReceiptCollector(ledger, checker, metering, lambda: ChannelPool(ChannelSecurity()), list)
-        batch = [receipt_to_proto(body.receipt_id, sign_receipt(delta, body)) for body in (before, after)]
+        batch = [
+            receipt_to_proto(body.receipt_id, sign_receipt(delta.credentials("delta-1"), body))
+            for body in (before, after)
+        ]
 
         settled = collector.settle(batch)
 

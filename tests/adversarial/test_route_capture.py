@@ -1,7 +1,8 @@
 """Attack 5, route capture: a node announces the whole model at 1e12 tokens/s to take every route.
 
-Pool: honest "head" 0:15 and "tail" 15:30, honest "whole" 0:30, and "liar" 0:30, which runs
-Coop's node but claims 1e12 tokens/s while being slower than the others (`lying_node`). Before
+Pool: Uni A's honest "head" 0:15 and "tail" 15:30, Uni B's honest "whole" 0:30, and Mallory's
+"liar" 0:30, which runs Coop's node with Mallory's valid member bundle but claims 1e12 tokens/s
+while being slower than the others (`lying_node`): its announcements are validly signed. Before
 this defence, the coordinator priced the liar's compute at 1e-12 s a token and sent it every
 request of an idle pool. Now it believes no claim faster than what it has measured, prices a
 node it has measured by what it did, and counts every route it chose as load on its nodes: a
@@ -14,6 +15,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import httpx
 import pytest
@@ -21,6 +23,10 @@ import pytest
 from coop import launcher
 from coop.launcher import LocalPool
 from coop.node.client import node_info
+from coop.pool.bundle import MemberBundle
+from coop.pool.registry import add_member, create_api_key, create_pool
+from coop.wire.channels import ChannelSecurity
+from coop.wire.generated import coop_pb2 as pb
 from tests.adversarial.lying_node import CLAIMED_TPS
 
 pytestmark = pytest.mark.slow
@@ -32,22 +38,41 @@ IDLE = 4
 MAX_TOKENS = 8
 
 
+@dataclass
+class CapturePool:
+    pool: LocalPool
+    key: str
+    security: ChannelSecurity  # the coordinator's, to read the nodes' counters
+
+
 @pytest.fixture(scope="module")
-def pool(demo_model_dir: str) -> Iterator[LocalPool]:
+def capture(demo_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CapturePool]:
+    pool_dir = tmp_path_factory.mktemp("capture") / "pool"
+    create_pool(pool_dir, "Capture pool")
+    bundles = {name: add_member(pool_dir, name) for name in ("Uni A", "Uni B", "Mallory", "Client")}
+    coordinator = add_member(pool_dir, "Coord", role="coordinator")
+    key = create_api_key(pool_dir, "Client")
     pool = LocalPool(demo_model_dir)
     try:
-        pool.start_dht()
-        pool.start_nodes(HONEST)
+        pool.start_dht(member=coordinator)
+        owners = {"head": bundles["Uni A"], "tail": bundles["Uni A"], "whole": bundles["Uni B"]}
+        pool.start_nodes(HONEST, owners)
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(launcher, "COOP", [sys.executable, "-m", "tests.adversarial.lying_node"])
-            pool.start_nodes({"liar": "0:30"})
-        pool.start_coordinator()
-        yield pool
+            pool.start_nodes({"liar": "0:30"}, {"liar": bundles["Mallory"]})
+        pool.start_coordinator(member=coordinator, api_keys=pool_dir / "api_keys.json")
+        credentials = MemberBundle.load(coordinator).credentials()
+        yield CapturePool(pool, key, ChannelSecurity(credentials.channel_credentials(), credentials.node_tls_name))
     finally:
         pool.stop()
 
 
-def _chat(url: str, question: str, reference: Callable[[str, int], list[int]]) -> list[str]:
+def _info(capture: CapturePool, name: str) -> pb.NodeInfo:
+    ready = capture.pool.nodes[name].ready
+    return node_info(ready["endpoint"], capture.security, institution=ready["institution"], node_id=name)
+
+
+def _chat(capture: CapturePool, question: str, reference: Callable[[str, int], list[int]]) -> list[str]:
     """The route of one greedy chat, after checking its answer against the reference."""
     body = {
         "model": "smollm2-demo",
@@ -55,35 +80,36 @@ def _chat(url: str, question: str, reference: Callable[[str, int], list[int]]) -
         "temperature": 0,
         "max_tokens": MAX_TOKENS,
     }
-    response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=300)
+    headers = {"Authorization": f"Bearer {capture.key}"}
+    response = httpx.post(f"{capture.pool.url}/v1/chat/completions", json=body, headers=headers, timeout=300)
     assert response.status_code == 200, response.text
     coop = response.json()["coop"]
     assert coop["token_ids"] == reference(question, MAX_TOKENS)
     return [hop["node_id"] for hop in coop["route"]]
 
 
-def _steps_run(pool: LocalPool) -> dict[str, int]:
-    return {name: node_info(pool.nodes[name].ready["endpoint"]).counters.steps_run for name in HONEST}
+def _steps_run(capture: CapturePool) -> dict[str, int]:
+    return {name: _info(capture, name).counters.steps_run for name in HONEST}
 
 
 def test_a_claim_of_1e12_tokens_per_second_captures_no_routes(
-    pool: LocalPool, reference: Callable[[str, int], list[int]]
+    capture: CapturePool, reference: Callable[[str, int], list[int]]
 ) -> None:
-    liar = node_info(pool.nodes["liar"].ready["endpoint"])
+    liar = _info(capture, "liar")
     assert liar.throughput_tps == CLAIMED_TPS and (liar.start, liar.end) == (0, 30)  # the lie is told
     for question in QUESTIONS:
         reference(question, MAX_TOKENS)  # computed before the burst, not while it runs
-    steps_before = _steps_run(pool)
+    steps_before = _steps_run(capture)
 
     with ThreadPoolExecutor(max_workers=BURST) as threads:
         questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(BURST)]
-        burst = list(threads.map(lambda question: _chat(pool.url, question, reference), questions))
+        burst = list(threads.map(lambda question: _chat(capture, question, reference), questions))
     # Never measured, the liar is priced like the median claim, so the first request tries it;
     # the routes chosen since count as load, so the others spread over the honest nodes.
     assert 1 <= sum("liar" in route for route in burst) < BURST, burst
-    served = {name for name, steps in _steps_run(pool).items() if steps > steps_before[name]}
+    served = {name for name, steps in _steps_run(capture).items() if steps > steps_before[name]}
     assert served == {node_id for route in burst for node_id in route} - {"liar"}, burst
 
-    idle = [_chat(pool.url, QUESTIONS[i % len(QUESTIONS)], reference) for i in range(IDLE)]
+    idle = [_chat(capture, QUESTIONS[i % len(QUESTIONS)], reference) for i in range(IDLE)]
     # Measured now, the liar is priced by what it did: an idle pool does not give it every request.
     assert sum("liar" in route for route in idle) < IDLE, idle
