@@ -3,9 +3,11 @@
 Prints local single-process tokens/s (transformers' own generate() on the same prepared
 weights, and Coop's engine as one span), the swarm's tokens/s for one session (DHT + 3 node
 processes + coordinator on loopback, streamed over the OpenAI API), their ratio, time to first
-token for both, and the aggregate tokens/s of N concurrent sessions.
+token for both, and the aggregate tokens/s of N concurrent sessions. With --pool it runs the swarm
+twice, in development mode and as a member pool (mutual TLS with per-node certificates, signed
+announcements and routes, API keys, receipts booked in a ledger), and prints what security costs.
 
-    .venv/bin/python bench/swarm_vs_local.py [--tokens 64] [--sessions 8]
+    .venv/bin/python bench/swarm_vs_local.py [--tokens 64] [--sessions 8] [--pool]
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import asyncio
 import json
 import os
 import statistics
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,6 +34,7 @@ from coop.model.prepare import prepare
 from coop.pipeline.generation import generate_tokens
 from coop.pipeline.local import LocalChain
 from coop.pipeline.sampling import SamplingParams
+from coop.pool.registry import add_member, create_api_key, create_pool
 
 PROMPT = "Write a long story about a brave knight and a dragon."
 MODEL_DIR = Path(os.environ.get("COOP_BENCH_MODEL_DIR", ".cache/smollm2-demo"))
@@ -67,7 +71,7 @@ def local_engine(client: ClientPart, prompt: list[int], tokens: int) -> tuple[fl
     return asyncio.run(run())
 
 
-def stream_once(url: str, tokens: int) -> tuple[int, float, float]:
+def stream_once(url: str, tokens: int, key: str | None = None) -> tuple[int, float, float]:
     """(completion tokens, seconds, time to first token) for one streamed chat request."""
     body = {
         "model": "smollm2-demo",
@@ -79,7 +83,8 @@ def stream_once(url: str, tokens: int) -> tuple[int, float, float]:
     }
     started = time.perf_counter()
     first, count = 0.0, 0
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers, timeout=600) as response:
         response.raise_for_status()
         for line in response.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -92,11 +97,48 @@ def stream_once(url: str, tokens: int) -> tuple[int, float, float]:
     return count, time.perf_counter() - started, first
 
 
+def run_swarm(tokens: int, sessions: int, repeats: int, *, secure: bool) -> tuple[float, float, float]:
+    """(tokens/s of one session, its time to first token, aggregate tokens/s of `sessions` at once)."""
+    with tempfile.TemporaryDirectory(prefix="coop-bench-") as scratch:
+        pool = LocalPool(str(MODEL_DIR))
+        spans = {"bench-1": "0:10", "bench-2": "10:20", "bench-3": "20:30"}
+        key = None
+        try:
+            if secure:
+                pool_dir = Path(scratch) / "pool"
+                create_pool(pool_dir, "Bench pool")
+                members = {name: add_member(pool_dir, f"Uni {name}") for name in spans}
+                coordinator = add_member(pool_dir, "Coordinator", role="coordinator")
+                add_member(pool_dir, "Client")
+                key = create_api_key(pool_dir, "Client")
+                pool.start_dht(member=coordinator)
+                pool.start_nodes(spans, members)
+                pool.start_coordinator(
+                    member=coordinator, api_keys=pool_dir / "api_keys.json", extra_args=["--pool-dir", str(pool_dir)]
+                )
+            else:
+                pool.start_dht()
+                pool.start_nodes(spans)
+                pool.start_coordinator()
+            stream_once(pool.url, 8, key)  # warm-up: connections, caches
+            runs = [stream_once(pool.url, tokens, key) for _ in range(repeats)]
+            one_tps = statistics.median(count / seconds for count, seconds, _ in runs)
+            ttft = statistics.median(first for _, _, first in runs)
+            started = time.perf_counter()
+            with ThreadPoolExecutor(max_workers=sessions) as executor:
+                results = list(executor.map(lambda _: stream_once(pool.url, tokens, key), range(sessions)))
+            aggregate = sum(count for count, _, _ in results) / (time.perf_counter() - started)
+        finally:
+            pool.stop()
+    return one_tps, ttft, aggregate
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--sessions", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--pool", action="store_true", help="also run the swarm as a member pool (TLS, ledger)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -106,21 +148,9 @@ def main() -> None:
     hf_tps, hf_ttft = local_transformers(client, prompt, args.tokens)
     engine_tps, engine_ttft = local_engine(client, prompt, args.tokens)
 
-    pool = LocalPool(str(MODEL_DIR))
-    try:
-        pool.start_dht()
-        pool.start_nodes({"bench-1": "0:10", "bench-2": "10:20", "bench-3": "20:30"})
-        pool.start_coordinator()
-        stream_once(pool.url, 8)  # warm-up: connections, caches
-        runs = [stream_once(pool.url, args.tokens) for _ in range(args.repeats)]
-        swarm_tps = statistics.median(count / seconds for count, seconds, _ in runs)
-        swarm_ttft = statistics.median(first for _, _, first in runs)
-        started = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=args.sessions) as executor:
-            results = list(executor.map(lambda _: stream_once(pool.url, args.tokens), range(args.sessions)))
-        aggregate_tps = sum(count for count, _, _ in results) / (time.perf_counter() - started)
-    finally:
-        pool.stop()
+    swarm_tps, swarm_ttft, aggregate_tps = run_swarm(args.tokens, args.sessions, args.repeats, secure=False)
+    if args.pool:
+        pool_tps, pool_ttft, pool_aggregate = run_swarm(args.tokens, args.sessions, args.repeats, secure=True)
 
     rows = [
         ("local, transformers generate()", hf_tps, hf_ttft),
@@ -134,6 +164,16 @@ def main() -> None:
     print(f"{concurrent:34s} {aggregate_tps:6.1f} tokens/s aggregate")
     print(f"ratio swarm / local (transformers): {swarm_tps / hf_tps:.2f}x")
     print(f"ratio {args.sessions} sessions / 1 session:      {aggregate_tps / swarm_tps:.2f}x")
+    if args.pool:
+        rows = [
+            ("member pool, 3 nodes, 1 session", pool_tps, pool_ttft),
+        ]
+        for name, tps, ttft in rows:
+            print(f"{name:34s} {tps:6.1f} tokens/s   time to first token {ttft * 1000:6.0f} ms")
+        concurrent = f"member pool, {args.sessions} concurrent sessions"
+        print(f"{concurrent:34s} {pool_aggregate:6.1f} tokens/s aggregate")
+        print(f"ratio member pool / development swarm, 1 session: {pool_tps / swarm_tps:.2f}x")
+        print(f"ratio member pool / development swarm, {args.sessions} sessions: {pool_aggregate / aggregate_tps:.2f}x")
 
 
 if __name__ == "__main__":
