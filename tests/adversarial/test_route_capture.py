@@ -41,7 +41,7 @@ MAX_TOKENS = 8
 @dataclass
 class CapturePool:
     pool: LocalPool
-    key: str
+    keys: list[str]  # two: a burst of BURST requests is more than one key may run at once
     security: ChannelSecurity  # the coordinator's, to read the nodes' counters
 
 
@@ -51,7 +51,7 @@ def capture(demo_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> It
     create_pool(pool_dir, "Capture pool")
     bundles = {name: add_member(pool_dir, name) for name in ("Uni A", "Uni B", "Mallory", "Client")}
     coordinator = add_member(pool_dir, "Coord", role="coordinator")
-    key = create_api_key(pool_dir, "Client")
+    keys = [create_api_key(pool_dir, "Client") for _ in range(2)]
     pool = LocalPool(demo_model_dir)
     try:
         pool.start_dht(member=coordinator)
@@ -62,7 +62,7 @@ def capture(demo_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> It
             pool.start_nodes({"liar": "0:30"}, {"liar": bundles["Mallory"]})
         pool.start_coordinator(member=coordinator, api_keys=pool_dir / "api_keys.json")
         credentials = MemberBundle.load(coordinator).credentials()
-        yield CapturePool(pool, key, ChannelSecurity(credentials.channel_credentials(), credentials.node_tls_name))
+        yield CapturePool(pool, keys, ChannelSecurity(credentials.channel_credentials(), credentials.node_tls_name))
     finally:
         pool.stop()
 
@@ -72,7 +72,7 @@ def _info(capture: CapturePool, name: str) -> pb.NodeInfo:
     return node_info(ready["endpoint"], capture.security, institution=ready["institution"], node_id=name)
 
 
-def _chat(capture: CapturePool, question: str, reference: Callable[[str, int], list[int]]) -> list[str]:
+def _chat(capture: CapturePool, question: str, reference: Callable[[str, int], list[int]], key: int = 0) -> list[str]:
     """The route of one greedy chat, after checking its answer against the reference."""
     body = {
         "model": "smollm2-demo",
@@ -80,7 +80,7 @@ def _chat(capture: CapturePool, question: str, reference: Callable[[str, int], l
         "temperature": 0,
         "max_tokens": MAX_TOKENS,
     }
-    headers = {"Authorization": f"Bearer {capture.key}"}
+    headers = {"Authorization": f"Bearer {capture.keys[key]}"}
     response = httpx.post(f"{capture.pool.url}/v1/chat/completions", json=body, headers=headers, timeout=300)
     assert response.status_code == 200, response.text
     coop = response.json()["coop"]
@@ -102,8 +102,9 @@ def test_a_claim_of_1e12_tokens_per_second_captures_no_routes(
     steps_before = _steps_run(capture)
 
     with ThreadPoolExecutor(max_workers=BURST) as threads:
-        questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(BURST)]
-        burst = list(threads.map(lambda question: _chat(capture, question, reference), questions))
+        burst = list(
+            threads.map(lambda i: _chat(capture, QUESTIONS[i % len(QUESTIONS)], reference, i % 2), range(BURST))
+        )
     # Never measured, the liar is priced like the median claim, so the first request tries it;
     # the routes chosen since count as load, so the others spread over the honest nodes.
     assert 1 <= sum("liar" in route for route in burst) < BURST, burst
