@@ -152,28 +152,24 @@ def main() -> None:
     if args.pool:
         pool_tps, pool_ttft, pool_aggregate = run_swarm(args.tokens, args.sessions, args.repeats, secure=True)
 
-    rows = [
-        ("local, transformers generate()", hf_tps, hf_ttft),
-        ("local, coop engine as one span", engine_tps, engine_ttft),
-        ("swarm, 3 nodes, 1 session", swarm_tps, swarm_ttft),
-    ]
     print(f"\nprompt {len(prompt)} tokens, {args.tokens} new tokens, {os.cpu_count()} CPU cores")
-    for name, tps, ttft in rows:
-        print(f"{name:34s} {tps:6.1f} tokens/s   time to first token {ttft * 1000:6.0f} ms")
-    concurrent = f"swarm, {args.sessions} concurrent sessions"
-    print(f"{concurrent:34s} {aggregate_tps:6.1f} tokens/s aggregate")
+    print_row("local, transformers generate()", hf_tps, hf_ttft)
+    print_row("local, coop engine as one span", engine_tps, engine_ttft)
+    print_row("swarm, 3 nodes, 1 session", swarm_tps, swarm_ttft)
+    print_row(f"swarm, {args.sessions} concurrent sessions", aggregate_tps)
     print(f"ratio swarm / local (transformers): {swarm_tps / hf_tps:.2f}x")
     print(f"ratio {args.sessions} sessions / 1 session:      {aggregate_tps / swarm_tps:.2f}x")
     if args.pool:
-        rows = [
-            ("member pool, 3 nodes, 1 session", pool_tps, pool_ttft),
-        ]
-        for name, tps, ttft in rows:
-            print(f"{name:34s} {tps:6.1f} tokens/s   time to first token {ttft * 1000:6.0f} ms")
-        concurrent = f"member pool, {args.sessions} concurrent sessions"
-        print(f"{concurrent:34s} {pool_aggregate:6.1f} tokens/s aggregate")
+        print_row("member pool, 3 nodes, 1 session", pool_tps, pool_ttft)
+        print_row(f"member pool, {args.sessions} concurrent sessions", pool_aggregate)
         print(f"ratio member pool / development swarm, 1 session: {pool_tps / swarm_tps:.2f}x")
         print(f"ratio member pool / development swarm, {args.sessions} sessions: {pool_aggregate / aggregate_tps:.2f}x")
+
+
+def print_row(name: str, tps: float, ttft: float | None = None) -> None:
+    """One line: tokens/s, and the time to first token of a single session (none for an aggregate)."""
+    first = "aggregate" if ttft is None else f"  time to first token {ttft * 1000:6.0f} ms"
+    print(f"{name:34s} {tps:6.1f} tokens/s {first}")
 
 
 if __name__ == "__main__":

@@ -16,8 +16,10 @@ when it was signed, not when each member was revoked.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from sqlalchemy import select
 from sqlmodel import Session, col
@@ -31,6 +33,8 @@ from coop.ledger.store import Ledger
 from coop.pool.api_keys import ApiKeyStore
 from coop.pool.ca import verify_signature
 from coop.receipts import API_KEY_ID_CHARS, Payment, ReceiptBody, body_payload, countersign_payload
+
+T = TypeVar("T")
 
 MAX_PROBLEMS = 100
 
@@ -217,11 +221,10 @@ def _check_consumer(report: VerifyReport, what: str, body: ReceiptBody, paid: Pa
 
 def _check_grant(report: VerifyReport, grant: Grant, trust: PoolTrust) -> None:
     what = f"grant {grant.grant_id}"
-    try:
-        verify_admin_signature(trust.ca_cert_pem, grant_payload(grant.body), grant.signature, what)
-        body = parse_grant(grant.body)
-    except CoopError as exc:
-        report.problem(f"{what}: {exc}")
+    body = _admin_signed(
+        report, what, trust, grant_payload(grant.body), grant.signature, lambda: parse_grant(grant.body)
+    )
+    if body is None:
         return
     signed = (body.grant_id, body.pool_id, body.institution, body.amount, body.reason, body.granted_by)
     stored = (grant.grant_id, trust.pool_id, grant.institution, grant.flops, grant.reason, grant.granted_by)
@@ -231,11 +234,22 @@ def _check_grant(report: VerifyReport, grant: Grant, trust: PoolTrust) -> None:
 
 def _check_floor(report: VerifyReport, floor: CreditFloor, trust: PoolTrust) -> None:
     what = f"credit floor {floor.id} of {floor.institution!r}"
-    try:
-        verify_admin_signature(trust.ca_cert_pem, floor_payload(floor.body), floor.signature, what)
-        body = parse_floor(floor.body)
-    except CoopError as exc:
-        report.problem(f"{what}: {exc}")
+    body = _admin_signed(
+        report, what, trust, floor_payload(floor.body), floor.signature, lambda: parse_floor(floor.body)
+    )
+    if body is None:
         return
     if (body.pool_id, body.institution, body.amount) != (trust.pool_id, floor.institution, floor.floor_flops):
         report.problem(f"{what}: stored columns differ from what the pool admin signed")
+
+
+def _admin_signed(
+    report: VerifyReport, what: str, trust: PoolTrust, payload: bytes, signature: bytes, parse: Callable[[], T]
+) -> T | None:
+    """The parsed body of an entry the pool admin signed; None (and a problem) if the signature or body is bad."""
+    try:
+        verify_admin_signature(trust.ca_cert_pem, payload, signature, what)
+        return parse()
+    except CoopError as exc:
+        report.problem(f"{what}: {exc}")
+        return None

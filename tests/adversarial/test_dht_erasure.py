@@ -5,7 +5,7 @@ bootstrap address and stores plain values expiring in ten years under the direct
 revocation key, plus forged tombstones for an honest node. Without record validators that erases
 every node of the model, blocks every re-announcement and hides the revocation list.
 
-Pool "victim": Uni A serves 0:15, Uni B and Uni C serve 15:30, the coordinator belongs to Coord
+Pool "victim" (the tiny chat model): Uni A serves 0:2, Uni B and Uni C serve 2:4, the coordinator belongs to Coord
 Inst. Uni C is revoked before the attack. Afterwards the honest pool must work as before, the
 revocation must hold, and it must still hold in processes started after the DHT copy was lost.
 """
@@ -46,7 +46,7 @@ QUESTION = "What is the capital of France?"
 MAX_TOKENS = 8
 TEN_YEARS_S = 10 * 365 * 24 * 3600.0
 REVOCATION_WAIT_S = 60.0  # generous: lists are polled every 10 s, and the 2-core CI machine is busy
-SPANS = {"node-a": "0:15", "node-b": "15:30", "node-c": "15:30"}
+SPANS = {"node-a": "0:2", "node-b": "2:4", "node-c": "2:4"}
 INSTITUTIONS = {"node-a": "Uni A", "node-b": "Uni B", "node-c": "Uni C"}
 
 
@@ -102,13 +102,13 @@ def _attack(peer: str, pool_id: str, model_hash: str) -> DHT:
 
 
 @pytest.fixture(scope="module")
-def victim(demo_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Victim]:
+def victim(tiny_chat_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Victim]:
     pool_dir = tmp_path_factory.mktemp("erasure") / "victim"
     create_pool(pool_dir, "Victim pool")
     bundles = {name: add_member(pool_dir, name) for name in (*INSTITUTIONS.values(), "Client Inst")}
     bundles["Coord Inst"] = add_member(pool_dir, "Coord Inst", role="coordinator")
     key = create_api_key(pool_dir, "Client Inst")
-    pool = LocalPool(demo_model_dir)
+    pool = LocalPool(tiny_chat_model_dir)
     rogue: DHT | None = None
     try:
         pool.start_dht(member=bundles["Uni A"])
@@ -123,7 +123,7 @@ def victim(demo_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
             REVOCATION_WAIT_S,
         )
 
-        model_hash = Manifest.load(demo_model_dir).content_hash
+        model_hash = Manifest.load(tiny_chat_model_dir).content_hash
         pool_id = MemberBundle.load(bundles["Uni A"]).pool_id
         attacked_at = time.time()
         rogue = _attack(pool.peer, pool_id, model_hash)
@@ -165,11 +165,11 @@ def test_honest_nodes_stay_listed_and_keep_re_announcing(victim: Victim) -> None
 
 
 def test_the_coordinator_still_answers_like_one_process(
-    victim: Victim, reference: Callable[[str, int], list[int]]
+    victim: Victim, tiny_reference: Callable[[str, int], list[int]]
 ) -> None:
     for _ in range(3):
         assert _answer(victim.pool.url, victim.key) == (
-            reference(QUESTION, MAX_TOKENS),
+            tiny_reference(QUESTION, MAX_TOKENS),
             ["node-a", "node-b"],  # Uni C, revoked before the attack, stays out
         )
 
@@ -204,19 +204,19 @@ def _info_as(endpoint: str, caller: Credentials, node: tuple[str, str]) -> grpc.
 
 
 def test_a_revoked_member_stays_revoked_after_the_dht_copy_is_lost(
-    victim: Victim, demo_model_dir: str, reference: Callable[[str, int], list[int]]
+    victim: Victim, tiny_chat_model_dir: str, tiny_reference: Callable[[str, int], list[int]]
 ) -> None:
     """The whole swarm goes; the same members start a new one, where nobody ever published the list."""
     victim.rogue.shutdown()
     victim.pool.stop()
-    fresh = LocalPool(demo_model_dir)
+    fresh = LocalPool(tiny_chat_model_dir)
     try:
         fresh.start_dht(member=victim.bundles["Uni B"])
         spans = {"node-a": SPANS["node-a"], "node-c": SPANS["node-c"]}
         fresh.start_nodes(spans, {name: victim.bundles[INSTITUTIONS[name]] for name in spans})
         fresh.start_coordinator(member=victim.bundles["Coord Inst"], api_keys=victim.pool_dir / "api_keys.json")
 
-        # The only node for 15:30 is the revoked member's: the coordinator knows it from disk.
+        # The only node for 2:4 is the revoked member's: the coordinator knows it from disk.
         assert _answer(fresh.url, victim.key) is None
         uni_c = MemberBundle.load(victim.bundles["Uni C"]).credentials("node-c")
         node_a = fresh.nodes["node-a"].ready
@@ -227,6 +227,6 @@ def test_a_revoked_member_stays_revoked_after_the_dht_copy_is_lost(
 
         fresh.start_nodes({"node-b": SPANS["node-b"]}, {"node-b": victim.bundles["Uni B"]})
         answer = wait_for("a route through node-b", lambda: _answer(fresh.url, victim.key), REVOCATION_WAIT_S)
-        assert answer == (reference(QUESTION, MAX_TOKENS), ["node-a", "node-b"])
+        assert answer == (tiny_reference(QUESTION, MAX_TOKENS), ["node-a", "node-b"])
     finally:
         fresh.stop()

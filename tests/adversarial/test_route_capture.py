@@ -1,8 +1,8 @@
 """Attack 5, route capture: a node announces the whole model at 1e12 tokens/s to take every route.
 
-Pool: Uni A's honest "head" 0:15 and "tail" 15:30, Uni B's honest "whole" 0:30, and Mallory's
-"liar" 0:30, which runs Coop's node with Mallory's valid member bundle but claims 1e12 tokens/s
-while being slower than the others (`lying_node`): its announcements are validly signed. Before
+Pool (the tiny chat model, 4 blocks): Uni A's honest "head" 0:2 and "tail" 2:4, Uni B's honest
+"whole" 0:4, and Mallory's "liar" 0:4, which runs Coop's node with Mallory's valid member bundle
+but claims 1e12 tokens/s while being slower than the others (`lying_node`): its announcements are validly signed. Before
 this defence, the coordinator priced the liar's compute at 1e-12 s a token and sent it every
 request of an idle pool. Now it believes no claim faster than what it has measured, prices a
 node it has measured by what it did, and counts every route it chose as load on its nodes: a
@@ -31,7 +31,7 @@ from tests.adversarial.lying_node import CLAIMED_TPS
 
 pytestmark = pytest.mark.slow
 
-HONEST = {"head": "0:15", "tail": "15:30", "whole": "0:30"}
+HONEST = {"head": "0:2", "tail": "2:4", "whole": "0:4"}
 QUESTIONS = ["What is the capital of France?", "Name a colour.", "What is 2+2?", "Say hello."]
 BURST = 12
 IDLE = 4
@@ -46,20 +46,20 @@ class CapturePool:
 
 
 @pytest.fixture(scope="module")
-def capture(demo_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CapturePool]:
+def capture(tiny_chat_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CapturePool]:
     pool_dir = tmp_path_factory.mktemp("capture") / "pool"
     create_pool(pool_dir, "Capture pool")
     bundles = {name: add_member(pool_dir, name) for name in ("Uni A", "Uni B", "Mallory", "Client")}
     coordinator = add_member(pool_dir, "Coord", role="coordinator")
     keys = [create_api_key(pool_dir, "Client") for _ in range(2)]
-    pool = LocalPool(demo_model_dir)
+    pool = LocalPool(tiny_chat_model_dir)
     try:
         pool.start_dht(member=coordinator)
         owners = {"head": bundles["Uni A"], "tail": bundles["Uni A"], "whole": bundles["Uni B"]}
         pool.start_nodes(HONEST, owners)
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(launcher, "COOP", [sys.executable, "-m", "tests.adversarial.lying_node"])
-            pool.start_nodes({"liar": "0:30"}, {"liar": bundles["Mallory"]})
+            pool.start_nodes({"liar": "0:4"}, {"liar": bundles["Mallory"]})
         pool.start_coordinator(member=coordinator, api_keys=pool_dir / "api_keys.json")
         credentials = MemberBundle.load(coordinator).credentials()
         yield CapturePool(pool, keys, ChannelSecurity(credentials.channel_credentials(), credentials.node_tls_name))
@@ -75,7 +75,6 @@ def _info(capture: CapturePool, name: str) -> pb.NodeInfo:
 def _chat(capture: CapturePool, question: str, reference: Callable[[str, int], list[int]], key: int = 0) -> list[str]:
     """The route of one greedy chat, after checking its answer against the reference."""
     body = {
-        "model": "smollm2-demo",
         "messages": [{"role": "user", "content": question}],
         "temperature": 0,
         "max_tokens": MAX_TOKENS,
@@ -93,17 +92,17 @@ def _steps_run(capture: CapturePool) -> dict[str, int]:
 
 
 def test_a_claim_of_1e12_tokens_per_second_captures_no_routes(
-    capture: CapturePool, reference: Callable[[str, int], list[int]]
+    capture: CapturePool, tiny_reference: Callable[[str, int], list[int]]
 ) -> None:
     liar = _info(capture, "liar")
-    assert liar.throughput_tps == CLAIMED_TPS and (liar.start, liar.end) == (0, 30)  # the lie is told
+    assert liar.throughput_tps == CLAIMED_TPS and (liar.start, liar.end) == (0, 4)  # the lie is told
     for question in QUESTIONS:
-        reference(question, MAX_TOKENS)  # computed before the burst, not while it runs
+        tiny_reference(question, MAX_TOKENS)  # computed before the burst, not while it runs
     steps_before = _steps_run(capture)
 
     with ThreadPoolExecutor(max_workers=BURST) as threads:
         burst = list(
-            threads.map(lambda i: _chat(capture, QUESTIONS[i % len(QUESTIONS)], reference, i % 2), range(BURST))
+            threads.map(lambda i: _chat(capture, QUESTIONS[i % len(QUESTIONS)], tiny_reference, i % 2), range(BURST))
         )
     # Never measured, the liar is priced like the median claim, so the first request tries it;
     # the routes chosen since count as load, so the others spread over the honest nodes.
@@ -111,6 +110,6 @@ def test_a_claim_of_1e12_tokens_per_second_captures_no_routes(
     served = {name for name, steps in _steps_run(capture).items() if steps > steps_before[name]}
     assert served == {node_id for route in burst for node_id in route} - {"liar"}, burst
 
-    idle = [_chat(capture, QUESTIONS[i % len(QUESTIONS)], reference) for i in range(IDLE)]
+    idle = [_chat(capture, QUESTIONS[i % len(QUESTIONS)], tiny_reference) for i in range(IDLE)]
     # Measured now, the liar is priced by what it did: an idle pool does not give it every request.
     assert sum("liar" in route for route in idle) < IDLE, idle
