@@ -87,3 +87,24 @@ class CoordinatorSettings(BaseSettings):
     receipt_interval_s: float = Field(default=2.0, gt=0)
     # an SDK session (the chain relay) idle this long is closed, giving back its KV caches and slots
     session_idle_timeout_s: float = Field(default=DEFAULT_SESSION_IDLE_TIMEOUT_S, gt=0)
+    # -- what one HTTP client can make the coordinator hold or spend (coop.coordinator.limits) --
+    # bytes of one request body (relay steps: what the session's length needs); more is refused
+    # (413) before it is read, and before it is parsed the API key is checked (401)
+    max_request_bytes: int = Field(default=4 << 20, gt=0)
+    max_stop_sequences: int = Field(default=16, ge=0)  # stop strings per request
+    max_stop_chars: int = Field(default=256, gt=0)  # characters of one stop string
+    max_messages: int = Field(default=1024, gt=0)  # messages of one chat request
+    # characters of a request's text: every message together, or the completion's prompt
+    max_prompt_chars: int = Field(default=1 << 20, gt=0)
+    max_prompt_tokens: int = Field(default=0, ge=0)  # 0 = the model's context (max_context)
+    # threads that tokenize, detokenize and match stop strings, off the event loop
+    text_workers: int = Field(default=4, gt=0)
+    # events a node's session streams may queue at the coordinator; a full queue pauses reading them
+    max_queued_events_per_session: int = Field(default=8, gt=0)
+    # failed admin sign-ins (form or bearer token) one client address may make in a burst, and the
+    # seconds after which it may make one more; beyond that, 429 with Retry-After
+    admin_sign_in_burst: int = Field(default=10, gt=0)
+    admin_sign_in_refill_s: float = Field(default=60.0, gt=0)
+    # /docs, /redoc and /openapi.json for anyone; None = only in development mode (no member bundle).
+    # Signed-in admins always get the schema at /admin/api/openapi.json.
+    public_api_docs: bool | None = None

@@ -16,6 +16,8 @@
     │   ├── InvalidTensor          wrong dtype, shape or non-finite values
     │   ├── InvalidPositions       positions that skip or rewind
     │   ├── RequestError           (HTTP API) a request refused with its own status and OpenAI code
+    │   │   ├── RequestTooLarge    (HTTP API) a body over the coordinator's size limit (413)
+    │   │   └── RequestLimitExceeded  (HTTP API) too many stop strings, messages, characters or tokens (400)
     │   └── NotFound               (admin view) no such institution
     ├── RouteUnavailable           no chain of nodes covers every block
     ├── PeerError                  a remote node failed, vanished, timed out or reported an error
@@ -26,7 +28,8 @@
     │   └── ReceiptRejected        a receipt that must not be booked (forged, inflated, mismatched)
     ├── ReceiptPending             a receipt not bookable yet: its session is not recorded (yet)
     ├── CreditExhausted            an institution's balance is below its credit floor (HTTP 402)
-    └── ApiError                   (SDK) a coordinator refused or failed an HTTP request
+    ├── ApiError                   (SDK) a coordinator refused or failed an HTTP request
+    └── SignInThrottled            (admin view) too many failed sign-ins from one client (429)
 
 Components raise these; boundaries (gRPC servicers, the HTTP API, the CLI) map them to their
 wire form in one place each. An error a peer reports crosses into the coordinator as a
@@ -233,3 +236,25 @@ class ApiError(CoopError):
     def retryable(self) -> bool:
         """A later attempt may succeed: no route yet, a node failed, or the server was unreachable."""
         return self.status is None or self.status in (502, 503, 504) or self.code in _RETRYABLE_CODES
+
+
+class RequestTooLarge(RequestError):
+    """A request body over the size this coordinator takes: refused before it is read (413)."""
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message, status=413, code="request_too_large", param=param)
+
+
+class RequestLimitExceeded(RequestError):
+    """A request over one of the coordinator's limits on stop strings, messages, characters or prompt tokens."""
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message, status=400, code="request_limit_exceeded", param=param)
+
+
+class SignInThrottled(CoopError):
+    """Too many failed admin sign-ins from one client address; it may try again after `retry_after_s`."""
+
+    def __init__(self, message: str, *, retry_after_s: float = 0.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

@@ -5,6 +5,7 @@ Signed in with the admin session cookie (a change then needs the session's CSRF 
 refresh reads /admin/api/overview.
 """
 
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -37,7 +38,8 @@ from coop.pool.api_keys import api_key_digest
 UNAUTHORIZED: dict[int | str, dict[str, Any]] = {401: {"description": "No admin session and no admin bearer token"}}
 
 
-def api_router(ctx: AdminContext, auth: AdminAuth) -> APIRouter:
+def api_router(ctx: AdminContext, auth: AdminAuth, openapi: Callable[[], dict[str, Any]]) -> APIRouter:
+    """`openapi`: the app's OpenAPI schema, served to admins whether or not it is public."""
     router = APIRouter(prefix="/admin/api", route_class=AdminApiRoute, tags=["admin"], responses=UNAUTHORIZED)
     Identity = Annotated[tuple[str, AdminSession | None], Depends(auth.api_identity)]
     Page = Annotated[int, Query(ge=1, le=1_000_000)]
@@ -50,6 +52,10 @@ def api_router(ctx: AdminContext, auth: AdminAuth) -> APIRouter:
         return who
 
     Changer = Annotated[str, Depends(changing)]
+
+    @router.get("/openapi.json", include_in_schema=False)
+    async def schema(who: Identity) -> dict[str, Any]:
+        return openapi()
 
     @router.get("/overview")
     async def overview(who: Identity, shade: Literal["throughput", "load"] = "throughput") -> OverviewOut:

@@ -4,16 +4,19 @@ The session cookie holds only a random id (HttpOnly, SameSite=Strict, Path=/admi
 in this process, so signing out ends one at once and a coordinator restart ends them all. The
 sign-in form is protected too, by a double-submit token: a cookie and a hidden field that must
 match. The JSON API also takes ``Authorization: Bearer <admin token>`` for scripts; a bearer token
-cannot be sent by another site's page, so such calls need no CSRF token.
+cannot be sent by another site's page, so such calls need no CSRF token. Wrong tokens, by form or
+by bearer, are throttled per client address (`SignInThrottle`).
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+import math
 import secrets
 import threading
 import time
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +24,8 @@ from pathlib import Path
 from fastapi import Request
 from fastapi.responses import Response
 
-from coop.errors import CoopError, CsrfRejected, SignInRequired
+from coop.config import CoordinatorSettings
+from coop.errors import CoopError, CsrfRejected, SignInRequired, SignInThrottled
 from coop.pool.registry import PoolInfo
 
 log = logging.getLogger(__name__)
@@ -92,11 +96,92 @@ def tokens_match(expected: str, given: str | None) -> bool:
     return bool(given) and hmac.compare_digest(expected.encode(), (given or "").encode())
 
 
+class SignInThrottle:
+    """Admin sign-ins per client address, as token buckets: `burst` wrong tokens at once, then one
+    more every `refill_s` seconds.
+
+    Every attempt takes a token before the admin token is checked, and a right one gives it back, so
+    concurrent guesses cannot outrun the bucket; an empty bucket refuses every attempt unchecked,
+    right or wrong, so guessing is no faster than the refill. Buckets of the `max_clients` addresses
+    seen last are kept (forgetting a full bucket changes nothing).
+    """
+
+    def __init__(
+        self,
+        burst: int = CoordinatorSettings.model_fields["admin_sign_in_burst"].default,
+        refill_s: float = CoordinatorSettings.model_fields["admin_sign_in_refill_s"].default,
+        *,
+        max_clients: int = 4096,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.burst = burst
+        self.refill_s = refill_s
+        self.max_clients = max_clients
+        self._clock = clock
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # client -> (tokens, as of)
+        self._counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def take(self, client: str) -> None:
+        """Take one attempt from client's bucket, or SignInThrottled (429) when it has none left."""
+        now = self._clock()
+        with self._lock:
+            tokens = self._tokens(client, now)
+            if tokens < 1:
+                self._counts["sign_in_throttled"] += 1
+                wait_s = math.ceil((1 - tokens) * self.refill_s)
+                raise SignInThrottled(
+                    f"Too many wrong admin tokens from {client}: try again in {wait_s} s", retry_after_s=wait_s
+                )
+            self._store(client, tokens - 1, now)
+
+    def give_back(self, client: str) -> None:
+        """The attempt taken was right: it costs nothing."""
+        now = self._clock()
+        with self._lock:
+            self._store(client, self._tokens(client, now) + 1, now)
+
+    def failed(self) -> None:
+        with self._lock:
+            self._counts["admin_sign_in_failed"] += 1
+
+    def counts(self) -> dict[str, int]:
+        """Wrong tokens, and attempts refused unchecked, since the start."""
+        with self._lock:
+            return dict(self._counts)
+
+    def _tokens(self, client: str, now: float) -> float:
+        tokens, since = self._buckets.get(client, (self.burst, now))
+        return min(self.burst, tokens + (now - since) / self.refill_s)
+
+    def _store(self, client: str, tokens: float, now: float) -> None:
+        self._buckets[client] = (min(self.burst, tokens), now)
+        self._buckets.move_to_end(client)
+        while len(self._buckets) > self.max_clients:
+            self._buckets.popitem(last=False)
+
+
+def client_address(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
 class AdminAuth:
-    def __init__(self, pool_dir: Path, *, ttl_s: float, secure_cookies: bool | None) -> None:
+    def __init__(
+        self, pool_dir: Path, *, ttl_s: float, secure_cookies: bool | None, throttle: SignInThrottle | None = None
+    ) -> None:
         self.pool_dir = pool_dir
         self.sessions = SessionStore(ttl_s)
         self.secure_cookies = secure_cookies
+        self.throttle = throttle or SignInThrottle()
+
+    def sign_in(self, client: str, token: str) -> bool:
+        """Whether token is the pool's admin token; SignInThrottled while client has guessed wrong too often."""
+        self.throttle.take(client)
+        if self.check_admin_token(token):
+            self.throttle.give_back(client)
+            return True
+        self.throttle.failed()
+        return False
 
     def check_admin_token(self, token: str) -> bool:
         """Read pool.toml on every attempt: a rotated admin token takes effect at once."""
@@ -117,7 +202,7 @@ class AdminAuth:
         """(who, session) for a JSON API call: a session cookie, or the admin token as a bearer token."""
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() == "bearer" and token.strip():
-            if self.check_admin_token(token.strip()):
+            if self.sign_in(client_address(request), token.strip()):
                 return "admin (api)", None
             raise SignInRequired("the bearer token is not this pool's admin token")
         session = self.session(request)

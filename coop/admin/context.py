@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from coop.admin.auth import SignInThrottle
 from coop.ledger.fairshare import FairShare
 from coop.ledger.store import Ledger
 from coop.swarm.announcement import NodeAnnouncement
@@ -134,6 +135,9 @@ class AdminContext:
     session_ttl_s: float = 12 * 3600.0  # a login lasts this long, then the admin signs in again
     secure_cookies: bool | None = None  # None: Secure flag when the request came over https
     presence: NodePresence = field(default_factory=NodePresence)
+    # requests the coordinator's API refused since it started, by error code (`Rejections.snapshot`)
+    rejections: Callable[[], Mapping[str, int]] | None = None
+    sign_in: SignInThrottle = field(default_factory=SignInThrottle)  # wrong admin tokens, per client
 
     @classmethod
     def for_coordinator(
@@ -143,10 +147,14 @@ class AdminContext:
         fair_share: FairShare,
         tokens_served: Callable[[], int],
         swarm: SwarmProvider,
+        *,
+        rejections: Callable[[], Mapping[str, int]] | None = None,
+        sign_in: SignInThrottle | None = None,
     ) -> AdminContext:
         """The view of a coordinator that keeps accounts (`coop coordinator start --member ... --pool-dir ...`).
 
-        `tokens_served` reads the coordinator's running count of tokens, sampled into the tokens/s chart.
+        `tokens_served` reads the coordinator's running count of tokens, sampled into the tokens/s chart;
+        `rejections` its count of refused requests by error code.
         """
         return cls(
             pool_dir=pool_dir,
@@ -154,4 +162,6 @@ class AdminContext:
             swarm=swarm,
             fair_share=lambda institution: fair_share.factor(institution, time.time()),
             token_samples=CounterRate(tokens_served).samples,
+            rejections=rejections,
+            sign_in=sign_in or SignInThrottle(),
         )

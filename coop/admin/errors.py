@@ -17,7 +17,16 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.routing import APIRoute
 
 from coop.admin.rendering import render, with_security_headers
-from coop.errors import CoopError, CsrfRejected, InvalidInput, LedgerError, NotFound, SignInRequired, Unauthorized
+from coop.errors import (
+    CoopError,
+    CsrfRejected,
+    InvalidInput,
+    LedgerError,
+    NotFound,
+    SignInRequired,
+    SignInThrottled,
+    Unauthorized,
+)
 
 LOGIN_PATH = "/admin/login"
 
@@ -25,6 +34,8 @@ LOGIN_PATH = "/admin/login"
 def _status(exc: Exception) -> int:
     if isinstance(exc, SignInRequired):
         return 401
+    if isinstance(exc, SignInThrottled):
+        return 429
     if isinstance(exc, Unauthorized):
         return 403
     if isinstance(exc, NotFound):
@@ -60,10 +71,12 @@ class AdminPageRoute(APIRoute):
         return page
 
 
-def error_json(status: int, message: str, code: str) -> JSONResponse:
-    kind = "unauthorized" if status in (401, 403) else "invalid_request_error" if status == 400 else "server_error"
+def error_json(status: int, message: str, code: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    kind = "unauthorized" if status in (401, 403, 429) else "invalid_request_error" if status == 400 else "server_error"
     body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
-    headers = {"WWW-Authenticate": 'Bearer realm="coop-admin"'} if status == 401 else None
+    headers = dict(headers or {})
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="coop-admin"'
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -80,9 +93,11 @@ class AdminApiRoute(APIRoute):
                     CsrfRejected: "csrf_token_invalid",
                     LedgerError: "ledger_unavailable",
                     NotFound: "not_found",
+                    SignInThrottled: "sign_in_throttled",
                 }
                 code = codes.get(type(exc), "invalid_request")
-                response = error_json(_status(exc), _message(exc), code)
+                retry = {"Retry-After": f"{exc.retry_after_s:.0f}"} if isinstance(exc, SignInThrottled) else None
+                response = error_json(_status(exc), _message(exc), code, retry)
             return with_security_headers(response)
 
         return api

@@ -22,13 +22,14 @@ from coop.admin.auth import (
     SESSION_COOKIE,
     AdminAuth,
     AdminSession,
+    client_address,
     tokens_match,
 )
 from coop.admin.context import AdminContext
 from coop.admin.errors import AdminPageRoute
 from coop.admin.queries import AuditFilter, ReceiptFilter
 from coop.admin.rendering import read_form, render
-from coop.errors import CsrfRejected, InvalidInput
+from coop.errors import CsrfRejected, InvalidInput, SignInThrottled
 
 PER_PAGE = 50
 # Pages that show the live swarm are `async`: they copy it on the event loop that updates it, then
@@ -40,10 +41,6 @@ def _next_path(value: str | None) -> str:
     if value and value.startswith("/admin") and not value.startswith("//") and "\\" not in value:
         return value
     return "/admin/"
-
-
-def _client(request: Request) -> str:
-    return request.client.host if request.client else "unknown"
 
 
 def parse_day(value: str | None, what: str) -> dt.datetime | None:
@@ -93,11 +90,12 @@ def pages_router(ctx: AdminContext, auth: AdminAuth) -> APIRouter:
 
     # -- signing in and out -------------------------------------------------------------------
 
-    def login_form(request: Request, next_path: str, *, error: str | None = None) -> HTMLResponse:
+    def login_form(
+        request: Request, next_path: str, *, error: str | None = None, status_code: int | None = None
+    ) -> HTMLResponse:
         token = secrets.token_urlsafe(32)
-        response = render(
-            "login.html", status_code=401 if error else 200, session=None, csrf=token, next=next_path, error=error
-        )
+        status_code = status_code or (401 if error else 200)
+        response = render("login.html", status_code=status_code, session=None, csrf=token, next=next_path, error=error)
         auth.set_cookie(request, response, LOGIN_COOKIE, token, LOGIN_TOKEN_TTL_S)
         return response
 
@@ -113,10 +111,16 @@ def pages_router(ctx: AdminContext, auth: AdminAuth) -> APIRouter:
         if not tokens_match(request.cookies.get(LOGIN_COOKIE, ""), form.get(CSRF_FIELD)):
             raise CsrfRejected("the sign-in form expired or did not come from this site: reload it and try again")
         next_path = _next_path(form.get("next"))
-        if not await run_in_threadpool(auth.check_admin_token, form.get("token", "").strip()):
-            return login_form(request, next_path, error="That is not this pool's admin token.")
+        client = client_address(request)
+        try:
+            if not await run_in_threadpool(auth.sign_in, client, form.get("token", "").strip()):
+                return login_form(request, next_path, error="That is not this pool's admin token.")
+        except SignInThrottled as exc:
+            throttled = login_form(request, next_path, error=f"{exc}.", status_code=429)
+            throttled.headers["Retry-After"] = f"{exc.retry_after_s:.0f}"
+            return throttled
         session = auth.sessions.open(ctx.actor)
-        await run_in_threadpool(actions.signed_in, ctx, session.identity, _client(request))
+        await run_in_threadpool(actions.signed_in, ctx, session.identity, client)
         response = RedirectResponse(next_path, status_code=303)
         auth.set_cookie(request, response, SESSION_COOKIE, session.session_id, int(ctx.session_ttl_s))
         auth.clear_cookie(response, LOGIN_COOKIE)
@@ -126,7 +130,7 @@ def pages_router(ctx: AdminContext, auth: AdminAuth) -> APIRouter:
     async def logout(request: Request, session: Session) -> Response:
         await checked_form(request, session)
         auth.sessions.close(session.session_id)
-        await run_in_threadpool(actions.signed_out, ctx, session.identity, _client(request))
+        await run_in_threadpool(actions.signed_out, ctx, session.identity, client_address(request))
         response = RedirectResponse("/admin/login", status_code=303)
         auth.clear_cookie(response, SESSION_COOKIE)
         return response

@@ -52,6 +52,7 @@ class OverviewOut(BaseModel):
     nodes: list[NodeOut]  # the online nodes, as in the coverage map
     coverage_svg: str  # the coverage map, rendered (the page embeds it, the live refresh swaps it)
     tokens_svg: str
+    refused: dict[str, int]  # requests refused since the coordinator started, by error code
 
 
 class InstitutionOut(BaseModel):

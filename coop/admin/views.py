@@ -179,7 +179,15 @@ def overview(ctx: AdminContext, live: Live, *, shade: str = "throughput", now_s:
         nodes=online,
         coverage_svg=coverage_svg,
         tokens_svg=charts.rate_chart(rate if samples is not None else [], window_s=TOKEN_WINDOW_S),
+        refused=refused(ctx),
     )
+
+
+def refused(ctx: AdminContext) -> dict[str, int]:
+    """Requests refused by the coordinator's API and admin sign-ins refused, by error code."""
+    counts = Counter(ctx.rejections() if ctx.rejections is not None else {})
+    counts.update(ctx.sign_in.counts())
+    return dict(sorted(counts.items()))
 
 
 def _institutions(ctx: AdminContext, pool: PoolState, online: Sequence[NodeOut]) -> list[InstitutionOut]:

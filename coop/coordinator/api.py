@@ -3,7 +3,9 @@
 What a request means lives in `coop.coordinator.serving` (and, for the SDK's research sessions
 under /v1/coop/sessions, `coop.coordinator.relay`); the shapes on the wire in
 `coop.coordinator.protocol`. Every error, ours or the framework's, leaves through
-`api_errors.error_response`, so clients always get OpenAI's error envelope.
+`api_errors.error_response`, so clients always get OpenAI's error envelope. Before any route, the
+API key and the body's size are checked (`coop.coordinator.guard`); every refusal is counted by its
+code in `app.state.rejections`.
 """
 
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -11,7 +13,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Depends, FastAPI, Header, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
@@ -22,10 +24,12 @@ from coop.config import DEFAULT_SESSION_IDLE_TIMEOUT_S
 from coop.coordinator.admission import RequestAdmission, enter_request
 from coop.coordinator.api_errors import error_response
 from coop.coordinator.auth import ApiKeyGate, Caller
+from coop.coordinator.guard import RequestGuard
+from coop.coordinator.limits import HttpLimits, Rejections
 from coop.coordinator.protocol import ChatCompletionRequest, CompletionRequest, RelayOpenRequest
 from coop.coordinator.relay import ChainRelay
 from coop.coordinator.serving import OpenAIServing
-from coop.errors import CoopError, RequestError
+from coop.errors import CoopError
 from coop.pipeline.backend import Backend
 from coop.pipeline.charge import Charge
 
@@ -98,34 +102,8 @@ _BINARY_STEP: dict[str, Any] = {
 }
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused (413) once it is known to exceed limit bytes: before reading any of it
-    when it declares its length, else as soon as the bytes read pass the limit."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise _too_large(int(declared), limit)
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(size, limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _too_large(size: int, limit: int) -> RequestError:
-    return RequestError(
-        f"the body has {size:,} bytes or more, over the {limit:,} this session can take now; "
-        "send fewer tokens per step, or check the tensor's dtype and shape",
-        status=413,
-        code="request_too_large",
-    )
-
-
-async def _handle_error(request: Request, exc: Exception) -> Response:
-    status, envelope = error_response(exc)
-    return JSONResponse(envelope.model_dump(mode="json"), status_code=status)
+SESSIONS_PREFIX = "/v1/coop/sessions"
+STEPS_SUFFIX = "/steps"  # of a relay session's path: its body is hidden states, with a limit of its own
 
 
 def create_app(
@@ -134,26 +112,51 @@ def create_app(
     keys: ApiKeyGate | None = None,
     access: RequestAdmission | None = None,
     session_idle_timeout_s: float = DEFAULT_SESSION_IDLE_TIMEOUT_S,
+    limits: HttpLimits | None = None,
+    public_docs: bool = True,
 ) -> FastAPI:
     """`keys`: the API-key gate; None serves anyone (development mode). `access`: credit floors and
     fair-share admission (None: every request starts at once). `session_idle_timeout_s`: relay
-    sessions idle this long are closed."""
-    serving = OpenAIServing(backend)
+    sessions idle this long are closed. `limits`: what one request may send (default: the settings'
+    defaults). `public_docs`: serve /docs, /redoc and /openapi.json to anyone."""
+    limits = limits or HttpLimits()
+    serving = OpenAIServing(backend, limits)
     gate = keys or ApiKeyGate(None)
     relay = ChainRelay(backend, gate, access, idle_timeout_s=session_idle_timeout_s)
+    rejections = Rejections()
+
+    def body_limit(path: str) -> int:
+        if path.startswith(SESSIONS_PREFIX) and path.endswith(STEPS_SUFFIX):
+            return max(relay.largest_body(), limits.max_request_bytes)
+        return limits.max_request_bytes
+
+    async def handle_error(request: Request, exc: Exception) -> Response:
+        status, envelope = error_response(exc)
+        if 400 <= status < 500:
+            rejections.record(envelope.error.code or f"http_{status}")
+        return JSONResponse(envelope.model_dump(mode="json"), status_code=status)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         await relay.aclose()
 
-    def caller(authorization: Annotated[str | None, Header()] = None) -> Caller:
-        return gate.identify(authorization)
+    def caller(request: Request) -> Caller:
+        """Who the guard found the request to come from, before its body was read."""
+        found: Caller = request.state.caller
+        return found
 
     Authenticated = Annotated[Caller, Depends(caller)]
-    app = FastAPI(title="Coop coordinator", summary="OpenAI-compatible API over a cooperative pool", lifespan=lifespan)
+    docs: dict[str, Any] = {} if public_docs else {"openapi_url": None, "docs_url": None, "redoc_url": None}
+    app = FastAPI(
+        title="Coop coordinator",
+        summary="OpenAI-compatible API over a cooperative pool",
+        lifespan=lifespan,
+        **docs,
+    )
     for exc_type in (CoopError, RequestValidationError, HTTPException, Exception):
-        app.add_exception_handler(exc_type, _handle_error)
+        app.add_exception_handler(exc_type, handle_error)
+    app.add_middleware(RequestGuard, gate=gate, body_limit=body_limit, rejections=rejections)
 
     @app.get("/health")
     async def health() -> Response:
@@ -168,14 +171,16 @@ def create_app(
     @v1.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, who: Authenticated) -> Response:
         gate.check_max_tokens(who, body.requested_max_tokens)
+        limits.check(body)
         return await _generate(gate, access, who, lambda charge: serving.chat(body, charge))
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, who: Authenticated) -> Response:
         gate.check_max_tokens(who, body.requested_max_tokens)
+        limits.check(body)
         return await _generate(gate, access, who, lambda charge: serving.complete(body, charge))
 
-    sessions = APIRouter(prefix="/v1/coop/sessions")
+    sessions = APIRouter(prefix=SESSIONS_PREFIX)
 
     @sessions.post("")
     async def open_session(body: RelayOpenRequest, who: Authenticated) -> Response:
@@ -185,11 +190,10 @@ def create_app(
     async def describe_session(session_id: str, who: Authenticated) -> Response:
         return _respond(relay.describe(relay.session(who, session_id)))
 
-    @sessions.post("/{session_id}/steps", openapi_extra=_BINARY_STEP)
+    @sessions.post("/{session_id}" + STEPS_SUFFIX, openapi_extra=_BINARY_STEP)
     async def step_session(session_id: str, request: Request, who: Authenticated) -> Response:
         session = relay.session(who, session_id)
-        body = await _read_body(request, relay.body_limit(session))
-        return Response(await relay.step(session, body), media_type=BINARY)
+        return Response(await relay.step(session, await request.body()), media_type=BINARY)
 
     @sessions.delete("/{session_id}", status_code=204)
     async def close_session(session_id: str, who: Authenticated) -> Response:
@@ -200,4 +204,5 @@ def create_app(
     app.include_router(sessions)
     app.state.serving = serving
     app.state.relay = relay
+    app.state.rejections = rejections
     return app

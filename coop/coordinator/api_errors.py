@@ -49,6 +49,9 @@ ERROR_TABLE: dict[type[BaseException], tuple[int, str, str]] = {
     # the request itself
     errors.InvalidInput: (400, _BAD_REQUEST, "invalid_input"),
     errors.RequestError: (400, _BAD_REQUEST, "invalid_request"),  # each instance carries its own status and code
+    errors.RequestTooLarge: (413, _BAD_REQUEST, "request_too_large"),
+    errors.RequestLimitExceeded: (400, _BAD_REQUEST, "request_limit_exceeded"),
+    errors.SignInThrottled: (429, _BAD_REQUEST, "sign_in_throttled"),
     errors.NotFound: (404, _BAD_REQUEST, "not_found"),
     errors.Unauthorized: (401, _BAD_REQUEST, "unauthorized"),
     errors.SignInRequired: (401, _BAD_REQUEST, "admin_sign_in_required"),

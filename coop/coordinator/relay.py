@@ -31,7 +31,7 @@ from coop.coordinator.admission import RequestAdmission, enter_request
 from coop.coordinator.auth import ApiKeyGate, Caller
 from coop.coordinator.protocol import RelayOpenRequest, RelaySessionInfo
 from coop.coordinator.text_stream import close_quietly, route_hops
-from coop.errors import InvalidInput, InvalidTensor, ReplayUnavailable, RequestError
+from coop.errors import InvalidInput, InvalidTensor, ReplayUnavailable, RequestError, RequestTooLarge
 from coop.pipeline.backend import Backend
 from coop.pipeline.generation import Chain
 from coop.wire.generated import coop_pb2 as pb
@@ -142,8 +142,14 @@ class ChainRelay:
 
     def body_limit(self, session: RelaySession) -> int:
         """The largest step body session can take now: hidden states and ids for the rest of its length."""
-        room = session.max_length - session.position
-        return room * (self._token_bytes + TOKEN_ID_BYTES) + ENVELOPE_BYTES
+        return self._body_bytes(session.max_length - session.position)
+
+    def largest_body(self) -> int:
+        """The largest step body any session can take: a whole context in one step."""
+        return self._body_bytes(self.backend.max_context)
+
+    def _body_bytes(self, tokens: int) -> int:
+        return tokens * (self._token_bytes + TOKEN_ID_BYTES) + ENVELOPE_BYTES
 
     async def step(self, session: RelaySession, body: bytes) -> bytes:
         """A serialized RelayStep -> the serialized Tensor of the states after the last block."""
@@ -151,6 +157,11 @@ class ChainRelay:
             if self._sessions.get(session.session_id) is not session:
                 raise RequestError("the session was closed during this request", status=404, code="session_not_found")
             session.last_used_s = time.monotonic()
+            if len(body) > (limit := self.body_limit(session)):
+                raise RequestTooLarge(
+                    f"the body has {len(body):,} bytes, over the {limit:,} this session can take now; "
+                    "send fewer tokens per step, or check the tensor's dtype and shape"
+                )
             hidden, ids = self._parse_step(session, body)
             start, n = session.position, hidden.shape[1]
             known = session.token_ids + (ids if ids is not None else [0] * n)

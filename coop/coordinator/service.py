@@ -12,6 +12,7 @@ import uvicorn
 from coop.config import CoordinatorSettings
 from coop.coordinator.accounting import Accounting
 from coop.coordinator.auth import ApiKeyGate
+from coop.coordinator.limits import HttpLimits
 from coop.model.client_part import ClientPart
 from coop.pipeline.charge import UNMETERED, Charge
 from coop.pipeline.generation import Chain
@@ -80,6 +81,7 @@ class RemoteBackend:
             max_failovers=self.settings.max_failovers,
             charge=charge,
             sign_route=self._sign_route,
+            max_queued_events=self.settings.max_queued_events_per_session,
         )
         return await chain.open()
 
@@ -90,6 +92,7 @@ class RemoteBackend:
 
 async def run_coordinator(settings: CoordinatorSettings) -> None:
     from coop.admin import AdminContext, mount_admin
+    from coop.admin.auth import SignInThrottle
     from coop.coordinator.api import create_app
 
     membership = Membership.load(settings.member_bundle, pool_id=settings.pool_id).require(ROLE_COORDINATOR)
@@ -126,7 +129,14 @@ async def run_coordinator(settings: CoordinatorSettings) -> None:
             )
         gate = ApiKeyGate(settings.api_keys_file, membership.bundle.limits if membership.bundle else None)
         access = backend.accounting.access if backend.accounting else None
-        app = create_app(backend, keys=gate, access=access, session_idle_timeout_s=settings.session_idle_timeout_s)
+        app = create_app(
+            backend,
+            keys=gate,
+            access=access,
+            session_idle_timeout_s=settings.session_idle_timeout_s,
+            limits=HttpLimits.from_settings(settings),
+            public_docs=membership.bundle is None if settings.public_api_docs is None else settings.public_api_docs,
+        )
         if settings.pool_dir is not None and backend.accounting is not None:
             accounting = backend.accounting
             admin = AdminContext.for_coordinator(
@@ -135,6 +145,8 @@ async def run_coordinator(settings: CoordinatorSettings) -> None:
                 accounting.fair_share,
                 lambda: accounting.metering.tokens_served,
                 swarm,
+                rejections=app.state.rejections.snapshot,
+                sign_in=SignInThrottle(settings.admin_sign_in_burst, settings.admin_sign_in_refill_s),
             )
             mount_admin(app, admin)
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning")

@@ -4,7 +4,8 @@ A request becomes prompt ids (the chat template for chat) and `SamplingParams`; 
 loop runs over a chain the backend opens for this request alone and always closes; the token
 stream becomes text through an incremental detokeniser that applies stop sequences. Streamed and
 non-streamed responses are built from the same events, so their text is identical by
-construction.
+construction. Tokenizing and detokenizing run in worker threads (`TextWorkers`), bounded by the
+request limits (`HttpLimits`) that the routes check first.
 
 Errors of every origin become OpenAI's error envelope in one place: `api_errors.error_response`.
 """
@@ -20,6 +21,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from coop.coordinator.api_errors import error_response
+from coop.coordinator.limits import HttpLimits
 from coop.coordinator.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -39,7 +41,14 @@ from coop.coordinator.protocol import (
     ModelCard,
     ModelList,
 )
-from coop.coordinator.text_stream import GenerationEvent, Started, TextDelta, collect_text, run_generation
+from coop.coordinator.text_stream import (
+    GenerationEvent,
+    Started,
+    TextDelta,
+    TextWorkers,
+    collect_text,
+    run_generation,
+)
 from coop.errors import RequestError
 from coop.pipeline.backend import Backend
 from coop.pipeline.charge import UNMETERED, Charge
@@ -58,8 +67,10 @@ DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 class OpenAIServing:
     """One instance per app; holds nothing per request."""
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, limits: HttpLimits) -> None:
         self.backend = backend
+        self.limits = limits
+        self.text = TextWorkers(limits.text_workers)
         self.created = int(time.time())
 
     def health(self) -> HealthResponse:
@@ -76,10 +87,12 @@ class OpenAIServing:
         self._check_common(request)
         if not request.messages:
             raise RequestError("messages must not be empty", param="messages")
-        prompt_ids = self.backend.client.encode_chat([_message_dict(m, i) for i, m in enumerate(request.messages)])
+        messages = [_message_dict(m, i) for i, m in enumerate(request.messages)]
+        prompt_ids = await self.text.run(self.backend.client.encode_chat, messages)
+        self.limits.check_prompt_tokens(len(prompt_ids), "messages")
         params = self._sampling_params(request, len(prompt_ids), DEFAULT_CHAT_MAX_TOKENS)
         response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        events = run_generation(self.backend, prompt_ids, params, charge)
+        events = run_generation(self.backend, self.text, prompt_ids, params, charge)
         if request.stream:
             render = _chat_renderer(response_id, created, self.backend.model_name, request.include_usage)
             return await _start_stream(events, render)
@@ -97,10 +110,11 @@ class OpenAIServing:
         self, request: CompletionRequest, charge: Charge = UNMETERED
     ) -> CompletionResponse | AsyncIterator[str]:
         self._check_common(request)
-        prompt_ids = self._completion_prompt(request)
+        prompt_ids = await self._completion_prompt(request)
+        self.limits.check_prompt_tokens(len(prompt_ids), "prompt")
         params = self._sampling_params(request, len(prompt_ids), DEFAULT_COMPLETION_MAX_TOKENS)
         response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        events = run_generation(self.backend, prompt_ids, params, charge)
+        events = run_generation(self.backend, self.text, prompt_ids, params, charge)
         if request.stream:
             render = _completion_renderer(response_id, created, self.backend.model_name, request.include_usage)
             return await _start_stream(events, render)
@@ -132,7 +146,7 @@ class OpenAIServing:
                 param="n",
             )
 
-    def _completion_prompt(self, request: CompletionRequest) -> list[int]:
+    async def _completion_prompt(self, request: CompletionRequest) -> list[int]:
         prompt = request.prompt
         texts = [prompt] if isinstance(prompt, str) else [p for p in prompt if isinstance(p, str)]
         if texts:
@@ -143,7 +157,7 @@ class OpenAIServing:
                 )
             if not texts[0]:
                 raise RequestError("prompt must not be empty", param="prompt")
-            return self.backend.client.encode(texts[0])
+            return await self.text.run(self.backend.client.encode, texts[0])
         ids = [int(t) for t in prompt]
         if not ids:
             raise RequestError("prompt must not be empty", param="prompt")

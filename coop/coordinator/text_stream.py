@@ -1,7 +1,8 @@
 """From token ids to text: incremental detokenisation, stop sequences, and the generation events.
 
 Streamed and non-streamed responses are both built from `run_generation`'s events, so their text
-is identical by construction; the chain is always closed, even when the client goes away.
+is identical by construction; the chain is always closed, even when the client goes away. The
+text work runs in `TextWorkers` threads, never on the event loop.
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ import logging
 from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import cast
+from typing import TypeVar, TypeVarTuple, cast
 
 import anyio
+import anyio.to_thread
 
 from coop.coordinator.protocol import (
     CoopExtras,
@@ -26,6 +28,24 @@ from coop.pipeline.generation import Chain, generate_tokens
 from coop.pipeline.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Args = TypeVarTuple("Args")
+
+
+class TextWorkers:
+    """Threads for the text work of requests: tokenizing, detokenizing, matching stop strings.
+
+    Its cost grows with what a client sends (a long prompt, many stop strings) and with the length
+    of the completion; on the event loop, one such request would stall every other stream and the
+    admin view. A request does one piece at a time, so it holds at most one thread.
+    """
+
+    def __init__(self, threads: int) -> None:
+        self._limiter = anyio.CapacityLimiter(threads)
+
+    async def run(self, work: Callable[[*Args], T], *args: *Args) -> T:
+        return await anyio.to_thread.run_sync(work, *args, limiter=self._limiter)
 
 
 class IncrementalDetokenizer:
@@ -126,9 +146,10 @@ GenerationEvent = Started | TextDelta | Finished
 
 
 async def run_generation(
-    backend: Backend, prompt_ids: list[int], params: SamplingParams, charge: Charge = UNMETERED
+    backend: Backend, text: TextWorkers, prompt_ids: list[int], params: SamplingParams, charge: Charge = UNMETERED
 ) -> AsyncGenerator[GenerationEvent, None]:
-    """Started, then text deltas, then Finished. The chain is closed however this ends."""
+    """Started, then text deltas, then Finished. The chain is closed however this ends; `text` runs
+    the detokenizer."""
     chain = await backend.open_chain(len(prompt_ids) + params.max_tokens, charge=charge)
     try:
         yield Started()
@@ -144,7 +165,7 @@ async def run_generation(
                 if token in client.eos_token_ids:
                     finish_reason = "stop"
                     break
-                delta = detokenizer.push(token_ids)
+                delta = await text.run(detokenizer.push, token_ids)
                 if delta:
                     yield TextDelta(delta)
                 if detokenizer.stopped:
@@ -152,7 +173,7 @@ async def run_generation(
                     break
         if not detokenizer.stopped:
             text_ids = token_ids[:-1] if token_ids and token_ids[-1] in client.eos_token_ids else token_ids
-            tail = detokenizer.finish(text_ids)
+            tail = await text.run(detokenizer.finish, text_ids)
             if tail:
                 yield TextDelta(tail)
         yield Finished(finish_reason, token_ids, len(prompt_ids), route_hops(chain))

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 
+from coop.config import CoordinatorSettings
 from coop.errors import CoopError, InvalidTensor, PeerError, UnknownSession
 from coop.pipeline.charge import UNMETERED, Charge
 from coop.receipts import TokenTally
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 OPEN_TIMEOUT_S = 10.0
 PROBE_TIMEOUT_S = 1.0
+MAX_QUEUED_EVENTS: int = CoordinatorSettings.model_fields["max_queued_events_per_session"].default
 
 
 class _HopsFailed(Exception):
@@ -73,10 +75,13 @@ class RemoteChain:
         max_failovers: int = 3,
         charge: Charge = UNMETERED,
         sign_route: Callable[[bytes], bytes] | None = None,
+        max_queued_events: int = MAX_QUEUED_EVENTS,
     ) -> None:
         """`charge`: who pays, the fair-share priority nodes order queued steps by, and the meter
         that writes down what each node did. `sign_route`: the coordinator's signature over a
-        route (None in development mode, where nodes check nothing)."""
+        route (None in development mode, where nodes check nothing). `max_queued_events`: events
+        the route's session streams may queue here; when full, they are not read (gRPC's flow
+        control then holds the nodes back), so a node streaming junk cannot grow our memory."""
         self.swarm = swarm
         self.channels = channels
         self.embed = embed
@@ -89,7 +94,8 @@ class RemoteChain:
         self.hops: list[Hop] = []
         self.failovers = 0
         self._streams: list[_Stream] = []
-        self._events: asyncio.Queue[tuple[int, pb.SessionEvent | None]] = asyncio.Queue()
+        self._max_queued_events = max_queued_events
+        self._events: asyncio.Queue[tuple[int, pb.SessionEvent | None]] = asyncio.Queue(max_queued_events)
         self._step_id = 0
         self._excluded: set[str] = set()
         self.charge = charge
@@ -114,7 +120,7 @@ class RemoteChain:
         self._route = encode_route(self.session_id, self.hops)
         self._route_signature = b"" if self._sign_route is None else self._sign_route(route_payload(self._route))
         self._sent = TokenTally()
-        self._events = asyncio.Queue()
+        self._events = asyncio.Queue(self._max_queued_events)
         # Each stream joins self._streams as soon as it is open, so close() finds it even if
         # this open is cancelled half-way.
         opened = await asyncio.gather(
@@ -159,10 +165,14 @@ class RemoteChain:
         """Forward a hop's events into the queue of the route it belongs to (never a later route's)."""
         try:
             while (event := await call.read()) is not grpc.aio.EOF:
-                events.put_nowait((index, event))
-        except (grpc.aio.AioRpcError, asyncio.CancelledError):
+                await events.put((index, event))  # waits while the queue is full
+        except grpc.aio.AioRpcError:
             pass
-        events.put_nowait((index, None))  # the stream is gone: the node died or dropped us
+        except asyncio.CancelledError:  # the chain closed the stream: the queue may be full and unread
+            with contextlib.suppress(asyncio.QueueFull):
+                events.put_nowait((index, None))
+            return
+        await events.put((index, None))  # the stream is gone: the node died or dropped us
 
     async def step(self, hidden: torch.Tensor, start_position: int, token_ids: Sequence[int]) -> torch.Tensor:
         fresh_route = False  # after a failover the new route's caches are empty: replay first

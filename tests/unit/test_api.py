@@ -392,7 +392,7 @@ class _HostileNode:
         return frozenset()
 
     # ChannelPool and the node's stub
-    def stub(self, endpoint: str) -> _HostileNode:
+    def stub(self, endpoint: str, institution: str = "", node_id: str = "") -> _HostileNode:
         return self
 
     def Session(self) -> _FakeSessionCall:
