@@ -8,6 +8,7 @@ call, whose chain TLS has already verified (name constraints included), from its
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import unquote
@@ -164,10 +165,14 @@ def peer_identity(auth_context: Mapping[str, Sequence[bytes]], ca_cert_pem: byte
     certificate for a node. Revocations are the caller's to check.
     """
     pems = auth_context.get("x509_pem_cert") or ()
-    if not pems:
-        return None
+    return _tls_peer(pems[0], ca_cert_pem, pool_id) if pems else None
+
+
+@functools.lru_cache(maxsize=4096)
+def _tls_peer(leaf_pem: bytes, ca_cert_pem: bytes, pool_id: str) -> Identity | None:
+    """Cached: every call of a session's peers presents the same leaf (the result depends on nothing else)."""
     try:
-        leaf = x509.load_pem_x509_certificate(pems[0])
+        leaf = x509.load_pem_x509_certificate(leaf_pem)
         identity = identity_of(leaf)
         aki = leaf.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
     except (ValueError, TypeError, Unauthorized, x509.ExtensionNotFound):
@@ -186,4 +191,4 @@ def peer_identity(auth_context: Mapping[str, Sequence[bytes]], ca_cert_pem: byte
         return None
     if leaf.issuer != expected_issuer:
         return None
-    return Identity(identity.pool_id, identity.role, identity.institution, identity.node_id, pems[0])
+    return Identity(identity.pool_id, identity.role, identity.institution, identity.node_id, leaf_pem)
