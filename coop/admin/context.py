@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from coop.ledger.fairshare import FairShare
 from coop.ledger.store import Ledger
@@ -134,6 +134,7 @@ class AdminContext:
     session_ttl_s: float = 12 * 3600.0  # a login lasts this long, then the admin signs in again
     secure_cookies: bool | None = None  # None: Secure flag when the request came over https
     presence: NodePresence = field(default_factory=NodePresence)
+    receipt_collection: Callable[[], Mapping[str, Any]] | None = None  # the collector's counters
 
     @classmethod
     def for_coordinator(
@@ -143,6 +144,7 @@ class AdminContext:
         fair_share: FairShare,
         tokens_served: Callable[[], int],
         swarm: SwarmProvider,
+        receipt_collection: Callable[[], Mapping[str, Any]] | None = None,
     ) -> AdminContext:
         """The view of a coordinator that keeps accounts (`coop coordinator start --member ... --pool-dir ...`).
 
@@ -154,4 +156,5 @@ class AdminContext:
             swarm=swarm,
             fair_share=lambda institution: fair_share.factor(institution, time.time()),
             token_samples=CounterRate(tokens_served).samples,
+            receipt_collection=receipt_collection,
         )

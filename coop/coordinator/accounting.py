@@ -105,4 +105,5 @@ class Accounting:
                 await task
         with contextlib.suppress(Exception):
             await asyncio.to_thread(self.collector.flush_observations)
+        await asyncio.to_thread(self.collector.close)
         await asyncio.to_thread(self.ledger.close)

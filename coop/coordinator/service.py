@@ -135,6 +135,7 @@ async def run_coordinator(settings: CoordinatorSettings) -> None:
                 accounting.fair_share,
                 lambda: accounting.metering.tokens_served,
                 swarm,
+                accounting.collector.stats,
             )
             mount_admin(app, admin)
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning")
