@@ -258,19 +258,19 @@ class ReceiptCollector:
         bookings: list[Booking] = []
         billed: dict[tuple[str, str], str] = {}  # (session, node) -> receipt id, within this batch
         for receipt in receipts:
-            owner = _node_of(receipt.body)
-            if owner is not None and owner != node_id:
-                if owner in siblings:
+            claimed = _parsed(receipt.body)  # unchecked, for the cheap tests first (None: the checks reject it)
+            if claimed is not None and claimed.node_id != node_id:
+                if claimed.node_id in siblings:
                     settled.deferred += 1
                 else:
-                    reason = f"receipt {receipt.receipt_id[:128]} is signed for node {owner!r}: dropped"
-                    self.digest.add(node_id, receipt.receipt_id[:128], reason, dropped=True)
+                    reason = f"receipt {claimed.receipt_id} is for node {claimed.node_id!r}: dropped"
+                    self.digest.add(node_id, claimed.receipt_id, reason, dropped=True)
                     settled.dropped += 1
                 continue
             try:
+                if claimed is not None and claimed.receipt_id != receipt.receipt_id:
+                    raise ReceiptRejected(f"receipt {claimed.receipt_id} was sent as {receipt.receipt_id[:128]!r}")
                 booking = self.checker.check(receipt_from_proto(receipt))
-                if booking.body.receipt_id != receipt.receipt_id:
-                    raise ReceiptRejected(f"receipt {booking.body.receipt_id} was sent as {receipt.receipt_id[:128]!r}")
                 key = (booking.body.session_id, booking.body.node_id)
                 if billed.setdefault(key, booking.body.receipt_id) != booking.body.receipt_id:
                     raise ReceiptRejected(f"receipt {booking.body.receipt_id}: a second bill for session {key[0]}")
@@ -294,9 +294,8 @@ class ReceiptCollector:
             self.write_audit(everything=True)
 
 
-def _node_of(body: bytes) -> str | None:
-    """The node a receipt body names, or None if it does not parse (the checks then reject it)."""
+def _parsed(body: bytes) -> ReceiptBody | None:
     try:
-        return ReceiptBody.from_bytes(body).node_id
+        return ReceiptBody.from_bytes(body)
     except (InvalidInput, TypeError):
         return None
