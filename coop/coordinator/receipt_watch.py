@@ -9,8 +9,8 @@ Pure bookkeeping with an injected clock, so that its rules are tested without a 
   2-s interval), and an honest node that once had a bad receipt waits one round.
 - Audit: a node's rejected and dropped receipts become at most one audit event per `interval_s`.
   Its first bad batch is written at once (a lone rejection as its own event, as it always was, more
-  as one event with their count and the first one's reason); what follows within the interval is
-  gathered into one such event, written when the interval is over. A flood of junk is thus a
+  as one event with their count, naming the first `AUDIT_SAMPLES` with their reasons); what follows
+  within the interval is gathered into one such event, written when the interval is over. A flood of junk is thus a
   bounded number of rows, written with the batch, not an fsynced transaction per receipt.
 """
 
@@ -20,12 +20,13 @@ import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from coop.ledger.store import AuditEntry
 
 MAX_BACKOFF_ROUNDS = 32
 AUDIT_INTERVAL_S = 60.0
+AUDIT_SAMPLES = 10  # rejections named, each with its reason, in an event that counts many
 FORGET_AFTER_S = 600.0  # a node out of the swarm this long loses its counters (and its backoff)
 
 
@@ -121,8 +122,7 @@ class _Gathered:
 
     rejected: int = 0
     dropped: int = 0
-    subject: str = ""  # the first one's receipt id
-    reason: str = ""  # and why
+    samples: list[tuple[str, str]] = field(default_factory=list)  # the first few: (receipt id, why)
 
 
 class RejectionDigest:
@@ -143,7 +143,9 @@ class RejectionDigest:
 
     def add(self, node_id: str, receipt_id: str, reason: str, *, dropped: bool = False, count: int = 1) -> None:
         with self._lock:
-            gathered = self._gathered.setdefault(node_id, _Gathered(subject=receipt_id, reason=reason))
+            gathered = self._gathered.setdefault(node_id, _Gathered())
+            if len(gathered.samples) < AUDIT_SAMPLES:
+                gathered.samples.append((receipt_id, reason[:300]))
             if dropped:
                 gathered.dropped += count
             else:
@@ -172,10 +174,12 @@ class RejectionDigest:
         self.written += 1
         self.suppressed += count - 1
         if count == 1:
-            return AuditEntry(self.actor, "receipt_rejected", gathered.subject, f"node {node_id}: {gathered.reason}")
+            [(receipt_id, reason)] = gathered.samples
+            return AuditEntry(self.actor, "receipt_rejected", receipt_id, f"node {node_id}: {reason}")
+        named = "; ".join(f"{receipt_id or '-'}: {reason}" for receipt_id, reason in gathered.samples)
         detail = (
             f"node {node_id}: {gathered.rejected} receipts rejected and {gathered.dropped} dropped "
-            f"(signed for other nodes, or more than asked for) since its last audit event; "
-            f"the first, {gathered.subject or 'unnamed'}: {gathered.reason}"
+            f"(for other nodes, or more than asked for) since its last audit event; "
+            f"the first {len(gathered.samples)}: {named}"
         )
         return AuditEntry(self.actor, "receipts_rejected", node_id, detail)

@@ -95,7 +95,8 @@ def test_rejections_become_one_audit_event_per_node_per_interval() -> None:
     [gathered] = digest.due()
     assert (gathered.action, gathered.subject) == ("receipts_rejected", "n1")
     assert "500 receipts rejected and 5300 dropped" in gathered.detail
-    assert "the first, x0: receipt x0 is signed for node 'ghost'" in gathered.detail
+    assert "the first 10: x0: receipt x0 is signed for node 'ghost': dropped; x1: " in gathered.detail
+    assert "x9: " in gathered.detail and "x10" not in gathered.detail
     assert (digest.written, digest.suppressed) == (3, 5800 - 1)
     assert digest.due() == []
 
