@@ -151,6 +151,11 @@ class RejectionDigest:
             else:
                 gathered.rejected += count
 
+    @property
+    def gathering(self) -> bool:
+        """Whether any rejection waits for its event."""
+        return bool(self._gathered)
+
     def due(self) -> list[AuditEntry]:
         """Events whose node's interval is over (a node's first is due at once); they count as written."""
         now = self._clock()

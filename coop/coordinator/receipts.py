@@ -181,7 +181,8 @@ class ReceiptCollector:
 
     async def _start_round(self) -> list[asyncio.Task[Settlement]]:
         await asyncio.to_thread(self.flush_observations)
-        await asyncio.to_thread(self.write_audit)  # rejections of nodes that are not polled any more
+        if self.digest.gathering:  # rejections of nodes in backoff, or gone, whose interval is over
+            await asyncio.to_thread(self.write_audit)
         nodes = {node.node_id: node for node in self._nodes()}
         by_institution: defaultdict[str, set[str]] = defaultdict(set)
         for node in nodes.values():
