@@ -85,6 +85,13 @@ class CoordinatorSettings(BaseSettings):
     max_active_sessions: int = Field(default=32, gt=0)
     # how often receipts are collected from nodes
     receipt_interval_s: float = Field(default=2.0, gt=0)
+    # -- what one node can make receipt collection spend (coop.coordinator.receipts) --
+    receipt_poll_budget_s: float = Field(default=5.0, gt=0)  # one node's poll, all calls; then cut off
+    receipt_max_concurrent_polls: int = Field(default=16, gt=0)  # nodes polled at once
+    receipt_batch: int = Field(default=200, gt=0)  # receipts asked of a node per call; more are dropped
+    # rejected receipts of one node are audited at most once per interval, as one event with a count
+    receipt_audit_interval_s: float = Field(default=60.0, gt=0)
+    receipt_max_backoff_rounds: int = Field(default=32, gt=0)  # a junk or slow node is skipped up to this
     # an SDK session (the chain relay) idle this long is closed, giving back its KV caches and slots
     session_idle_timeout_s: float = Field(default=DEFAULT_SESSION_IDLE_TIMEOUT_S, gt=0)
     # -- what one HTTP client can make the coordinator hold or spend (coop.coordinator.limits) --

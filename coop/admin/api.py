@@ -28,6 +28,7 @@ from coop.admin.protocol import (
     InstitutionOut,
     NodeOut,
     OverviewOut,
+    ReceiptCollectionOut,
     ReceiptPageOut,
 )
 from coop.admin.queries import AuditFilter, ReceiptFilter, as_utc
@@ -88,6 +89,13 @@ def api_router(ctx: AdminContext, auth: AdminAuth, openapi: Callable[[], dict[st
     ) -> ReceiptPageOut:
         """Newest first; `institution` matches the provider or the consumer; since/until bound the end time."""
         return views.receipt_page(ctx, filters, page=page, per_page=per_page)
+
+    @router.get("/receipt-collection")
+    def receipt_collection(who: Identity) -> ReceiptCollectionOut:
+        """Per node: receipts booked, rejected, dropped; polls timed out or backed off; audit events suppressed."""
+        if ctx.receipt_collection is None:
+            raise NotFound("this coordinator collects no receipts")
+        return ReceiptCollectionOut.model_validate(ctx.receipt_collection())
 
     @router.get("/audit")
     def audit(

@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from coop.admin.auth import SignInThrottle
 from coop.ledger.fairshare import FairShare
@@ -138,6 +138,7 @@ class AdminContext:
     # requests the coordinator's API refused since it started, by error code (`Rejections.snapshot`)
     rejections: Callable[[], Mapping[str, int]] | None = None
     sign_in: SignInThrottle = field(default_factory=SignInThrottle)  # wrong admin tokens, per client
+    receipt_collection: Callable[[], Mapping[str, Any]] | None = None  # the collector's counters
 
     @classmethod
     def for_coordinator(
@@ -150,6 +151,7 @@ class AdminContext:
         *,
         rejections: Callable[[], Mapping[str, int]] | None = None,
         sign_in: SignInThrottle | None = None,
+        receipt_collection: Callable[[], Mapping[str, Any]] | None = None,
     ) -> AdminContext:
         """The view of a coordinator that keeps accounts (`coop coordinator start --member ... --pool-dir ...`).
 
@@ -164,4 +166,5 @@ class AdminContext:
             token_samples=CounterRate(tokens_served).samples,
             rejections=rejections,
             sign_in=sign_in or SignInThrottle(),
+            receipt_collection=receipt_collection,
         )

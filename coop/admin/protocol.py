@@ -31,6 +31,28 @@ class NodeOut(BaseModel):
     credits_delivered: float = 0.0
 
 
+class NodeReceiptsOut(BaseModel):
+    """How collecting one node's receipts went (`coop.coordinator.receipt_watch.NodeTally`)."""
+
+    node_id: str
+    polls: int
+    booked: int
+    rejected: int  # failed a check
+    dropped: int  # signed for a node that is not listed, or more than asked for
+    deferred: int  # a listed sibling's, left for the sibling's own poll
+    pending: int  # in the last poll: sessions not written down yet
+    timeouts: int
+    errors: int
+    skipped: int  # rounds skipped in backoff
+    backoff_rounds: int  # rounds skipped after each poll now
+
+
+class ReceiptCollectionOut(BaseModel):
+    nodes: list[NodeReceiptsOut]
+    audit_events_written: int  # rejections audited: at most one event per node per interval
+    audit_events_suppressed: int  # rejections counted in another one's event instead of their own
+
+
 class RatePoint(BaseModel):
     seconds_ago: float
     tokens_per_s: float

@@ -88,7 +88,19 @@ class Accounting:
             booked_for=ledger.booked_for,
             revoked_since=lambda name: revoked_since(revocations.names, revocations.issued_at, name),
         )
-        collector = ReceiptCollector(ledger, checker, metering, channels, nodes, interval_s=settings.receipt_interval_s)
+        collector = ReceiptCollector(
+            ledger,
+            checker,
+            metering,
+            channels,
+            nodes,
+            interval_s=settings.receipt_interval_s,
+            batch=settings.receipt_batch,
+            poll_budget_s=settings.receipt_poll_budget_s,
+            max_concurrent_polls=settings.receipt_max_concurrent_polls,
+            audit_interval_s=settings.receipt_audit_interval_s,
+            max_backoff_rounds=settings.receipt_max_backoff_rounds,
+        )
         accounting = cls(ledger, fair_share, metering, access, collector)
         accounting._tasks = (
             asyncio.create_task(collector.run()),
@@ -105,4 +117,5 @@ class Accounting:
                 await task
         with contextlib.suppress(Exception):
             await asyncio.to_thread(self.collector.flush_observations)
+        await asyncio.to_thread(self.collector.close)
         await asyncio.to_thread(self.ledger.close)

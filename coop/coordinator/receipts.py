@@ -5,39 +5,92 @@ every `interval_s` the collector asks each node it can see for the receipts of s
 coordinator opened. Before each round it writes down what it saw (the observations receipts are
 checked against). A receipt is acknowledged only after its booking committed, so a crash at any
 point leaves it in the node's outbox, to be booked (exactly once, by id) on the next round.
+
+No node can hold up another's bookings: each round starts one poll per node (none for a node whose
+last poll is still running), at most `max_concurrent_polls` at a time, and does not wait for them;
+a poll's calls share a time budget (`poll_budget_s`). Nodes come only from the swarm view, which
+in a pool lists only validly signed announcements of unrevoked members: nothing else is dialled.
+A node answers for itself only: a receipt signed for another node is not booked from its answer
+(a listed sibling's is left for the sibling's own poll: an institution's nodes may share an
+outbox). Rejections are audited per node and interval, and junk backs the node off
+(`coop.coordinator.receipt_watch`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
+import threading
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import grpc
 
 from coop.coordinator.metering import Metering
-from coop.errors import CoopError, ReceiptPending, ReceiptRejected
+from coop.coordinator.receipt_watch import (
+    AUDIT_INTERVAL_S,
+    MAX_BACKOFF_ROUNDS,
+    PollOutcome,
+    PollSchedule,
+    RejectionDigest,
+)
+from coop.errors import CoopError, InvalidInput, ReceiptPending, ReceiptRejected
 from coop.ledger.booking import ReceiptChecker
 from coop.ledger.store import Booking, Ledger
+from coop.receipts import ReceiptBody
 from coop.swarm.announcement import NodeAnnouncement
-from coop.wire.channels import ChannelPool
 from coop.wire.generated import coop_pb2 as pb
 from coop.wire.receipts import receipt_from_proto
 
 log = logging.getLogger(__name__)
 
 CALL_TIMEOUT_S = 10.0
+ACK_MIN_TIMEOUT_S = 1.0  # an acknowledgement after a booking gets this much even past the budget
+POLL_BUDGET_S = 5.0  # one node's poll in one round, all its calls together
+MAX_CONCURRENT_POLLS = 16
 MAX_BATCHES_PER_NODE = 10  # per round, so that one node cannot keep the collector to itself
+BATCH = 200
+
+
+class Stubs(Protocol):
+    """Where node stubs come from (a `ChannelPool`; a fake in tests): the collector calls Receipts and AckReceipts."""
+
+    def stub(self, endpoint: str, institution: str, node_id: str) -> Any: ...
 
 
 @dataclass
 class Settlement:
-    """The outcome of one batch from one node."""
+    """The outcome of one batch (or of all batches of a poll, or of a round) from nodes."""
 
     booked: list[str] = field(default_factory=list)  # booked now, or found already booked
     rejected: list[str] = field(default_factory=list)
     pending: int = 0
+    dropped: int = 0
+    deferred: int = 0
+    timed_out: bool = False
+    failed: bool = False
+
+    def add(self, other: Settlement) -> None:
+        self.booked += other.booked
+        self.rejected += other.rejected
+        self.pending += other.pending
+        self.dropped += other.dropped
+        self.deferred += other.deferred
+        self.timed_out |= other.timed_out
+        self.failed |= other.failed
+
+    @property
+    def junk(self) -> int:
+        return len(self.rejected) + self.dropped
+
+    def outcome(self) -> PollOutcome:
+        return PollOutcome(
+            len(self.booked), len(self.rejected), self.dropped, self.deferred, self.pending, self.timed_out, self.failed
+        )
 
 
 class ReceiptCollector:
@@ -46,11 +99,15 @@ class ReceiptCollector:
         ledger: Ledger,
         checker: ReceiptChecker,
         metering: Metering,
-        channels: Callable[[], ChannelPool],
+        channels: Callable[[], Stubs],
         nodes: Callable[[], Sequence[NodeAnnouncement]],
         *,
         interval_s: float = 2.0,
-        batch: int = 200,
+        batch: int = BATCH,
+        poll_budget_s: float = POLL_BUDGET_S,
+        max_concurrent_polls: int = MAX_CONCURRENT_POLLS,
+        audit_interval_s: float = AUDIT_INTERVAL_S,
+        max_backoff_rounds: int = MAX_BACKOFF_ROUNDS,
     ) -> None:
         self.ledger = ledger
         self.checker = checker
@@ -59,14 +116,27 @@ class ReceiptCollector:
         self._nodes = nodes
         self.interval_s = interval_s
         self.batch = batch
+        self.poll_budget_s = poll_budget_s
+        self.max_concurrent_polls = max_concurrent_polls
+        self.schedule = PollSchedule(max_backoff_rounds)
+        self.digest = RejectionDigest(f"coordinator:{checker.coordinator}", audit_interval_s)
+        self._polls: dict[str, asyncio.Task[Settlement]] = {}  # node id -> its poll in progress
+        self._slots: asyncio.Semaphore | None = None  # made on the event loop that polls
+        self._writing = threading.Lock()  # one booking thread writes at a time
 
     async def run(self) -> None:
-        while True:
-            try:
-                await self.collect_once()
-            except CoopError as exc:  # e.g. the database is down: try again next round
-                log.warning("receipt collection failed: %s", exc)
-            await asyncio.sleep(self.interval_s)
+        try:
+            while True:
+                try:
+                    await self._start_round()
+                except CoopError as exc:  # e.g. the database is down: try again next round
+                    log.warning("receipt collection failed: %s", exc)
+                await asyncio.sleep(self.interval_s)
+        finally:
+            polls = list(self._polls.values())
+            for task in polls:
+                task.cancel()
+            await asyncio.gather(*polls, return_exceptions=True)
 
     async def write_observations(self) -> None:
         """Write down what was seen as soon as a session ends: a crash then loses (almost) nothing."""
@@ -79,22 +149,19 @@ class ReceiptCollector:
                 await asyncio.sleep(self.interval_s)
 
     async def collect_once(self) -> Settlement:
-        await asyncio.to_thread(self.flush_observations)
+        """One round, awaited to the end of its last poll (`run` never waits for a poll)."""
         total = Settlement()
-        for node in self._nodes():
-            try:
-                for _ in range(MAX_BATCHES_PER_NODE):
-                    settled = await self._collect_from(node)
-                    total.booked += settled.booked
-                    total.rejected += settled.rejected
-                    total.pending += settled.pending
-                    if len(settled.booked) + len(settled.rejected) < self.batch:
-                        break  # drained (or only pending ones left)
-            except grpc.aio.AioRpcError as exc:
-                log.info("no receipts from node %s this round: %s", node.node_id, exc.code().name)
-            except Exception:  # one node's trouble (or one bad batch) must not stop collection for the rest
-                log.exception("collecting receipts from node %s failed; next round retries", node.node_id)
+        for settled in await asyncio.gather(*await self._start_round()):
+            total.add(settled)
         return total
+
+    def stats(self) -> dict[str, Any]:
+        """The collection's counters, as the admin view's JSON API shows them."""
+        return {
+            "nodes": [{"node_id": n, **vars(t)} for n, t in sorted(self.schedule.snapshot().items())],
+            "audit_events_written": self.digest.written,
+            "audit_events_suppressed": self.digest.suppressed,
+        }
 
     def flush_observations(self) -> None:
         rows = self.metering.drain()
@@ -104,26 +171,107 @@ class ReceiptCollector:
             self.metering.put_back(rows)
             raise
 
-    async def _collect_from(self, node: NodeAnnouncement) -> Settlement:
+    def write_audit(self, *, everything: bool = False) -> None:
+        """The due audit events (`everything`: all gathered, when stopping), in one transaction."""
+        with self._writing:
+            entries = self.digest.drain() if everything else self.digest.due()
+            for entry in entries:
+                log.warning("%s %s: %s", entry.action.replace("_", " "), entry.subject, entry.detail)
+            self.ledger.record_many(entries)
+
+    async def _start_round(self) -> list[asyncio.Task[Settlement]]:
+        await asyncio.to_thread(self.flush_observations)
+        if self.digest.gathering:  # rejections of nodes in backoff, or gone, whose interval is over
+            await asyncio.to_thread(self.write_audit)
+        nodes = {node.node_id: node for node in self._nodes()}
+        by_institution: defaultdict[str, set[str]] = defaultdict(set)
+        for node in nodes.values():
+            by_institution[node.institution].add(node.node_id)
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.max_concurrent_polls)
+        started = []
+        for node_id in self.schedule.due(n for n in nodes if n not in self._polls):
+            node = nodes[node_id]
+            siblings = frozenset(by_institution[node.institution] - {node_id})
+            task = asyncio.create_task(self._poll(node, siblings, self._slots))
+            self._polls[node_id] = task
+            task.add_done_callback(functools.partial(self._poll_done, node_id))
+            started.append(task)
+        return started
+
+    def _poll_done(self, node_id: str, task: asyncio.Task[Settlement]) -> None:
+        if self._polls.get(node_id) is task:
+            del self._polls[node_id]
+
+    async def _poll(self, node: NodeAnnouncement, siblings: frozenset[str], slots: asyncio.Semaphore) -> Settlement:
+        total = Settlement()
+        async with slots:
+            deadline = asyncio.get_running_loop().time() + self.poll_budget_s
+            try:
+                for _ in range(MAX_BATCHES_PER_NODE):
+                    settled = await self._collect_from(node, siblings, deadline)
+                    total.add(settled)
+                    handled = len(settled.booked) + len(settled.rejected) + settled.deferred
+                    if settled.junk or handled < self.batch:
+                        break  # drained (or only pending ones left), or junk: no second helping
+            except TimeoutError:
+                total.timed_out = True
+                log.info("node %s did not answer for receipts within %.1f s", node.node_id, self.poll_budget_s)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    total.timed_out = True
+                else:
+                    total.failed = True
+                log.info("no receipts from node %s this round: %s", node.node_id, exc.code().name)
+            except Exception:  # one node's trouble (or one bad batch) must not stop collection for the rest
+                total.failed = True
+                log.exception("collecting receipts from node %s failed; next round retries", node.node_id)
+        self.schedule.polled(node.node_id, total.outcome())
+        return total
+
+    async def _collect_from(self, node: NodeAnnouncement, siblings: frozenset[str], deadline: float) -> Settlement:
+        loop = asyncio.get_running_loop()
+        left = deadline - loop.time()
+        if left <= 0:
+            return Settlement()
         stub = self._channels().stub(node.endpoint, node.institution, node.node_id)
-        batch = await stub.Receipts(pb.ReceiptsRequest(limit=self.batch), timeout=CALL_TIMEOUT_S)
+        batch = await stub.Receipts(pb.ReceiptsRequest(limit=self.batch), timeout=min(CALL_TIMEOUT_S, left))
         if not batch.receipts:
             return Settlement()
-        settled = await asyncio.to_thread(self.settle, batch.receipts)
+        settled = await asyncio.to_thread(self.settle, batch.receipts, node.node_id, siblings)
         if settled.booked or settled.rejected:
             ack = pb.ReceiptAck(booked=settled.booked, rejected=settled.rejected)
-            await stub.AckReceipts(ack, timeout=CALL_TIMEOUT_S)
+            timeout = min(CALL_TIMEOUT_S, max(deadline - loop.time(), ACK_MIN_TIMEOUT_S))
+            await stub.AckReceipts(ack, timeout=timeout)
         return settled
 
-    def settle(self, receipts: Sequence[pb.SignedReceipt]) -> Settlement:
-        """Check and book one batch; rejections become audit events."""
+    def settle(
+        self, receipts: Sequence[pb.SignedReceipt], node_id: str, siblings: frozenset[str] = frozenset()
+    ) -> Settlement:
+        """Check and book one batch from node `node_id`; rejections go to the audit digest."""
         settled = Settlement()
+        if len(receipts) > self.batch:
+            excess = len(receipts) - self.batch
+            reason = f"sent {len(receipts)} receipts when asked for {self.batch}: the last {excess} were dropped"
+            self.digest.add(node_id, "", reason, dropped=True, count=excess)
+            settled.dropped += excess
+            receipts = receipts[: self.batch]
         bookings: list[Booking] = []
         billed: dict[tuple[str, str], str] = {}  # (session, node) -> receipt id, within this batch
         for receipt in receipts:
-            signed = receipt_from_proto(receipt)
+            claimed = _parsed(receipt.body)  # unchecked, for the cheap tests first (None: the checks reject it)
+            if claimed is not None and claimed.node_id != node_id:
+                if claimed.node_id in siblings:
+                    settled.deferred += 1
+                else:
+                    reason = f"receipt {claimed.receipt_id} is for node {claimed.node_id!r}: dropped"
+                    self.digest.add(node_id, claimed.receipt_id, reason, dropped=True)
+                    settled.dropped += 1
+                continue
             try:
-                booking = self.checker.check(signed)
+                if claimed is not None and claimed.receipt_id != receipt.receipt_id:
+                    raise ReceiptRejected(f"receipt {claimed.receipt_id} was sent as {receipt.receipt_id[:128]!r}")
+                booking = self.checker.check(receipt_from_proto(receipt))
                 key = (booking.body.session_id, booking.body.node_id)
                 if billed.setdefault(key, booking.body.receipt_id) != booking.body.receipt_id:
                     raise ReceiptRejected(f"receipt {booking.body.receipt_id}: a second bill for session {key[0]}")
@@ -131,15 +279,24 @@ class ReceiptCollector:
                 settled.pending += 1
                 continue
             except ReceiptRejected as exc:
-                log.warning("rejected a receipt: %s", exc)
-                actor = f"coordinator:{self.checker.coordinator}"
-                self.ledger.record(actor, "receipt_rejected", subject=receipt.receipt_id, detail=str(exc))
-                settled.rejected.append(receipt.receipt_id)
-                continue
-            if booking.body.receipt_id != receipt.receipt_id:
+                self.digest.add(node_id, receipt.receipt_id[:128], str(exc))
                 settled.rejected.append(receipt.receipt_id)
                 continue
             bookings.append(booking)
-        self.ledger.book(bookings)  # idempotent: ids booked before are skipped
+        with self._writing:
+            self.ledger.book(bookings)  # idempotent: ids booked before are skipped
+        self.write_audit()
         settled.booked = [b.body.receipt_id for b in bookings]
         return settled
+
+    def close(self) -> None:
+        """Write every audit event still gathered (the coordinator is stopping)."""
+        with contextlib.suppress(CoopError):
+            self.write_audit(everything=True)
+
+
+def _parsed(body: bytes) -> ReceiptBody | None:
+    try:
+        return ReceiptBody.from_bytes(body)
+    except (InvalidInput, TypeError):
+        return None

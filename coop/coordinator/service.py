@@ -147,6 +147,7 @@ async def run_coordinator(settings: CoordinatorSettings) -> None:
                 swarm,
                 rejections=app.state.rejections.snapshot,
                 sign_in=SignInThrottle(settings.admin_sign_in_burst, settings.admin_sign_in_refill_s),
+                receipt_collection=accounting.collector.stats,
             )
             mount_admin(app, admin)
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning")

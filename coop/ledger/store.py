@@ -73,6 +73,16 @@ class Booking:
 
 
 @dataclass(frozen=True)
+class AuditEntry:
+    """An audit event to append (`Ledger.record_many` writes many in one transaction)."""
+
+    actor: str
+    action: str  # past tense: "receipt_rejected", "credits_granted", ...
+    subject: str = ""
+    detail: str = ""
+
+
+@dataclass(frozen=True)
 class Balance:
     institution: str
     balance_flops: int
@@ -233,8 +243,15 @@ class Ledger:
 
     def record(self, actor: str, action: str, subject: str = "", detail: str = "") -> None:
         """Append an audit event."""
+        self.record_many([AuditEntry(actor, action, subject, detail)])
+
+    def record_many(self, entries: Sequence[AuditEntry]) -> None:
+        """Append audit events in one transaction: one commit (one fsync on SQLite) however many there are."""
+        if not entries:
+            return
+        now = utcnow()
         with self._transaction() as session:
-            session.add(AuditEvent(actor=actor, action=action, subject=subject[:200], detail=detail[:4000]))
+            session.execute(insert(_AUDIT), [_audit_row(entry, now) for entry in entries])
 
     def observe(self, observations: Sequence[Observation]) -> None:
         """Store what the coordinator saw nodes do; a receipt may claim no more than this."""
@@ -480,13 +497,13 @@ def _posting(
 
 
 def _capped_event(b: Booking, at: dt.datetime) -> dict[str, Any]:
-    return {
-        "at": at,
-        "actor": f"coordinator:{b.body.coordinator}"[:128],
-        "action": "receipt_capped",
-        "subject": b.body.receipt_id,
-        "detail": b.capped[:4000],
-    }
+    entry = AuditEntry(f"coordinator:{b.body.coordinator}", "receipt_capped", b.body.receipt_id, b.capped)
+    return _audit_row(entry, at)
+
+
+def _audit_row(e: AuditEntry, at: dt.datetime) -> dict[str, Any]:
+    lengths = {"actor": 128, "action": 64, "subject": 200, "detail": 4000}  # the columns' sizes
+    return {"at": at, **{name: getattr(e, name)[:size] for name, size in lengths.items()}}
 
 
 def _receipt_row(b: Booking, booked_at: dt.datetime) -> dict[str, Any]:

@@ -1,11 +1,16 @@
 """The coordinator's live view of the swarm: which nodes serve the model, how fast we measured them,
 and how busy we keep them.
 
-Nodes come from the DHT directory, re-read every `refresh_s`. A node that just failed one of our
-sessions is held back as a suspect for a while, so new requests avoid it before its DHT record
-expires. A route counts as our load on its nodes from the moment it is chosen until its chain
-releases it, so requests that arrive together spread out instead of all taking the route that
-was cheapest before any of them opened.
+Nodes come from the DHT directory, re-read every `refresh_s`, and in a pool only those whose
+announcement `validator` accepts (signed by a member's node certificate, unrevoked): this list is
+the only source of endpoints the coordinator dials (its pings here, its receipt polls and routes
+through `live_nodes`), so an endpoint nobody in the pool vouched for is never dialled. The
+validator is a required argument: None is development mode, which has no signatures to check.
+
+A node that just failed one of our sessions is held back as a suspect for a while, so new requests
+avoid it before its DHT record expires. A route counts as our load on its nodes from the moment it
+is chosen until its chain releases it, so requests that arrive together spread out instead of all
+taking the route that was cheapest before any of them opened.
 """
 
 from __future__ import annotations
@@ -39,13 +44,14 @@ class SwarmView:
         pool_id: str,
         model_hash: str,
         num_blocks: int,
+        validator: Callable[[NodeAnnouncement], bool] | None,
         refresh_s: float = 1.0,
-        validator: Callable[[NodeAnnouncement], bool] | None = None,
         revoked: Callable[[], frozenset[str]] = frozenset,
         ping: Ping | None = None,
     ) -> None:
-        """`validator` drops records not signed by the pool; `revoked` names revoked institutions;
-        `ping` measures a node's round-trip time in seconds (routes then weigh measured RTTs)."""
+        """`validator` drops records not signed by the pool (None: development mode); `revoked` names
+        revoked institutions; `ping` measures a node's round-trip time in seconds (routes then weigh
+        measured RTTs)."""
         self.validator = validator
         self.ping = ping
         self.measurements = Measurements()

@@ -304,7 +304,7 @@ def test_attack_8_a_revoked_providers_later_receipt_is_not_paid(books: Books) ->
             for body in (before, after)
         ]
 
-        settled = collector.settle(batch)
+        settled = collector.settle(batch, "delta-1")
 
         assert (settled.booked, settled.rejected) == ([before.receipt_id], [after.receipt_id])
         delta_balance = ledger.balance("Delta")

@@ -20,7 +20,7 @@ from tests.unit.test_admin_data import REVOKED, XSS_NAME, AdminPool, build_admin
 PAGES = ["/admin", "/admin/", "/admin/institutions", "/admin/institutions/beta-lab", "/admin/nodes"]
 PAGES += ["/admin/receipts", "/admin/receipts.csv", "/admin/audit", "/admin/audit.csv"]
 API_GETS = ["/admin/api/overview", "/admin/api/institutions", "/admin/api/institutions/beta-lab"]
-API_GETS += ["/admin/api/nodes", "/admin/api/receipts", "/admin/api/audit"]
+API_GETS += ["/admin/api/nodes", "/admin/api/receipts", "/admin/api/audit", "/admin/api/receipt-collection"]
 FORMS = ["/admin/grants", "/admin/keys", "/admin/keys/revoke", "/admin/logout"]
 API_POSTS = ["/admin/api/grants", "/admin/api/keys", "/admin/api/keys/revoke"]
 
@@ -274,6 +274,7 @@ def test_the_json_api_is_in_the_openapi_schema_and_the_pages_are_not(app: FastAP
         "/admin/api/nodes",
         "/admin/api/receipts",
         "/admin/api/audit",
+        "/admin/api/receipt-collection",
         "/admin/api/grants",
         "/admin/api/keys",
         "/admin/api/keys/revoke",

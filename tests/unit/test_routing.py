@@ -94,7 +94,8 @@ class _FixedDirectory:
 
 
 def _view(nodes: list[NodeAnnouncement], ping: Ping | None = None) -> SwarmView:
-    return SwarmView(_FixedDirectory(nodes), pool_id="p", model_hash="m", num_blocks=NUM_BLOCKS, ping=ping)  # type: ignore[arg-type]
+    directory = _FixedDirectory(nodes)
+    return SwarmView(directory, pool_id="p", model_hash="m", num_blocks=NUM_BLOCKS, validator=None, ping=ping)  # type: ignore[arg-type]
 
 
 def test_measured_rtt_steers_routes_to_the_nearer_replica() -> None:
