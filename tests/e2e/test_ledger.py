@@ -148,7 +148,8 @@ def test_altered_receipts_are_rejected_and_audited(books: BooksPool) -> None:
     genuine = _fresh_receipt(books, "Something to sign.")
     ledger = books.ledger
     body = ReceiptBody.from_bytes(genuine.body)
-    alpha, beta = (MemberBundle.load(books.bundles[name]) for name in ("Alpha", "Beta"))
+    # the nodes' own keys: signed by a member certificate, every receipt would fail one check alone
+    alpha, beta = (MemberBundle.load(books.bundles[name]).credentials(body.node_id) for name in ("Alpha", "Beta"))
     span_flops = books.manifest.span_flops_per_token(0, 2)
 
     def variant(**changes: object) -> ReceiptBody:
@@ -161,7 +162,7 @@ def test_altered_receipts_are_rejected_and_audited(books: BooksPool) -> None:
     doc["prefill_tokens"] += 10
     doc["flops"] += 10 * span_flops
     forged = SignedReceipt(
-        json.dumps(doc, sort_keys=True, separators=(",", ":")).encode(), inflated.signature, alpha.cert_pem
+        json.dumps(doc, sort_keys=True, separators=(",", ":")).encode(), inflated.signature, alpha.chain_pem
     )
     wrong_institution = sign_receipt(alpha, variant(institution="Beta"))
     borrowed_cert = sign_receipt(beta, variant())  # credits Alpha, signed by Beta
