@@ -13,6 +13,11 @@ Abuses (one context manager each, in ABUSES; add one there to add an abuse):
                  is answered with thousands of junk receipts, every other one only after 30 s.
   junk-http      clients without a valid key send the coordinator large bodies, malformed JSON,
                  wrong keys, schema and admin sign-in requests, as fast as it answers.
+  heavy-requests Mallory's valid API key sends, as fast as it is answered and as many at once as the
+                 key may: 100,000 stop strings, a 3 MB prompt, max_tokens past the context.
+  kv-pin         Mallory's API key opens SDK relay sessions of the longest length the pool allows, so
+                 that every node reserves their KV caches, and leaves them idle (re-opening each one
+                 the coordinator closes).
 
     .venv/bin/python bench/abuse_soak.py [--duration 180] [--streams 8] [--tokens 32]
                                          [--abuses receipt-flood,junk-http]
@@ -46,6 +51,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get
 
 from coop import launcher  # noqa: E402
 from coop.launcher import LocalPool  # noqa: E402
+from coop.model.manifest import Manifest  # noqa: E402
 from coop.model.prepare import prepare  # noqa: E402
 from coop.pool.registry import add_member, create_api_key, create_pool  # noqa: E402
 
@@ -63,7 +69,10 @@ class Soak:
     pool_dir: Path
     bundles: dict[str, Path]
     key: str  # Gamma's: the honest clients'
+    abuser_key: str  # Mallory's
     admin_token: str
+    model_hash: str
+    max_length: int  # the longest session the pool allows
 
     def admin_get(self, path: str) -> Any:
         headers = {"Authorization": f"Bearer {self.admin_token}"}
@@ -115,37 +124,72 @@ def junk_http(soak: Soak, report: dict[str, Any]) -> Iterator[None]:
         lambda c: c.get(f"{url}/openapi.json"),
         lambda c: c.post(f"{url}/admin/login", data={"token": "not-the-admin-token", "csrf_token": "x"}),
     ]
+    with _hammering(lambda http, i: junk[i % len(junk)](http), JUNK_HTTP_THREADS, report):
+        yield
+
+
+@contextmanager
+def heavy_requests(soak: Soak, report: dict[str, Any]) -> Iterator[None]:
+    """Requests a valid key may send, each as expensive as an abuser can make it."""
+    url, headers = f"{soak.pool.url}/v1/chat/completions", {"Authorization": f"Bearer {soak.abuser_key}"}
+    question = [{"role": "user", "content": "hi"}]
+    bodies: list[dict[str, Any]] = [
+        {"messages": question, "stop": [f"stop-{i}" for i in range(100_000)], "max_tokens": 8},
+        {"messages": [{"role": "user", "content": "x " * (3 << 19)}], "max_tokens": 8},
+        {"messages": question, "max_tokens": 10**7},
+    ]
+    with _hammering(lambda http, i: http.post(url, json=bodies[i % len(bodies)], headers=headers), 8, report):
+        yield
+
+
+@contextmanager
+def kv_pin(soak: Soak, report: dict[str, Any]) -> Iterator[None]:
+    """Idle relay sessions as long as allowed: each makes every node of its route reserve a KV cache."""
+    url, headers = f"{soak.pool.url}/v1/coop/sessions", {"Authorization": f"Bearer {soak.abuser_key}"}
+    body = {"max_length": soak.max_length, "model_hash": soak.model_hash}
+    with _hammering(lambda http, _: http.post(url, json=body, headers=headers), 1, report, pause_s=1.0):
+        yield
+
+
+@contextmanager
+def _hammering(
+    call: Callable[[httpx.Client, int], httpx.Response], threads: int, report: dict[str, Any], pause_s: float = 0.0
+) -> Iterator[None]:
+    """`threads` clients making `call` until the block ends; the report counts the answers by status."""
     stop = threading.Event()
     statuses: Counter[str] = Counter()
     lock = threading.Lock()
 
     def client() -> None:
-        with httpx.Client(timeout=60) as http:
-            index = 0
-            while not stop.is_set():
+        with httpx.Client(timeout=120) as http:
+            for index in itertools.count():
+                if stop.is_set():
+                    return
                 try:
-                    status = str(junk[index % len(junk)](http).status_code)
+                    status = str(call(http, index).status_code)
                 except httpx.HTTPError as exc:
                     status = type(exc).__name__
                 with lock:
                     statuses[status] += 1
-                index += 1
+                stop.wait(pause_s)
 
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(JUNK_HTTP_THREADS)]
-    for thread in threads:
-        thread.start()
+    workers = [threading.Thread(target=client, daemon=True) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
     try:
         yield
     finally:
         stop.set()
-        for thread in threads:
-            thread.join(timeout=60)
+        for worker in workers:
+            worker.join(timeout=120)
         report["responses"] = dict(statuses)
 
 
 ABUSES: dict[str, Callable[[Soak, dict[str, Any]], Any]] = {
     "receipt-flood": receipt_flood,
     "junk-http": junk_http,
+    "heavy-requests": heavy_requests,
+    "kv-pin": kv_pin,
 }
 
 
@@ -225,9 +269,11 @@ def start_pool(directory: Path) -> Soak:
     assert info.admin_token is not None
     bundles = {name: add_member(pool_dir, name) for name in ("Alpha", "Beta", "Mallory", "Gamma")}
     bundles["Coord"] = add_member(pool_dir, "Coord", role="coordinator")
-    key = create_api_key(pool_dir, "Gamma")
+    key, abuser_key = create_api_key(pool_dir, "Gamma"), create_api_key(pool_dir, "Mallory")
     pool = LocalPool(str(MODEL_DIR))
-    soak = Soak(pool, pool_dir, bundles, key, info.admin_token)
+    manifest = Manifest.load(MODEL_DIR)
+    max_length = min(info.limits.max_tokens_per_request, int(manifest.config.get("max_position_embeddings", 2048)))
+    soak = Soak(pool, pool_dir, bundles, key, abuser_key, info.admin_token, manifest.content_hash, max_length)
     pool.start_dht(member=bundles["Coord"])
     pool.start_nodes(SPANS, {name: bundles[owner] for name, owner in OWNERS.items()})
     pool.start_coordinator(member=bundles["Coord"], api_keys=pool_dir / "api_keys.json",
