@@ -50,6 +50,7 @@ sys.path.insert(0, str(REPO))  # for tests.adversarial.flooding_node
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
 
 from coop import launcher  # noqa: E402
+from coop.config import CoordinatorSettings  # noqa: E402
 from coop.launcher import LocalPool  # noqa: E402
 from coop.model.manifest import Manifest  # noqa: E402
 from coop.model.prepare import prepare  # noqa: E402
@@ -272,7 +273,7 @@ def start_pool(directory: Path) -> Soak:
     key, abuser_key = create_api_key(pool_dir, "Gamma"), create_api_key(pool_dir, "Mallory")
     pool = LocalPool(str(MODEL_DIR))
     manifest = Manifest.load(MODEL_DIR)
-    max_length = min(info.limits.max_tokens_per_request, int(manifest.config.get("max_position_embeddings", 2048)))
+    max_length = min(info.limits.max_tokens_per_request, CoordinatorSettings.model_fields["max_context"].default)
     soak = Soak(pool, pool_dir, bundles, key, abuser_key, info.admin_token, manifest.content_hash, max_length)
     pool.start_dht(member=bundles["Coord"])
     pool.start_nodes(SPANS, {name: bundles[owner] for name, owner in OWNERS.items()})
