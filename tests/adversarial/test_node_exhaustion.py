@@ -118,7 +118,8 @@ class RawCoordinator:
             options=[*GRPC_OPTIONS, ("grpc.ssl_target_name_override", name)],
         )
         self.stub = coop_pb2_grpc.NodeStub(self.channel)
-        self.streams: list[queue.Queue[pb.SessionControl | None]] = []
+        # every stream Rogue opened, kept: a stream that is dropped ends its session
+        self.streams: list[tuple[queue.Queue[pb.SessionControl | None], Iterator[pb.SessionEvent]]] = []
 
     def open(
         self, session_id: str, max_length: int, span: tuple[int, int]
@@ -129,11 +130,11 @@ class RawCoordinator:
         )
         controls.put(pb.SessionControl(open=opening))
         events = self.stub.Session(iter(controls.get, None), timeout=300)
-        self.streams.append(controls)
+        self.streams.append((controls, events))
         return next(events), events
 
     def close(self) -> None:
-        for controls in self.streams:
+        for controls, _ in self.streams:
             controls.put(None)
         self.channel.close()
 

@@ -19,8 +19,15 @@ import pytest
 import torch
 
 from coop.cli.node import status_rows
-from coop.errors import ContextLengthExceeded
+from coop.errors import (
+    ContextLengthExceeded,
+    CoopError,
+    InFlightLimitExceeded,
+    PeerCacheLimitExceeded,
+    SessionDropped,
+)
 from coop.model.engine import SpanEngine
+from coop.wire.errors import error_from_proto, error_to_proto
 from coop.wire.generated import coop_pb2 as pb
 from coop.wire.generated import coop_pb2_grpc
 from coop.wire.tensors import tensor_from_proto
@@ -281,3 +288,19 @@ def test_a_step_being_pushed_no_longer_takes_room(engine: SpanEngine) -> None:
         server.stop(0)
     assert not ack.HasField("error"), ack.error.message
     assert pushing.counters.pushes_sent == 0 and pushing.steps_in_flight >= 1
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (PeerCacheLimitExceeded("coordinator 'Rogue'", 4096, 8192, 10_000), pb.PEER_CACHE_LIMIT_EXCEEDED),
+        (InFlightLimitExceeded("session s already has 4 steps in flight"), pb.IN_FLIGHT_LIMIT_EXCEEDED),
+        (SessionDropped("session s had no step for 300 s"), pb.SESSION_DROPPED),
+        (ContextLengthExceeded("max_length 9,999 is beyond this model's context"), pb.CONTEXT_LENGTH_EXCEEDED),
+    ],
+    ids=lambda value: type(value).__name__,
+)
+def test_the_limits_errors_keep_their_type_across_the_wire(error: CoopError, code: int) -> None:
+    message = error_to_proto(error)
+    back = error_from_proto(pb.Error.FromString(message.SerializeToString()))
+    assert (message.code, type(back), str(back)) == (code, type(error), str(error))
