@@ -84,11 +84,8 @@ class PeerBudgets:
         self.limited[setting] += 1
         return error
 
-    def held(self, peer: str) -> Held:
-        return self._held.get(peer) or Held()
-
     def take_session(self, peer: str, cache_bytes: int) -> None:
-        held = self._held.setdefault(peer, Held())
+        held = self._held.get(peer) or Held()
         if held.sessions >= self.limits.max_sessions_per_peer:
             raise self.refuse(
                 "max_sessions_per_peer",
@@ -103,6 +100,7 @@ class PeerBudgets:
             )
         held.sessions += 1
         held.cache_bytes += cache_bytes
+        self._held[peer] = held
 
     def give_cache(self, peer: str, cache_bytes: int) -> None:
         """The session's cache is freed; it counts as open until its stream ends (give_session)."""
@@ -114,7 +112,7 @@ class PeerBudgets:
         self._forget_if_idle(peer, held)
 
     def take_step(self, peer: str, step_bytes: int) -> None:
-        held = self._held.setdefault(peer, Held())
+        held = self._held.get(peer) or Held()
         if held.steps >= self.limits.max_steps_in_flight_per_peer:
             raise self.refuse(
                 "max_steps_in_flight_per_peer",
@@ -134,6 +132,7 @@ class PeerBudgets:
             )
         held.steps += 1
         held.bytes += step_bytes
+        self._held[peer] = held
 
     def give_step(self, peer: str, step_bytes: int) -> None:
         held = self._held[peer]
@@ -142,11 +141,11 @@ class PeerBudgets:
 
     def take_result(self, peer: str, event_bytes: int) -> bool:
         """Hold a result for `peer` to read; False if that would exceed its bytes in flight."""
-        held = self._held.setdefault(peer, Held())
+        held = self._held.get(peer) or Held()
         if held.bytes + event_bytes > self.limits.max_in_flight_bytes_per_peer:
-            self._forget_if_idle(peer, held)
             return False
         held.bytes += event_bytes
+        self._held[peer] = held
         return True
 
     def give_bytes(self, peer: str, n_bytes: int) -> None:

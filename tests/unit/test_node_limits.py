@@ -27,11 +27,12 @@ from coop.errors import (
     SessionDropped,
 )
 from coop.model.engine import SpanEngine
+from coop.node.limits import PeerBudgets
 from coop.wire.errors import error_from_proto, error_to_proto
 from coop.wire.generated import coop_pb2 as pb
 from coop.wire.generated import coop_pb2_grpc
 from coop.wire.tensors import tensor_from_proto
-from tests.node_harness import NODE_ID, NodeInThread, channel, open_session, refused_open, step
+from tests.node_harness import NODE_ID, NodeInThread, channel, node_limits, open_session, refused_open, step
 from tests.waiting import wait_for
 
 HIDDEN = 64
@@ -304,3 +305,25 @@ def test_the_limits_errors_keep_their_type_across_the_wire(error: CoopError, cod
     message = error_to_proto(error)
     back = error_from_proto(pb.Error.FromString(message.SerializeToString()))
     assert (message.code, type(back), str(back)) == (code, type(error), str(error))
+
+
+def test_budgets_give_back_all_they_take() -> None:
+    budgets = PeerBudgets(node_limits(max_sessions_per_peer=2, max_in_flight_bytes_per_peer=100), 400)
+    assert budgets.cache_bytes_per_peer == 100  # a quarter of the budget
+    budgets.take_session("p", 60)
+    with pytest.raises(PeerCacheLimitExceeded):
+        budgets.take_session("p", 41)
+    budgets.take_session("q", 100)  # another peer has its own share
+    budgets.take_step("q", 70)
+    with pytest.raises(InFlightLimitExceeded):
+        budgets.take_step("q", 31)
+    assert not budgets.take_result("q", 31)  # a result that does not fit closes its session instead
+    budgets.give_step("q", 70)
+    assert budgets.take_result("q", 31)
+    assert (budgets.steps_in_flight, budgets.bytes_in_flight) == (0, 31)
+    budgets.give_bytes("q", 31)
+    for peer, cache_bytes in (("p", 60), ("q", 100)):
+        budgets.give_cache(peer, cache_bytes)
+        budgets.give_session(peer)
+    assert budgets._held == {}
+    assert budgets.limited == {"max_cache_bytes_per_peer": 1, "max_in_flight_bytes_per_peer": 1}
