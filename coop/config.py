@@ -35,11 +35,6 @@ class NodeSettings(BaseSettings):
     institution: str = "local"
     node_id: str = ""  # default: a random id per start
     device: str = "auto"
-    cache_budget_bytes: int = Field(default=2 << 30, gt=0)
-    max_sessions_per_peer: int = Field(default=128, gt=0)
-    # KV-cache bytes one peer may reserve on this node; 0 = the whole cache budget
-    max_cache_bytes_per_peer: int = Field(default=0, ge=0)
-    idle_timeout_s: float = Field(default=300.0, gt=0)
     # a node that dies drops out of routes within this many seconds
     announce_ttl_s: float = Field(default=9.0, gt=1.0)
     # the institution's member bundle (`coop member add`): mutual TLS and signed announcements.
@@ -47,6 +42,25 @@ class NodeSettings(BaseSettings):
     member_bundle: Path | None = None
     # signed receipts wait here until a coordinator books them (default: <member_bundle>.outbox.db)
     outbox_path: Path | None = None
+
+    # -- limits: what one peer can make this node hold (README, "Limits"; `coop node status`) --
+    # bytes of KV cache all sessions together may reserve (each reserves max_length tokens' worth)
+    cache_budget_bytes: int = Field(default=2 << 30, gt=0)
+    # share of cache_budget_bytes one peer (a coordinator) may reserve ...
+    max_cache_fraction_per_peer: float = Field(default=0.25, gt=0, le=1)
+    # ... or exactly this many bytes, when not 0
+    max_cache_bytes_per_peer: int = Field(default=0, ge=0)
+    max_sessions_per_peer: int = Field(default=128, gt=0)
+    # a session with no step for this long is closed by the node and its cache freed
+    idle_timeout_s: float = Field(default=300.0, gt=0)
+    # hidden-state bytes of the steps one caller may have accepted here and not yet run and pushed
+    max_in_flight_bytes_per_peer: int = Field(default=256 << 20, gt=0)
+    max_steps_in_flight_per_peer: int = Field(default=256, gt=0)
+    max_steps_in_flight_per_session: int = Field(default=4, gt=0)
+    # results and failures held for a session's coordinator; one that lets more pile up loses the session
+    max_events_per_session: int = Field(default=16, gt=0)
+    # gRPC channels to other nodes kept open; beyond, the least recently used idle one is closed
+    max_channels: int = Field(default=64, gt=0)
 
     def resolved_outbox_path(self) -> Path | None:
         if self.outbox_path is not None:

@@ -8,13 +8,17 @@
     ├── SpanOutOfRange             blocks [start, end) do not fit the model
     ├── SessionError
     │   ├── UnknownSession
+    │   │   └── SessionDropped     the node closed the session itself: idle, or its events unread
     │   ├── SessionExists
     │   ├── SessionLimitExceeded   a step beyond the length the session was opened with
+    │   │   └── InFlightLimitExceeded  too many steps (or bytes of steps) held for a peer or session
     │   ├── CacheBudgetExceeded    not enough KV-cache budget left on this engine
+    │   │   └── PeerCacheLimitExceeded  one peer's share of a node's KV-cache budget is spent
     │   └── ReplayUnavailable      (SDK) a failed session cannot be rebuilt: earlier tokens unknown
     ├── InvalidInput               input from a client or a peer that fails validation
     │   ├── InvalidTensor          wrong dtype, shape or non-finite values
     │   ├── InvalidPositions       positions that skip or rewind
+    │   ├── ContextLengthExceeded  a session longer than the model's context
     │   ├── RequestError           (HTTP API) a request refused with its own status and OpenAI code
     │   │   ├── RequestTooLarge    (HTTP API) a body over the coordinator's size limit (413)
     │   │   └── RequestLimitExceeded  (HTTP API) too many stop strings, messages, characters or tokens (400)
@@ -258,3 +262,32 @@ class SignInThrottled(CoopError):
     def __init__(self, message: str, *, retry_after_s: float = 0.0) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class ContextLengthExceeded(InvalidInput):
+    """A session asked for more tokens than the model's context (its max position embeddings)."""
+
+
+class PeerCacheLimitExceeded(CacheBudgetExceeded):
+    """One peer's share of a node's KV-cache budget is spent; the node may have room for others."""
+
+    def __init__(self, peer: str, requested_bytes: int, held_bytes: int, limit_bytes: int) -> None:
+        SessionError.__init__(
+            self,
+            f"{peer} already holds {held_bytes:,} bytes of KV cache on this node and this session needs "
+            f"{requested_bytes:,} more, beyond the {limit_bytes:,} bytes one peer may hold; close idle "
+            "sessions or ask for a shorter max_length (the node's operator sets the share with "
+            "COOP_NODE_MAX_CACHE_FRACTION_PER_PEER or COOP_NODE_MAX_CACHE_BYTES_PER_PEER)",
+        )
+        self.requested_bytes = requested_bytes
+        self.free_bytes = max(limit_bytes - held_bytes, 0)
+        self.budget_bytes = limit_bytes
+
+
+class InFlightLimitExceeded(SessionLimitExceeded):
+    """A node already holds as many steps, or bytes of steps, from this peer or session as it takes at once."""
+
+
+class SessionDropped(UnknownSession):
+    """The node closed the session itself, freeing its cache: idle past the node's timeout, or its
+    coordinator left its events unread."""

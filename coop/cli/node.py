@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import uuid
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
 from coop.cli.console import console, plain
 from coop.cli.options import MemberOption, ModelOption, PeersOption
+
+if TYPE_CHECKING:
+    from coop.wire.generated import coop_pb2 as pb
 
 node_app = typer.Typer(no_args_is_help=True, help="Run and inspect node daemons.")
 dht_app = typer.Typer(no_args_is_help=True, help="Run a DHT bootstrap peer.")
@@ -88,15 +91,46 @@ def node_status(
     security = membership.channel_security()
     info = node_info(endpoint, security, institution=institution or membership.institution, node_id=node_id)
     table = Table(title=plain(f"node {info.node_id} at {endpoint}"), show_header=False)
-    for key, value in [
+    for key, value in status_rows(info):
+        table.add_row(key, value)
+    console.print(table)
+
+
+def status_rows(info: pb.NodeInfo) -> list[tuple[str, str]]:
+    """What `coop node status` shows: the span, the load, and every limit with the times it was hit."""
+    limits = info.limits
+    limited = ", ".join(f"{name} {count}" for name, count in sorted(info.counters.limited.items())) or "none"
+    return [
         ("blocks", f"{info.start}:{info.end}"),
         ("model hash", info.model_hash[:16]),
         ("throughput", f"{info.throughput_tps:.1f} tokens/s"),
-        ("free cache", f"{info.free_cache_bytes / 2**20:.0f} MiB"),
-        ("active sessions", str(info.active_sessions)),
+        ("active sessions", f"{info.active_sessions} (at most {limits.sessions_per_peer} per peer)"),
+        (
+            "KV cache",
+            f"{_size(info.reserved_cache_bytes)} reserved, {_size(info.used_cache_bytes)} used, "
+            f"{_size(info.free_cache_bytes)} free of {_size(limits.cache_budget_bytes)} "
+            f"(at most {_size(limits.cache_bytes_per_peer)} per peer, {limits.max_length} tokens per session)",
+        ),
+        (
+            "steps in flight",
+            f"{info.steps_in_flight} ({_size(info.in_flight_bytes)}), {info.queued_steps} waiting for the engine "
+            f"(at most {limits.steps_in_flight_per_peer} and {_size(limits.in_flight_bytes_per_peer)} per peer, "
+            f"{limits.steps_in_flight_per_session} per session)",
+        ),
+        (
+            "sessions",
+            f"closed after {limits.idle_timeout_s:g} s idle or {limits.events_per_session} unread events",
+        ),
+        ("open channels", f"{info.open_channels} (at most {limits.channels})"),
+        ("limits hit", limited),
         ("steps run", str(info.counters.steps_run)),
         ("pushes sent", str(info.counters.pushes_sent)),
         ("results sent", str(info.counters.results_sent)),
-    ]:
-        table.add_row(key, value)
-    console.print(table)
+    ]
+
+
+def _size(n_bytes: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.1f} {unit}"
+    return f"{n_bytes} B"

@@ -63,6 +63,11 @@ ERROR_TABLE: dict[type[BaseException], tuple[int, str, str]] = {
     errors.ReceiptPending: (503, _UNAVAILABLE, "receipt_pending"),
     # another coordinator's answer, should this one ever call one
     errors.ApiError: (502, _SERVER, "upstream_error"),
+    # a node's limits (issue 12): capacity, a session the node closed, a session beyond the model's context
+    errors.PeerCacheLimitExceeded: (503, _UNAVAILABLE, "capacity_exceeded"),
+    errors.InFlightLimitExceeded: (503, _UNAVAILABLE, "capacity_exceeded"),
+    errors.SessionDropped: (502, _SERVER, "unknown_session"),
+    errors.ContextLengthExceeded: (400, _BAD_REQUEST, "context_length_exceeded"),
 }
 
 

@@ -52,7 +52,7 @@ class RemoteBackend:
         self.swarm = swarm
         self.settings = settings
         self.model_name = client.manifest.name
-        self.max_context = settings.max_context
+        self.max_context = min(settings.max_context, client.manifest.context_length)  # nodes refuse more
         self._channels: ChannelPool | None = None
 
     @property

@@ -5,9 +5,9 @@ Each session owns a KV cache for the hosted blocks only. The cache is a transfor
 the model's own mask helpers then size their masks from the first *hosted* block, so a span does
 not need to start at block 0.
 
-Sessions reserve their worst-case cache size (max_length tokens) when they open, against a
-budget for the whole engine; an open that does not fit is refused up front rather than failing
-mid-generation.
+Sessions reserve their worst-case cache size (max_length tokens, at most the model's context)
+when they open, against a budget for the whole engine; an open that does not fit is refused up
+front rather than failing mid-generation.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from transformers.cache_utils import DummyLayer
 
 from coop.errors import (
     CacheBudgetExceeded,
+    ContextLengthExceeded,
     InvalidPositions,
     InvalidTensor,
     SessionExists,
@@ -84,6 +85,7 @@ class SpanEngine:
         self._sessions_lock = threading.Lock()
         self._compute_lock = threading.Lock()
         self.bytes_per_token_per_block = self._cache_bytes_per_token()
+        self.context_length = manifest.context_length
         self._layers = decoder_layers(span_model, manifest.num_blocks)
         self._hosted_layers = {i: self._layers[i] for i in range(start, end)}
 
@@ -133,6 +135,12 @@ class SpanEngine:
         return max(0, self.cache_budget_bytes - self.reserved_bytes)
 
     @property
+    def used_cache_bytes(self) -> int:
+        """KV-cache bytes the open sessions' tokens fill (at most what they reserved)."""
+        with self._sessions_lock:
+            return sum(s.length * self.bytes_per_token_per_block * (s.end - s.start) for s in self._sessions.values())
+
+    @property
     def session_count(self) -> int:
         return len(self._sessions)
 
@@ -173,8 +181,7 @@ class SpanEngine:
         end = self.end if end is None else end
         if not self.start <= start < end <= self.end:
             raise SpanOutOfRange(f"blocks {start}:{end} are not within this engine's span {self.start}:{self.end}")
-        if max_length <= 0:
-            raise SessionLimitExceeded(f"max_length must be positive, got {max_length}")
+        self.check_max_length(max_length)
         session_id = session_id or uuid.uuid4().hex
         self.evict_idle()
         needed = self.reservation_bytes(max_length, start, end)
@@ -188,6 +195,15 @@ class SpanEngine:
                 session_id, self._new_cache(start, end), max_length, needed, start, end
             )
         return session_id
+
+    def check_max_length(self, max_length: int) -> None:
+        if max_length <= 0:
+            raise SessionLimitExceeded(f"max_length must be positive, got {max_length}")
+        if max_length > self.context_length:
+            raise ContextLengthExceeded(
+                f"max_length {max_length:,} is beyond this model's context of {self.context_length:,} tokens; "
+                f"open sessions of at most {self.context_length:,}"
+            )
 
     def close_session(self, session_id: str) -> None:
         with self._sessions_lock:

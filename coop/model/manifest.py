@@ -26,6 +26,7 @@ from coop.errors import ModelNotFound, ModelStoreError
 MANIFEST_FILE = "manifest.json"
 CLIENT_FILE = "client.safetensors"
 FORMAT_VERSION = 1
+DEFAULT_CONTEXT_LENGTH = 2048
 
 
 def block_file(index: int) -> str:
@@ -72,6 +73,12 @@ class Manifest(BaseModel):
     files: dict[str, str]  # relative path -> sha256, every file but manifest.json
     content_hash: str
     source: SourceInfo
+
+    @property
+    def context_length(self) -> int:
+        """The most positions a session may hold: the model's trained context (2048 if its config is silent)."""
+        text = self.config.get("text_config") or self.config
+        return int(text.get("max_position_embeddings") or DEFAULT_CONTEXT_LENGTH)
 
     @property
     def total_flops_per_token(self) -> int:

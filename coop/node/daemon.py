@@ -22,6 +22,7 @@ from coop.config import NodeSettings
 from coop.errors import InvalidInput
 from coop.model.engine import SpanEngine
 from coop.model.manifest import Manifest
+from coop.node.limits import NodeLimits
 from coop.node.metering import ReceiptWriter
 from coop.node.outbox import Outbox
 from coop.node.service import NodeService
@@ -127,8 +128,7 @@ async def run_node(settings: NodeSettings) -> None:
             throughput_tps=throughput,
             security=membership.channel_security(),
             authorize=membership.authorize,
-            max_sessions_per_peer=settings.max_sessions_per_peer,
-            max_cache_bytes_per_peer=settings.max_cache_bytes_per_peer or None,
+            limits=NodeLimits.from_settings(settings),
             receipts=receipts,
         )
         server = grpc.aio.server(options=GRPC_OPTIONS)

@@ -6,15 +6,22 @@ worker thread, then pushes the output to the next hop, or, on the last node, sen
 coordinator as a `result` event on the session's stream: one network hop per node per token.
 Anything that goes wrong after the ack is reported as a `failed` event on that stream, so one
 session's trouble never reaches another session.
+
+What a peer can make the node hold is bounded (coop/node/limits.py): sessions and KV cache per
+coordinator, steps and their bytes per caller, a step no larger than its session's room left, a
+few unread events per session, in bytes against the coordinator's budget. A session idle past
+`idle_timeout_s`, or whose coordinator lets its events pile up, is closed by the node, which frees
+its cache at once. (Its stream ends once the coordinator reads to the failure at its end; until
+then it counts as one of that coordinator's sessions, so unread streams stay bounded too.)
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import math
 import re
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,17 +31,22 @@ import torch
 
 from coop.errors import (
     CacheBudgetExceeded,
+    ContextLengthExceeded,
     CoopError,
+    InFlightLimitExceeded,
     InvalidInput,
     PeerError,
+    SessionDropped,
     SessionLimitExceeded,
     SpanOutOfRange,
     Unauthorized,
     UnknownSession,
 )
 from coop.model.engine import SpanEngine
+from coop.node.limits import NodeLimits, PeerBudgets
 from coop.node.metering import ReceiptWriter, SessionMeter
 from coop.node.scheduling import PriorityGate
+from coop.node.sessions import LiveSession, held_bytes
 from coop.pool.ca import ROLE_COORDINATOR, ROLE_NODE, verify_signature
 from coop.pool.identity import Identity
 from coop.wire.channels import ChannelPool, ChannelSecurity
@@ -48,10 +60,8 @@ from coop.wire.tensors import tensor_from_proto, tensor_to_proto
 log = logging.getLogger(__name__)
 
 PUSH_TIMEOUT_S = 30.0
-DEFAULT_MAX_SESSIONS_PER_PEER = 128
-# Steps of one session come one at a time from an honest coordinator; a few more allow for replays.
-MAX_STEPS_IN_FLIGHT_PER_SESSION = 4
 OPEN_TIMEOUT_S = 10.0
+MAX_REAP_INTERVAL_S = 5.0
 _SESSION_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 
 
@@ -70,41 +80,35 @@ class NodeService(coop_pb2_grpc.NodeServicer):
         node_id: str,
         institution: str = "",
         throughput_tps: float,
+        limits: NodeLimits,
         security: ChannelSecurity | None = None,
         authorize: Callable[[grpc.aio.ServicerContext], Identity | None] | None = None,
-        max_sessions_per_peer: int = DEFAULT_MAX_SESSIONS_PER_PEER,
-        max_cache_bytes_per_peer: int | None = None,
         receipts: ReceiptWriter | None = None,
     ) -> None:
-        """`security`: how to reach the next hop. `authorize`: vets every caller (raises Unauthorized)
-        and names it; None means development mode, where nobody is checked. `max_sessions_per_peer`,
-        `max_cache_bytes_per_peer` (default: the
-        whole cache budget): so that one peer cannot take every session or all of the KV cache.
-        `receipts`: signs a receipt for every session into the outbox (None in development mode)."""
+        """`limits`: what one peer may make this node hold. `security`: how to reach the next hop.
+        `authorize`: vets every caller (raises Unauthorized) and names it; None means development
+        mode, where nobody is checked. `receipts`: signs a receipt for every session into the
+        outbox (None in development mode)."""
         self.engine = engine
         self.node_id = node_id
         self.institution = institution
         self.throughput_tps = throughput_tps
+        self.limits = limits
         self.counters = Counters()
         self._authorize = authorize or (lambda context: None)
-        self.max_sessions_per_peer = max_sessions_per_peer
-        self.max_cache_bytes_per_peer = max_cache_bytes_per_peer or engine.cache_budget_bytes
-        self._sessions_by_peer: collections.Counter[str] = collections.Counter()
-        self._cache_by_peer: collections.Counter[str] = collections.Counter()
-        self._in_flight: collections.Counter[str] = collections.Counter()
-        self._events: dict[str, asyncio.Queue[pb.SessionEvent | None]] = {}
-        self._meters: dict[str, SessionMeter] = {}
-        self._openers: dict[str, Identity] = {}  # session -> the coordinator that opened it
-        self._routes: dict[str, tuple[bytes, bytes, list[pb.Hop]]] = {}  # last verified route per session
+        self._budgets = PeerBudgets(limits, engine.cache_budget_bytes)
+        self._token_bytes = engine.hidden_size * torch.empty((), dtype=engine.dtype).element_size()
+        self._sessions: dict[str, LiveSession] = {}
         self._receipts = receipts
         self._gate = PriorityGate()
-        self._channels = ChannelPool(security)
+        self._channels = ChannelPool(security, max_channels=limits.max_channels)
         # Steps are serialised by the engine anyway; one worker keeps the event loop free.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coop-compute")
         self._tasks: set[asyncio.Task[None]] = set()
+        self._reaper: asyncio.Task[None] | None = None
 
     async def close(self) -> None:
-        for task in list(self._tasks):
+        for task in [*self._tasks, *([self._reaper] if self._reaper else [])]:
             task.cancel()
         await self._channels.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -116,6 +120,7 @@ class NodeService(coop_pb2_grpc.NodeServicer):
             self._authorize(context)
         except CoopError as exc:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        limits = self.limits
         return pb.NodeInfo(
             node_id=self.node_id,
             model_hash=self.engine.manifest.content_hash,
@@ -128,6 +133,25 @@ class NodeService(coop_pb2_grpc.NodeServicer):
                 steps_run=self.counters.steps_run,
                 pushes_sent=self.counters.pushes_sent,
                 results_sent=self.counters.results_sent,
+                limited=dict(self._budgets.limited),
+            ),
+            reserved_cache_bytes=self.engine.reserved_bytes,
+            used_cache_bytes=self.engine.used_cache_bytes,
+            steps_in_flight=self._budgets.steps_in_flight,
+            in_flight_bytes=self._budgets.bytes_in_flight,
+            queued_steps=self._gate.queued,
+            open_channels=len(self._channels),
+            limits=pb.NodeInfo.Limits(
+                cache_budget_bytes=self.engine.cache_budget_bytes,
+                cache_bytes_per_peer=self._budgets.cache_bytes_per_peer,
+                sessions_per_peer=limits.max_sessions_per_peer,
+                max_length=self.engine.context_length,
+                in_flight_bytes_per_peer=limits.max_in_flight_bytes_per_peer,
+                steps_in_flight_per_peer=limits.max_steps_in_flight_per_peer,
+                steps_in_flight_per_session=limits.max_steps_in_flight_per_session,
+                events_per_session=limits.max_events_per_session,
+                idle_timeout_s=limits.idle_timeout_s,
+                channels=limits.max_channels,
             ),
         )
 
@@ -140,37 +164,135 @@ class NodeService(coop_pb2_grpc.NodeServicer):
             opener = self._authorize(context)
             if opener is not None:
                 opener.require(ROLE_COORDINATOR)
-            peer = opener.institution if opener is not None else _peer_host(context)
             first = await asyncio.wait_for(anext(request_iterator), OPEN_TIMEOUT_S)
-            session_id, reserved = self._open(first, peer, secure=opener is not None)
-            priority = first.open.priority if math.isfinite(first.open.priority) else 0.0
-            meter = SessionMeter(first.open.start, first.open.end, peer, min(max(priority, 0.0), 1.0))
+            live = self._open(first, opener, context)
         except (CoopError, StopAsyncIteration, TimeoutError) as exc:
             error = exc if isinstance(exc, CoopError) else InvalidInput("the session stream must start with open")
             yield pb.SessionEvent(failed=pb.SessionEvent.Failed(step_id=0, error=error_to_proto(error)))
             return
-        queue: asyncio.Queue[pb.SessionEvent | None] = asyncio.Queue()
-        self._events[session_id] = queue
-        self._meters[session_id] = meter
-        if opener is not None:
-            self._openers[session_id] = opener
-        self._sessions_by_peer[peer] += 1
-        self._cache_by_peer[peer] += reserved
-        watcher = asyncio.create_task(self._watch_controls(request_iterator, queue))
+        watcher = asyncio.create_task(self._watch_controls(request_iterator, live))
         try:
-            yield pb.SessionEvent(opened=pb.SessionEvent.Opened(session_id=session_id, cache_bytes=reserved))
-            while (event := await queue.get()) is not None:
-                yield event
+            yield pb.SessionEvent(
+                opened=pb.SessionEvent.Opened(session_id=live.session_id, cache_bytes=live.reserved_bytes)
+            )
+            while (event := await live.events.get()) is not None:
+                try:
+                    yield event
+                finally:  # handed to gRPC (or the stream is gone): no longer ours to hold
+                    self._budgets.give_bytes(live.peer, held_bytes(event))
         finally:
             watcher.cancel()
-            self._sessions_by_peer[peer] -= 1
-            self._cache_by_peer[peer] -= reserved
-            self._events.pop(session_id, None)
-            self._meters.pop(session_id, None)
-            self._openers.pop(session_id, None)
-            self._routes.pop(session_id, None)
-            self.engine.evict(session_id)
-            self._write_receipt(session_id, meter)
+            self._free(live)
+            self._budgets.give_session(live.peer)
+
+    def _open(
+        self, control: pb.SessionControl, opener: Identity | None, context: grpc.aio.ServicerContext
+    ) -> LiveSession:
+        """Open the session the first control message asks for, within the opener's budget.
+
+        Everything is checked and taken with no await in between, so that streams opened side by
+        side cannot all slip under a limit.
+        """
+        if control.WhichOneof("kind") != "open":
+            raise InvalidInput("the session stream must start with open")
+        request = control.open
+        if opener is not None and request.node_id != self.node_id:
+            raise Unauthorized(f"this is node {self.node_id!r}, not {request.node_id!r}: check the directory")
+        if not _SESSION_ID.match(request.session_id):
+            raise InvalidInput("session_id must be 1-128 characters of [A-Za-z0-9_.:-]")
+        if request.session_id in self._sessions:
+            raise InvalidInput(f"session {request.session_id} is already open on this node")
+        if not self.engine.start <= request.start < request.end <= self.engine.end:
+            raise SpanOutOfRange(
+                f"this node serves blocks {self.engine.start}:{self.engine.end}, not {request.start}:{request.end}"
+            )
+        try:
+            self.engine.check_max_length(request.max_length)
+        except ContextLengthExceeded as exc:
+            raise self._budgets.refuse("context_length", exc) from None
+        peer = _peer_name(opener, context)
+        reserved = self.engine.reservation_bytes(request.max_length, request.start, request.end)
+        self._budgets.take_session(peer, reserved)
+        try:
+            self.engine.open_session(
+                request.session_id, max_length=request.max_length, start=request.start, end=request.end
+            )
+        except BaseException as exc:
+            self._budgets.give_cache(peer, reserved)
+            self._budgets.give_session(peer)
+            if isinstance(exc, CacheBudgetExceeded):
+                raise self._budgets.refuse("cache_budget_bytes", exc) from None
+            raise
+        priority = request.priority if math.isfinite(request.priority) else 0.0
+        coordinator = opener.institution if opener is not None else _peer_host(context)
+        live = LiveSession(
+            session_id=request.session_id,
+            peer=peer,
+            reserved_bytes=reserved,
+            room_bytes=request.max_length * self._token_bytes,
+            meter=SessionMeter(request.start, request.end, coordinator, min(max(priority, 0.0), 1.0)),
+            opener=opener,
+        )
+        self._sessions[live.session_id] = live
+        if self._reaper is None:
+            self._reaper = asyncio.create_task(self._reap_idle())
+        return live
+
+    def _free(self, live: LiveSession) -> None:
+        """Free what the session holds, once: its cache, its unread events; and write its receipt."""
+        if live.closed:
+            return
+        live.closed = True
+        if self._sessions.get(live.session_id) is live:
+            del self._sessions[live.session_id]
+        self._budgets.give_cache(live.peer, live.reserved_bytes)
+        self._budgets.give_bytes(live.peer, live.discard_events())
+        self.engine.evict(live.session_id)
+        self._write_receipt(live.session_id, live.meter)
+
+    def _drop(self, live: LiveSession, setting: str, error: SessionDropped) -> None:
+        """Close a session on the node's own initiative: free it now, and end its stream with why."""
+        if live.closed:
+            return
+        log.info("closing session %s of %s: %s", live.session_id, live.peer, error)
+        self._budgets.refuse(setting, error)
+        self._free(live)
+        failed = pb.SessionEvent.Failed(session_id=live.session_id, step_id=0, error=error_to_proto(error))
+        live.events.put_nowait(pb.SessionEvent(failed=failed))  # held by no budget: one small event, once
+        live.events.put_nowait(None)
+
+    def _emit(self, live: LiveSession, event: pb.SessionEvent) -> None:
+        """Queue an event for the session's coordinator, or close the session if it leaves too many unread."""
+        if live.closed:
+            return
+        unread = live.events.qsize()
+        if unread >= self.limits.max_events_per_session:
+            setting, why = "max_events_per_session", f"{unread} events"
+        elif not self._budgets.take_result(live.peer, held_bytes(event)):
+            setting, why = (
+                "max_in_flight_bytes_per_peer",
+                f"more than {self.limits.max_in_flight_bytes_per_peer:,} bytes",
+            )
+        else:
+            live.events.put_nowait(event)
+            return
+        message = (
+            f"the coordinator of session {live.session_id} left {why} unread, the limit; the node closed the session"
+        )
+        self._drop(live, setting, SessionDropped(message))
+
+    async def _reap_idle(self) -> None:
+        """Close the sessions that had no step for idle_timeout_s, so an idle stream cannot pin cache."""
+        timeout_s = self.limits.idle_timeout_s
+        while True:
+            await asyncio.sleep(min(timeout_s / 4, MAX_REAP_INTERVAL_S))
+            deadline = time.monotonic() - timeout_s
+            for live in [s for s in self._sessions.values() if s.idle_since(deadline)]:
+                error = SessionDropped(
+                    f"session {live.session_id} had no step for {timeout_s:g} s; the node closed it and freed its "
+                    f"{live.reserved_bytes:,} bytes of KV cache"
+                )
+                self._drop(live, "idle_timeout_s", error)
 
     def _write_receipt(self, session_id: str, meter: SessionMeter) -> None:
         if self._receipts is None:
@@ -180,41 +302,7 @@ class NodeService(coop_pb2_grpc.NodeServicer):
         except Exception:  # the session is over either way; losing one receipt must not crash the node
             log.exception("could not write the receipt of session %s", session_id)
 
-    def _open(self, control: pb.SessionControl, peer: str, *, secure: bool) -> tuple[str, int]:
-        """Open the session the first control message asks for; returns its id and reserved cache bytes."""
-        if control.WhichOneof("kind") != "open":
-            raise InvalidInput("the session stream must start with open")
-        request = control.open
-        if secure and request.node_id != self.node_id:
-            raise Unauthorized(f"this is node {self.node_id!r}, not {request.node_id!r}: check the directory")
-        if not _SESSION_ID.match(request.session_id):
-            raise InvalidInput("session_id must be 1-128 characters of [A-Za-z0-9_.:-]")
-        if request.session_id in self._events:
-            raise InvalidInput(f"session {request.session_id} is already open on this node")
-        if not self.engine.start <= request.start < request.end <= self.engine.end:
-            raise SpanOutOfRange(
-                f"this node serves blocks {self.engine.start}:{self.engine.end}, not {request.start}:{request.end}"
-            )
-        # Checked here, with no await before the caller counts the session in, so that streams
-        # opened side by side cannot all slip under the limit.
-        if self._sessions_by_peer[peer] >= self.max_sessions_per_peer:
-            raise SessionLimitExceeded(
-                f"{peer} already has {self.max_sessions_per_peer} sessions open on this node, the limit per peer"
-            )
-        reserved = self.engine.reservation_bytes(request.max_length, request.start, request.end)
-        used = self._cache_by_peer[peer]
-        if used + reserved > self.max_cache_bytes_per_peer:
-            raise CacheBudgetExceeded(
-                reserved, max(self.max_cache_bytes_per_peer - used, 0), self.max_cache_bytes_per_peer
-            )
-        self.engine.open_session(
-            request.session_id, max_length=request.max_length, start=request.start, end=request.end
-        )
-        return request.session_id, reserved
-
-    async def _watch_controls(
-        self, request_iterator: AsyncIterator[pb.SessionControl], queue: asyncio.Queue[pb.SessionEvent | None]
-    ) -> None:
+    async def _watch_controls(self, request_iterator: AsyncIterator[pb.SessionControl], live: LiveSession) -> None:
         """End the session on Close, on the end of the stream, or when the coordinator vanishes."""
         try:
             async for control in request_iterator:
@@ -223,42 +311,65 @@ class NodeService(coop_pb2_grpc.NodeServicer):
         except (grpc.aio.AioRpcError, asyncio.CancelledError):
             pass
         finally:
-            queue.put_nowait(None)
+            if not live.closed:  # a dropped session's stream already ends after its failure
+                live.events.put_nowait(None)
 
     # -- Forward ----------------------------------------------------------------------------
 
     async def Forward(self, request: pb.StepRequest, context: grpc.aio.ServicerContext) -> pb.StepAck:
         try:
             caller = self._authorize(context)
-            queue, hidden, next_hops = self._accept(request, caller)
+            peer = _peer_name(caller, context)
+            live, hidden, next_hops = self._accept(request, caller, peer)
         except CoopError as exc:
             return pb.StepAck(error=error_to_proto(exc))
-        self._in_flight[request.session_id] += 1
-        task = asyncio.create_task(self._run_step(request, hidden, next_hops, queue))
+        task = asyncio.create_task(self._run_step(request, hidden, next_hops, live, peer))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return pb.StepAck()
 
     def _accept(
-        self, request: pb.StepRequest, caller: Identity | None
-    ) -> tuple[asyncio.Queue[pb.SessionEvent | None], torch.Tensor, list[pb.Hop]]:
-        queue = self._events.get(request.session_id)
-        if queue is None:
+        self, request: pb.StepRequest, caller: Identity | None, peer: str
+    ) -> tuple[LiveSession, torch.Tensor, list[pb.Hop]]:
+        """Check a step and take its place in the budgets (before its tensor is decoded)."""
+        live = self._sessions.get(request.session_id)
+        if live is None:
             raise UnknownSession(f"no session {request.session_id} is open on node {self.node_id}")
-        next_hops = self._route_after_me(request, caller)
-        hidden = tensor_from_proto(
-            request.hidden,
-            expected_dtype=self.engine.dtype,
-            expected_shape=(1, None, self.engine.hidden_size),
-            name="hidden states",
-        )
-        if self._in_flight[request.session_id] >= MAX_STEPS_IN_FLIGHT_PER_SESSION:
-            raise SessionLimitExceeded(
-                f"session {request.session_id} already has {MAX_STEPS_IN_FLIGHT_PER_SESSION} steps in flight"
+        next_hops = self._route_after_me(request, caller, live)
+        step_bytes = len(request.hidden.data)
+        if step_bytes > live.room_left_bytes:
+            raise self._budgets.refuse(
+                "max_length",
+                SessionLimitExceeded(
+                    f"a step of {step_bytes:,} bytes does not fit session {request.session_id}: its max_length "
+                    f"leaves room for {max(live.room_left_bytes, 0):,} more bytes of hidden states "
+                    f"({max(live.room_left_bytes, 0) // self._token_bytes} tokens)"
+                ),
             )
-        return queue, hidden, next_hops
+        if live.steps_in_flight >= self.limits.max_steps_in_flight_per_session:
+            raise self._budgets.refuse(
+                "max_steps_in_flight_per_session",
+                InFlightLimitExceeded(
+                    f"session {request.session_id} already has {live.steps_in_flight} steps in flight, the limit"
+                ),
+            )
+        self._budgets.take_step(peer, step_bytes)
+        try:
+            hidden = tensor_from_proto(
+                request.hidden,
+                expected_dtype=self.engine.dtype,
+                expected_shape=(1, None, self.engine.hidden_size),
+                name="hidden states",
+            )
+        except BaseException:
+            self._budgets.give_step(peer, step_bytes)
+            raise
+        live.steps_in_flight += 1
+        live.bytes_to_run += step_bytes
+        live.last_active = time.monotonic()
+        return live, hidden, next_hops
 
-    def _route_after_me(self, request: pb.StepRequest, caller: Identity | None) -> list[pb.Hop]:
+    def _route_after_me(self, request: pb.StepRequest, caller: Identity | None, live: LiveSession) -> list[pb.Hop]:
         """The hops after this one on the step's route, once the route and the caller check out.
 
         In a pool the route must carry the signature of the coordinator that opened the session, and
@@ -267,40 +378,38 @@ class NodeService(coop_pb2_grpc.NodeServicer):
         per route, not once per step.)
         """
         session_id = request.session_id
-        known = self._routes.get(session_id)
+        known = live.route
         if known is not None and known[:2] == (request.route, request.route_signature):
             hops = known[2]
         else:
             hops = decode_route(request.route, session_id)
-            opener = self._openers.get(session_id)
-            if opener is not None:
+            if live.opener is not None:
                 try:
-                    verify_signature(opener.certificate, route_payload(request.route), request.route_signature)
+                    verify_signature(live.opener.certificate, route_payload(request.route), request.route_signature)
                 except Unauthorized as exc:
                     raise Unauthorized(f"the route of session {session_id} is not signed by its coordinator") from exc
-                self._routes[session_id] = (request.route, request.route_signature, hops)
+                live.route = (request.route, request.route_signature, hops)
         mine = [i for i, hop in enumerate(hops) if (hop.node_id, hop.institution) == (self.node_id, self.institution)]
         if len(mine) != 1:
             raise InvalidInput(f"node {self.node_id} is not on the route of session {session_id}")
         index = mine[0]
-        meter = self._meters.get(session_id)
-        if meter is not None and (hops[index].start, hops[index].end) != (meter.start, meter.end):
+        meter = live.meter
+        if (hops[index].start, hops[index].end) != (meter.start, meter.end):
             raise SpanOutOfRange(
                 f"the route gives this node blocks {hops[index].start}:{hops[index].end}, "
                 f"the session was opened for {meter.start}:{meter.end}"
             )
         if caller is not None:
-            self._check_predecessor(session_id, caller, None if index == 0 else hops[index - 1])
+            self._check_predecessor(live, caller, None if index == 0 else hops[index - 1])
         return hops[index + 1 :]
 
-    def _check_predecessor(self, session_id: str, caller: Identity, previous: pb.Hop | None) -> None:
+    def _check_predecessor(self, live: LiveSession, caller: Identity, previous: pb.Hop | None) -> None:
         if previous is None:
-            opener = self._openers.get(session_id)
-            if opener is None or caller.certificate != opener.certificate:
-                raise Unauthorized(f"only the coordinator of session {session_id} may send it its first step")
+            if live.opener is None or caller.certificate != live.opener.certificate:
+                raise Unauthorized(f"only the coordinator of session {live.session_id} may send it its first step")
         elif (caller.role, caller.institution, caller.node_id) != (ROLE_NODE, previous.institution, previous.node_id):
             raise Unauthorized(
-                f"{caller.describe()} is not the node before this one on the route of session {session_id}"
+                f"{caller.describe()} is not the node before this one on the route of session {live.session_id}"
             )
 
     async def _run_step(
@@ -308,36 +417,46 @@ class NodeService(coop_pb2_grpc.NodeServicer):
         request: pb.StepRequest,
         hidden: torch.Tensor,
         next_hops: list[pb.Hop],
-        queue: asyncio.Queue[pb.SessionEvent | None],
+        live: LiveSession,
+        peer: str,
     ) -> None:
         session_id, step_id = request.session_id, request.step_id
+        step_bytes = len(request.hidden.data)
+        event: pb.SessionEvent | None = None  # for the coordinator, once the step's own bytes are given back
+        ran = False
         try:
             loop = asyncio.get_running_loop()
-            meter = self._meters.get(session_id)
-            async with self._gate.hold(meter.priority if meter else 0.0):
+            async with self._gate.hold(live.meter.priority):
                 output = await loop.run_in_executor(
                     self._executor, self.engine.step, session_id, hidden, request.start_position
                 )
-            if meter is not None:
-                meter.tokens.add(hidden.shape[1])
+            live.meter.tokens.add(hidden.shape[1])
+            live.bytes_run += step_bytes
+            live.bytes_to_run -= step_bytes
+            ran = True
             self.counters.steps_run += 1
             message = tensor_to_proto(output)
             if next_hops:
                 await self._push(next_hops, request, message)
                 self.counters.pushes_sent += 1
             else:
-                result = pb.SessionEvent.Result(session_id=session_id, step_id=step_id, hidden=message)
-                queue.put_nowait(pb.SessionEvent(result=result))
+                event = pb.SessionEvent(
+                    result=pb.SessionEvent.Result(session_id=session_id, step_id=step_id, hidden=message)
+                )
                 self.counters.results_sent += 1
         except Exception as exc:
             if not isinstance(exc, CoopError):
                 log.exception("step %s of session %s failed", step_id, session_id)
             failed = pb.SessionEvent.Failed(session_id=session_id, step_id=step_id, error=error_to_proto(exc))
-            queue.put_nowait(pb.SessionEvent(failed=failed))
+            event = pb.SessionEvent(failed=failed)
         finally:
-            self._in_flight[session_id] -= 1
-            if self._in_flight[session_id] <= 0:
-                del self._in_flight[session_id]
+            self._budgets.give_step(peer, step_bytes)
+            live.steps_in_flight -= 1
+            if not ran:
+                live.bytes_to_run -= step_bytes
+            live.last_active = time.monotonic()
+        if event is not None:
+            self._emit(live, event)
 
     async def _push(self, next_hops: list[pb.Hop], step: pb.StepRequest, hidden: pb.Tensor) -> None:
         session_id, step_id, start_position = step.session_id, step.step_id, step.start_position
@@ -393,3 +512,8 @@ class NodeService(coop_pb2_grpc.NodeServicer):
 def _peer_host(context: grpc.aio.ServicerContext) -> str:
     """'ipv4:127.0.0.1:53012' -> 'ipv4:127.0.0.1': without TLS, a peer is its address."""
     return context.peer().rsplit(":", 1)[0]
+
+
+def _peer_name(caller: Identity | None, context: grpc.aio.ServicerContext) -> str:
+    """Whose budget a call counts against: the caller's certificate, or its address in development."""
+    return caller.describe() if caller is not None else _peer_host(context)

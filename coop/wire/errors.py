@@ -9,11 +9,15 @@ from __future__ import annotations
 
 from coop.errors import (
     CacheBudgetExceeded,
+    ContextLengthExceeded,
     CoopError,
+    InFlightLimitExceeded,
     InvalidInput,
     InvalidPositions,
     InvalidTensor,
+    PeerCacheLimitExceeded,
     PeerError,
+    SessionDropped,
     SessionExists,
     SessionLimitExceeded,
     SpanOutOfRange,
@@ -35,6 +39,10 @@ CODE_FOR_CLASS: dict[type[CoopError], pb.ErrorCode] = {
     PeerError: pb.PEER_UNAVAILABLE,
     InvalidInput: pb.INVALID_REQUEST,
     Unauthorized: pb.UNAUTHENTICATED,
+    PeerCacheLimitExceeded: pb.PEER_CACHE_LIMIT_EXCEEDED,
+    InFlightLimitExceeded: pb.IN_FLIGHT_LIMIT_EXCEEDED,
+    SessionDropped: pb.SESSION_DROPPED,
+    ContextLengthExceeded: pb.CONTEXT_LENGTH_EXCEEDED,
 }
 
 #: Wire code -> exception class. Codes with no class of their own (INTERNAL, ERROR_UNSPECIFIED,

@@ -21,6 +21,10 @@ class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INTERNAL: _ClassVar[ErrorCode]
     INVALID_REQUEST: _ClassVar[ErrorCode]
     UNAUTHENTICATED: _ClassVar[ErrorCode]
+    PEER_CACHE_LIMIT_EXCEEDED: _ClassVar[ErrorCode]
+    IN_FLIGHT_LIMIT_EXCEEDED: _ClassVar[ErrorCode]
+    SESSION_DROPPED: _ClassVar[ErrorCode]
+    CONTEXT_LENGTH_EXCEEDED: _ClassVar[ErrorCode]
 ERROR_UNSPECIFIED: ErrorCode
 INVALID_TENSOR: ErrorCode
 INVALID_POSITIONS: ErrorCode
@@ -33,6 +37,10 @@ PEER_UNAVAILABLE: ErrorCode
 INTERNAL: ErrorCode
 INVALID_REQUEST: ErrorCode
 UNAUTHENTICATED: ErrorCode
+PEER_CACHE_LIMIT_EXCEEDED: ErrorCode
+IN_FLIGHT_LIMIT_EXCEEDED: ErrorCode
+SESSION_DROPPED: ErrorCode
+CONTEXT_LENGTH_EXCEEDED: ErrorCode
 
 class Tensor(_message.Message):
     __slots__ = ("data", "dtype", "shape")
@@ -79,16 +87,48 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "model_hash", "start", "end", "throughput_tps", "free_cache_bytes", "active_sessions", "counters")
+    __slots__ = ("node_id", "model_hash", "start", "end", "throughput_tps", "free_cache_bytes", "active_sessions", "counters", "reserved_cache_bytes", "used_cache_bytes", "steps_in_flight", "in_flight_bytes", "queued_steps", "open_channels", "limits")
     class Counters(_message.Message):
-        __slots__ = ("steps_run", "pushes_sent", "results_sent")
+        __slots__ = ("steps_run", "pushes_sent", "results_sent", "limited")
+        class LimitedEntry(_message.Message):
+            __slots__ = ("key", "value")
+            KEY_FIELD_NUMBER: _ClassVar[int]
+            VALUE_FIELD_NUMBER: _ClassVar[int]
+            key: str
+            value: int
+            def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
         STEPS_RUN_FIELD_NUMBER: _ClassVar[int]
         PUSHES_SENT_FIELD_NUMBER: _ClassVar[int]
         RESULTS_SENT_FIELD_NUMBER: _ClassVar[int]
+        LIMITED_FIELD_NUMBER: _ClassVar[int]
         steps_run: int
         pushes_sent: int
         results_sent: int
-        def __init__(self, steps_run: _Optional[int] = ..., pushes_sent: _Optional[int] = ..., results_sent: _Optional[int] = ...) -> None: ...
+        limited: _containers.ScalarMap[str, int]
+        def __init__(self, steps_run: _Optional[int] = ..., pushes_sent: _Optional[int] = ..., results_sent: _Optional[int] = ..., limited: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    class Limits(_message.Message):
+        __slots__ = ("cache_budget_bytes", "cache_bytes_per_peer", "sessions_per_peer", "max_length", "in_flight_bytes_per_peer", "steps_in_flight_per_peer", "steps_in_flight_per_session", "events_per_session", "idle_timeout_s", "channels")
+        CACHE_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+        CACHE_BYTES_PER_PEER_FIELD_NUMBER: _ClassVar[int]
+        SESSIONS_PER_PEER_FIELD_NUMBER: _ClassVar[int]
+        MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+        IN_FLIGHT_BYTES_PER_PEER_FIELD_NUMBER: _ClassVar[int]
+        STEPS_IN_FLIGHT_PER_PEER_FIELD_NUMBER: _ClassVar[int]
+        STEPS_IN_FLIGHT_PER_SESSION_FIELD_NUMBER: _ClassVar[int]
+        EVENTS_PER_SESSION_FIELD_NUMBER: _ClassVar[int]
+        IDLE_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+        CHANNELS_FIELD_NUMBER: _ClassVar[int]
+        cache_budget_bytes: int
+        cache_bytes_per_peer: int
+        sessions_per_peer: int
+        max_length: int
+        in_flight_bytes_per_peer: int
+        steps_in_flight_per_peer: int
+        steps_in_flight_per_session: int
+        events_per_session: int
+        idle_timeout_s: float
+        channels: int
+        def __init__(self, cache_budget_bytes: _Optional[int] = ..., cache_bytes_per_peer: _Optional[int] = ..., sessions_per_peer: _Optional[int] = ..., max_length: _Optional[int] = ..., in_flight_bytes_per_peer: _Optional[int] = ..., steps_in_flight_per_peer: _Optional[int] = ..., steps_in_flight_per_session: _Optional[int] = ..., events_per_session: _Optional[int] = ..., idle_timeout_s: _Optional[float] = ..., channels: _Optional[int] = ...) -> None: ...
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +137,13 @@ class NodeInfo(_message.Message):
     FREE_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    USED_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STEPS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    OPEN_CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     model_hash: str
     start: int
@@ -105,7 +152,14 @@ class NodeInfo(_message.Message):
     free_cache_bytes: int
     active_sessions: int
     counters: NodeInfo.Counters
-    def __init__(self, node_id: _Optional[str] = ..., model_hash: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., throughput_tps: _Optional[float] = ..., free_cache_bytes: _Optional[int] = ..., active_sessions: _Optional[int] = ..., counters: _Optional[_Union[NodeInfo.Counters, _Mapping]] = ...) -> None: ...
+    reserved_cache_bytes: int
+    used_cache_bytes: int
+    steps_in_flight: int
+    in_flight_bytes: int
+    queued_steps: int
+    open_channels: int
+    limits: NodeInfo.Limits
+    def __init__(self, node_id: _Optional[str] = ..., model_hash: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., throughput_tps: _Optional[float] = ..., free_cache_bytes: _Optional[int] = ..., active_sessions: _Optional[int] = ..., counters: _Optional[_Union[NodeInfo.Counters, _Mapping]] = ..., reserved_cache_bytes: _Optional[int] = ..., used_cache_bytes: _Optional[int] = ..., steps_in_flight: _Optional[int] = ..., in_flight_bytes: _Optional[int] = ..., queued_steps: _Optional[int] = ..., open_channels: _Optional[int] = ..., limits: _Optional[_Union[NodeInfo.Limits, _Mapping]] = ...) -> None: ...
 
 class SessionControl(_message.Message):
     __slots__ = ("open", "close")

@@ -1,0 +1,50 @@
+"""A session open on a node: what it holds, and the events its coordinator has not read yet."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from coop.node.metering import SessionMeter
+from coop.pool.identity import Identity
+from coop.wire.generated import coop_pb2 as pb
+
+Events = asyncio.Queue[pb.SessionEvent | None]  # None ends the stream
+
+
+def held_bytes(event: pb.SessionEvent | None) -> int:
+    """The hidden-state bytes an unread event holds against its coordinator's budget (failures: none)."""
+    return len(event.result.hidden.data) if event is not None and event.HasField("result") else 0
+
+
+@dataclass(eq=False)
+class LiveSession:
+    session_id: str
+    peer: str  # whose budget the session counts against: the coordinator that opened it
+    reserved_bytes: int  # KV cache reserved for max_length tokens
+    room_bytes: int  # hidden-state bytes all its steps together may carry: max_length tokens' worth
+    meter: SessionMeter
+    opener: Identity | None  # None in development mode
+    events: Events = field(default_factory=asyncio.Queue)
+    last_active: float = field(default_factory=time.monotonic)
+    steps_in_flight: int = 0  # accepted, not yet run and pushed
+    bytes_to_run: int = 0  # of the steps accepted and not yet run
+    bytes_run: int = 0
+    closed: bool = False  # its cache is freed and its receipt written; its stream may still be ending
+    route: tuple[bytes, bytes, list[pb.Hop]] | None = None  # the last route verified, and its hops
+
+    @property
+    def room_left_bytes(self) -> int:
+        return self.room_bytes - self.bytes_run - self.bytes_to_run
+
+    def idle_since(self, deadline: float) -> bool:
+        """No step in flight, and none accepted or finished after `deadline` (time.monotonic)."""
+        return self.steps_in_flight == 0 and self.last_active < deadline
+
+    def discard_events(self) -> int:
+        """Drop the events not read yet; returns their bytes."""
+        discarded = 0
+        while not self.events.empty():
+            discarded += held_bytes(self.events.get_nowait())
+        return discarded
