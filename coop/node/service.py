@@ -16,7 +16,6 @@ import logging
 import math
 import re
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
@@ -33,8 +32,8 @@ from coop.errors import (
     UnknownSession,
 )
 from coop.model.engine import SpanEngine
+from coop.node.batching import StepBatcher
 from coop.node.metering import ReceiptWriter, SessionMeter
-from coop.node.scheduling import PriorityGate
 from coop.pool.ca import ROLE_COORDINATOR, ROLE_NODE, verify_signature
 from coop.pool.identity import Identity
 from coop.wire.channels import ChannelPool, ChannelSecurity
@@ -97,17 +96,15 @@ class NodeService(coop_pb2_grpc.NodeServicer):
         self._openers: dict[str, Identity] = {}  # session -> the coordinator that opened it
         self._routes: dict[str, tuple[bytes, bytes, list[pb.Hop]]] = {}  # last verified route per session
         self._receipts = receipts
-        self._gate = PriorityGate()
+        self._batcher = StepBatcher(engine)
         self._channels = ChannelPool(security)
-        # Steps are serialised by the engine anyway; one worker keeps the event loop free.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coop-compute")
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
         await self._channels.close()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._batcher.close()
 
     # -- Info -------------------------------------------------------------------------------
 
@@ -312,12 +309,9 @@ class NodeService(coop_pb2_grpc.NodeServicer):
     ) -> None:
         session_id, step_id = request.session_id, request.step_id
         try:
-            loop = asyncio.get_running_loop()
             meter = self._meters.get(session_id)
-            async with self._gate.hold(meter.priority if meter else 0.0):
-                output = await loop.run_in_executor(
-                    self._executor, self.engine.step, session_id, hidden, request.start_position
-                )
+            priority = meter.priority if meter else 0.0
+            output = await self._batcher.step(session_id, hidden, request.start_position, priority=priority)
             if meter is not None:
                 meter.tokens.add(hidden.shape[1])
             self.counters.steps_run += 1
