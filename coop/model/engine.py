@@ -15,8 +15,8 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +27,8 @@ from transformers.cache_utils import DummyLayer
 from coop.errors import (
     CacheBudgetExceeded,
     ContextLengthExceeded,
+    CoopError,
+    InvalidInput,
     InvalidPositions,
     InvalidTensor,
     SessionExists,
@@ -43,6 +45,15 @@ _PASS_THROUGH = PassThrough()
 DEFAULT_CACHE_BUDGET_BYTES = 2 << 30
 DEFAULT_IDLE_TIMEOUT_S = 300.0
 DEFAULT_MAX_LENGTH = 2048
+
+
+@dataclass(frozen=True)
+class StepInput:
+    """One session's step in a batch: hidden states [1, n, hidden] of its tokens at start_position.. (+n)."""
+
+    session_id: str
+    hidden: torch.Tensor
+    start_position: int
 
 
 @dataclass
@@ -88,6 +99,8 @@ class SpanEngine:
         self.context_length = manifest.context_length
         self._layers = decoder_layers(span_model, manifest.num_blocks)
         self._hosted_layers = {i: self._layers[i] for i in range(start, end)}
+        # Packed batches hand the model a ready 4D mask, in the format of its attention function.
+        self.can_batch = _full_attention_only(self._config) and self._config._attn_implementation in ("sdpa", "eager")
 
     @classmethod
     def load(
@@ -224,6 +237,9 @@ class SpanEngine:
                 del self._sessions[sid]
         return idle
 
+    def is_open(self, session_id: str) -> bool:
+        return session_id in self._sessions
+
     def session_length(self, session_id: str) -> int:
         return self._get(session_id).length
 
@@ -255,17 +271,7 @@ class SpanEngine:
         self._validate_hidden(hidden)
         n = hidden.shape[1]
         with session.lock:
-            if start_position != session.length:
-                what = "skips ahead" if start_position > session.length else "rewinds"
-                raise InvalidPositions(
-                    f"step at position {start_position} {what}: session {session_id} has processed "
-                    f"{session.length} tokens, so its next step must start at {session.length}"
-                )
-            if session.length + n > session.max_length:
-                raise SessionLimitExceeded(
-                    f"session {session_id} was opened for {session.max_length} tokens; "
-                    f"{session.length} + {n} would exceed it"
-                )
+            self._check_positions(session, start_position, n)
             positions = torch.arange(start_position, start_position + n, device=self.device).unsqueeze(0)
             with self._compute_lock, torch.inference_mode(), self._only_blocks(session.start, session.end):
                 output = self._model(
@@ -277,6 +283,110 @@ class SpanEngine:
             session.length += n
             session.last_used = time.monotonic()
         return output
+
+    def step_batch(self, steps: Sequence[StepInput]) -> list[torch.Tensor | CoopError]:
+        """Run the steps of several sessions as one forward pass per span; one result per step, in order.
+
+        The tokens of all steps are packed into one sequence (batch size 1, as transformers' continuous
+        batching does), each token at its own session's position; a 4D mask lets every token attend only
+        to its own session's cache and to the earlier tokens of its own step, and `_PackedCaches` routes
+        each session's keys and values to and from its own `DynamicCache`. The model's own attention
+        function runs unchanged. A step that fails its checks gets its error and leaves the others alone.
+        """
+        if len(steps) == 1 or not self.can_batch:
+            return [self._step_or_error(s) for s in steps]
+        results: list[torch.Tensor | CoopError | None] = [None] * len(steps)
+        sessions: dict[int, _Session] = {}
+        seen: set[str] = set()
+        for index, s in enumerate(steps):
+            try:
+                if s.session_id in seen:
+                    raise InvalidInput(f"session {s.session_id} has two steps in one batch")
+                seen.add(s.session_id)
+                session = self._get(s.session_id)
+                self._validate_hidden(s.hidden)
+                sessions[index] = session
+            except CoopError as exc:
+                results[index] = exc
+        with ExitStack() as locks:
+            for index in sorted(sessions, key=lambda i: steps[i].session_id):
+                locks.enter_context(sessions[index].lock)
+            groups: dict[tuple[int, int], list[int]] = {}
+            for index, session in sessions.items():
+                try:
+                    self._check_positions(session, steps[index].start_position, steps[index].hidden.shape[1])
+                except CoopError as exc:
+                    results[index] = exc
+                    continue
+                groups.setdefault((session.start, session.end), []).append(index)
+            for span, indices in groups.items():
+                outputs = self._forward_packed(span, [sessions[i] for i in indices], [steps[i] for i in indices])
+                for index, output in zip(indices, outputs, strict=True):
+                    results[index] = output
+        return [r if r is not None else InvalidInput("step was not run") for r in results]
+
+    def _step_or_error(self, s: StepInput) -> torch.Tensor | CoopError:
+        try:
+            return self.step(s.session_id, s.hidden, s.start_position)
+        except CoopError as exc:
+            return exc
+
+    def _forward_packed(
+        self, span: tuple[int, int], sessions: list[_Session], steps: list[StepInput]
+    ) -> list[torch.Tensor | CoopError]:
+        """One forward pass over blocks span for steps whose sessions' locks the caller holds."""
+        counts = [s.hidden.shape[1] for s in steps]
+        past = [session.length for session in sessions]
+        total_q, total_k = sum(counts), sum(past) + sum(counts)
+        mask = torch.zeros(1, 1, total_q, total_k, dtype=torch.bool, device=self.device)  # True: may attend
+        q0 = k0 = 0
+        for n, length in zip(counts, past, strict=True):
+            mask[0, 0, q0 : q0 + n, k0 : k0 + length + n] = torch.ones(
+                n, length + n, dtype=torch.bool, device=self.device
+            ).tril(diagonal=length)
+            q0, k0 = q0 + n, k0 + length + n
+        if self._config._attn_implementation == "eager":  # eager adds its mask to the scores
+            mask = torch.zeros(mask.shape, dtype=self.dtype, device=self.device).masked_fill(
+                ~mask, torch.finfo(self.dtype).min
+            )
+        starts = [s.start_position for s in steps]
+        positions = torch.cat(
+            [torch.arange(p, p + n, device=self.device) for p, n in zip(starts, counts, strict=True)]
+        ).unsqueeze(0)
+        hidden = torch.cat([s.hidden.to(self.device) for s in steps], dim=1)  # [1, total_q, hidden]
+        caches = _PackedCaches([session.cache for session in sessions], counts)
+        with self._compute_lock, torch.inference_mode(), self._only_blocks(*span):
+            output = self._model(
+                inputs_embeds=hidden,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=caches,
+                use_cache=True,
+            ).last_hidden_state
+        now = time.monotonic()
+        for session, n in zip(sessions, counts, strict=True):
+            session.length += n  # the cache holds these tokens now, whatever became of them
+            session.last_used = now
+        results: list[torch.Tensor | CoopError] = list(output.split(counts, dim=1))
+        for index, layer_idx in caches.quarantined.items():
+            results[index] = InvalidTensor(
+                f"session {sessions[index].session_id}'s states overflowed to NaN or Inf in block {layer_idx}; "
+                "its cache is unusable: open a new session"
+            )
+        return results
+
+    def _check_positions(self, session: _Session, start_position: int, n: int) -> None:
+        if start_position != session.length:
+            what = "skips ahead" if start_position > session.length else "rewinds"
+            raise InvalidPositions(
+                f"step at position {start_position} {what}: session {session.session_id} has processed "
+                f"{session.length} tokens, so its next step must start at {session.length}"
+            )
+        if session.length + n > session.max_length:
+            raise SessionLimitExceeded(
+                f"session {session.session_id} was opened for {session.max_length} tokens; "
+                f"{session.length} + {n} would exceed it"
+            )
 
     @contextmanager
     def _only_blocks(self, start: int, end: int) -> Iterator[None]:
@@ -304,3 +414,47 @@ class SpanEngine:
             )
         if not bool(torch.isfinite(hidden).all()):
             raise InvalidTensor("hidden states contain NaN or Inf")
+
+
+class _PackedCaches:
+    """The cache of a packed batch: the keys and values of each session's tokens go to its own DynamicCache.
+
+    Attention layers call `update` with the new keys and values of the whole pack [1, heads, total_q, dim];
+    it returns every session's cached and new keys side by side [1, heads, total_k, dim], the layout the
+    batch's 4D mask is built for.
+    """
+
+    def __init__(self, caches: list[DynamicCache], counts: list[int]) -> None:
+        self._caches = caches
+        self._counts = counts
+        self.quarantined: dict[int, int] = {}  # index of a session whose keys or values went non-finite -> block
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = [], []
+        pairs = zip(key_states.split(self._counts, dim=2), value_states.split(self._counts, dim=2), strict=True)
+        for cache, (k, v) in zip(self._caches, pairs, strict=True):
+            full_k, full_v = cache.update(k, v, layer_idx)
+            keys.append(full_k)
+            values.append(full_v)
+        packed_k, packed_v = torch.cat(keys, dim=2), torch.cat(values, dim=2)
+        if bool(torch.isfinite(packed_k).all()) and bool(torch.isfinite(packed_v).all()):
+            return packed_k, packed_v
+        # A masked-out key still meets every query (NaN * 0 is NaN): a session whose states overflowed
+        # would poison the rows of the others. Its keys and values are zeroed for this pass, and it fails.
+        for index, (k, v) in enumerate(zip(keys, values, strict=True)):
+            if not (bool(torch.isfinite(k).all()) and bool(torch.isfinite(v).all())):
+                self.quarantined.setdefault(index, layer_idx)
+                keys[index], values[index] = torch.zeros_like(k), torch.zeros_like(v)
+        return torch.cat(keys, dim=2), torch.cat(values, dim=2)
+
+
+def _full_attention_only(config: object) -> bool:
+    """Whether every layer attends to the whole past: packed batches build a full causal mask, so models
+    with sliding-window layers run their steps one at a time."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layer_types = getattr(text, "layer_types", None)
+    if layer_types is not None:
+        return all(t == "full_attention" for t in layer_types)
+    return getattr(text, "sliding_window", None) is None

@@ -35,6 +35,8 @@ class NodeLimits:
     max_steps_in_flight_per_session: int
     max_events_per_session: int
     max_channels: int
+    max_batch_steps: int = 1  # 1: every step runs alone
+    batch_gather_s: float = 0.02
 
     @classmethod
     def from_settings(cls, settings: NodeSettings) -> NodeLimits:
@@ -48,6 +50,8 @@ class NodeLimits:
             max_steps_in_flight_per_session=settings.max_steps_in_flight_per_session,
             max_events_per_session=settings.max_events_per_session,
             max_channels=settings.max_channels,
+            max_batch_steps=settings.max_batch_steps,
+            batch_gather_s=settings.batch_gather_s,
         )
 
     def cache_bytes_per_peer(self, cache_budget_bytes: int) -> int:

@@ -23,7 +23,6 @@ import math
 import re
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
@@ -43,9 +42,9 @@ from coop.errors import (
     UnknownSession,
 )
 from coop.model.engine import SpanEngine
+from coop.node.batching import StepBatcher
 from coop.node.limits import NodeLimits, PeerBudgets
 from coop.node.metering import ReceiptWriter, SessionMeter
-from coop.node.scheduling import PriorityGate
 from coop.node.sessions import LiveSession, held_bytes
 from coop.pool.ca import ROLE_COORDINATOR, ROLE_NODE, verify_signature
 from coop.pool.identity import Identity
@@ -100,10 +99,8 @@ class NodeService(coop_pb2_grpc.NodeServicer):
         self._token_bytes = engine.hidden_size * torch.empty((), dtype=engine.dtype).element_size()
         self._sessions: dict[str, LiveSession] = {}
         self._receipts = receipts
-        self._gate = PriorityGate()
+        self._batcher = StepBatcher(engine, max_steps=limits.max_batch_steps, gather_s=limits.batch_gather_s)
         self._channels = ChannelPool(security, max_channels=limits.max_channels)
-        # Steps are serialised by the engine anyway; one worker keeps the event loop free.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coop-compute")
         self._tasks: set[asyncio.Task[None]] = set()
         self._reaper: asyncio.Task[None] | None = None
 
@@ -111,7 +108,7 @@ class NodeService(coop_pb2_grpc.NodeServicer):
         for task in [*self._tasks, *([self._reaper] if self._reaper else [])]:
             task.cancel()
         await self._channels.close()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._batcher.close()
 
     # -- Info -------------------------------------------------------------------------------
 
@@ -139,7 +136,7 @@ class NodeService(coop_pb2_grpc.NodeServicer):
             used_cache_bytes=self.engine.used_cache_bytes,
             steps_in_flight=self._budgets.steps_in_flight,
             in_flight_bytes=self._budgets.bytes_in_flight,
-            queued_steps=self._gate.queued,
+            queued_steps=self._batcher.queued,
             open_channels=len(self._channels),
             limits=pb.NodeInfo.Limits(
                 cache_budget_bytes=self.engine.cache_budget_bytes,
@@ -425,11 +422,7 @@ class NodeService(coop_pb2_grpc.NodeServicer):
         event: pb.SessionEvent | None = None  # for the coordinator, once the step's own bytes are given back
         ran = False
         try:
-            loop = asyncio.get_running_loop()
-            async with self._gate.hold(live.meter.priority):
-                output = await loop.run_in_executor(
-                    self._executor, self.engine.step, session_id, hidden, request.start_position
-                )
+            output = await self._batcher.step(session_id, hidden, request.start_position, priority=live.meter.priority)
             live.meter.tokens.add(hidden.shape[1])
             live.bytes_run += step_bytes
             live.bytes_to_run -= step_bytes

@@ -10,7 +10,6 @@ from coop.coordinator.admission import FairShareAdmission, RequestAdmission
 from coop.errors import CreditExhausted
 from coop.ledger.fairshare import DecayedTotals, FairShare, fair_share_factor, fair_share_factors
 from coop.ledger.models import FLOPS_PER_CREDIT
-from coop.node.scheduling import PriorityGate
 from tests.waiting import wait_for_async
 
 HOUR = 3600.0
@@ -124,34 +123,6 @@ def test_credit_floor_refuses_with_a_clear_message() -> None:
         _run(enter("poor"))
     _run(enter("rich"))
     assert access.consumer(None) == "coord" and access.consumer("x") == "x"
-
-
-def test_node_runs_queued_steps_by_priority_then_arrival() -> None:
-    gate = PriorityGate()
-    ran: list[str] = []
-
-    async def step(name: str, priority: float, hold: asyncio.Event | None = None) -> None:
-        async with gate.hold(priority):
-            ran.append(name)
-            if hold is not None:
-                await hold.wait()
-
-    async def scenario() -> None:
-        hold = asyncio.Event()
-        busy = asyncio.create_task(step("busy", 0.0, hold))
-        await asyncio.sleep(0)
-        queued = [
-            asyncio.create_task(step(name, priority))
-            for name, priority in (("low", 0.1), ("high-1", 0.9), ("mid", 0.5), ("high-2", 0.9))
-        ]
-        await asyncio.sleep(0)
-        assert gate.queued == 4
-        hold.set()
-        await asyncio.gather(busy, *queued)
-        await step("alone", 0.0)  # nothing queued: no wait
-
-    _run(scenario())
-    assert ran == ["busy", "high-1", "high-2", "mid", "low", "alone"]
 
 
 def test_a_waiter_cancelled_just_before_its_turn_does_not_leak_the_slot() -> None:

@@ -67,7 +67,8 @@ def _run_legit_session(endpoint: str, engine: SpanEngine, results: list[object],
             event = next(events)
             assert event.WhichOneof("kind") == "result", event
             expected = engine.step(reference, hidden, position)
-            results.append(torch.equal(tensor_from_proto(event.result.hidden), expected))
+            # equal up to float32 noise: the node may run this step packed with valid fuzz steps
+            results.append(torch.allclose(tensor_from_proto(event.result.hidden), expected, rtol=1e-5, atol=1e-5))
             position += hidden.shape[1]
         controls.put(pb.SessionControl(close=pb.SessionControl.Close()))
         controls.put(None)
