@@ -38,6 +38,7 @@ from coop.swarm.validation import pool_record_validator
 from coop.wire.channels import GRPC_OPTIONS
 from coop.wire.generated import coop_pb2 as pb
 from coop.wire.generated import coop_pb2_grpc
+from tests.chat_requests import greedy_chat
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -135,8 +136,7 @@ def victim(tiny_chat_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -
 
 
 def _chat(url: str, key: str) -> httpx.Response:
-    body = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": MAX_TOKENS, "temperature": 0}
-    return httpx.post(f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=120)
+    return greedy_chat(url, key, QUESTION, MAX_TOKENS)
 
 
 def _answer(url: str, key: str) -> tuple[list[int], list[str]] | None:

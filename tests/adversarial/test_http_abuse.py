@@ -14,22 +14,20 @@ coordinator process:
 
 from __future__ import annotations
 
-import http.client
 import json
-import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
 
 from coop.launcher import LocalPool
 from coop.pool.registry import add_member, create_api_key, create_pool
+from tests.chat_requests import raw_exchange
 
 pytestmark = pytest.mark.slow
 WAIT_S = 120.0
@@ -87,18 +85,7 @@ def abuse(tiny_chat_model_dir: str, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 def _exchange(url: str, head: list[str], body: Iterable[bytes] = ()) -> tuple[int, dict[str, Any]]:
-    """Send a request's head and the given body parts, no more, over a raw socket; read the answer.
-
-    A server that waited for the rest of the body would never answer: the socket's timeout fails the test.
-    """
-    parts = urlsplit(url)
-    with socket.create_connection((parts.hostname, parts.port), timeout=WAIT_S) as sock:
-        sock.sendall(("\r\n".join([*head, f"Host: {parts.netloc}", "", ""])).encode())
-        for part in body:
-            sock.sendall(part)
-        response = http.client.HTTPResponse(sock)
-        response.begin()
-        return response.status, json.loads(response.read())
+    return raw_exchange(url, head, body, timeout_s=WAIT_S)
 
 
 def _code(answer: tuple[int, dict[str, Any]]) -> tuple[int, str]:

@@ -20,9 +20,9 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
-import httpx
 import pytest
 import torch
 
@@ -42,6 +42,7 @@ from coop.wire.generated import coop_pb2 as pb
 from coop.wire.generated import coop_pb2_grpc
 from coop.wire.routes import encode_route, route_payload
 from coop.wire.tensors import tensor_to_proto
+from tests.chat_requests import answered_chat
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -68,12 +69,8 @@ class TrustPool:
     def node(self, name: str) -> dict[str, str]:
         return self.pool.nodes[name].ready
 
-    def chat(self, question: str) -> dict:  # type: ignore[type-arg]
-        body = {"messages": [{"role": "user", "content": question}], "max_tokens": MAX_TOKENS, "temperature": 0}
-        headers = {"Authorization": f"Bearer {self.key}"}
-        response = httpx.post(f"{self.pool.url}/v1/chat/completions", json=body, headers=headers, timeout=120)
-        assert response.status_code == 200, response.text
-        return response.json()  # type: ignore[no-any-return]
+    def chat(self, question: str) -> Any:
+        return answered_chat(self.pool.url, self.key, question, MAX_TOKENS)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import httpx
 import pytest
 import torch
 
@@ -37,6 +36,7 @@ from coop.wire.generated import coop_pb2 as pb
 from coop.wire.generated import coop_pb2_grpc
 from coop.wire.routes import encode_route, route_payload
 from coop.wire.tensors import tensor_to_proto
+from tests.chat_requests import answered_chat
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -71,11 +71,8 @@ class ExhaustPool:
 
     def chats_match(self, reference: Callable[[str, int], list[int]]) -> None:
         for question in QUESTIONS:
-            body = {"messages": [{"role": "user", "content": question}], "max_tokens": MAX_TOKENS, "temperature": 0}
-            headers = {"Authorization": f"Bearer {self.key}"}
-            response = httpx.post(f"{self.pool.url}/v1/chat/completions", json=body, headers=headers, timeout=120)
-            assert response.status_code == 200, response.text
-            assert response.json()["coop"]["token_ids"] == reference(question, MAX_TOKENS), question
+            answer = answered_chat(self.pool.url, self.key, question, MAX_TOKENS)
+            assert answer["coop"]["token_ids"] == reference(question, MAX_TOKENS), question
 
 
 @pytest.fixture(scope="module")

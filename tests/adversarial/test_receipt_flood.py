@@ -40,6 +40,7 @@ from coop.pool.registry import add_member, create_api_key, create_pool, revoke_m
 from coop.swarm.announcement import NodeAnnouncement, stamp_announcement
 from coop.swarm.directory import SwarmDirectory
 from tests.adversarial.flooding_node import JUNK
+from tests.chat_requests import answered_chat
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -73,12 +74,8 @@ class FloodPool:
     def tally(self, node_id: str) -> dict[str, int]:
         return next((n for n in self.collection()["nodes"] if n["node_id"] == node_id), {})
 
-    def chat(self, question: str) -> dict[str, Any]:
-        body = {"messages": [{"role": "user", "content": question}], "max_tokens": MAX_TOKENS, "temperature": 0}
-        headers = {"Authorization": f"Bearer {self.key}"}
-        response = httpx.post(f"{self.pool.url}/v1/chat/completions", json=body, headers=headers, timeout=120)
-        assert response.status_code == 200, response.text
-        return response.json()  # type: ignore[no-any-return]
+    def chat(self, question: str) -> Any:
+        return answered_chat(self.pool.url, self.key, question, MAX_TOKENS)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import httpx
 import pytest
 
 from coop import launcher
@@ -28,6 +27,7 @@ from coop.pool.registry import add_member, create_api_key, create_pool
 from coop.wire.channels import ChannelSecurity
 from coop.wire.generated import coop_pb2 as pb
 from tests.adversarial.lying_node import CLAIMED_TPS
+from tests.chat_requests import answered_chat
 
 pytestmark = pytest.mark.slow
 
@@ -74,15 +74,7 @@ def _info(capture: CapturePool, name: str) -> pb.NodeInfo:
 
 def _chat(capture: CapturePool, question: str, reference: Callable[[str, int], list[int]], key: int = 0) -> list[str]:
     """The route of one greedy chat, after checking its answer against the reference."""
-    body = {
-        "messages": [{"role": "user", "content": question}],
-        "temperature": 0,
-        "max_tokens": MAX_TOKENS,
-    }
-    headers = {"Authorization": f"Bearer {capture.keys[key]}"}
-    response = httpx.post(f"{capture.pool.url}/v1/chat/completions", json=body, headers=headers, timeout=300)
-    assert response.status_code == 200, response.text
-    coop = response.json()["coop"]
+    coop = answered_chat(capture.pool.url, capture.keys[key], question, MAX_TOKENS, timeout_s=300)["coop"]
     assert coop["token_ids"] == reference(question, MAX_TOKENS)
     return [hop["node_id"] for hop in coop["route"]]
 

@@ -9,15 +9,11 @@ coordinator's memory; every refusal is counted.
 from __future__ import annotations
 
 import asyncio
-import http.client
-import json
-import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -34,6 +30,7 @@ from coop.pipeline.sampling import SamplingParams
 from coop.pool.registry import add_member, create_api_key, create_pool
 from coop.wire.generated import coop_pb2 as pb
 from coop.wire.tensors import tensor_to_proto
+from tests.chat_requests import raw_exchange
 from tests.unit.test_api import _FakeSessionCall, _HostileNode, serve_in_thread
 from tests.waiting import wait_for, wait_for_async
 
@@ -99,18 +96,7 @@ def _reference(backend: LocalBackend, max_tokens: int = MAX_TOKENS) -> list[int]
 
 
 def _exchange(url: str, head: list[str], body: Iterable[bytes] = ()) -> tuple[int, dict[str, Any]]:
-    """Send a request's head and the given body parts, no more, over a raw socket; read the answer.
-
-    A server that waited for the rest of the body would never answer: the socket's timeout fails the test.
-    """
-    parts = urlsplit(url)
-    with socket.create_connection((parts.hostname, parts.port), timeout=WAIT_S) as sock:
-        sock.sendall(("\r\n".join([*head, f"Host: {parts.netloc}", "", ""])).encode())
-        for part in body:
-            sock.sendall(part)
-        response = http.client.HTTPResponse(sock)
-        response.begin()
-        return response.status, json.loads(response.read())
+    return raw_exchange(url, head, body, timeout_s=WAIT_S)
 
 
 # -- before the body is parsed ------------------------------------------------------------------
