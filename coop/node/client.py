@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 
 from coop.errors import PeerError
-from coop.wire.channels import GRPC_OPTIONS, ChannelSecurity
+from coop.wire.channels import ChannelSecurity
 from coop.wire.generated import coop_pb2 as pb
 from coop.wire.generated import coop_pb2_grpc
 
@@ -21,12 +21,10 @@ def node_info(
     """A node's NodeInfo. In a pool, the node must prove it is `node_id` of `institution`, and it
     answers only callers with a certificate of the pool."""
     security = security or ChannelSecurity()
-    options: list[tuple[str, int | str]] = list(GRPC_OPTIONS)
+    options = security.options(security.target_name(institution, node_id))
     if security.credentials is None:
         channel = grpc.insecure_channel(endpoint, options=options)
     else:
-        if security.tls_name is not None:
-            options.append(("grpc.ssl_target_name_override", security.tls_name(institution, node_id)))
         channel = grpc.secure_channel(endpoint, security.credentials, options=options)
     with channel:
         try:

@@ -43,6 +43,16 @@ class ChannelSecurity:
     credentials: grpc.ChannelCredentials | None = None
     tls_name: Callable[[str, str], str] | None = None
 
+    def target_name(self, institution: str, node_id: str) -> str:
+        """The name the node must prove in TLS ("" in development mode)."""
+        if self.credentials is None or self.tls_name is None:
+            return ""
+        return self.tls_name(institution, node_id)
+
+    def options(self, target_name: str) -> list[tuple[str, int | str]]:
+        """Channel options for a node that must prove `target_name`."""
+        return [*GRPC_OPTIONS, *([("grpc.ssl_target_name_override", target_name)] if target_name else [])]
+
 
 class _Channel:
     """A pooled channel and how many calls on it have not ended."""
@@ -90,16 +100,15 @@ class ChannelPool:
 
     def stub(self, endpoint: str, institution: str, node_id: str) -> coop_pb2_grpc.NodeStub:
         """A stub for the node `node_id` of `institution` at `endpoint` (in a pool, TLS checks it is)."""
-        credentials, tls_name = self._security.credentials, self._security.tls_name
-        name = "" if credentials is None or tls_name is None else tls_name(institution, node_id)
+        credentials = self._security.credentials
+        name = self._security.target_name(institution, node_id)
         key = (endpoint, name)
         pooled = self._channels.get(key)
         if pooled is None:
-            options: list[tuple[str, int | str]] = list(GRPC_OPTIONS)
+            options = self._security.options(name)
             if credentials is None:
                 channel = grpc.aio.insecure_channel(endpoint, options=options)
             else:
-                options.append(("grpc.ssl_target_name_override", name))
                 channel = grpc.aio.secure_channel(endpoint, credentials, options=options)
             pooled = self._channels[key] = _Channel(channel)
             self._evict()
