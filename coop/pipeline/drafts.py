@@ -8,7 +8,7 @@ when the session's last few tokens occurred before, the tokens that followed the
 How many tokens to propose adapts to how the last proposals fared (as transformers' assisted
 generation does): two more after a proposal accepted whole, one fewer after a rejection. A rejected
 draft token still costs its compute on every node, so text that does not repeat soon proposes one
-token at a time, and mostly none (no earlier occurrence).
+token at a time, and after a single draft token is rejected it proposes none for PAUSE_STEPS steps.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 MAX_NGRAM = 3  # the longest suffix looked up; longer matches are tried first
 MIN_NGRAM = 2  # a single repeated token predicts too little to be worth a draft
+PAUSE_STEPS = 4  # one-token steps after a rejected one-token draft
 
 
 class NgramDrafter:
@@ -29,6 +30,7 @@ class NgramDrafter:
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
         self.size = max_tokens  # how many to propose next time
+        self.paused = 0  # steps left without drafts
         self.proposed = 0  # totals over the session, for benchmarks and logs
         self.accepted = 0
 
@@ -36,6 +38,9 @@ class NgramDrafter:
         """At most min(size, limit) tokens that followed the latest earlier occurrence of the longest
         suffix of `tokens` (MAX_NGRAM down to MIN_NGRAM tokens long); [] when there is none."""
         count = min(self.size, limit)
+        if self.paused > 0:
+            self.paused -= 1
+            return []
         if count < 1:
             return []
         for n in range(min(self.max_ngram, len(tokens) - 1), self.min_ngram - 1, -1):
@@ -51,5 +56,7 @@ class NgramDrafter:
         self.accepted += accepted
         if accepted == proposed:
             self.size = min(self.size + 2, self.max_tokens)
+        elif accepted == 0 and proposed == 1:
+            self.paused = PAUSE_STEPS
         else:
             self.size = max(self.size - 1, 1)

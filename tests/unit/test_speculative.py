@@ -13,7 +13,7 @@ from coop.errors import InvalidPositions
 from coop.model.client_part import ClientPart
 from coop.model.engine import SpanEngine, StepInput
 from coop.model.prepare import prepare
-from coop.pipeline.drafts import NgramDrafter
+from coop.pipeline.drafts import PAUSE_STEPS, NgramDrafter
 from coop.pipeline.generation import collect_tokens
 from coop.pipeline.local import LocalChain
 from coop.pipeline.sampling import SamplingParams
@@ -50,10 +50,14 @@ def test_draft_size_grows_on_acceptance_and_shrinks_on_rejection() -> None:
     assert drafter.size == 2
     drafter.update(2, 2)
     assert drafter.size == 4
-    for _ in range(10):
-        drafter.update(1, 0)
+    for _ in range(3):
+        drafter.update(2, 1)
     assert drafter.size == 1
-    assert (drafter.proposed, drafter.accepted) == (24, 5)
+    # a rejected one-token draft pauses drafting for PAUSE_STEPS steps
+    drafter.update(1, 0)
+    tokens = [8, 9, 1, 8, 9]
+    assert [drafter.propose(tokens, limit=10) for _ in range(PAUSE_STEPS + 1)] == [[]] * PAUSE_STEPS + [[1]]
+    assert (drafter.proposed, drafter.accepted) == (21, 8)
     with pytest.raises(ValueError, match="max_tokens"):
         NgramDrafter(0)
 
