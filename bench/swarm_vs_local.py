@@ -71,11 +71,11 @@ def local_engine(client: ClientPart, prompt: list[int], tokens: int) -> tuple[fl
     return asyncio.run(run())
 
 
-def stream_once(url: str, tokens: int, key: str | None = None) -> tuple[int, float, float]:
+def stream_once(url: str, tokens: int, key: str | None = None, question: str = PROMPT) -> tuple[int, float, float]:
     """(completion tokens, seconds, time to first token) for one streamed chat request."""
     body = {
         "model": "smollm2-demo",
-        "messages": [{"role": "user", "content": PROMPT}],
+        "messages": [{"role": "user", "content": question}],
         "temperature": 0,
         "max_tokens": tokens,
         "stream": True,

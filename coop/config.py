@@ -29,6 +29,9 @@ class NodeSettings(BaseSettings):
     port: int = Field(default=0, ge=0, le=65535)  # 0 = any free port
     # the address other processes reach this node at (default: host)
     announce_host: str = ""
+    # "HOST:PORT" announced instead of the node's own address and port, for a node reached through a
+    # port forward, NAT, Docker or a TCP proxy (TLS names the node, not the address, so proxies work)
+    public_endpoint: str = Field(default="", pattern=r"^$|^[^\s:]+:\d{1,5}$")
     initial_peers: tuple[str, ...] = ()
     dht_port: int = Field(default=0, ge=0, le=65535)
     pool_id: str = DEFAULT_POOL_ID
@@ -127,6 +130,10 @@ class CoordinatorSettings(BaseSettings):
     text_workers: int = Field(default=4, gt=0)
     # events a node's session streams may queue at the coordinator; a full queue pauses reading them
     max_queued_events_per_session: int = Field(default=8, gt=0)
+    # multi-token steps for greedy requests: each step carries up to this many prompt-lookup draft
+    # tokens, which the route verifies in the same pass (same tokens, fewer round trips); 0 = off.
+    # Nodes compute, and are paid for, the rejected drafts too.
+    speculative_tokens: int = Field(default=4, ge=0)
     # failed admin sign-ins (form or bearer token) one client address may make in a burst, and the
     # seconds after which it may make one more; beyond that, 429 with Retry-After
     admin_sign_in_burst: int = Field(default=10, gt=0)

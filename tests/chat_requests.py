@@ -5,7 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -17,6 +17,22 @@ def greedy_chat(url: str, key: str | None, question: str, max_tokens: int, *, ti
     body = {"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens, "temperature": 0}
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     return httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=timeout_s)
+
+
+def stream_greedy_chat(url: str, question: str, max_tokens: int) -> Iterator[dict[str, Any]]:
+    """The chunks of one streamed greedy chat; the last one carries the "coop" extras (token ids, route)."""
+    body = {
+        "model": "smollm2-demo",
+        "messages": [{"role": "user", "content": question}],
+        "temperature": 0,
+        "max_tokens": max_tokens,
+        "stream": True,
+    }
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                yield json.loads(line[len("data: ") :])
 
 
 def answered_chat(url: str, key: str | None, question: str, max_tokens: int, *, timeout_s: float = 120) -> Any:

@@ -40,6 +40,9 @@ def node_start(
     blocks: Annotated[str, typer.Option(help="START:END, or auto to fill the least-served blocks")] = "auto",
     port: Annotated[int, typer.Option(help="gRPC port (0 = any free port)")] = 0,
     host: Annotated[str, typer.Option()] = "127.0.0.1",
+    public_endpoint: Annotated[
+        str, typer.Option("--public-endpoint", help="HOST:PORT to announce instead (NAT, Docker, a proxy)")
+    ] = "",
     initial_peers: PeersOption = None,
     max_blocks: Annotated[int, typer.Option("--max-blocks", help="with --blocks auto: how many")] = 0,
     institution: Annotated[str, typer.Option()] = "local",
@@ -60,6 +63,7 @@ def node_start(
         blocks=blocks,
         port=port,
         host=host,
+        public_endpoint=public_endpoint,
         initial_peers=tuple(initial_peers or ()),
         max_blocks=max_blocks,
         institution=institution,

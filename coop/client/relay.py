@@ -38,6 +38,7 @@ class RelayChain:
         self.session_id = ""
         self.hops: list[Hop] = []  # as of the last open() or refresh()
         self.failovers = 0
+        self.draft_tokens = 0  # one-token steps: the coordinator takes only the session's next position
 
     async def open(self) -> RelayChain:
         body = {"max_length": self.max_length, "model_hash": self.model_hash}

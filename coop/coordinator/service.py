@@ -82,6 +82,7 @@ class RemoteBackend:
             charge=charge,
             sign_route=self._sign_route,
             max_queued_events=self.settings.max_queued_events_per_session,
+            draft_tokens=self.settings.speculative_tokens,
         )
         return await chain.open()
 

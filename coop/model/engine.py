@@ -49,11 +49,15 @@ DEFAULT_MAX_LENGTH = 2048
 
 @dataclass(frozen=True)
 class StepInput:
-    """One session's step in a batch: hidden states [1, n, hidden] of its tokens at start_position.. (+n)."""
+    """One session's step in a batch: hidden states [1, n, hidden] of its tokens at start_position.. (+n).
+
+    `rewind`: drop the cached tokens from start_position on first (the rejected drafts of a multi-token step).
+    """
 
     session_id: str
     hidden: torch.Tensor
     start_position: int
+    rewind: bool = False
 
 
 @dataclass
@@ -101,6 +105,8 @@ class SpanEngine:
         self._hosted_layers = {i: self._layers[i] for i in range(start, end)}
         # Packed batches hand the model a ready 4D mask, in the format of its attention function.
         self.can_batch = _full_attention_only(self._config) and self._config._attn_implementation in ("sdpa", "eager")
+        # A sliding-window layer forgets what falls out of its window, so its cache cannot be cut back.
+        self.can_rewind = _full_attention_only(self._config)
 
     @classmethod
     def load(
@@ -262,15 +268,18 @@ class SpanEngine:
 
     # -- compute ----------------------------------------------------------------------------
 
-    def step(self, session_id: str, hidden: torch.Tensor, start_position: int) -> torch.Tensor:
+    def step(self, session_id: str, hidden: torch.Tensor, start_position: int, *, rewind: bool = False) -> torch.Tensor:
         """Run the span on hidden states [1, n, hidden] of the tokens at start_position.. (+n).
 
-        Returns the span's output hidden states with the same shape, on the engine's device.
+        Returns the span's output hidden states with the same shape, on the engine's device. With
+        `rewind`, the session's cached tokens from start_position on are dropped first.
         """
         session = self._get(session_id)
         self._validate_hidden(hidden)
         n = hidden.shape[1]
         with session.lock:
+            if rewind:
+                self._rewind(session, start_position)
             self._check_positions(session, start_position, n)
             positions = torch.arange(start_position, start_position + n, device=self.device).unsqueeze(0)
             with self._compute_lock, torch.inference_mode(), self._only_blocks(session.start, session.end):
@@ -314,6 +323,8 @@ class SpanEngine:
             groups: dict[tuple[int, int], list[int]] = {}
             for index, session in sessions.items():
                 try:
+                    if steps[index].rewind:
+                        self._rewind(session, steps[index].start_position)
                     self._check_positions(session, steps[index].start_position, steps[index].hidden.shape[1])
                 except CoopError as exc:
                     results[index] = exc
@@ -327,7 +338,7 @@ class SpanEngine:
 
     def _step_or_error(self, s: StepInput) -> torch.Tensor | CoopError:
         try:
-            return self.step(s.session_id, s.hidden, s.start_position)
+            return self.step(s.session_id, s.hidden, s.start_position, rewind=s.rewind)
         except CoopError as exc:
             return exc
 
@@ -374,6 +385,22 @@ class SpanEngine:
                 "its cache is unusable: open a new session"
             )
         return results
+
+    def _rewind(self, session: _Session, length: int) -> None:
+        """Cut the session's cache back to its first `length` tokens; the caller holds its lock."""
+        if not self.can_rewind:
+            raise InvalidPositions(
+                f"blocks {self.start}:{self.end} have sliding-window attention, whose cache cannot be rewound: "
+                "turn multi-token steps off for this model"
+            )
+        if not 0 <= length <= session.length:
+            raise InvalidPositions(
+                f"cannot rewind session {session.session_id} to position {length}: it has processed "
+                f"{session.length} tokens"
+            )
+        if length < session.length:
+            session.cache.crop(length - session.length)  # a negative count: the tokens to drop
+            session.length = length
 
     def _check_positions(self, session: _Session, start_position: int, n: int) -> None:
         if start_position != session.length:

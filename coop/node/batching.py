@@ -105,13 +105,13 @@ class StepBatcher:
         return len(self._waiting)
 
     async def step(
-        self, session_id: str, hidden: torch.Tensor, start_position: int, *, priority: float
+        self, session_id: str, hidden: torch.Tensor, start_position: int, *, priority: float, rewind: bool = False
     ) -> torch.Tensor:
-        """The engine's output for this step, once a batch that holds it has run."""
+        """The engine's output for this step, once a batch that holds it has run (`rewind`: see StepInput)."""
         future: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
         now = asyncio.get_running_loop().time()
         about = Waiting(session_id, hidden.shape[1], priority, next(self._arrival), now)
-        self._waiting.append(_Pending(about, StepInput(session_id, hidden, start_position), future))
+        self._waiting.append(_Pending(about, StepInput(session_id, hidden, start_position, rewind), future))
         self._start_next()
         return await future
 

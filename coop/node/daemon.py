@@ -135,7 +135,7 @@ async def run_node(settings: NodeSettings) -> None:
         coop_pb2_grpc.add_NodeServicer_to_server(service, server)
         port = membership.add_port(server, f"{settings.host}:{settings.port}")
         await server.start()
-        endpoint = f"{settings.announce_host or settings.host}:{port}"
+        endpoint = settings.public_endpoint or f"{settings.announce_host or settings.host}:{port}"
 
         def describe() -> dict[str, object]:
             return {

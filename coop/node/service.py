@@ -334,13 +334,18 @@ class NodeService(coop_pb2_grpc.NodeServicer):
             raise UnknownSession(f"no session {request.session_id} is open on node {self.node_id}")
         next_hops = self._route_after_me(request, caller, live)
         step_bytes = len(request.hidden.data)
-        if step_bytes > live.room_left_bytes:
+        # A rewind gives back the room of the dropped tokens (rejected drafts of a multi-token step).
+        kept_bytes = live.bytes_run
+        if request.rewind:
+            kept_bytes = max(0, min(live.bytes_run, request.start_position * self._token_bytes))
+        room_left_bytes = live.room_left_bytes + live.bytes_run - kept_bytes
+        if step_bytes > room_left_bytes:
             raise self._budgets.refuse(
                 "max_length",
                 SessionLimitExceeded(
                     f"a step of {step_bytes:,} bytes does not fit session {request.session_id}: its max_length "
-                    f"leaves room for {max(live.room_left_bytes, 0):,} more bytes of hidden states "
-                    f"({max(live.room_left_bytes, 0) // self._token_bytes} tokens)"
+                    f"leaves room for {max(room_left_bytes, 0):,} more bytes of hidden states "
+                    f"({max(room_left_bytes, 0) // self._token_bytes} tokens)"
                 ),
             )
         if live.steps_in_flight >= self.limits.max_steps_in_flight_per_session:
@@ -362,6 +367,7 @@ class NodeService(coop_pb2_grpc.NodeServicer):
             self._budgets.give_step(peer, step_bytes)
             raise
         live.steps_in_flight += 1
+        live.bytes_run = kept_bytes
         live.bytes_to_run += step_bytes
         live.last_active = time.monotonic()
         return live, hidden, next_hops
@@ -422,7 +428,9 @@ class NodeService(coop_pb2_grpc.NodeServicer):
         event: pb.SessionEvent | None = None  # for the coordinator, once the step's own bytes are given back
         ran = False
         try:
-            output = await self._batcher.step(session_id, hidden, request.start_position, priority=live.meter.priority)
+            output = await self._batcher.step(
+                session_id, hidden, request.start_position, priority=live.meter.priority, rewind=request.rewind
+            )
             live.meter.tokens.add(hidden.shape[1])
             live.bytes_run += step_bytes
             live.bytes_to_run -= step_bytes
@@ -462,6 +470,7 @@ class NodeService(coop_pb2_grpc.NodeServicer):
             start_position=start_position,
             route=route,
             route_signature=route_signature,
+            rewind=step.rewind,
         )
         try:
             stub = self._channels.stub(target.endpoint, target.institution, target.node_id)

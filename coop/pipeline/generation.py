@@ -3,6 +3,13 @@
 `Chain` is whatever runs all of the model's blocks for one session: engines in this process
 (`coop.pipeline.local.LocalChain`, the reference path) or nodes across the network. The loop is the same for both,
 which is what makes "distributed output equals local output" checkable.
+
+Multi-token steps (greedy requests, on chains with `draft_tokens` > 0): each step carries the token
+just chosen plus up to `draft_tokens` drafts (`coop.pipeline.drafts`); the chain runs them in one pass,
+and the loop keeps the drafts that greedy decoding agrees with, position by position, plus the model's
+own next token after them. The next step starts right after the kept tokens, so the chain drops the
+rejected drafts from its caches first. Each kept token is the argmax given the kept tokens before it,
+exactly as with one-token steps, so the output is the same tokens, in fewer round trips.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import torch
 
 from coop.errors import InvalidInput, SpanOutOfRange
 from coop.model.client_part import ClientPart
+from coop.pipeline.drafts import NgramDrafter
 from coop.pipeline.sampling import SamplingParams, make_generator, sample_token
 from coop.swarm.routing import Hop
 
@@ -22,12 +30,15 @@ from coop.swarm.routing import Hop
 class Chain(Protocol):
     hops: list[Hop]  # the route the session runs on now (one hop per span)
     failovers: int  # how many times the session moved to another route
+    draft_tokens: int  # draft tokens a greedy step may carry for verification; 0: one-token steps
 
     async def step(self, hidden: torch.Tensor, start_position: int, token_ids: Sequence[int]) -> torch.Tensor:
         """Hidden states [1, n, h] of tokens start_position.. -> hidden states after the last block.
 
         `token_ids` are all the session's tokens up to and including this step's: a remote chain
-        replays them on a new route when a node fails.
+        replays the first start_position of them on a new route when a node fails. A chain with
+        `draft_tokens` > 0 also takes a start_position below the positions it has stepped: it drops the
+        cached tokens from there on (rejected drafts) before the step.
         """
         ...
 
@@ -54,23 +65,49 @@ async def generate_tokens(
     if not prompt_ids:
         raise InvalidInput("the prompt must contain at least one token")
     generator = make_generator(params)
-    tokens = list(prompt_ids)
+    drafter = NgramDrafter(chain.draft_tokens) if params.greedy and chain.draft_tokens > 0 else None
+    tokens = list(prompt_ids)  # every token kept so far; the chain's caches hold all but the last
     hidden = await chain.step(client.embed(torch.tensor([tokens])), 0, tokens)
-    for produced in range(1, params.max_tokens + 1):
+    drafts: list[int] = []  # the drafts the last step carried after its first token
+    produced = 0
+    while True:
         # The LM head is the heaviest work a coordinator does per token (~10 ms of CPU on the demo
         # model): in a worker thread it runs beside the event loop and the other sessions' heads.
-        token = await asyncio.to_thread(_next_token, client, hidden, params, generator)
-        yield token
-        if token in client.eos_token_ids or produced == params.max_tokens:
-            return
-        tokens.append(token)
-        hidden = await chain.step(client.embed(torch.tensor([[token]])), len(tokens) - 1, tokens)
+        kept = await asyncio.to_thread(_kept_tokens, client, hidden, drafts, params, generator)
+        if drafter is not None and drafts:
+            drafter.update(len(drafts), len(kept) - 1)
+        for token in kept:
+            produced += 1
+            yield token
+            if token in client.eos_token_ids or produced == params.max_tokens:
+                return
+        tokens.extend(kept)
+        # Never more drafts than tokens left to produce: the session's caches are sized for max_tokens.
+        drafts = drafter.propose(tokens, params.max_tokens - produced - 1) if drafter is not None else []
+        step_ids = [tokens[-1], *drafts]
+        hidden = await chain.step(client.embed(torch.tensor([step_ids])), len(tokens) - 1, tokens + drafts)
 
 
-def _next_token(
-    client: ClientPart, hidden: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
-) -> int:
-    return sample_token(client.logits(hidden)[0, -1], params, generator)
+def _kept_tokens(
+    client: ClientPart,
+    hidden: torch.Tensor,
+    drafts: Sequence[int],
+    params: SamplingParams,
+    generator: torch.Generator | None,
+) -> list[int]:
+    """The tokens a step adds: the next token sampled from its last position; or, when it carried
+    drafts (greedy only), the drafts that match the argmax at the position before each, then the argmax
+    after the last match."""
+    if not drafts:
+        return [sample_token(client.logits(hidden)[0, -1], params, generator)]
+    predicted = client.logits(hidden, last_only=False)[0].argmax(dim=-1).tolist()  # [1 + len(drafts)]
+    kept: list[int] = []
+    for draft, guess in zip(drafts, predicted, strict=False):
+        if draft != guess:
+            break
+        kept.append(draft)
+    kept.append(predicted[len(kept)])
+    return kept
 
 
 async def collect_tokens(

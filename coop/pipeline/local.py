@@ -29,11 +29,13 @@ class LocalChain:
     engines lock their own compute, so concurrent sessions simply interleave.
     """
 
-    def __init__(self, engines: Sequence[SpanEngine], *, max_length: int) -> None:
+    def __init__(self, engines: Sequence[SpanEngine], *, max_length: int, draft_tokens: int = 0) -> None:
         check_spans_tile([(e.start, e.end) for e in engines], engines[0].manifest.num_blocks if engines else 0)
         self.engines = list(engines)
         self.hops = [Hop("local", str(e.device), e.start, e.end) for e in self.engines]
         self.failovers = 0
+        self.draft_tokens = draft_tokens
+        self._stepped = 0  # positions the engines' caches hold, rejected drafts included
         self.session_id = uuid.uuid4().hex
         opened: list[SpanEngine] = []
         try:
@@ -46,8 +48,10 @@ class LocalChain:
             raise
 
     async def step(self, hidden: torch.Tensor, start_position: int, token_ids: Sequence[int] = ()) -> torch.Tensor:
+        rewind = start_position < self._stepped
         for engine in self.engines:
-            hidden = await asyncio.to_thread(engine.step, self.session_id, hidden, start_position)
+            hidden = await asyncio.to_thread(engine.step, self.session_id, hidden, start_position, rewind=rewind)
+        self._stepped = start_position + hidden.shape[1]
         return hidden
 
     async def close(self) -> None:

@@ -5,7 +5,8 @@ signed (`coop.wire.routes`): each node takes steps only from its predecessor on 
 only to its successor. The last hop returns the output on its session stream. If a hop dies (its
 stream breaks, a call to it fails, or the step times out and the hop does not answer a probe), the chain picks a new
 route without it, replays the session's tokens through it to rebuild every cache, and carries on:
-the caller sees a pause, and greedy decoding gives the same tokens.
+the caller sees a pause, and greedy decoding gives the same tokens. (After multi-token steps only
+the tokens the caller kept are replayed: `start_position` of the step that failed.)
 
 What a node reports, or sends that fails validation, is the node's fault, never the caller's: it
 leaves the chain as a `PeerError` whose `remote_type` names the node's error (a node's
@@ -76,12 +77,14 @@ class RemoteChain:
         charge: Charge = UNMETERED,
         sign_route: Callable[[bytes], bytes] | None = None,
         max_queued_events: int = MAX_QUEUED_EVENTS,
+        draft_tokens: int = 0,
     ) -> None:
         """`charge`: who pays, the fair-share priority nodes order queued steps by, and the meter
         that writes down what each node did. `sign_route`: the coordinator's signature over a
         route (None in development mode, where nodes check nothing). `max_queued_events`: events
         the route's session streams may queue here; when full, they are not read (gRPC's flow
-        control then holds the nodes back), so a node streaming junk cannot grow our memory."""
+        control then holds the nodes back), so a node streaming junk cannot grow our memory.
+        `draft_tokens`: see `coop.pipeline.generation.Chain`."""
         self.swarm = swarm
         self.channels = channels
         self.embed = embed
@@ -93,6 +96,8 @@ class RemoteChain:
         self.session_id = ""
         self.hops: list[Hop] = []
         self.failovers = 0
+        self.draft_tokens = draft_tokens
+        self._stepped = 0  # positions the current route's caches hold, rejected drafts included
         self._streams: list[_Stream] = []
         self._max_queued_events = max_queued_events
         self._events: asyncio.Queue[tuple[int, pb.SessionEvent | None]] = asyncio.Queue(max_queued_events)
@@ -120,6 +125,7 @@ class RemoteChain:
         self._route = encode_route(self.session_id, self.hops)
         self._route_signature = b"" if self._sign_route is None else self._sign_route(route_payload(self._route))
         self._sent = TokenTally()
+        self._stepped = 0
         self._events = asyncio.Queue(self._max_queued_events)
         # Each stream joins self._streams as soon as it is open, so close() finds it even if
         # this open is cancelled half-way.
@@ -204,6 +210,7 @@ class RemoteChain:
             return
 
     async def _step_once(self, hidden: torch.Tensor, start_position: int) -> torch.Tensor:
+        """One step on the current route; a start_position below what it holds rewinds its caches first."""
         revoked = self.swarm.revoked()
         if dropped := {h.node_id for h in self.hops if h.institution in revoked}:
             raise _HopsFailed(dropped, "a node of the route belongs to a revoked institution")
@@ -218,6 +225,7 @@ class RemoteChain:
             start_position=start_position,
             route=self._route,
             route_signature=self._route_signature,
+            rewind=start_position < self._stepped,
         )
         try:
             stub = self.channels.stub(first.endpoint, first.institution, first.node_id)
@@ -232,6 +240,7 @@ class RemoteChain:
                 raise _HopsFailed({first.node_id}, str(error))
             raise _peer_error(first, "refused the step", error) from error
         output = await self._wait_result(step_id, hidden.shape[1])
+        self._stepped = start_position + hidden.shape[1]
         self.swarm.step_completed(self.hops, hidden.shape[1], asyncio.get_running_loop().time() - started)
         if self.charge.meter is not None:
             self.charge.meter.stepped(self.charge.consumer, self.hops, hidden.shape[1])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -14,6 +13,7 @@ from coop.launcher import LocalPool as Pool
 from coop.model.manifest import Manifest
 from coop.node.client import node_info
 from coop.swarm.directory import SwarmDirectory
+from tests.chat_requests import stream_greedy_chat
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -36,21 +36,6 @@ def pool(demo_model_dir: str) -> Iterator[Pool]:
         pool.stop()
 
 
-def _stream_chat(url: str, question: str, max_tokens: int) -> Iterator[dict[str, object]]:
-    body = {
-        "model": "smollm2-demo",
-        "messages": [{"role": "user", "content": question}],
-        "temperature": 0,
-        "max_tokens": max_tokens,
-        "stream": True,
-    }
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as response:
-        assert response.status_code == 200
-        for line in response.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                yield json.loads(line[len("data: ") :])
-
-
 def test_kill_9_mid_generation_gives_the_same_tokens(
     pool: Pool, reference: Callable[[str, int], list[int]], demo_model_dir: str
 ) -> None:
@@ -58,7 +43,7 @@ def test_kill_9_mid_generation_gives_the_same_tokens(
     killed = ""
     final: dict[str, object] = {}
     killed_at = 0.0
-    for chunk in _stream_chat(pool.url, STORY, MAX_TOKENS):
+    for chunk in stream_greedy_chat(pool.url, STORY, MAX_TOKENS):
         chunk_times.append(time.monotonic())
         if chunk.get("coop"):
             final = chunk

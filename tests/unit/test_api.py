@@ -286,6 +286,7 @@ class _FailingChain:
         self.inner = inner
         self.hops = inner.hops
         self.failovers = 0
+        self.draft_tokens = inner.draft_tokens
         self.steps = 0
 
     async def step(self, hidden: torch.Tensor, start_position: int, token_ids: Sequence[int]) -> torch.Tensor:

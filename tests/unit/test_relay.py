@@ -45,6 +45,7 @@ class FailoverChain:
         self.inner = inner
         self.hops = inner.hops
         self.failovers = 0
+        self.draft_tokens = inner.draft_tokens
         self.fail_next = False
 
     async def step(self, hidden: torch.Tensor, start_position: int, token_ids: Sequence[int]) -> torch.Tensor:

@@ -223,20 +223,22 @@ class SessionEvent(_message.Message):
     def __init__(self, opened: _Optional[_Union[SessionEvent.Opened, _Mapping]] = ..., result: _Optional[_Union[SessionEvent.Result, _Mapping]] = ..., failed: _Optional[_Union[SessionEvent.Failed, _Mapping]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("session_id", "step_id", "hidden", "start_position", "route", "route_signature")
+    __slots__ = ("session_id", "step_id", "hidden", "start_position", "route", "route_signature", "rewind")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     START_POSITION_FIELD_NUMBER: _ClassVar[int]
     ROUTE_FIELD_NUMBER: _ClassVar[int]
     ROUTE_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    REWIND_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step_id: int
     hidden: Tensor
     start_position: int
     route: bytes
     route_signature: bytes
-    def __init__(self, session_id: _Optional[str] = ..., step_id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., start_position: _Optional[int] = ..., route: _Optional[bytes] = ..., route_signature: _Optional[bytes] = ...) -> None: ...
+    rewind: bool
+    def __init__(self, session_id: _Optional[str] = ..., step_id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., start_position: _Optional[int] = ..., route: _Optional[bytes] = ..., route_signature: _Optional[bytes] = ..., rewind: _Optional[bool] = ...) -> None: ...
 
 class StepAck(_message.Message):
     __slots__ = ("error",)
