@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_POOL_ID = "default"
@@ -45,6 +45,10 @@ class NodeSettings(BaseSettings):
     member_bundle: Path | None = None
     # signed receipts wait here until a coordinator books them (default: <member_bundle>.outbox.db)
     outbox_path: Path | None = None
+    # Prometheus /metrics on this port (0 = any free port, printed in the ready line); None = not served.
+    # Unauthenticated, like every Prometheus exporter: keep metrics_host on a private interface.
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
 
     # -- limits: what one peer can make this node hold (README, "Limits"; `coop node status`) --
     # bytes of KV cache all sessions together may reserve (each reserves max_length tokens' worth)
@@ -141,3 +145,6 @@ class CoordinatorSettings(BaseSettings):
     # /docs, /redoc and /openapi.json for anyone; None = only in development mode (no member bundle).
     # Signed-in admins always get the schema at /admin/api/openapi.json.
     public_api_docs: bool | None = None
+    # /metrics (Prometheus) answers only `Authorization: Bearer <token>` when set; None = anyone who can reach
+    # the API, as Prometheus expects (bind the API to a private interface, or set this)
+    metrics_token: SecretStr | None = None

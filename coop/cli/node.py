@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -53,11 +53,22 @@ def node_start(
     outbox: Annotated[
         Path | None, typer.Option("--outbox", help="receipts wait here until booked (default: <member>.outbox.db)")
     ] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option("--metrics-port", help="serve Prometheus /metrics on this port (0 = any free port)")
+    ] = None,
+    metrics_host: Annotated[
+        str | None,
+        typer.Option("--metrics-host", help="address /metrics listens on (default 127.0.0.1; no authentication)"),
+    ] = None,
 ) -> None:
     """Serve a span of blocks to the pool until SIGTERM or Ctrl-C."""
     from coop.config import NodeSettings
     from coop.node.daemon import run_node
 
+    # given only when set, so that COOP_NODE_METRICS_PORT / _HOST apply otherwise
+    metrics: dict[str, Any] = {
+        k: v for k, v in (("metrics_port", metrics_port), ("metrics_host", metrics_host)) if v is not None
+    }
     settings = NodeSettings(
         model_dir=model,
         blocks=blocks,
@@ -72,6 +83,7 @@ def node_start(
         cache_budget_bytes=cache_budget_mb << 20,
         member_bundle=member,
         outbox_path=outbox,
+        **metrics,
     )
     asyncio.run(run_node(settings))
 

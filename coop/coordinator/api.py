@@ -5,7 +5,8 @@ under /v1/coop/sessions, `coop.coordinator.relay`); the shapes on the wire in
 `coop.coordinator.protocol`. Every error, ours or the framework's, leaves through
 `api_errors.error_response`, so clients always get OpenAI's error envelope. Before any route, the
 API key and the body's size are checked (`coop.coordinator.guard`); every refusal is counted by its
-code in `app.state.rejections`.
+code in `app.state.rejections`. `/metrics` serves Prometheus (`coop.coordinator.metrics`), without an
+API key: to anyone who can reach the API, or only with the bearer token of `metrics_token`.
 """
 
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,7 +17,8 @@ import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, SecretStr
 from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
@@ -26,6 +28,7 @@ from coop.coordinator.api_errors import error_response
 from coop.coordinator.auth import ApiKeyGate, Caller
 from coop.coordinator.guard import RequestGuard
 from coop.coordinator.limits import HttpLimits, Rejections
+from coop.coordinator.metrics import CoordinatorMetrics, RequestCounter
 from coop.coordinator.protocol import ChatCompletionRequest, CompletionRequest, RelayOpenRequest
 from coop.coordinator.relay import ChainRelay
 from coop.coordinator.serving import OpenAIServing
@@ -75,12 +78,15 @@ async def _generate(
     access: RequestAdmission | None,
     caller: Caller,
     work: Callable[[Charge], Awaitable[BaseModel | AsyncIterator[str]]],
+    metrics: CoordinatorMetrics,
 ) -> Response:
     """Run a generation while holding one of the caller's key slots and, when the pool meters use,
     a session slot granted in fair-share order; a stream keeps both until it ends."""
     stack = AsyncExitStack()
     try:
         charge, waited_s = await enter_request(stack, gate, access, caller)
+        if waited_s is not None:
+            metrics.queue_wait.observe(waited_s)
         result = await work(charge)
     except BaseException:
         await stack.aclose()
@@ -114,16 +120,22 @@ def create_app(
     session_idle_timeout_s: float = DEFAULT_SESSION_IDLE_TIMEOUT_S,
     limits: HttpLimits | None = None,
     public_docs: bool = True,
+    metrics: CoordinatorMetrics | None = None,
+    metrics_token: SecretStr | None = None,
 ) -> FastAPI:
     """`keys`: the API-key gate; None serves anyone (development mode). `access`: credit floors and
     fair-share admission (None: every request starts at once). `session_idle_timeout_s`: relay
     sessions idle this long are closed. `limits`: what one request may send (default: the settings'
-    defaults). `public_docs`: serve /docs, /redoc and /openapi.json to anyone."""
+    defaults). `public_docs`: serve /docs, /redoc and /openapi.json to anyone. `metrics`: where requests are
+    counted and timed (default: a registry of this app's own); `metrics_token`: the bearer token /metrics
+    asks for (None: none)."""
     limits = limits or HttpLimits()
-    serving = OpenAIServing(backend, limits)
+    metrics = metrics or CoordinatorMetrics()
+    serving = OpenAIServing(backend, limits, metrics)
     gate = keys or ApiKeyGate(None)
     relay = ChainRelay(backend, gate, access, idle_timeout_s=session_idle_timeout_s)
     rejections = Rejections()
+    metrics.watch(rejections, access.admission if access is not None else None)
 
     def body_limit(path: str) -> int:
         if path.startswith(SESSIONS_PREFIX) and path.endswith(STEPS_SUFFIX):
@@ -157,10 +169,16 @@ def create_app(
     for exc_type in (CoopError, RequestValidationError, HTTPException, Exception):
         app.add_exception_handler(exc_type, handle_error)
     app.add_middleware(RequestGuard, gate=gate, body_limit=body_limit, rejections=rejections)
+    app.add_middleware(RequestCounter, requests=metrics.http_requests)  # outermost: counts the guard's refusals too
 
     @app.get("/health")
     async def health() -> Response:
         return _respond(serving.health())
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus(request: Request) -> Response:
+        body = metrics.exposition(request.headers.get("authorization"), metrics_token)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     v1 = APIRouter(prefix="/v1")
 
@@ -172,13 +190,13 @@ def create_app(
     async def chat_completions(body: ChatCompletionRequest, who: Authenticated) -> Response:
         gate.check_max_tokens(who, body.requested_max_tokens)
         limits.check(body)
-        return await _generate(gate, access, who, lambda charge: serving.chat(body, charge))
+        return await _generate(gate, access, who, lambda charge: serving.chat(body, charge), metrics)
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, who: Authenticated) -> Response:
         gate.check_max_tokens(who, body.requested_max_tokens)
         limits.check(body)
-        return await _generate(gate, access, who, lambda charge: serving.complete(body, charge))
+        return await _generate(gate, access, who, lambda charge: serving.complete(body, charge), metrics)
 
     sessions = APIRouter(prefix=SESSIONS_PREFIX)
 
@@ -205,4 +223,5 @@ def create_app(
     app.state.serving = serving
     app.state.relay = relay
     app.state.rejections = rejections
+    app.state.metrics = metrics
     return app

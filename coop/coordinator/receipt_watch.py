@@ -74,6 +74,7 @@ class PollSchedule:
         self.forget_after_s = forget_after_s
         self._clock = clock
         self.tallies: dict[str, NodeTally] = {}
+        self.total = NodeTally()  # booked, rejected and dropped of every node since start, never forgotten
         self._skip: dict[str, int] = {}  # rounds left to skip
         self._listed_at: dict[str, float] = {}
 
@@ -104,6 +105,9 @@ class PollSchedule:
         tally.dropped += outcome.dropped
         tally.deferred += outcome.deferred
         tally.pending = outcome.pending
+        self.total.booked += outcome.booked
+        self.total.rejected += outcome.rejected
+        self.total.dropped += outcome.dropped
         tally.timeouts += outcome.timed_out
         tally.errors += outcome.failed
         if outcome.junk or outcome.timed_out:

@@ -13,6 +13,7 @@ from coop.config import CoordinatorSettings
 from coop.coordinator.accounting import Accounting
 from coop.coordinator.auth import ApiKeyGate
 from coop.coordinator.limits import HttpLimits
+from coop.coordinator.metrics import CoordinatorMetrics
 from coop.model.client_part import ClientPart
 from coop.pipeline.charge import UNMETERED, Charge
 from coop.pipeline.generation import Chain
@@ -130,6 +131,9 @@ async def run_coordinator(settings: CoordinatorSettings) -> None:
             )
         gate = ApiKeyGate(settings.api_keys_file, membership.bundle.limits if membership.bundle else None)
         access = backend.accounting.access if backend.accounting else None
+        metrics = CoordinatorMetrics()
+        if backend.accounting is not None:
+            metrics.watch_accounting(backend.accounting)
         app = create_app(
             backend,
             keys=gate,
@@ -137,6 +141,8 @@ async def run_coordinator(settings: CoordinatorSettings) -> None:
             session_idle_timeout_s=settings.session_idle_timeout_s,
             limits=HttpLimits.from_settings(settings),
             public_docs=membership.bundle is None if settings.public_api_docs is None else settings.public_api_docs,
+            metrics=metrics,
+            metrics_token=settings.metrics_token,
         )
         if settings.pool_dir is not None and backend.accounting is not None:
             accounting = backend.accounting

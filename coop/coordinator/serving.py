@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 from coop.coordinator.api_errors import error_response
 from coop.coordinator.limits import HttpLimits
+from coop.coordinator.metrics import CoordinatorMetrics
 from coop.coordinator.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -67,9 +68,10 @@ DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 class OpenAIServing:
     """One instance per app; holds nothing per request."""
 
-    def __init__(self, backend: Backend, limits: HttpLimits) -> None:
+    def __init__(self, backend: Backend, limits: HttpLimits, metrics: CoordinatorMetrics | None = None) -> None:
         self.backend = backend
         self.limits = limits
+        self.metrics = metrics or CoordinatorMetrics()
         self.text = TextWorkers(limits.text_workers)
         self.created = int(time.time())
 
@@ -92,7 +94,7 @@ class OpenAIServing:
         self.limits.check_prompt_tokens(len(prompt_ids), "messages")
         params = self._sampling_params(request, len(prompt_ids), DEFAULT_CHAT_MAX_TOKENS)
         response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        events = run_generation(self.backend, self.text, prompt_ids, params, charge)
+        events = self.metrics.timed(run_generation(self.backend, self.text, prompt_ids, params, charge))
         if request.stream:
             render = _chat_renderer(response_id, created, self.backend.model_name, request.include_usage)
             return await _start_stream(events, render)
@@ -114,7 +116,7 @@ class OpenAIServing:
         self.limits.check_prompt_tokens(len(prompt_ids), "prompt")
         params = self._sampling_params(request, len(prompt_ids), DEFAULT_COMPLETION_MAX_TOKENS)
         response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        events = run_generation(self.backend, self.text, prompt_ids, params, charge)
+        events = self.metrics.timed(run_generation(self.backend, self.text, prompt_ids, params, charge))
         if request.stream:
             render = _completion_renderer(response_id, created, self.backend.model_name, request.include_usage)
             return await _start_stream(events, render)

@@ -24,6 +24,7 @@ from coop.model.engine import SpanEngine
 from coop.model.manifest import Manifest
 from coop.node.limits import NodeLimits
 from coop.node.metering import ReceiptWriter
+from coop.node.metrics import NodeMetrics
 from coop.node.outbox import Outbox
 from coop.node.service import NodeService
 from coop.pool.membership import Membership
@@ -103,6 +104,7 @@ async def run_node(settings: NodeSettings) -> None:
     service: NodeService | None = None
     outbox: Outbox | None = None
     receipts: ReceiptWriter | None = None
+    metrics = NodeMetrics()
     try:
         await asyncio.to_thread(watcher.start)
         start, end = await asyncio.to_thread(pick_span, settings, manifest, directory, membership)
@@ -127,15 +129,20 @@ async def run_node(settings: NodeSettings) -> None:
             institution=membership.institution,
             throughput_tps=throughput,
             security=membership.channel_security(),
-            authorize=membership.authorize,
+            authorize=metrics.counting_refusals(membership.authorize),
             limits=NodeLimits.from_settings(settings),
             receipts=receipts,
+            step_seconds=metrics.step_seconds.observe,
         )
         server = grpc.aio.server(options=GRPC_OPTIONS)
         coop_pb2_grpc.add_NodeServicer_to_server(service, server)
         port = membership.add_port(server, f"{settings.host}:{settings.port}")
         await server.start()
         endpoint = settings.public_endpoint or f"{settings.announce_host or settings.host}:{port}"
+        metrics_url = None
+        if settings.metrics_port is not None:
+            metrics_port = metrics.serve(service.info, outbox, settings.metrics_host, settings.metrics_port)
+            metrics_url = f"http://{settings.metrics_host}:{metrics_port}/metrics"
 
         def describe() -> dict[str, object]:
             return {
@@ -162,6 +169,7 @@ async def run_node(settings: NodeSettings) -> None:
             "pool_id": membership.pool_id,
             "institution": membership.institution,
             "tls": membership.secure,
+            "metrics_url": metrics_url,
         }
         print(f"{READY_MARKER} {json.dumps(ready)}", flush=True)
         await _wait_for_signal()
@@ -170,6 +178,7 @@ async def run_node(settings: NodeSettings) -> None:
         watcher.stop()
         if announcer is not None:
             await asyncio.to_thread(announcer.stop)
+        metrics.stop()
         if server is not None:
             await server.stop(SHUTDOWN_GRACE_S)
         if service is not None:

@@ -83,11 +83,13 @@ class NodeService(coop_pb2_grpc.NodeServicer):
         security: ChannelSecurity | None = None,
         authorize: Callable[[grpc.aio.ServicerContext], Identity | None] | None = None,
         receipts: ReceiptWriter | None = None,
+        step_seconds: Callable[[float], None] | None = None,
     ) -> None:
         """`limits`: what one peer may make this node hold. `security`: how to reach the next hop.
         `authorize`: vets every caller (raises Unauthorized) and names it; None means development
         mode, where nobody is checked. `receipts`: signs a receipt for every session into the
-        outbox (None in development mode)."""
+        outbox (None in development mode). `step_seconds`: told how long each step took from its
+        acceptance to its output (the node's latency histogram)."""
         self.engine = engine
         self.node_id = node_id
         self.institution = institution
@@ -99,6 +101,7 @@ class NodeService(coop_pb2_grpc.NodeServicer):
         self._token_bytes = engine.hidden_size * torch.empty((), dtype=engine.dtype).element_size()
         self._sessions: dict[str, LiveSession] = {}
         self._receipts = receipts
+        self._step_seconds = step_seconds or (lambda seconds: None)
         self._batcher = StepBatcher(engine, max_steps=limits.max_batch_steps, gather_s=limits.batch_gather_s)
         self._channels = ChannelPool(security, max_channels=limits.max_channels)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -117,6 +120,10 @@ class NodeService(coop_pb2_grpc.NodeServicer):
             self._authorize(context)
         except CoopError as exc:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        return self.info()
+
+    def info(self) -> pb.NodeInfo:
+        """What the node serves, holds and has done: for `coop node status` and /metrics (on the event loop)."""
         limits = self.limits
         return pb.NodeInfo(
             node_id=self.node_id,
@@ -427,10 +434,12 @@ class NodeService(coop_pb2_grpc.NodeServicer):
         step_bytes = len(request.hidden.data)
         event: pb.SessionEvent | None = None  # for the coordinator, once the step's own bytes are given back
         ran = False
+        accepted = time.monotonic()
         try:
             output = await self._batcher.step(
                 session_id, hidden, request.start_position, priority=live.meter.priority, rewind=request.rewind
             )
+            self._step_seconds(time.monotonic() - accepted)
             live.meter.tokens.add(hidden.shape[1])
             live.bytes_run += step_bytes
             live.bytes_to_run -= step_bytes

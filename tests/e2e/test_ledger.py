@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import re
 import sqlite3
 import subprocess
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
 from coop.launcher import COOP, LocalPool
@@ -82,7 +84,8 @@ def books(tiny_chat_model_dir: str, tmp_path_factory: pytest.TempPathFactory) ->
     pool = LocalPool(tiny_chat_model_dir)
     try:
         pool.start_dht()
-        pool.start_nodes({"node-a": "0:2", "node-b": "2:4"}, {"node-a": bundles["Alpha"], "node-b": bundles["Beta"]})
+        members = {"node-a": bundles["Alpha"], "node-b": bundles["Beta"]}
+        pool.start_nodes({"node-a": "0:2", "node-b": "2:4"}, members, extra_args=["--metrics-port", "0"])
         books = BooksPool(pool, pool_dir, bundles, key, Manifest.load(tiny_chat_model_dir))
         books.start_coordinator()
         yield books
@@ -127,6 +130,98 @@ def test_providers_are_credited_exactly_what_they_computed(books: BooksPool) -> 
     result = _verify(books.pool_dir)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "ledger OK" in result.stdout
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+DASHBOARD = Path(__file__).parents[2] / "docker" / "grafana" / "coop-dashboard.json"
+
+
+def _scrape(url: str) -> Samples:
+    """Every sample of a /metrics page, parsed as Prometheus parses it: (name, labels) -> value."""
+    response = httpx.get(url, timeout=30)
+    assert response.status_code == 200, response.text
+    families = text_string_to_metric_families(response.text)
+    return {(s.name, frozenset(s.labels.items())): s.value for f in families for s in f.samples}
+
+
+def _value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def test_metrics_move_as_requests_are_served(books: BooksPool) -> None:
+    """The nodes' and the coordinator's /metrics, scraped around one chat and one refused request."""
+    node_urls = {name: books.pool.nodes[name].ready["metrics_url"] for name in ("node-a", "node-b")}
+    coordinator_url = f"{books.pool.url}/metrics"
+    nodes_before = {name: _scrape(url) for name, url in node_urls.items()}
+    before = _scrape(coordinator_url)
+    answer = books.chat("Name a colour.")
+    usage, finish = answer["usage"], answer["choices"][0]["finish_reason"]
+    refused = httpx.post(
+        f"{books.pool.url}/v1/chat/completions", json={}, headers={"Authorization": "Bearer nope"}, timeout=30
+    )
+    assert refused.status_code == 401
+    after = _scrape(coordinator_url)
+
+    def moved(name: str, **labels: str) -> float:
+        return _value(after, name, **labels) - _value(before, name, **labels)
+
+    chat = {"endpoint": "/v1/chat/completions", "status": "200"}
+    assert moved("coop_coordinator_http_requests_total", **chat) == 1
+    assert moved("coop_coordinator_http_requests_total", endpoint="other", status="401") == 1
+    assert moved("coop_coordinator_rejections_total", reason="invalid_api_key") == 1
+    assert moved("coop_coordinator_generations_total", outcome=finish) == 1
+    assert moved("coop_coordinator_time_to_first_token_seconds_count") == 1
+    assert moved("coop_coordinator_time_per_output_token_seconds_count") == (usage["completion_tokens"] > 1)
+    assert moved("coop_coordinator_queue_wait_seconds_count") == 1
+    assert moved("coop_coordinator_prompt_tokens_total") == usage["prompt_tokens"]
+    assert moved("coop_coordinator_completion_tokens_total") == usage["completion_tokens"]
+    assert moved("coop_coordinator_route_hops_total", node_id="node-a", institution="Alpha") == 1
+    assert moved("coop_coordinator_route_hops_total", node_id="node-b", institution="Beta") == 1
+    assert moved("coop_coordinator_failovers_total") == 0
+
+    steps = usage["completion_tokens"]  # the prompt in one step, then one per generated token but the last
+    for name, url in node_urls.items():
+        now, then = _scrape(url), nodes_before[name]
+        for counter in ("coop_node_steps_total", "coop_node_step_seconds_count"):
+            assert _value(now, counter) - _value(then, counter) == steps, (name, counter)
+        sent = "coop_node_pushes_total" if name == "node-a" else "coop_node_results_total"
+        assert _value(now, sent) - _value(then, sent) == steps, name
+        assert _value(now, "coop_node_kv_cache_budget_bytes") > 0
+
+    booked = _value(before, "coop_coordinator_receipts_booked_total") + 2  # one per node of the route
+    wait_for(
+        "the coordinator to book both receipts",
+        lambda: _value(_scrape(coordinator_url), "coop_coordinator_receipts_booked_total") >= booked,
+        WAIT_S,
+    )
+    for name, url in node_urls.items():
+        wait_for(
+            f"{name}'s outbox to empty", lambda url=url: _value(_scrape(url), "coop_node_receipts_pending") == 0, WAIT_S
+        )
+    factors = {
+        dict(labels)["institution"]: value
+        for (name, labels), value in _scrape(coordinator_url).items()
+        if name == "coop_coordinator_fair_share_factor"
+    }
+    assert factors["Gamma"] < factors["Alpha"]  # Gamma only used the pool, Alpha contributed
+
+
+def test_every_metric_the_dashboard_shows_is_served(books: BooksPool) -> None:
+    """The Grafana dashboard parses, and each metric its queries name is in a live pool's /metrics."""
+    served = {
+        name
+        for url in [f"{books.pool.url}/metrics", *(n.ready["metrics_url"] for n in books.pool.nodes.values())]
+        for name, _ in _scrape(url)
+    }
+    dashboard = json.loads(DASHBOARD.read_text())
+    queried = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel.get("targets", [])
+        for name in re.findall(r"\bcoop_[a-z_]+", target["expr"])
+    }
+    assert len(queried) >= 6
+    assert queried <= served, f"the dashboard queries metrics no process serves: {sorted(queried - served)}"
 
 
 def test_a_resubmitted_receipt_is_booked_once(books: BooksPool) -> None:
