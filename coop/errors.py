@@ -33,7 +33,8 @@
     ├── ReceiptPending             a receipt not bookable yet: its session is not recorded (yet)
     ├── CreditExhausted            an institution's balance is below its credit floor (HTTP 402)
     ├── ApiError                   (SDK) a coordinator refused or failed an HTTP request
-    └── SignInThrottled            (admin view) too many failed sign-ins from one client (429)
+    ├── SignInThrottled            (admin view) too many failed sign-ins from one client (429)
+    └── DialBackThrottled          (node) a member asked for more dial-backs than a node makes for it
 
 Components raise these; boundaries (gRPC servicers, the HTTP API, the CLI) map them to their
 wire form in one place each. An error a peer reports crosses into the coordinator as a
@@ -291,3 +292,8 @@ class InFlightLimitExceeded(SessionLimitExceeded):
 class SessionDropped(UnknownSession):
     """The node closed the session itself, freeing its cache: idle past the node's timeout, or its
     coordinator left its events unread."""
+
+
+class DialBackThrottled(CoopError):
+    """A member asked a node for more dial-backs (`coop node doctor`) than it makes per institution, or
+    the node is already dialling as many as it does at once."""

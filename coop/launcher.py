@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,11 +75,18 @@ class CoopProcess:
         self.popen.wait(timeout=10)
 
 
-def start(name: str, args: list[str], marker: str | None) -> CoopProcess:
-    """Spawn `coop ARGS`; wait for its readiness line unless marker is None."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+def start(
+    name: str,
+    args: list[str],
+    marker: str | None,
+    *,
+    program: Sequence[str] = COOP,
+    env: Mapping[str, str] | None = None,
+) -> CoopProcess:
+    """Spawn `coop ARGS` (or `program ARGS`, with `env` added); wait for its readiness line unless marker is None."""
+    env = {**os.environ, **(env or {}), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     popen = subprocess.Popen(
-        [*COOP, *args],
+        [*program, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -12,7 +12,7 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
-from coop.cli import coordinator, demo, ledger, member, model, node, pool, swarm
+from coop.cli import coordinator, demo, doctor, ledger, member, model, node, pool, swarm
 from coop.cli.console import err_console, plain
 from coop.errors import CoopError
 
@@ -39,6 +39,7 @@ app = typer.Typer(
 )
 app.add_typer(model.model_app, name="model")
 app.add_typer(node.node_app, name="node")
+node.node_app.command("doctor")(doctor.node_doctor)
 app.add_typer(node.dht_app, name="dht")
 app.add_typer(coordinator.coordinator_app, name="coordinator")
 app.add_typer(pool.pool_app, name="pool")

@@ -32,6 +32,7 @@ from coop.errors import (
     CacheBudgetExceeded,
     ContextLengthExceeded,
     CoopError,
+    DialBackThrottled,
     InFlightLimitExceeded,
     InvalidInput,
     PeerError,
@@ -43,6 +44,7 @@ from coop.errors import (
 )
 from coop.model.engine import SpanEngine
 from coop.node.batching import StepBatcher
+from coop.node.dial_back import DialBacks
 from coop.node.limits import NodeLimits, PeerBudgets
 from coop.node.metering import ReceiptWriter, SessionMeter
 from coop.node.sessions import LiveSession, held_bytes
@@ -104,6 +106,7 @@ class NodeService(coop_pb2_grpc.NodeServicer):
         self._step_seconds = step_seconds or (lambda seconds: None)
         self._batcher = StepBatcher(engine, max_steps=limits.max_batch_steps, gather_s=limits.batch_gather_s)
         self._channels = ChannelPool(security, max_channels=limits.max_channels)
+        self._dial_backs = DialBacks(security or ChannelSecurity())
         self._tasks: set[asyncio.Task[None]] = set()
         self._reaper: asyncio.Task[None] | None = None
 
@@ -158,6 +161,19 @@ class NodeService(coop_pb2_grpc.NodeServicer):
                 channels=limits.max_channels,
             ),
         )
+
+    # -- DialBack (coop node doctor; coop/node/dial_back.py) ----------------------------------
+
+    async def DialBack(self, request: pb.DialBackRequest, context: grpc.aio.ServicerContext) -> pb.DialBackReply:
+        try:
+            return await self._dial_backs.dial(self._authorize(context), request)
+        except Unauthorized as exc:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        except DialBackThrottled as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except CoopError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        raise AssertionError("context.abort always raises")
 
     # -- Session ----------------------------------------------------------------------------
 

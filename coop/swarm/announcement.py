@@ -36,7 +36,7 @@ _NON_NEGATIVE_FLOAT = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
 _TIMESTAMP = Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
 
 
-def _check_endpoint(endpoint: str) -> str:
+def check_endpoint(endpoint: str) -> str:
     """Accept ``host:port`` with an IPv4 address, a hostname, or a bracketed IPv6 address."""
     host, sep, port = endpoint.rpartition(":")
     if not sep or not host:
@@ -85,7 +85,7 @@ class NodeAnnouncement(BaseModel):
             raise ValueError("expires_at must be later than announced_at")
         if not self.institution.isprintable():
             raise ValueError("institution must be printable text")
-        _check_endpoint(self.endpoint)
+        check_endpoint(self.endpoint)
         return self
 
     def to_wire(self) -> dict[str, str | int | float | bytes]:

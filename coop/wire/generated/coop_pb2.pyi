@@ -291,3 +291,21 @@ class RelayStep(_message.Message):
     start_position: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., start_position: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class DialBackRequest(_message.Message):
+    __slots__ = ("endpoint", "node_id")
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    endpoint: str
+    node_id: str
+    def __init__(self, endpoint: _Optional[str] = ..., node_id: _Optional[str] = ...) -> None: ...
+
+class DialBackReply(_message.Message):
+    __slots__ = ("reachable", "error", "peer_time_unix_s")
+    REACHABLE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    PEER_TIME_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    reachable: bool
+    error: str
+    peer_time_unix_s: float
+    def __init__(self, reachable: _Optional[bool] = ..., error: _Optional[str] = ..., peer_time_unix_s: _Optional[float] = ...) -> None: ...

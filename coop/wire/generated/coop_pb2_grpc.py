@@ -60,6 +60,11 @@ class NodeStub:
                 request_serializer=coop__pb2.ReceiptAck.SerializeToString,
                 response_deserializer=coop__pb2.ReceiptAckReply.FromString,
                 _registered_method=True)
+        self.DialBack = channel.unary_unary(
+                '/coop.v1.Node/DialBack',
+                request_serializer=coop__pb2.DialBackRequest.SerializeToString,
+                response_deserializer=coop__pb2.DialBackReply.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -110,6 +115,17 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DialBack(self, request, context):
+        """Dial `endpoint` and say whether node `node_id` of the caller's own institution answers there:
+        `coop node doctor` asks a peer this to learn whether its endpoint is reachable from the pool, not
+        just from its own machine. Only pool nodes may ask, a few times per institution (rate-limited,
+        bounded concurrency, short timeout), and only a node that proves in TLS to be the caller's own
+        counts as reachable, so the call is no port scanner and no relay.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +153,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.AckReceipts,
                     request_deserializer=coop__pb2.ReceiptAck.FromString,
                     response_serializer=coop__pb2.ReceiptAckReply.SerializeToString,
+            ),
+            'DialBack': grpc.unary_unary_rpc_method_handler(
+                    servicer.DialBack,
+                    request_deserializer=coop__pb2.DialBackRequest.FromString,
+                    response_serializer=coop__pb2.DialBackReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -275,6 +296,33 @@ class Node:
             '/coop.v1.Node/AckReceipts',
             coop__pb2.ReceiptAck.SerializeToString,
             coop__pb2.ReceiptAckReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DialBack(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coop.v1.Node/DialBack',
+            coop__pb2.DialBackRequest.SerializeToString,
+            coop__pb2.DialBackReply.FromString,
             options,
             channel_credentials,
             insecure,
