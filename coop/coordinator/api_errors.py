@@ -52,6 +52,7 @@ ERROR_TABLE: dict[type[BaseException], tuple[int, str, str]] = {
     errors.RequestTooLarge: (413, _BAD_REQUEST, "request_too_large"),
     errors.RequestLimitExceeded: (400, _BAD_REQUEST, "request_limit_exceeded"),
     errors.SignInThrottled: (429, _BAD_REQUEST, "sign_in_throttled"),
+    errors.DialBackThrottled: (429, _BAD_REQUEST, "dial_back_throttled"),
     errors.NotFound: (404, _BAD_REQUEST, "not_found"),
     errors.Unauthorized: (401, _BAD_REQUEST, "unauthorized"),
     errors.SignInRequired: (401, _BAD_REQUEST, "admin_sign_in_required"),

@@ -58,10 +58,10 @@ def held_in_engine(engine: SpanEngine) -> Iterator[threading.Event]:
     release = threading.Event()
     run = engine.step
 
-    def held_step(*args: Any) -> torch.Tensor:
+    def held_step(*args: Any, **kwargs: Any) -> torch.Tensor:
         if not release.wait(RELEASE_TIMEOUT_S):
             raise TimeoutError("the test never released the engine")
-        return run(*args)
+        return run(*args, **kwargs)
 
     engine.step = held_step  # type: ignore[method-assign]
     try:
