@@ -29,6 +29,7 @@ import torch
 from rich.console import Console
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from coop.errors import ModelNotFound, ModelStoreError, UnsupportedModel
 from coop.model.files import sha256_file
@@ -198,6 +199,19 @@ def _eos_ids(model: PreTrainedModel, tokenizer: object | None) -> list[int]:
 
 
 @contextmanager
+def _transformers_bars(*, enabled: bool) -> Iterator[None]:
+    """transformers draws its own tqdm bars while loading, even into a pipe: only where ours would be."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+@contextmanager
 def _staging_dir(out: Path) -> Iterator[Path]:
     """Write into a sibling temp dir and swap it in whole, so a crash never leaves a half model."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -221,8 +235,8 @@ def prepare(
     quiet: bool = False,
     console: Console | None = None,
 ) -> Manifest:
-    """`sampling`: recommended sampling that overrides the source's (origin "command line").
-    `quiet`: no messages and no progress bar."""
+    """`sampling`: recommended sampling that overrides the source's. `quiet`: no messages and no
+    progress bars (transformers' own included)."""
     console = console or Console(stderr=True, quiet=quiet)
     out = Path(out).expanduser().resolve()
     if dtype not in DTYPES:
@@ -241,7 +255,8 @@ def prepare(
         console.print(f"[green]Updated[/] the sampling defaults of {out}: {defaults.describe()}")
         return current
 
-    model, tokenizer = _load_source(source, DTYPES[dtype], console)
+    with _transformers_bars(enabled=not quiet and console.is_terminal):
+        model, tokenizer = _load_source(source, DTYPES[dtype], console)
     config = model.config
     num_blocks = int(config.get_text_config().num_hidden_layers)
     layers = decoder_layers(model, num_blocks)
