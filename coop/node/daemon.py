@@ -11,7 +11,6 @@ import asyncio
 import json
 import logging
 import signal
-import sys
 import time
 import uuid
 
@@ -89,7 +88,7 @@ async def run_node(settings: NodeSettings) -> None:
         settings.member_bundle, node_id=node_id, institution=settings.institution, pool_id=settings.pool_id
     )
     if settings.member_bundle is None:
-        print("development mode: no --member bundle, so plaintext gRPC and unsigned announcements", file=sys.stderr)
+        log.warning("development mode: no --member bundle, so plaintext gRPC and unsigned announcements")
     directory = await asyncio.to_thread(
         SwarmDirectory.start,
         list(settings.initial_peers),
@@ -106,7 +105,7 @@ async def run_node(settings: NodeSettings) -> None:
     try:
         await asyncio.to_thread(watcher.start)
         start, end = await asyncio.to_thread(pick_span, settings, manifest, directory, membership)
-        print(f"loading blocks {start}:{end} of {manifest.name} …", file=sys.stderr, flush=True)
+        log.info("loading blocks %d:%d of %s …", start, end, manifest.name, extra={"start": start, "end": end})
         engine = await asyncio.to_thread(
             SpanEngine.load,
             settings.model_dir,
@@ -165,7 +164,7 @@ async def run_node(settings: NodeSettings) -> None:
         }
         print(f"{READY_MARKER} {json.dumps(ready)}", flush=True)
         await _wait_for_signal()
-        print("shutting down: withdrawing announcement, draining calls …", file=sys.stderr, flush=True)
+        log.info("shutting down: withdrawing announcement, draining calls …")
     finally:
         watcher.stop()
         if announcer is not None:
