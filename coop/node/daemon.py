@@ -162,8 +162,9 @@ async def run_node(settings: NodeSettings) -> None:
             "institution": membership.institution,
             "tls": membership.secure,
         }
+        stop = _stop_on_signal()
         print(f"{READY_MARKER} {json.dumps(ready)}", flush=True)
-        await _wait_for_signal()
+        await stop.wait()
         log.info("shutting down: withdrawing announcement, draining calls …")
     finally:
         watcher.stop()
@@ -178,12 +179,14 @@ async def run_node(settings: NodeSettings) -> None:
         await asyncio.to_thread(directory.shutdown)
 
 
-async def _wait_for_signal() -> None:
+def _stop_on_signal() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT. Install it before announcing readiness: a signal sent as
+    soon as the ready line is read must find the handler, not kill the process without a shutdown."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    return stop
 
 
 async def run_dht(initial_peers: list[str], host: str, port: int, membership: Membership) -> None:
@@ -194,7 +197,8 @@ async def run_dht(initial_peers: list[str], host: str, port: int, membership: Me
     validator = pool_record_validator(membership)
     directory = await asyncio.to_thread(SwarmDirectory.start, initial_peers, host, port, validator=validator)
     try:
+        stop = _stop_on_signal()
         print(f"COOP_DHT_READY {json.dumps({'dht_maddrs': directory.visible_maddrs()})}", flush=True)
-        await _wait_for_signal()
+        await stop.wait()
     finally:
         await asyncio.to_thread(directory.shutdown)

@@ -62,6 +62,7 @@ def test_node_logs_json_lines(tiny_llama_dir: str) -> None:
     args = ["node", "start", "--model", tiny_llama_dir, "--blocks", "0:6", "--device", "cpu", "--log-format", "json"]
     node = start("json-node", args, "COOP_NODE_READY")
     node.stop()
+    assert node.popen.returncode == 0  # a graceful shutdown, even right after the ready line
     wait_for("the node's last line to be read", lambda: any("shutting down" in line for line in node.lines), 10)
     records = [json.loads(line) for line in node.lines if not line.startswith("COOP_NODE_READY ")]
     assert all({"timestamp", "level", "logger", "message"} <= set(r) for r in records)
