@@ -7,13 +7,14 @@ becomes what a user sees: `error: <message>` on stderr and exit status 1. Comman
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from typer.core import TyperGroup
 
+from coop import __version__
 from coop.cli import coordinator, demo, doctor, ledger, member, model, node, pool, swarm
-from coop.cli.console import err_console, plain
+from coop.cli.console import console, err_console, plain
 from coop.errors import CoopError
 
 __all__ = ["app"]
@@ -37,6 +38,23 @@ class CoopGroup(TyperGroup):
 app = typer.Typer(
     cls=CoopGroup, no_args_is_help=True, help="Coop: a cooperative compute pool for large language models."
 )
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        console.print(f"coop {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
+    """Options of `coop` itself, before any command."""
+
+
 app.add_typer(model.model_app, name="model")
 app.add_typer(node.node_app, name="node")
 node.node_app.command("doctor")(doctor.node_doctor)

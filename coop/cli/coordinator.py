@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from coop.cli.log_format import LogFormat, LogFormatOption, configure_logging
 from coop.cli.options import MemberOption, ModelOption, PeersOption
 
 coordinator_app = typer.Typer(no_args_is_help=True, help="Run a coordinator (routing + OpenAI-compatible API).")
@@ -42,8 +43,10 @@ def coordinator_start(
     receipt_interval: Annotated[
         float, typer.Option("--receipt-interval", help="seconds between rounds of receipt collection")
     ] = 2.0,
+    log_format: LogFormatOption = LogFormat.text,
 ) -> None:
     """Serve the OpenAI-compatible API, routing every request through the swarm."""
+    configure_logging(log_format)
     from coop.config import CoordinatorSettings
     from coop.coordinator.service import run_coordinator
 

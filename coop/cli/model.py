@@ -32,11 +32,28 @@ def model_prepare(
     src: Annotated[str, typer.Argument(help="HF model directory, .gguf file, or 'smollm2-demo'")],
     out: Annotated[Path, typer.Option("--out", help="directory to write the model store to")],
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
+    temperature: Annotated[
+        float | None, typer.Option(help="recommended temperature, for requests that set none", min=0.0)
+    ] = None,
+    top_p: Annotated[float | None, typer.Option("--top-p", help="recommended top-p", min=0.0, max=1.0)] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", help="recommended top-k (0 = no limit)", min=0)] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar, no messages")] = False,
 ) -> None:
-    """Convert a model into per-block files that nodes load one span at a time."""
+    """Convert a model into per-block files that nodes load one span at a time.
+
+    The sampling parameters given here override the source's generation_config.json and model card
+    (see `coop model info`); the API uses them for what a request leaves unset.
+    """
+    from coop.errors import ModelStoreError
+    from coop.model.manifest import SamplingDefaults
     from coop.model.prepare import prepare
 
-    prepare(src, out, dtype=dtype)
+    stated = {k: v for k, v in {"temperature": temperature, "top_p": top_p, "top_k": top_k}.items() if v is not None}
+    try:
+        sampling = SamplingDefaults.model_validate({**stated, "origin": "command line"})
+    except ValueError as exc:
+        raise ModelStoreError(f"invalid sampling defaults: {exc}") from exc
+    prepare(src, out, dtype=dtype, sampling=sampling, quiet=quiet)
 
 
 @model_app.command("info")
@@ -63,6 +80,7 @@ def model_info(
         ("tokenizer", "yes" if manifest.has_tokenizer else "no"),
         ("content hash", manifest.content_hash),
         ("source", f"{manifest.source.kind}: {manifest.source.path}"),
+        ("sampling defaults", manifest.sampling_defaults.describe()),
     ]:
         table.add_row(key, plain(value))
     console.print(table)

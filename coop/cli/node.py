@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 from coop.cli.console import console, plain
+from coop.cli.log_format import LogFormat, LogFormatOption, configure_logging
 from coop.cli.options import MemberOption, ModelOption, PeersOption
 
 if TYPE_CHECKING:
@@ -26,8 +27,10 @@ def dht_start(
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 0,
     member: MemberOption = None,
+    log_format: LogFormatOption = LogFormat.text,
 ) -> None:
     """Start a DHT peer that helps nodes and coordinators find each other."""
+    configure_logging(log_format)
     from coop.node.daemon import run_dht
     from coop.pool.membership import Membership
 
@@ -60,8 +63,10 @@ def node_start(
         str | None,
         typer.Option("--metrics-host", help="address /metrics listens on (default 127.0.0.1; no authentication)"),
     ] = None,
+    log_format: LogFormatOption = LogFormat.text,
 ) -> None:
     """Serve a span of blocks to the pool until SIGTERM or Ctrl-C."""
+    configure_logging(log_format)
     from coop.config import NodeSettings
     from coop.node.daemon import run_node
 

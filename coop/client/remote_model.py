@@ -40,7 +40,7 @@ from coop.client.relay import RelayChain
 from coop.errors import CoopError, InvalidInput, SessionError
 from coop.model.client_part import ClientPart
 from coop.pipeline.generation import collect_tokens
-from coop.pipeline.sampling import SamplingParams
+from coop.pipeline.sampling import SamplingParams, with_defaults
 from coop.swarm.routing import Hop
 from coop.wire.tensors import check_finite
 
@@ -181,16 +181,18 @@ class RemoteModel:
         max_new_tokens: int = 20,
         *,
         do_sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
         seed: int | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Like transformers' generate for one sequence: returns [1, n + k] = prompt + new tokens.
 
         Stops after max_new_tokens or at an end-of-sequence token, which is included, with no
-        padding. Greedy unless do_sample; with do_sample, `seed` makes the sampling repeatable.
+        padding. Greedy unless do_sample; with do_sample, what temperature, top_p and top_k leave
+        unset is the model's recommendation (its manifest's sampling defaults, as transformers takes
+        them from generation_config), and `seed` makes the sampling repeatable.
         attention_mask is accepted so `model.generate(**tokenizer(text, return_tensors="pt"))`
         works; it must be all ones (batch size 1, no padding).
         """
@@ -199,16 +201,20 @@ class RemoteModel:
             raise InvalidInput("input_ids must contain at least one token")
         if attention_mask is not None and not bool(torch.all(attention_mask == 1)):
             raise InvalidInput("attention_mask must be all ones: batch size 1 without padding")
-        if do_sample and temperature <= 0:
+        if do_sample and temperature is not None and temperature <= 0:
             raise InvalidInput("do_sample=True needs temperature > 0 (use do_sample=False for greedy)")
         try:
-            params = SamplingParams(
-                max_tokens=max_new_tokens,
-                temperature=temperature if do_sample else 0.0,
-                top_p=top_p if do_sample else 1.0,
-                top_k=top_k if do_sample else 0,
-                seed=seed,
-            )
+            if do_sample:
+                params = with_defaults(
+                    self.client.manifest.sampling_defaults,
+                    max_tokens=max_new_tokens,
+                    temperature=temperature,
+                    top_p=top_p,
+                    top_k=top_k,
+                    seed=seed,
+                )
+            else:
+                params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0, seed=seed)
         except pydantic.ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
             raise InvalidInput(f"invalid sampling parameters: {problems}") from exc

@@ -2,8 +2,9 @@
 
 Requests ignore fields they do not know: OpenAI clients send extras (logprobs, penalties,
 metadata, ...) and refusing them would break those clients for no gain. Responses carry one
-non-standard field, `coop`, with the generated token ids and the route, which OpenAI clients
-ignore.
+non-standard field, `coop`, with the generated token ids, the route and the sampling used, which
+OpenAI clients ignore. A sampling parameter a request leaves unset (absent or null) takes the
+model's recommended value (`sampling_defaults` in /v1/models), else OpenAI's default.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from coop.model.manifest import SamplingDefaults
 
 
 class _Request(BaseModel):
@@ -41,7 +44,8 @@ class GenerationRequest(_Request):
     model: str | None = None  # None: the one model this server serves
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    # None (sent as null by some clients) means the default: temperature 1 as in OpenAI, 0 = greedy
+    # None (absent, or null from some clients): the model's recommendation, else OpenAI's default
+    # (temperature 1, top_p 1, no top_k). Temperature 0 = greedy.
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=-1)  # extension (vLLM's); 0 or -1 = no limit
@@ -94,11 +98,21 @@ class RouteHop(BaseModel):
     failovers: int  # of the whole session: how many times it moved to another route
 
 
+class SamplingUsed(BaseModel):
+    """The sampling a response was generated with: the request's values, defaults filled in."""
+
+    temperature: float
+    top_p: float
+    top_k: int  # 0 = no limit
+    seed: int | None
+
+
 class CoopExtras(BaseModel):
-    """Non-standard diagnostics: the exact token ids (for comparisons) and the route taken."""
+    """Non-standard diagnostics: the exact token ids (for comparisons), the route taken, the sampling used."""
 
     token_ids: list[int]
     route: list[RouteHop]
+    sampling: SamplingUsed
 
 
 FinishReason = Literal["stop", "length"]
@@ -188,6 +202,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "coop"
     max_model_len: int
+    sampling_defaults: SamplingDefaults  # what a request that sets no sampling parameter gets
 
 
 class ModelList(BaseModel):

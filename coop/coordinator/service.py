@@ -157,7 +157,8 @@ async def run_coordinator(settings: CoordinatorSettings) -> None:
                 receipt_collection=accounting.collector.stats,
             )
             mount_admin(app, admin)
-        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning")
+        # log_config=None: uvicorn's records go through the process's handler (--log-format)
+        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", log_config=None)
         server = uvicorn.Server(config)
         serving = asyncio.create_task(server.serve())
         while not server.started and not serving.done():

@@ -53,7 +53,7 @@ from coop.coordinator.text_stream import (
 from coop.errors import RequestError
 from coop.pipeline.backend import Backend
 from coop.pipeline.charge import UNMETERED, Charge
-from coop.pipeline.sampling import SamplingParams
+from coop.pipeline.sampling import SamplingParams, with_defaults
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,12 @@ class OpenAIServing:
         return HealthResponse(model=self.backend.model_name)
 
     def models(self) -> ModelList:
-        card = ModelCard(id=self.backend.model_name, created=self.created, max_model_len=self.backend.max_context)
+        card = ModelCard(
+            id=self.backend.model_name,
+            created=self.created,
+            max_model_len=self.backend.max_context,
+            sampling_defaults=self.backend.client.manifest.sampling_defaults,
+        )
         return ModelList(data=[card])
 
     async def chat(
@@ -192,11 +197,12 @@ class OpenAIServing:
         else:
             max_tokens = requested
         try:
-            return SamplingParams(
+            return with_defaults(
+                self.backend.client.manifest.sampling_defaults,
                 max_tokens=max_tokens,
-                temperature=1.0 if request.temperature is None else request.temperature,
-                top_p=1.0 if request.top_p is None else request.top_p,
-                top_k=max(0, request.top_k or 0),
+                temperature=request.temperature,
+                top_p=request.top_p,
+                top_k=None if request.top_k is None else max(0, request.top_k),  # -1 and 0: no limit
                 seed=request.seed,
                 stop=request.stop_sequences,
             )

@@ -20,6 +20,7 @@ from coop.coordinator.protocol import (
     CoopExtras,
     FinishReason,
     RouteHop,
+    SamplingUsed,
     Usage,
 )
 from coop.pipeline.backend import Backend
@@ -129,6 +130,7 @@ class Finished:
     token_ids: list[int]  # every generated token, EOS included
     prompt_tokens: int
     route: list[RouteHop]
+    sampling: SamplingParams
 
     @property
     def usage(self) -> Usage:
@@ -139,7 +141,13 @@ class Finished:
 
     @property
     def extras(self) -> CoopExtras:
-        return CoopExtras(token_ids=self.token_ids, route=self.route)
+        used = SamplingUsed(
+            temperature=self.sampling.temperature,
+            top_p=self.sampling.top_p,
+            top_k=self.sampling.top_k,
+            seed=self.sampling.seed,
+        )
+        return CoopExtras(token_ids=self.token_ids, route=self.route, sampling=used)
 
 
 GenerationEvent = Started | TextDelta | Finished
@@ -176,7 +184,7 @@ async def run_generation(
             tail = await text.run(detokenizer.finish, text_ids)
             if tail:
                 yield TextDelta(tail)
-        yield Finished(finish_reason, token_ids, len(prompt_ids), route_hops(chain))
+        yield Finished(finish_reason, token_ids, len(prompt_ids), route_hops(chain), params)
     finally:
         await close_quietly(chain)
 

@@ -24,6 +24,7 @@ from coop.model.skeleton import (
     final_norm_name,
     layers_prefix,
 )
+from coop.progress import progress_bar
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -63,16 +64,18 @@ def load_span(model_dir: Path, manifest: Manifest, start: int, end: int, device:
     config = load_config(model_dir, manifest)
     base = base_model(build_empty(config, causal_lm=False))
     layers = decoder_layers(base, manifest.num_blocks)
-    for index in range(manifest.num_blocks):
-        if start <= index < end:
-            block = layers[index]
-            _fill(
-                block,
-                load_tensors(model_dir, manifest, manifest.blocks[index].file, device),
-                f"block {index}",
-            )
-        else:
-            layers[index] = PassThrough()
+    with progress_bar(f"Loading blocks {start}:{end}", end - start) as advance:
+        for index in range(manifest.num_blocks):
+            if start <= index < end:
+                block = layers[index]
+                _fill(
+                    block,
+                    load_tensors(model_dir, manifest, manifest.blocks[index].file, device),
+                    f"block {index}",
+                )
+                advance()
+            else:
+                layers[index] = PassThrough()
     setattr(base, final_norm_name(base), nn.Identity())
     base.set_input_embeddings(nn.Identity())
     return _on_device(base, device)

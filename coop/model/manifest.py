@@ -10,16 +10,18 @@ A prepared model directory looks like this::
     blocks/0000.safetensors ... one file per decoder block
 
 `content_hash` names the model in the pool: two directories with the same hash hold the same
-weights, config and tokenizer, so their blocks can be mixed in one route.
+weights, config and tokenizer, so their blocks can be mixed in one route. `sampling_defaults` is a
+serving preference, not part of the weights: it is left out of the hash and may change in place.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from coop.errors import ModelNotFound, ModelStoreError
 
@@ -27,6 +29,7 @@ MANIFEST_FILE = "manifest.json"
 CLIENT_FILE = "client.safetensors"
 FORMAT_VERSION = 1
 DEFAULT_CONTEXT_LENGTH = 2048
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k")
 
 
 def block_file(index: int) -> str:
@@ -54,6 +57,31 @@ class SourceInfo(BaseModel):
     fingerprint: str  # sha256 over the source files: unchanged source + same dtype => prepare is a no-op
 
 
+class SamplingDefaults(BaseModel):
+    """The sampling the model's authors recommend, used for whatever a request leaves unset.
+
+    None: no recommendation, so the API's own default applies (OpenAI's temperature 1, no top-p or
+    top-k cut). `origin` says where the numbers came from, for `coop model info` and the operator.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    temperature: float | None = Field(default=None, ge=0.0, le=5.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=0)  # 0 = no limit
+    origin: str = ""  # "generation_config.json", "model card", "command line"
+
+    @property
+    def is_empty(self) -> bool:
+        return all(getattr(self, k) is None for k in SAMPLING_FIELDS)
+
+    def describe(self) -> str:
+        if self.is_empty:
+            return "none recommended (requests that set none get temperature 1, as in OpenAI's API)"
+        stated = ", ".join(f"{k}={getattr(self, k)}" for k in SAMPLING_FIELDS if getattr(self, k) is not None)
+        return f"{stated} (from {self.origin})"
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -73,6 +101,8 @@ class Manifest(BaseModel):
     files: dict[str, str]  # relative path -> sha256, every file but manifest.json
     content_hash: str
     source: SourceInfo
+    # Absent from manifests written before it existed: no recommendation.
+    sampling_defaults: SamplingDefaults = SamplingDefaults()
 
     @property
     def context_length(self) -> int:
@@ -88,7 +118,10 @@ class Manifest(BaseModel):
         return sum(b.flops_per_token for b in self.blocks[start:end])
 
     def save(self, model_dir: Path) -> None:
-        (model_dir / MANIFEST_FILE).write_text(json.dumps(self.model_dump(), indent=2) + "\n")
+        """Write atomically: nodes and coordinators may read the manifest while it is rewritten."""
+        staged = model_dir / f".{MANIFEST_FILE}.{os.getpid()}"
+        staged.write_text(json.dumps(self.model_dump(), indent=2) + "\n")
+        os.replace(staged, model_dir / MANIFEST_FILE)
 
     @classmethod
     def load(cls, model_dir: str | Path) -> Manifest:

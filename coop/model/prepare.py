@@ -4,6 +4,12 @@ Conversion loads the source once through transformers (which dequantises GGUF an
 tokenizer: ~30 s for the demo model) and writes one safetensors file per decoder block, so that
 a node later reads only the blocks it serves. The source must fit in memory once, in the target
 dtype.
+
+The manifest also records the sampling the model's authors recommend (`SamplingDefaults`), which
+the API applies to whatever a request leaves unset. Each parameter comes from the first of: the
+command line (`--temperature`, `--top-p`, `--top-k`), the source's `generation_config.json` (as
+vLLM reads it), and `MODEL_CARD_SAMPLING`, for models whose card states it but whose files do not
+(the demo GGUF). They are not weights: changing them rewrites only the manifest, not the hash.
 """
 
 from __future__ import annotations
@@ -21,17 +27,31 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from coop.errors import ModelNotFound, ModelStoreError, UnsupportedModel
 from coop.model.files import sha256_file
-from coop.model.manifest import CLIENT_FILE, MANIFEST_FILE, BlockInfo, Manifest, SourceInfo, block_file
+from coop.model.manifest import (
+    CLIENT_FILE,
+    MANIFEST_FILE,
+    SAMPLING_FIELDS,
+    BlockInfo,
+    Manifest,
+    SamplingDefaults,
+    SourceInfo,
+    block_file,
+)
 from coop.model.skeleton import decoder_layers, layers_prefix
+from coop.progress import progress_bar
 
 DEMO_MODEL = "smollm2-demo"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Recommended sampling stated in a model card, where the model's files carry none.
+# SmolLM2-135M-Instruct: https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct ("temperature=0.2, top_p=0.9").
+MODEL_CARD_SAMPLING = {DEMO_MODEL: SamplingDefaults(temperature=0.2, top_p=0.9, origin="model card")}
 
 # Parameter names that belong to routed experts: only `experts_per_token / num_experts` of them
 # run for any one token.
@@ -82,6 +102,34 @@ def source_fingerprint(source: Source) -> str:
     for path in files:
         digest.update(f"{path.relative_to(source.load_dir)}:{sha256_file(path)}\n".encode())
     return digest.hexdigest()
+
+
+def _generation_config_sampling(source: Source) -> SamplingDefaults:
+    """What the source's generation_config.json recommends (only the values it states)."""
+    path = source.path / "generation_config.json"
+    if source.kind != "hf-dir" or not path.is_file():
+        return SamplingDefaults()
+    try:
+        config = json.loads(path.read_text())
+        stated = {k: config[k] for k in SAMPLING_FIELDS if isinstance(config, dict) and config.get(k) is not None}
+        return SamplingDefaults.model_validate({**stated, "origin": path.name})
+    except ValueError as exc:  # bad JSON, or values out of range (pydantic's ValidationError is a ValueError)
+        raise ModelStoreError(f"{path} has unusable sampling values: {exc}") from exc
+
+
+def recommended_sampling(src: str, source: Source, overrides: SamplingDefaults) -> SamplingDefaults:
+    """Each parameter from the first layer that states it: overrides, generation_config.json, model card."""
+    layers = [overrides, _generation_config_sampling(source), MODEL_CARD_SAMPLING.get(src, SamplingDefaults())]
+    chosen: dict[str, float | int] = {}
+    origins: list[str] = []
+    for layer in layers:
+        stated = {k: getattr(layer, k) for k in SAMPLING_FIELDS if getattr(layer, k) is not None and k not in chosen}
+        if stated:
+            chosen |= stated
+            origins.append(layer.origin)
+        if len(chosen) == len(SAMPLING_FIELDS):
+            break
+    return SamplingDefaults.model_validate({**chosen, "origin": ", ".join(origins)})
 
 
 def _is_up_to_date(out: Path, fingerprint: str, dtype: str) -> Manifest | None:
@@ -151,6 +199,19 @@ def _eos_ids(model: PreTrainedModel, tokenizer: object | None) -> list[int]:
 
 
 @contextmanager
+def _transformers_bars(*, enabled: bool) -> Iterator[None]:
+    """transformers draws its own tqdm bars while loading, even into a pipe: only where ours would be."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+@contextmanager
 def _staging_dir(out: Path) -> Iterator[Path]:
     """Write into a sibling temp dir and swap it in whole, so a crash never leaves a half model."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -165,8 +226,18 @@ def _staging_dir(out: Path) -> Iterator[Path]:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def prepare(src: str, out: str | Path, *, dtype: str = "float32", console: Console | None = None) -> Manifest:
-    console = console or Console(stderr=True)
+def prepare(
+    src: str,
+    out: str | Path,
+    *,
+    dtype: str = "float32",
+    sampling: SamplingDefaults | None = None,
+    quiet: bool = False,
+    console: Console | None = None,
+) -> Manifest:
+    """`sampling`: recommended sampling that overrides the source's. `quiet`: no messages and no
+    progress bars (transformers' own included)."""
+    console = console or Console(stderr=True, quiet=quiet)
     out = Path(out).expanduser().resolve()
     if dtype not in DTYPES:
         raise ModelStoreError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -174,11 +245,18 @@ def prepare(src: str, out: str | Path, *, dtype: str = "float32", console: Conso
         raise ModelStoreError(f"{out} exists and is not a Coop model directory; choose another --out")
     source = resolve_source(src)
     fingerprint = source_fingerprint(source)
+    defaults = recommended_sampling(src, source, sampling or SamplingDefaults())
     if (current := _is_up_to_date(out, fingerprint, dtype)) is not None:
-        console.print(f"[green]Up to date[/]: {out} already holds {current.name} ({dtype}); nothing to do.")
+        if current.sampling_defaults == defaults:
+            console.print(f"[green]Up to date[/]: {out} already holds {current.name} ({dtype}); nothing to do.")
+            return current
+        current = current.model_copy(update={"sampling_defaults": defaults})
+        current.save(out)
+        console.print(f"[green]Updated[/] the sampling defaults of {out}: {defaults.describe()}")
         return current
 
-    model, tokenizer = _load_source(source, DTYPES[dtype], console)
+    with _transformers_bars(enabled=not quiet and console.is_terminal):
+        model, tokenizer = _load_source(source, DTYPES[dtype], console)
     config = model.config
     num_blocks = int(config.get_text_config().num_hidden_layers)
     layers = decoder_layers(model, num_blocks)
@@ -190,15 +268,7 @@ def prepare(src: str, out: str | Path, *, dtype: str = "float32", console: Conso
     with _staging_dir(out) as staging:
         (staging / "blocks").mkdir()
         blocks: list[BlockInfo] = []
-        progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-        )
-        with progress:
-            task = progress.add_task("Writing blocks", total=num_blocks + 1)
+        with progress_bar("Writing blocks", num_blocks + 1, quiet=quiet) as advance:
             for index, layer in enumerate(layers):
                 state = _unique_tensors(layer.state_dict())
                 save_file(state, str(staging / block_file(index)))
@@ -213,10 +283,10 @@ def prepare(src: str, out: str | Path, *, dtype: str = "float32", console: Conso
                         flops_per_token=2 * active,
                     )
                 )
-                progress.advance(task)
+                advance()
             client_state = _unique_tensors({k: v for k, v in model.state_dict().items() if not k.startswith(prefix)})
             save_file(client_state, str(staging / CLIENT_FILE))
-            progress.advance(task)
+            advance()
 
         if hasattr(config, "quantization_config"):
             del config.quantization_config  # the GGUF was dequantised: the blocks are plain tensors
@@ -245,7 +315,9 @@ def prepare(src: str, out: str | Path, *, dtype: str = "float32", console: Conso
             files=files,
             content_hash=content_hash,
             source=SourceInfo(kind=source.kind, path=str(source.path), fingerprint=fingerprint),
+            sampling_defaults=defaults,
         )
         manifest.save(staging)
     console.print(f"[green]Prepared[/] {manifest.name}: {num_blocks} blocks, {dtype}, hash {content_hash[:12]} → {out}")
+    console.print(f"sampling defaults: {defaults.describe()}")
     return manifest

@@ -11,7 +11,6 @@ import asyncio
 import json
 import logging
 import signal
-import sys
 import time
 import uuid
 
@@ -90,7 +89,7 @@ async def run_node(settings: NodeSettings) -> None:
         settings.member_bundle, node_id=node_id, institution=settings.institution, pool_id=settings.pool_id
     )
     if settings.member_bundle is None:
-        print("development mode: no --member bundle, so plaintext gRPC and unsigned announcements", file=sys.stderr)
+        log.warning("development mode: no --member bundle, so plaintext gRPC and unsigned announcements")
     directory = await asyncio.to_thread(
         SwarmDirectory.start,
         list(settings.initial_peers),
@@ -108,7 +107,7 @@ async def run_node(settings: NodeSettings) -> None:
     try:
         await asyncio.to_thread(watcher.start)
         start, end = await asyncio.to_thread(pick_span, settings, manifest, directory, membership)
-        print(f"loading blocks {start}:{end} of {manifest.name} …", file=sys.stderr, flush=True)
+        log.info("loading blocks %d:%d of %s …", start, end, manifest.name, extra={"start": start, "end": end})
         engine = await asyncio.to_thread(
             SpanEngine.load,
             settings.model_dir,
@@ -171,9 +170,10 @@ async def run_node(settings: NodeSettings) -> None:
             "tls": membership.secure,
             "metrics_url": metrics_url,
         }
+        stop = _stop_on_signal()
         print(f"{READY_MARKER} {json.dumps(ready)}", flush=True)
-        await _wait_for_signal()
-        print("shutting down: withdrawing announcement, draining calls …", file=sys.stderr, flush=True)
+        await stop.wait()
+        log.info("shutting down: withdrawing announcement, draining calls …")
     finally:
         watcher.stop()
         if announcer is not None:
@@ -188,12 +188,14 @@ async def run_node(settings: NodeSettings) -> None:
         await asyncio.to_thread(directory.shutdown)
 
 
-async def _wait_for_signal() -> None:
+def _stop_on_signal() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT. Install it before announcing readiness: a signal sent as
+    soon as the ready line is read must find the handler, not kill the process without a shutdown."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    return stop
 
 
 async def run_dht(initial_peers: list[str], host: str, port: int, membership: Membership) -> None:
@@ -204,7 +206,8 @@ async def run_dht(initial_peers: list[str], host: str, port: int, membership: Me
     validator = pool_record_validator(membership)
     directory = await asyncio.to_thread(SwarmDirectory.start, initial_peers, host, port, validator=validator)
     try:
+        stop = _stop_on_signal()
         print(f"COOP_DHT_READY {json.dumps({'dht_maddrs': directory.visible_maddrs()})}", flush=True)
-        await _wait_for_signal()
+        await stop.wait()
     finally:
         await asyncio.to_thread(directory.shutdown)

@@ -1,6 +1,8 @@
 """Choosing the next token from logits: greedy, temperature, top-k, top-p, seeded.
 
-Pure functions over a logits vector so they can be tested without a model.
+Pure functions over a logits vector so they can be tested without a model. `with_defaults` fills
+what a request leaves unset from the model's recommended sampling (its manifest), then from
+OpenAI's defaults, as vLLM does with a model's generation_config.
 """
 
 from __future__ import annotations
@@ -8,7 +10,13 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from coop.model.manifest import SamplingDefaults
+
 MIN_TEMPERATURE = 1e-4
+# For a parameter that neither the request nor the model sets: OpenAI's API defaults.
+API_TEMPERATURE = 1.0
+API_TOP_P = 1.0
+API_TOP_K = 0
 
 
 class SamplingParams(BaseModel):
@@ -25,6 +33,34 @@ class SamplingParams(BaseModel):
     def greedy(self) -> bool:
         # Below this, logits / temperature overflows to inf and sampling is argmax anyway.
         return self.temperature < MIN_TEMPERATURE
+
+
+def with_defaults(
+    recommended: SamplingDefaults,
+    *,
+    max_tokens: int,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    seed: int | None = None,
+    stop: tuple[str, ...] = (),
+) -> SamplingParams:
+    """None means unset: the model's recommendation, else OpenAI's default. An explicit value,
+    temperature 0 (greedy) included, is always kept. Raises pydantic's ValidationError."""
+
+    def pick(value: float | None, recommendation: float | None, api_default: float) -> float:
+        if value is not None:
+            return value
+        return api_default if recommendation is None else recommendation
+
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=pick(temperature, recommended.temperature, API_TEMPERATURE),
+        top_p=pick(top_p, recommended.top_p, API_TOP_P),
+        top_k=int(pick(top_k, recommended.top_k, API_TOP_K)),
+        seed=seed,
+        stop=stop,
+    )
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:

@@ -166,6 +166,23 @@ def test_openai_client_plain_and_stream_agree(oai: openai.OpenAI, reference_ids:
     assert chunks[-1].choices == [] and chunks[-1].usage == plain.usage
 
 
+def test_first_contact_gets_the_models_recommended_sampling(oai: openai.OpenAI) -> None:
+    """The plain OpenAI client with no sampling arguments: the demo model's card values (temperature
+    0.2, top_p 0.9), not OpenAI's temperature 1, which makes a 135M model babble. The seed only
+    makes the draw repeatable; explicit values, greedy included, still win."""
+    card = oai.models.list().data[0].model_dump()
+    assert card["sampling_defaults"] == {"temperature": 0.2, "top_p": 0.9, "top_k": None, "origin": "model card"}
+    question = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+    answer = oai.chat.completions.create(model="smollm2-demo", messages=question, max_tokens=MAX_TOKENS, seed=1)
+    extras = answer.model_dump()["coop"]
+    assert extras["sampling"] == {"temperature": 0.2, "top_p": 0.9, "top_k": 0, "seed": 1}
+    assert "Paris" in (answer.choices[0].message.content or "")
+    explicit = oai.chat.completions.create(
+        model="smollm2-demo", messages=question, max_tokens=2, temperature=0, top_p=1.0
+    ).model_dump()["coop"]
+    assert explicit["sampling"] == {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None}
+
+
 def test_completions_endpoint(oai: openai.OpenAI, backend: LocalBackend) -> None:
     prompt = "The capital of France is"
     result = oai.completions.create(model="smollm2-demo", prompt=prompt, max_tokens=8, temperature=0)

@@ -6,7 +6,16 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from coop.pipeline.sampling import SamplingParams, make_generator, sample_token
+from coop.model.manifest import SamplingDefaults
+from coop.pipeline.sampling import (
+    API_TEMPERATURE,
+    API_TOP_K,
+    API_TOP_P,
+    SamplingParams,
+    make_generator,
+    sample_token,
+    with_defaults,
+)
 
 LOGITS = torch.tensor([1.0, 3.0, 2.0, 0.5, -1.0])
 
@@ -49,3 +58,33 @@ def test_extreme_values_still_give_a_token() -> None:
     )
     tiny = SamplingParams(temperature=1e-300, seed=0)
     assert tiny.greedy and sample_token(LOGITS, tiny, make_generator(tiny)) == 1
+
+
+RECOMMENDED = SamplingDefaults(temperature=0.2, top_p=0.9, origin="model card")
+
+
+def test_unset_parameters_take_the_recommendation_then_openais_defaults() -> None:
+    params = with_defaults(RECOMMENDED, max_tokens=8)
+    assert (params.temperature, params.top_p, params.top_k) == (0.2, 0.9, API_TOP_K)
+    bare = with_defaults(SamplingDefaults(), max_tokens=8)
+    assert (bare.temperature, bare.top_p, bare.top_k) == (API_TEMPERATURE, API_TOP_P, API_TOP_K)
+
+
+def test_explicit_values_win_greedy_included() -> None:
+    greedy = with_defaults(RECOMMENDED, max_tokens=8, temperature=0.0)
+    assert greedy.greedy and greedy.top_p == 0.9
+    explicit = with_defaults(RECOMMENDED, max_tokens=8, temperature=1.3, top_p=1.0, top_k=5, seed=4, stop=("x",))
+    assert (explicit.temperature, explicit.top_p, explicit.top_k, explicit.seed, explicit.stop) == (
+        1.3,
+        1.0,
+        5,
+        4,
+        ("x",),
+    )
+
+
+def test_recommended_sampling_is_validated() -> None:
+    with pytest.raises(ValidationError):
+        SamplingDefaults(temperature=-0.5)
+    with pytest.raises(ValidationError):
+        SamplingDefaults(top_p=0.0)
