@@ -184,6 +184,17 @@ def _load_source(source: Source, dtype: torch.dtype, console: Console) -> tuple[
     return model.eval(), tokenizer
 
 
+def _drop_loading_options(tokenizer_config: Path) -> None:
+    """transformers saves how the tokenizer was loaded (`local_files_only` follows HF_HUB_OFFLINE) into its
+    config: that would make the content hash depend on the preparer's environment, and a member's copy of
+    the same model would never share a route with the operator's."""
+    if not tokenizer_config.is_file():
+        return
+    config = json.loads(tokenizer_config.read_text())
+    if config.pop("local_files_only", None) is not None:
+        tokenizer_config.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
 def _eos_ids(model: PreTrainedModel, tokenizer: object | None) -> list[int]:
     ids: set[int] = set()
     for candidate in (
@@ -296,6 +307,7 @@ def prepare(
             model.generation_config.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))  # type: ignore[attr-defined]
+            _drop_loading_options(staging / "tokenizer_config.json")
 
         files = {str(p.relative_to(staging)): sha256_file(p) for p in sorted(staging.rglob("*")) if p.is_file()}
         content_hash = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,10 @@ def test_span_reads_only_its_blocks(demo_model_dir: str) -> None:
     held = engine.parameter_bytes()
     assert held == 4 * sum(b.param_count for b in manifest.blocks[:10])
     assert 0.30 < held / all_block_bytes < 0.36
+
+
+def test_prepared_files_do_not_depend_on_the_environment(demo_model_dir: str) -> None:
+    """HF_HUB_OFFLINE=1 (set in tests) must not leak into the files, or the content hash would differ
+    between a member who prepared the model with it and one without."""
+    tokenizer_config = json.loads((Path(demo_model_dir) / "tokenizer_config.json").read_text())
+    assert "local_files_only" not in tokenizer_config
