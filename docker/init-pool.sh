@@ -33,9 +33,13 @@ PY
   coop member add "Universidad A" --pool "$admin"
   coop member add "Universidad B" --pool "$admin"
   coop member add "Demo Coordinator" --coordinator --pool "$admin"
-  (umask 077
-   coop member key create "Universidad B" --pool "$admin" | tail -n 1 | tr -d ' ' > /pool/demo-api.key
-   coop ledger create-role coordinator --pool "$admin" | tail -n 1 | tr -d ' ' > /pool/coordinator-ledger.url)
+  umask 077  # the key and the URL are secrets: their last output line, kept 0600, never in the logs
+  coop member key create "Universidad B" --pool "$admin" > /tmp/key.out
+  tail -n 1 /tmp/key.out | tr -d ' ' > /pool/demo-api.key
+  coop ledger create-role coordinator --pool "$admin" > /tmp/role.out
+  tail -n 1 /tmp/role.out | tr -d ' ' > /pool/coordinator-ledger.url
+  rm -f /tmp/key.out /tmp/role.out
+  umask 022
   echo "$bootstrap" > /pool/bootstrap.maddr  # last: its presence says the pool is complete
 fi
 echo "init: pool ready (bootstrap $(cat /pool/bootstrap.maddr))"

@@ -6,7 +6,8 @@ set -eu
 if [ ! -s "$PGDATA/PG_VERSION" ]; then
   pwfile=$(mktemp)
   printf '%s\n' "$POSTGRES_PASSWORD" > "$pwfile"
-  initdb -D "$PGDATA" -U "$POSTGRES_USER" --pwfile="$pwfile" --auth=scram-sha-256 >/dev/null
+  initdb -D "$PGDATA" -U "$POSTGRES_USER" --pwfile="$pwfile" --auth=scram-sha-256 \
+    --encoding=UTF8 --locale=C >/dev/null
   rm -f "$pwfile"
   echo "CREATE DATABASE \"$POSTGRES_USER\"" | postgres --single -D "$PGDATA" -j postgres >/dev/null
 fi

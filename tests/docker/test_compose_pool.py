@@ -199,3 +199,18 @@ def test_node_container_killed_mid_generation_gives_the_same_tokens(
     assert isinstance(route, list)
     assert route[-1]["node_id"] != killed[0]
     assert route[-1]["failovers"] >= 1
+
+
+def _inspect(ids: list[str], template: str) -> list[str]:
+    done = subprocess.run(["docker", "inspect", "-f", template, *ids], capture_output=True, text=True, check=True)
+    return done.stdout.splitlines()
+
+
+def test_sigterm_stops_every_container_cleanly(compose_pool: ComposePool) -> None:
+    """Last: `docker-compose stop` sends SIGTERM; each process withdraws, drains and exits 0 within the grace."""
+    ids = compose_pool.compose("ps", "-q").split()
+    running = [line.split()[0] for line in _inspect(ids, "{{.Id}} {{.State.Running}}") if line.endswith(" true")]
+    assert len(running) >= 4, "coordinator, a node, the DHT peer and PostgreSQL should still run"
+    compose_pool.compose("stop", "--timeout", "20", timeout_s=300)
+    unclean = [line for line in _inspect(running, "{{.Name}} {{.State.ExitCode}}") if not line.endswith(" 0")]
+    assert unclean == [], f"not stopped cleanly by SIGTERM: {unclean}\n{compose_pool.logs()}"
