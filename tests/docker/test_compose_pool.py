@@ -9,7 +9,6 @@ always brought down with its volumes, and every failure message carries the cont
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import uuid
@@ -23,6 +22,7 @@ from openai import OpenAI
 
 from coop.node.client import node_info
 from coop.pool.membership import Membership
+from tests.pg_server import _free_port
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -40,12 +40,6 @@ KILL_AFTER_CHUNKS = 6
 COORDINATOR_BUNDLE = "/pool/admin/coordinators/Demo Coordinator.bundle"
 
 T = TypeVar("T")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass(frozen=True)
