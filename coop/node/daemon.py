@@ -197,9 +197,9 @@ async def run_dht(
     identity file its peer id, and so the multiaddr members are given to join through, survives restarts.
     """
     validator = pool_record_validator(membership)
-    identity = {} if identity_path is None else {"identity_path": str(identity_path)}
+    identity = None if identity_path is None else str(identity_path)
     directory = await asyncio.to_thread(
-        SwarmDirectory.start, initial_peers, host, port, validator=validator, **identity
+        SwarmDirectory.start, initial_peers, host, port, validator=validator, identity_path=identity
     )
     try:
         print(f"COOP_DHT_READY {json.dumps({'dht_maddrs': directory.visible_maddrs()})}", flush=True)
