@@ -104,7 +104,9 @@ def compose_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComposePo
 @pytest.fixture(scope="module")
 def client(compose_pool: ComposePool) -> OpenAI:
     key = compose_pool.read("coordinator", "/pool/demo-api.key").strip()
-    client = OpenAI(base_url=compose_pool.api_url, api_key=key, timeout=120, max_retries=0)
+    # retries: a request may meet a keep-alive connection the server is closing (uvicorn drops idle ones
+    # after 5 s); a response that has started is never retried, so a failover stays visible
+    client = OpenAI(base_url=compose_pool.api_url, api_key=key, timeout=120, max_retries=2)
 
     def serving() -> bool:
         try:
