@@ -17,8 +17,8 @@ coordinator_app = typer.Typer(no_args_is_help=True, help="Run a coordinator (rou
 @coordinator_app.command("start")
 def coordinator_start(
     model: ModelOption,
-    port: Annotated[int, typer.Option()] = 8000,
-    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option(envvar="COOP_COORDINATOR_PORT")] = 8000,
+    host: Annotated[str, typer.Option(envvar="COOP_COORDINATOR_HOST")] = "127.0.0.1",
     initial_peers: PeersOption = None,
     device: Annotated[str, typer.Option()] = "auto",
     max_context: Annotated[int, typer.Option("--max-context")] = 2048,

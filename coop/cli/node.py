@@ -27,6 +27,10 @@ def dht_start(
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 0,
     member: MemberOption = None,
+    identity: Annotated[
+        Path | None,
+        typer.Option("--identity", help="peer key file (made if missing): the same multiaddr after every restart"),
+    ] = None,
     log_format: LogFormatOption = LogFormat.text,
 ) -> None:
     """Start a DHT peer that helps nodes and coordinators find each other."""
@@ -34,17 +38,24 @@ def dht_start(
     from coop.node.daemon import run_dht
     from coop.pool.membership import Membership
 
-    asyncio.run(run_dht(initial_peers or [], host, port, Membership.load(member)))
+    asyncio.run(run_dht(initial_peers or [], host, port, Membership.load(member), identity))
 
 
 @node_app.command("start")
 def node_start(
     model: ModelOption,
-    blocks: Annotated[str, typer.Option(help="START:END, or auto to fill the least-served blocks")] = "auto",
-    port: Annotated[int, typer.Option(help="gRPC port (0 = any free port)")] = 0,
-    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    blocks: Annotated[
+        str, typer.Option(envvar="COOP_NODE_BLOCKS", help="START:END, or auto to fill the least-served blocks")
+    ] = "auto",
+    port: Annotated[int, typer.Option(envvar="COOP_NODE_PORT", help="gRPC port (0 = any free port)")] = 0,
+    host: Annotated[str, typer.Option(envvar="COOP_NODE_HOST")] = "127.0.0.1",
     public_endpoint: Annotated[
-        str, typer.Option("--public-endpoint", help="HOST:PORT to announce instead (NAT, Docker, a proxy)")
+        str,
+        typer.Option(
+            "--public-endpoint",
+            envvar="COOP_NODE_PUBLIC_ENDPOINT",
+            help="HOST:PORT to announce instead (NAT, Docker, a proxy)",
+        ),
     ] = "",
     initial_peers: PeersOption = None,
     max_blocks: Annotated[int, typer.Option("--max-blocks", help="with --blocks auto: how many")] = 0,

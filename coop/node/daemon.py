@@ -13,6 +13,7 @@ import logging
 import signal
 import time
 import uuid
+from pathlib import Path
 
 import grpc
 import torch
@@ -198,13 +199,19 @@ def _stop_on_signal() -> asyncio.Event:
     return stop
 
 
-async def run_dht(initial_peers: list[str], host: str, port: int, membership: Membership) -> None:
+async def run_dht(
+    initial_peers: list[str], host: str, port: int, membership: Membership, identity_path: Path | None = None
+) -> None:
     """A DHT peer that only helps others find each other (any member can run one).
 
-    With a member bundle it holds only records its pool signed, like every other pool process.
+    With a member bundle it holds only records its pool signed, like every other pool process. With an
+    identity file its peer id, and so the multiaddr members are given to join through, survives restarts.
     """
     validator = pool_record_validator(membership)
-    directory = await asyncio.to_thread(SwarmDirectory.start, initial_peers, host, port, validator=validator)
+    identity = None if identity_path is None else str(identity_path)
+    directory = await asyncio.to_thread(
+        SwarmDirectory.start, initial_peers, host, port, validator=validator, identity_path=identity
+    )
     try:
         stop = _stop_on_signal()
         print(f"COOP_DHT_READY {json.dumps({'dht_maddrs': directory.visible_maddrs()})}", flush=True)
