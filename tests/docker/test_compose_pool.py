@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from typing import TypeVar
 
 import pytest
 from openai import OpenAI
+from prometheus_client.parser import text_string_to_metric_families
 
 from coop.node.client import node_info
 from coop.pool.membership import Membership
@@ -91,7 +93,10 @@ def compose_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComposePo
         check=False,
     )
     assert build.returncode == 0, f"docker/build-images.sh --cpu failed:\n{build.stdout}\n{build.stderr}"
-    ports = {f"COOP_{name}_PORT": str(_free_port()) for name in ("POSTGRES", "DHT", "NODE_A", "NODE_B", "API")}
+    ports = {
+        f"COOP_{name}_PORT": str(_free_port())
+        for name in ("POSTGRES", "DHT", "NODE_A", "NODE_B", "NODE_A_METRICS", "NODE_B_METRICS", "API")
+    }
     env = {**os.environ, **ports, "COOP_POSTGRES_PASSWORD": uuid.uuid4().hex}
     pool = ComposePool(f"cooptest{uuid.uuid4().hex[:8]}", env)
     try:
@@ -144,6 +149,19 @@ def test_receipts_are_booked_in_the_postgres_ledger(compose_pool: ComposePool, c
         " GROUP BY receipt_id HAVING sum(amount_hi::numeric * 1000000000 + amount_lo) <> 0"
     )
     assert unbalanced.strip() == "", f"receipts whose postings do not sum to zero: {unbalanced}"
+
+
+def test_metrics_are_served_by_every_container(compose_pool: ComposePool, client: OpenAI) -> None:
+    """Prometheus scrapes the nodes' --metrics-port (from COOP_NODE_METRICS_PORT) and the coordinator."""
+    served = {}
+    for name in ("NODE_A_METRICS", "NODE_B_METRICS", "API"):
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{compose_pool.env[f'COOP_{name}_PORT']}/metrics", timeout=30
+        ) as r:
+            served[name] = {family.name: family for family in text_string_to_metric_families(r.read().decode())}
+    steps = sum(served[n]["coop_node_steps"].samples[0].value for n in ("NODE_A_METRICS", "NODE_B_METRICS"))
+    assert steps > 0, "the nodes ran the earlier questions' steps"
+    assert "coop_coordinator_time_to_first_token_seconds" in served["API"]
 
 
 def _stream_story(client: OpenAI, on_chunk: Callable[[int], None]) -> dict[str, object]:
