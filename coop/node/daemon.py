@@ -61,7 +61,7 @@ _THROUGHPUT_STEPS = 8
 # the span read once at a memory bandwidth well under any real machine's (a laptop CPU streams
 # ~10 GB/s, a GPU hundreds).
 _BLOCK_OVERHEAD_S = {"cpu": 2e-3, "cuda": 1e-3}
-_WEIGHT_BYTES_PER_S = {"cpu": 2e9, "cuda": 50e9}
+_WEIGHT_BYTES_PER_S = {"cpu": 1e9, "cuda": 50e9}
 
 Measure = Callable[["SpanEngine"], float]
 
