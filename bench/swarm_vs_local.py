@@ -3,7 +3,8 @@
 Prints local single-process tokens/s (transformers' own generate() on the same prepared
 weights, and Coop's engine as one span), the swarm's tokens/s for one session (DHT + 3 node
 processes + coordinator on loopback, streamed over the OpenAI API), their ratio, time to first
-token for both, and the aggregate tokens/s of N concurrent sessions. With --pool it runs the swarm
+token for both, the aggregate tokens/s of N concurrent sessions, and start-up times (node start ->
+announced, coordinator start -> ready, median of 5: bench/startup.py). With --pool it runs the swarm
 twice, in development mode and as a member pool (mutual TLS with per-node certificates, signed
 announcements and routes, API keys, receipts booked in a ledger), and prints what security costs.
 
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import httpx
 import torch
+from startup import measure_startup, print_startup  # bench/startup.py, beside this script
 
 from coop.launcher import LocalPool
 from coop.model.client_part import ClientPart
@@ -139,6 +141,7 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--pool", action="store_true", help="also run the swarm as a member pool (TLS, ledger)")
+    parser.add_argument("--startup-repeats", type=int, default=5, help="starts of a node and a coordinator to time")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -151,6 +154,7 @@ def main() -> None:
     swarm_tps, swarm_ttft, aggregate_tps = run_swarm(args.tokens, args.sessions, args.repeats, secure=False)
     if args.pool:
         pool_tps, pool_ttft, pool_aggregate = run_swarm(args.tokens, args.sessions, args.repeats, secure=True)
+    startup = measure_startup(args.startup_repeats)
 
     print(f"\nprompt {len(prompt)} tokens, {args.tokens} new tokens, {os.cpu_count()} CPU cores")
     print_row("local, transformers generate()", hf_tps, hf_ttft)
@@ -164,6 +168,7 @@ def main() -> None:
         print_row(f"member pool, {args.sessions} concurrent sessions", pool_aggregate)
         print(f"ratio member pool / development swarm, 1 session: {pool_tps / swarm_tps:.2f}x")
         print(f"ratio member pool / development swarm, {args.sessions} sessions: {pool_aggregate / aggregate_tps:.2f}x")
+    print_startup(startup)
 
 
 def print_row(name: str, tps: float, ttft: float | None = None) -> None:

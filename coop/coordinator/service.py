@@ -1,4 +1,9 @@
-"""`coop coordinator start`: the client part of the model, a live view of the swarm, the HTTP API."""
+"""`coop coordinator start`: the client part of the model, a live view of the swarm, the HTTP API.
+
+Start-up forks the DHT process first and loads the client part (which imports transformers) while
+the DHT joins the swarm; the ledger (SQLModel) and the web app are imported only when needed, so
+`coop coordinator start` imports nothing heavy before that fork.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +11,16 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import uvicorn
 
 from coop.config import CoordinatorSettings
-from coop.coordinator.accounting import Accounting
 from coop.coordinator.auth import ApiKeyGate
 from coop.coordinator.limits import HttpLimits
-from coop.coordinator.metrics import CoordinatorMetrics
-from coop.model.client_part import ClientPart
+from coop.model.manifest import Manifest
 from coop.pipeline.charge import UNMETERED, Charge
-from coop.pipeline.generation import Chain
 from coop.pipeline.remote import RemoteChain
 from coop.pool.ca import ROLE_COORDINATOR
 from coop.pool.membership import Membership
@@ -28,6 +32,11 @@ from coop.swarm.validation import pool_record_validator
 from coop.swarm.view import SwarmView
 from coop.wire.channels import ChannelPool, ChannelSecurity
 from coop.wire.generated import coop_pb2 as pb
+
+if TYPE_CHECKING:
+    from coop.coordinator.accounting import Accounting
+    from coop.model.client_part import ClientPart
+    from coop.pipeline.generation import Chain
 
 log = logging.getLogger(__name__)
 
@@ -93,21 +102,26 @@ class RemoteBackend:
 
 
 async def run_coordinator(settings: CoordinatorSettings) -> None:
+    membership = Membership.load(settings.member_bundle, pool_id=settings.pool_id).require(ROLE_COORDINATOR)
+    manifest = Manifest.load(settings.model_dir)
+    validator = pool_record_validator(membership)
+    directory = SwarmDirectory.launch(list(settings.initial_peers), settings.host, 0, validator=validator)
+    joined = asyncio.create_task(asyncio.to_thread(directory.wait_ready))
+    try:
+        client, _ = await asyncio.gather(asyncio.to_thread(_load_client, settings.model_dir, settings.device), joined)
+    except BaseException:
+        await asyncio.gather(joined, return_exceptions=True)
+        await asyncio.to_thread(directory.shutdown)
+        raise
     from coop.admin import AdminContext, mount_admin
     from coop.admin.auth import SignInThrottle
     from coop.coordinator.api import create_app
 
-    membership = Membership.load(settings.member_bundle, pool_id=settings.pool_id).require(ROLE_COORDINATOR)
-    client = await asyncio.to_thread(ClientPart.load, settings.model_dir, device=settings.device)
-    validator = pool_record_validator(membership)
-    directory = await asyncio.to_thread(
-        SwarmDirectory.start, list(settings.initial_peers), settings.host, 0, validator=validator
-    )
     swarm = SwarmView(
         directory,
         pool_id=membership.pool_id,
-        model_hash=client.manifest.content_hash,
-        num_blocks=client.manifest.num_blocks,
+        model_hash=manifest.content_hash,
+        num_blocks=manifest.num_blocks,
         refresh_s=settings.refresh_s,
         validator=announcement_validator(membership),
         revoked=membership.revocations,
@@ -121,16 +135,20 @@ async def run_coordinator(settings: CoordinatorSettings) -> None:
         await asyncio.to_thread(watcher.start)
         await swarm.start()
         if membership.bundle is not None:
+            from coop.coordinator.accounting import Accounting
+
             backend.accounting = await Accounting.start(
                 settings,
                 membership.bundle,
                 membership.revocations,
-                client.manifest,
+                manifest,
                 lambda: backend.channels,
                 swarm.live_nodes,
             )
         gate = ApiKeyGate(settings.api_keys_file, membership.bundle.limits if membership.bundle else None)
         access = backend.accounting.access if backend.accounting else None
+        from coop.coordinator.metrics import CoordinatorMetrics  # pulls in the text pipeline: after the join
+
         metrics = CoordinatorMetrics()
         if backend.accounting is not None:
             metrics.watch_accounting(backend.accounting)
@@ -180,3 +198,9 @@ async def run_coordinator(settings: CoordinatorSettings) -> None:
             await backend.accounting.close()
         await swarm.stop()
         await asyncio.to_thread(directory.shutdown)
+
+
+def _load_client(model_dir: Path, device: str) -> ClientPart:
+    from coop.model.client_part import ClientPart
+
+    return ClientPart.load(model_dir, device=device)

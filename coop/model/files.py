@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from coop.errors import ModelIntegrityError, ModelNotFound
 from coop.model.manifest import Manifest
+from coop.model.verified import already_verified, remember_verified, settled_signature
 
 _CHUNK_BYTES = 4 << 20
 
@@ -22,19 +23,29 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify_file(model_dir: Path, manifest: Manifest, rel_path: str) -> Path:
+def verify_file(model_dir: Path, manifest: Manifest, rel_path: str, *, trust_unchanged: bool = False) -> Path:
+    """The file's path once its sha256 matches the manifest's.
+
+    trust_unchanged: skip the hash when the file has not changed since it last matched (see
+    `coop.model.verified` for what that does and does not catch).
+    """
     path = model_dir / rel_path
     expected = manifest.files.get(rel_path)
     if expected is None:
         raise ModelIntegrityError(f"{rel_path} is not listed in {model_dir}/manifest.json")
     if not path.is_file():
         raise ModelNotFound(f"{path} is missing; prepare the model again with `coop model prepare`")
+    signature = settled_signature(path)
+    if trust_unchanged and signature and already_verified(model_dir, rel_path, expected, signature):
+        return path
     actual = sha256_file(path)
     if actual != expected:
         raise ModelIntegrityError(
             f"{path} is corrupt: sha256 {actual[:16]}… differs from the manifest's {expected[:16]}…; "
             "prepare the model again or copy the file from a good replica"
         )
+    if signature and signature == settled_signature(path):  # not written to while it was being hashed
+        remember_verified(model_dir, rel_path, expected, signature)
     return path
 
 
@@ -44,6 +55,7 @@ def verify_all(model_dir: Path, manifest: Manifest) -> None:
 
 
 def load_tensors(model_dir: Path, manifest: Manifest, rel_path: str, device: torch.device) -> dict[str, torch.Tensor]:
-    """Verify one safetensors file against the manifest, then read it straight onto `device`."""
-    path = verify_file(model_dir, manifest, rel_path)
+    """Verify one safetensors file against the manifest (unless unchanged since it last matched), then
+    read it straight onto `device`."""
+    path = verify_file(model_dir, manifest, rel_path, trust_unchanged=True)
     return load_file(str(path), device=str(device))

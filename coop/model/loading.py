@@ -1,7 +1,8 @@
 """Materialise parts of a prepared model: a span of blocks, the client part, or the whole model.
 
 Each loader builds transformers' own classes on the meta device and fills in only the tensors
-it needs, read from the files the manifest lists (hash-checked on the way).
+it needs, read from the files the manifest lists (hash-checked on the way, except files unchanged
+since they last matched: `coop.model.verified`).
 """
 
 from __future__ import annotations

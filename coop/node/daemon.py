@@ -1,32 +1,42 @@
 """`coop node start`: load a span, serve it over gRPC, keep it announced in the DHT.
 
-Start-up order matters for the pool: the span is loaded and measured before the node announces
-itself, so a node is never routed to before it can serve; on SIGTERM/SIGINT it withdraws its
-announcement first, then drains in-flight calls.
+Start-up is ordered for the time to serving, never at the cost of serving early:
+1. The DHT process is forked first, before this process starts any thread, and joins the swarm
+   while this process imports the engine (transformers) and loads its blocks.
+2. As soon as the blocks are loaded the gRPC port opens and the node announces itself, with a
+   conservative throughput estimate (`estimate_throughput`): a node is never routed to before it
+   can serve, and never oversells itself.
+3. The real throughput is measured in the background and announced when known.
+On SIGTERM/SIGINT it withdraws its announcement first, then drains in-flight calls.
+
+The engine and service modules (which import transformers) are imported only in `run_node`,
+after the fork, so that the import overlaps the DHT's join; this module imports only what the
+DHT needs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import logging
 import signal
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import torch
 
 from coop.config import NodeSettings
 from coop.errors import InvalidInput
-from coop.model.engine import SpanEngine
 from coop.model.manifest import Manifest
 from coop.node.limits import NodeLimits
 from coop.node.metering import ReceiptWriter
 from coop.node.metrics import NodeMetrics
 from coop.node.outbox import Outbox
-from coop.node.service import NodeService
 from coop.pool.membership import Membership
 from coop.swarm.announcement import announcement_validator
 from coop.swarm.directory import Announcer, SwarmDirectory
@@ -36,11 +46,25 @@ from coop.swarm.validation import pool_record_validator
 from coop.wire.channels import GRPC_OPTIONS
 from coop.wire.generated import coop_pb2_grpc
 
+if TYPE_CHECKING:
+    from coop.model.engine import SpanEngine
+    from coop.node.service import NodeService
+
 log = logging.getLogger(__name__)
 
 READY_MARKER = "COOP_NODE_READY"
+MEASURED_MARKER = "COOP_NODE_MEASURED"
 SHUTDOWN_GRACE_S = 3.0
 _THROUGHPUT_STEPS = 8
+
+# What a decode token costs at least, per device type, for the estimate announced before the
+# measurement: a fixed overhead per block (kernel launches, Python) plus every active weight of
+# the span read once at a memory bandwidth well under any real machine's (a laptop CPU streams
+# ~10 GB/s, a GPU hundreds).
+_BLOCK_OVERHEAD_S = {"cpu": 2e-3, "cuda": 1e-3}
+_WEIGHT_BYTES_PER_S = {"cpu": 1e9, "cuda": 50e9}
+
+Measure = Callable[["SpanEngine"], float]
 
 
 def parse_blocks(text: str, num_blocks: int) -> tuple[int, int] | None:
@@ -62,11 +86,22 @@ def pick_span(
     explicit = parse_blocks(settings.blocks, manifest.num_blocks)
     if explicit is not None:
         return explicit
-    itemsize = torch.empty((), dtype=getattr(torch, manifest.dtype)).element_size()
-    block_bytes = max(b.param_count for b in manifest.blocks) * itemsize
+    block_bytes = max(b.param_count for b in manifest.blocks) * _itemsize(manifest)
     length = settings.max_blocks or max(1, settings.memory_budget_bytes // block_bytes)
     live = directory.list_nodes(membership.pool_id, manifest.content_hash, announcement_validator(membership))
     return choose_span(coverage_of(live, manifest.num_blocks), length)
+
+
+def estimate_throughput(manifest: Manifest, start: int, end: int, device_type: str) -> float:
+    """Decode tokens per second that blocks [start, end) reach at least: what a node announces until measured."""
+    weight_bytes = sum(b.active_param_count for b in manifest.blocks[start:end]) * _itemsize(manifest)
+    overhead_s = _BLOCK_OVERHEAD_S.get(device_type, _BLOCK_OVERHEAD_S["cpu"])
+    bandwidth = _WEIGHT_BYTES_PER_S.get(device_type, _WEIGHT_BYTES_PER_S["cpu"])
+    return 1.0 / ((end - start) * overhead_s + weight_bytes / bandwidth)
+
+
+def _itemsize(manifest: Manifest) -> int:
+    return torch.empty((), dtype=getattr(torch, manifest.dtype)).element_size()
 
 
 def measure_throughput(engine: SpanEngine) -> float:
@@ -83,7 +118,8 @@ def measure_throughput(engine: SpanEngine) -> float:
         engine.close_session(session)
 
 
-async def run_node(settings: NodeSettings) -> None:
+async def run_node(settings: NodeSettings, measure: Measure = measure_throughput) -> None:
+    """Serve until SIGTERM/SIGINT (or cancellation). `measure`: how the background measurement runs."""
     manifest = Manifest.load(settings.model_dir)
     node_id = settings.node_id or f"node-{uuid.uuid4().hex[:12]}"
     membership = Membership.load(
@@ -91,43 +127,37 @@ async def run_node(settings: NodeSettings) -> None:
     )
     if settings.member_bundle is None:
         log.warning("development mode: no --member bundle, so plaintext gRPC and unsigned announcements")
-    directory = await asyncio.to_thread(
-        SwarmDirectory.start,
-        list(settings.initial_peers),
-        settings.host,
-        settings.dht_port,
-        validator=pool_record_validator(membership),
+    directory = SwarmDirectory.launch(
+        list(settings.initial_peers), settings.host, settings.dht_port, validator=pool_record_validator(membership)
     )
-    announcer: Announcer | None = None
     watcher = RevocationWatcher(membership.revocations, directory)
+    joined = asyncio.create_task(_join(directory, watcher))
+    announcer: Announcer | None = None
     server: grpc.aio.Server | None = None
     service: NodeService | None = None
+    measuring: asyncio.Task[None] | None = None
     outbox: Outbox | None = None
-    receipts: ReceiptWriter | None = None
     metrics = NodeMetrics()
     try:
-        await asyncio.to_thread(watcher.start)
-        start, end = await asyncio.to_thread(pick_span, settings, manifest, directory, membership)
+        span = parse_blocks(settings.blocks, manifest.num_blocks)
+        if span is None:  # --blocks auto: the least-served window, as the swarm shows it once joined
+            await asyncio.gather(joined, asyncio.to_thread(importlib.import_module, "coop.model.engine"))
+            span = await asyncio.to_thread(pick_span, settings, manifest, directory, membership)
+        start, end = span
         log.info("loading blocks %d:%d of %s …", start, end, manifest.name, extra={"start": start, "end": end})
-        engine = await asyncio.to_thread(
-            SpanEngine.load,
-            settings.model_dir,
-            start,
-            end,
-            device=settings.device,
-            cache_budget_bytes=settings.cache_budget_bytes,
-            idle_timeout_s=settings.idle_timeout_s,
-        )
-        throughput = await asyncio.to_thread(measure_throughput, engine)
+        engine, _ = await asyncio.gather(asyncio.to_thread(_load_engine, settings, start, end), joined)
+        from coop.node.service import NodeService
+
         outbox_path = settings.resolved_outbox_path()
+        receipts = None
         if membership.credentials is not None and outbox_path is not None:
             outbox = Outbox(outbox_path)
             receipts = ReceiptWriter(membership.credentials, outbox, manifest, node_id)
-        service = NodeService(
+        service = serving = NodeService(
             engine,
             node_id=node_id,
             institution=membership.institution,
-            throughput_tps=throughput,
+            throughput_tps=estimate_throughput(manifest, start, end, engine.device.type),
             security=membership.channel_security(),
             authorize=metrics.counting_refusals(membership.authorize),
             limits=NodeLimits.from_settings(settings),
@@ -153,7 +183,7 @@ async def run_node(settings: NodeSettings) -> None:
                 "end": end,
                 "endpoint": endpoint,
                 "institution": membership.institution,
-                "throughput_tps": throughput,
+                "throughput_tps": serving.throughput_tps,
                 "free_cache_bytes": engine.free_cache_bytes,
             }
 
@@ -164,7 +194,8 @@ async def run_node(settings: NodeSettings) -> None:
             "endpoint": endpoint,
             "start": start,
             "end": end,
-            "throughput_tps": round(throughput, 2),
+            "throughput_tps": round(service.throughput_tps, 2),
+            "throughput_measured": False,
             "dht_maddrs": directory.visible_maddrs(),
             "pool_id": membership.pool_id,
             "institution": membership.institution,
@@ -173,9 +204,12 @@ async def run_node(settings: NodeSettings) -> None:
         }
         stop = _stop_on_signal()
         print(f"{READY_MARKER} {json.dumps(ready)}", flush=True)
+        measuring = asyncio.create_task(_measure_and_announce(engine, service, announcer, measure))
         await stop.wait()
         log.info("shutting down: withdrawing announcement, draining calls …")
     finally:
+        if measuring is not None:
+            measuring.cancel()
         watcher.stop()
         if announcer is not None:
             await asyncio.to_thread(announcer.stop)
@@ -186,7 +220,42 @@ async def run_node(settings: NodeSettings) -> None:
             await service.close()
         if outbox is not None:
             outbox.close()
+        if not joined.done():
+            joined.cancel()
         await asyncio.to_thread(directory.shutdown)
+
+
+async def _join(directory: SwarmDirectory, watcher: RevocationWatcher) -> None:
+    """Wait for the DHT to join the swarm, then read the pool's revocations before anyone is served."""
+    await asyncio.to_thread(directory.wait_ready)
+    await asyncio.to_thread(watcher.start)
+
+
+def _load_engine(settings: NodeSettings, start: int, end: int) -> SpanEngine:
+    from coop.model.engine import SpanEngine
+
+    return SpanEngine.load(
+        settings.model_dir,
+        start,
+        end,
+        device=settings.device,
+        cache_budget_bytes=settings.cache_budget_bytes,
+        idle_timeout_s=settings.idle_timeout_s,
+    )
+
+
+async def _measure_and_announce(
+    engine: SpanEngine, service: NodeService, announcer: Announcer, measure: Measure
+) -> None:
+    """Measure the span's real throughput beside serving, then announce it at once (not at the next refresh)."""
+    try:
+        throughput = await asyncio.to_thread(measure, engine)
+    except Exception:
+        log.exception("could not measure throughput; the node keeps announcing its estimate")
+        return
+    service.throughput_tps = throughput
+    await asyncio.to_thread(announcer.announce_once)
+    print(f"{MEASURED_MARKER} {json.dumps({'throughput_tps': round(throughput, 2)})}", flush=True)
 
 
 def _stop_on_signal() -> asyncio.Event:

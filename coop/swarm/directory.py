@@ -96,12 +96,13 @@ class SwarmDirectory:
     Thread-safe: an Announcer thread and request handlers may share one directory.
     """
 
-    def __init__(self, dht: DHT, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(self, dht: DHT, timeout_s: float = DEFAULT_TIMEOUT_S, initial_peers: Sequence[str] = ()) -> None:
         """Wrap an already running DHT; most callers want :meth:`start`."""
         self._dht = dht
         self._timeout_s = timeout_s
         self._lock = threading.Lock()
         self._closed = False
+        self._initial_peers = list(initial_peers)
         # Latest expiration this directory stored per (key, node_id): withdraw must out-date it.
         self._stored_until: dict[tuple[str, str], float] = {}
 
@@ -124,6 +125,26 @@ class SwarmDirectory:
         dht_kwargs go to hivemind.DHT (e.g. identity_path, announce_maddrs). Raises PeerError if
         none of the peers answers.
         """
+        directory = cls.launch(initial_peers, host, port, timeout_s=timeout_s, validator=validator, **dht_kwargs)
+        directory.wait_ready(startup_timeout_s)
+        return directory
+
+    @classmethod
+    def launch(
+        cls,
+        initial_peers: Sequence[str],
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        validator: RecordValidatorBase | None = None,
+        **dht_kwargs: Any,
+    ) -> SwarmDirectory:
+        """Fork the DHT process and return at once; call :meth:`wait_ready` before using the directory.
+
+        Lets a process do other start-up work (import and load its model) while its DHT joins the
+        swarm. Call it before starting other threads: the DHT process is forked from this one.
+        """
         peers = _check_peers(initial_peers)
         dht = DHT(
             initial_peers=peers or None,
@@ -132,16 +153,20 @@ class SwarmDirectory:
             record_validators=[] if validator is None else [validator],
             **dht_kwargs,
         )
+        dht.run_in_background(await_ready=False)
+        return cls(dht, timeout_s=timeout_s, initial_peers=peers)
+
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
+        """Block until the DHT process has joined the swarm; shuts it down and raises PeerError if it cannot."""
         try:
-            dht.run_in_background(await_ready=True, timeout=startup_timeout_s)
+            self._dht.wait_until_ready(timeout_s)
         except BaseException as exc:
-            dht.shutdown()
+            self.shutdown()
             if isinstance(exc, TimeoutError):
-                raise PeerError(f"DHT peer did not start within {startup_timeout_s:.0f}s") from exc
+                raise PeerError(f"DHT peer did not start within {timeout_s:.0f}s") from exc
             if isinstance(exc, Exception):
-                raise PeerError(f"could not join the swarm via {peers}: {exc}") from exc
+                raise PeerError(f"could not join the swarm via {self._initial_peers}: {exc}") from exc
             raise
-        return cls(dht, timeout_s=timeout_s)
 
     def _call(self, what: str, send: Callable[[], Any], timeout_s: float | None = None) -> Any:
         """Send one request to the DHT process under the lock, then wait for it outside the lock."""
