@@ -1,4 +1,8 @@
-"""Fault tolerance: kill -9 of a node mid-generation, dead nodes leaving routes, missing blocks."""
+"""Fault tolerance and multi-token steps through one pool of real nodes (blocks 10:20 have three replicas).
+
+Multi-token steps give the tokens of a single-process run in fewer steps, also through a failover; kill -9 of
+a node mid-generation, dead nodes leaving routes, missing blocks, SIGTERM.
+"""
 
 from __future__ import annotations
 
@@ -13,27 +17,81 @@ from coop.launcher import LocalPool as Pool
 from coop.model.manifest import Manifest
 from coop.node.client import node_info
 from coop.swarm.directory import SwarmDirectory
-from tests.chat_requests import stream_greedy_chat
+from tests.chat_requests import answered_chat, stream_greedy_chat
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
 STORY = "Write a long story about a brave knight and a dragon."
 MAX_TOKENS = 40
+PARAGRAPH = (
+    "The river rises in the hills above the town, runs past the old mill and the school, and reaches the sea "
+    "after forty miles of farmland. In spring it floods the lower fields; in summer children swim in its slow "
+    "brown pools."
+)
+REPEAT = f"Repeat this paragraph exactly, word for word:\n\n{PARAGRAPH}"
+OPEN_ENDED = "Write a short story about a lighthouse keeper."
+SPECULATIVE_TOKENS = 48
+REPLICAS = ("node-b1", "node-b2", "node-b3")
 DEAD_NODE_BOUND_S = 12.0  # expected: announcement TTL 9 s + one DHT refresh (printed, not asserted)
 WAIT_S = 60.0  # generous deadlines: the 2-core CI machine runs other tests' processes too
 
 
 @pytest.fixture(scope="module")
 def pool(demo_model_dir: str) -> Iterator[Pool]:
+    """The coordinator runs with its default, speculative_tokens = 4."""
     pool = Pool(demo_model_dir)
     try:
         pool.start_dht()
-        pool.start_nodes({"node-a": "0:10", "node-b1": "10:20", "node-b2": "10:20", "node-c": "20:30"})
+        pool.start_nodes({"node-a": "0:10", **{name: "10:20" for name in REPLICAS}, "node-c": "20:30"})
         pool.start_coordinator()
         yield pool
     finally:
         pool.stop()
+
+
+def _steps_run(pool: Pool, name: str) -> int:
+    return node_info(pool.nodes[name].ready["endpoint"]).counters.steps_run
+
+
+@pytest.mark.parametrize("question", [REPEAT, OPEN_ENDED], ids=["repetition", "open-ended"])
+def test_multi_token_steps_give_the_single_process_tokens(
+    pool: Pool, reference: Callable[[str, int], list[int]], question: str
+) -> None:
+    before = _steps_run(pool, "node-a")
+    answer = answered_chat(pool.url, None, question, SPECULATIVE_TOKENS)
+    steps = _steps_run(pool, "node-a") - before
+    tokens = answer["coop"]["token_ids"]
+    assert tokens == reference(question, SPECULATIVE_TOKENS)
+    assert steps <= len(tokens)  # one-token steps take exactly len(tokens): the prompt, then one per token
+    if question == REPEAT:
+        assert steps < len(tokens) / 2, f"{steps} steps for {len(tokens)} tokens: drafts were not accepted"
+    print(f"{question[:20]!r}: {len(tokens)} tokens in {steps} steps")
+
+
+def test_kill_9_during_multi_token_steps_gives_the_same_tokens(
+    pool: Pool, reference: Callable[[str, int], list[int]]
+) -> None:
+    killed = ""
+    final: dict[str, object] = {}
+    for chunks, chunk in enumerate(stream_greedy_chat(pool.url, REPEAT, SPECULATIVE_TOKENS), start=1):
+        if chunk.get("coop"):
+            final = chunk
+        if chunks == 3 and not killed:
+            busy = [n for n in _alive(pool, REPLICAS) if node_info(pool.nodes[n].ready["endpoint"]).active_sessions]
+            assert len(busy) == 1, busy
+            killed = busy[0]
+            pool.nodes[killed].kill_hard()
+    assert killed, "the generation ended before a node could be killed"
+    coop = final["coop"]
+    assert isinstance(coop, dict)
+    assert coop["token_ids"] == reference(REPEAT, SPECULATIVE_TOKENS)
+    assert [hop["node_id"] for hop in coop["route"]][1] != killed
+    assert coop["route"][0]["failovers"] == 1
+
+
+def _alive(pool: Pool, names: tuple[str, ...]) -> list[str]:
+    return [name for name in names if pool.nodes[name].popen.poll() is None]
 
 
 def test_kill_9_mid_generation_gives_the_same_tokens(
@@ -48,7 +106,7 @@ def test_kill_9_mid_generation_gives_the_same_tokens(
         if chunk.get("coop"):
             final = chunk
         if len(chunk_times) == 6 and not killed:
-            busy = [n for n in ("node-b1", "node-b2") if node_info(pool.nodes[n].ready["endpoint"]).active_sessions]
+            busy = [n for n in _alive(pool, REPLICAS) if node_info(pool.nodes[n].ready["endpoint"]).active_sessions]
             assert len(busy) == 1, busy
             killed = busy[0]
             pool.nodes[killed].kill_hard()
@@ -80,8 +138,7 @@ def test_kill_9_mid_generation_gives_the_same_tokens(
 
 
 def test_missing_blocks_give_503_naming_them(pool: Pool) -> None:
-    survivors = [n for n in ("node-b1", "node-b2") if pool.nodes[n].popen.poll() is None]
-    for name in survivors:
+    for name in _alive(pool, REPLICAS):
         pool.nodes[name].kill_hard()
     body = {"model": "smollm2-demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
