@@ -20,8 +20,15 @@ from coop.swarm.routing import Hop
 
 
 class Chain(Protocol):
-    hops: list[Hop]  # the route the session runs on now (one hop per span)
-    failovers: int  # how many times the session moved to another route
+    @property
+    def hops(self) -> list[Hop]:
+        """The route the session runs on now (one hop per span)."""
+        ...
+
+    @property
+    def failovers(self) -> int:
+        """How many times the session moved to another route."""
+        ...
 
     async def step(self, hidden: torch.Tensor, start_position: int, token_ids: Sequence[int]) -> torch.Tensor:
         """Hidden states [1, n, h] of tokens start_position.. -> hidden states after the last block.

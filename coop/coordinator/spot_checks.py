@@ -1,0 +1,425 @@
+"""Spot checks: re-compute a sample of sessions on other replicas and catch nodes that return wrong activations.
+
+How it works (issue 13):
+- Every session's route is opened with a fresh sketch seed (`coop.wire.sketches`), so on every step
+  each node appends a sketch of the input it received and the output it pushed on, and the last
+  hop returns them all with its result. Checked or not, sessions look the same to a node.
+- A sample of sessions is checked: `spot_check_rate`, or `spot_check_new_node_rate` when a node of
+  the route has fewer than `spot_check_history_steps` passed checks. A checked session's every step
+  is re-computed, before its token is released, on a shadow route: for each hop, a one-hop session
+  on another replica of the same blocks, driven by the coordinator hop by hop, so that it sees every
+  activation. It then compares, hop by hop:
+  1. what it sent with hop 0's input sketch, and what it received with the last hop's output sketch
+     (a mismatch is a lie about the session's own ends: that hop is at fault);
+  2. hop k's output sketch with hop k+1's input sketch (a mismatch: one pushed something other than
+     it says, or the other lies about what it got; which one, nobody else saw: a dispute);
+  3. hop k's output sketch with the shadow's, whose input equals hop k's once hops before it passed.
+     The distance is per token, relative to what the hop added to the residual stream (output minus
+     input), and must stay under `spot_check_tolerance`. The first hop over it is the suspect. A third
+     replica, fed the hop's whole input so far, settles who is right; with none, it is a dispute.
+- A node found at fault is quarantined: an audit event with the evidence (session, step, hop, node,
+  distance) in the ledger, which is also the pool-wide list (every coordinator reads it, and only
+  coordinators write the ledger), and no route of this coordinator uses it again; its observation of
+  the session is withheld, so its receipt for it is never paid. A dispute is audited, withholds both
+  nodes' pay for the session and quarantines neither. Either way the session leaves the route for one
+  without them, and its tokens are replayed there (`RemoteChain.route_around`): the client gets the
+  single-process tokens.
+- Passed and failed checks per node are the trust record (admin view, `coop node trust`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import secrets
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import cast
+
+import torch
+
+from coop.config import CoordinatorSettings
+from coop.errors import CoopError, InvalidTensor, PeerError
+from coop.pipeline.charge import Charge, Meter
+from coop.pipeline.remote import RemoteChain, SentStep
+from coop.receipts import TokenTally
+from coop.swarm.routing import Hop
+from coop.ledger.store import AuditEntry, Ledger
+from coop.swarm.trust import ACTIONS, DISPUTED, PASSED, QUARANTINED, TrustRecord, trust_records
+from coop.swarm.view import SwarmView
+from coop.wire.sketches import relative_distance, sketch, sketches_from_proto
+
+log = logging.getLogger(__name__)
+
+# An honest hop's sketches of the tensor it passes on equal its neighbour's, up to the float rounding
+# of a projection computed on another device.
+SAME_TENSOR_TOLERANCE = 1e-3
+
+AuditNote = tuple[str, str, str]  # (action, subject, detail), actions from coop.swarm.trust
+AuditSink = Callable[[list[AuditNote]], None]  # appends to the ledger's audit trail (blocking)
+LedgerTrust = Callable[[], dict[str, TrustRecord]]  # every node's record, as the ledger has it (blocking)
+TRUST_REFRESH_S = 5.0  # how often quarantines and lifts by others are read back from the ledger
+
+
+@dataclass(frozen=True)
+class SpotCheckPolicy:
+    rate: float  # share of sessions checked
+    new_node_rate: float  # the share when a node of the route has little history
+    history_steps: int  # passed checked steps below which a node is new
+    tolerance: float  # per token: |claimed - recomputed| / |what the hop added|
+    sketch_dims: int
+
+    @classmethod
+    def from_settings(cls, settings: CoordinatorSettings) -> SpotCheckPolicy:
+        return cls(
+            settings.spot_check_rate,
+            settings.spot_check_new_node_rate,
+            settings.spot_check_history_steps,
+            settings.spot_check_tolerance,
+            settings.sketch_dims,
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.rate > 0 or self.new_node_rate > 0
+
+
+class TrustBook:
+    """What this coordinator knows of every node's honesty, and the sampling it implies.
+
+    Without a ledger the book lives in memory; with one, every verdict is appended to its audit trail
+    and the book follows it (`follow`), so quarantines are pool-wide and an admin's lift takes effect.
+    """
+
+    def __init__(self, policy: SpotCheckPolicy, rng: random.Random | None = None) -> None:
+        self.policy = policy
+        self.records: dict[str, TrustRecord] = {}
+        self.rng = rng or random.Random(secrets.randbits(64))
+        self._audit: AuditSink | None = None
+        self._writes: set[asyncio.Task[None]] = set()
+        self._version = 0  # bumped by each verdict here, so a ledger read that raced it is not applied
+
+    def record(self, node_id: str) -> TrustRecord:
+        return self.records.setdefault(node_id, TrustRecord())
+
+    def quarantined(self) -> frozenset[str]:
+        return frozenset(n for n, r in self.records.items() if r.quarantined)
+
+    def sampled(self, hops: Sequence[Hop]) -> bool:
+        new = any(self.record(h.node_id).passed < self.policy.history_steps for h in hops)
+        return self.rng.random() < (self.policy.new_node_rate if new else self.policy.rate)
+
+    def passed(self, counts: Counter[str]) -> None:
+        """A checked session ended: its nodes computed these many checked steps right."""
+        for node_id, steps in counts.items():
+            self.record(node_id).passed += steps
+        self._write([(PASSED, node_id, str(steps)) for node_id, steps in counts.items()])
+
+    def quarantine(self, node_id: str, evidence: str) -> None:
+        record = self.record(node_id)
+        record.failed += 1
+        record.quarantined = evidence
+        log.warning("node %s quarantined: %s", node_id, evidence)
+        self._write([(QUARANTINED, node_id, evidence)])
+
+    def disputed(self, node_ids: Sequence[str], evidence: str) -> None:
+        for node_id in node_ids:
+            self.record(node_id).disputed += 1
+        log.warning("spot check disputed between %s: %s", ", ".join(node_ids), evidence)
+        self._write([(DISPUTED, ",".join(node_ids), evidence)])
+
+    def _write(self, notes: list[AuditNote]) -> None:
+        self._version += 1
+        if self._audit is None or not notes:
+            return
+        task = asyncio.create_task(self._append(self._audit, notes))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    @staticmethod
+    async def _append(audit: AuditSink, notes: list[AuditNote]) -> None:
+        try:
+            await asyncio.to_thread(audit, notes)
+        except Exception as exc:  # the verdict holds here either way; the pool-wide list lags
+            log.warning("could not audit %s: %s", notes, exc)
+
+    async def follow(self, audit: AuditSink, read: LedgerTrust, every_s: float = TRUST_REFRESH_S) -> None:
+        """Write verdicts to the ledger from now on, and read everyone's back every `every_s`."""
+        self._audit = audit
+        while True:
+            version = self._version
+            try:
+                records = await asyncio.to_thread(read)
+            except Exception as exc:  # a database hiccup must not end the following for good
+                log.warning("could not read the nodes' trust records from the ledger: %s", exc)
+            else:
+                if version == self._version:
+                    self.records = records
+            await asyncio.sleep(every_s)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Nodes to route around, and whether the fault is proven (quarantine) or disputed."""
+
+    node_ids: tuple[str, ...]
+    proven: bool
+    evidence: str
+
+
+def ledger_audit(ledger: Ledger, actor: str) -> AuditSink:
+    def append(notes: list[AuditNote]) -> None:
+        ledger.record_many(
+            [AuditEntry(actor, action, subject[:200], detail[:4000]) for action, subject, detail in notes]
+        )
+
+    return append
+
+
+def ledger_trust(ledger: Ledger) -> dict[str, TrustRecord]:
+    events = [event for action in ACTIONS for event in ledger.audit_events(action=action)]
+    return trust_records((event.id or 0, event.action, event.subject, event.detail) for event in events)
+
+
+class _FixedRoute:
+    """The part of a `SwarmView` a `RemoteChain` uses, for one replica's hop chosen in advance."""
+
+    def __init__(self, hop: Hop, swarm: SwarmView) -> None:
+        self._hop = hop
+        self._swarm = swarm
+        self.revoked = swarm.revoked
+
+    async def route(self, exclude: set[str] | frozenset[str] = frozenset()) -> list[Hop]:
+        if self._hop.node_id in exclude:
+            raise PeerError(f"the replica {self._hop.node_id} failed")
+        return [self._hop]
+
+    def release(self, hops: Sequence[Hop]) -> None:
+        pass
+
+    def suspect(self, node_id: str) -> None:
+        self._swarm.suspect(node_id)
+
+    def step_completed(self, hops: Sequence[Hop], tokens: int, seconds: float) -> None:
+        pass
+
+
+class _Withholding:
+    """A meter that writes no observation for the nodes a check found at fault: their receipts go unpaid."""
+
+    def __init__(self, meter: Meter | None) -> None:
+        self.meter = meter
+        self.withheld: set[str] = set()
+
+    def stepped(self, consumer: str, hops: Sequence[Hop], tokens: int) -> None:
+        if self.meter is not None:
+            self.meter.stepped(consumer, hops, tokens)
+
+    def session_ended(self, session_id: str, consumer: str, hops: Sequence[Hop], sent: TokenTally) -> None:
+        if self.meter is not None:
+            self.meter.session_ended(session_id, consumer, [h for h in hops if h.node_id not in self.withheld], sent)
+
+
+class SpotChecker:
+    """Opens chains whose sampled sessions are checked; one per coordinator."""
+
+    def __init__(self, book: TrustBook, swarm: SwarmView, open_replica: Callable[[SwarmView, int], RemoteChain]):
+        """`open_replica(swarm, max_length)`: an unopened, unmetered RemoteChain over `swarm`, for shadows."""
+        self.book = book
+        self.swarm = swarm
+        self._open_replica = open_replica
+
+    def charge(self, charge: Charge) -> tuple[Charge, _Withholding]:
+        meter = _Withholding(charge.meter)
+        return Charge(charge.consumer, charge.priority, meter), meter
+
+    async def replica(self, hop: Hop, avoid: set[str], max_length: int) -> RemoteChain | None:
+        """A one-hop session for blocks [hop.start, hop.end) on a node not in `avoid`, or None if none serves them."""
+        quarantined = self.book.quarantined()
+        nodes = [
+            n
+            for n in self.swarm.live_nodes()
+            if n.start <= hop.start and hop.end <= n.end and n.node_id not in avoid | quarantined
+        ]
+        for node in sorted(nodes, key=lambda n: self.book.record(n.node_id).passed, reverse=True):
+            replica_hop = Hop(node.node_id, node.endpoint, hop.start, hop.end, node.institution)
+            chain = self._open_replica(cast(SwarmView, _FixedRoute(replica_hop, self.swarm)), max_length)
+            try:
+                return await chain.open()
+            except CoopError as exc:
+                log.info("replica %s for blocks %d:%d did not open: %s", node.node_id, hop.start, hop.end, exc)
+        return None
+
+
+class _Shadow:
+    """One replica per hop of the checked route, with every input it was given so far."""
+
+    def __init__(self, session_id: str, hops: list[Hop], replicas: list[RemoteChain]) -> None:
+        self.session_id = session_id
+        self.hops = hops
+        self.replicas = replicas
+        self.inputs: list[list[torch.Tensor]] = [[] for _ in hops]
+
+    async def close(self) -> None:
+        for replica in self.replicas:
+            await replica.close()
+
+
+class CheckedChain:
+    """A `coop.pipeline.generation.Chain`: a RemoteChain whose steps, in a sampled session, are checked
+    before they are returned."""
+
+    def __init__(self, chain: RemoteChain, checker: SpotChecker, meter: _Withholding) -> None:
+        self.chain = chain
+        self.checker = checker
+        self._meter = meter
+        self._sampled: bool | None = None  # decided at the first step, on the first route
+        self._shadow: _Shadow | None = None
+        self._history: list[torch.Tensor] = []  # what the route's first hop got so far: a new shadow's catch-up
+        self._passed: Counter[str] = Counter()  # checked steps per node that passed, in this session
+        self._steps = 0
+
+    @property
+    def hops(self) -> list[Hop]:
+        return self.chain.hops
+
+    @property
+    def failovers(self) -> int:
+        return self.chain.failovers
+
+    async def step(self, hidden: torch.Tensor, start_position: int, token_ids: Sequence[int]) -> torch.Tensor:
+        if self._sampled is None:
+            self._sampled = self.checker.book.sampled(self.chain.hops)
+        while True:
+            output = await self.chain.step(hidden, start_position, token_ids)
+            if not self._sampled:
+                return output
+            self._steps += 1
+            verdict = await self._check()
+            if verdict is None or not verdict.node_ids:
+                return output
+            self._meter.withheld.update(verdict.node_ids)
+            if verdict.proven:
+                for node_id in verdict.node_ids:
+                    self.checker.book.quarantine(node_id, verdict.evidence)
+            else:
+                self.checker.book.disputed(verdict.node_ids, verdict.evidence)
+            await self._drop_shadow()
+            await self.chain.route_around(set(verdict.node_ids), verdict.evidence)
+
+    async def close(self) -> None:
+        if self._passed:
+            self.checker.book.passed(self._passed)
+        await self._drop_shadow()
+        await self.chain.close()
+
+    async def _drop_shadow(self) -> None:
+        shadow, self._shadow = self._shadow, None
+        if shadow is not None:
+            await shadow.close()
+
+    async def _check(self) -> Verdict | None:
+        step = self.chain.last_step
+        if step is None:
+            return None
+        if step.start_position == 0:  # a new session, or a new route replaying it
+            self._history = []
+            await self._drop_shadow()
+        self._history.append(step.hidden)
+        feed, start = step.hidden, step.start_position
+        if self._shadow is None:
+            self._shadow = await self._open_shadow(step.session_id)
+            if self._shadow is None:
+                return None
+            feed, start = torch.cat(self._history, dim=1), 0  # a shadow opened late catches up
+        try:
+            return await self._compare(self._shadow, step, feed, start)
+        except CoopError as exc:  # a replica failed: this step goes unchecked, the next on a new shadow
+            log.info("spot check of session %s incomplete: %s", step.session_id, exc)
+            await self._drop_shadow()
+            return None
+
+    async def _open_shadow(self, session_id: str) -> _Shadow | None:
+        hops = list(self.chain.hops)
+        replicas: list[RemoteChain] = []
+        for hop in hops:
+            replica = await self.checker.replica(hop, {h.node_id for h in hops}, self.chain.max_length)
+            if replica is None:
+                log.info("no replica of blocks %d:%d to check session %s", hop.start, hop.end, session_id)
+                for opened in replicas:
+                    await opened.close()
+                return None
+            replicas.append(replica)
+        return _Shadow(session_id, hops, replicas)
+
+    async def _compare(self, shadow: _Shadow, step: SentStep, feed: torch.Tensor, start: int) -> Verdict | None:
+        """Check the step's sketches; `feed` (from position `start`) is what the shadow's first replica
+        must run: the step's input, or all of the session's so far for a shadow opened late."""
+        hops, seed, dims = shadow.hops, self.chain.sketch_seed, self.chain.sketch_dims
+        n = step.hidden.shape[1]
+        where = f"session {step.session_id} step {self._steps}"
+        try:
+            claims = sketches_from_proto(step.sketches, n, dims)
+        except InvalidTensor as exc:
+            return Verdict(tuple(h.node_id for h in hops), False, f"{where}: a malformed sketch: {exc}")
+        if [c[0] for c in claims] != [h.node_id for h in hops]:
+            return Verdict(tuple(h.node_id for h in hops), False, f"{where}: sketches missing or out of order")
+        sent = sketch(step.hidden, seed, dims)
+        if relative_distance(claims[0][1], sent, sent) > SAME_TENSOR_TOLERANCE:
+            return Verdict((hops[0].node_id,), True, f"{where} hop 0 ({hops[0].node_id}): lied about its input")
+        received = sketch(step.output, seed, dims)
+        if relative_distance(claims[-1][2], received, received) > SAME_TENSOR_TOLERANCE:
+            last = hops[-1].node_id
+            return Verdict((last,), True, f"{where} hop {len(hops) - 1} ({last}): lied about its output")
+        for k in range(len(hops) - 1):
+            pushed, got = claims[k][2], claims[k + 1][1]
+            if relative_distance(got, pushed, pushed) > SAME_TENSOR_TOLERANCE:
+                pair = (hops[k].node_id, hops[k + 1].node_id)
+                return Verdict(pair, False, f"{where}: hop {k} says it pushed what hop {k + 1} says it did not get")
+        hidden = feed
+        for k, (hop, replica) in enumerate(zip(hops, shadow.replicas, strict=True)):
+            shadow.inputs[k].append(hidden)
+            output = await replica.step(hidden, start, [])
+            recomputed = sketch(output[:, -n:], seed, dims)
+            added = recomputed - sketch(hidden[:, -n:], seed, dims)
+            distance = relative_distance(claims[k][2], recomputed, added)
+            if distance > self.checker.book.policy.tolerance:
+                evidence = f"{where} hop {k} ({hop.node_id}, blocks {hop.start}:{hop.end}): distance {distance:.3g}"
+                return await self._settle(shadow, k, claims[k][2], recomputed, evidence)
+            hidden = output
+        self._passed.update(h.node_id for h in hops)
+        return None
+
+    async def _settle(
+        self, shadow: _Shadow, k: int, claimed: torch.Tensor, recomputed: torch.Tensor, evidence: str
+    ) -> Verdict:
+        """A third replica re-runs hop k's whole input so far: the one it agrees with is right.
+        `claimed` and `recomputed` are sketches of hop k's and the shadow's output for this step."""
+        hop, shadow_node = shadow.hops[k], shadow.replicas[k].hops[0].node_id
+        history = torch.cat(shadow.inputs[k], dim=1)
+        n = recomputed.shape[0]
+        avoid = {h.node_id for h in shadow.hops} | {shadow_node}
+        referee = await self.checker.replica(hop, avoid, self.chain.max_length)
+        if referee is None:
+            return Verdict((hop.node_id,), False, f"{evidence}; no third replica to settle it against {shadow_node}")
+        try:
+            judged = (await referee.step(history, 0, []))[:, -n:]
+        finally:
+            await referee.close()
+        seed, dims, tolerance = self.chain.sketch_seed, self.chain.sketch_dims, self.checker.book.policy.tolerance
+        start = sketch(history[:, -n:], seed, dims)
+        truth = sketch(judged, seed, dims)
+        added = truth - start
+        referee_id = referee.hops[0].node_id
+        evidence = f"{evidence}; third replica {referee_id}"
+        route_wrong = relative_distance(claimed, truth, added) > tolerance
+        shadow_wrong = relative_distance(recomputed, truth, added) > tolerance
+        if route_wrong and not shadow_wrong:
+            return Verdict((hop.node_id,), True, f"{evidence} agrees with replica {shadow_node}")
+        if shadow_wrong and not route_wrong:
+            self.checker.book.quarantine(shadow_node, f"{evidence} agrees with {hop.node_id}, not with {shadow_node}")
+            await self._drop_shadow()
+            return Verdict((), True, evidence)  # nothing to route around: the route was right
+        return Verdict((hop.node_id, shadow_node), False, f"{evidence} agrees with neither")
