@@ -42,11 +42,11 @@ import torch
 
 from coop.config import CoordinatorSettings
 from coop.errors import CoopError, InvalidTensor, PeerError
+from coop.ledger.store import AuditEntry, Ledger
 from coop.pipeline.charge import Charge, Meter
 from coop.pipeline.remote import RemoteChain, SentStep
 from coop.receipts import TokenTally
 from coop.swarm.routing import Hop
-from coop.ledger.store import AuditEntry, Ledger
 from coop.swarm.trust import ACTIONS, DISPUTED, PASSED, QUARANTINED, TrustRecord, trust_records
 from coop.swarm.view import SwarmView
 from coop.wire.sketches import relative_distance, sketch, sketches_from_proto
