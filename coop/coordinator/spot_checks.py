@@ -34,7 +34,7 @@ import logging
 import random
 import secrets
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -46,6 +46,7 @@ from coop.ledger.store import AuditEntry, Ledger
 from coop.pipeline.charge import Charge, Meter
 from coop.pipeline.remote import RemoteChain, SentStep
 from coop.receipts import TokenTally
+from coop.swarm.announcement import NodeAnnouncement
 from coop.swarm.routing import Hop
 from coop.swarm.trust import ACTIONS, DISPUTED, PASSED, QUARANTINED, TrustRecord, trust_records
 from coop.swarm.view import SwarmView
@@ -184,17 +185,17 @@ def ledger_trust(ledger: Ledger) -> dict[str, TrustRecord]:
 
 
 class _FixedRoute:
-    """The part of a `SwarmView` a `RemoteChain` uses, for one replica's hop chosen in advance."""
+    """The part of a `SwarmView` a `RemoteChain` uses, for a replica route chosen in advance."""
 
-    def __init__(self, hop: Hop, swarm: SwarmView) -> None:
-        self._hop = hop
+    def __init__(self, hops: list[Hop], swarm: SwarmView) -> None:
+        self._hops = hops
         self._swarm = swarm
         self.revoked = swarm.revoked
 
     async def route(self, exclude: set[str] | frozenset[str] = frozenset()) -> list[Hop]:
-        if self._hop.node_id in exclude:
-            raise PeerError(f"the replica {self._hop.node_id} failed")
-        return [self._hop]
+        if failed := {h.node_id for h in self._hops} & exclude:
+            raise PeerError(f"the replica {', '.join(sorted(failed))} failed")
+        return self._hops
 
     def release(self, hops: Sequence[Hop]) -> None:
         pass
@@ -204,6 +205,23 @@ class _FixedRoute:
 
     def step_completed(self, hops: Sequence[Hop], tokens: int, seconds: float) -> None:
         pass
+
+
+def replica_route(
+    nodes: Sequence[NodeAnnouncement], start: int, end: int, avoid: Collection[str], rng: random.Random
+) -> list[Hop] | None:
+    """Hops over blocks [start, end) on nodes not in `avoid`, each picked at random among those that
+    serve the next block (so no node can count on checking its accomplice); None if they do not tile."""
+    hops: list[Hop] = []
+    at = start
+    while at < end:
+        serving = [n for n in nodes if n.start <= at < n.end and n.node_id not in avoid]
+        if not serving:
+            return None
+        node = rng.choice(serving)
+        hops.append(Hop(node.node_id, node.endpoint, at, min(node.end, end), node.institution))
+        at = hops[-1].end
+    return hops
 
 
 class _Withholding:
@@ -236,21 +254,18 @@ class SpotChecker:
         return Charge(charge.consumer, charge.priority, meter), meter
 
     async def replica(self, hop: Hop, avoid: set[str], max_length: int) -> RemoteChain | None:
-        """A one-hop session for blocks [hop.start, hop.end) on a node not in `avoid`, or None if none serves them."""
-        quarantined = self.book.quarantined()
-        nodes = [
-            n
-            for n in self.swarm.live_nodes()
-            if n.start <= hop.start and hop.end <= n.end and n.node_id not in avoid | quarantined
-        ]
-        for node in sorted(nodes, key=lambda n: self.book.record(n.node_id).passed, reverse=True):
-            replica_hop = Hop(node.node_id, node.endpoint, hop.start, hop.end, node.institution)
-            chain = self._open_replica(cast(SwarmView, _FixedRoute(replica_hop, self.swarm)), max_length)
-            try:
-                return await chain.open()
-            except CoopError as exc:
-                log.info("replica %s for blocks %d:%d did not open: %s", node.node_id, hop.start, hop.end, exc)
-        return None
+        """A session over blocks [hop.start, hop.end) on nodes not in `avoid`, or None if they cannot open one."""
+        route = replica_route(
+            self.swarm.live_nodes(), hop.start, hop.end, avoid | self.book.quarantined(), self.book.rng
+        )
+        if route is None:
+            return None
+        chain = self._open_replica(cast(SwarmView, _FixedRoute(route, self.swarm)), max_length)
+        try:
+            return await chain.open()
+        except CoopError as exc:
+            log.info("replica route %s for blocks %d:%d did not open: %s", route, hop.start, hop.end, exc)
+            return None
 
 
 class _Shadow:
@@ -397,29 +412,33 @@ class CheckedChain:
     ) -> Verdict:
         """A third replica re-runs hop k's whole input so far: the one it agrees with is right.
         `claimed` and `recomputed` are sketches of hop k's and the shadow's output for this step."""
-        hop, shadow_node = shadow.hops[k], shadow.replicas[k].hops[0].node_id
+        hop = shadow.hops[k]
+        shadow_nodes = tuple(h.node_id for h in shadow.replicas[k].hops)
         history = torch.cat(shadow.inputs[k], dim=1)
         n = recomputed.shape[0]
-        avoid = {h.node_id for h in shadow.hops} | {shadow_node}
+        avoid = {h.node_id for h in shadow.hops} | set(shadow_nodes)
         referee = await self.checker.replica(hop, avoid, self.chain.max_length)
+        shadow_name = "+".join(shadow_nodes)
         if referee is None:
-            return Verdict((hop.node_id,), False, f"{evidence}; no third replica to settle it against {shadow_node}")
+            return Verdict((hop.node_id,), False, f"{evidence}; no third replica to settle it against {shadow_name}")
         try:
             judged = (await referee.step(history, 0, []))[:, -n:]
         finally:
             await referee.close()
         seed, dims, tolerance = self.chain.sketch_seed, self.chain.sketch_dims, self.checker.book.policy.tolerance
-        start = sketch(history[:, -n:], seed, dims)
         truth = sketch(judged, seed, dims)
-        added = truth - start
-        referee_id = referee.hops[0].node_id
-        evidence = f"{evidence}; third replica {referee_id}"
+        added = truth - sketch(history[:, -n:], seed, dims)
+        evidence = f"{evidence}; third replica {'+'.join(h.node_id for h in referee.hops)}"
         route_wrong = relative_distance(claimed, truth, added) > tolerance
         shadow_wrong = relative_distance(recomputed, truth, added) > tolerance
         if route_wrong and not shadow_wrong:
-            return Verdict((hop.node_id,), True, f"{evidence} agrees with replica {shadow_node}")
+            return Verdict((hop.node_id,), True, f"{evidence} agrees with replica {shadow_name}")
         if shadow_wrong and not route_wrong:
-            self.checker.book.quarantine(shadow_node, f"{evidence} agrees with {hop.node_id}, not with {shadow_node}")
             await self._drop_shadow()
+            blamed = f"{evidence} agrees with {hop.node_id}, not with replica {shadow_name}"
+            if len(shadow_nodes) == 1:
+                self.checker.book.quarantine(shadow_nodes[0], blamed)
+            else:  # which of the replica route's hops is wrong, nobody checked
+                self.checker.book.disputed(shadow_nodes, blamed)
             return Verdict((), True, evidence)  # nothing to route around: the route was right
-        return Verdict((hop.node_id, shadow_node), False, f"{evidence} agrees with neither")
+        return Verdict((hop.node_id, *shadow_nodes), False, f"{evidence} agrees with neither")

@@ -1,9 +1,10 @@
-"""`COOP_CHEAT=KIND python -m tests.adversarial.cheating_node node start …`: Coop's own node, returning wrong activations.
+"""`COOP_CHEAT=KIND python -m tests.adversarial.cheating_node node start …`: Coop's node, computing wrong.
 
 The attacker runs the real node and changes only what its span returns (it still runs its blocks,
 so its KV cache stays consistent and nothing but the values betrays it). Its sketches are computed
 by the real code from what it pushes, so they are consistent with its lie: only a re-computation
-can catch it. KIND is one of:
+can catch it. It wants routes, so it also claims the lying node's speed (`lying_node`), which routing caps
+at the fastest node measured. KIND is one of:
 - noise: adds Gaussian noise of 1% of each token's activation norm;
 - skip: returns its input, as if it had no blocks;
 - other_model: returns another model's activations (a random linear model of the same norm);
@@ -19,7 +20,9 @@ import random
 import torch
 
 from coop.model.engine import SpanEngine
+from coop.node import daemon
 from coop.node.service import NodeService
+from tests.adversarial.lying_node import claimed_throughput
 
 CHEATS = ("noise", "skip", "other_model", "sometimes", "last_hop")
 NOISE_SHARE = 0.01
@@ -73,6 +76,7 @@ if __name__ == "__main__":
 
     if os.environ.get("COOP_CHEAT") not in CHEATS:
         raise SystemExit(f"set COOP_CHEAT to one of {', '.join(CHEATS)}")
+    daemon.measure_throughput = claimed_throughput
     SpanEngine.step = cheating_step  # type: ignore[method-assign]
     NodeService._route_after_me = recording_route_after_me  # type: ignore[method-assign]
     app(prog_name="coop")
