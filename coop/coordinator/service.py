@@ -20,7 +20,6 @@ from coop.coordinator.spot_checks import (
     SpotCheckPolicy,
     TrustBook,
     ledger_audit,
-    ledger_trust,
 )
 from coop.model.client_part import ClientPart
 from coop.pipeline.charge import UNMETERED, Charge
@@ -32,6 +31,7 @@ from coop.pool.registry import REVOCATIONS_FILE
 from coop.swarm.announcement import NodeAnnouncement, announcement_validator
 from coop.swarm.directory import SwarmDirectory
 from coop.swarm.revocations import RevocationWatcher
+from coop.swarm.trust import trust_from_ledger
 from coop.swarm.validation import pool_record_validator
 from coop.swarm.view import SwarmView
 from coop.wire.channels import ChannelPool, ChannelSecurity
@@ -156,7 +156,7 @@ async def run_coordinator(settings: CoordinatorSettings) -> None:
             actor = f"coordinator:{membership.bundle.institution}"
             book = backend.spot_checks.book
             ledger = backend.accounting.ledger
-            trust = asyncio.create_task(book.follow(ledger_audit(ledger, actor), partial(ledger_trust, ledger)))
+            trust = asyncio.create_task(book.follow(ledger_audit(ledger, actor), partial(trust_from_ledger, ledger)))
         gate = ApiKeyGate(settings.api_keys_file, membership.bundle.limits if membership.bundle else None)
         access = backend.accounting.access if backend.accounting else None
         app = create_app(

@@ -48,7 +48,7 @@ from coop.pipeline.remote import RemoteChain, SentStep
 from coop.receipts import TokenTally
 from coop.swarm.announcement import NodeAnnouncement
 from coop.swarm.routing import Hop
-from coop.swarm.trust import ACTIONS, DISPUTED, PASSED, QUARANTINED, TrustRecord, trust_records
+from coop.swarm.trust import DISPUTED, PASSED, QUARANTINED, TrustRecord
 from coop.swarm.view import SwarmView
 from coop.wire.sketches import relative_distance, sketch, sketches_from_proto
 
@@ -177,11 +177,6 @@ def ledger_audit(ledger: Ledger, actor: str) -> AuditSink:
         )
 
     return append
-
-
-def ledger_trust(ledger: Ledger) -> dict[str, TrustRecord]:
-    events = [event for action in ACTIONS for event in ledger.audit_events(action=action)]
-    return trust_records((event.id or 0, event.action, event.subject, event.detail) for event in events)
 
 
 class _FixedRoute:

@@ -8,8 +8,9 @@ view, `coop node trust` and every coordinator's routing read them back through `
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 PASSED = "spot_check_passed"  # subject: node id; detail: how many checked steps it computed right
 QUARANTINED = "node_quarantined"  # subject: node id; detail: the evidence
@@ -43,3 +44,22 @@ def trust_records(events: Iterable[tuple[int, str, str, str]]) -> dict[str, Trus
         elif action == LIFTED:
             record.quarantined = ""
     return records
+
+
+class _AuditEvent(Protocol):
+    id: int | None
+    action: str
+    subject: str
+    detail: str
+
+
+class AuditTrail(Protocol):
+    """What `trust_from_ledger` reads: `coop.ledger.store.Ledger`."""
+
+    def audit_events(self, *, action: str | None = None) -> Sequence[_AuditEvent]: ...
+
+
+def trust_from_ledger(ledger: AuditTrail) -> dict[str, TrustRecord]:
+    """Every node's trust record, as the pool's ledger has it."""
+    events = [event for action in ACTIONS for event in ledger.audit_events(action=action)]
+    return trust_records((event.id or 0, event.action, event.subject, event.detail) for event in events)

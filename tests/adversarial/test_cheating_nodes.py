@@ -21,11 +21,10 @@ from pathlib import Path
 import pytest
 
 from coop import launcher
-from coop.coordinator.spot_checks import ledger_trust
 from coop.launcher import LocalPool
 from coop.ledger.database import ledger_location
 from coop.ledger.store import Ledger
-from coop.swarm.trust import DISPUTED, QUARANTINED, TrustRecord
+from coop.swarm.trust import DISPUTED, QUARANTINED, TrustRecord, trust_from_ledger
 from tests.adversarial.cheating_node import CHEATS
 from tests.chat_requests import answered_chat
 from tests.waiting import wait_for
@@ -50,7 +49,7 @@ class CheckedPool:
     mallory: Path
 
     def trust(self) -> dict[str, TrustRecord]:
-        return ledger_trust(self.ledger)
+        return trust_from_ledger(self.ledger)
 
     def coordinator_log(self) -> list[str]:
         return next(p for p in self.pool.processes if p.name == "coordinator").lines[-40:]
