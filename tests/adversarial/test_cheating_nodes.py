@@ -1,17 +1,21 @@
-"""Attack 8, wrong activations: a member node adds noise, skips its blocks, runs another model, cheats now and then.
+"""Attack 8, wrong activations: a member node adds noise, skips its blocks, runs another model, cheats at times.
 
-Pool (the tiny chat model, 4 blocks): Uni A's honest "whole-a" 0:4 and "head" 0:2, Uni B's honest
-"whole-b" 0:4 and "tail" 2:4; the coordinator checks every session (rate 1, so that the bounds
+Pool (the tiny chat model, 4 blocks): Uni A's honest "head-a" 0:2 and "tail-a" 2:4, Uni B's
+"head-b" and "tail-b" likewise; the coordinator checks every session (rate 1, so that the bounds
 below are in sessions, not in luck). Mallory's cheater (`cheating_node`, a real node whose span
-returns tampered activations with consistent sketches) serves 0:4, so routes use it as a whole
-route, a first hop or a last hop. Each kind of cheat is started in turn, under a fresh node id,
-and must be quarantined within a few bursts of concurrent chats, with every answer equal to the
-single-process reference; afterwards no route uses it. Honest nodes pass >= 500 checked steps,
-concurrent sessions included, and are never flagged.
+returns tampered activations with consistent sketches, and which claims to be fast to get routes)
+serves 0:4: routes use it whole, and spot checks re-compute it on two honest replica routes (one
+to check, one to settle). Each kind of cheat is started in turn, under a fresh node id, and must
+be quarantined within MAX_BURSTS bursts of concurrent chats, with every answer equal to the
+single-process reference; afterwards no route uses it. Honest nodes are never flagged (500+
+checked steps with real engines, batched: tests/unit/test_spot_checks.py). The admin lifts a
+quarantine with the real CLI, and `coop status --pool` shows the trust records.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +40,7 @@ OWNERS = {"head-a": "Uni A", "tail-a": "Uni A", "head-b": "Uni B", "tail-b": "Un
 QUESTIONS = ["What is the capital of France?", "Name a colour.", "What is 2+2?", "Say hello."]
 BURST = 6  # concurrent chats: the coordinator spreads them over routes, so the cheater gets some
 MAX_BURSTS = 6  # a cheater must be quarantined within this many bursts
-HONEST_STEPS = 500
+HONEST_BURSTS = 3  # 500+ checked steps with real engines, batched, are in tests/unit/test_spot_checks.py
 MAX_TOKENS = 12
 WAIT_S = 60.0
 
@@ -47,6 +51,8 @@ class CheckedPool:
     key: str
     ledger: Ledger
     mallory: Path
+    pool_dir: Path
+    coordinator: Path  # its member bundle
 
     def trust(self) -> dict[str, TrustRecord]:
         return trust_from_ledger(self.ledger)
@@ -90,22 +96,23 @@ def checked(tiny_chat_model_dir: str, tmp_path_factory: pytest.TempPathFactory) 
                 member=coordinator, api_keys=pool_dir / "api_keys.json", extra_args=["--pool-dir", str(pool_dir)]
             )
         ledger = Ledger.open(ledger_location(None, pool_dir))
-        yield CheckedPool(pool, key, ledger, bundles["Mallory"])
+        yield CheckedPool(pool, key, ledger, bundles["Mallory"], pool_dir, coordinator)
     finally:
         pool.stop()
 
 
-def test_honest_replicas_pass_500_checked_steps(
+def test_honest_replicas_pass_their_checks(
     checked: CheckedPool, tiny_reference: Callable[[str, int], list[int]]
 ) -> None:
-    for _ in range(HONEST_STEPS // (BURST * MAX_TOKENS) + 1):
+    for _ in range(HONEST_BURSTS):
         checked.burst(tiny_reference)
+    expected = HONEST_BURSTS * BURST * MAX_TOKENS * 2  # every step of every session, on both hops of its route
 
     def passed() -> int | None:
         total = sum(record.passed for record in checked.trust().values())
-        return total if total >= HONEST_STEPS else None
+        return total if total >= expected else None
 
-    total = wait_for(f"{HONEST_STEPS} checked steps in the ledger", passed, WAIT_S)
+    total = wait_for(f"{expected} checked node-steps in the ledger", passed, WAIT_S)
     print(f"honest: {total} node-steps checked, none flagged")
     assert checked.flagged() == set()
     assert set(checked.trust()) == set(HONEST)
@@ -136,3 +143,39 @@ def test_cheater_is_quarantined_and_sessions_keep_their_tokens(
         assert checked.flagged() <= {f"cheat-{k.replace('_', '-')}" for k in CHEATS}
     finally:
         checked.pool.nodes.pop(cheater).stop()
+
+
+def test_the_admin_lifts_a_quarantine_and_coop_status_shows_trust(
+    checked: CheckedPool, tiny_chat_model_dir: str
+) -> None:
+    cheater = "cheat-noise"
+    assert checked.trust()[cheater].quarantined
+    lift = [*launcher.COOP, "node", "quarantine", "lift", cheater, "--pool", str(checked.pool_dir), "--reason", "fixed"]
+    done = subprocess.run(lift, capture_output=True, text=True, timeout=WAIT_S, env=_cli_env())
+    assert done.returncode == 0, done.stdout + done.stderr
+    record = checked.trust()[cheater]
+    assert (record.quarantined, record.failed) == ("", 1)
+    again = subprocess.run(lift, capture_output=True, text=True, timeout=WAIT_S, env=_cli_env())
+    assert again.returncode != 0 and "is not quarantined" in again.stdout + again.stderr
+
+    status = [
+        *launcher.COOP,
+        "status",
+        "--model",
+        tiny_chat_model_dir,
+        "--initial-peers",
+        checked.pool.peer,
+        "--member",
+        str(checked.coordinator),
+        "--pool",
+        str(checked.pool_dir),
+    ]
+    shown = subprocess.run(status, capture_output=True, text=True, timeout=WAIT_S, env=_cli_env())
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    rows = {line.split("│")[1].strip(): line for line in shown.stdout.splitlines() if line.count("│") > 2}
+    for name in HONEST:
+        assert f"{checked.trust()[name].passed} / 0" in rows[name], shown.stdout
+
+
+def _cli_env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "250"}
