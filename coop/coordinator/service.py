@@ -88,9 +88,9 @@ class RemoteBackend:
         chain = self._chain(self.swarm, max_length, charge, self.settings.max_failovers, policy.sketch_dims)
         return CheckedChain(await chain.open(), self.spot_checks, withholding)
 
-    def _replica_chain(self, swarm: SwarmView, max_length: int) -> RemoteChain:
-        """A spot check's one-hop session: unmetered, and never failed over (a failed replica ends the check)."""
-        return self._chain(swarm, max_length, UNMETERED, 0, self.spot_checks.book.policy.sketch_dims)
+    def _replica_chain(self, swarm: SwarmView, max_length: int, charge: Charge) -> RemoteChain:
+        """A spot check's session on replicas: never failed over (a failed replica ends the check)."""
+        return self._chain(swarm, max_length, charge, 0, self.spot_checks.book.policy.sketch_dims)
 
     def _chain(
         self, swarm: SwarmView, max_length: int, charge: Charge, max_failovers: int, sketch_dims: int

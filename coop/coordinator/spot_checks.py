@@ -219,7 +219,7 @@ def replica_route(
     return hops
 
 
-class _Withholding:
+class WithholdingMeter:
     """A meter that writes no observation for the nodes a check found at fault: their receipts go unpaid."""
 
     def __init__(self, meter: Meter | None) -> None:
@@ -238,24 +238,27 @@ class _Withholding:
 class SpotChecker:
     """Opens chains whose sampled sessions are checked; one per coordinator."""
 
-    def __init__(self, book: TrustBook, swarm: SwarmView, open_replica: Callable[[SwarmView, int], RemoteChain]):
-        """`open_replica(swarm, max_length)`: an unopened, unmetered RemoteChain over `swarm`, for shadows."""
+    def __init__(
+        self, book: TrustBook, swarm: SwarmView, open_replica: Callable[[SwarmView, int, Charge], RemoteChain]
+    ) -> None:
+        """`open_replica(swarm, max_length, charge)`: an unopened RemoteChain over `swarm`, for shadows."""
         self.book = book
         self.swarm = swarm
         self._open_replica = open_replica
 
-    def charge(self, charge: Charge) -> tuple[Charge, _Withholding]:
-        meter = _Withholding(charge.meter)
+    def charge(self, charge: Charge) -> tuple[Charge, WithholdingMeter]:
+        meter = WithholdingMeter(charge.meter)
         return Charge(charge.consumer, charge.priority, meter), meter
 
-    async def replica(self, hop: Hop, avoid: set[str], max_length: int) -> RemoteChain | None:
-        """A session over blocks [hop.start, hop.end) on nodes not in `avoid`, or None if they cannot open one."""
+    async def replica(self, hop: Hop, avoid: set[str], max_length: int, charge: Charge) -> RemoteChain | None:
+        """A session over blocks [hop.start, hop.end) on nodes not in `avoid`, or None if they cannot open one.
+        `charge`: the checked session's, so that replicas are paid for the check like for any session."""
         route = replica_route(
             self.swarm.live_nodes(), hop.start, hop.end, avoid | self.book.quarantined(), self.book.rng
         )
         if route is None:
             return None
-        chain = self._open_replica(cast(SwarmView, _FixedRoute(route, self.swarm)), max_length)
+        chain = self._open_replica(cast(SwarmView, _FixedRoute(route, self.swarm)), max_length, charge)
         try:
             return await chain.open()
         except CoopError as exc:
@@ -281,10 +284,11 @@ class CheckedChain:
     """A `coop.pipeline.generation.Chain`: a RemoteChain whose steps, in a sampled session, are checked
     before they are returned."""
 
-    def __init__(self, chain: RemoteChain, checker: SpotChecker, meter: _Withholding) -> None:
+    def __init__(self, chain: RemoteChain, checker: SpotChecker, meter: WithholdingMeter) -> None:
         self.chain = chain
         self.checker = checker
         self._meter = meter
+        self._replica_charge = Charge(chain.charge.consumer, chain.charge.priority, meter.meter)
         self._sampled: bool | None = None  # decided at the first step, on the first route
         self._shadow: _Shadow | None = None
         self._history: list[torch.Tensor] = []  # what the route's first hop got so far: a new shadow's catch-up
@@ -355,7 +359,9 @@ class CheckedChain:
         hops = list(self.chain.hops)
         replicas: list[RemoteChain] = []
         for hop in hops:
-            replica = await self.checker.replica(hop, {h.node_id for h in hops}, self.chain.max_length)
+            replica = await self.checker.replica(
+                hop, {h.node_id for h in hops}, self.chain.max_length, self._replica_charge
+            )
             if replica is None:
                 log.info("no replica of blocks %d:%d to check session %s", hop.start, hop.end, session_id)
                 for opened in replicas:
@@ -412,7 +418,7 @@ class CheckedChain:
         history = torch.cat(shadow.inputs[k], dim=1)
         n = recomputed.shape[0]
         avoid = {h.node_id for h in shadow.hops} | set(shadow_nodes)
-        referee = await self.checker.replica(hop, avoid, self.chain.max_length)
+        referee = await self.checker.replica(hop, avoid, self.chain.max_length, self._replica_charge)
         shadow_name = "+".join(shadow_nodes)
         if referee is None:
             return Verdict((hop.node_id,), False, f"{evidence}; no third replica to settle it against {shadow_name}")

@@ -12,14 +12,16 @@ import itertools
 import random
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 import torch
 
 from coop.config import CoordinatorSettings
-from coop.coordinator.spot_checks import SpotCheckPolicy, TrustBook, replica_route
+from coop.coordinator.spot_checks import SpotCheckPolicy, TrustBook, WithholdingMeter, replica_route
 from coop.model.engine import SpanEngine, StepInput
+from coop.receipts import TokenTally
 from coop.swarm.announcement import NodeAnnouncement
 from coop.swarm.routing import Hop
 from coop.swarm.trust import DISPUTED, LIFTED, PASSED, QUARANTINED, trust_records
@@ -132,3 +134,24 @@ def test_new_nodes_are_sampled_at_the_new_node_rate() -> None:
     with_new = Counter(book.sampled([old, new]) for _ in range(4000))
     assert 40 <= sampled[True] <= 130  # about 2%
     assert 1800 <= with_new[True] <= 2200  # about 50%
+
+
+class _Observations:
+    def __init__(self) -> None:
+        self.sessions: list[list[str]] = []
+
+    def stepped(self, consumer: str, hops: Sequence[Hop], tokens: int) -> None:
+        pass
+
+    def session_ended(self, session_id: str, consumer: str, hops: Sequence[Hop], sent: TokenTally) -> None:
+        self.sessions.append([hop.node_id for hop in hops])
+
+
+def test_a_node_found_at_fault_is_not_observed_so_its_receipt_goes_unpaid() -> None:
+    observed = _Observations()
+    meter = WithholdingMeter(observed)
+    route = [Hop("honest", "e", 0, 3), Hop("cheat", "e", 3, 6)]
+    meter.session_ended("s1", "uni", route, TokenTally())
+    meter.withheld.add("cheat")
+    meter.session_ended("s2", "uni", route, TokenTally())
+    assert observed.sessions == [["honest", "cheat"], ["honest"]]
