@@ -154,7 +154,7 @@ def test_the_admin_lifts_a_quarantine_and_coop_status_shows_trust(
     done = subprocess.run(lift, capture_output=True, text=True, timeout=WAIT_S, env=_cli_env())
     assert done.returncode == 0, done.stdout + done.stderr
     record = checked.trust()[cheater]
-    assert (record.quarantined, record.failed) == ("", 1)
+    assert record.quarantined == "" and record.failed >= 1  # every session that caught it is on the record
     again = subprocess.run(lift, capture_output=True, text=True, timeout=WAIT_S, env=_cli_env())
     assert again.returncode != 0 and "is not quarantined" in again.stdout + again.stderr
 
