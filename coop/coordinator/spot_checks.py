@@ -41,6 +41,7 @@ import secrets
 from collections import Counter
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import cast
 
 import torch
@@ -53,7 +54,7 @@ from coop.pipeline.remote import RemoteChain, SentStep
 from coop.receipts import TokenTally
 from coop.swarm.announcement import NodeAnnouncement
 from coop.swarm.routing import Hop
-from coop.swarm.trust import DISPUTED, PASSED, QUARANTINED, TrustRecord
+from coop.swarm.trust import DISPUTED, FAILED, PASSED, QUARANTINED, TrustRecord
 from coop.swarm.view import SwarmView
 from coop.wire.sketches import relative_distance, sketch, sketches_from_proto
 
@@ -106,6 +107,7 @@ class TrustBook:
         self._audit: AuditSink | None = None
         self._writes: set[asyncio.Task[None]] = set()
         self._version = 0  # bumped by each verdict here, so a ledger read that raced it is not applied
+        self._predecessors: dict[str, set[str]] = {}  # per node, those after whose push it failed a check
 
     def record(self, node_id: str) -> TrustRecord:
         return self.records.setdefault(node_id, TrustRecord())
@@ -122,6 +124,23 @@ class TrustBook:
         for node_id, steps in counts.items():
             self.record(node_id).passed += steps
         self._write([(PASSED, node_id, str(steps)) for node_id, steps in counts.items()])
+
+    def convict(self, node_id: str, predecessor: str, evidence: str) -> None:
+        """A check proved the node's output wrong, given the input its `predecessor` pushed it.
+
+        A node that knows a session's sketch seed can push a perturbation its sketches do not show
+        (coop.wire.sketches), which makes the next hop look wrong. So a node whose input came from
+        another node is quarantined only once it failed after two different predecessors; a failure
+        on the coordinator's own input (`predecessor` ""), nobody can have framed.
+        """
+        framers = self._predecessors.setdefault(node_id, set())
+        framers.add(predecessor)
+        if not predecessor or len(framers) >= 2:
+            self.quarantine(node_id, evidence)
+            return
+        self.record(node_id).failed += 1
+        log.warning("node %s failed a check after %s: %s", node_id, predecessor, evidence)
+        self._write([(FAILED, node_id, evidence)])
 
     def quarantine(self, node_id: str, evidence: str) -> None:
         record = self.record(node_id)
@@ -173,6 +192,8 @@ class Verdict:
     node_ids: tuple[str, ...]
     proven: bool
     evidence: str
+    # the node that pushed the culprit its input ("": the coordinator did, or it lied about its own ends)
+    predecessor: str = ""
 
 
 def ledger_audit(ledger: Ledger, actor: str) -> AuditSink:
@@ -285,6 +306,11 @@ class _Shadow:
             await replica.close()
 
 
+def _whole(hidden: torch.Tensor) -> torch.Tensor:
+    """(1, n, hidden) -> (n, hidden) float32: what `relative_distance` compares."""
+    return hidden[0].float().cpu()
+
+
 class CheckedChain:
     """A `coop.pipeline.generation.Chain`: a RemoteChain whose steps, in a sampled session, are checked
     before they are returned."""
@@ -322,7 +348,7 @@ class CheckedChain:
             self._meter.withheld.update(verdict.node_ids)
             if verdict.proven:
                 for node_id in verdict.node_ids:
-                    self.checker.book.quarantine(node_id, verdict.evidence)
+                    self.checker.book.convict(node_id, verdict.predecessor, verdict.evidence)
             else:
                 self.checker.book.disputed(verdict.node_ids, verdict.evidence)
             await self._drop_shadow()
@@ -403,21 +429,29 @@ class CheckedChain:
         for k, (hop, replica) in enumerate(zip(hops, shadow.replicas, strict=True)):
             shadow.inputs[k].append(hidden)
             output = await replica.step(hidden, start, [])
-            recomputed = sketch(output[:, -n:], seed, dims)
-            added = recomputed - sketch(hidden[:, -n:], seed, dims)
-            distance = relative_distance(claims[k][2], recomputed, added)
+            # The last hop's output is here whole: compare it whole, not only in the projections it knows.
+            view = _whole if k == len(hops) - 1 else partial(sketch, seed=seed, dims=dims)
+            claimed = view(step.output) if k == len(hops) - 1 else claims[k][2]
+            recomputed = view(output[:, -n:])
+            distance = relative_distance(claimed, recomputed, recomputed - view(hidden[:, -n:]))
             if distance > self.checker.book.policy.tolerance:
                 evidence = f"{where} hop {k} ({hop.node_id}, blocks {hop.start}:{hop.end}): distance {distance:.3g}"
-                return await self._settle(shadow, k, claims[k][2], recomputed, evidence)
+                return await self._settle(shadow, k, claimed, recomputed, view, evidence)
             hidden = output
         self._passed.update(h.node_id for h in hops)
         return None
 
     async def _settle(
-        self, shadow: _Shadow, k: int, claimed: torch.Tensor, recomputed: torch.Tensor, evidence: str
+        self,
+        shadow: _Shadow,
+        k: int,
+        claimed: torch.Tensor,
+        recomputed: torch.Tensor,
+        view: Callable[[torch.Tensor], torch.Tensor],
+        evidence: str,
     ) -> Verdict:
         """A third replica re-runs hop k's whole input so far: the one it agrees with is right.
-        `claimed` and `recomputed` are sketches of hop k's and the shadow's output for this step."""
+        `claimed` and `recomputed` are `view`s of hop k's and the shadow's output for this step."""
         hop = shadow.hops[k]
         shadow_nodes = tuple(h.node_id for h in shadow.replicas[k].hops)
         history = torch.cat(shadow.inputs[k], dim=1)
@@ -431,14 +465,15 @@ class CheckedChain:
             judged = (await referee.step(history, 0, []))[:, -n:]
         finally:
             await referee.close()
-        seed, dims, tolerance = self.chain.sketch_seed, self.chain.sketch_dims, self.checker.book.policy.tolerance
-        truth = sketch(judged, seed, dims)
-        added = truth - sketch(history[:, -n:], seed, dims)
+        tolerance = self.checker.book.policy.tolerance
+        truth = view(judged)
+        added = truth - view(history[:, -n:])
         evidence = f"{evidence}; third replica {'+'.join(h.node_id for h in referee.hops)}"
         route_wrong = relative_distance(claimed, truth, added) > tolerance
         shadow_wrong = relative_distance(recomputed, truth, added) > tolerance
         if route_wrong and not shadow_wrong:
-            return Verdict((hop.node_id,), True, f"{evidence} agrees with replica {shadow_name}")
+            predecessor = shadow.hops[k - 1].node_id if k > 0 else ""
+            return Verdict((hop.node_id,), True, f"{evidence} agrees with replica {shadow_name}", predecessor)
         if shadow_wrong and not route_wrong:
             await self._drop_shadow()
             blamed = f"{evidence} agrees with {hop.node_id}, not with replica {shadow_name}"

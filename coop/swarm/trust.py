@@ -14,9 +14,10 @@ from typing import Protocol
 
 PASSED = "spot_check_passed"  # subject: node id; detail: how many checked steps it computed right
 QUARANTINED = "node_quarantined"  # subject: node id; detail: the evidence
+FAILED = "spot_check_failed"  # subject: node id; detail: the evidence (a failure not yet enough to quarantine)
 DISPUTED = "spot_check_disputed"  # subject: the node ids, comma-separated; detail: the evidence
 LIFTED = "node_quarantine_lifted"  # subject: node id; detail: who lifted it and why
-ACTIONS = (PASSED, QUARANTINED, DISPUTED, LIFTED)
+ACTIONS = (PASSED, FAILED, QUARANTINED, DISPUTED, LIFTED)
 
 
 @dataclass
@@ -38,6 +39,8 @@ def trust_records(events: Iterable[tuple[int, str, str, str]]) -> dict[str, Trus
         record = records.setdefault(subject, TrustRecord())
         if action == PASSED:
             record.passed += int(detail) if detail.isdigit() else 0
+        elif action == FAILED:
+            record.failed += 1
         elif action == QUARANTINED:
             record.failed += 1
             record.quarantined = detail or "quarantined"

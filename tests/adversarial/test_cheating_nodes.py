@@ -28,7 +28,7 @@ from coop import launcher
 from coop.launcher import LocalPool
 from coop.ledger.database import ledger_location
 from coop.ledger.store import Ledger
-from coop.swarm.trust import DISPUTED, QUARANTINED, TrustRecord, trust_from_ledger
+from coop.swarm.trust import DISPUTED, FAILED, QUARANTINED, TrustRecord, trust_from_ledger
 from tests.adversarial.cheating_node import CHEATS
 from tests.chat_requests import answered_chat
 from tests.waiting import wait_for
@@ -61,7 +61,7 @@ class CheckedPool:
         return next(p for p in self.pool.processes if p.name == "coordinator").lines[-40:]
 
     def flagged(self) -> set[str]:
-        events = self.ledger.audit_events(action=QUARANTINED) + self.ledger.audit_events(action=DISPUTED)
+        events = [e for action in (QUARANTINED, FAILED, DISPUTED) for e in self.ledger.audit_events(action=action)]
         return {node for event in events for node in event.subject.split(",")}
 
     def burst(self, reference: Callable[[str, int], list[int]]) -> list[list[str]]:

@@ -155,3 +155,14 @@ def test_a_node_found_at_fault_is_not_observed_so_its_receipt_goes_unpaid() -> N
     meter.withheld.add("cheat")
     meter.session_ended("s2", "uni", route, TokenTally())
     assert observed.sessions == [["honest", "cheat"], ["honest"]]
+
+
+def test_a_node_is_quarantined_at_once_on_the_coordinators_input_else_after_two_predecessors() -> None:
+    book = TrustBook(SpotCheckPolicy(0.02, 0.5, 10, 0.005, 32), random.Random(1))
+    book.convict("first-hop", "", "hop 0 distance 0.3")
+    assert book.quarantined() == {"first-hop"}
+    book.convict("middle", "framer", "hop 1 distance 0.3")
+    book.convict("middle", "framer", "hop 1 distance 0.2")
+    assert "middle" not in book.quarantined() and book.record("middle").failed == 2
+    book.convict("middle", "another", "hop 1 distance 0.3")
+    assert "middle" in book.quarantined()
