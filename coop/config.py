@@ -148,3 +148,12 @@ class CoordinatorSettings(BaseSettings):
     # /metrics (Prometheus) answers only `Authorization: Bearer <token>` when set; None = anyone who can reach
     # the API, as Prometheus expects (bind the API to a private interface, or set this)
     metrics_token: SecretStr | None = None
+    # -- spot checks (coop.coordinator.spot_checks): sessions re-computed on other replicas, step by step --
+    spot_check_rate: float = Field(default=0.03, ge=0, le=1)  # share of sessions checked; 0 and 0 = off
+    # the share when a node of the route has passed fewer than spot_check_history_steps checked steps
+    spot_check_new_node_rate: float = Field(default=0.2, ge=0, le=1)
+    spot_check_history_steps: int = Field(default=200, ge=0)
+    # the largest honest distance, per token: |claimed - recomputed| / |what the hop added|, on sketches.
+    # Calibrated in tests/unit/test_spot_checks.py (honest replicas, same prepared model and dtype)
+    spot_check_tolerance: float = Field(default=0.005, gt=0)
+    sketch_dims: int = Field(default=32, ge=1, le=64)  # dimensions of each hop's step sketches

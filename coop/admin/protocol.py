@@ -29,6 +29,10 @@ class NodeOut(BaseModel):
     receipts: int = 0
     tokens: int = 0
     credits_delivered: float = 0.0
+    # its trust record (coop.swarm.trust): spot-checked steps it computed right, checks it failed
+    checks_passed: int = 0
+    checks_failed: int = 0
+    quarantined: str = ""  # the evidence, while it is out of routes; "" if it is not
 
 
 class NodeReceiptsOut(BaseModel):

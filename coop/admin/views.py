@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from coop.admin import charts, queries
 from coop.admin.context import TOKEN_WINDOW_S, AdminContext
@@ -34,6 +35,7 @@ from coop.ledger.models import Receipt, flops_to_credits
 from coop.pool.api_keys import ApiKeyRecord, ApiKeyStore
 from coop.pool.registry import API_KEYS_FILE, MemberInfo, PoolInfo, list_members, read_revocations
 from coop.swarm.announcement import NodeAnnouncement
+from coop.swarm.trust import TrustRecord, trust_from_ledger
 
 DETAIL_RECEIPTS = 20
 SMALL_CHART_WIDTH = 480  # the institutions page's small multiples
@@ -84,6 +86,7 @@ def nodes(ctx: AdminContext, pool: PoolState, now: Live, *, now_s: float | None 
     live, load = now.nodes, now.load
     since = ctx.presence.observe([n.node_id for n in live])
     stats = queries.node_stats(ctx.ledger.engine)
+    trust = trust_from_ledger(ctx.ledger)
     out = []
     for ann in sorted(live, key=lambda a: a.node_id):
         s = stats.get(ann.node_id)
@@ -105,6 +108,7 @@ def nodes(ctx: AdminContext, pool: PoolState, now: Live, *, now_s: float | None 
                 receipts=s.receipts if s else 0,
                 tokens=s.tokens if s else 0,
                 credits_delivered=flops_to_credits(s.flops) if s else 0.0,
+                **_trust_fields(trust.get(ann.node_id)),
             )
         )
     online = {ann.node_id for ann in live}
@@ -125,9 +129,16 @@ def nodes(ctx: AdminContext, pool: PoolState, now: Live, *, now_s: float | None 
                 receipts=s.receipts if s else 0,
                 tokens=s.tokens if s else 0,
                 credits_delivered=flops_to_credits(s.flops) if s else 0.0,
+                **_trust_fields(trust.get(row.node_id)),
             )
         )
     return out
+
+
+def _trust_fields(record: TrustRecord | None) -> dict[str, Any]:
+    if record is None:
+        return {}
+    return {"checks_passed": record.passed, "checks_failed": record.failed, "quarantined": record.quarantined}
 
 
 def _coverage_rows(online: Sequence[NodeOut], shade: str) -> list[charts.CoverageRow]:

@@ -13,12 +13,14 @@ from rich.table import Table
 from coop.cli.console import console, plain
 from coop.cli.log_format import LogFormat, LogFormatOption, configure_logging
 from coop.cli.options import MemberOption, ModelOption, PeersOption
+from coop.cli.trust import quarantine_app
 
 if TYPE_CHECKING:
     from coop.wire.generated import coop_pb2 as pb
 
 node_app = typer.Typer(no_args_is_help=True, help="Run and inspect node daemons.")
 dht_app = typer.Typer(no_args_is_help=True, help="Run a DHT bootstrap peer.")
+node_app.add_typer(quarantine_app, name="quarantine")
 
 
 @dht_app.command("start")

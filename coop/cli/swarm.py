@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
 from coop.cli.console import console, plain
+from coop.cli.ledger import UrlOption
 from coop.cli.options import MemberOption, PeersOption
+
+if TYPE_CHECKING:
+    from coop.swarm.trust import TrustRecord
 
 
 def swarm_status(
     model: Annotated[Path, typer.Option("--model", help="a prepared model directory (names the model)")],
     initial_peers: PeersOption = None,
     member: MemberOption = None,
+    pool: Annotated[
+        Path | None, typer.Option("--pool", help="the pool directory: adds each node's spot-check record")
+    ] = None,
+    ledger_url: UrlOption = None,
 ) -> None:
     """The swarm as a table: which nodes serve which blocks, their throughput and free cache."""
     from coop.model.manifest import Manifest
@@ -32,12 +40,17 @@ def swarm_status(
         nodes = directory.list_nodes(membership.pool_id, manifest.content_hash, announcement_validator(membership))
     finally:
         directory.shutdown()
+    trust = _trust(pool, ledger_url) if pool is not None else None
     n = manifest.num_blocks
     table = Table(title=plain(f"{manifest.name}: {len(nodes)} nodes, {n} blocks"))
     for column in ("node", "institution", "blocks", f"coverage 0..{n - 1}", "tokens/s", "free cache", "endpoint"):
         table.add_column(column)
+    if trust is not None:
+        table.add_column("checks passed / failed")
     for node in nodes:
         bar = "".join("█" if node.start <= i < node.end else "·" for i in range(n))
+        record = trust.get(node.node_id) if trust is not None else None
+        checks = [] if trust is None else [_checks(record)]
         table.add_row(
             plain(node.node_id),
             plain(node.institution),
@@ -46,6 +59,7 @@ def swarm_status(
             f"{node.throughput_tps:.1f}",
             f"{node.free_cache_bytes / 2**20:.0f} MiB",
             plain(node.endpoint),
+            *checks,
         )
     console.print(table)
     counts = coverage_of(nodes, n)
@@ -55,3 +69,17 @@ def swarm_status(
         console.print("[red]missing blocks:[/] " + ", ".join(f"{a}:{b}" for a, b in gaps))
     else:
         console.print("[green]every block is served[/]")
+
+
+def _trust(pool: Path, ledger_url: str | None) -> dict[str, TrustRecord]:
+    from coop.cli.ledger import _open
+    from coop.swarm.trust import trust_from_ledger
+
+    return trust_from_ledger(_open(pool, ledger_url))
+
+
+def _checks(record: TrustRecord | None) -> str:
+    if record is None:
+        return "unchecked"
+    quarantined = " [red]quarantined[/]" if record.quarantined else ""
+    return f"{record.passed} / {record.failed}{quarantined}"

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,13 @@ import uvicorn
 from coop.config import CoordinatorSettings
 from coop.coordinator.auth import ApiKeyGate
 from coop.coordinator.limits import HttpLimits
+from coop.coordinator.spot_checks import (
+    CheckedChain,
+    SpotChecker,
+    SpotCheckPolicy,
+    TrustBook,
+    ledger_audit,
+)
 from coop.model.manifest import Manifest
 from coop.pipeline.charge import UNMETERED, Charge
 from coop.pipeline.remote import RemoteChain
@@ -28,6 +36,7 @@ from coop.pool.registry import REVOCATIONS_FILE
 from coop.swarm.announcement import NodeAnnouncement, announcement_validator
 from coop.swarm.directory import SwarmDirectory
 from coop.swarm.revocations import RevocationWatcher
+from coop.swarm.trust import trust_from_ledger
 from coop.swarm.validation import pool_record_validator
 from coop.swarm.view import SwarmView
 from coop.wire.channels import ChannelPool, ChannelSecurity
@@ -64,6 +73,8 @@ class RemoteBackend:
         self.model_name = client.manifest.name
         self.max_context = min(settings.max_context, client.manifest.context_length)  # nodes refuse more
         self._channels: ChannelPool | None = None
+        self.spot_checks = SpotChecker(TrustBook(SpotCheckPolicy.from_settings(settings)), swarm, self._replica_chain)
+        swarm.quarantined = self.spot_checks.book.quarantined
 
     @property
     def channels(self) -> ChannelPool:
@@ -80,21 +91,35 @@ class RemoteBackend:
         return loop.time() - started
 
     async def open_chain(self, max_length: int, charge: Charge = UNMETERED) -> Chain:
-        chain = RemoteChain(
-            self.swarm,
+        policy = self.spot_checks.book.policy
+        if not policy.enabled:
+            return await self._chain(self.swarm, max_length, charge, self.settings.max_failovers, 0).open()
+        charge, withholding = self.spot_checks.charge(charge)
+        chain = self._chain(self.swarm, max_length, charge, self.settings.max_failovers, policy.sketch_dims)
+        return CheckedChain(await chain.open(), self.spot_checks, withholding)
+
+    def _replica_chain(self, swarm: SwarmView, max_length: int, charge: Charge) -> RemoteChain:
+        """A spot check's session on replicas: never failed over (a failed replica ends the check)."""
+        return self._chain(swarm, max_length, charge, 0, self.spot_checks.book.policy.sketch_dims)
+
+    def _chain(
+        self, swarm: SwarmView, max_length: int, charge: Charge, max_failovers: int, sketch_dims: int
+    ) -> RemoteChain:
+        return RemoteChain(
+            swarm,
             self.channels,
             self.client.embed,
             hidden_size=self.client.manifest.hidden_size,
             dtype=self.client.dtype,
             max_length=max_length,
             step_timeout_s=self.settings.step_timeout_s,
-            max_failovers=self.settings.max_failovers,
+            max_failovers=max_failovers,
             charge=charge,
             sign_route=self._sign_route,
             max_queued_events=self.settings.max_queued_events_per_session,
             draft_tokens=self.settings.speculative_tokens,
+            sketch_dims=sketch_dims,
         )
-        return await chain.open()
 
     async def close(self) -> None:
         if self._channels is not None:
@@ -131,6 +156,7 @@ async def run_coordinator(settings: CoordinatorSettings) -> None:
     swarm.ping = backend.ping
     pool_list = [] if settings.pool_dir is None else [settings.pool_dir / REVOCATIONS_FILE]
     watcher = RevocationWatcher(membership.revocations, directory, files=pool_list)
+    trust: asyncio.Task[None] | None = None  # spot checks' verdicts to and from the ledger
     try:
         await asyncio.to_thread(watcher.start)
         await swarm.start()
@@ -145,6 +171,10 @@ async def run_coordinator(settings: CoordinatorSettings) -> None:
                 lambda: backend.channels,
                 swarm.live_nodes,
             )
+            actor = f"coordinator:{membership.bundle.institution}"
+            book = backend.spot_checks.book
+            ledger = backend.accounting.ledger
+            trust = asyncio.create_task(book.follow(ledger_audit(ledger, actor), partial(trust_from_ledger, ledger)))
         gate = ApiKeyGate(settings.api_keys_file, membership.bundle.limits if membership.bundle else None)
         access = backend.accounting.access if backend.accounting else None
         from coop.coordinator.metrics import CoordinatorMetrics  # pulls in the text pipeline: after the join
@@ -192,6 +222,8 @@ async def run_coordinator(settings: CoordinatorSettings) -> None:
             print(f"{READY_MARKER} {json.dumps(ready)}", flush=True)
         await serving
     finally:
+        if trust is not None:
+            trust.cancel()
         watcher.stop()
         await backend.close()
         if backend.accounting is not None:

@@ -56,6 +56,7 @@ from coop.wire.generated import coop_pb2 as pb
 from coop.wire.generated import coop_pb2_grpc
 from coop.wire.receipts import receipt_to_proto
 from coop.wire.routes import decode_route, route_payload
+from coop.wire.sketches import check_dims, sketch_to_proto
 from coop.wire.tensors import tensor_from_proto, tensor_to_proto
 
 log = logging.getLogger(__name__)
@@ -222,6 +223,8 @@ class NodeService(coop_pb2_grpc.NodeServicer):
             raise InvalidInput("session_id must be 1-128 characters of [A-Za-z0-9_.:-]")
         if request.session_id in self._sessions:
             raise InvalidInput(f"session {request.session_id} is already open on this node")
+        if request.sketch_seed:
+            check_dims(request.sketch_dims)
         if not self.engine.start <= request.start < request.end <= self.engine.end:
             raise SpanOutOfRange(
                 f"this node serves blocks {self.engine.start}:{self.engine.end}, not {request.start}:{request.end}"
@@ -243,6 +246,7 @@ class NodeService(coop_pb2_grpc.NodeServicer):
             if isinstance(exc, CacheBudgetExceeded):
                 raise self._budgets.refuse("cache_budget_bytes", exc) from None
             raise
+        sketch = (request.sketch_seed, request.sketch_dims) if request.sketch_seed else None
         priority = request.priority if math.isfinite(request.priority) else 0.0
         coordinator = opener.institution if opener is not None else _peer_host(context)
         live = LiveSession(
@@ -252,6 +256,7 @@ class NodeService(coop_pb2_grpc.NodeServicer):
             room_bytes=request.max_length * self._token_bytes,
             meter=SessionMeter(request.start, request.end, coordinator, min(max(priority, 0.0), 1.0)),
             opener=opener,
+            sketch=sketch,
         )
         self._sessions[live.session_id] = live
         if self._reaper is None:
@@ -419,6 +424,10 @@ class NodeService(coop_pb2_grpc.NodeServicer):
         if len(mine) != 1:
             raise InvalidInput(f"node {self.node_id} is not on the route of session {session_id}")
         index = mine[0]
+        if len(request.sketches) > index:
+            raise InvalidInput(
+                f"a step for hop {index} carries {len(request.sketches)} sketches, more than hops before it"
+            )
         meter = live.meter
         if (hops[index].start, hops[index].end) != (meter.start, meter.end):
             raise SpanOutOfRange(
@@ -462,13 +471,17 @@ class NodeService(coop_pb2_grpc.NodeServicer):
             ran = True
             self.counters.steps_run += 1
             message = tensor_to_proto(output)
+            sketches = list(request.sketches)
+            if live.sketch is not None:
+                sketches.append(sketch_to_proto(self.node_id, hidden, output, *live.sketch))
             if next_hops:
-                await self._push(next_hops, request, message)
+                await self._push(next_hops, request, message, sketches)
                 self.counters.pushes_sent += 1
             else:
-                event = pb.SessionEvent(
-                    result=pb.SessionEvent.Result(session_id=session_id, step_id=step_id, hidden=message)
+                result = pb.SessionEvent.Result(
+                    session_id=session_id, step_id=step_id, hidden=message, sketches=sketches
                 )
+                event = pb.SessionEvent(result=result)
                 self.counters.results_sent += 1
         except Exception as exc:
             if not isinstance(exc, CoopError):
@@ -484,7 +497,9 @@ class NodeService(coop_pb2_grpc.NodeServicer):
         if event is not None:
             self._emit(live, event)
 
-    async def _push(self, next_hops: list[pb.Hop], step: pb.StepRequest, hidden: pb.Tensor) -> None:
+    async def _push(
+        self, next_hops: list[pb.Hop], step: pb.StepRequest, hidden: pb.Tensor, sketches: list[pb.Sketch]
+    ) -> None:
         session_id, step_id, start_position = step.session_id, step.step_id, step.start_position
         route, route_signature = step.route, step.route_signature
         target = next_hops[0]
@@ -496,6 +511,7 @@ class NodeService(coop_pb2_grpc.NodeServicer):
             route=route,
             route_signature=route_signature,
             rewind=step.rewind,
+            sketches=sketches,
         )
         try:
             stub = self._channels.stub(target.endpoint, target.institution, target.node_id)

@@ -33,6 +33,7 @@ class LiveSession:
     bytes_run: int = 0
     closed: bool = False  # its cache is freed and its receipt written; its stream may still be ending
     route: tuple[bytes, bytes, list[pb.Hop]] | None = None  # the last route verified, and its hops
+    sketch: tuple[int, int] | None = None  # (seed, dims) of the sketches its steps carry; None: none
 
     @property
     def room_left_bytes(self) -> int:

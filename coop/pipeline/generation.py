@@ -28,9 +28,20 @@ from coop.swarm.routing import Hop
 
 
 class Chain(Protocol):
-    hops: list[Hop]  # the route the session runs on now (one hop per span)
-    failovers: int  # how many times the session moved to another route
-    draft_tokens: int  # draft tokens a greedy step may carry for verification; 0: one-token steps
+    @property
+    def hops(self) -> list[Hop]:
+        """The route the session runs on now (one hop per span)."""
+        ...
+
+    @property
+    def failovers(self) -> int:
+        """How many times the session moved to another route."""
+        ...
+
+    @property
+    def draft_tokens(self) -> int:
+        """Draft tokens a greedy step may carry for verification; 0: one-token steps."""
+        ...
 
     async def step(self, hidden: torch.Tensor, start_position: int, token_ids: Sequence[int]) -> torch.Tensor:
         """Hidden states [1, n, h] of tokens start_position.. -> hidden states after the last block.

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -53,6 +54,18 @@ class _HopsFailed(Exception):
         self.suspect = suspect
 
 
+@dataclass(frozen=True)
+class SentStep:
+    """The last step as the route ran it (after a failover: with the replayed prefix), and the
+    sketches its hops returned with the result (coop/wire/sketches.py), for spot checks."""
+
+    session_id: str
+    hidden: torch.Tensor  # (1, n, hidden_size), what the first hop received
+    start_position: int
+    output: torch.Tensor  # (1, n, hidden_size), what the last hop returned
+    sketches: list[pb.Sketch]
+
+
 @dataclass
 class _Stream:
     hop: Hop
@@ -78,6 +91,7 @@ class RemoteChain:
         sign_route: Callable[[bytes], bytes] | None = None,
         max_queued_events: int = MAX_QUEUED_EVENTS,
         draft_tokens: int = 0,
+        sketch_dims: int = 0,
     ) -> None:
         """`charge`: who pays, the fair-share priority nodes order queued steps by, and the meter
         that writes down what each node did. `sign_route`: the coordinator's signature over a
@@ -109,6 +123,10 @@ class RemoteChain:
         self._route = b""
         self._route_signature = b""
         self._reserved: list[Hop] = []  # the route the swarm view counts as our load until released
+        self.sketch_dims = sketch_dims
+        self.sketch_seed = 0
+        self.last_step: SentStep | None = None
+        self._replay = False  # the caller moved the session to a new route: the next step replays
 
     async def open(self) -> RemoteChain:
         for _attempt in range(self.max_failovers + 1):
@@ -122,6 +140,7 @@ class RemoteChain:
     async def _open_route(self) -> None:
         self.hops = self._reserved = await self.swarm.route(exclude=self._excluded)
         self.session_id = uuid.uuid4().hex
+        self.sketch_seed = secrets.randbits(63) | 1 if self.sketch_dims else 0
         self._route = encode_route(self.session_id, self.hops)
         self._route_signature = b"" if self._sign_route is None else self._sign_route(route_payload(self._route))
         self._sent = TokenTally()
@@ -149,6 +168,8 @@ class RemoteChain:
                 end=hop.end,
                 priority=self.charge.priority,
                 node_id=hop.node_id,
+                sketch_seed=self.sketch_seed,
+                sketch_dims=self.sketch_dims,
             )
             await call.write(pb.SessionControl(open=open_msg))
             first = await asyncio.wait_for(call.read(), OPEN_TIMEOUT_S)
@@ -181,7 +202,7 @@ class RemoteChain:
         await events.put((index, None))  # the stream is gone: the node died or dropped us
 
     async def step(self, hidden: torch.Tensor, start_position: int, token_ids: Sequence[int]) -> torch.Tensor:
-        fresh_route = False  # after a failover the new route's caches are empty: replay first
+        fresh_route, self._replay = self._replay, False  # a new route's caches are empty: replay first
         while True:
             try:
                 if fresh_route and start_position > 0:
@@ -193,6 +214,12 @@ class RemoteChain:
             except _HopsFailed as exc:
                 await self._fail_over(exc)
                 fresh_route = True
+
+    async def route_around(self, node_ids: set[str], reason: str) -> None:
+        """Leave the route for one without `node_ids`, which the caller found at fault (a spot check);
+        the next step replays the session's tokens on it."""
+        await self._fail_over(_HopsFailed(node_ids, reason, suspect=False))
+        self._replay = True
 
     async def _fail_over(self, failure: _HopsFailed) -> None:
         """Route around the failed hops; give up after max_failovers."""
@@ -239,14 +266,15 @@ class RemoteChain:
             if isinstance(error, UnknownSession):  # the node restarted and lost our session
                 raise _HopsFailed({first.node_id}, str(error))
             raise _peer_error(first, "refused the step", error) from error
-        output = await self._wait_result(step_id, hidden.shape[1])
+        output, sketches = await self._wait_result(step_id, hidden.shape[1])
         self._stepped = start_position + hidden.shape[1]
+        self.last_step = SentStep(self.session_id, hidden, start_position, output, sketches)
         self.swarm.step_completed(self.hops, hidden.shape[1], asyncio.get_running_loop().time() - started)
         if self.charge.meter is not None:
             self.charge.meter.stepped(self.charge.consumer, self.hops, hidden.shape[1])
         return output
 
-    async def _wait_result(self, step_id: int, n: int) -> torch.Tensor:
+    async def _wait_result(self, step_id: int, n: int) -> tuple[torch.Tensor, list[pb.Sketch]]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.step_timeout_s
         while True:
@@ -263,12 +291,13 @@ class RemoteChain:
             kind = event.WhichOneof("kind")
             if kind == "result" and event.result.step_id == step_id and index == len(self.hops) - 1:
                 try:
-                    return tensor_from_proto(
+                    output = tensor_from_proto(
                         event.result.hidden,
                         expected_dtype=self.dtype,
                         expected_shape=(1, n, self.hidden_size),
                         name="hidden states from the last node",
                     )
+                    return output, list(event.result.sketches)
                 except InvalidTensor as exc:
                     raise _peer_error(hop, "sent an invalid result", exc) from exc
             if kind == "failed" and event.failed.step_id in (step_id, 0):

@@ -64,6 +64,8 @@ class SwarmView:
         self.nodes: list[NodeAnnouncement] = []
         self.load: Counter[str] = Counter()  # our sessions per node: routes chosen and not yet released
         self._suspects: dict[str, float] = {}
+        # nodes a spot check found cheating (coop.coordinator.spot_checks): in no route of ours
+        self.quarantined: Callable[[], frozenset[str]] = frozenset
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> SwarmView:
@@ -144,5 +146,9 @@ class SwarmView:
 
     def _choose(self, exclude: set[str] | frozenset[str]) -> list[Hop]:
         return choose_route(
-            self.live_nodes(), self.num_blocks, measured=self.measurements.nodes, load=self.load, exclude=exclude
+            self.live_nodes(),
+            self.num_blocks,
+            measured=self.measurements.nodes,
+            load=self.load,
+            exclude=set(exclude) | self.quarantined(),
         )

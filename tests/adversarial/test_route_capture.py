@@ -60,7 +60,10 @@ def capture(tiny_chat_model_dir: str, tmp_path_factory: pytest.TempPathFactory) 
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(launcher, "COOP", [sys.executable, "-m", "tests.adversarial.lying_node"])
             pool.start_nodes({"liar": "0:4"}, {"liar": bundles["Mallory"]})
-        pool.start_coordinator(member=coordinator, api_keys=pool_dir / "api_keys.json")
+        with pytest.MonkeyPatch.context() as patch:  # spot checks would run steps on nodes off the routes
+            patch.setenv("COOP_COORDINATOR_SPOT_CHECK_RATE", "0")
+            patch.setenv("COOP_COORDINATOR_SPOT_CHECK_NEW_NODE_RATE", "0")
+            pool.start_coordinator(member=coordinator, api_keys=pool_dir / "api_keys.json")
         credentials = MemberBundle.load(coordinator).credentials()
         yield CapturePool(pool, keys, ChannelSecurity(credentials.channel_credentials(), credentials.node_tls_name))
     finally:

@@ -39,12 +39,15 @@ WAIT_S = 60.0  # generous deadlines: the 2-core CI machine runs other tests' pro
 
 @pytest.fixture(scope="module")
 def pool(demo_model_dir: str) -> Iterator[Pool]:
-    """The coordinator runs with its default, speculative_tokens = 4."""
+    """The coordinator runs with its default, speculative_tokens = 4, and without spot checks."""
     pool = Pool(demo_model_dir)
     try:
         pool.start_dht()
         pool.start_nodes({"node-a": "0:10", **{name: "10:20" for name in REPLICAS}, "node-c": "20:30"})
-        pool.start_coordinator()
+        with pytest.MonkeyPatch.context() as patch:  # spot checks would open shadow sessions on the replicas
+            patch.setenv("COOP_COORDINATOR_SPOT_CHECK_RATE", "0")
+            patch.setenv("COOP_COORDINATOR_SPOT_CHECK_NEW_NODE_RATE", "0")
+            pool.start_coordinator()
         yield pool
     finally:
         pool.stop()

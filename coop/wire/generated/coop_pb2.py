@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\ncoop.proto\x12\x07\x63oop.v1\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\":\n\x05\x45rror\x12 \n\x04\x63ode\x18\x01 \x01(\x0e\x32\x12.coop.v1.ErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\"Y\n\x03Hop\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x05\x12\x0f\n\x07node_id\x18\x04 \x01(\t\x12\x13\n\x0binstitution\x18\x05 \x01(\t\"7\n\x05Route\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1a\n\x04hops\x18\x02 \x03(\x0b\x32\x0c.coop.v1.Hop\"\r\n\x0bInfoRequest\"\xdd\x06\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x12\n\nmodel_hash\x18\x02 \x01(\t\x12\r\n\x05start\x18\x03 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x04 \x01(\x05\x12\x16\n\x0ethroughput_tps\x18\x05 \x01(\x01\x12\x18\n\x10\x66ree_cache_bytes\x18\x06 \x01(\x04\x12\x17\n\x0f\x61\x63tive_sessions\x18\x07 \x01(\r\x12,\n\x08\x63ounters\x18\x08 \x01(\x0b\x32\x1a.coop.v1.NodeInfo.Counters\x12\x1c\n\x14reserved_cache_bytes\x18\t \x01(\x04\x12\x18\n\x10used_cache_bytes\x18\n \x01(\x04\x12\x17\n\x0fsteps_in_flight\x18\x0b \x01(\r\x12\x17\n\x0fin_flight_bytes\x18\x0c \x01(\x04\x12\x14\n\x0cqueued_steps\x18\r \x01(\r\x12\x15\n\ropen_channels\x18\x0e \x01(\r\x12(\n\x06limits\x18\x0f \x01(\x0b\x32\x18.coop.v1.NodeInfo.Limits\x1a\xb2\x01\n\x08\x43ounters\x12\x11\n\tsteps_run\x18\x01 \x01(\x04\x12\x13\n\x0bpushes_sent\x18\x02 \x01(\x04\x12\x14\n\x0cresults_sent\x18\x03 \x01(\x04\x12\x38\n\x07limited\x18\x04 \x03(\x0b\x32\'.coop.v1.NodeInfo.Counters.LimitedEntry\x1a.\n\x0cLimitedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\xa0\x02\n\x06Limits\x12\x1a\n\x12\x63\x61\x63he_budget_bytes\x18\x01 \x01(\x04\x12\x1c\n\x14\x63\x61\x63he_bytes_per_peer\x18\x02 \x01(\x04\x12\x19\n\x11sessions_per_peer\x18\x03 \x01(\r\x12\x12\n\nmax_length\x18\x04 \x01(\r\x12 \n\x18in_flight_bytes_per_peer\x18\x05 \x01(\x04\x12 \n\x18steps_in_flight_per_peer\x18\x06 \x01(\r\x12#\n\x1bsteps_in_flight_per_session\x18\x07 \x01(\r\x12\x1a\n\x12\x65vents_per_session\x18\x08 \x01(\r\x12\x16\n\x0eidle_timeout_s\x18\t \x01(\x01\x12\x10\n\x08\x63hannels\x18\n \x01(\r\"\xee\x01\n\x0eSessionControl\x12,\n\x04open\x18\x01 \x01(\x0b\x32\x1c.coop.v1.SessionControl.OpenH\x00\x12.\n\x05\x63lose\x18\x02 \x01(\x0b\x32\x1d.coop.v1.SessionControl.CloseH\x00\x1am\n\x04Open\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nmax_length\x18\x02 \x01(\x05\x12\r\n\x05start\x18\x03 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x04 \x01(\x05\x12\x10\n\x08priority\x18\x05 \x01(\x01\x12\x0f\n\x07node_id\x18\x06 \x01(\t\x1a\x07\n\x05\x43loseB\x06\n\x04kind\"\xf7\x02\n\x0cSessionEvent\x12.\n\x06opened\x18\x01 \x01(\x0b\x32\x1c.coop.v1.SessionEvent.OpenedH\x00\x12.\n\x06result\x18\x02 \x01(\x0b\x32\x1c.coop.v1.SessionEvent.ResultH\x00\x12.\n\x06\x66\x61iled\x18\x03 \x01(\x0b\x32\x1c.coop.v1.SessionEvent.FailedH\x00\x1a\x31\n\x06Opened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x02 \x01(\x04\x1aN\n\x06Result\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x1f\n\x06hidden\x18\x03 \x01(\x0b\x32\x0f.coop.v1.Tensor\x1aL\n\x06\x46\x61iled\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x1d\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x0e.coop.v1.ErrorB\x06\n\x04kind\"\xa9\x01\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x1f\n\x06hidden\x18\x03 \x01(\x0b\x32\x0f.coop.v1.Tensor\x12\x16\n\x0estart_position\x18\x04 \x01(\x03\x12\r\n\x05route\x18\x06 \x01(\x0c\x12\x17\n\x0froute_signature\x18\x07 \x01(\x0c\x12\x0e\n\x06rewind\x18\x0b \x01(\x08J\x04\x08\x05\x10\x06\"(\n\x07StepAck\x12\x1d\n\x05\x65rror\x18\x01 \x01(\x0b\x32\x0e.coop.v1.Error\" \n\x0fReceiptsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"]\n\rSignedReceipt\x12\x0c\n\x04\x62ody\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x03 \x01(\x0c\x12\x12\n\nreceipt_id\x18\x04 \x01(\t\"8\n\x0cReceiptBatch\x12(\n\x08receipts\x18\x01 \x03(\x0b\x32\x16.coop.v1.SignedReceipt\".\n\nReceiptAck\x12\x0e\n\x06\x62ooked\x18\x01 \x03(\t\x12\x10\n\x08rejected\x18\x02 \x03(\t\"\x11\n\x0fReceiptAckReply\"W\n\tRelayStep\x12\x1f\n\x06hidden\x18\x01 \x01(\x0b\x32\x0f.coop.v1.Tensor\x12\x16\n\x0estart_position\x18\x02 \x01(\x03\x12\x11\n\ttoken_ids\x18\x03 \x03(\x03\"4\n\x0f\x44ialBackRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\"K\n\rDialBackReply\x12\x11\n\treachable\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x18\n\x10peer_time_unix_s\x18\x03 \x01(\x01*\xfd\x02\n\tErrorCode\x12\x15\n\x11\x45RROR_UNSPECIFIED\x10\x00\x12\x12\n\x0eINVALID_TENSOR\x10\x01\x12\x15\n\x11INVALID_POSITIONS\x10\x02\x12\x13\n\x0fUNKNOWN_SESSION\x10\x03\x12\x12\n\x0eSESSION_EXISTS\x10\x04\x12\x19\n\x15\x43\x41\x43HE_BUDGET_EXCEEDED\x10\x05\x12\x1a\n\x16SESSION_LIMIT_EXCEEDED\x10\x06\x12\x11\n\rSPAN_MISMATCH\x10\x07\x12\x14\n\x10PEER_UNAVAILABLE\x10\x08\x12\x0c\n\x08INTERNAL\x10\t\x12\x13\n\x0fINVALID_REQUEST\x10\n\x12\x13\n\x0fUNAUTHENTICATED\x10\x0b\x12\x1d\n\x19PEER_CACHE_LIMIT_EXCEEDED\x10\x0c\x12\x1c\n\x18IN_FLIGHT_LIMIT_EXCEEDED\x10\r\x12\x13\n\x0fSESSION_DROPPED\x10\x0e\x12\x1b\n\x17\x43ONTEXT_LENGTH_EXCEEDED\x10\x0f\x32\xe2\x02\n\x04Node\x12/\n\x04Info\x12\x14.coop.v1.InfoRequest\x1a\x11.coop.v1.NodeInfo\x12=\n\x07Session\x12\x17.coop.v1.SessionControl\x1a\x15.coop.v1.SessionEvent(\x01\x30\x01\x12\x31\n\x07\x46orward\x12\x14.coop.v1.StepRequest\x1a\x10.coop.v1.StepAck\x12;\n\x08Receipts\x12\x18.coop.v1.ReceiptsRequest\x1a\x15.coop.v1.ReceiptBatch\x12<\n\x0b\x41\x63kReceipts\x12\x13.coop.v1.ReceiptAck\x1a\x18.coop.v1.ReceiptAckReply\x12<\n\x08\x44ialBack\x12\x18.coop.v1.DialBackRequest\x1a\x16.coop.v1.DialBackReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\ncoop.proto\x12\x07\x63oop.v1\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\":\n\x05\x45rror\x12 \n\x04\x63ode\x18\x01 \x01(\x0e\x32\x12.coop.v1.ErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\"Y\n\x03Hop\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x05\x12\x0f\n\x07node_id\x18\x04 \x01(\t\x12\x13\n\x0binstitution\x18\x05 \x01(\t\"7\n\x05Route\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1a\n\x04hops\x18\x02 \x03(\x0b\x32\x0c.coop.v1.Hop\"\r\n\x0bInfoRequest\"\xdd\x06\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x12\n\nmodel_hash\x18\x02 \x01(\t\x12\r\n\x05start\x18\x03 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x04 \x01(\x05\x12\x16\n\x0ethroughput_tps\x18\x05 \x01(\x01\x12\x18\n\x10\x66ree_cache_bytes\x18\x06 \x01(\x04\x12\x17\n\x0f\x61\x63tive_sessions\x18\x07 \x01(\r\x12,\n\x08\x63ounters\x18\x08 \x01(\x0b\x32\x1a.coop.v1.NodeInfo.Counters\x12\x1c\n\x14reserved_cache_bytes\x18\t \x01(\x04\x12\x18\n\x10used_cache_bytes\x18\n \x01(\x04\x12\x17\n\x0fsteps_in_flight\x18\x0b \x01(\r\x12\x17\n\x0fin_flight_bytes\x18\x0c \x01(\x04\x12\x14\n\x0cqueued_steps\x18\r \x01(\r\x12\x15\n\ropen_channels\x18\x0e \x01(\r\x12(\n\x06limits\x18\x0f \x01(\x0b\x32\x18.coop.v1.NodeInfo.Limits\x1a\xb2\x01\n\x08\x43ounters\x12\x11\n\tsteps_run\x18\x01 \x01(\x04\x12\x13\n\x0bpushes_sent\x18\x02 \x01(\x04\x12\x14\n\x0cresults_sent\x18\x03 \x01(\x04\x12\x38\n\x07limited\x18\x04 \x03(\x0b\x32\'.coop.v1.NodeInfo.Counters.LimitedEntry\x1a.\n\x0cLimitedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\xa0\x02\n\x06Limits\x12\x1a\n\x12\x63\x61\x63he_budget_bytes\x18\x01 \x01(\x04\x12\x1c\n\x14\x63\x61\x63he_bytes_per_peer\x18\x02 \x01(\x04\x12\x19\n\x11sessions_per_peer\x18\x03 \x01(\r\x12\x12\n\nmax_length\x18\x04 \x01(\r\x12 \n\x18in_flight_bytes_per_peer\x18\x05 \x01(\x04\x12 \n\x18steps_in_flight_per_peer\x18\x06 \x01(\r\x12#\n\x1bsteps_in_flight_per_session\x18\x07 \x01(\r\x12\x1a\n\x12\x65vents_per_session\x18\x08 \x01(\r\x12\x16\n\x0eidle_timeout_s\x18\t \x01(\x01\x12\x10\n\x08\x63hannels\x18\n \x01(\r\"\x99\x02\n\x0eSessionControl\x12,\n\x04open\x18\x01 \x01(\x0b\x32\x1c.coop.v1.SessionControl.OpenH\x00\x12.\n\x05\x63lose\x18\x02 \x01(\x0b\x32\x1d.coop.v1.SessionControl.CloseH\x00\x1a\x97\x01\n\x04Open\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nmax_length\x18\x02 \x01(\x05\x12\r\n\x05start\x18\x03 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x04 \x01(\x05\x12\x10\n\x08priority\x18\x05 \x01(\x01\x12\x0f\n\x07node_id\x18\x06 \x01(\t\x12\x13\n\x0bsketch_seed\x18\x07 \x01(\x04\x12\x13\n\x0bsketch_dims\x18\x08 \x01(\r\x1a\x07\n\x05\x43loseB\x06\n\x04kind\"\x9a\x03\n\x0cSessionEvent\x12.\n\x06opened\x18\x01 \x01(\x0b\x32\x1c.coop.v1.SessionEvent.OpenedH\x00\x12.\n\x06result\x18\x02 \x01(\x0b\x32\x1c.coop.v1.SessionEvent.ResultH\x00\x12.\n\x06\x66\x61iled\x18\x03 \x01(\x0b\x32\x1c.coop.v1.SessionEvent.FailedH\x00\x1a\x31\n\x06Opened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x02 \x01(\x04\x1aq\n\x06Result\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x1f\n\x06hidden\x18\x03 \x01(\x0b\x32\x0f.coop.v1.Tensor\x12!\n\x08sketches\x18\x04 \x03(\x0b\x32\x0f.coop.v1.Sketch\x1aL\n\x06\x46\x61iled\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x1d\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x0e.coop.v1.ErrorB\x06\n\x04kind\"\xcc\x01\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x1f\n\x06hidden\x18\x03 \x01(\x0b\x32\x0f.coop.v1.Tensor\x12\x16\n\x0estart_position\x18\x04 \x01(\x03\x12\r\n\x05route\x18\x06 \x01(\x0c\x12\x17\n\x0froute_signature\x18\x07 \x01(\x0c\x12\x0e\n\x06rewind\x18\x0b \x01(\x08\x12!\n\x08sketches\x18\x08 \x03(\x0b\x32\x0f.coop.v1.SketchJ\x04\x08\x05\x10\x06\"Z\n\x06Sketch\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1e\n\x05input\x18\x02 \x01(\x0b\x32\x0f.coop.v1.Tensor\x12\x1f\n\x06output\x18\x03 \x01(\x0b\x32\x0f.coop.v1.Tensor\"(\n\x07StepAck\x12\x1d\n\x05\x65rror\x18\x01 \x01(\x0b\x32\x0e.coop.v1.Error\" \n\x0fReceiptsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"]\n\rSignedReceipt\x12\x0c\n\x04\x62ody\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x03 \x01(\x0c\x12\x12\n\nreceipt_id\x18\x04 \x01(\t\"8\n\x0cReceiptBatch\x12(\n\x08receipts\x18\x01 \x03(\x0b\x32\x16.coop.v1.SignedReceipt\".\n\nReceiptAck\x12\x0e\n\x06\x62ooked\x18\x01 \x03(\t\x12\x10\n\x08rejected\x18\x02 \x03(\t\"\x11\n\x0fReceiptAckReply\"W\n\tRelayStep\x12\x1f\n\x06hidden\x18\x01 \x01(\x0b\x32\x0f.coop.v1.Tensor\x12\x16\n\x0estart_position\x18\x02 \x01(\x03\x12\x11\n\ttoken_ids\x18\x03 \x03(\x03\"4\n\x0f\x44ialBackRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\"K\n\rDialBackReply\x12\x11\n\treachable\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x18\n\x10peer_time_unix_s\x18\x03 \x01(\x01*\xfd\x02\n\tErrorCode\x12\x15\n\x11\x45RROR_UNSPECIFIED\x10\x00\x12\x12\n\x0eINVALID_TENSOR\x10\x01\x12\x15\n\x11INVALID_POSITIONS\x10\x02\x12\x13\n\x0fUNKNOWN_SESSION\x10\x03\x12\x12\n\x0eSESSION_EXISTS\x10\x04\x12\x19\n\x15\x43\x41\x43HE_BUDGET_EXCEEDED\x10\x05\x12\x1a\n\x16SESSION_LIMIT_EXCEEDED\x10\x06\x12\x11\n\rSPAN_MISMATCH\x10\x07\x12\x14\n\x10PEER_UNAVAILABLE\x10\x08\x12\x0c\n\x08INTERNAL\x10\t\x12\x13\n\x0fINVALID_REQUEST\x10\n\x12\x13\n\x0fUNAUTHENTICATED\x10\x0b\x12\x1d\n\x19PEER_CACHE_LIMIT_EXCEEDED\x10\x0c\x12\x1c\n\x18IN_FLIGHT_LIMIT_EXCEEDED\x10\r\x12\x13\n\x0fSESSION_DROPPED\x10\x0e\x12\x1b\n\x17\x43ONTEXT_LENGTH_EXCEEDED\x10\x0f\x32\xe2\x02\n\x04Node\x12/\n\x04Info\x12\x14.coop.v1.InfoRequest\x1a\x11.coop.v1.NodeInfo\x12=\n\x07Session\x12\x17.coop.v1.SessionControl\x1a\x15.coop.v1.SessionEvent(\x01\x30\x01\x12\x31\n\x07\x46orward\x12\x14.coop.v1.StepRequest\x1a\x10.coop.v1.StepAck\x12;\n\x08Receipts\x12\x18.coop.v1.ReceiptsRequest\x1a\x15.coop.v1.ReceiptBatch\x12<\n\x0b\x41\x63kReceipts\x12\x13.coop.v1.ReceiptAck\x1a\x18.coop.v1.ReceiptAckReply\x12<\n\x08\x44ialBack\x12\x18.coop.v1.DialBackRequest\x1a\x16.coop.v1.DialBackReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_NODEINFO_COUNTERS_LIMITEDENTRY']._loaded_options = None
   _globals['_NODEINFO_COUNTERS_LIMITEDENTRY']._serialized_options = b'8\001'
-  _globals['_ERRORCODE']._serialized_start=2472
-  _globals['_ERRORCODE']._serialized_end=2853
+  _globals['_ERRORCODE']._serialized_start=2677
+  _globals['_ERRORCODE']._serialized_end=3058
   _globals['_TENSOR']._serialized_start=23
   _globals['_TENSOR']._serialized_end=75
   _globals['_ERROR']._serialized_start=77
@@ -54,39 +54,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NODEINFO_LIMITS']._serialized_start=874
   _globals['_NODEINFO_LIMITS']._serialized_end=1162
   _globals['_SESSIONCONTROL']._serialized_start=1165
-  _globals['_SESSIONCONTROL']._serialized_end=1403
-  _globals['_SESSIONCONTROL_OPEN']._serialized_start=1277
-  _globals['_SESSIONCONTROL_OPEN']._serialized_end=1386
-  _globals['_SESSIONCONTROL_CLOSE']._serialized_start=1388
-  _globals['_SESSIONCONTROL_CLOSE']._serialized_end=1395
-  _globals['_SESSIONEVENT']._serialized_start=1406
-  _globals['_SESSIONEVENT']._serialized_end=1781
-  _globals['_SESSIONEVENT_OPENED']._serialized_start=1566
-  _globals['_SESSIONEVENT_OPENED']._serialized_end=1615
-  _globals['_SESSIONEVENT_RESULT']._serialized_start=1617
-  _globals['_SESSIONEVENT_RESULT']._serialized_end=1695
-  _globals['_SESSIONEVENT_FAILED']._serialized_start=1697
-  _globals['_SESSIONEVENT_FAILED']._serialized_end=1773
-  _globals['_STEPREQUEST']._serialized_start=1784
-  _globals['_STEPREQUEST']._serialized_end=1953
-  _globals['_STEPACK']._serialized_start=1955
-  _globals['_STEPACK']._serialized_end=1995
-  _globals['_RECEIPTSREQUEST']._serialized_start=1997
-  _globals['_RECEIPTSREQUEST']._serialized_end=2029
-  _globals['_SIGNEDRECEIPT']._serialized_start=2031
-  _globals['_SIGNEDRECEIPT']._serialized_end=2124
-  _globals['_RECEIPTBATCH']._serialized_start=2126
-  _globals['_RECEIPTBATCH']._serialized_end=2182
-  _globals['_RECEIPTACK']._serialized_start=2184
-  _globals['_RECEIPTACK']._serialized_end=2230
-  _globals['_RECEIPTACKREPLY']._serialized_start=2232
-  _globals['_RECEIPTACKREPLY']._serialized_end=2249
-  _globals['_RELAYSTEP']._serialized_start=2251
-  _globals['_RELAYSTEP']._serialized_end=2338
-  _globals['_DIALBACKREQUEST']._serialized_start=2340
-  _globals['_DIALBACKREQUEST']._serialized_end=2392
-  _globals['_DIALBACKREPLY']._serialized_start=2394
-  _globals['_DIALBACKREPLY']._serialized_end=2469
-  _globals['_NODE']._serialized_start=2856
-  _globals['_NODE']._serialized_end=3210
+  _globals['_SESSIONCONTROL']._serialized_end=1446
+  _globals['_SESSIONCONTROL_OPEN']._serialized_start=1278
+  _globals['_SESSIONCONTROL_OPEN']._serialized_end=1429
+  _globals['_SESSIONCONTROL_CLOSE']._serialized_start=1431
+  _globals['_SESSIONCONTROL_CLOSE']._serialized_end=1438
+  _globals['_SESSIONEVENT']._serialized_start=1449
+  _globals['_SESSIONEVENT']._serialized_end=1859
+  _globals['_SESSIONEVENT_OPENED']._serialized_start=1609
+  _globals['_SESSIONEVENT_OPENED']._serialized_end=1658
+  _globals['_SESSIONEVENT_RESULT']._serialized_start=1660
+  _globals['_SESSIONEVENT_RESULT']._serialized_end=1773
+  _globals['_SESSIONEVENT_FAILED']._serialized_start=1775
+  _globals['_SESSIONEVENT_FAILED']._serialized_end=1851
+  _globals['_STEPREQUEST']._serialized_start=1862
+  _globals['_STEPREQUEST']._serialized_end=2066
+  _globals['_SKETCH']._serialized_start=2068
+  _globals['_SKETCH']._serialized_end=2158
+  _globals['_STEPACK']._serialized_start=2160
+  _globals['_STEPACK']._serialized_end=2200
+  _globals['_RECEIPTSREQUEST']._serialized_start=2202
+  _globals['_RECEIPTSREQUEST']._serialized_end=2234
+  _globals['_SIGNEDRECEIPT']._serialized_start=2236
+  _globals['_SIGNEDRECEIPT']._serialized_end=2329
+  _globals['_RECEIPTBATCH']._serialized_start=2331
+  _globals['_RECEIPTBATCH']._serialized_end=2387
+  _globals['_RECEIPTACK']._serialized_start=2389
+  _globals['_RECEIPTACK']._serialized_end=2435
+  _globals['_RECEIPTACKREPLY']._serialized_start=2437
+  _globals['_RECEIPTACKREPLY']._serialized_end=2454
+  _globals['_RELAYSTEP']._serialized_start=2456
+  _globals['_RELAYSTEP']._serialized_end=2543
+  _globals['_DIALBACKREQUEST']._serialized_start=2545
+  _globals['_DIALBACKREQUEST']._serialized_end=2597
+  _globals['_DIALBACKREPLY']._serialized_start=2599
+  _globals['_DIALBACKREPLY']._serialized_end=2674
+  _globals['_NODE']._serialized_start=3061
+  _globals['_NODE']._serialized_end=3415
 # @@protoc_insertion_point(module_scope)

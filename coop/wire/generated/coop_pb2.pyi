@@ -164,20 +164,24 @@ class NodeInfo(_message.Message):
 class SessionControl(_message.Message):
     __slots__ = ("open", "close")
     class Open(_message.Message):
-        __slots__ = ("session_id", "max_length", "start", "end", "priority", "node_id")
+        __slots__ = ("session_id", "max_length", "start", "end", "priority", "node_id", "sketch_seed", "sketch_dims")
         SESSION_ID_FIELD_NUMBER: _ClassVar[int]
         MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
         START_FIELD_NUMBER: _ClassVar[int]
         END_FIELD_NUMBER: _ClassVar[int]
         PRIORITY_FIELD_NUMBER: _ClassVar[int]
         NODE_ID_FIELD_NUMBER: _ClassVar[int]
+        SKETCH_SEED_FIELD_NUMBER: _ClassVar[int]
+        SKETCH_DIMS_FIELD_NUMBER: _ClassVar[int]
         session_id: str
         max_length: int
         start: int
         end: int
         priority: float
         node_id: str
-        def __init__(self, session_id: _Optional[str] = ..., max_length: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., priority: _Optional[float] = ..., node_id: _Optional[str] = ...) -> None: ...
+        sketch_seed: int
+        sketch_dims: int
+        def __init__(self, session_id: _Optional[str] = ..., max_length: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., priority: _Optional[float] = ..., node_id: _Optional[str] = ..., sketch_seed: _Optional[int] = ..., sketch_dims: _Optional[int] = ...) -> None: ...
     class Close(_message.Message):
         __slots__ = ()
         def __init__(self) -> None: ...
@@ -197,14 +201,16 @@ class SessionEvent(_message.Message):
         cache_bytes: int
         def __init__(self, session_id: _Optional[str] = ..., cache_bytes: _Optional[int] = ...) -> None: ...
     class Result(_message.Message):
-        __slots__ = ("session_id", "step_id", "hidden")
+        __slots__ = ("session_id", "step_id", "hidden", "sketches")
         SESSION_ID_FIELD_NUMBER: _ClassVar[int]
         STEP_ID_FIELD_NUMBER: _ClassVar[int]
         HIDDEN_FIELD_NUMBER: _ClassVar[int]
+        SKETCHES_FIELD_NUMBER: _ClassVar[int]
         session_id: str
         step_id: int
         hidden: Tensor
-        def __init__(self, session_id: _Optional[str] = ..., step_id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+        sketches: _containers.RepeatedCompositeFieldContainer[Sketch]
+        def __init__(self, session_id: _Optional[str] = ..., step_id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sketches: _Optional[_Iterable[_Union[Sketch, _Mapping]]] = ...) -> None: ...
     class Failed(_message.Message):
         __slots__ = ("session_id", "step_id", "error")
         SESSION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -223,7 +229,7 @@ class SessionEvent(_message.Message):
     def __init__(self, opened: _Optional[_Union[SessionEvent.Opened, _Mapping]] = ..., result: _Optional[_Union[SessionEvent.Result, _Mapping]] = ..., failed: _Optional[_Union[SessionEvent.Failed, _Mapping]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("session_id", "step_id", "hidden", "start_position", "route", "route_signature", "rewind")
+    __slots__ = ("session_id", "step_id", "hidden", "start_position", "route", "route_signature", "rewind", "sketches")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
@@ -231,6 +237,7 @@ class StepRequest(_message.Message):
     ROUTE_FIELD_NUMBER: _ClassVar[int]
     ROUTE_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     REWIND_FIELD_NUMBER: _ClassVar[int]
+    SKETCHES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step_id: int
     hidden: Tensor
@@ -238,7 +245,18 @@ class StepRequest(_message.Message):
     route: bytes
     route_signature: bytes
     rewind: bool
-    def __init__(self, session_id: _Optional[str] = ..., step_id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., start_position: _Optional[int] = ..., route: _Optional[bytes] = ..., route_signature: _Optional[bytes] = ..., rewind: _Optional[bool] = ...) -> None: ...
+    sketches: _containers.RepeatedCompositeFieldContainer[Sketch]
+    def __init__(self, session_id: _Optional[str] = ..., step_id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., start_position: _Optional[int] = ..., route: _Optional[bytes] = ..., route_signature: _Optional[bytes] = ..., rewind: _Optional[bool] = ..., sketches: _Optional[_Iterable[_Union[Sketch, _Mapping]]] = ...) -> None: ...
+
+class Sketch(_message.Message):
+    __slots__ = ("node_id", "input", "output")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    input: Tensor
+    output: Tensor
+    def __init__(self, node_id: _Optional[str] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ..., output: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class StepAck(_message.Message):
     __slots__ = ("error",)

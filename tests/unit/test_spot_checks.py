@@ -1,0 +1,168 @@
+"""Spot checks' parts without a network: the tolerance calibrated on real engines, replica routes, trust records.
+
+The calibration: two replicas of the same prepared model (float32, CPU) run the same sessions, one
+step at a time on one and in packed batches of concurrent sessions on the other (batching reorders
+float sums: the largest honest difference a node can make). Every step's sketch distance must stay
+far under the tolerance, and 1% noise must land far over it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import torch
+
+from coop.config import CoordinatorSettings
+from coop.coordinator.spot_checks import SpotCheckPolicy, TrustBook, WithholdingMeter, replica_route
+from coop.model.engine import SpanEngine, StepInput
+from coop.receipts import TokenTally
+from coop.swarm.announcement import NodeAnnouncement
+from coop.swarm.routing import Hop
+from coop.swarm.trust import DISPUTED, LIFTED, PASSED, QUARANTINED, trust_records
+from coop.wire.sketches import relative_distance, sketch
+from tests.adversarial.cheating_node import NOISE_SHARE, tampered
+
+SESSIONS = 8
+DECODE_STEPS = 63  # with the prefill: 8 x 64 = 512 checked steps
+SEED = 12345
+POLICY = SpotCheckPolicy.from_settings(CoordinatorSettings(model_dir=Path(".")))  # the defaults
+
+
+@pytest.fixture(scope="module")
+def replicas(tiny_llama_dir: str) -> tuple[SpanEngine, SpanEngine]:
+    return SpanEngine.load(tiny_llama_dir, 0, 6, device="cpu"), SpanEngine.load(tiny_llama_dir, 0, 6, device="cpu")
+
+
+def test_honest_replicas_stay_under_the_tolerance_and_noise_goes_over(
+    replicas: tuple[SpanEngine, SpanEngine],
+) -> None:
+    single, batched = replicas
+    assert batched.can_batch
+    dims, tolerance = POLICY.sketch_dims, POLICY.tolerance
+    rng = torch.Generator().manual_seed(0)
+    ids = [f"s{i}" for i in range(SESSIONS)]
+    for engine in replicas:
+        for session_id in ids:
+            engine.open_session(session_id, max_length=128, start=0, end=6)
+    inputs = {s: torch.randn(1, 5 + i, single.hidden_size, generator=rng) for i, s in enumerate(ids)}
+    positions = dict.fromkeys(ids, 0)
+    honest: list[float] = []
+    noisy: list[float] = []
+    for _ in range(DECODE_STEPS + 1):
+        steps = [StepInput(s, inputs[s], positions[s]) for s in ids]
+        outputs = batched.step_batch(steps)
+        for step, other in zip(steps, outputs, strict=True):
+            assert isinstance(other, torch.Tensor)
+            output = single.step(step.session_id, step.hidden, step.start_position)
+            claimed, recomputed = sketch(other, SEED, dims), sketch(output, SEED, dims)
+            added = recomputed - sketch(step.hidden, SEED, dims)
+            honest.append(relative_distance(claimed, recomputed, added))
+            noise = sketch(tampered("noise", step.session_id, step.hidden, output), SEED, dims)
+            noisy.append(relative_distance(noise, recomputed, added))
+            positions[step.session_id] += step.hidden.shape[1]
+            inputs[step.session_id] = torch.randn(1, 1, single.hidden_size, generator=rng)
+    print(
+        f"{len(honest)} steps: honest distance max {max(honest):.2e}; "
+        f"{NOISE_SHARE:.0%} noise distance min {min(noisy):.2e}, median {sorted(noisy)[len(noisy) // 2]:.2e}; "
+        f"tolerance {tolerance:g}"
+    )
+    assert len(honest) >= 500
+    assert max(honest) < tolerance / 10
+    assert min(noisy) > tolerance
+
+
+def test_sketches_are_linear_and_seeded() -> None:
+    a, b = torch.randn(1, 3, 64), torch.randn(1, 3, 64)
+    assert torch.allclose(sketch(a + b, SEED, 16), sketch(a, SEED, 16) + sketch(b, SEED, 16), atol=1e-5)
+    assert not torch.allclose(sketch(a, SEED, 16), sketch(a, SEED + 1, 16))
+
+
+def _node(node_id: str, start: int, end: int) -> NodeAnnouncement:
+    now = time.time()
+    return NodeAnnouncement(
+        node_id=node_id,
+        pool_id="p",
+        model_hash="m",
+        start=start,
+        end=end,
+        endpoint="127.0.0.1:1",
+        institution="uni",
+        throughput_tps=1.0,
+        free_cache_bytes=0,
+        announced_at=now,
+        expires_at=now + 60,
+    )
+
+
+def test_replica_routes_tile_the_hop_and_avoid_its_nodes() -> None:
+    nodes = [_node("whole", 0, 6), _node("head", 0, 3), _node("tail", 3, 6), _node("mid", 2, 5)]
+    rng = random.Random(0)
+    for _ in range(50):
+        route = replica_route(nodes, 1, 5, {"whole"}, rng)
+        assert route is not None and route[0].start == 1 and route[-1].end == 5
+        assert all(a.end == b.start for a, b in itertools.pairwise(route))
+        assert "whole" not in {h.node_id for h in route}
+    assert replica_route(nodes, 0, 6, {"whole", "head"}, rng) is None  # nobody else serves block 0
+
+
+def test_trust_records_follow_the_audit_trail() -> None:
+    events = [
+        (1, PASSED, "a", "40"),
+        (2, PASSED, "b", "12"),
+        (3, QUARANTINED, "c", "session s step 2 hop 0 (c): distance 0.2"),
+        (4, DISPUTED, "a,b", "hop 0 says it pushed what hop 1 says it did not get"),
+        (6, LIFTED, "c", "fixed"),
+        (5, PASSED, "a", "2"),
+    ]
+    records = trust_records(events)
+    assert (records["a"].passed, records["a"].disputed) == (42, 1)
+    assert (records["c"].failed, records["c"].quarantined) == (1, "")
+    assert trust_records(events[:3])["c"].quarantined.startswith("session s")
+
+
+def test_new_nodes_are_sampled_at_the_new_node_rate() -> None:
+    book = TrustBook(SpotCheckPolicy(0.02, 0.5, 10, 0.005, 32), random.Random(1))
+    old, new = Hop("old", "e", 0, 3), Hop("new", "e", 3, 6)
+    book.record("old").passed = 10
+    sampled = Counter(book.sampled([old]) for _ in range(4000))
+    with_new = Counter(book.sampled([old, new]) for _ in range(4000))
+    assert 40 <= sampled[True] <= 130  # about 2%
+    assert 1800 <= with_new[True] <= 2200  # about 50%
+
+
+class _Observations:
+    def __init__(self) -> None:
+        self.sessions: list[list[str]] = []
+
+    def stepped(self, consumer: str, hops: Sequence[Hop], tokens: int) -> None:
+        pass
+
+    def session_ended(self, session_id: str, consumer: str, hops: Sequence[Hop], sent: TokenTally) -> None:
+        self.sessions.append([hop.node_id for hop in hops])
+
+
+def test_a_node_found_at_fault_is_not_observed_so_its_receipt_goes_unpaid() -> None:
+    observed = _Observations()
+    meter = WithholdingMeter(observed)
+    route = [Hop("honest", "e", 0, 3), Hop("cheat", "e", 3, 6)]
+    meter.session_ended("s1", "uni", route, TokenTally())
+    meter.withheld.add("cheat")
+    meter.session_ended("s2", "uni", route, TokenTally())
+    assert observed.sessions == [["honest", "cheat"], ["honest"]]
+
+
+def test_a_node_is_quarantined_at_once_on_the_coordinators_input_else_after_two_predecessors() -> None:
+    book = TrustBook(SpotCheckPolicy(0.02, 0.5, 10, 0.005, 32), random.Random(1))
+    book.convict("first-hop", "", "hop 0 distance 0.3")
+    assert book.quarantined() == {"first-hop"}
+    book.convict("middle", "framer", "hop 1 distance 0.3")
+    book.convict("middle", "framer", "hop 1 distance 0.2")
+    assert "middle" not in book.quarantined() and book.record("middle").failed == 2
+    book.convict("middle", "another", "hop 1 distance 0.3")
+    assert "middle" in book.quarantined()
