@@ -19,6 +19,7 @@ from coop.coordinator.text_stream import Finished, GenerationEvent, Started, Tex
 from coop.errors import PeerError, Unauthorized
 from coop.node.metrics import NodeMetrics
 from coop.node.outbox import Outbox
+from coop.pipeline.sampling import SamplingParams
 from coop.receipts import SignedReceipt
 from coop.wire.generated import coop_pb2 as pb
 
@@ -86,7 +87,7 @@ async def _generation(fail: bool = False) -> AsyncGenerator[GenerationEvent, Non
     yield TextDelta("Hello")
     if fail:
         raise PeerError("the node went away")
-    yield Finished("length", GENERATED, PROMPT_TOKENS, HOPS)
+    yield Finished("length", GENERATED, PROMPT_TOKENS, HOPS, SamplingParams(max_tokens=len(GENERATED)))
 
 
 def _value(metrics: CoordinatorMetrics, name: str, **labels: str) -> float:
