@@ -80,13 +80,15 @@ def start(
     args: list[str],
     marker: str | None,
     *,
-    program: Sequence[str] = COOP,
+    program: Sequence[str] | None = None,
     env: Mapping[str, str] | None = None,
 ) -> CoopProcess:
-    """Spawn `coop ARGS` (or `program ARGS`, with `env` added); wait for its readiness line unless marker is None."""
+    """Spawn `coop ARGS` (or `program ARGS`, with `env` added); wait for its readiness line unless marker is None.
+
+    `COOP` is looked up at each call, so that tests can run a modified node in its place."""
     env = {**os.environ, **(env or {}), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     popen = subprocess.Popen(
-        [*program, *args],
+        [*(program or COOP), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

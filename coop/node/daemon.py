@@ -118,8 +118,10 @@ def measure_throughput(engine: SpanEngine) -> float:
         engine.close_session(session)
 
 
-async def run_node(settings: NodeSettings, measure: Measure = measure_throughput) -> None:
-    """Serve until SIGTERM/SIGINT (or cancellation). `measure`: how the background measurement runs."""
+async def run_node(settings: NodeSettings, measure: Measure | None = None) -> None:
+    """Serve until SIGTERM/SIGINT (or cancellation). `measure`: how the background measurement runs
+    (default `measure_throughput`, looked up when the node starts)."""
+    measure = measure or measure_throughput
     manifest = Manifest.load(settings.model_dir)
     node_id = settings.node_id or f"node-{uuid.uuid4().hex[:12]}"
     membership = Membership.load(

@@ -22,7 +22,7 @@ import torch
 from coop.model.engine import SpanEngine
 from coop.node import daemon
 from coop.node.service import NodeService
-from tests.adversarial.lying_node import claimed_throughput
+from tests.adversarial.lying_node import claimed_estimate, claimed_throughput
 
 CHEATS = ("noise", "skip", "other_model", "sometimes", "last_hop")
 NOISE_SHARE = 0.01
@@ -60,8 +60,10 @@ def tampered(kind: str, session_id: str, hidden: torch.Tensor, output: torch.Ten
     return output
 
 
-def cheating_step(engine: SpanEngine, session_id: str, hidden: torch.Tensor, start_position: int) -> torch.Tensor:
-    output = _honest_step(engine, session_id, hidden, start_position)
+def cheating_step(
+    engine: SpanEngine, session_id: str, hidden: torch.Tensor, start_position: int, **options: bool
+) -> torch.Tensor:
+    output = _honest_step(engine, session_id, hidden, start_position, **options)
     return tampered(os.environ["COOP_CHEAT"], session_id, hidden, output)
 
 
@@ -77,6 +79,7 @@ if __name__ == "__main__":
     if os.environ.get("COOP_CHEAT") not in CHEATS:
         raise SystemExit(f"set COOP_CHEAT to one of {', '.join(CHEATS)}")
     daemon.measure_throughput = claimed_throughput
+    daemon.estimate_throughput = claimed_estimate
     SpanEngine.step = cheating_step  # type: ignore[method-assign]
     NodeService._route_after_me = recording_route_after_me  # type: ignore[method-assign]
     app(prog_name="coop")

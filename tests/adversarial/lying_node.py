@@ -25,14 +25,21 @@ def claimed_throughput(engine: SpanEngine) -> float:
     return CLAIMED_TPS
 
 
-def dawdling_step(engine: SpanEngine, session_id: str, hidden: torch.Tensor, start_position: int) -> torch.Tensor:
+def claimed_estimate(*_: object) -> float:
+    return CLAIMED_TPS
+
+
+def dawdling_step(
+    engine: SpanEngine, session_id: str, hidden: torch.Tensor, start_position: int, **options: bool
+) -> torch.Tensor:
     time.sleep(DAWDLE_S)
-    return _honest_step(engine, session_id, hidden, start_position)
+    return _honest_step(engine, session_id, hidden, start_position, **options)
 
 
 if __name__ == "__main__":
     from coop.cli import app
 
     daemon.measure_throughput = claimed_throughput
+    daemon.estimate_throughput = claimed_estimate
     SpanEngine.step = dawdling_step  # type: ignore[method-assign, assignment]
     app(prog_name="coop")
