@@ -45,6 +45,14 @@ class NodeSettings(BaseSettings):
     member_bundle: Path | None = None
     # signed receipts wait here until a coordinator books them (default: <member_bundle>.outbox.db)
     outbox_path: Path | None = None
+    # a receipt covers a batch of a session's steps, closed at the first step that makes it this many
+    # tokens or this old (and at the session's end): a node killed loses at most one batch of pay
+    receipt_batch_tokens: int = Field(default=64, gt=0)
+    receipt_batch_s: float = Field(default=30.0, gt=0)
+    # receipts rejected, or never booked, are dropped from the outbox after this long; of the rejected,
+    # at most outbox_max_rejected are kept (the newest)
+    outbox_retention_s: float = Field(default=30 * 24 * 3600.0, gt=0)
+    outbox_max_rejected: int = Field(default=10_000, ge=0)
     # Prometheus /metrics on this port (0 = any free port, printed in the ready line); None = not served.
     # Unauthenticated, like every Prometheus exporter: keep metrics_host on a private interface.
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
@@ -111,6 +119,10 @@ class CoordinatorSettings(BaseSettings):
     max_active_sessions: int = Field(default=32, gt=0)
     # how often receipts are collected from nodes
     receipt_interval_s: float = Field(default=2.0, gt=0)
+    # a session's observation (the ceiling of its receipts) is written at its first step, then every
+    # this many tokens or seconds, and at its end: a coordinator crash loses at most that much of it
+    observation_checkpoint_tokens: int = Field(default=64, gt=0)
+    observation_checkpoint_s: float = Field(default=30.0, gt=0)
     # -- what one node can make receipt collection spend (coop.coordinator.receipts) --
     receipt_poll_budget_s: float = Field(default=5.0, gt=0)  # one node's poll, all calls; then cut off
     receipt_max_concurrent_polls: int = Field(default=16, gt=0)  # nodes polled at once

@@ -1,6 +1,8 @@
-"""Receipts: what a node computed for one session, in a form nobody can alter unnoticed.
+"""Receipts: what a node computed for one batch of a session's steps, in a form nobody can alter unnoticed.
 
-A node writes a `ReceiptBody` when a session ends, signs its canonical bytes with its member key
+A node closes a batch every N tokens or T seconds, and the last one when the session ends (see
+`coop.node.metering`); batches of one (session, node) are numbered 0, 1, 2, ... so a gap shows. For
+each it writes a `ReceiptBody`, signs its canonical bytes with its member key
 (`sign_receipt`) and keeps the result in its outbox until a coordinator acknowledges it. The
 coordinator checks it (`coop.ledger.booking`) and countersigns the body's digest together with the
 `Payment` it books: the consuming institution and the id of the API key that admitted the session
@@ -22,7 +24,8 @@ from dataclasses import asdict, dataclass
 from coop.errors import InvalidInput
 from coop.pool.bundle import Credentials
 
-RECEIPT_FORMAT = "coop-receipt/1"
+RECEIPT_FORMAT = "coop-receipt/2"
+_FORMAT_V1 = "coop-receipt/1"  # one receipt per session, no batch number: read as batch 0 (ledgers kept them)
 _BODY_DOMAIN = b"coop-receipt-v1\n"
 _COUNTERSIGN_DOMAIN = b"coop-countersign-v2\n"
 MAX_BODY_BYTES = 4096
@@ -47,8 +50,9 @@ class ReceiptBody:
     prefill_tokens: int  # split as TokenTally splits them
     decode_tokens: int
     flops: int  # (prefill + decode) x the manifest's FLOPs per token of blocks [start, end)
-    started_at: float  # unix seconds
-    ended_at: float
+    started_at: float  # unix seconds: when the batch's first step was computed
+    ended_at: float  # when the batch closed
+    batch: int = 0  # its sequence number within the node's part of the session: 0, 1, 2, ...
 
     @property
     def tokens(self) -> int:
@@ -67,9 +71,9 @@ class ReceiptBody:
             doc = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise InvalidInput(f"a receipt body must be JSON: {exc}") from exc
-        if not isinstance(doc, dict) or doc.pop("format", None) != RECEIPT_FORMAT:
+        if not isinstance(doc, dict) or doc.get("format") not in (RECEIPT_FORMAT, _FORMAT_V1):
             raise InvalidInput(f"a receipt body must be a {RECEIPT_FORMAT} object")
-        expected = set(cls.__dataclass_fields__)
+        expected = set(cls.__dataclass_fields__) - ({"batch"} if doc.pop("format") == _FORMAT_V1 else set())
         if set(doc) != expected:
             raise InvalidInput(f"receipt fields differ from {RECEIPT_FORMAT}: {sorted(set(doc) ^ expected)}")
         body = cls(**doc)
@@ -82,7 +86,7 @@ class ReceiptBody:
         for name in ("institution", "coordinator"):
             _require(isinstance(getattr(self, name), str) and _NAME.match(getattr(self, name)), name, "a name")
         _require(isinstance(self.model_hash, str) and _HEX.match(self.model_hash), "model_hash", "hex")
-        for name in ("start_block", "end_block", "prefill_tokens", "decode_tokens", "flops"):
+        for name in ("start_block", "end_block", "prefill_tokens", "decode_tokens", "flops", "batch"):
             value = getattr(self, name)
             _require(type(value) is int and 0 <= value < 2**62, name, "a non-negative integer")
         _require(self.start_block < self.end_block, "end_block", "greater than start_block")

@@ -19,16 +19,19 @@ def greedy_chat(url: str, key: str | None, question: str, max_tokens: int, *, ti
     return httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=timeout_s)
 
 
-def stream_greedy_chat(url: str, question: str, max_tokens: int) -> Iterator[dict[str, Any]]:
+def stream_greedy_chat(
+    url: str, question: str, max_tokens: int, key: str | None = None, model: str = "smollm2-demo"
+) -> Iterator[dict[str, Any]]:
     """The chunks of one streamed greedy chat; the last one carries the "coop" extras (token ids, route)."""
     body = {
-        "model": "smollm2-demo",
+        "model": model,
         "messages": [{"role": "user", "content": question}],
         "temperature": 0,
         "max_tokens": max_tokens,
         "stream": True,
     }
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers, timeout=120) as response:
         assert response.status_code == 200
         for line in response.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":

@@ -69,7 +69,12 @@ class Accounting:
         since = dt.datetime.fromtimestamp(now - SEED_HALF_LIVES * settings.fair_share_half_life_s, dt.UTC)
         flows = await asyncio.to_thread(ledger.flows_since, since)
         fair_share.seed((at.timestamp(), provider, consumer, flops) for at, provider, consumer, flops in flows)
-        metering = Metering(fair_share, manifest.span_flops_per_token)
+        metering = Metering(
+            fair_share,
+            manifest.span_flops_per_token,
+            checkpoint_tokens=settings.observation_checkpoint_tokens,
+            checkpoint_s=settings.observation_checkpoint_s,
+        )
         admission = FairShareAdmission(settings.max_active_sessions, lambda: fair_share.factors(time.time()))
         access = RequestAdmission(
             admission,
@@ -87,6 +92,7 @@ class Accounting:
             observation=ledger.observation,
             booked_for=ledger.booked_for,
             revoked_since=lambda name: revoked_since(revocations.names, revocations.issued_at, name),
+            live=metering.live,
         )
         collector = ReceiptCollector(
             ledger,

@@ -1,10 +1,19 @@
 """What the coordinator saw each node do, for the ledger (observations) and fair share (live usage).
 
-Every step a chain sends is counted against each hop of its route; when a route's session ends
-(normally or by failover) its counts become `Observation` rows, the ceiling for what the nodes'
-receipts may claim. They are buffered here and written at once by a background task (and by the
-receipt collector before it books), so requests never wait on the database. Fair share is fed at
-once, step by step, so priorities follow usage as it happens rather than when receipts arrive.
+Every step a chain sends is counted against each hop of its route. The counts become `Observation`
+rows, the ceiling for what the nodes' receipts may claim, at three moments: the session's first
+step (the session is on record, so a coordinator crash cannot leave its receipts unknown), every
+`checkpoint_tokens` tokens or `checkpoint_s` seconds after that (a crash then loses at most that
+much of the ceiling, mirroring the nodes' receipt batches), and its end (normal or by failover).
+Rows are buffered here, one per (session, node), and written at once by a background task (and by
+the receipt collector before it books), so requests never wait on the database.
+
+A session stays *live* (`live`) from its first step until its final row is written: while it is, a
+receipt that claims more than the written ceiling waits for the next write instead of being capped.
+After a restart no session is live, and the last rows written are the ceiling.
+
+Fair share is fed at once, step by step, so priorities follow usage as it happens rather than when
+receipts arrive.
 """
 
 from __future__ import annotations
@@ -20,21 +29,57 @@ from coop.ledger.models import Observation
 from coop.receipts import TokenTally
 from coop.swarm.routing import Hop
 
+CHECKPOINT_TOKENS = 64  # as the nodes' default receipt batch (`receipt_batch_tokens`)
+CHECKPOINT_S = 30.0
+
+
+@dataclass
+class _Checkpoint:
+    tokens: int  # the session's tokens sent when it was last written
+    at: float  # time.monotonic() then
+
 
 class Metering:
-    def __init__(self, fair_share: FairShare, span_flops_per_token: Callable[[int, int], int]) -> None:
+    def __init__(
+        self,
+        fair_share: FairShare,
+        span_flops_per_token: Callable[[int, int], int],
+        *,
+        checkpoint_tokens: int = CHECKPOINT_TOKENS,
+        checkpoint_s: float = CHECKPOINT_S,
+    ) -> None:
         self.fair_share = fair_share
         self._flops = span_flops_per_token
-        self._observations: list[Observation] = []
+        self.checkpoint_tokens = checkpoint_tokens
+        self.checkpoint_s = checkpoint_s
+        self._checkpoints: dict[str, _Checkpoint] = {}  # running sessions; on the event loop only
+        self._unsettled: set[str] = set()  # sessions whose final row is not written yet
+        self._rows: dict[tuple[str, str], Observation] = {}  # (session, node) -> its newest row, unwritten
+        self._ended: set[str] = set()  # sessions whose final row is in _rows
         self._lock = threading.Lock()
         self.tokens_served = 0  # every token of every step, for the admin view's tokens/s
         self.observed = asyncio.Event()  # set when rows wait to be written; used on the event loop only
 
-    def stepped(self, consumer: str, hops: Sequence[Hop], tokens: int) -> None:
+    def stepped(
+        self,
+        session_id: str,
+        consumer: str,
+        hops: Sequence[Hop],
+        tokens: int,
+        sent: TokenTally,
+        api_key_id: str = "",
+    ) -> None:
         now = time.time()
         self.tokens_served += tokens
         for hop in hops:
             self.fair_share.record(hop.institution or None, consumer, tokens * self._flops(hop.start, hop.end), now)
+        last = self._checkpoints.get(session_id)
+        clock = time.monotonic()
+        if last is None or sent.total - last.tokens >= self.checkpoint_tokens or clock - last.at >= self.checkpoint_s:
+            self._checkpoints[session_id] = _Checkpoint(sent.total, clock)
+            with self._lock:
+                self._unsettled.add(session_id)
+            self._buffer(session_id, consumer, hops, sent, api_key_id, ended=False)
 
     def for_key(self, api_key_id: str) -> KeyedMeter:
         """The meter of one request, admitted by this API key ("" = none)."""
@@ -43,36 +88,63 @@ class Metering:
     def session_ended(
         self, session_id: str, consumer: str, hops: Sequence[Hop], sent: TokenTally, api_key_id: str = ""
     ) -> None:
+        self._checkpoints.pop(session_id, None)
         if sent.total == 0:
+            with self._lock:
+                self._unsettled.discard(session_id)
             return
-        rows = [
-            Observation(
-                session_id=session_id,
-                node_id=hop.node_id,
-                provider=hop.institution,
-                consumer=consumer,
-                start_block=hop.start,
-                end_block=hop.end,
-                prefill_tokens=sent.prefill,
-                decode_tokens=sent.decode,
-                api_key_id=api_key_id,
-            )
-            for hop in hops
-        ]
-        with self._lock:
-            self._observations.extend(rows)
-        self.observed.set()
+        self._buffer(session_id, consumer, hops, sent, api_key_id, ended=True)
 
-    def drain(self) -> list[Observation]:
+    def live(self, session_id: str) -> bool:
+        """Whether the session's observation may still rise (called from booking threads)."""
+        with self._lock:
+            return session_id in self._unsettled
+
+    def flush(self, write: Callable[[Sequence[Observation]], None]) -> None:
+        """Write the buffered rows with `write`; on failure they wait for the next flush."""
         self.observed.clear()
         with self._lock:
-            rows, self._observations = self._observations, []
-        return rows
-
-    def put_back(self, rows: Sequence[Observation]) -> None:
-        """Rows whose write failed: written with the next batch."""
+            rows, self._rows = self._rows, {}
+            ended, self._ended = self._ended, set()
+        try:
+            write(list(rows.values()))
+        except BaseException:
+            with self._lock:
+                for row in rows.values():
+                    self._keep(row)
+                self._ended |= ended
+            raise
         with self._lock:
-            self._observations[:0] = rows
+            self._unsettled -= ended
+
+    def _buffer(
+        self, session_id: str, consumer: str, hops: Sequence[Hop], sent: TokenTally, api_key_id: str, *, ended: bool
+    ) -> None:
+        with self._lock:
+            for hop in hops:
+                self._keep(
+                    Observation(
+                        session_id=session_id,
+                        node_id=hop.node_id,
+                        provider=hop.institution,
+                        consumer=consumer,
+                        start_block=hop.start,
+                        end_block=hop.end,
+                        prefill_tokens=sent.prefill,
+                        decode_tokens=sent.decode,
+                        api_key_id=api_key_id,
+                    )
+                )
+            if ended:
+                self._ended.add(session_id)
+        self.observed.set()
+
+    def _keep(self, row: Observation) -> None:
+        """Buffer a row, unless one with more tokens is buffered for its (session, node) (under the lock)."""
+        key = (row.session_id, row.node_id)
+        held = self._rows.get(key)
+        if held is None or (row.prefill_tokens, row.decode_tokens) >= (held.prefill_tokens, held.decode_tokens):
+            self._rows[key] = row
 
 
 @dataclass(frozen=True)
@@ -83,8 +155,8 @@ class KeyedMeter:
     metering: Metering
     api_key_id: str
 
-    def stepped(self, consumer: str, hops: Sequence[Hop], tokens: int) -> None:
-        self.metering.stepped(consumer, hops, tokens)
+    def stepped(self, session_id: str, consumer: str, hops: Sequence[Hop], tokens: int, sent: TokenTally) -> None:
+        self.metering.stepped(session_id, consumer, hops, tokens, sent, self.api_key_id)
 
     def session_ended(self, session_id: str, consumer: str, hops: Sequence[Hop], sent: TokenTally) -> None:
         self.metering.session_ended(session_id, consumer, hops, sent, self.api_key_id)

@@ -2,9 +2,10 @@
 
 Pulling (rather than nodes pushing) means neither side needs to know where the other restarted:
 every `interval_s` the collector asks each node it can see for the receipts of sessions this
-coordinator opened. Before each round it writes down what it saw (the observations receipts are
-checked against). A receipt is acknowledged only after its booking committed, so a crash at any
-point leaves it in the node's outbox, to be booked (exactly once, by id) on the next round.
+coordinator opened (one per batch of a session's steps). Before each round it writes down what it
+saw (the observations receipts are checked against, `coop.coordinator.metering`). A receipt is
+acknowledged only after its booking committed, so a crash at any point leaves it in the node's
+outbox, to be booked (exactly once, by id) on the next round.
 
 No node can hold up another's bookings: each round starts one poll per node (none for a node whose
 last poll is still running), at most `max_concurrent_polls` at a time, and does not wait for them;
@@ -40,7 +41,7 @@ from coop.coordinator.receipt_watch import (
 )
 from coop.errors import CoopError, InvalidInput, ReceiptPending, ReceiptRejected
 from coop.ledger.booking import ReceiptChecker
-from coop.ledger.store import Booking, Ledger
+from coop.ledger.store import BookedBatch, Booking, Ledger
 from coop.receipts import ReceiptBody
 from coop.swarm.announcement import NodeAnnouncement
 from coop.wire.generated import coop_pb2 as pb
@@ -139,7 +140,8 @@ class ReceiptCollector:
             await asyncio.gather(*polls, return_exceptions=True)
 
     async def write_observations(self) -> None:
-        """Write down what was seen as soon as a session ends: a crash then loses (almost) nothing."""
+        """Write down what was seen as soon as a session opens, checkpoints or ends: a crash then loses
+        at most a checkpoint's worth."""
         while True:
             await self.metering.observed.wait()
             try:
@@ -164,12 +166,7 @@ class ReceiptCollector:
         }
 
     def flush_observations(self) -> None:
-        rows = self.metering.drain()
-        try:
-            self.ledger.observe(rows)
-        except CoopError:
-            self.metering.put_back(rows)
-            raise
+        self.metering.flush(self.ledger.observe)
 
     def write_audit(self, *, everything: bool = False) -> None:
         """The due audit events (`everything`: all gathered, when stopping), in one transaction."""
@@ -257,7 +254,8 @@ class ReceiptCollector:
             settled.dropped += excess
             receipts = receipts[: self.batch]
         bookings: list[Booking] = []
-        billed: dict[tuple[str, str], str] = {}  # (session, node) -> receipt id, within this batch
+        # (session, node) -> its batches checked in this call, booked together below
+        unbooked: defaultdict[tuple[str, str], dict[int, BookedBatch]] = defaultdict(dict)
         for receipt in receipts:
             claimed = _parsed(receipt.body)  # unchecked, for the cheap tests first (None: the checks reject it)
             if claimed is not None and claimed.node_id != node_id:
@@ -271,10 +269,12 @@ class ReceiptCollector:
             try:
                 if claimed is not None and claimed.receipt_id != receipt.receipt_id:
                     raise ReceiptRejected(f"receipt {claimed.receipt_id} was sent as {receipt.receipt_id[:128]!r}")
-                booking = self.checker.check(receipt_from_proto(receipt))
-                key = (booking.body.session_id, booking.body.node_id)
-                if billed.setdefault(key, booking.body.receipt_id) != booking.body.receipt_id:
-                    raise ReceiptRejected(f"receipt {booking.body.receipt_id}: a second bill for session {key[0]}")
+                key = (claimed.session_id, claimed.node_id) if claimed is not None else ("", "")
+                booking = self.checker.check(receipt_from_proto(receipt), unbooked[key])
+                paid = booking.payment
+                unbooked[key][booking.body.batch] = BookedBatch(
+                    booking.body.receipt_id, paid.prefill_tokens, paid.decode_tokens
+                )
             except ReceiptPending:
                 settled.pending += 1
                 continue

@@ -5,11 +5,17 @@ coordinator; the node's certificate was issued by the pool CA, was valid when th
 names the institution the receipt credits; that institution was not revoked before the work ended;
 the node's signature covers the exact bytes; its FLOPs are its tokens times the manifest's FLOPs
 per token for its blocks; and it is for the blocks the coordinator itself saw that node serve in
-that session. Anything else is rejected and recorded as an audit event. A receipt that claims more
-tokens than the coordinator sent is paid for what was sent (the node may have been fed tokens by
-someone else, or be lying; either way the coordinator's count is what the consumer asked for), and
-the difference is an audit event. A receipt whose session the coordinator has not written down yet
-is left pending (the node resubmits it), unless it is older than `unknown_session_grace_s`.
+that session. Anything else is rejected and recorded as an audit event.
+
+A node bills its part of a session in numbered batches, each once (a second receipt for a booked
+batch is rejected). Together they are paid at most what the coordinator sent that node: a batch is
+paid its claim up to what the observation leaves after the batches booked before it. A claim beyond
+that, while the session is still live in this coordinator, waits (the observation is raised as the
+session goes on); once it is over, or after a restart of the coordinator (whose last observation is
+then all there is), it is paid what is left (the node may have been fed tokens by someone else, or
+be lying; either way the coordinator's count is what the consumer asked for), and the difference is
+an audit event. A receipt whose session the coordinator has not written down yet is left pending
+(the node resubmits it), unless it is older than `unknown_session_grace_s`.
 
 The consumer and the API key that admitted the session come from the coordinator's observation,
 never from the node; the countersignature covers both, so `verify` can check the key was the
@@ -19,13 +25,13 @@ consumer's.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 from coop.errors import InvalidInput, ReceiptPending, ReceiptRejected, Unauthorized
 from coop.ledger.models import Observation
 from coop.ledger.signers import provider_of
-from coop.ledger.store import Booking
+from coop.ledger.store import BookedBatch, Booking
 from coop.pool.bundle import MemberBundle
 from coop.pool.ca import verify_signature
 from coop.receipts import Payment, ReceiptBody, SignedReceipt, body_payload, countersign_payload
@@ -36,6 +42,10 @@ CLOCK_SKEW_S = 300.0  # a receipt may end this far in the coordinator's future, 
 
 def never_revoked(_institution: str) -> float | None:
     return None
+
+
+def never_live(_session_id: str) -> bool:
+    return False
 
 
 def revoked_since(revoked: Collection[str], issued_at: float, institution: str) -> float | None:
@@ -55,18 +65,23 @@ class ReceiptChecker:
     span_flops_per_token: Callable[[int, int], int]  # the manifest's, for blocks [start, end)
     signer: MemberBundle  # the coordinator's own credentials: it countersigns with them
     observation: Callable[[str, str], Observation | None]  # (session_id, node_id) -> what it saw
-    # (session_id, node_id) -> the id of the receipt already booked for it, if any
-    booked_for: Callable[[str, str], str | None]
+    # (session_id, node_id) -> the batches of it already booked, by batch number
+    booked_for: Callable[[str, str], Mapping[int, BookedBatch]]
     # institution -> when it was revoked (unix seconds), None if it is not: its work after that is not paid
     revoked_since: Callable[[str], float | None] = never_revoked
+    # whether this coordinator process still runs a session (its observation may still rise)
+    live: Callable[[str], bool] = never_live
     unknown_session_grace_s: float = UNKNOWN_SESSION_GRACE_S
 
     @property
     def coordinator(self) -> str:
         return self.signer.institution
 
-    def check(self, signed: SignedReceipt) -> Booking:
-        """A Booking, or ReceiptRejected (never bookable) / ReceiptPending (try again later)."""
+    def check(self, signed: SignedReceipt, unbooked: Mapping[int, BookedBatch] | None = None) -> Booking:
+        """A Booking, or ReceiptRejected (never bookable) / ReceiptPending (try again later).
+
+        `unbooked`: batches of the same (session, node) checked before this one, to be booked with it.
+        """
         body = self._authentic_body(signed)
         if body.pool_id != self.pool_id:
             raise ReceiptRejected(f"receipt {body.receipt_id} is for pool {body.pool_id!r}, not {self.pool_id!r}")
@@ -89,13 +104,16 @@ class ReceiptChecker:
                     f"receipt {body.receipt_id}: this coordinator never saw session {body.session_id}"
                 )
             raise ReceiptPending(f"receipt {body.receipt_id}: session {body.session_id} not recorded yet")
-        payment, capped = _payment(body, seen, self.span_flops_per_token(body.start_block, body.end_block))
-        earlier = self.booked_for(body.session_id, body.node_id)
-        if earlier is not None and earlier != body.receipt_id:
+        booked = {**self.booked_for(body.session_id, body.node_id), **(unbooked or {})}
+        earlier = booked.pop(body.batch, None)
+        if earlier is not None and earlier.receipt_id != body.receipt_id:
             raise ReceiptRejected(
-                f"receipt {body.receipt_id}: node {body.node_id} already billed session {body.session_id} "
-                f"with receipt {earlier}"
+                f"receipt {body.receipt_id}: node {body.node_id} already billed batch {body.batch} of session "
+                f"{body.session_id} with receipt {earlier.receipt_id}"
             )
+        paid = (sum(b.prefill_tokens for b in booked.values()), sum(b.decode_tokens for b in booked.values()))
+        flops_per_token = self.span_flops_per_token(body.start_block, body.end_block)
+        payment, capped = _payment(body, seen, paid, flops_per_token, live=self.live(body.session_id))
         countersignature = self.signer.sign(countersign_payload(signed.body, payment))
         return Booking(body, signed, payment, countersignature, self.signer.cert_pem, capped)
 
@@ -126,10 +144,13 @@ class ReceiptChecker:
         return body
 
 
-def _payment(body: ReceiptBody, seen: Observation, flops_per_token: int) -> tuple[Payment, str]:
-    """What the receipt is paid: its claim, capped at what the coordinator saw; and, if capped, why.
+def _payment(
+    body: ReceiptBody, seen: Observation, paid: tuple[int, int], flops_per_token: int, *, live: bool
+) -> tuple[Payment, str]:
+    """What the batch is paid: its claim, capped at what the coordinator saw less what the session's
+    other batches were `paid` (prefill, decode); and, if capped, why.
 
-    A node may claim less than the coordinator saw (a step lost in a crash). A claim of other blocks,
+    A node may claim less than the coordinator saw (a batch lost in a crash). A claim of other blocks,
     or for another institution, is no receipt of what was seen at all, and is rejected.
     """
     rid = body.receipt_id
@@ -142,13 +163,15 @@ def _payment(body: ReceiptBody, seen: Observation, flops_per_token: int) -> tupl
             f"receipt {rid}: blocks {body.start_block}:{body.end_block}, "
             f"but the session used {seen.start_block}:{seen.end_block} on that node"
         )
-    prefill = min(body.prefill_tokens, seen.prefill_tokens)
-    decode = min(body.decode_tokens, seen.decode_tokens)
+    left = (max(seen.prefill_tokens - paid[0], 0), max(seen.decode_tokens - paid[1], 0))
+    prefill, decode = min(body.prefill_tokens, left[0]), min(body.decode_tokens, left[1])
     payment = Payment(seen.consumer, seen.api_key_id, prefill, decode, (prefill + decode) * flops_per_token)
     if (prefill, decode) == (body.prefill_tokens, body.decode_tokens):
         return payment, ""
+    if live:
+        raise ReceiptPending(f"receipt {rid}: session {body.session_id} is live; its observation is behind the claim")
     return payment, (
-        f"receipt {rid} claims {body.prefill_tokens}+{body.decode_tokens} tokens, the coordinator sent "
-        f"{seen.prefill_tokens}+{seen.decode_tokens}: paid {prefill}+{decode} tokens ({payment.flops} FLOPs, "
-        f"not {body.flops})"
+        f"receipt {rid} (batch {body.batch}) claims {body.prefill_tokens}+{body.decode_tokens} tokens, the "
+        f"coordinator sent {seen.prefill_tokens}+{seen.decode_tokens} of which {paid[0]}+{paid[1]} were paid "
+        f"before: paid {prefill}+{decode} tokens ({payment.flops} FLOPs, not {body.flops})"
     )

@@ -84,7 +84,11 @@ class Certificate(SQLModel, table=True):
 
 
 class Observation(SQLModel, table=True):
-    """What the coordinator saw one node of one session do: the ceiling for that node's receipt."""
+    """What the coordinator sent one node in one session: the ceiling for the sum of that node's receipts.
+
+    Written when the session's first step ran and raised as it goes (`coop.coordinator.metering`), so
+    that a coordinator crash leaves the tokens sent up to its last write; tokens never go down.
+    """
 
     __tablename__ = "observations"
     __table_args__ = (UniqueConstraint("session_id", "node_id"),)
@@ -114,13 +118,14 @@ class Receipt(SQLModel, table=True):
     __tablename__ = "receipts"
     __table_args__ = (
         Index("ix_receipts_provider_time", "provider", "ended_at"),
-        # a node bills its part of a session once, whatever receipt ids it makes up
-        UniqueConstraint("session_id", "node_id", name="uq_receipts_session_node"),
+        # a node bills each batch of its part of a session once, whatever receipt ids it makes up
+        UniqueConstraint("session_id", "node_id", "batch", name="uq_receipts_session_node_batch"),
     )
 
     receipt_id: str = Field(primary_key=True, max_length=64)
     session_id: str = Field(max_length=128, index=True)
     node_id: str = Field(max_length=128)
+    batch: int = Field(default=0, sa_column_kwargs={"server_default": "0"})  # the body's batch number
     provider: str = Field(foreign_key="institutions.name", max_length=128)
     consumer: str = Field(foreign_key="institutions.name", max_length=128, index=True)
     model_hash: str = Field(max_length=128)

@@ -3,7 +3,8 @@
 Several coordinators may book into one PostgreSQL ledger. Each gets its own role (so one can be cut
 off without the others), and no role can rewrite history: a coordinator may read the ledger and
 insert what booking writes (institutions, accounts, certificates, nodes, observations, receipts,
-postings, audit events), and update nothing but a node's span and first/last seen. It cannot
+postings, audit events), and update nothing but a node's span and first/last seen and the tokens of
+an observation (raised as a live session goes on). It cannot
 update or delete a posting, receipt, grant or audit event, nor insert grants or credit floors: those
 are the pool admin's, written with the owner's URL and signed with the pool CA key.
 """
@@ -30,7 +31,10 @@ COORDINATOR_INSERTS = (
     "postings",
     "audit_events",
 )
-COORDINATOR_UPDATES = {"nodes": ("start_block", "end_block", "first_seen", "last_seen")}  # Ledger._touch_nodes
+COORDINATOR_UPDATES = {
+    "nodes": ("start_block", "end_block", "first_seen", "last_seen"),  # Ledger._touch_nodes
+    "observations": ("prefill_tokens", "decode_tokens", "seen_at"),  # Ledger.observe
+}
 
 
 def create_coordinator_role(engine: Engine, name: str) -> str | None:

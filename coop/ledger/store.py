@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, bindparam, func, insert, select
+from sqlalchemy import Engine, bindparam, case, func, insert, select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
@@ -70,6 +70,15 @@ class Booking:
     @property
     def consumer(self) -> str:
         return self.payment.consumer
+
+
+@dataclass(frozen=True)
+class BookedBatch:
+    """A batch already booked: its receipt, and the tokens it was paid."""
+
+    receipt_id: str
+    prefill_tokens: int
+    decode_tokens: int
 
 
 @dataclass(frozen=True)
@@ -254,14 +263,17 @@ class Ledger:
             session.execute(insert(_AUDIT), [_audit_row(entry, now) for entry in entries])
 
     def observe(self, observations: Sequence[Observation]) -> None:
-        """Store what the coordinator saw nodes do; a receipt may claim no more than this."""
+        """Store what the coordinator saw nodes do, one row per (session, node); receipts may claim no more.
+
+        A row written before (an earlier checkpoint of a live session, or a write whose commit
+        succeeded but reported an error) is raised to the new tokens, never lowered. Callers pass
+        one row per (session, node): PostgreSQL refuses to upsert one row twice in a statement.
+        """
         if not observations:
             return
         rows = [o.model_dump(exclude={"id"}) for o in observations]
         with self._transaction() as session:
-            # A batch written once already (its commit succeeded but reported an error) must not
-            # block every later write: rows already there are skipped.
-            session.execute(_insert_ignoring_duplicates(self.engine, Observation), rows)
+            session.execute(_upsert_observations(self.engine), rows)
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -272,13 +284,13 @@ class Ledger:
             row = connection.execute(_OBSERVATION, {"session_id": session_id, "node_id": node_id}).first()
         return None if row is None else Observation(**row._mapping)
 
-    def booked_for(self, session_id: str, node_id: str) -> str | None:
-        """The receipt already booked for this node's part of this session: a node bills a session once."""
-        query = select(col(Receipt.receipt_id)).where(
-            col(Receipt.session_id) == session_id, col(Receipt.node_id) == node_id
-        )
+    def booked_for(self, session_id: str, node_id: str) -> dict[int, BookedBatch]:
+        """The batches of this node's part of this session booked so far, by batch number."""
+        query = select(
+            col(Receipt.batch), col(Receipt.receipt_id), col(Receipt.prefill_tokens), col(Receipt.decode_tokens)
+        ).where(col(Receipt.session_id) == session_id, col(Receipt.node_id) == node_id)
         with Session(self.engine) as session:
-            return session.execute(query.limit(1)).scalar()
+            return {row[0]: BookedBatch(row[1], row[2], row[3]) for row in session.execute(query)}
 
     def balances(self) -> list[Balance]:
         """Every institution's balance, derived from postings (never stored); exact at any size."""
@@ -474,12 +486,17 @@ def _lost_a_race(exc: BaseException | None) -> bool:
     return isinstance(exc, OperationalError) and getattr(exc.orig, "sqlstate", None) in ("40001", "40P01")
 
 
-def _insert_ignoring_duplicates(engine: Engine, table: type[SQLModel]) -> Insert:
-    if engine.dialect.name == "postgresql":
-        return postgresql_insert(table).on_conflict_do_nothing()
-    if engine.dialect.name == "sqlite":
-        return sqlite_insert(table).on_conflict_do_nothing()
-    return insert(table)
+def _upsert_observations(engine: Engine) -> Insert:
+    """Insert observations; one already there keeps the larger of its tokens and the new ones."""
+    table = _OBSERVATIONS
+    new = postgresql_insert(table) if engine.dialect.name == "postgresql" else sqlite_insert(table)
+    raised = {
+        name: case((new.excluded[name] > table.c[name], new.excluded[name]), else_=table.c[name])
+        for name in ("prefill_tokens", "decode_tokens")
+    }
+    return new.on_conflict_do_update(
+        index_elements=[table.c.session_id, table.c.node_id], set_={**raised, "seen_at": new.excluded.seen_at}
+    )
 
 
 def _posting(
@@ -512,6 +529,7 @@ def _receipt_row(b: Booking, booked_at: dt.datetime) -> dict[str, Any]:
         "receipt_id": body.receipt_id,
         "session_id": body.session_id,
         "node_id": body.node_id,
+        "batch": body.batch,
         "provider": body.institution,
         "consumer": paid.consumer,
         "model_hash": body.model_hash,

@@ -93,13 +93,16 @@ def verify_ledger(ledger: Ledger, trust: PoolTrust) -> VerifyReport:
             report.problem(f"balance of {name!r}: {flops} reported, {report.balances_flops.get(name, 0)} from postings")
 
     certificates = ledger.certificates()
-    billed: dict[tuple[str, str], str] = {}
+    billed: dict[tuple[str, str, int], str] = {}
     with Session(ledger.engine) as session:
         for receipt in session.execute(select(Receipt).order_by(col(Receipt.receipt_id))).scalars():
             report.receipts += 1
-            earlier = billed.setdefault((receipt.session_id, receipt.node_id), receipt.receipt_id)
+            earlier = billed.setdefault((receipt.session_id, receipt.node_id, receipt.batch), receipt.receipt_id)
             if earlier != receipt.receipt_id:
-                report.problem(f"receipt {receipt.receipt_id} bills session {receipt.session_id} again ({earlier})")
+                report.problem(
+                    f"receipt {receipt.receipt_id} bills batch {receipt.batch} of session {receipt.session_id} "
+                    f"again ({earlier})"
+                )
             expected = _sum({receipt.provider: receipt.flops}, {receipt.consumer: -receipt.flops})
             _check_legs(
                 report, f"receipt {receipt.receipt_id}", legs.pop(("receipt", receipt.receipt_id), {}), expected
@@ -164,6 +167,7 @@ def _check_receipt(
         receipt.receipt_id,
         receipt.session_id,
         receipt.node_id,
+        receipt.batch,
         receipt.provider,
         receipt.model_hash,
         receipt.start_block,
@@ -173,6 +177,7 @@ def _check_receipt(
         body.receipt_id,
         body.session_id,
         body.node_id,
+        body.batch,
         body.institution,
         body.model_hash,
         body.start_block,

@@ -153,8 +153,17 @@ async def run_node(settings: NodeSettings, measure: Measure | None = None) -> No
         outbox_path = settings.resolved_outbox_path()
         receipts = None
         if membership.credentials is not None and outbox_path is not None:
-            outbox = Outbox(outbox_path)
-            receipts = ReceiptWriter(membership.credentials, outbox, manifest, node_id)
+            outbox = Outbox(
+                outbox_path, retention_s=settings.outbox_retention_s, max_rejected=settings.outbox_max_rejected
+            )
+            receipts = ReceiptWriter(
+                membership.credentials,
+                outbox,
+                manifest,
+                node_id,
+                batch_tokens=settings.receipt_batch_tokens,
+                batch_s=settings.receipt_batch_s,
+            )
         service = serving = NodeService(
             engine,
             node_id=node_id,

@@ -1,4 +1,11 @@
-"""What a node computed for each session, and the signed receipt it leaves in its outbox at the end."""
+"""What a node computed for each session, in batches, and the signed receipt it leaves in its outbox for each.
+
+A session's steps are billed in batches: a batch closes at the first step that brings it to
+`batch_tokens` tokens or that comes `batch_s` seconds after the batch began, and the last one when
+the session ends. Each closed batch is signed and written (fsynced) to the outbox at once, numbered
+0, 1, 2, ... within the session, so a `kill -9` loses only the open batch, and a gap in the numbers
+shows what was lost. A batch that computed nothing is not billed.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,9 @@ from coop.node.outbox import Outbox
 from coop.pool.bundle import Credentials
 from coop.receipts import ReceiptBody, TokenTally, new_receipt_id, sign_receipt
 
+BATCH_TOKENS = 64
+BATCH_S = 30.0
+
 
 @dataclass
 class SessionMeter:
@@ -17,21 +27,42 @@ class SessionMeter:
     end: int
     coordinator: str  # the institution (or, in development, the address) that opened the session
     priority: float = 0.0
-    tokens: TokenTally = field(default_factory=TokenTally)
-    started_at: float = field(default_factory=time.time)
+    tokens: TokenTally = field(default_factory=TokenTally)  # of the open batch
+    batch: int = 0  # the open batch's number
+    started_at: float = field(default_factory=time.time)  # when the open batch began
 
 
 class ReceiptWriter:
-    """Signs a receipt with the node's own key for every session that computed anything."""
+    """Signs a receipt with the node's own key for every batch of a session that computed anything."""
 
-    def __init__(self, bundle: Credentials, outbox: Outbox, manifest: Manifest, node_id: str) -> None:
+    def __init__(
+        self,
+        bundle: Credentials,
+        outbox: Outbox,
+        manifest: Manifest,
+        node_id: str,
+        *,
+        batch_tokens: int = BATCH_TOKENS,
+        batch_s: float = BATCH_S,
+    ) -> None:
         self.bundle = bundle
         self.outbox = outbox
         self.manifest = manifest
         self.node_id = node_id
+        self.batch_tokens = batch_tokens
+        self.batch_s = batch_s
 
-    def write(self, session_id: str, meter: SessionMeter) -> str | None:
-        """The receipt id, or None when the session computed nothing."""
+    def stepped(self, session_id: str, meter: SessionMeter, tokens: int) -> str | None:
+        """Count a step's tokens; the receipt id if that closed the batch, else None."""
+        if meter.tokens.total == 0:
+            meter.started_at = time.time()  # a batch begins with its first step, not after an idle wait
+        meter.tokens.add(tokens)
+        if meter.tokens.total >= self.batch_tokens or time.time() - meter.started_at >= self.batch_s:
+            return self.ended(session_id, meter)
+        return None
+
+    def ended(self, session_id: str, meter: SessionMeter) -> str | None:
+        """Close the open batch (the session ended, or the batch is full): its receipt id, or None if it is empty."""
         tokens = meter.tokens.total
         if tokens == 0:
             return None
@@ -50,6 +81,9 @@ class ReceiptWriter:
             flops=tokens * self.manifest.span_flops_per_token(meter.start, meter.end),
             started_at=meter.started_at,
             ended_at=max(time.time(), meter.started_at),
+            batch=meter.batch,
         )
         self.outbox.add(body.receipt_id, meter.coordinator, sign_receipt(self.bundle, body))
+        meter.tokens = TokenTally()
+        meter.batch += 1
         return body.receipt_id

@@ -1,11 +1,14 @@
 """A node's durable outbox of signed receipts, kept until a coordinator acknowledges them.
 
-A receipt is written (and fsynced) when its session ends, before anyone can ask for it, so a node
+A receipt is written (and fsynced) when its batch closes, before anyone can ask for it, so a node
 killed a moment later still has it after a restart; a coordinator that restarted simply asks
 again. Booking is idempotent by receipt id, so handing a receipt out twice is harmless.
 
 States: pending (handed out on every Receipts call by its coordinator) -> deleted when booked, or
-rejected (kept for the operator to inspect, never handed out again).
+rejected (kept for the operator to inspect, never handed out again). The outbox stays bounded:
+`prune` drops rejected receipts and pending ones that no coordinator booked (its coordinator is
+gone) once they are `retention_s` old, and all but the newest `max_rejected` rejected ones; it runs
+when the outbox opens and after every acknowledgement.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from pathlib import Path
 from coop.receipts import SignedReceipt
 
 MAX_BATCH = 500
+RETENTION_S = 30 * 24 * 3600.0
+MAX_REJECTED = 10_000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS receipts (
@@ -31,18 +36,22 @@ CREATE TABLE IF NOT EXISTS receipts (
     state TEXT NOT NULL DEFAULT 'pending'
 );
 CREATE INDEX IF NOT EXISTS receipts_pending ON receipts (coordinator, state, created_at);
+CREATE INDEX IF NOT EXISTS receipts_age ON receipts (state, created_at);
 """
 
 
 class Outbox:
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, *, retention_s: float = RETENTION_S, max_rejected: int = MAX_REJECTED) -> None:
         self.path = Path(path)
+        self.retention_s = retention_s
+        self.max_rejected = max_rejected
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
+        self.prune()
 
     def close(self) -> None:
         with self._lock:
@@ -84,6 +93,21 @@ class Outbox:
                 [(r, coordinator) for r in rejected],
             )
             self._db.execute("COMMIT")
+        self.prune()
+
+    def prune(self, now: float | None = None) -> int:
+        """Drop what is past retention, and the oldest rejected beyond `max_rejected`; returns how many."""
+        cutoff = (time.time() if now is None else now) - self.retention_s
+        with self._lock:
+            self._db.execute("BEGIN")
+            aged = self._db.execute("DELETE FROM receipts WHERE created_at < ?", (cutoff,)).rowcount
+            excess = self._db.execute(
+                "DELETE FROM receipts WHERE state = 'rejected' AND receipt_id NOT IN"
+                " (SELECT receipt_id FROM receipts WHERE state = 'rejected' ORDER BY created_at DESC LIMIT ?)",
+                (self.max_rejected,),
+            ).rowcount
+            self._db.execute("COMMIT")
+        return aged + excess
 
     def counts(self) -> dict[str, int]:
         with self._lock:

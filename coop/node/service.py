@@ -90,8 +90,8 @@ class NodeService(coop_pb2_grpc.NodeServicer):
     ) -> None:
         """`limits`: what one peer may make this node hold. `security`: how to reach the next hop.
         `authorize`: vets every caller (raises Unauthorized) and names it; None means development
-        mode, where nobody is checked. `receipts`: signs a receipt for every session into the
-        outbox (None in development mode). `step_seconds`: told how long each step took from its
+        mode, where nobody is checked. `receipts`: signs a receipt for every batch of every session
+        into the outbox (None in development mode). `step_seconds`: told how long each step took from its
         acceptance to its output (the node's latency histogram)."""
         self.engine = engine
         self.node_id = node_id
@@ -320,12 +320,22 @@ class NodeService(coop_pb2_grpc.NodeServicer):
                 self._drop(live, "idle_timeout_s", error)
 
     def _write_receipt(self, session_id: str, meter: SessionMeter) -> None:
+        """The session's last batch."""
         if self._receipts is None:
             return
         try:
-            self._receipts.write(session_id, meter)
+            self._receipts.ended(session_id, meter)
         except Exception:  # the session is over either way; losing one receipt must not crash the node
             log.exception("could not write the receipt of session %s", session_id)
+
+    def _meter_step(self, live: LiveSession, tokens: int) -> None:
+        """Count a step; a batch it fills is written to the outbox at once."""
+        if self._receipts is None:
+            return
+        try:
+            self._receipts.stepped(live.session_id, live.meter, tokens)
+        except Exception:  # the batch stays open and is written with the next step or at the end
+            log.exception("could not write a receipt of session %s", live.session_id)
 
     async def _watch_controls(self, request_iterator: AsyncIterator[pb.SessionControl], live: LiveSession) -> None:
         """End the session on Close, on the end of the stream, or when the coordinator vanishes."""
@@ -465,7 +475,7 @@ class NodeService(coop_pb2_grpc.NodeServicer):
                 session_id, hidden, request.start_position, priority=live.meter.priority, rewind=request.rewind
             )
             self._step_seconds(time.monotonic() - accepted)
-            live.meter.tokens.add(hidden.shape[1])
+            self._meter_step(live, hidden.shape[1])
             live.bytes_run += step_bytes
             live.bytes_to_run -= step_bytes
             ran = True

@@ -17,8 +17,8 @@ from coop.swarm.routing import Hop
 class Meter(Protocol):
     """Where a remote chain reports what it sent each hop (the coordinator's ledger metering)."""
 
-    def stepped(self, consumer: str, hops: Sequence[Hop], tokens: int) -> None:
-        """One step of `tokens` tokens went through every hop."""
+    def stepped(self, session_id: str, consumer: str, hops: Sequence[Hop], tokens: int, sent: TokenTally) -> None:
+        """One step of `tokens` tokens went through every hop; `sent` is the session's total so far."""
         ...
 
     def session_ended(self, session_id: str, consumer: str, hops: Sequence[Hop], sent: TokenTally) -> None:

@@ -271,7 +271,7 @@ class RemoteChain:
         self.last_step = SentStep(self.session_id, hidden, start_position, output, sketches)
         self.swarm.step_completed(self.hops, hidden.shape[1], asyncio.get_running_loop().time() - started)
         if self.charge.meter is not None:
-            self.charge.meter.stepped(self.charge.consumer, self.hops, hidden.shape[1])
+            self.charge.meter.stepped(self.session_id, self.charge.consumer, self.hops, hidden.shape[1], self._sent)
         return output
 
     async def _wait_result(self, step_id: int, n: int) -> tuple[torch.Tensor, list[pb.Sketch]]:
