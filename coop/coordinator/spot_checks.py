@@ -252,9 +252,12 @@ class WithholdingMeter:
         self.meter = meter
         self.withheld: set[str] = set()
 
-    def stepped(self, consumer: str, hops: Sequence[Hop], tokens: int) -> None:
+    def stepped(self, session_id: str, consumer: str, hops: Sequence[Hop], tokens: int, sent: TokenTally) -> None:
+        """Checkpoints go on for the others; a culprit keeps only what was observed before it was caught,
+        steps that had all passed their checks."""
         if self.meter is not None:
-            self.meter.stepped(consumer, hops, tokens)
+            kept = [h for h in hops if h.node_id not in self.withheld]
+            self.meter.stepped(session_id, consumer, kept, tokens, sent)
 
     def session_ended(self, session_id: str, consumer: str, hops: Sequence[Hop], sent: TokenTally) -> None:
         if self.meter is not None:

@@ -139,9 +139,10 @@ def test_new_nodes_are_sampled_at_the_new_node_rate() -> None:
 class _Observations:
     def __init__(self) -> None:
         self.sessions: list[list[str]] = []
+        self.checkpoints: list[list[str]] = []
 
-    def stepped(self, consumer: str, hops: Sequence[Hop], tokens: int) -> None:
-        pass
+    def stepped(self, session_id: str, consumer: str, hops: Sequence[Hop], tokens: int, sent: TokenTally) -> None:
+        self.checkpoints.append([hop.node_id for hop in hops])
 
     def session_ended(self, session_id: str, consumer: str, hops: Sequence[Hop], sent: TokenTally) -> None:
         self.sessions.append([hop.node_id for hop in hops])
@@ -151,10 +152,13 @@ def test_a_node_found_at_fault_is_not_observed_so_its_receipt_goes_unpaid() -> N
     observed = _Observations()
     meter = WithholdingMeter(observed)
     route = [Hop("honest", "e", 0, 3), Hop("cheat", "e", 3, 6)]
+    meter.stepped("s1", "uni", route, 1, TokenTally())
     meter.session_ended("s1", "uni", route, TokenTally())
     meter.withheld.add("cheat")
+    meter.stepped("s2", "uni", route, 1, TokenTally())
     meter.session_ended("s2", "uni", route, TokenTally())
     assert observed.sessions == [["honest", "cheat"], ["honest"]]
+    assert observed.checkpoints == [["honest", "cheat"], ["honest"]]  # no checkpoint once caught either
 
 
 def test_a_node_is_quarantined_at_once_on_the_coordinators_input_else_after_two_predecessors() -> None:
