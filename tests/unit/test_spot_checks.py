@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import random
-import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,11 +21,11 @@ from coop.config import CoordinatorSettings
 from coop.coordinator.spot_checks import SpotCheckPolicy, TrustBook, WithholdingMeter, replica_route
 from coop.model.engine import SpanEngine, StepInput
 from coop.receipts import TokenTally
-from coop.swarm.announcement import NodeAnnouncement
 from coop.swarm.routing import Hop
 from coop.swarm.trust import DISPUTED, LIFTED, PASSED, QUARANTINED, trust_records
 from coop.wire.sketches import relative_distance, sketch
 from tests.adversarial.cheating_node import NOISE_SHARE, tampered
+from tests.unit.test_routing import node
 
 SESSIONS = 8
 DECODE_STEPS = 63  # with the prefill: 8 x 64 = 512 checked steps
@@ -83,25 +82,8 @@ def test_sketches_are_linear_and_seeded() -> None:
     assert not torch.allclose(sketch(a, SEED, 16), sketch(a, SEED + 1, 16))
 
 
-def _node(node_id: str, start: int, end: int) -> NodeAnnouncement:
-    now = time.time()
-    return NodeAnnouncement(
-        node_id=node_id,
-        pool_id="p",
-        model_hash="m",
-        start=start,
-        end=end,
-        endpoint="127.0.0.1:1",
-        institution="uni",
-        throughput_tps=1.0,
-        free_cache_bytes=0,
-        announced_at=now,
-        expires_at=now + 60,
-    )
-
-
 def test_replica_routes_tile_the_hop_and_avoid_its_nodes() -> None:
-    nodes = [_node("whole", 0, 6), _node("head", 0, 3), _node("tail", 3, 6), _node("mid", 2, 5)]
+    nodes = [node("whole", 0, 6), node("head", 0, 3), node("tail", 3, 6), node("mid", 2, 5)]
     rng = random.Random(0)
     for _ in range(50):
         route = replica_route(nodes, 1, 5, {"whole"}, rng)
