@@ -15,7 +15,7 @@ import json
 import logging
 import re
 from collections.abc import Callable, Collection, Mapping
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Any, Final, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
@@ -34,6 +34,12 @@ _ID = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:-]{1,128}$")]
 _HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
 _NON_NEGATIVE_FLOAT = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
 _TIMESTAMP = Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
+
+# Whether a node takes new sessions (coop/node/drain.py): routes are built from serving nodes only.
+NodeState = Literal["serving", "paused", "draining"]
+SERVING: Final = "serving"
+PAUSED: Final = "paused"
+DRAINING: Final = "draining"
 
 
 def check_endpoint(endpoint: str) -> str:
@@ -72,6 +78,7 @@ class NodeAnnouncement(BaseModel):
     institution: Annotated[str, StringConstraints(min_length=1, max_length=256)]
     throughput_tps: _NON_NEGATIVE_FLOAT
     free_cache_bytes: Annotated[int, Field(ge=0, le=2**63 - 1)]
+    state: NodeState = SERVING
     announced_at: _TIMESTAMP
     expires_at: _TIMESTAMP
     signature: Annotated[bytes, Field(max_length=8192)] = b""
