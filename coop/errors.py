@@ -198,6 +198,7 @@ _RETRYABLE_CODES = frozenset(
     {
         # 503: capacity
         "capacity_exceeded",
+        "node_draining",
         "receipt_pending",
         "route_unavailable",
         "session_limit_exceeded",

@@ -145,6 +145,9 @@ EndpointArgument = Annotated[
     str, typer.Argument(help="in a pool: host:port of the node's gRPC server; without a bundle: unused")
 ]
 ControlNodeIdOption = Annotated[str, typer.Option("--node-id", help="the node's id")]
+OwnedInstitutionOption = Annotated[
+    str, typer.Option("--institution", help="in a pool: the node's institution (default: the bundle's)")
+]
 SocketOption = Annotated[
     Path | None,
     typer.Option("--socket", help="the node's control socket (default: the one `coop node start` made for --node-id)"),
@@ -156,10 +159,11 @@ def node_drain(
     node_id: ControlNodeIdOption,
     endpoint: EndpointArgument = "",
     member: MemberOption = None,
+    institution: OwnedInstitutionOption = "",
     socket: SocketOption = None,
 ) -> None:
     """Drain your node: it takes no new session, its sessions move to other routes, then it exits."""
-    _control("DRAIN", endpoint, member, node_id, socket)
+    _control("DRAIN", endpoint, member, node_id, institution, socket)
 
 
 @node_app.command("pause")
@@ -167,10 +171,11 @@ def node_pause(
     node_id: ControlNodeIdOption,
     endpoint: EndpointArgument = "",
     member: MemberOption = None,
+    institution: OwnedInstitutionOption = "",
     socket: SocketOption = None,
 ) -> None:
     """Pause your node: as drain, but it stays up, announced as paused, until `coop node resume`."""
-    _control("PAUSE", endpoint, member, node_id, socket)
+    _control("PAUSE", endpoint, member, node_id, institution, socket)
 
 
 @node_app.command("resume")
@@ -178,13 +183,16 @@ def node_resume(
     node_id: ControlNodeIdOption,
     endpoint: EndpointArgument = "",
     member: MemberOption = None,
+    institution: OwnedInstitutionOption = "",
     socket: SocketOption = None,
 ) -> None:
     """Resume a paused node (outside its serving hours it stays paused)."""
-    _control("RESUME", endpoint, member, node_id, socket)
+    _control("RESUME", endpoint, member, node_id, institution, socket)
 
 
-def _control(action: str, endpoint: str, member: Path | None, node_id: str, socket: Path | None) -> None:
+def _control(
+    action: str, endpoint: str, member: Path | None, node_id: str, institution: str, socket: Path | None
+) -> None:
     """In a pool: over TLS, as a node certificate of the bundle's institution; else on the control socket."""
     from coop.node.client import node_control
     from coop.node.drain import control_socket_path
@@ -199,7 +207,8 @@ def _control(action: str, endpoint: str, member: Path | None, node_id: str, sock
             raise typer.BadParameter("in a pool, give the node's host:port (see `coop swarm status`)")
         membership = Membership.load(member, node_id=f"owner-{uuid.uuid4().hex[:8]}")
         security = membership.channel_security()
-        reply = node_control(endpoint, code, security, institution=membership.institution, node_id=node_id)
+        owner = institution or membership.institution
+        reply = node_control(endpoint, code, security, institution=owner, node_id=node_id)
     console.print(f"node {plain(node_id)}: {reply.state}, {reply.active_sessions} sessions open")
 
 

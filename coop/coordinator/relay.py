@@ -165,10 +165,12 @@ class ChainRelay:
             hidden, ids = self._parse_step(session, body)
             start, n = session.position, hidden.shape[1]
             known = session.token_ids + (ids if ids is not None else [0] * n)
-            hops = session.chain.hops  # a new route (a failover or a planned move off a draining node) replays
+            failovers, hops = session.chain.failovers, session.chain.hops
             try:
                 output = await session.chain.step(hidden, start, known)
-                if session.chain.hops is not hops and session.missing_from is not None:
+                # a new route (a failover, or a planned move off a draining node) replayed the tokens
+                moved = session.chain.failovers > failovers or session.chain.hops is not hops
+                if moved and session.missing_from is not None:
                     raise ReplayUnavailable(
                         f"the session moved to a new route at position {start} (a node failed or left), but the step "
                         f"at position {session.missing_from} was sent without token_ids, so the tokens replayed "

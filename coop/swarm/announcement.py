@@ -120,17 +120,24 @@ class NodeAnnouncement(BaseModel):
             raise InvalidInput(f"malformed node announcement: {type(exc).__name__}") from exc
 
 
+_ADDED_FIELDS = frozenset({"state"})
+
+
 def _payload(
     fields: Mapping[str, Any], model: type[BaseModel] = NodeAnnouncement, domain: bytes = _ANNOUNCEMENT_DOMAIN
 ) -> bytes:
     """Canonical bytes of every field of model but the signature (certificate included, so it is bound too).
 
     JSON with sorted keys; bytes as base64; float fields always as floats, so an int that a peer's
-    msgpack round trip keeps as an int cannot change the encoding.
+    msgpack round trip keeps as an int cannot change the encoding. A field added later (`_ADDED_FIELDS`)
+    is covered only when it differs from its default: a serving node's record signs the same bytes as
+    before the field existed, so nodes and readers of both versions still check each other's records.
     """
     doc: dict[str, Any] = {}
     for name, info in model.model_fields.items():
         if name == "signature":
+            continue
+        if name in _ADDED_FIELDS and fields.get(name, info.default) == info.default:
             continue
         value = fields[name]
         if isinstance(value, bytes):
