@@ -52,12 +52,14 @@ MAX_QUEUED_EVENTS: int = CoordinatorSettings.model_fields["max_queued_events_per
 
 
 class _HopsFailed(Exception):
-    """Nodes this chain must route around; `suspect` also warns the swarm view (they look dead)."""
+    """Nodes this chain must route around; `suspect` also warns the swarm view (they look dead);
+    `leaving`: they only refused the session because they are draining or paused."""
 
-    def __init__(self, node_ids: set[str], reason: str, *, suspect: bool = True) -> None:
+    def __init__(self, node_ids: set[str], reason: str, *, suspect: bool = True, leaving: bool = False) -> None:
         super().__init__(reason)
         self.node_ids = node_ids
         self.suspect = suspect
+        self.leaving = leaving
 
 
 @dataclass
@@ -113,6 +115,9 @@ class RemoteChain:
         self._events: asyncio.Queue[tuple[int, pb.SessionEvent | None]] = asyncio.Queue(max_queued_events)
         self._step_id = 0
         self._excluded: set[str] = set()
+        # refused an open as draining or paused: avoided when routing, but a planned move trusts the
+        # swarm view instead, which sees a resumed node serve again
+        self._refusing: set[str] = set()
         self.charge = charge
         self._sent = TokenTally()  # sent to the current route, which every hop of it computes
         self._sign_route = sign_route
@@ -131,7 +136,9 @@ class RemoteChain:
 
     async def _open_route(self, hops: list[Hop] | None = None) -> None:
         """Open the session on `hops`, or on the best route the swarm view has now."""
-        self.hops = self._reserved = hops if hops is not None else await self.swarm.route(exclude=self._excluded)
+        if hops is None:
+            hops = await self.swarm.route(exclude=self._excluded | self._refusing)
+        self.hops = self._reserved = hops
         self._leaving = set()
         self.session_id = uuid.uuid4().hex
         self._route = encode_route(self.session_id, self.hops)
@@ -149,8 +156,8 @@ class RemoteChain:
             refusals = [s for s in opened if not isinstance(s, _Stream)]
             errors = "; ".join(str(s) for s in refusals)
             # a draining or paused node is alive and well: route around it, but do not suspect it
-            suspect = any(getattr(s, "remote_type", None) != "NodeDraining" for s in refusals)
-            raise _HopsFailed(failed, f"could not open the session: {errors}", suspect=suspect)
+            leaving = all(getattr(s, "remote_type", None) == "NodeDraining" for s in refusals)
+            raise _HopsFailed(failed, f"could not open the session: {errors}", suspect=not leaving, leaving=leaving)
 
     async def _open_stream(
         self, index: int, hop: Hop, events: asyncio.Queue[tuple[int, pb.SessionEvent | None]]
@@ -338,7 +345,7 @@ class RemoteChain:
 
     async def _abandon(self, failure: _HopsFailed) -> None:
         for node_id in failure.node_ids:
-            self._excluded.add(node_id)
+            (self._refusing if failure.leaving else self._excluded).add(node_id)
             if failure.suspect:
                 self.swarm.suspect(node_id)
         await self._close_streams()
