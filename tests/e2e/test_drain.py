@@ -19,9 +19,10 @@ from typing import Any
 import pytest
 
 from coop.launcher import COOP, LocalPool
-from coop.node.client import node_info
+from coop.node.client import node_control, node_info
 from coop.pool.membership import Membership
 from coop.pool.registry import add_member, create_pool
+from coop.wire.generated import coop_pb2 as pb
 from tests.chat_requests import stream_greedy_chat
 from tests.waiting import wait_for
 
@@ -34,7 +35,7 @@ QUESTIONS = (
     "Describe a long journey across a desert on a camel.",
 )
 STREAMS = 8
-MAX_TOKENS = 48
+MAX_TOKENS = 64
 MOVE_AFTER_CHUNKS = 4  # every stream is this far into its generation when its node leaves
 MIDDLE = {"mid-1": "10:20", "mid-2": "10:20"}
 WAIT_S = 120.0  # generous: the 2-core CI machine runs other tests' processes too
@@ -59,6 +60,12 @@ class DrainPool:
     def info(self, node: str) -> Any:
         endpoint = self.pool.nodes[node].ready["endpoint"]
         return node_info(endpoint, self.observer.channel_security(), institution="alpha", node_id=node)
+
+    def act(self, action: pb.ControlRequest.Action, node: str) -> str:
+        """The same call as `control`, in this process: quick enough to hand over streams mid-generation."""
+        endpoint = self.pool.nodes[node].ready["endpoint"]
+        security = self.observer.channel_security()
+        return node_control(endpoint, action, security, institution="alpha", node_id=node).state
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +128,9 @@ def test_a_paused_node_hands_its_streams_over_and_stays_up(
     assert "paused" in pool.control("pause", "mid-2").stdout  # so that every stream goes through mid-1
 
     def hand_over() -> None:
-        assert "serving" in pool.control("resume", "mid-2").stdout  # back into routes
-        assert "paused" in pool.control("pause", "mid-1").stdout
+        # paused first: until mid-2 is back in routes, the streams have nowhere to go and stay on mid-1
+        assert pool.act(pb.ControlRequest.PAUSE, "mid-1") == "paused"
+        assert pool.act(pb.ControlRequest.RESUME, "mid-2") == "serving"
 
     extras = _streams_moved_when(pool, "mid-1", hand_over, reference)
     assert all(hop["node_id"] == "mid-2" for coop in extras for hop in coop["route"] if hop["start"] == 10)
@@ -137,8 +145,8 @@ def test_a_drained_node_hands_its_streams_over_and_exits(
     node = pool.pool.nodes["mid-2"]  # mid-1 is still paused: every stream goes through mid-2
 
     def drain() -> None:
-        assert "serving" in pool.control("resume", "mid-1").stdout
-        assert "draining" in pool.control("drain", "mid-2").stdout
+        assert pool.act(pb.ControlRequest.RESUME, "mid-1") == "serving"
+        assert pool.act(pb.ControlRequest.DRAIN, "mid-2") == "draining"
 
     _streams_moved_when(pool, "mid-2", drain, reference)
     assert node.popen.wait(timeout=WAIT_S) == 0
