@@ -172,7 +172,7 @@ def stamp_announcement(
     """The one place a record is made: fields, announced now for ttl_s, signed with bundle when given.
 
     `fields` are the node's own (node_id, pool_id, model_hash, start, end, endpoint, institution,
-    throughput_tps, free_cache_bytes); times, certificate and signature are set here.
+    throughput_tps, free_cache_bytes, and state unless serving); times, certificate and signature are set here.
     """
     doc = {**fields, "announced_at": now, "expires_at": now + ttl_s, "certificate": b"", "signature": b""}
     return NodeAnnouncement.model_validate(doc if bundle is None else _signed_fields(bundle, doc))

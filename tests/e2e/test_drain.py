@@ -7,6 +7,7 @@ span of alpha, which alone may pause, resume and drain them (`coop node pause|re
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import time
 import uuid
@@ -103,11 +104,13 @@ def _streams_moved_when(
     """Run 8 greedy streams that all go through `leaving`; call `move` once each is under way; check the
     tokens of every one against a single-process run; return their "coop" extras."""
     progress = [0] * STREAMS
+    chunk_times: list[list[float]] = [[] for _ in range(STREAMS)]
 
     def run(index: int) -> dict[str, Any]:
         final: dict[str, Any] = {}
         for chunk in stream_greedy_chat(pool.pool.url, QUESTIONS[index % len(QUESTIONS)], MAX_TOKENS):
             progress[index] += 1
+            chunk_times[index].append(time.monotonic())
             final = chunk.get("coop") or final
         return final
 
@@ -118,7 +121,10 @@ def _streams_moved_when(
         moved_at = time.monotonic()
         move()
         extras = [stream.result(timeout=WAIT_S) for stream in streams]  # raises if any request failed
-    print(f"{STREAMS} streams finished {time.monotonic() - moved_at:.1f}s after {leaving} began to leave")
+    finished_s = time.monotonic() - moved_at
+    gaps = [max(b - a for a, b in itertools.pairwise(times) if b > moved_at) for times in chunk_times]
+    print(f"{STREAMS} streams finished {finished_s:.1f}s after {leaving} began to leave; longest pause between")
+    print(f"tokens after it: {max(gaps):.2f}s (median stream {sorted(gaps)[STREAMS // 2]:.2f}s)")
     for index, coop in enumerate(extras):
         assert coop["token_ids"] == reference(QUESTIONS[index % len(QUESTIONS)], MAX_TOKENS)
         assert coop["route"][0]["failovers"] == 0  # a planned move, not a failure

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,11 +18,20 @@ from coop.model.engine import SpanEngine
 from coop.node.client import node_control
 from coop.node.drain import ServingState, state_of
 from coop.node.serving_hours import parse_serving_hours, within
-from coop.swarm.announcement import DRAINING, PAUSED, SERVING, NodeAnnouncement
+from coop.swarm.announcement import (
+    DRAINING,
+    PAUSED,
+    SERVING,
+    AnnouncementVerifier,
+    NodeAnnouncement,
+    announcement_payload,
+    stamp_announcement,
+)
 from coop.swarm.routing import choose_route
 from coop.wire.generated import coop_pb2 as pb
 from coop.wire.generated import coop_pb2_grpc
 from tests.node_harness import NodeInThread, channel, open_session, refused_open, step
+from tests.pools import make_member_pool
 
 NINE_TO_FIVE = parse_serving_hours("09:00-17:00")
 OVERNIGHT = parse_serving_hours("22:00-06:30")
@@ -111,6 +121,24 @@ def test_routes_skip_paused_and_draining_nodes() -> None:
     assert NodeAnnouncement.from_wire({**staying.to_wire(), "state": PAUSED}).state == PAUSED
     with pytest.raises(InvalidInput):
         NodeAnnouncement.from_wire({**staying.to_wire(), "state": "asleep"})
+
+
+def test_the_state_is_signed_and_a_serving_record_signs_as_before_it_existed(tmp_path: Path) -> None:
+    members = make_member_pool(tmp_path, members=("alpha",))
+    alpha = members["alpha"]
+    fields = _announced("node-a", 0, 4).to_wire()
+    fields = {k: v for k, v in fields.items() if k not in ("announced_at", "expires_at", "signature", "certificate")}
+    fields.update(pool_id=members.pool_id, institution="alpha")
+    verify = AnnouncementVerifier(alpha.ca_cert_pem, members.pool_id)
+    credentials = alpha.credentials("node-a")
+
+    paused = stamp_announcement({**fields, "state": PAUSED}, now=time.time(), ttl_s=9, bundle=credentials)
+    assert verify(paused)
+    assert not verify(paused.model_copy(update={"state": SERVING}))  # only the node can put itself back in routes
+    serving = stamp_announcement({**fields, "state": SERVING}, now=time.time(), ttl_s=9, bundle=credentials)
+    as_before = NodeAnnouncement.from_wire({k: v for k, v in serving.to_wire().items() if k != "state"})
+    assert verify(serving) and verify(as_before)
+    assert b"state" not in announcement_payload(serving)
 
 
 @pytest.fixture(scope="module")
