@@ -151,6 +151,7 @@ async def run_node(settings: NodeSettings, measure: Measure = measure_throughput
     background: set[asyncio.Task[None]] = set()
     announcing: set[asyncio.Task[None]] = set()  # awaited, not cancelled: none may land after the withdrawal
     control_socket = settings.control_socket or control_socket_path(node_id)
+    listening_on_socket = False
     try:
         span = parse_blocks(settings.blocks, manifest.num_blocks)
         if span is None:  # --blocks auto: the least-served window, as the swarm shows it once joined
@@ -183,6 +184,7 @@ async def run_node(settings: NodeSettings, measure: Measure = measure_throughput
         port = membership.add_port(server, f"{settings.host}:{settings.port}")
         prepare_control_socket(control_socket)
         server.add_insecure_port(f"unix:{control_socket}")
+        listening_on_socket = True
         await server.start()
         endpoint = settings.public_endpoint or f"{settings.announce_host or settings.host}:{port}"
         metrics_url = None
@@ -246,7 +248,8 @@ async def run_node(settings: NodeSettings, measure: Measure = measure_throughput
             await service.close()
         if outbox is not None:
             outbox.close()
-        control_socket.unlink(missing_ok=True)
+        if listening_on_socket:
+            control_socket.unlink(missing_ok=True)
         if not joined.done():
             joined.cancel()
         await asyncio.to_thread(directory.shutdown)
@@ -289,7 +292,11 @@ def _spawn(tasks: set[asyncio.Task[None]], work: Awaitable[object], then: Callab
     """Run `work` in the background, keeping a reference to it; call `then` when it returns."""
 
     async def run() -> None:
-        await work
+        try:
+            await work
+        except Exception:  # e.g. an announcement the DHT did not take: the periodic one follows
+            log.exception("background work of the node failed")
+            return
         if then is not None:
             then()
 
