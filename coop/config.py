@@ -57,6 +57,12 @@ class NodeSettings(BaseSettings):
     # Unauthenticated, like every Prometheus exporter: keep metrics_host on a private interface.
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
+    # a draining node (SIGTERM, `coop node drain`) exits once its sessions moved, or after this long at most
+    drain_deadline_s: float = Field(default=60.0, ge=0)
+    # "HH:MM-HH:MM", local time (may wrap past midnight): outside these hours the node is paused; "" = always
+    serving_hours: str = ""
+    # the unix socket the node's owner controls it through on its machine (default: control_socket_path)
+    control_socket: Path | None = None
 
     # -- limits: what one peer can make this node hold (README, "Limits"; `coop node status`) --
     # bytes of KV cache all sessions together may reserve (each reserves max_length tokens' worth)

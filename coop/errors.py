@@ -12,6 +12,7 @@
     │   ├── SessionExists
     │   ├── SessionLimitExceeded   a step beyond the length the session was opened with
     │   │   └── InFlightLimitExceeded  too many steps (or bytes of steps) held for a peer or session
+    │   ├── NodeDraining           the node is draining or paused: it opens no new session
     │   ├── CacheBudgetExceeded    not enough KV-cache budget left on this engine
     │   │   └── PeerCacheLimitExceeded  one peer's share of a node's KV-cache budget is spent
     │   └── ReplayUnavailable      (SDK) a failed session cannot be rebuilt: earlier tokens unknown
@@ -83,6 +84,10 @@ class SessionExists(SessionError):
 
 class SessionLimitExceeded(SessionError):
     pass
+
+
+class NodeDraining(SessionError):
+    """A node that is draining or paused refuses to open a session; the coordinator routes around it."""
 
 
 class CacheBudgetExceeded(SessionError):
@@ -193,6 +198,7 @@ _RETRYABLE_CODES = frozenset(
     {
         # 503: capacity
         "capacity_exceeded",
+        "node_draining",
         "receipt_pending",
         "route_unavailable",
         "session_limit_exceeded",

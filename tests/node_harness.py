@@ -37,8 +37,11 @@ def node_limits(**overrides: Any) -> NodeLimits:
 class NodeInThread:
     """A real gRPC server around a NodeService, on its own event loop in a thread."""
 
-    def __init__(self, engine: SpanEngine, **limits: Any) -> None:
+    def __init__(self, engine: SpanEngine, control_socket: Path | None = None, **limits: Any) -> None:
+        """`control_socket`: also serve on this unix socket, as `coop node start` does for its owner."""
         self.engine = engine
+        self.control_socket = control_socket
+        self.service: NodeService | None = None
         self.limits = node_limits(**limits)
         self.port = 0
         self._ready = threading.Event()
@@ -53,10 +56,12 @@ class NodeInThread:
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        service = NodeService(self.engine, node_id=NODE_ID, throughput_tps=1.0, limits=self.limits)
+        service = self.service = NodeService(self.engine, node_id=NODE_ID, throughput_tps=1.0, limits=self.limits)
         server = grpc.aio.server(options=GRPC_OPTIONS)
         coop_pb2_grpc.add_NodeServicer_to_server(service, server)
         self.port = server.add_insecure_port("127.0.0.1:0")
+        if self.control_socket is not None:
+            server.add_insecure_port(f"unix:{self.control_socket}")
         await server.start()
         self._ready.set()
         await self._stop.wait()

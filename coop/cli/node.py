@@ -1,4 +1,5 @@
-"""`coop node start|status` and `coop dht start`: the processes that serve blocks and hold the DHT."""
+"""`coop node start|status|drain|pause|resume` and `coop dht start`: the processes that serve blocks and
+hold the DHT, and what their owners do to them."""
 
 from __future__ import annotations
 
@@ -76,9 +77,19 @@ def node_start(
         str | None,
         typer.Option("--metrics-host", help="address /metrics listens on (default 127.0.0.1; no authentication)"),
     ] = None,
+    drain_deadline_s: Annotated[
+        float,
+        typer.Option("--drain-deadline-s", help="on SIGTERM or `coop node drain`: exit after this long at most"),
+    ] = 60.0,
+    serving_hours: Annotated[
+        str,
+        typer.Option(
+            "--serving-hours", envvar="COOP_NODE_SERVING_HOURS", help="HH:MM-HH:MM local time; paused outside"
+        ),
+    ] = "",
     log_format: LogFormatOption = LogFormat.text,
 ) -> None:
-    """Serve a span of blocks to the pool until SIGTERM or Ctrl-C."""
+    """Serve a span of blocks to the pool until SIGTERM or Ctrl-C (the first drains, a second stops at once)."""
     configure_logging(log_format)
     from coop.config import NodeSettings
     from coop.node.daemon import run_node
@@ -101,6 +112,8 @@ def node_start(
         cache_budget_bytes=cache_budget_mb << 20,
         member_bundle=member,
         outbox_path=outbox,
+        drain_deadline_s=drain_deadline_s,
+        serving_hours=serving_hours,
         **metrics,
     )
     asyncio.run(run_node(settings))
@@ -130,11 +143,83 @@ def node_status(
     console.print(table)
 
 
+EndpointArgument = Annotated[
+    str, typer.Argument(help="in a pool: host:port of the node's gRPC server; without a bundle: unused")
+]
+ControlNodeIdOption = Annotated[str, typer.Option("--node-id", help="the node's id")]
+OwnedInstitutionOption = Annotated[
+    str, typer.Option("--institution", help="in a pool: the node's institution (default: the bundle's)")
+]
+SocketOption = Annotated[
+    Path | None,
+    typer.Option("--socket", help="the node's control socket (default: the one `coop node start` made for --node-id)"),
+]
+
+
+@node_app.command("drain")
+def node_drain(
+    node_id: ControlNodeIdOption,
+    endpoint: EndpointArgument = "",
+    member: MemberOption = None,
+    institution: OwnedInstitutionOption = "",
+    socket: SocketOption = None,
+) -> None:
+    """Drain your node: it takes no new session, its sessions move to other routes, then it exits."""
+    _control("DRAIN", endpoint, member, node_id, institution, socket)
+
+
+@node_app.command("pause")
+def node_pause(
+    node_id: ControlNodeIdOption,
+    endpoint: EndpointArgument = "",
+    member: MemberOption = None,
+    institution: OwnedInstitutionOption = "",
+    socket: SocketOption = None,
+) -> None:
+    """Pause your node: as drain, but it stays up, announced as paused, until `coop node resume`."""
+    _control("PAUSE", endpoint, member, node_id, institution, socket)
+
+
+@node_app.command("resume")
+def node_resume(
+    node_id: ControlNodeIdOption,
+    endpoint: EndpointArgument = "",
+    member: MemberOption = None,
+    institution: OwnedInstitutionOption = "",
+    socket: SocketOption = None,
+) -> None:
+    """Resume a paused node (outside its serving hours it stays paused)."""
+    _control("RESUME", endpoint, member, node_id, institution, socket)
+
+
+def _control(
+    action: str, endpoint: str, member: Path | None, node_id: str, institution: str, socket: Path | None
+) -> None:
+    """In a pool: over TLS, as a node certificate of the bundle's institution; else on the control socket."""
+    from coop.node.client import node_control
+    from coop.node.drain import control_socket_path
+    from coop.pool.membership import Membership
+    from coop.wire.generated import coop_pb2 as pb
+
+    code = pb.ControlRequest.Action.Value(action)
+    if member is None:
+        reply = node_control(f"unix:{socket or control_socket_path(node_id)}", code)
+    else:
+        if not endpoint:
+            raise typer.BadParameter("in a pool, give the node's host:port (see `coop swarm status`)")
+        membership = Membership.load(member, node_id=f"owner-{uuid.uuid4().hex[:8]}")
+        security = membership.channel_security()
+        owner = institution or membership.institution
+        reply = node_control(endpoint, code, security, institution=owner, node_id=node_id)
+    console.print(f"node {plain(node_id)}: {reply.state}, {reply.active_sessions} sessions open")
+
+
 def status_rows(info: pb.NodeInfo) -> list[tuple[str, str]]:
     """What `coop node status` shows: the span, the load, and every limit with the times it was hit."""
     limits = info.limits
     limited = ", ".join(f"{name} {count}" for name, count in sorted(info.counters.limited.items())) or "none"
     return [
+        ("state", info.state or "serving"),
         ("blocks", f"{info.start}:{info.end}"),
         ("model hash", info.model_hash[:16]),
         ("throughput", f"{info.throughput_tps:.1f} tokens/s"),

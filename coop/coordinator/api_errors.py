@@ -44,6 +44,7 @@ ERROR_TABLE: dict[type[BaseException], tuple[int, str, str]] = {
     # capacity, not a bug: the same request can succeed once other sessions finish
     errors.SessionLimitExceeded: (503, _UNAVAILABLE, "session_limit_exceeded"),
     errors.CacheBudgetExceeded: (503, _UNAVAILABLE, "capacity_exceeded"),
+    errors.NodeDraining: (503, _UNAVAILABLE, "node_draining"),  # a node leaving: another route will serve
     errors.RouteUnavailable: (503, _UNAVAILABLE, "route_unavailable"),
     errors.PeerError: (502, _SERVER, "peer_error"),
     # the request itself

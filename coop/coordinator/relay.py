@@ -165,12 +165,14 @@ class ChainRelay:
             hidden, ids = self._parse_step(session, body)
             start, n = session.position, hidden.shape[1]
             known = session.token_ids + (ids if ids is not None else [0] * n)
-            failovers = session.chain.failovers
+            failovers, hops = session.chain.failovers, session.chain.hops
             try:
                 output = await session.chain.step(hidden, start, known)
-                if session.chain.failovers > failovers and session.missing_from is not None:
+                # a new route (a failover, or a planned move off a draining node) replayed the tokens
+                moved = session.chain.failovers > failovers or session.chain.hops is not hops
+                if moved and session.missing_from is not None:
                     raise ReplayUnavailable(
-                        f"a node failed at position {start} and the session moved to a new route, but the step "
+                        f"the session moved to a new route at position {start} (a node failed or left), but the step "
                         f"at position {session.missing_from} was sent without token_ids, so the tokens replayed "
                         "there are unknown; pass token_ids with every step, or open a new session"
                     )

@@ -7,7 +7,10 @@ Start-up is ordered for the time to serving, never at the cost of serving early:
    conservative throughput estimate (`estimate_throughput`): a node is never routed to before it
    can serve, and never oversells itself.
 3. The real throughput is measured in the background and announced when known.
-On SIGTERM/SIGINT it withdraws its announcement first, then drains in-flight calls.
+On SIGTERM/SIGINT (or `coop node drain`) it drains (coop/node/drain.py): it opens no new session,
+announces that it is draining, and waits until its coordinators moved or finished every session,
+or until the drain deadline; then it withdraws its announcement and stops. A second signal stops
+it at once.
 
 The engine and service modules (which import transformers) are imported only in `run_node`,
 after the fork, so that the import overlaps the DHT's join; this module imports only what the
@@ -17,13 +20,14 @@ DHT needs.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import importlib
 import json
 import logging
 import signal
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,12 +37,14 @@ import torch
 from coop.config import NodeSettings
 from coop.errors import InvalidInput
 from coop.model.manifest import Manifest
+from coop.node.drain import ServingState, control_socket_path, prepare_control_socket
 from coop.node.limits import NodeLimits
 from coop.node.metering import ReceiptWriter
 from coop.node.metrics import NodeMetrics
 from coop.node.outbox import Outbox
+from coop.node.serving_hours import parse_serving_hours
 from coop.pool.membership import Membership
-from coop.swarm.announcement import announcement_validator
+from coop.swarm.announcement import DRAINING, announcement_validator
 from coop.swarm.directory import Announcer, SwarmDirectory
 from coop.swarm.revocations import RevocationWatcher
 from coop.swarm.routing import choose_span, coverage_of
@@ -122,7 +128,11 @@ async def run_node(settings: NodeSettings, measure: Measure | None = None) -> No
     """Serve until SIGTERM/SIGINT (or cancellation). `measure`: how the background measurement runs
     (default `measure_throughput`, looked up when the node starts)."""
     measure = measure or measure_throughput
+    hours = parse_serving_hours(settings.serving_hours) if settings.serving_hours else None
     manifest = Manifest.load(settings.model_dir)
+    serving = ServingState(drain_deadline_s=settings.drain_deadline_s, hours=hours)
+    if hours is not None:
+        serving.apply_hours(datetime.datetime.now().time())
     node_id = settings.node_id or f"node-{uuid.uuid4().hex[:12]}"
     membership = Membership.load(
         settings.member_bundle, node_id=node_id, institution=settings.institution, pool_id=settings.pool_id
@@ -140,6 +150,10 @@ async def run_node(settings: NodeSettings, measure: Measure | None = None) -> No
     measuring: asyncio.Task[None] | None = None
     outbox: Outbox | None = None
     metrics = NodeMetrics()
+    background: set[asyncio.Task[None]] = set()
+    announcing: set[asyncio.Task[None]] = set()  # awaited, not cancelled: none may land after the withdrawal
+    control_socket = settings.control_socket or control_socket_path(node_id)
+    listening_on_socket = False
     try:
         span = parse_blocks(settings.blocks, manifest.num_blocks)
         if span is None:  # --blocks auto: the least-served window, as the swarm shows it once joined
@@ -164,7 +178,7 @@ async def run_node(settings: NodeSettings, measure: Measure | None = None) -> No
                 batch_tokens=settings.receipt_batch_tokens,
                 batch_s=settings.receipt_batch_s,
             )
-        service = serving = NodeService(
+        service = node_service = NodeService(
             engine,
             node_id=node_id,
             institution=membership.institution,
@@ -174,10 +188,14 @@ async def run_node(settings: NodeSettings, measure: Measure | None = None) -> No
             limits=NodeLimits.from_settings(settings),
             receipts=receipts,
             step_seconds=metrics.step_seconds.observe,
+            serving=serving,
         )
         server = grpc.aio.server(options=GRPC_OPTIONS)
         coop_pb2_grpc.add_NodeServicer_to_server(service, server)
         port = membership.add_port(server, f"{settings.host}:{settings.port}")
+        prepare_control_socket(control_socket)
+        server.add_insecure_port(f"unix:{control_socket}")
+        listening_on_socket = True
         await server.start()
         endpoint = settings.public_endpoint or f"{settings.announce_host or settings.host}:{port}"
         metrics_url = None
@@ -194,8 +212,9 @@ async def run_node(settings: NodeSettings, measure: Measure | None = None) -> No
                 "end": end,
                 "endpoint": endpoint,
                 "institution": membership.institution,
-                "throughput_tps": serving.throughput_tps,
+                "throughput_tps": node_service.throughput_tps,
                 "free_cache_bytes": engine.free_cache_bytes,
+                "state": serving.state,
             }
 
         announcer = Announcer(directory, describe, ttl_s=settings.announce_ttl_s, bundle=membership.credentials)
@@ -212,13 +231,22 @@ async def run_node(settings: NodeSettings, measure: Measure | None = None) -> No
             "institution": membership.institution,
             "tls": membership.secure,
             "metrics_url": metrics_url,
+            "control_socket": str(control_socket),
+            "state": serving.state,
         }
-        stop = _stop_on_signal()
+        stop = _drain_on_signal(serving)
+        serving.listeners.append(lambda state: _spawn(announcing, asyncio.to_thread(announcer.announce_once)))
+        _spawn(background, serving.wait_drained(lambda: node_service.session_count), then=stop.set)
+        if hours is not None:
+            _spawn(background, serving.follow_hours())
         print(f"{READY_MARKER} {json.dumps(ready)}", flush=True)
         measuring = asyncio.create_task(_measure_and_announce(engine, service, announcer, measure))
         await stop.wait()
         log.info("shutting down: withdrawing announcement, draining calls …")
     finally:
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*announcing, return_exceptions=True)
         if measuring is not None:
             measuring.cancel()
         watcher.stop()
@@ -231,6 +259,8 @@ async def run_node(settings: NodeSettings, measure: Measure | None = None) -> No
             await service.close()
         if outbox is not None:
             outbox.close()
+        if listening_on_socket:
+            control_socket.unlink(missing_ok=True)
         if not joined.done():
             joined.cancel()
         await asyncio.to_thread(directory.shutdown)
@@ -267,6 +297,40 @@ async def _measure_and_announce(
     service.throughput_tps = throughput
     await asyncio.to_thread(announcer.announce_once)
     print(f"{MEASURED_MARKER} {json.dumps({'throughput_tps': round(throughput, 2)})}", flush=True)
+
+
+def _spawn(tasks: set[asyncio.Task[None]], work: Awaitable[object], then: Callable[[], None] | None = None) -> None:
+    """Run `work` in the background, keeping a reference to it; call `then` when it returns."""
+
+    async def run() -> None:
+        try:
+            await work
+        except Exception:  # e.g. an announcement the DHT did not take: the periodic one follows
+            log.exception("background work of the node failed")
+            return
+        if then is not None:
+            then()
+
+    task = asyncio.get_running_loop().create_task(run())
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+
+
+def _drain_on_signal(serving: ServingState) -> asyncio.Event:
+    """The first SIGTERM or SIGINT drains the node; a second one sets the returned event: stop now.
+    Installed before readiness is announced, for the same reason as `_stop_on_signal`."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def signalled() -> None:
+        if serving.state == DRAINING:
+            stop.set()
+        else:
+            serving.drain()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, signalled)
+    return stop
 
 
 def _stop_on_signal() -> asyncio.Event:

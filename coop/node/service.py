@@ -35,6 +35,7 @@ from coop.errors import (
     DialBackThrottled,
     InFlightLimitExceeded,
     InvalidInput,
+    NodeDraining,
     PeerError,
     SessionDropped,
     SessionLimitExceeded,
@@ -45,6 +46,7 @@ from coop.errors import (
 from coop.model.engine import SpanEngine
 from coop.node.batching import StepBatcher
 from coop.node.dial_back import DialBacks
+from coop.node.drain import ServingState, check_owner
 from coop.node.limits import NodeLimits, PeerBudgets
 from coop.node.metering import ReceiptWriter, SessionMeter
 from coop.node.sessions import LiveSession, held_bytes
@@ -87,12 +89,14 @@ class NodeService(coop_pb2_grpc.NodeServicer):
         authorize: Callable[[grpc.aio.ServicerContext], Identity | None] | None = None,
         receipts: ReceiptWriter | None = None,
         step_seconds: Callable[[float], None] | None = None,
+        serving: ServingState | None = None,
     ) -> None:
         """`limits`: what one peer may make this node hold. `security`: how to reach the next hop.
         `authorize`: vets every caller (raises Unauthorized) and names it; None means development
         mode, where nobody is checked. `receipts`: signs a receipt for every batch of every session
         into the outbox (None in development mode). `step_seconds`: told how long each step took from its
-        acceptance to its output (the node's latency histogram)."""
+        acceptance to its output (the node's latency histogram). `serving`: whether the node takes
+        new sessions (coop/node/drain.py); its owner changes it through `Control`."""
         self.engine = engine
         self.node_id = node_id
         self.institution = institution
@@ -110,6 +114,8 @@ class NodeService(coop_pb2_grpc.NodeServicer):
         self._dial_backs = DialBacks(security or ChannelSecurity())
         self._tasks: set[asyncio.Task[None]] = set()
         self._reaper: asyncio.Task[None] | None = None
+        self.serving = serving or ServingState(drain_deadline_s=0.0)
+        self.serving.listeners.append(self._state_changed)
 
     async def close(self) -> None:
         for task in [*self._tasks, *([self._reaper] if self._reaper else [])]:
@@ -149,6 +155,7 @@ class NodeService(coop_pb2_grpc.NodeServicer):
             in_flight_bytes=self._budgets.bytes_in_flight,
             queued_steps=self._batcher.queued,
             open_channels=len(self._channels),
+            state=self.serving.state,
             limits=pb.NodeInfo.Limits(
                 cache_budget_bytes=self.engine.cache_budget_bytes,
                 cache_bytes_per_peer=self._budgets.cache_bytes_per_peer,
@@ -175,6 +182,36 @@ class NodeService(coop_pb2_grpc.NodeServicer):
         except CoopError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         raise AssertionError("context.abort always raises")
+
+    # -- Control (the owner's drain, pause, resume; coop/node/drain.py) -----------------------
+
+    async def Control(self, request: pb.ControlRequest, context: grpc.aio.ServicerContext) -> pb.ControlReply:
+        try:
+            check_owner(context, lambda: self._authorize(context), self.institution)
+        except CoopError as exc:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        actions = {
+            pb.ControlRequest.DRAIN: self.serving.drain,
+            pb.ControlRequest.PAUSE: self.serving.pause,
+            pb.ControlRequest.RESUME: self.serving.resume,
+        }
+        if request.action not in actions:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "action must be DRAIN, PAUSE or RESUME")
+        actions[request.action]()
+        return pb.ControlReply(state=self.serving.state, active_sessions=self.session_count)
+
+    @property
+    def session_count(self) -> int:
+        return len(self._sessions)
+
+    def _state_changed(self, state: str) -> None:
+        """Leaving the serving state: ask the coordinator of every open session to move it elsewhere."""
+        if self.serving.accepting:
+            return
+        deadline_s = self.serving.deadline_left_s()
+        for live in self._sessions.values():
+            draining = pb.SessionEvent.Draining(session_id=live.session_id, deadline_s=deadline_s)
+            live.events.put_nowait(pb.SessionEvent(draining=draining))  # held by no budget: one small event
 
     # -- Session ----------------------------------------------------------------------------
 
@@ -221,6 +258,8 @@ class NodeService(coop_pb2_grpc.NodeServicer):
             raise Unauthorized(f"this is node {self.node_id!r}, not {request.node_id!r}: check the directory")
         if not _SESSION_ID.match(request.session_id):
             raise InvalidInput("session_id must be 1-128 characters of [A-Za-z0-9_.:-]")
+        if not self.serving.accepting:
+            raise NodeDraining(f"node {self.node_id} is {self.serving.state} and opens no new session: route around it")
         if request.session_id in self._sessions:
             raise InvalidInput(f"session {request.session_id} is already open on this node")
         if request.sketch_seed:

@@ -8,6 +8,12 @@ route without it, replays the session's tokens through it to rebuild every cache
 the caller sees a pause, and greedy decoding gives the same tokens. (After multi-token steps only
 the tokens the caller kept are replayed: `start_position` of the step that failed.)
 
+A hop that is leaving (draining or paused: it says so on its session stream, or its announcement
+does) is moved off the same way, as a planned move: at the next step boundary the chain opens a
+route without it, closes the old one and replays, with no error, no failover counted and nobody
+suspected. If no other route serves the blocks yet, the session stays and the chain looks again
+every `MOVE_RETRY_S` (the node keeps serving it up to its drain deadline).
+
 What a node reports, or sends that fails validation, is the node's fault, never the caller's: it
 leaves the chain as a `PeerError` whose `remote_type` names the node's error (a node's
 `InvalidTensor` must not become the HTTP client's 400).
@@ -27,7 +33,7 @@ import grpc
 import torch
 
 from coop.config import CoordinatorSettings
-from coop.errors import CoopError, InvalidTensor, PeerError, UnknownSession
+from coop.errors import CoopError, InvalidTensor, PeerError, RouteUnavailable, UnknownSession
 from coop.pipeline.charge import UNMETERED, Charge
 from coop.receipts import TokenTally
 from coop.swarm.routing import Hop
@@ -42,16 +48,19 @@ log = logging.getLogger(__name__)
 
 OPEN_TIMEOUT_S = 10.0
 PROBE_TIMEOUT_S = 1.0
+MOVE_RETRY_S = 2.0  # how often a session on a leaving node looks for another route when none was found
 MAX_QUEUED_EVENTS: int = CoordinatorSettings.model_fields["max_queued_events_per_session"].default
 
 
 class _HopsFailed(Exception):
-    """Nodes this chain must route around; `suspect` also warns the swarm view (they look dead)."""
+    """Nodes this chain must route around; `suspect` also warns the swarm view (they look dead);
+    `leaving`: they only refused the session because they are draining or paused."""
 
-    def __init__(self, node_ids: set[str], reason: str, *, suspect: bool = True) -> None:
+    def __init__(self, node_ids: set[str], reason: str, *, suspect: bool = True, leaving: bool = False) -> None:
         super().__init__(reason)
         self.node_ids = node_ids
         self.suspect = suspect
+        self.leaving = leaving
 
 
 @dataclass(frozen=True)
@@ -110,6 +119,9 @@ class RemoteChain:
         self.session_id = ""
         self.hops: list[Hop] = []
         self.failovers = 0
+        self.moves = 0  # planned moves off leaving nodes (not failures)
+        self._leaving: set[int] = set()  # hops of the current route that said they are leaving
+        self._next_move_s = 0.0
         self.draft_tokens = draft_tokens
         self._stepped = 0  # positions the current route's caches hold, rejected drafts included
         self._streams: list[_Stream] = []
@@ -117,6 +129,9 @@ class RemoteChain:
         self._events: asyncio.Queue[tuple[int, pb.SessionEvent | None]] = asyncio.Queue(max_queued_events)
         self._step_id = 0
         self._excluded: set[str] = set()
+        # refused an open as draining or paused: avoided when routing, but a planned move trusts the
+        # swarm view instead, which sees a resumed node serve again
+        self._refusing: set[str] = set()
         self.charge = charge
         self._sent = TokenTally()  # sent to the current route, which every hop of it computes
         self._sign_route = sign_route
@@ -137,8 +152,12 @@ class RemoteChain:
                 await self._abandon(exc)
         raise PeerError(f"could not open a session on any route after {self.max_failovers + 1} attempts")
 
-    async def _open_route(self) -> None:
-        self.hops = self._reserved = await self.swarm.route(exclude=self._excluded)
+    async def _open_route(self, hops: list[Hop] | None = None) -> None:
+        """Open the session on `hops`, or on the best route the swarm view has now."""
+        if hops is None:
+            hops = await self.swarm.route(exclude=self._excluded | self._refusing)
+        self.hops = self._reserved = hops
+        self._leaving = set()
         self.session_id = uuid.uuid4().hex
         self.sketch_seed = secrets.randbits(63) | 1 if self.sketch_dims else 0
         self._route = encode_route(self.session_id, self.hops)
@@ -153,8 +172,11 @@ class RemoteChain:
         )
         failed = {hop.node_id for hop, s in zip(self.hops, opened, strict=True) if not isinstance(s, _Stream)}
         if failed:
-            errors = "; ".join(str(s) for s in opened if not isinstance(s, _Stream))
-            raise _HopsFailed(failed, f"could not open the session: {errors}")
+            refusals = [s for s in opened if not isinstance(s, _Stream)]
+            errors = "; ".join(str(s) for s in refusals)
+            # a draining or paused node is alive and well: route around it, but do not suspect it
+            leaving = all(getattr(s, "remote_type", None) == "NodeDraining" for s in refusals)
+            raise _HopsFailed(failed, f"could not open the session: {errors}", suspect=not leaving, leaving=leaving)
 
     async def _open_stream(
         self, index: int, hop: Hop, events: asyncio.Queue[tuple[int, pb.SessionEvent | None]]
@@ -181,17 +203,24 @@ class RemoteChain:
             error = error_from_proto(first.failed.error) if isinstance(first, pb.SessionEvent) else None
             remote_type = type(error).__name__ if error is not None else None
             raise PeerError(f"node {hop.node_id} refused the session: {error}", remote_type=remote_type) from error
-        stream = _Stream(hop, call, asyncio.create_task(self._read_events(index, call, events)))
+        stream = _Stream(hop, call, asyncio.create_task(self._read_events(index, call, events, self._leaving)))
         self._streams.append(stream)
         return stream
 
     @staticmethod
     async def _read_events(
-        index: int, call: grpc.aio.StreamStreamCall, events: asyncio.Queue[tuple[int, pb.SessionEvent | None]]
+        index: int,
+        call: grpc.aio.StreamStreamCall,
+        events: asyncio.Queue[tuple[int, pb.SessionEvent | None]],
+        leaving: set[int],
     ) -> None:
-        """Forward a hop's events into the queue of the route it belongs to (never a later route's)."""
+        """Forward a hop's events into the queue of the route it belongs to (never a later route's);
+        note in that route's `leaving` that the hop is leaving."""
         try:
             while (event := await call.read()) is not grpc.aio.EOF:
+                if isinstance(event, pb.SessionEvent) and event.WhichOneof("kind") == "draining":
+                    leaving.add(index)
+                    continue
                 await events.put((index, event))  # waits while the queue is full
         except grpc.aio.AioRpcError:
             pass
@@ -202,9 +231,11 @@ class RemoteChain:
         await events.put((index, None))  # the stream is gone: the node died or dropped us
 
     async def step(self, hidden: torch.Tensor, start_position: int, token_ids: Sequence[int]) -> torch.Tensor:
-        fresh_route, self._replay = self._replay, False  # a new route's caches are empty: replay first
+        # after a failover, a move or a spot check's reroute the new route's caches are empty: replay first
+        fresh_route, self._replay = self._replay, False
         while True:
             try:
+                fresh_route = await self._move_if_leaving() or fresh_route
                 if fresh_route and start_position > 0:
                     # Rebuild every cache on the new route from the session's tokens so far.
                     prefix = self.embed(torch.tensor([list(token_ids[:start_position])]))
@@ -220,6 +251,25 @@ class RemoteChain:
         the next step replays the session's tokens on it."""
         await self._fail_over(_HopsFailed(node_ids, reason, suspect=False))
         self._replay = True
+
+    async def _move_if_leaving(self) -> bool:
+        """Move the session off hops that are leaving, if another route serves it; whether it moved."""
+        on_route = {hop.node_id for hop in self.hops}
+        leaving = {self.hops[i].node_id for i in self._leaving} | (self.swarm.leaving() & on_route)
+        now = asyncio.get_running_loop().time()
+        if not leaving or now < self._next_move_s:
+            return False
+        try:
+            hops = await self.swarm.route(exclude=self._excluded | leaving)
+        except RouteUnavailable as exc:
+            self._next_move_s = now + MOVE_RETRY_S
+            log.warning("nodes %s are leaving, but no other route can take the session yet: %s", sorted(leaving), exc)
+            return False
+        await self._close_streams()
+        self.moves += 1
+        await self._open_route(hops)  # a failure here is handled as any failed open: a failover
+        log.info("moved off leaving nodes %s: new route %s", sorted(leaving), [h.node_id for h in self.hops])
+        return True
 
     async def _fail_over(self, failure: _HopsFailed) -> None:
         """Route around the failed hops; give up after max_failovers."""
@@ -325,7 +375,7 @@ class RemoteChain:
 
     async def _abandon(self, failure: _HopsFailed) -> None:
         for node_id in failure.node_ids:
-            self._excluded.add(node_id)
+            (self._refusing if failure.leaving else self._excluded).add(node_id)
             if failure.suspect:
                 self.swarm.suspect(node_id)
         await self._close_streams()

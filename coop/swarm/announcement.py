@@ -15,7 +15,7 @@ import json
 import logging
 import re
 from collections.abc import Callable, Collection, Mapping
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Any, Final, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
@@ -34,6 +34,12 @@ _ID = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:-]{1,128}$")]
 _HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
 _NON_NEGATIVE_FLOAT = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
 _TIMESTAMP = Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
+
+# Whether a node takes new sessions (coop/node/drain.py): routes are built from serving nodes only.
+NodeState = Literal["serving", "paused", "draining"]
+SERVING: Final = "serving"
+PAUSED: Final = "paused"
+DRAINING: Final = "draining"
 
 
 def check_endpoint(endpoint: str) -> str:
@@ -72,6 +78,7 @@ class NodeAnnouncement(BaseModel):
     institution: Annotated[str, StringConstraints(min_length=1, max_length=256)]
     throughput_tps: _NON_NEGATIVE_FLOAT
     free_cache_bytes: Annotated[int, Field(ge=0, le=2**63 - 1)]
+    state: NodeState = SERVING
     announced_at: _TIMESTAMP
     expires_at: _TIMESTAMP
     signature: Annotated[bytes, Field(max_length=8192)] = b""
@@ -113,17 +120,24 @@ class NodeAnnouncement(BaseModel):
             raise InvalidInput(f"malformed node announcement: {type(exc).__name__}") from exc
 
 
+_ADDED_FIELDS = frozenset({"state"})
+
+
 def _payload(
     fields: Mapping[str, Any], model: type[BaseModel] = NodeAnnouncement, domain: bytes = _ANNOUNCEMENT_DOMAIN
 ) -> bytes:
     """Canonical bytes of every field of model but the signature (certificate included, so it is bound too).
 
     JSON with sorted keys; bytes as base64; float fields always as floats, so an int that a peer's
-    msgpack round trip keeps as an int cannot change the encoding.
+    msgpack round trip keeps as an int cannot change the encoding. A field added later (`_ADDED_FIELDS`)
+    is covered only when it differs from its default: a serving node's record signs the same bytes as
+    before the field existed, so nodes and readers of both versions still check each other's records.
     """
     doc: dict[str, Any] = {}
     for name, info in model.model_fields.items():
         if name == "signature":
+            continue
+        if name in _ADDED_FIELDS and fields.get(name, info.default) == info.default:
             continue
         value = fields[name]
         if isinstance(value, bytes):
@@ -158,7 +172,7 @@ def stamp_announcement(
     """The one place a record is made: fields, announced now for ttl_s, signed with bundle when given.
 
     `fields` are the node's own (node_id, pool_id, model_hash, start, end, endpoint, institution,
-    throughput_tps, free_cache_bytes); times, certificate and signature are set here.
+    throughput_tps, free_cache_bytes, and state unless serving); times, certificate and signature are set here.
     """
     doc = {**fields, "announced_at": now, "expires_at": now + ttl_s, "certificate": b"", "signature": b""}
     return NodeAnnouncement.model_validate(doc if bundle is None else _signed_fields(bundle, doc))

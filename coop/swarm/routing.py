@@ -5,6 +5,8 @@ shortest path over block boundaries (Dijkstra): a node serving [s, e) offers an 
 boundary a to every boundary b with s <= a < b <= e, costing one network round trip plus the
 node's per-block time for b - a blocks, inflated by the sessions it already runs for us.
 
+Only serving nodes are routed to: a paused or draining one (coop/node/drain.py) takes no new session.
+
 A node's per-block time is what we measured of it (`coop.swarm.measurements`). Its announced
 throughput is only a prior for a node never measured, and a capped one: no node is believed
 faster than the fastest node measured (before any measurement, than the median claim), so a
@@ -18,7 +20,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from coop.errors import RouteUnavailable
-from coop.swarm.announcement import NodeAnnouncement
+from coop.swarm.announcement import SERVING, NodeAnnouncement
 from coop.swarm.measurements import Measured
 
 DEFAULT_RTT_S = 0.002  # for a node never pinged
@@ -94,7 +96,10 @@ def choose_route(
     """
     measured = measured or {}
     load = load or {}
-    usable = sorted((n for n in nodes if n.node_id not in exclude and n.end <= num_blocks), key=lambda n: n.node_id)
+    usable = sorted(
+        (n for n in nodes if n.node_id not in exclude and n.end <= num_blocks and n.state == SERVING),
+        key=lambda n: n.node_id,
+    )
     gaps = missing_blocks(usable, num_blocks)
     if gaps:
         raise RouteUnavailable(gaps, num_blocks)

@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 
 from coop.errors import CoopError, RouteUnavailable
-from coop.swarm.announcement import NodeAnnouncement
+from coop.swarm.announcement import SERVING, NodeAnnouncement
 from coop.swarm.directory import SwarmDirectory
 from coop.swarm.measurements import Measurements
 from coop.swarm.routing import Hop, choose_route, expected_block_s
@@ -121,6 +121,10 @@ class SwarmView:
 
     def suspect(self, node_id: str) -> None:
         self._suspects[node_id] = time.monotonic() + SUSPECT_S
+
+    def leaving(self) -> set[str]:
+        """Nodes announced as draining or paused: their sessions should move to other routes."""
+        return {node.node_id for node in self.nodes if node.state != SERVING}
 
     def live_nodes(self) -> list[NodeAnnouncement]:
         now = time.monotonic()

@@ -15,6 +15,7 @@ from coop.errors import (
     InvalidInput,
     InvalidPositions,
     InvalidTensor,
+    NodeDraining,
     PeerCacheLimitExceeded,
     PeerError,
     SessionDropped,
@@ -43,6 +44,7 @@ CODE_FOR_CLASS: dict[type[CoopError], pb.ErrorCode] = {
     InFlightLimitExceeded: pb.IN_FLIGHT_LIMIT_EXCEEDED,
     SessionDropped: pb.SESSION_DROPPED,
     ContextLengthExceeded: pb.CONTEXT_LENGTH_EXCEEDED,
+    NodeDraining: pb.NODE_DRAINING,
 }
 
 #: Wire code -> exception class. Codes with no class of their own (INTERNAL, ERROR_UNSPECIFIED,

@@ -409,6 +409,9 @@ class _HostileNode:
     def revoked(self) -> frozenset[str]:
         return frozenset()
 
+    def leaving(self) -> set[str]:
+        return set()
+
     # ChannelPool and the node's stub
     def stub(self, endpoint: str, institution: str = "", node_id: str = "") -> _HostileNode:
         return self

@@ -25,6 +25,7 @@ class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     IN_FLIGHT_LIMIT_EXCEEDED: _ClassVar[ErrorCode]
     SESSION_DROPPED: _ClassVar[ErrorCode]
     CONTEXT_LENGTH_EXCEEDED: _ClassVar[ErrorCode]
+    NODE_DRAINING: _ClassVar[ErrorCode]
 ERROR_UNSPECIFIED: ErrorCode
 INVALID_TENSOR: ErrorCode
 INVALID_POSITIONS: ErrorCode
@@ -41,6 +42,7 @@ PEER_CACHE_LIMIT_EXCEEDED: ErrorCode
 IN_FLIGHT_LIMIT_EXCEEDED: ErrorCode
 SESSION_DROPPED: ErrorCode
 CONTEXT_LENGTH_EXCEEDED: ErrorCode
+NODE_DRAINING: ErrorCode
 
 class Tensor(_message.Message):
     __slots__ = ("data", "dtype", "shape")
@@ -87,7 +89,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "model_hash", "start", "end", "throughput_tps", "free_cache_bytes", "active_sessions", "counters", "reserved_cache_bytes", "used_cache_bytes", "steps_in_flight", "in_flight_bytes", "queued_steps", "open_channels", "limits")
+    __slots__ = ("node_id", "model_hash", "start", "end", "throughput_tps", "free_cache_bytes", "active_sessions", "counters", "reserved_cache_bytes", "used_cache_bytes", "steps_in_flight", "in_flight_bytes", "queued_steps", "open_channels", "limits", "state")
     class Counters(_message.Message):
         __slots__ = ("steps_run", "pushes_sent", "results_sent", "limited")
         class LimitedEntry(_message.Message):
@@ -144,6 +146,7 @@ class NodeInfo(_message.Message):
     QUEUED_STEPS_FIELD_NUMBER: _ClassVar[int]
     OPEN_CHANNELS_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     model_hash: str
     start: int
@@ -159,7 +162,8 @@ class NodeInfo(_message.Message):
     queued_steps: int
     open_channels: int
     limits: NodeInfo.Limits
-    def __init__(self, node_id: _Optional[str] = ..., model_hash: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., throughput_tps: _Optional[float] = ..., free_cache_bytes: _Optional[int] = ..., active_sessions: _Optional[int] = ..., counters: _Optional[_Union[NodeInfo.Counters, _Mapping]] = ..., reserved_cache_bytes: _Optional[int] = ..., used_cache_bytes: _Optional[int] = ..., steps_in_flight: _Optional[int] = ..., in_flight_bytes: _Optional[int] = ..., queued_steps: _Optional[int] = ..., open_channels: _Optional[int] = ..., limits: _Optional[_Union[NodeInfo.Limits, _Mapping]] = ...) -> None: ...
+    state: str
+    def __init__(self, node_id: _Optional[str] = ..., model_hash: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., throughput_tps: _Optional[float] = ..., free_cache_bytes: _Optional[int] = ..., active_sessions: _Optional[int] = ..., counters: _Optional[_Union[NodeInfo.Counters, _Mapping]] = ..., reserved_cache_bytes: _Optional[int] = ..., used_cache_bytes: _Optional[int] = ..., steps_in_flight: _Optional[int] = ..., in_flight_bytes: _Optional[int] = ..., queued_steps: _Optional[int] = ..., open_channels: _Optional[int] = ..., limits: _Optional[_Union[NodeInfo.Limits, _Mapping]] = ..., state: _Optional[str] = ...) -> None: ...
 
 class SessionControl(_message.Message):
     __slots__ = ("open", "close")
@@ -192,7 +196,7 @@ class SessionControl(_message.Message):
     def __init__(self, open: _Optional[_Union[SessionControl.Open, _Mapping]] = ..., close: _Optional[_Union[SessionControl.Close, _Mapping]] = ...) -> None: ...
 
 class SessionEvent(_message.Message):
-    __slots__ = ("opened", "result", "failed")
+    __slots__ = ("opened", "result", "failed", "draining")
     class Opened(_message.Message):
         __slots__ = ("session_id", "cache_bytes")
         SESSION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -220,13 +224,22 @@ class SessionEvent(_message.Message):
         step_id: int
         error: Error
         def __init__(self, session_id: _Optional[str] = ..., step_id: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    class Draining(_message.Message):
+        __slots__ = ("session_id", "deadline_s")
+        SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+        DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
+        session_id: str
+        deadline_s: float
+        def __init__(self, session_id: _Optional[str] = ..., deadline_s: _Optional[float] = ...) -> None: ...
     OPENED_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     FAILED_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
     opened: SessionEvent.Opened
     result: SessionEvent.Result
     failed: SessionEvent.Failed
-    def __init__(self, opened: _Optional[_Union[SessionEvent.Opened, _Mapping]] = ..., result: _Optional[_Union[SessionEvent.Result, _Mapping]] = ..., failed: _Optional[_Union[SessionEvent.Failed, _Mapping]] = ...) -> None: ...
+    draining: SessionEvent.Draining
+    def __init__(self, opened: _Optional[_Union[SessionEvent.Opened, _Mapping]] = ..., result: _Optional[_Union[SessionEvent.Result, _Mapping]] = ..., failed: _Optional[_Union[SessionEvent.Failed, _Mapping]] = ..., draining: _Optional[_Union[SessionEvent.Draining, _Mapping]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
     __slots__ = ("session_id", "step_id", "hidden", "start_position", "route", "route_signature", "rewind", "sketches")
@@ -327,3 +340,27 @@ class DialBackReply(_message.Message):
     error: str
     peer_time_unix_s: float
     def __init__(self, reachable: _Optional[bool] = ..., error: _Optional[str] = ..., peer_time_unix_s: _Optional[float] = ...) -> None: ...
+
+class ControlRequest(_message.Message):
+    __slots__ = ("action",)
+    class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        ACTION_UNSPECIFIED: _ClassVar[ControlRequest.Action]
+        DRAIN: _ClassVar[ControlRequest.Action]
+        PAUSE: _ClassVar[ControlRequest.Action]
+        RESUME: _ClassVar[ControlRequest.Action]
+    ACTION_UNSPECIFIED: ControlRequest.Action
+    DRAIN: ControlRequest.Action
+    PAUSE: ControlRequest.Action
+    RESUME: ControlRequest.Action
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    action: ControlRequest.Action
+    def __init__(self, action: _Optional[_Union[ControlRequest.Action, str]] = ...) -> None: ...
+
+class ControlReply(_message.Message):
+    __slots__ = ("state", "active_sessions")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    state: str
+    active_sessions: int
+    def __init__(self, state: _Optional[str] = ..., active_sessions: _Optional[int] = ...) -> None: ...

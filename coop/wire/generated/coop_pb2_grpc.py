@@ -65,6 +65,11 @@ class NodeStub:
                 request_serializer=coop__pb2.DialBackRequest.SerializeToString,
                 response_deserializer=coop__pb2.DialBackReply.FromString,
                 _registered_method=True)
+        self.Control = channel.unary_unary(
+                '/coop.v1.Node/Control',
+                request_serializer=coop__pb2.ControlRequest.SerializeToString,
+                response_deserializer=coop__pb2.ControlReply.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -126,6 +131,16 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Control(self, request, context):
+        """The node's owner drains, pauses or resumes it (`coop node drain|pause|resume`; coop/node/drain.py).
+        Only a certificate of the node's own institution (its member certificate or one of its node
+        certificates) may ask, or, on the node's machine, a caller on its control socket; anyone else
+        gets PERMISSION_DENIED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -158,6 +173,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.DialBack,
                     request_deserializer=coop__pb2.DialBackRequest.FromString,
                     response_serializer=coop__pb2.DialBackReply.SerializeToString,
+            ),
+            'Control': grpc.unary_unary_rpc_method_handler(
+                    servicer.Control,
+                    request_deserializer=coop__pb2.ControlRequest.FromString,
+                    response_serializer=coop__pb2.ControlReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -323,6 +343,33 @@ class Node:
             '/coop.v1.Node/DialBack',
             coop__pb2.DialBackRequest.SerializeToString,
             coop__pb2.DialBackReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Control(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coop.v1.Node/Control',
+            coop__pb2.ControlRequest.SerializeToString,
+            coop__pb2.ControlReply.FromString,
             options,
             channel_credentials,
             insecure,
