@@ -52,7 +52,7 @@ from coop.ledger.store import AuditEntry, Ledger
 from coop.pipeline.charge import Charge, Meter
 from coop.pipeline.remote import RemoteChain, SentStep
 from coop.receipts import TokenTally
-from coop.swarm.announcement import NodeAnnouncement
+from coop.swarm.announcement import SERVING, NodeAnnouncement
 from coop.swarm.routing import Hop
 from coop.swarm.trust import DISPUTED, FAILED, PASSED, QUARANTINED, TrustRecord
 from coop.swarm.view import SwarmView
@@ -221,6 +221,10 @@ class _FixedRoute:
     def release(self, hops: Sequence[Hop]) -> None:
         pass
 
+    def leaving(self) -> set[str]:
+        """A replica route is never moved: a replica that leaves mid-check ends the check instead."""
+        return set()
+
     def suspect(self, node_id: str) -> None:
         self._swarm.suspect(node_id)
 
@@ -236,7 +240,7 @@ def replica_route(
     hops: list[Hop] = []
     at = start
     while at < end:
-        serving = [n for n in nodes if n.start <= at < n.end and n.node_id not in avoid]
+        serving = [n for n in nodes if n.start <= at < n.end and n.node_id not in avoid and n.state == SERVING]
         if not serving:
             return None
         node = rng.choice(serving)
