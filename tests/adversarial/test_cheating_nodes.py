@@ -106,7 +106,8 @@ def test_honest_replicas_pass_their_checks(
 ) -> None:
     for _ in range(HONEST_BURSTS):
         checked.burst(tiny_reference)
-    expected = HONEST_BURSTS * BURST * MAX_TOKENS * 2  # every step of every session, on both hops of its route
+    # at least the prefill of every session on both hops of its route (multi-token steps make fewer steps)
+    expected = HONEST_BURSTS * BURST * 2
 
     def passed() -> int | None:
         total = sum(record.passed for record in checked.trust().values())
