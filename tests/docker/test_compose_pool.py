@@ -97,7 +97,9 @@ def compose_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComposePo
         f"COOP_{name}_PORT": str(_free_port())
         for name in ("POSTGRES", "DHT", "NODE_A", "NODE_B", "NODE_A_METRICS", "NODE_B_METRICS", "API")
     }
-    env = {**os.environ, **ports, "COOP_POSTGRES_PASSWORD": uuid.uuid4().hex}
+    # no spot checks: a shadow session on the other node would make "the node holding the session" ambiguous
+    checks_off = {"COOP_COORDINATOR_SPOT_CHECK_RATE": "0", "COOP_COORDINATOR_SPOT_CHECK_NEW_NODE_RATE": "0"}
+    env = {**os.environ, **ports, **checks_off, "COOP_POSTGRES_PASSWORD": uuid.uuid4().hex}
     pool = ComposePool(f"cooptest{uuid.uuid4().hex[:8]}", env)
     try:
         pool.compose("up", "-d", timeout_s=UP_TIMEOUT_S)
