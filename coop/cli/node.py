@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -156,40 +157,28 @@ SocketOption = Annotated[
 ]
 
 
-@node_app.command("drain")
-def node_drain(
-    node_id: ControlNodeIdOption,
-    endpoint: EndpointArgument = "",
-    member: MemberOption = None,
-    institution: OwnedInstitutionOption = "",
-    socket: SocketOption = None,
-) -> None:
-    """Drain your node: it takes no new session, its sessions move to other routes, then it exits."""
-    _control("DRAIN", endpoint, member, node_id, institution, socket)
+def _control_command(action: str, doc: str) -> Callable[..., None]:
+    """One `coop node drain|pause|resume` command: the same options, one Control action."""
+
+    def command(
+        node_id: ControlNodeIdOption,
+        endpoint: EndpointArgument = "",
+        member: MemberOption = None,
+        institution: OwnedInstitutionOption = "",
+        socket: SocketOption = None,
+    ) -> None:
+        _control(action, endpoint, member, node_id, institution, socket)
+
+    command.__doc__ = doc
+    return command
 
 
-@node_app.command("pause")
-def node_pause(
-    node_id: ControlNodeIdOption,
-    endpoint: EndpointArgument = "",
-    member: MemberOption = None,
-    institution: OwnedInstitutionOption = "",
-    socket: SocketOption = None,
-) -> None:
-    """Pause your node: as drain, but it stays up, announced as paused, until `coop node resume`."""
-    _control("PAUSE", endpoint, member, node_id, institution, socket)
-
-
-@node_app.command("resume")
-def node_resume(
-    node_id: ControlNodeIdOption,
-    endpoint: EndpointArgument = "",
-    member: MemberOption = None,
-    institution: OwnedInstitutionOption = "",
-    socket: SocketOption = None,
-) -> None:
-    """Resume a paused node (outside its serving hours it stays paused)."""
-    _control("RESUME", endpoint, member, node_id, institution, socket)
+for _name, _doc in (
+    ("drain", "Drain your node: it takes no new session, its sessions move to other routes, then it exits."),
+    ("pause", "Pause your node: as drain, but it stays up, announced as paused, until `coop node resume`."),
+    ("resume", "Resume a paused node (outside its serving hours it stays paused)."),
+):
+    node_app.command(_name)(_control_command(_name.upper(), _doc))
 
 
 def _control(

@@ -29,7 +29,7 @@ from coop.coordinator.spot_checks import (
 )
 from coop.model.manifest import Manifest
 from coop.pipeline.charge import UNMETERED, Charge
-from coop.pipeline.remote import RemoteChain
+from coop.pipeline.remote import RemoteChain, RouteSource
 from coop.pool.ca import ROLE_COORDINATOR
 from coop.pool.membership import Membership
 from coop.pool.registry import REVOCATIONS_FILE
@@ -98,12 +98,12 @@ class RemoteBackend:
         chain = self._chain(self.swarm, max_length, charge, self.settings.max_failovers, policy.sketch_dims)
         return CheckedChain(await chain.open(), self.spot_checks, withholding)
 
-    def _replica_chain(self, swarm: SwarmView, max_length: int, charge: Charge) -> RemoteChain:
+    def _replica_chain(self, swarm: RouteSource, max_length: int, charge: Charge) -> RemoteChain:
         """A spot check's session on replicas: never failed over (a failed replica ends the check)."""
         return self._chain(swarm, max_length, charge, 0, self.spot_checks.book.policy.sketch_dims)
 
     def _chain(
-        self, swarm: SwarmView, max_length: int, charge: Charge, max_failovers: int, sketch_dims: int
+        self, swarm: RouteSource, max_length: int, charge: Charge, max_failovers: int, sketch_dims: int
     ) -> RemoteChain:
         return RemoteChain(
             swarm,

@@ -42,7 +42,6 @@ from collections import Counter
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import cast
 
 import torch
 
@@ -50,7 +49,7 @@ from coop.config import CoordinatorSettings
 from coop.errors import CoopError, InvalidTensor, PeerError
 from coop.ledger.store import AuditEntry, Ledger
 from coop.pipeline.charge import Charge, Meter
-from coop.pipeline.remote import RemoteChain, SentStep
+from coop.pipeline.remote import RemoteChain, RouteSource, SentStep
 from coop.receipts import TokenTally
 from coop.swarm.announcement import SERVING, NodeAnnouncement
 from coop.swarm.routing import Hop
@@ -206,7 +205,7 @@ def ledger_audit(ledger: Ledger, actor: str) -> AuditSink:
 
 
 class _FixedRoute:
-    """The part of a `SwarmView` a `RemoteChain` uses, for a replica route chosen in advance."""
+    """A `RouteSource` for a replica route chosen in advance."""
 
     def __init__(self, hops: list[Hop], swarm: SwarmView) -> None:
         self._hops = hops
@@ -272,7 +271,7 @@ class SpotChecker:
     """Opens chains whose sampled sessions are checked; one per coordinator."""
 
     def __init__(
-        self, book: TrustBook, swarm: SwarmView, open_replica: Callable[[SwarmView, int, Charge], RemoteChain]
+        self, book: TrustBook, swarm: SwarmView, open_replica: Callable[[RouteSource, int, Charge], RemoteChain]
     ) -> None:
         """`open_replica(swarm, max_length, charge)`: an unopened RemoteChain over `swarm`, for shadows."""
         self.book = book
@@ -291,7 +290,7 @@ class SpotChecker:
         )
         if route is None:
             return None
-        chain = self._open_replica(cast(SwarmView, _FixedRoute(route, self.swarm)), max_length, charge)
+        chain = self._open_replica(_FixedRoute(route, self.swarm), max_length, charge)
         try:
             return await chain.open()
         except CoopError as exc:

@@ -28,6 +28,7 @@ import secrets
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 import torch
@@ -37,7 +38,6 @@ from coop.errors import CoopError, InvalidTensor, PeerError, RouteUnavailable, U
 from coop.pipeline.charge import UNMETERED, Charge
 from coop.receipts import TokenTally
 from coop.swarm.routing import Hop
-from coop.swarm.view import SwarmView
 from coop.wire.channels import ChannelPool
 from coop.wire.errors import error_from_proto
 from coop.wire.generated import coop_pb2 as pb
@@ -82,12 +82,24 @@ class _Stream:
     reader: asyncio.Task[None]
 
 
+class RouteSource(Protocol):
+    """What a `RemoteChain` needs of the swarm: a `SwarmView`, or a spot check's replica route chosen in advance."""
+
+    revoked: Callable[[], frozenset[str]]
+
+    async def route(self, exclude: set[str] | frozenset[str] = frozenset()) -> list[Hop]: ...
+    def leaving(self) -> set[str]: ...
+    def release(self, hops: Sequence[Hop]) -> None: ...
+    def suspect(self, node_id: str) -> None: ...
+    def step_completed(self, hops: Sequence[Hop], tokens: int, seconds: float) -> None: ...
+
+
 class RemoteChain:
     """Implements `coop.pipeline.generation.Chain` over gRPC."""
 
     def __init__(
         self,
-        swarm: SwarmView,
+        swarm: RouteSource,
         channels: ChannelPool,
         embed: Callable[[torch.Tensor], torch.Tensor],
         *,

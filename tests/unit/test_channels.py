@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import grpc
 import torch
@@ -39,11 +40,17 @@ def test_a_channel_with_a_call_in_progress_outlives_idle_ones(tiny_llama_dir: st
         asyncio.run(_busy_channel(node))
 
 
-async def _busy_channel(node: NodeInThread) -> None:
-    pool = ChannelPool(max_channels=2)
+async def _open_session(pool: ChannelPool, node: NodeInThread) -> Any:
+    """Session "s" open on the node through the pool: its stream keeps the node's channel busy."""
     session = pool.stub(node.endpoint, "", "").Session()
     await session.write(pb.SessionControl(open=pb.SessionControl.Open(session_id="s", max_length=8, start=0, end=6)))
     assert (await session.read()).WhichOneof("kind") == "opened"
+    return session
+
+
+async def _busy_channel(node: NodeInThread) -> None:
+    pool = ChannelPool(max_channels=2)
+    session = await _open_session(pool, node)
     pool.stub(NOWHERE.format(1), "", "")
     pool.stub(NOWHERE.format(2), "", "")  # the node's channel is the least recently used, but busy: 1 goes
     assert pool.evicted == 1
@@ -67,9 +74,7 @@ def test_when_every_channel_is_busy_the_oldest_still_goes_after_a_grace(tiny_lla
 
 async def _all_busy(node: NodeInThread) -> None:
     pool = ChannelPool(max_channels=1)
-    session = pool.stub(node.endpoint, "", "").Session()
-    await session.write(pb.SessionControl(open=pb.SessionControl.Open(session_id="s", max_length=8, start=0, end=6)))
-    assert (await session.read()).WhichOneof("kind") == "opened"
+    session = await _open_session(pool, node)
     pool.stub(NOWHERE.format(1), "", "")  # over the limit: the busy channel goes, its call may finish
     assert (len(pool), pool.evicted) == (1, 1)
     ack = await pool.stub(node.endpoint, "", "").Forward(step("s", 1, torch.zeros(1, 1, 64), 0), timeout=10)
