@@ -61,6 +61,11 @@ class NodeSettings(BaseSettings):
     drain_deadline_s: float = Field(default=60.0, ge=0)
     # "HH:MM-HH:MM", local time (may wrap past midnight): outside these hours the node is paused; "" = always
     serving_hours: str = ""
+    # on a GPU: pause (a planned move, like `coop node pause`) while less than this many bytes of device
+    # memory are available to local processes, and serve again once twice as many have been available for
+    # gpu_yield_resume_s; 0 = never yield (coop.node.memory_yield)
+    gpu_yield_below_bytes: int = Field(default=0, ge=0)
+    gpu_yield_resume_s: float = Field(default=60.0, ge=0)
     # the unix socket the node's owner controls it through on its machine (default: control_socket_path)
     control_socket: Path | None = None
 

@@ -22,6 +22,7 @@ class NodeOut(BaseModel):
     endpoint: str | None = None
     throughput_tps: float | None = None  # as the node measured and announced it
     sessions: int = 0  # this coordinator's sessions open on it now
+    state: str | None = None  # as announced: serving, paused or draining (coop.node.drain); None when offline
     online_since: dt.datetime | None = None  # as observed by this coordinator
     uptime_s: float | None = None
     first_seen: dt.datetime | None = None  # first receipt's start

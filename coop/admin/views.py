@@ -101,6 +101,7 @@ def nodes(ctx: AdminContext, pool: PoolState, now: Live, *, now_s: float | None 
                 endpoint=ann.endpoint,
                 throughput_tps=ann.throughput_tps,
                 sessions=load.get(ann.node_id, 0),
+                state=ann.state,
                 online_since=utc_from_s(since[ann.node_id]),
                 uptime_s=max(0.0, now_s - since[ann.node_id]),
                 first_seen=s.first_started if s else None,

@@ -88,6 +88,15 @@ def node_start(
             "--serving-hours", envvar="COOP_NODE_SERVING_HOURS", help="HH:MM-HH:MM local time; paused outside"
         ),
     ] = "",
+    gpu_yield_below_gb: Annotated[
+        float,
+        typer.Option(
+            "--gpu-yield-below",
+            envvar="COOP_NODE_GPU_YIELD_BELOW_GB",
+            min=0.0,
+            help="GiB: pause while less GPU memory than this is left to local processes (0 = never)",
+        ),
+    ] = 0.0,
     log_format: LogFormatOption = LogFormat.text,
 ) -> None:
     """Serve a span of blocks to the pool until SIGTERM or Ctrl-C (the first drains, a second stops at once)."""
@@ -115,6 +124,7 @@ def node_start(
         outbox_path=outbox,
         drain_deadline_s=drain_deadline_s,
         serving_hours=serving_hours,
+        gpu_yield_below_bytes=int(gpu_yield_below_gb * 2**30),
         **metrics,
     )
     asyncio.run(run_node(settings))

@@ -43,7 +43,8 @@ def swarm_status(
     trust = _trust(pool, ledger_url) if pool is not None else None
     n = manifest.num_blocks
     table = Table(title=plain(f"{manifest.name}: {len(nodes)} nodes, {n} blocks"))
-    for column in ("node", "institution", "blocks", f"coverage 0..{n - 1}", "tokens/s", "free cache", "endpoint"):
+    columns = ("node", "institution", "blocks", "state", f"coverage 0..{n - 1}", "tokens/s", "free cache", "endpoint")
+    for column in columns:
         table.add_column(column)
     if trust is not None:
         table.add_column("checks passed / failed")
@@ -55,6 +56,7 @@ def swarm_status(
             plain(node.node_id),
             plain(node.institution),
             f"{node.start}:{node.end}",
+            _STATE_STYLE.get(node.state, plain(node.state)),
             bar,
             f"{node.throughput_tps:.1f}",
             f"{node.free_cache_bytes / 2**20:.0f} MiB",
@@ -69,6 +71,9 @@ def swarm_status(
         console.print("[red]missing blocks:[/] " + ", ".join(f"{a}:{b}" for a, b in gaps))
     else:
         console.print("[green]every block is served[/]")
+
+
+_STATE_STYLE = {"serving": "[green]serving[/]", "paused": "[yellow]paused[/]", "draining": "[yellow]draining[/]"}
 
 
 def _trust(pool: Path, ledger_url: str | None) -> dict[str, TrustRecord]:

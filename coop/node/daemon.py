@@ -7,6 +7,7 @@ Start-up is ordered for the time to serving, never at the cost of serving early:
    conservative throughput estimate (`estimate_throughput`): a node is never routed to before it
    can serve, and never oversells itself.
 3. The real throughput is measured in the background and announced when known.
+With `--gpu-yield-below` it pauses while local processes need the GPU (coop/node/memory_yield.py).
 On SIGTERM/SIGINT (or `coop node drain`) it drains (coop/node/drain.py): it opens no new session,
 announces that it is draining, and waits until its coordinators moved or finished every session,
 or until the drain deadline; then it withdraws its announcement and stops. A second signal stops
@@ -239,6 +240,8 @@ async def run_node(settings: NodeSettings, measure: Measure | None = None) -> No
         _spawn(background, serving.wait_drained(lambda: node_service.session_count), then=stop.set)
         if hours is not None:
             _spawn(background, serving.follow_hours())
+        if settings.gpu_yield_below_bytes:
+            _spawn(background, _yield_memory(settings, serving, engine, lambda: node_service.session_count))
         print(f"{READY_MARKER} {json.dumps(ready)}", flush=True)
         measuring = asyncio.create_task(_measure_and_announce(engine, service, announcer, measure))
         await stop.wait()
@@ -283,6 +286,19 @@ def _load_engine(settings: NodeSettings, start: int, end: int) -> SpanEngine:
         cache_budget_bytes=settings.cache_budget_bytes,
         idle_timeout_s=settings.idle_timeout_s,
     )
+
+
+async def _yield_memory(
+    settings: NodeSettings, serving: ServingState, engine: SpanEngine, sessions: Callable[[], int]
+) -> None:
+    """`--gpu-yield-below`: step aside while local processes need the GPU's memory (coop.node.memory_yield)."""
+    if engine.device.type != "cuda":
+        log.warning("--gpu-yield-below applies to a GPU; this node runs on %s, so it never yields", engine.device)
+        return
+    from coop.node.memory_yield import MemoryYield, cuda_available_bytes, follow_memory
+
+    watch = MemoryYield(settings.gpu_yield_below_bytes, settings.gpu_yield_resume_s)
+    await follow_memory(serving, watch, lambda: cuda_available_bytes(engine.device), sessions, torch.cuda.empty_cache)
 
 
 async def _measure_and_announce(

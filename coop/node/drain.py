@@ -2,7 +2,8 @@
 
 A node is in one of three states:
 - serving: it opens sessions and is routed to.
-- paused: its owner paused it (`coop node pause`), or it is outside its serving hours. It opens no
+- paused: its owner paused it (`coop node pause`), it is outside its serving hours, or (on a GPU)
+  local processes need the device's memory (coop/node/memory_yield.py). It opens no
   session, announces itself as paused (routes skip it), and asks the coordinators of its open
   sessions to move them (a `draining` event); what they cannot move runs to its end. It stays up.
 - draining: `coop node drain` or SIGTERM (and, later, a rebalance move). As paused, then the node
@@ -43,10 +44,10 @@ _POLL_S = 0.1
 Listener = Callable[[str], None]
 
 
-def state_of(*, draining: bool, paused: bool, outside_hours: bool) -> NodeState:
+def state_of(*, draining: bool, paused: bool, outside_hours: bool, yielding: bool = False) -> NodeState:
     if draining:
         return DRAINING
-    return PAUSED if paused or outside_hours else SERVING
+    return PAUSED if paused or outside_hours or yielding else SERVING
 
 
 class ServingState:
@@ -59,12 +60,15 @@ class ServingState:
         self._draining = False
         self._paused = False
         self._outside_hours = False
+        self._yielding = False
         self._drain_started = 0.0
         self._drain_requested = asyncio.Event()
 
     @property
     def state(self) -> NodeState:
-        return state_of(draining=self._draining, paused=self._paused, outside_hours=self._outside_hours)
+        return state_of(
+            draining=self._draining, paused=self._paused, outside_hours=self._outside_hours, yielding=self._yielding
+        )
 
     @property
     def accepting(self) -> bool:
@@ -93,6 +97,10 @@ class ServingState:
         outside = self.hours is not None and not within(self.hours, now)
         self._change(lambda: setattr(self, "_outside_hours", outside))
 
+    def yield_memory(self, yielding: bool) -> None:
+        """Pause while local processes need the device's memory (coop/node/memory_yield.py)."""
+        self._change(lambda: setattr(self, "_yielding", yielding))
+
     async def follow_hours(self) -> None:
         """Keep applying the serving hours (a background task; only started when hours are set)."""
         while True:
@@ -104,7 +112,11 @@ class ServingState:
         update()
         after = self.state
         if after != before:
-            why = f" (serving hours {self.hours})" if self._outside_hours and after == PAUSED else ""
+            why = ""
+            if after == PAUSED and self._outside_hours:
+                why = f" (serving hours {self.hours})"
+            elif after == PAUSED and self._yielding:
+                why = " (local processes need the device's memory)"
             log.info("node state: %s -> %s%s", before, after, why)
             for listener in self.listeners:
                 listener(after)

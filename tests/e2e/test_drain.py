@@ -8,6 +8,7 @@ span of alpha, which alone may pause, resume and drain them (`coop node pause|re
 from __future__ import annotations
 
 import itertools
+import os
 import subprocess
 import time
 import uuid
@@ -61,6 +62,15 @@ class DrainPool:
     def info(self, node: str) -> Any:
         endpoint = self.pool.nodes[node].ready["endpoint"]
         return node_info(endpoint, self.observer.channel_security(), institution="alpha", node_id=node)
+
+    def states_in_status(self) -> dict[str, str]:
+        """Each node's state as `coop status` shows it (from the signed announcements in the DHT)."""
+        args = ["status", "--model", str(self.pool.model_dir), "--initial-peers", self.pool.peer]
+        args += ["--member", str(self.bundles["alpha"])]
+        env = os.environ | {"COLUMNS": "200"}  # a table as wide as it needs, not cut to 80 columns
+        shown = subprocess.run([*COOP, *args], capture_output=True, text=True, timeout=WAIT_S, check=True, env=env)
+        cells = [[c.strip() for c in line.split("│")] for line in shown.stdout.splitlines() if line.count("│") > 3]
+        return {row[1]: row[4] for row in cells if row[1] in self.pool.nodes}
 
     def act(self, action: pb.ControlRequest.Action, node: str) -> str:
         """The same call as `control`, in this process: quick enough to hand over streams mid-generation."""
@@ -146,6 +156,8 @@ def test_a_paused_node_hands_its_streams_over_and_stays_up(
     assert pool.pool.nodes["mid-1"].alive
     wait_for("the paused node to hold no session", lambda: pool.info("mid-1").active_sessions == 0, WAIT_S)
     assert pool.info("mid-1").state == "paused"
+    wait_for("coop status to show the pause", lambda: pool.states_in_status()["mid-1"] == "paused", WAIT_S)
+    assert pool.states_in_status()["mid-2"] == "serving"
 
 
 def test_a_drained_node_hands_its_streams_over_and_exits(

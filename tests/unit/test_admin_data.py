@@ -25,7 +25,7 @@ from coop.ledger.store import Ledger
 from coop.pool.bundle import MemberBundle
 from coop.pool.registry import PoolInfo, add_member, create_api_key, create_pool, revoke_member
 from coop.receipts import ReceiptBody, new_receipt_id, sign_receipt
-from coop.swarm.announcement import NodeAnnouncement, sign_announcement
+from coop.swarm.announcement import PAUSED, SERVING, NodeAnnouncement, sign_announcement
 from tests.pools import certificates_backdated
 
 NUM_BLOCKS = 30
@@ -43,6 +43,7 @@ LIVE_NODES = {
     "beta-h100-1": ("beta-lab", 0, 16, 65.0, 1),
     "gamma-l40-1": ("gamma-institute", 16, 30, 30.0, 0),
 }
+PAUSED_NODE = "gamma-l40-1"  # its owner paused it (`coop node pause`): online, announced as paused
 OFFLINE_NODE = ("alpha-old-0", "alpha-university", 0, 30)
 ROUTES = [["alpha-a100-0", "beta-h100-0", "gamma-l40-0"], ["beta-h100-1", "gamma-l40-1"], [OFFLINE_NODE[0]]]
 SESSIONS = 36
@@ -187,6 +188,7 @@ def _announcements(pool_id: str, bundles: dict[str, MemberBundle], now: float) -
             institution=institution,
             throughput_tps=tps,
             free_cache_bytes=2**30,
+            state=PAUSED if node_id == PAUSED_NODE else SERVING,
             announced_at=now,
             expires_at=now + 9,
         )

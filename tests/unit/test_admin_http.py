@@ -15,7 +15,7 @@ from coop.admin.auth import LOGIN_COOKIE, SESSION_COOKIE, SessionStore
 from coop.ledger.models import FLOPS_PER_CREDIT
 from coop.pool.api_keys import ApiKeyStore, api_key_digest
 from coop.pool.registry import API_KEYS_FILE
-from tests.unit.test_admin_data import REVOKED, XSS_NAME, AdminPool, build_admin_pool
+from tests.unit.test_admin_data import OFFLINE_NODE, PAUSED_NODE, REVOKED, XSS_NAME, AdminPool, build_admin_pool
 
 PAGES = ["/admin", "/admin/", "/admin/institutions", "/admin/institutions/beta-lab", "/admin/nodes"]
 PAGES += ["/admin/receipts", "/admin/receipts.csv", "/admin/audit", "/admin/audit.csv"]
@@ -209,6 +209,16 @@ def test_overview_api_reports_the_live_swarm(data: AdminPool, client: TestClient
     assert body["nodes_online"] == 5 and body["members_online"] == 3 and body["live_sessions"] == 9
     assert body["tokens_per_s"] > 0 and len(body["token_rate"]) == 90
     assert body["coverage_svg"].startswith("<svg") and body["shade"] == "load"
+
+
+def test_nodes_show_the_state_each_announces(data: AdminPool, client: TestClient) -> None:
+    listed = client.get("/admin/api/nodes", headers={"Authorization": f"Bearer {data.admin_token}"}).json()
+    states = {n["node_id"]: n["state"] for n in listed}
+    assert states[PAUSED_NODE] == "paused" and states["alpha-a100-0"] == "serving"
+    assert states[OFFLINE_NODE[0]] is None  # offline: no announcement to say
+    sign_in(client, data.admin_token)
+    row = re.search(rf'<tr data-node="{PAUSED_NODE}">.*?</tr>', client.get("/admin/nodes").text, re.S)
+    assert row is not None and '<span class="tag warn"' in row.group(0) and ">paused</span>" in row.group(0)
 
 
 def test_bad_input_gets_a_page_saying_what_is_wrong(data: AdminPool, client: TestClient) -> None:

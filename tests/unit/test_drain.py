@@ -17,6 +17,7 @@ from coop.errors import InvalidInput, RouteUnavailable, Unauthorized
 from coop.model.engine import SpanEngine
 from coop.node.client import node_control
 from coop.node.drain import ServingState, state_of
+from coop.node.memory_yield import MemoryYield, follow_memory
 from coop.node.serving_hours import parse_serving_hours, within
 from coop.swarm.announcement import (
     DRAINING,
@@ -93,6 +94,66 @@ def test_a_drain_waits_for_sessions_up_to_its_deadline() -> None:
 
     assert asyncio.run(drain(60.0, [1])) >= 0.3  # returned once the session moved, not before
     assert asyncio.run(drain(0.0, [1, 2])) < 0.3  # the deadline passed: returned with sessions open
+
+
+GIB = 2**30
+
+
+def test_memory_yield_pauses_at_once_and_resumes_only_after_plenty_for_a_while() -> None:
+    watch = MemoryYield(threshold_bytes=4 * GIB, resume_after_s=30)
+    readings = [  # (seconds, GiB available to local processes) -> yielding
+        (0, 10, False),
+        (1, 3, True),  # a local job took the memory
+        (2, 5, True),  # above the threshold but under twice it: stays out of routes
+        (3, 9, True),  # plenty, but not for long yet
+        (20, 3, True),  # the job allocates again: the wait starts over
+        (21, 9, True),
+        (50, 9, False),  # 29 s of plenty since 21 would not do; 30 s at 51 ...
+    ]
+    seen = [watch.update(gib * GIB, t) for t, gib, _ in readings]
+    assert seen == [False, True, True, True, True, True, True]
+    assert watch.update(9 * GIB, 51) is False  # ... does
+    assert watch.update(4 * GIB, 52) is False  # at the threshold itself: serving
+
+
+def test_a_yielding_node_pauses_and_releases_its_cache_only_once_its_sessions_are_gone() -> None:
+    """The loop a GPU node runs, driven by a scripted device (no GPU here): pause, wait, release, resume."""
+    available = iter([10, 1, 1, 1, 9, 9, 9] + [9] * 10)
+    open_sessions = [2]
+    released: list[int] = []
+    serving = ServingState(drain_deadline_s=60)
+    states: list[str] = []
+    serving.listeners.append(states.append)
+    now = iter(range(100))
+
+    def reading() -> int:
+        value = next(available)
+        if len(states) == 1 and open_sessions:
+            open_sessions.pop()  # the coordinators move the sessions away, one per poll
+        return value * GIB
+
+    async def run() -> None:
+        watch = MemoryYield(threshold_bytes=4 * GIB, resume_after_s=2)
+        follow = asyncio.create_task(
+            follow_memory(
+                serving,
+                watch,
+                reading,
+                lambda: len(open_sessions),
+                lambda: released.append(len(open_sessions)),
+                poll_s=0,
+                clock=lambda: float(next(now)),
+            )
+        )
+        for _ in range(200):
+            await asyncio.sleep(0)
+            if states == [PAUSED, SERVING]:
+                break
+        follow.cancel()
+
+    asyncio.run(run())
+    assert states == [PAUSED, SERVING]  # never flapped
+    assert released == [0]  # released once, after the last session left
 
 
 def _announced(node_id: str, start: int, end: int, state: str = SERVING) -> NodeAnnouncement:
