@@ -1,0 +1,167 @@
+"""The rebalance rule (coop/swarm/rebalance.py): who moves where, and that a pool settles instead of oscillating."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import pytest
+
+from coop.errors import InvalidInput
+from coop.swarm.announcement import DRAINING, PAUSED, SERVING, NodeAnnouncement, NodeState
+from coop.swarm.rebalance import Candidate, Placement, block_capacity, decide
+
+BLOCKS = 30
+HALF = 15
+TPS = 10.0
+MODEL = "m"
+OTHER_MODEL = "m2"
+
+
+def node(
+    node_id: str, start: int, end: int, tps: float = TPS, state: NodeState = SERVING, model: str = MODEL
+) -> NodeAnnouncement:
+    now = time.time()
+    return NodeAnnouncement(
+        node_id=node_id,
+        pool_id="p",
+        model_hash=model,
+        start=start,
+        end=end,
+        endpoint="127.0.0.1:5000",
+        institution="i",
+        throughput_tps=tps,
+        free_cache_bytes=1,
+        state=state,
+        announced_at=now,
+        expires_at=now + 60,
+    )
+
+
+def half_node(length: int = HALF, model: str = MODEL, blocks: int = BLOCKS) -> Candidate:
+    return Candidate(model_hash=model, num_blocks=blocks, length=length, throughput_tps=TPS)
+
+
+def where(announcement: NodeAnnouncement) -> Placement:
+    return Placement(announcement.model_hash, announcement.start, announcement.end)
+
+
+def decide_for(me: NodeAnnouncement, nodes: Sequence[NodeAnnouncement], **kwargs: float) -> Placement | None:
+    return decide(me.node_id, where(me), [half_node()], {MODEL: nodes}, **kwargs)
+
+
+def test_a_node_moves_to_cover_a_gap() -> None:
+    a, c = node("a", 0, HALF), node("c", 0, HALF)  # b, which served HALF:BLOCKS, left
+    assert decide_for(c, [a, c]) == Placement(MODEL, HALF, BLOCKS)
+
+
+def test_the_only_node_of_a_span_does_not_uncover_it_to_fill_a_gap_elsewhere() -> None:
+    a = node("a", 0, HALF)
+    assert decide_for(a, [a]) is None
+
+
+def test_a_balanced_pool_does_not_move() -> None:
+    nodes = [node("a", 0, HALF), node("b", HALF, BLOCKS), node("c", 0, HALF), node("d", HALF, BLOCKS)]
+    assert all(decide_for(me, nodes) is None for me in nodes)
+
+
+def test_one_extra_node_on_a_span_is_not_worth_a_move() -> None:
+    # 2 vs 1: moving one makes it 1 vs 2, the bottleneck does not improve
+    nodes = [node("a", 0, HALF), node("c", 0, HALF), node("b", HALF, BLOCKS)]
+    assert all(decide_for(me, nodes) is None for me in nodes)
+
+
+def test_an_over_covered_span_gives_a_node_to_a_thin_one() -> None:
+    nodes = [node("a", 0, HALF), node("b", HALF, BLOCKS), node("c", HALF, BLOCKS), node("d", HALF, BLOCKS)]
+    assert decide_for(nodes[3], nodes) == Placement(MODEL, 0, HALF)  # 1 vs 3 becomes 2 vs 2: twice the bottleneck
+
+
+def test_a_gain_under_the_threshold_does_not_move() -> None:
+    nodes = [node("a", 0, HALF), node("b", HALF, BLOCKS), node("c", HALF, BLOCKS), node("d", HALF, BLOCKS)]
+    assert decide_for(nodes[3], nodes, threshold=2.5) is None
+
+
+@pytest.mark.parametrize("state", [PAUSED, DRAINING])
+def test_the_blocks_of_a_node_that_takes_no_session_count_as_uncovered(state: NodeState) -> None:
+    a, b, c = node("a", 0, HALF), node("b", HALF, BLOCKS, state=state), node("c", 0, HALF)
+    assert decide_for(c, [a, b, c]) == Placement(MODEL, HALF, BLOCKS)
+
+
+def test_a_huge_claimed_throughput_cannot_pull_nodes_away() -> None:
+    # the liar claims to carry the first half alone; capped at the median claim it is one node among others
+    liar = node("liar", 0, HALF, tps=1e12)
+    nodes = [liar, node("b", HALF, BLOCKS), node("c", HALF, BLOCKS), node("d", 0, HALF)]
+    assert block_capacity(nodes, BLOCKS)[0] == pytest.approx(2 * TPS)
+    assert all(decide_for(me, nodes) is None for me in nodes[1:])
+
+
+def test_a_gap_pulls_one_node_per_round_and_the_pool_settles() -> None:
+    """Nodes that apply the rule one after another (the node loop's jitter) converge and then stay put."""
+    nodes = {name: node(name, 0, HALF) for name in ("a", "b", "c", "d")}
+    for _round in range(6):
+        for name in sorted(nodes):
+            moved = decide_for(nodes[name], list(nodes.values()))
+            if moved is not None:
+                nodes[name] = node(name, moved.start, moved.end)
+    spans = sorted((n.start, n.end) for n in nodes.values())
+    assert spans == [(0, HALF), (0, HALF), (HALF, BLOCKS), (HALF, BLOCKS)]
+    assert all(decide_for(me, list(nodes.values())) is None for me in nodes.values())
+
+
+def test_nodes_of_different_lengths_settle_without_oscillating() -> None:
+    nodes = {"a": node("a", 0, 10), "b": node("b", 0, 10), "c": node("c", 0, 10), "d": node("d", 10, 30, tps=TPS / 2)}
+    lengths = {"a": 10, "b": 10, "c": 10, "d": 20}
+    history = []
+    for _round in range(8):
+        for name in sorted(nodes):
+            me = nodes[name]
+            candidate = Candidate(MODEL, BLOCKS, lengths[name], me.throughput_tps)
+            moved = decide(name, where(me), [candidate], {MODEL: list(nodes.values())})
+            if moved is not None:
+                nodes[name] = node(name, moved.start, moved.end, tps=me.throughput_tps)
+        history.append(sorted((n.node_id, n.start) for n in nodes.values()))
+    assert history[-1] == history[-2] == history[-3]  # settled
+    assert min(block_capacity(list(nodes.values()), BLOCKS)) > 0  # and every block is covered
+
+
+def test_a_starting_node_takes_the_gap_first_then_the_thinnest_window() -> None:
+    nodes = [node("a", 0, HALF)]
+    assert decide("new", None, [half_node()], {MODEL: nodes}) == Placement(MODEL, HALF, BLOCKS)
+    nodes = [node("a", 0, HALF), node("b", HALF, BLOCKS), node("c", HALF, BLOCKS)]
+    assert decide("new", None, [half_node()], {MODEL: nodes}) == Placement(MODEL, 0, HALF)
+
+
+def test_a_model_with_a_gap_wins_over_a_covered_one() -> None:
+    live = {MODEL: [node("a", 0, HALF), node("b", HALF, BLOCKS)], OTHER_MODEL: []}
+    candidates = [half_node(), half_node(model=OTHER_MODEL, length=6, blocks=6)]
+    assert decide("new", None, candidates, live) == Placement(OTHER_MODEL, 0, 6)
+    live[MODEL].append(node("c", 0, HALF))
+    assert decide("c", Placement(MODEL, 0, HALF), candidates, live) == Placement(OTHER_MODEL, 0, 6)
+
+
+def test_among_covered_models_the_least_served_per_unit_of_demand_wins() -> None:
+    live = {
+        MODEL: [node("a", 0, BLOCKS)],
+        OTHER_MODEL: [node("b", 0, BLOCKS), node("c", 0, BLOCKS)],
+    }
+    candidates = [half_node(length=BLOCKS), half_node(model=OTHER_MODEL, length=BLOCKS)]
+    assert decide("new", None, candidates, live) == Placement(MODEL, 0, BLOCKS)
+    busy_other = [candidates[0], Candidate(OTHER_MODEL, BLOCKS, BLOCKS, TPS, demand=4.0)]
+    assert decide("new", None, busy_other, live) == Placement(OTHER_MODEL, 0, BLOCKS)
+
+
+def test_bad_settings_are_refused() -> None:
+    with pytest.raises(InvalidInput, match="threshold"):
+        decide("a", None, [half_node()], {}, threshold=0.5)
+    with pytest.raises(InvalidInput, match="not one of the candidates"):
+        decide("a", Placement(OTHER_MODEL, 0, 1), [half_node()], {})
+
+
+def test_a_move_that_makes_the_span_it_leaves_the_new_bottleneck_is_not_made() -> None:
+    # a fast node would double the bottleneck (1 -> 2 tokens/s), but its old span would then be the
+    # weakest place of the model, weaker than where it went: the next move would be back there
+    fast = node("fast", HALF, BLOCKS, tps=5.0)
+    nodes = [node("a", 0, HALF, tps=1.0), node("b", HALF, BLOCKS, tps=1.0), node("c", HALF, BLOCKS, tps=1.0), fast]
+    mine = Candidate(MODEL, BLOCKS, HALF, 5.0)
+    assert decide("fast", where(fast), [mine], {MODEL: nodes}) is None
+    assert decide("fast", where(fast), [mine], {MODEL: nodes[1:]}) == Placement(MODEL, 0, HALF)  # a gap: it moves
