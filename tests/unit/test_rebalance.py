@@ -1,13 +1,18 @@
-"""The rebalance rule (coop/swarm/rebalance.py): who moves where, and that a pool settles instead of oscillating."""
+"""The rebalance rule (coop/swarm/rebalance.py): who moves where, and that a pool settles instead of oscillating;
+and the node's move (coop/node/rebalancing.py): drained first, or not at all."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
+from types import SimpleNamespace
 
 import pytest
 
 from coop.errors import InvalidInput
+from coop.node.drain import ServingState
+from coop.node.rebalancing import RebalancePolicy, Rebalancer
 from coop.swarm.announcement import DRAINING, PAUSED, SERVING, NodeAnnouncement, NodeState
 from coop.swarm.rebalance import Candidate, Placement, block_capacity, decide
 
@@ -165,3 +170,55 @@ def test_a_move_that_makes_the_span_it_leaves_the_new_bottleneck_is_not_made() -
     mine = Candidate(MODEL, BLOCKS, HALF, 5.0)
     assert decide("fast", where(fast), [mine], {MODEL: nodes}) is None
     assert decide("fast", where(fast), [mine], {MODEL: nodes[1:]}) == Placement(MODEL, 0, HALF)  # a gap: it moves
+
+
+class _Service:
+    """What the rebalancer reads and changes of the node service: its span, its sessions, its speed."""
+
+    def __init__(self, sessions: int) -> None:
+        self.engine = SimpleNamespace(manifest=SimpleNamespace(content_hash=MODEL), start=0, end=HALF)
+        self.session_count = sessions
+        self.throughput_tps = TPS
+
+    def serve_span(self, engine: object) -> None:
+        self.engine = engine
+
+
+def _rebalancer(service: _Service, serving: ServingState) -> Rebalancer:
+    announcer = SimpleNamespace(last=None)
+    engine = SimpleNamespace(manifest=SimpleNamespace(content_hash=MODEL), start=HALF, end=BLOCKS)
+    return Rebalancer(
+        node_id="c",
+        models={MODEL: SimpleNamespace(manifest=SimpleNamespace(num_blocks=BLOCKS), length=HALF)},  # type: ignore[dict-item]
+        policy=RebalancePolicy(interval_s=1.0, threshold=1.25, dwell_s=0.0),
+        list_nodes=lambda model_hash: [],
+        service=service,  # type: ignore[arg-type]
+        serving=serving,
+        announcer=announcer,  # type: ignore[arg-type]
+        directory=None,  # type: ignore[arg-type]
+        credentials=None,
+        load=lambda model, start, end: engine,  # type: ignore[arg-type,return-value]
+        estimate=lambda manifest, start, end: TPS,
+        measure=lambda: asyncio.sleep(0),
+    )
+
+
+def test_a_move_that_cannot_hand_its_sessions_over_is_given_up() -> None:
+    service = _Service(sessions=1)  # nobody moves it: no other route serves it
+    serving = ServingState(drain_deadline_s=0.0)
+    asyncio.run(_rebalancer(service, serving).move(Placement(MODEL, HALF, BLOCKS)))
+    assert (service.engine.start, service.engine.end) == (0, HALF)
+    assert serving.state == SERVING
+
+
+def test_a_drained_move_serves_the_new_span() -> None:
+    async def move() -> None:
+        await _rebalancer(service, serving).move(Placement(MODEL, HALF, BLOCKS))
+        await asyncio.sleep(0)  # the measurement it started
+
+    service, serving = _Service(sessions=0), ServingState(drain_deadline_s=60.0)
+    heard: list[str] = []
+    serving.listeners.append(heard.append)
+    asyncio.run(move())
+    assert (service.engine.start, service.engine.end) == (HALF, BLOCKS)
+    assert heard == [DRAINING, SERVING]
