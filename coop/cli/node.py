@@ -49,10 +49,16 @@ def dht_start(
 def node_start(
     model: Annotated[
         list[Path],
-        typer.Option("--model", help="a prepared model directory; repeat it to let --blocks auto choose the model too"),
+        typer.Option(
+            "--model", metavar="DIR", help="a prepared model directory; repeat it to let --blocks auto choose the model"
+        ),
     ],
     blocks: Annotated[
-        str, typer.Option(envvar="COOP_NODE_BLOCKS", help="START:END, or auto to fill the least-served blocks")
+        str,
+        typer.Option(
+            envvar="COOP_NODE_BLOCKS",
+            help="START:END of the first --model (pinned), or auto: where the pool needs the node (rebalanced)",
+        ),
     ] = "auto",
     port: Annotated[int, typer.Option(envvar="COOP_NODE_PORT", help="gRPC port (0 = any free port)")] = 0,
     host: Annotated[str, typer.Option(envvar="COOP_NODE_HOST")] = "127.0.0.1",

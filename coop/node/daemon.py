@@ -8,6 +8,8 @@ Start-up is ordered for the time to serving, never at the cost of serving early:
    can serve, and never oversells itself.
 3. The real throughput is measured in the background and announced when known.
 With `--gpu-yield-below` it pauses while local processes need the GPU (coop/node/memory_yield.py).
+With `--blocks auto` the node starts on the window, of any of its models, where the pool needs it most,
+and keeps moving there as the pool changes (coop/node/rebalancing.py; off with `--no-rebalance`).
 On SIGTERM/SIGINT (or `coop node drain`) it drains (coop/node/drain.py): it opens no new session,
 announces that it is draining, and waits until its coordinators moved or finished every session,
 or until the drain deadline; then it withdraws its announcement and stops. A second signal stops
