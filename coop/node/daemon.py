@@ -103,7 +103,9 @@ def servable_models(settings: NodeSettings) -> dict[str, ServableModel]:
     return models
 
 
-def pick_placement(settings: NodeSettings, models: dict[str, ServableModel], list_nodes: ListNodes) -> Placement:
+def pick_placement(
+    settings: NodeSettings, models: dict[str, ServableModel], list_nodes: ListNodes, node_id: str
+) -> Placement:
     """--blocks A:B of the first model, or (auto) the window of any model where the pool needs this node most."""
     first = next(iter(models.values()))
     explicit = parse_blocks(settings.blocks, first.manifest.num_blocks)
@@ -116,7 +118,7 @@ def pick_placement(settings: NodeSettings, models: dict[str, ServableModel], lis
         Candidate(h, m.manifest.num_blocks, m.length, estimate_throughput(m.manifest, 0, m.length, device_type))
         for h, m in models.items()
     ]
-    placement = decide(settings.node_id or "new", None, mine, {h: list_nodes(h) for h in models})
+    placement = decide(node_id, None, mine, {h: list_nodes(h) for h in models})
     assert placement is not None  # decide always places a node that has no placement yet
     return placement
 
@@ -183,11 +185,10 @@ async def run_node(settings: NodeSettings, measure: Measure | None = None) -> No
         return directory.list_nodes(membership.pool_id, model_hash, validator)
 
     try:
-        if (
-            settings.blocks == "auto"
-        ):  # the window where the pool needs the node most, as the swarm shows it once joined
+        # --blocks auto: the window where the pool needs the node most, as the swarm shows it once joined
+        if settings.blocks == "auto":
             await asyncio.gather(joined, asyncio.to_thread(importlib.import_module, "coop.model.engine"))
-        place = await asyncio.to_thread(pick_placement, settings, models, list_nodes)
+        place = await asyncio.to_thread(pick_placement, settings, models, list_nodes, node_id)
         start, end, model = place.start, place.end, models[place.model_hash]
         manifest = model.manifest
         log.info("loading blocks %d:%d of %s …", start, end, manifest.name, extra={"start": start, "end": end})
@@ -359,6 +360,8 @@ async def _measure_and_announce(
     except Exception:
         log.exception("could not measure throughput; the node keeps announcing its estimate")
         return
+    if service.engine is not engine:
+        return  # the node moved meanwhile (rebalancing): this span is no longer served
     service.throughput_tps = throughput
     await asyncio.to_thread(announcer.announce_once)
     print(f"{MEASURED_MARKER} {json.dumps({'throughput_tps': round(throughput, 2)})}", flush=True)
