@@ -151,7 +151,11 @@ class Rebalancer:
                 log.warning("rebalancing: %d sessions could not be moved off; staying on %s", left, _show(before))
                 return
             model = self.models[target.model_hash]
-            engine = await asyncio.to_thread(self._load, model, target.start, target.end)
+            try:
+                engine = await asyncio.to_thread(self._load, model, target.start, target.end)
+            except Exception:  # e.g. out of memory beside the span it serves: serve on where it was
+                log.exception("rebalancing: could not load %s; staying on %s", _show(target), _show(before))
+                return
             old_record = self._announcer.last
             self._service.serve_span(engine)
             self._service.throughput_tps = self._estimate(model.manifest, target.start, target.end)

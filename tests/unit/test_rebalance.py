@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 
 import pytest
@@ -184,9 +184,12 @@ class _Service:
         self.engine = engine
 
 
-def _rebalancer(service: _Service, serving: ServingState) -> Rebalancer:
+def _loaded(model: object, start: int, end: int) -> object:
+    return SimpleNamespace(manifest=SimpleNamespace(content_hash=MODEL), start=start, end=end)
+
+
+def _rebalancer(service: _Service, serving: ServingState, load: Callable[..., object] = _loaded) -> Rebalancer:
     announcer = SimpleNamespace(last=None)
-    engine = SimpleNamespace(manifest=SimpleNamespace(content_hash=MODEL), start=HALF, end=BLOCKS)
     return Rebalancer(
         node_id="c",
         models={MODEL: SimpleNamespace(manifest=SimpleNamespace(num_blocks=BLOCKS), length=HALF)},  # type: ignore[dict-item]
@@ -197,7 +200,7 @@ def _rebalancer(service: _Service, serving: ServingState) -> Rebalancer:
         announcer=announcer,  # type: ignore[arg-type]
         directory=None,  # type: ignore[arg-type]
         credentials=None,
-        load=lambda model, start, end: engine,  # type: ignore[arg-type,return-value]
+        load=load,  # type: ignore[arg-type]
         estimate=lambda manifest, start, end: TPS,
         measure=lambda: asyncio.sleep(0),
     )
@@ -222,3 +225,13 @@ def test_a_drained_move_serves_the_new_span() -> None:
     asyncio.run(move())
     assert (service.engine.start, service.engine.end) == (HALF, BLOCKS)
     assert heard == [DRAINING, SERVING]
+
+
+def test_a_move_whose_span_does_not_load_serves_on_where_it_was() -> None:
+    def fail(*args: object) -> None:
+        raise MemoryError("no room for a second span")
+
+    service, serving = _Service(sessions=0), ServingState(drain_deadline_s=60.0)
+    asyncio.run(_rebalancer(service, serving, load=fail).move(Placement(MODEL, HALF, BLOCKS)))
+    assert (service.engine.start, service.engine.end) == (0, HALF)
+    assert serving.state == SERVING
