@@ -54,13 +54,14 @@ class RebalancePool:
         return sum(line.startswith(MOVED_MARKER) for line in self.node(name).lines)
 
 
-def _start_node(pool: LocalPool, name: str, args: list[str]) -> None:
+def _start_node(pool: LocalPool, name: str, args: list[str]) -> CoopProcess:
+    """A node with its own --model flags (LocalPool's serve its one model); wait for it with `wait_ready`."""
     node = start(
         name, ["node", "start", *args, "--initial-peers", pool.peer, "--node-id", name, "--device", "cpu"], None
     )
     pool.processes.append(node)
     pool.nodes[name] = node
-    node.wait_ready("COOP_NODE_READY")
+    return node
 
 
 @pytest.fixture(scope="module")
@@ -68,15 +69,18 @@ def pool(demo_model_dir: str, tiny_llama_dir: str) -> Iterator[RebalancePool]:
     pool = LocalPool(demo_model_dir)
     try:
         pool.start_dht()
+        tiny = _start_node(pool, "m2", ["--model", tiny_llama_dir, "--blocks", "0:6"])
         pool.start_nodes({"a": f"0:{HALF}", "b": f"{HALF}:30"})
-        _start_node(pool, "m2", ["--model", tiny_llama_dir, "--blocks", "0:6"])
+        tiny.wait_ready("COOP_NODE_READY")
+        rebalancing = ["--rebalance-interval-s", str(REBALANCE_INTERVAL_S), "--rebalance-dwell-s", "2"]
+        models = ["--model", demo_model_dir, "--model", tiny_llama_dir]
+        # c starts once the others are announced: it takes its place from what they serve
+        c = _start_node(pool, "c", [*models, "--blocks", "auto", "--max-blocks", str(HALF), *rebalancing])
         with pytest.MonkeyPatch.context() as patch:  # spot checks would open shadow sessions on other nodes
             patch.setenv("COOP_COORDINATOR_SPOT_CHECK_RATE", "0")
             patch.setenv("COOP_COORDINATOR_SPOT_CHECK_NEW_NODE_RATE", "0")
             pool.start_coordinator()
-        rebalancing = ["--rebalance-interval-s", str(REBALANCE_INTERVAL_S), "--rebalance-dwell-s", "2"]
-        models = ["--model", demo_model_dir, "--model", tiny_llama_dir]
-        _start_node(pool, "c", [*models, "--blocks", "auto", "--max-blocks", str(HALF), *rebalancing])
+        c.wait_ready("COOP_NODE_READY")
         yield RebalancePool(
             pool, Manifest.load(demo_model_dir).content_hash, Manifest.load(tiny_llama_dir).content_hash
         )
