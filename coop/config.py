@@ -19,8 +19,19 @@ class NodeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="COOP_NODE_", frozen=True)
 
     model_dir: Path
-    # "A:B" to serve blocks [A, B), or "auto" to take the least-served window that fits max_blocks
+    # more prepared models the node may serve: with blocks "auto", it starts on and moves to the model
+    # and span where it adds most (coop/swarm/rebalance.py)
+    more_model_dirs: tuple[Path, ...] = ()
+    # "A:B" to serve blocks [A, B) of model_dir, pinned; or "auto" to take the window, of any of its models,
+    # where the pool needs it most (of max_blocks blocks)
     blocks: str = "auto"
+    # with blocks "auto": re-evaluate every rebalance_interval_s (+-50% jitter) and move (drain first) when
+    # the pool's bottleneck throughput would grow more than rebalance_threshold times, or a gap be covered;
+    # never sooner than rebalance_dwell_s after the start or the last move
+    rebalance: bool = True
+    rebalance_interval_s: float = Field(default=10.0, gt=0)
+    rebalance_threshold: float = Field(default=1.25, ge=1.0)
+    rebalance_dwell_s: float = Field(default=60.0, ge=0)
     # how many blocks "auto" takes; 0 = as many as fit in memory_budget_bytes
     max_blocks: int = Field(default=0, ge=0)
     # bytes of block parameters "auto" may load (used when max_blocks is 0)

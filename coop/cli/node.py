@@ -14,7 +14,7 @@ from rich.table import Table
 
 from coop.cli.console import console, plain
 from coop.cli.log_format import LogFormat, LogFormatOption, configure_logging
-from coop.cli.options import MemberOption, ModelOption, PeersOption
+from coop.cli.options import MemberOption, PeersOption
 from coop.cli.trust import quarantine_app
 
 if TYPE_CHECKING:
@@ -47,9 +47,18 @@ def dht_start(
 
 @node_app.command("start")
 def node_start(
-    model: ModelOption,
+    model: Annotated[
+        list[Path],
+        typer.Option(
+            "--model", metavar="DIR", help="a prepared model directory; repeat it to let --blocks auto choose the model"
+        ),
+    ],
     blocks: Annotated[
-        str, typer.Option(envvar="COOP_NODE_BLOCKS", help="START:END, or auto to fill the least-served blocks")
+        str,
+        typer.Option(
+            envvar="COOP_NODE_BLOCKS",
+            help="START:END of the first --model (pinned), or auto: where the pool needs the node (rebalanced)",
+        ),
     ] = "auto",
     port: Annotated[int, typer.Option(envvar="COOP_NODE_PORT", help="gRPC port (0 = any free port)")] = 0,
     host: Annotated[str, typer.Option(envvar="COOP_NODE_HOST")] = "127.0.0.1",
@@ -97,6 +106,17 @@ def node_start(
             help="GiB: pause while less GPU memory than this is left to local processes (0 = never)",
         ),
     ] = 0.0,
+    rebalance: Annotated[
+        bool,
+        typer.Option(help="with --blocks auto: move (drain first) to where the pool needs the node most"),
+    ] = True,
+    rebalance_interval_s: Annotated[float, typer.Option("--rebalance-interval-s", help="how often to look")] = 10.0,
+    rebalance_threshold: Annotated[
+        float, typer.Option("--rebalance-threshold", help="move when the bottleneck throughput grows this many times")
+    ] = 1.25,
+    rebalance_dwell_s: Annotated[
+        float, typer.Option("--rebalance-dwell-s", help="stay at least this long after the start or a move")
+    ] = 60.0,
     log_format: LogFormatOption = LogFormat.text,
 ) -> None:
     """Serve a span of blocks to the pool until SIGTERM or Ctrl-C (the first drains, a second stops at once)."""
@@ -109,7 +129,8 @@ def node_start(
         k: v for k, v in (("metrics_port", metrics_port), ("metrics_host", metrics_host)) if v is not None
     }
     settings = NodeSettings(
-        model_dir=model,
+        model_dir=model[0],
+        more_model_dirs=tuple(model[1:]),
         blocks=blocks,
         port=port,
         host=host,
@@ -125,6 +146,10 @@ def node_start(
         drain_deadline_s=drain_deadline_s,
         serving_hours=serving_hours,
         gpu_yield_below_bytes=int(gpu_yield_below_gb * 2**30),
+        rebalance=rebalance,
+        rebalance_interval_s=rebalance_interval_s,
+        rebalance_threshold=rebalance_threshold,
+        rebalance_dwell_s=rebalance_dwell_s,
         **metrics,
     )
     asyncio.run(run_node(settings))

@@ -8,6 +8,8 @@ Start-up is ordered for the time to serving, never at the cost of serving early:
    can serve, and never oversells itself.
 3. The real throughput is measured in the background and announced when known.
 With `--gpu-yield-below` it pauses while local processes need the GPU (coop/node/memory_yield.py).
+With `--blocks auto` the node starts on the window, of any of its models, where the pool needs it most,
+and keeps moving there as the pool changes (coop/node/rebalancing.py; off with `--no-rebalance`).
 On SIGTERM/SIGINT (or `coop node drain`) it drains (coop/node/drain.py): it opens no new session,
 announces that it is draining, and waits until its coordinators moved or finished every session,
 or until the drain deadline; then it withdraws its announcement and stops. A second signal stops
@@ -43,12 +45,13 @@ from coop.node.limits import NodeLimits
 from coop.node.metering import ReceiptWriter
 from coop.node.metrics import NodeMetrics
 from coop.node.outbox import Outbox
+from coop.node.rebalancing import ListNodes, RebalancePolicy, Rebalancer, ServableModel
 from coop.node.serving_hours import parse_serving_hours
 from coop.pool.membership import Membership
-from coop.swarm.announcement import DRAINING, announcement_validator
+from coop.swarm.announcement import DRAINING, NodeAnnouncement, announcement_validator
 from coop.swarm.directory import Announcer, SwarmDirectory
+from coop.swarm.rebalance import Candidate, Placement, decide
 from coop.swarm.revocations import RevocationWatcher
-from coop.swarm.routing import choose_span, coverage_of
 from coop.swarm.validation import pool_record_validator
 from coop.wire.channels import GRPC_OPTIONS
 from coop.wire.generated import coop_pb2_grpc
@@ -87,16 +90,37 @@ def parse_blocks(text: str, num_blocks: int) -> tuple[int, int] | None:
     return start, end
 
 
-def pick_span(
-    settings: NodeSettings, manifest: Manifest, directory: SwarmDirectory, membership: Membership
-) -> tuple[int, int]:
-    explicit = parse_blocks(settings.blocks, manifest.num_blocks)
+def servable_models(settings: NodeSettings) -> dict[str, ServableModel]:
+    """The node's models by content hash, each with how many of its blocks the node can hold."""
+    models: dict[str, ServableModel] = {}
+    for directory in (settings.model_dir, *settings.more_model_dirs):
+        manifest = Manifest.load(directory)
+        if manifest.content_hash in models:
+            raise InvalidInput(f"{directory} is the same model as {models[manifest.content_hash].directory}")
+        block_bytes = max(b.param_count for b in manifest.blocks) * _itemsize(manifest)
+        length = settings.max_blocks or max(1, settings.memory_budget_bytes // block_bytes)
+        models[manifest.content_hash] = ServableModel(directory, manifest, min(length, manifest.num_blocks))
+    return models
+
+
+def pick_placement(
+    settings: NodeSettings, models: dict[str, ServableModel], list_nodes: ListNodes, node_id: str
+) -> Placement:
+    """--blocks A:B of the first model, or (auto) the window of any model where the pool needs this node most."""
+    first = next(iter(models.values()))
+    explicit = parse_blocks(settings.blocks, first.manifest.num_blocks)
     if explicit is not None:
-        return explicit
-    block_bytes = max(b.param_count for b in manifest.blocks) * _itemsize(manifest)
-    length = settings.max_blocks or max(1, settings.memory_budget_bytes // block_bytes)
-    live = directory.list_nodes(membership.pool_id, manifest.content_hash, announcement_validator(membership))
-    return choose_span(coverage_of(live, manifest.num_blocks), length)
+        return Placement(first.manifest.content_hash, *explicit)
+    from coop.model.loading import resolve_device  # imports transformers: only once the DHT process is forked
+
+    device_type = resolve_device(settings.device).type
+    mine = [
+        Candidate(h, m.manifest.num_blocks, m.length, estimate_throughput(m.manifest, 0, m.length, device_type))
+        for h, m in models.items()
+    ]
+    placement = decide(node_id, None, mine, {h: list_nodes(h) for h in models})
+    assert placement is not None  # decide always places a node that has no placement yet
+    return placement
 
 
 def estimate_throughput(manifest: Manifest, start: int, end: int, device_type: str) -> float:
@@ -130,7 +154,7 @@ async def run_node(settings: NodeSettings, measure: Measure | None = None) -> No
     (default `measure_throughput`, looked up when the node starts)."""
     measure = measure or measure_throughput
     hours = parse_serving_hours(settings.serving_hours) if settings.serving_hours else None
-    manifest = Manifest.load(settings.model_dir)
+    models = servable_models(settings)
     serving = ServingState(drain_deadline_s=settings.drain_deadline_s, hours=hours)
     if hours is not None:
         serving.apply_hours(datetime.datetime.now().time())
@@ -155,14 +179,20 @@ async def run_node(settings: NodeSettings, measure: Measure | None = None) -> No
     announcing: set[asyncio.Task[None]] = set()  # awaited, not cancelled: none may land after the withdrawal
     control_socket = settings.control_socket or control_socket_path(node_id)
     listening_on_socket = False
+    validator = announcement_validator(membership)
+
+    def list_nodes(model_hash: str) -> list[NodeAnnouncement]:
+        return directory.list_nodes(membership.pool_id, model_hash, validator)
+
     try:
-        span = parse_blocks(settings.blocks, manifest.num_blocks)
-        if span is None:  # --blocks auto: the least-served window, as the swarm shows it once joined
+        # --blocks auto: the window where the pool needs the node most, as the swarm shows it once joined
+        if settings.blocks == "auto":
             await asyncio.gather(joined, asyncio.to_thread(importlib.import_module, "coop.model.engine"))
-            span = await asyncio.to_thread(pick_span, settings, manifest, directory, membership)
-        start, end = span
+        place = await asyncio.to_thread(pick_placement, settings, models, list_nodes, node_id)
+        start, end, model = place.start, place.end, models[place.model_hash]
+        manifest = model.manifest
         log.info("loading blocks %d:%d of %s …", start, end, manifest.name, extra={"start": start, "end": end})
-        engine, _ = await asyncio.gather(asyncio.to_thread(_load_engine, settings, start, end), joined)
+        engine, _ = await asyncio.gather(asyncio.to_thread(_load_engine, settings, model, start, end), joined)
         from coop.node.service import NodeService
 
         outbox_path = settings.resolved_outbox_path()
@@ -205,16 +235,17 @@ async def run_node(settings: NodeSettings, measure: Measure | None = None) -> No
             metrics_url = f"http://{settings.metrics_host}:{metrics_port}/metrics"
 
         def describe() -> dict[str, object]:
+            serving_engine = node_service.engine  # a rebalance move changes it
             return {
                 "node_id": node_id,
                 "pool_id": membership.pool_id,
-                "model_hash": manifest.content_hash,
-                "start": start,
-                "end": end,
+                "model_hash": serving_engine.manifest.content_hash,
+                "start": serving_engine.start,
+                "end": serving_engine.end,
                 "endpoint": endpoint,
                 "institution": membership.institution,
                 "throughput_tps": node_service.throughput_tps,
-                "free_cache_bytes": engine.free_cache_bytes,
+                "free_cache_bytes": serving_engine.free_cache_bytes,
                 "state": serving.state,
             }
 
@@ -223,6 +254,7 @@ async def run_node(settings: NodeSettings, measure: Measure | None = None) -> No
         ready = {
             "node_id": node_id,
             "endpoint": endpoint,
+            "model_hash": manifest.content_hash,
             "start": start,
             "end": end,
             "throughput_tps": round(service.throughput_tps, 2),
@@ -244,6 +276,24 @@ async def run_node(settings: NodeSettings, measure: Measure | None = None) -> No
             _spawn(background, _yield_memory(settings, serving, engine, lambda: node_service.session_count))
         print(f"{READY_MARKER} {json.dumps(ready)}", flush=True)
         measuring = asyncio.create_task(_measure_and_announce(engine, service, announcer, measure))
+        if settings.rebalance and settings.blocks == "auto":
+            rebalancer = Rebalancer(
+                node_id=node_id,
+                models=models,
+                policy=RebalancePolicy(
+                    settings.rebalance_interval_s, settings.rebalance_threshold, settings.rebalance_dwell_s
+                ),
+                list_nodes=list_nodes,
+                service=node_service,
+                serving=serving,
+                announcer=announcer,
+                directory=directory,
+                credentials=membership.credentials,
+                load=lambda to, first, last: _load_engine(settings, to, first, last),
+                estimate=lambda of, first, last: estimate_throughput(of, first, last, engine.device.type),
+                measure=lambda: _measure_and_announce(node_service.engine, node_service, announcer, measure),
+            )
+            _spawn(background, rebalancer.run())
         await stop.wait()
         log.info("shutting down: withdrawing announcement, draining calls …")
     finally:
@@ -275,11 +325,11 @@ async def _join(directory: SwarmDirectory, watcher: RevocationWatcher) -> None:
     await asyncio.to_thread(watcher.start)
 
 
-def _load_engine(settings: NodeSettings, start: int, end: int) -> SpanEngine:
+def _load_engine(settings: NodeSettings, model: ServableModel, start: int, end: int) -> SpanEngine:
     from coop.model.engine import SpanEngine
 
     return SpanEngine.load(
-        settings.model_dir,
+        model.directory,
         start,
         end,
         device=settings.device,
@@ -310,6 +360,8 @@ async def _measure_and_announce(
     except Exception:
         log.exception("could not measure throughput; the node keeps announcing its estimate")
         return
+    if service.engine is not engine:
+        return  # the node moved meanwhile (rebalancing): this span is no longer served
     service.throughput_tps = throughput
     await asyncio.to_thread(announcer.announce_once)
     print(f"{MEASURED_MARKER} {json.dumps({'throughput_tps': round(throughput, 2)})}", flush=True)

@@ -6,8 +6,9 @@ A node is in one of three states:
   local processes need the device's memory (coop/node/memory_yield.py). It opens no
   session, announces itself as paused (routes skip it), and asks the coordinators of its open
   sessions to move them (a `draining` event); what they cannot move runs to its end. It stays up.
-- draining: `coop node drain` or SIGTERM (and, later, a rebalance move). As paused, then the node
-  exits once no session is left, or at the drain deadline, whichever comes first.
+- draining: `coop node drain` or SIGTERM. As paused, then the node exits once no session is left, or at
+  the drain deadline, whichever comes first. A rebalance move (coop/node/rebalancing.py) announces
+  draining too while its sessions are moved, then loads its new span and serves again.
 Draining wins over paused and cannot be undone (the process is leaving); resume lifts the owner's
 pause only, so outside serving hours a resumed node stays paused.
 
@@ -58,33 +59,51 @@ class ServingState:
         self.hours = hours
         self.listeners: list[Listener] = []
         self._draining = False
+        self._moving = False
         self._paused = False
         self._outside_hours = False
         self._yielding = False
         self._drain_started = 0.0
+        self._move_started = 0.0
         self._drain_requested = asyncio.Event()
 
     @property
     def state(self) -> NodeState:
         return state_of(
-            draining=self._draining, paused=self._paused, outside_hours=self._outside_hours, yielding=self._yielding
+            draining=self._draining or self._moving,
+            paused=self._paused,
+            outside_hours=self._outside_hours,
+            yielding=self._yielding,
         )
 
     @property
     def accepting(self) -> bool:
         return self.state == SERVING
 
+    @property
+    def exiting(self) -> bool:
+        return self._draining
+
     def deadline_left_s(self) -> float:
-        """Seconds until a draining node exits whatever is left; 0 when not draining."""
-        if not self._draining:
+        """Seconds until a draining node exits (or a moving one gives up its move); 0 when neither."""
+        if not (self._draining or self._moving):
             return 0.0
-        return max(0.0, self._drain_started + self.drain_deadline_s - time.monotonic())
+        started = self._drain_started if self._draining else self._move_started
+        return max(0.0, started + self.drain_deadline_s - time.monotonic())
 
     def drain(self) -> None:
         if not self._draining:
             self._drain_started = time.monotonic()
             self._change(lambda: setattr(self, "_draining", True))
             self._drain_requested.set()
+
+    def begin_move(self) -> None:
+        """Stop taking sessions and have the open ones moved, as a drain does, but to stay up."""
+        self._move_started = time.monotonic()
+        self._change(lambda: setattr(self, "_moving", True))
+
+    def end_move(self) -> None:
+        self._change(lambda: setattr(self, "_moving", False))
 
     def pause(self) -> None:
         self._change(lambda: setattr(self, "_paused", True))
@@ -124,13 +143,7 @@ class ServingState:
     async def wait_drained(self, sessions: Callable[[], int]) -> None:
         """Return once a drain was asked for and `sessions()` is 0, or its deadline passed."""
         await self._drain_requested.wait()
-        told = time.monotonic()
-        while (left := sessions()) and self.deadline_left_s() > 0:
-            if time.monotonic() - told >= _PROGRESS_EVERY_S:
-                told = time.monotonic()
-                log.info("draining: %d sessions still open, %.0f s left before exiting", left, self.deadline_left_s())
-            await asyncio.sleep(_POLL_S)
-        if left:
+        if left := await self.wait_sessions_moved(sessions, "before exiting"):
             log.warning(
                 "drain deadline of %g s reached with %d sessions still open: no coordinator moved them "
                 "(no other route serves their blocks?); exiting, their coordinators fail them over",
@@ -139,6 +152,16 @@ class ServingState:
             )
         else:
             log.info("drained: no session left")
+
+    async def wait_sessions_moved(self, sessions: Callable[[], int], then: str) -> int:
+        """Wait until `sessions()` is 0 or the deadline of the drain or move passed; the sessions left."""
+        told = time.monotonic()
+        while (left := sessions()) and self.deadline_left_s() > 0:
+            if time.monotonic() - told >= _PROGRESS_EVERY_S:
+                told = time.monotonic()
+                log.info("draining: %d sessions still open, %.0f s left %s", left, self.deadline_left_s(), then)
+            await asyncio.sleep(_POLL_S)
+        return left
 
 
 def check_owner(context: grpc.aio.ServicerContext, caller: Callable[[], Identity | None], institution: str) -> None:

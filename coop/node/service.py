@@ -123,6 +123,17 @@ class NodeService(coop_pb2_grpc.NodeServicer):
         await self._channels.close()
         self._batcher.close()
 
+    def serve_span(self, engine: SpanEngine) -> None:
+        """Serve `engine`'s span from now on, instead of the current one (a rebalance move, once drained)."""
+        if self._sessions:
+            raise InvalidInput(f"{len(self._sessions)} sessions are still open: a node changes its span only drained")
+        self._batcher.close()
+        self.engine = engine
+        self._token_bytes = engine.hidden_size * torch.empty((), dtype=engine.dtype).element_size()
+        self._batcher = StepBatcher(engine, max_steps=self.limits.max_batch_steps, gather_s=self.limits.batch_gather_s)
+        if self._receipts is not None:
+            self._receipts.manifest = engine.manifest
+
     # -- Info -------------------------------------------------------------------------------
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.NodeInfo:

@@ -139,23 +139,6 @@ def choose_route(
     return hops[::-1]
 
 
-def choose_span(coverage: Sequence[int], length: int) -> tuple[int, int]:
-    """The window of `length` blocks that is served by the fewest nodes (leftmost on ties).
-
-    `coverage[i]` is how many live nodes serve block i; a new node taking this window fills the
-    least-served part of the model first.
-    """
-    num_blocks = len(coverage)
-    length = max(1, min(length, num_blocks))
-    best_start, best_key = 0, (float("inf"), float("inf"))
-    for start in range(num_blocks - length + 1):
-        window = coverage[start : start + length]
-        key = (min(window), sum(window))  # first fill holes, then the thinnest region
-        if key < best_key:
-            best_start, best_key = start, key
-    return best_start, best_start + length
-
-
 def coverage_of(nodes: Sequence[NodeAnnouncement], num_blocks: int) -> list[int]:
     counts = [0] * num_blocks
     for node in nodes:

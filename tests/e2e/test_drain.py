@@ -7,13 +7,10 @@ span of alpha, which alone may pause, resume and drain them (`coop node pause|re
 
 from __future__ import annotations
 
-import itertools
 import os
 import subprocess
-import time
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,22 +22,12 @@ from coop.node.client import node_control, node_info
 from coop.pool.membership import Membership
 from coop.pool.registry import add_member, create_pool
 from coop.wire.generated import coop_pb2 as pb
-from tests.chat_requests import stream_greedy_chat
+from tests.moving_streams import WAIT_S, streams_moved_when
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
-QUESTIONS = (
-    "Write a long story about a brave knight and a dragon.",
-    "Write a long story about a lighthouse keeper and a storm.",
-    "Explain in detail how bread is made, step by step.",
-    "Describe a long journey across a desert on a camel.",
-)
-STREAMS = 8
-MAX_TOKENS = 64
-MOVE_AFTER_CHUNKS = 4  # every stream is this far into its generation when its node leaves
 MIDDLE = {"mid-1": "10:20", "mid-2": "10:20"}
-WAIT_S = 120.0  # generous: the 2-core CI machine runs other tests' processes too
 
 
 @dataclass
@@ -71,6 +58,11 @@ class DrainPool:
         shown = subprocess.run([*COOP, *args], capture_output=True, text=True, timeout=WAIT_S, check=True, env=env)
         cells = [[c.strip() for c in line.split("│")] for line in shown.stdout.splitlines() if line.count("│") > 3]
         return {row[1]: row[4] for row in cells if row[1] in self.pool.nodes}
+
+    def streams_moved_when(
+        self, leaving: str, move: Callable[[], None], reference: Callable[[str, int], list[int]]
+    ) -> list[dict[str, Any]]:
+        return streams_moved_when(self.pool.url, lambda: self.info(leaving).active_sessions, leaving, move, reference)
 
     def act(self, action: pb.ControlRequest.Action, node: str) -> str:
         """The same call as `control`, in this process: quick enough to hand over streams mid-generation."""
@@ -108,40 +100,6 @@ def test_only_the_nodes_institution_may_pause_it(pool: DrainPool) -> None:
     assert pool.info("mid-1").state == "serving"
 
 
-def _streams_moved_when(
-    pool: DrainPool, leaving: str, move: Callable[[], None], reference: Callable[[str, int], list[int]]
-) -> list[dict[str, Any]]:
-    """Run 8 greedy streams that all go through `leaving`; call `move` once each is under way; check the
-    tokens of every one against a single-process run; return their "coop" extras."""
-    progress = [0] * STREAMS
-    chunk_times: list[list[float]] = [[] for _ in range(STREAMS)]
-
-    def run(index: int) -> dict[str, Any]:
-        final: dict[str, Any] = {}
-        for chunk in stream_greedy_chat(pool.pool.url, QUESTIONS[index % len(QUESTIONS)], MAX_TOKENS):
-            progress[index] += 1
-            chunk_times[index].append(time.monotonic())
-            final = chunk.get("coop") or final
-        return final
-
-    with ThreadPoolExecutor(STREAMS) as workers:
-        streams = [workers.submit(run, i) for i in range(STREAMS)]
-        wait_for("every stream under way", lambda: min(progress) >= MOVE_AFTER_CHUNKS, WAIT_S)
-        assert pool.info(leaving).active_sessions == STREAMS  # the leaving node carries all 8
-        moved_at = time.monotonic()
-        move()
-        extras = [stream.result(timeout=WAIT_S) for stream in streams]  # raises if any request failed
-    finished_s = time.monotonic() - moved_at
-    gaps = [max(b - a for a, b in itertools.pairwise(times) if b > moved_at) for times in chunk_times]
-    print(f"{STREAMS} streams finished {finished_s:.1f}s after {leaving} began to leave; longest pause between")
-    print(f"tokens after it: {max(gaps):.2f}s (median stream {sorted(gaps)[STREAMS // 2]:.2f}s)")
-    for index, coop in enumerate(extras):
-        assert coop["token_ids"] == reference(QUESTIONS[index % len(QUESTIONS)], MAX_TOKENS)
-        assert coop["route"][0]["failovers"] == 0  # a planned move, not a failure
-        assert leaving not in {hop["node_id"] for hop in coop["route"]}
-    return extras
-
-
 def test_a_paused_node_hands_its_streams_over_and_stays_up(
     pool: DrainPool, reference: Callable[[str, int], list[int]]
 ) -> None:
@@ -151,7 +109,7 @@ def test_a_paused_node_hands_its_streams_over_and_stays_up(
         assert pool.act(pb.ControlRequest.RESUME, "mid-2") == "serving"  # back into routes
         assert pool.act(pb.ControlRequest.PAUSE, "mid-1") == "paused"
 
-    extras = _streams_moved_when(pool, "mid-1", hand_over, reference)
+    extras = pool.streams_moved_when("mid-1", hand_over, reference)
     assert all(hop["node_id"] == "mid-2" for coop in extras for hop in coop["route"] if hop["start"] == 10)
     assert pool.pool.nodes["mid-1"].alive
     wait_for("the paused node to hold no session", lambda: pool.info("mid-1").active_sessions == 0, WAIT_S)
@@ -169,6 +127,6 @@ def test_a_drained_node_hands_its_streams_over_and_exits(
         assert pool.act(pb.ControlRequest.RESUME, "mid-1") == "serving"
         assert pool.act(pb.ControlRequest.DRAIN, "mid-2") == "draining"
 
-    _streams_moved_when(pool, "mid-2", drain, reference)
+    pool.streams_moved_when("mid-2", drain, reference)
     assert node.popen.wait(timeout=WAIT_S) == 0
     assert any("drained: no session left" in line for line in node.lines)

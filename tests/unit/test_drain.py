@@ -156,6 +156,20 @@ def test_a_yielding_node_pauses_and_releases_its_cache_only_once_its_sessions_ar
     assert released == [0]  # released once, after the last session left
 
 
+def test_a_move_drains_without_exiting_and_serves_again() -> None:
+    serving = ServingState(drain_deadline_s=0.0)
+    heard: list[str] = []
+    serving.listeners.append(heard.append)
+    serving.begin_move()
+    assert serving.state == DRAINING and not serving.exiting
+    assert asyncio.run(serving.wait_sessions_moved(lambda: 2, "before moving")) == 2  # deadline 0: 2 left
+    serving.pause()  # the owner paused the node during its move: it stays paused after it
+    serving.end_move()
+    assert heard == [DRAINING, PAUSED]
+    serving.resume()
+    assert serving.accepting
+
+
 def _announced(node_id: str, start: int, end: int, state: str = SERVING) -> NodeAnnouncement:
     return NodeAnnouncement(
         node_id=node_id,

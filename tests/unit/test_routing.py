@@ -11,7 +11,7 @@ import pytest
 from coop.errors import RouteUnavailable
 from coop.swarm.announcement import NodeAnnouncement
 from coop.swarm.measurements import Measured, Measurements, attribute_step
-from coop.swarm.routing import Hop, choose_route, choose_span, coverage_of, expected_block_s, missing_blocks
+from coop.swarm.routing import Hop, choose_route, expected_block_s, missing_blocks
 from coop.swarm.view import Ping, SwarmView
 
 NUM_BLOCKS = 30
@@ -73,14 +73,6 @@ def test_excluded_nodes_and_missing_blocks() -> None:
     assert caught.value.missing_blocks == [(10, 20)]
     assert missing_blocks([node("a", 0, 5), node("c", 25, 30)], NUM_BLOCKS) == [(5, 25)]
     assert missing_blocks([], 3) == [(0, 3)]
-
-
-def test_choose_span_fills_holes_first() -> None:
-    coverage = coverage_of([node("a", 0, 10), node("c", 20, 30)], NUM_BLOCKS)
-    assert choose_span(coverage, 10) == (10, 20)
-    assert choose_span([0] * NUM_BLOCKS, 10) == (0, 10)
-    assert choose_span(coverage_of([node("a", 0, 30)], NUM_BLOCKS), 50) == (0, 30)
-    assert choose_span([2, 2, 1, 1, 2, 2], 2) == (2, 4)
 
 
 class _FixedDirectory:
