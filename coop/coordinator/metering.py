@@ -13,7 +13,8 @@ receipt that claims more than the written ceiling waits for the next write inste
 After a restart no session is live, and the last rows written are the ceiling.
 
 Fair share is fed at once, step by step, so priorities follow usage as it happens rather than when
-receipts arrive.
+receipts arrive, at the FLOPs per token of the model the session runs (`KeyedMeter.for_model`; a
+coordinator may serve several models, one ledger and one fair share for all).
 """
 
 from __future__ import annotations
@@ -68,11 +69,14 @@ class Metering:
         tokens: int,
         sent: TokenTally,
         api_key_id: str = "",
+        span_flops_per_token: Callable[[int, int], int] | None = None,
     ) -> None:
+        """`span_flops_per_token`: the session's model's (None: the default model's)."""
         now = time.time()
         self.tokens_served += tokens
+        flops = span_flops_per_token or self._flops
         for hop in hops:
-            self.fair_share.record(hop.institution or None, consumer, tokens * self._flops(hop.start, hop.end), now)
+            self.fair_share.record(hop.institution or None, consumer, tokens * flops(hop.start, hop.end), now)
         last = self._checkpoints.get(session_id)
         clock = time.monotonic()
         if last is None or sent.total - last.tokens >= self.checkpoint_tokens or clock - last.at >= self.checkpoint_s:
@@ -154,9 +158,14 @@ class KeyedMeter:
 
     metering: Metering
     api_key_id: str
+    span_flops_per_token: Callable[[int, int], int] | None = None  # the model's; None: the default model's
+
+    def for_model(self, span_flops_per_token: Callable[[int, int], int]) -> KeyedMeter:
+        """This meter for a session of the model with these FLOPs per token (admission precedes the model)."""
+        return KeyedMeter(self.metering, self.api_key_id, span_flops_per_token)
 
     def stepped(self, session_id: str, consumer: str, hops: Sequence[Hop], tokens: int, sent: TokenTally) -> None:
-        self.metering.stepped(session_id, consumer, hops, tokens, sent, self.api_key_id)
+        self.metering.stepped(session_id, consumer, hops, tokens, sent, self.api_key_id, self.span_flops_per_token)
 
     def session_ended(self, session_id: str, consumer: str, hops: Sequence[Hop], sent: TokenTally) -> None:
         self.metering.session_ended(session_id, consumer, hops, sent, self.api_key_id)
