@@ -135,7 +135,8 @@ class LocalPool:
         `model_dir`: the model they serve (default: the pool's).
         """
         for name, blocks in spans.items():
-            args = ["node", "start", "--model", model_dir or self.model_dir, "--blocks", blocks, "--initial-peers", self.peer]
+            model = model_dir or self.model_dir
+            args = ["node", "start", "--model", model, "--blocks", blocks, "--initial-peers", self.peer]
             if members and name in members:
                 args += ["--member", str(members[name])]
             node = start(name, [*args, "--node-id", name, "--device", "cpu", *extra_args], None)
