@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -151,8 +151,8 @@ async def run_coordinator(settings: CoordinatorSettings) -> None:
     directory = SwarmDirectory.launch(list(settings.initial_peers), settings.host, 0, validator=validator)
     joined = asyncio.create_task(asyncio.to_thread(directory.wait_ready))
     try:
-        loads = (asyncio.to_thread(_load_client, model_dir, settings.device) for model_dir in settings.model_dirs)
-        clients, _ = await asyncio.gather(asyncio.gather(*loads), joined)
+        loading = asyncio.to_thread(_load_clients, settings.model_dirs, settings.device)
+        clients, _ = await asyncio.gather(loading, joined)
     except BaseException:
         await asyncio.gather(joined, return_exceptions=True)
         await asyncio.to_thread(directory.shutdown)
@@ -260,7 +260,8 @@ async def run_coordinator(settings: CoordinatorSettings) -> None:
         await asyncio.to_thread(directory.shutdown)
 
 
-def _load_client(model_dir: Path, device: str) -> ClientPart:
+def _load_clients(model_dirs: Sequence[Path], device: str) -> list[ClientPart]:
+    """One after the other: transformers' meta-device skeletons are not built safely in parallel threads."""
     from coop.model.client_part import ClientPart
 
-    return ClientPart.load(model_dir, device=device)
+    return [ClientPart.load(model_dir, device=device) for model_dir in model_dirs]
