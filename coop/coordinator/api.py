@@ -125,7 +125,7 @@ def create_app(
     metrics_token: SecretStr | None = None,
 ) -> FastAPI:
     """`served`: what the API serves, by the request's "model" (one backend: that model alone); the
-    SDK's relay sessions run on the default model. `keys`: the API-key gate; None serves anyone
+    SDK's relay sessions by the model's content hash. `keys`: the API-key gate; None serves anyone
     (development mode). `access`: credit floors and fair-share admission (None: every request starts
     at once). `session_idle_timeout_s`: relay sessions idle this long are closed. `limits`: what one
     request may send (default: the settings' defaults). `public_docs`: serve /docs, /redoc and
@@ -136,7 +136,7 @@ def create_app(
     catalog = served if isinstance(served, ModelCatalog) else ModelCatalog.single(served)
     serving = OpenAIServing(catalog, limits, metrics)
     gate = keys or ApiKeyGate(None)
-    relay = ChainRelay(catalog.default.backend, gate, access, idle_timeout_s=session_idle_timeout_s)
+    relay = ChainRelay(catalog, gate, access, idle_timeout_s=session_idle_timeout_s)
     rejections = Rejections()
     metrics.watch(rejections, access.admission if access is not None else None)
 

@@ -2,14 +2,16 @@
 
 Alpha's node serves the demo model whole; Beta's two nodes serve the tiny chat model (blocks 0:2 and
 2:4); the coordinator (Coord, with the pool directory) serves both and books every receipt; Gamma's
-API key pays. Each model answers with the tokens of its own single-process run and each receipt is
-booked at its own model's FLOPs; when one of Beta's nodes stops, the tiny model is reported half
-covered and refused with a 503, while the demo model still answers.
+API key pays. Each model answers with the tokens of its own single-process run, each receipt is
+booked at its own model's FLOPs, and an SDK session runs on the model of its content hash. When one
+of Beta's nodes stops, the tiny model is reported half covered and refused with a 503, while the
+demo model still answers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
+from coop.client import RemoteModel
 from coop.launcher import COOP, LocalPool
 from coop.ledger.database import LEDGER_FILE, sqlite_url
 from coop.ledger.store import Ledger
@@ -87,6 +90,7 @@ def two_models(
         pool.stop()
 
 
+@functools.cache
 def _single_process_tokens(model_dir: str) -> list[int]:
     backend = LocalBackend(model_dir)
     prompt = backend.client.encode_chat([{"role": "user", "content": QUESTION}])
@@ -161,6 +165,13 @@ def test_admin_overview_has_a_coverage_map_per_model(two_models: TwoModels) -> N
         two_models.demo.name: (30, [], ["demo-0"]),
         two_models.tiny.name: (4, [], ["tiny-0", "tiny-1"]),
     }
+
+
+def test_sdk_sessions_run_on_the_model_of_their_content_hash(two_models: TwoModels, tiny_chat_model_dir: str) -> None:
+    with RemoteModel.from_pretrained(tiny_chat_model_dir, two_models.pool.url, api_key=two_models.key) as model:
+        prompt = model.client.encode_chat([{"role": "user", "content": QUESTION}])
+        out = model.generate(prompt, max_new_tokens=MAX_TOKENS)[0, len(prompt) :].tolist()
+    assert out == _single_process_tokens(tiny_chat_model_dir)
 
 
 def test_a_model_whose_nodes_left_is_refused_and_the_other_still_answers(two_models: TwoModels) -> None:
