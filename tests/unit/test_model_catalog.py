@@ -12,8 +12,11 @@ import pytest
 
 from coop.coordinator.api import create_app
 from coop.coordinator.catalog import Coverage, ModelCatalog, ServedModel
+from coop.coordinator.metering import Metering
 from coop.errors import ModelStoreError, RequestError, RouteUnavailable
 from coop.pipeline.local import LocalBackend
+from coop.receipts import TokenTally
+from coop.swarm.routing import Hop
 from tests.unit.test_api import serve_in_thread
 
 FIRST, SECOND = "tiny-first", "tiny-second"
@@ -150,3 +153,23 @@ def test_coverage_and_require_covered(backends: tuple[LocalBackend, LocalBackend
     gap.missing = []
     asyncio.run(model.require_covered())  # covered: no error, no refresh needed
     assert gap.refreshes == 1
+
+
+class RecordedFlops:
+    """Fair share's input, as `Metering` feeds it."""
+
+    def __init__(self) -> None:
+        self.flops: list[float] = []
+
+    def record(self, provider: str | None, consumer: str, flops: float, at_s: float) -> None:
+        self.flops.append(flops)
+
+
+def test_fair_share_counts_each_model_s_own_flops_per_token() -> None:
+    shares = RecordedFlops()
+    metering = Metering(shares, lambda start, end: 10 * (end - start))  # type: ignore[arg-type]  # the default model's
+    meter = metering.for_key("key-1")
+    hops = [Hop("n1", "127.0.0.1:1", 0, 2, "alpha")]
+    meter.stepped("s1", "beta", hops, 3, TokenTally(prefill=3))
+    meter.for_model(lambda start, end: 100 * (end - start)).stepped("s2", "beta", hops, 3, TokenTally(prefill=3))
+    assert shares.flops == [60, 600]
