@@ -20,6 +20,7 @@ class NodeOut(BaseModel):
     online: bool
     revoked: bool  # its institution's membership is revoked
     endpoint: str | None = None
+    model: str = ""  # the name of the model it serves, where the coordinator serves several (online nodes)
     throughput_tps: float | None = None  # as the node measured and announced it
     sessions: int = 0  # this coordinator's sessions open on it now
     online_since: dt.datetime | None = None  # as observed by this coordinator

@@ -104,6 +104,7 @@ def nodes(ctx: AdminContext, pool: PoolState, now: Live, *, now_s: float | None 
     now_s = time.time() if now_s is None else now_s
     live, load = now.nodes, now.load
     since = ctx.presence.observe([n.node_id for n in live])
+    model_of = {node_id: model.name for model in now.models for node_id in model.node_ids}
     stats = queries.node_stats(ctx.ledger.engine)
     trust = trust_from_ledger(ctx.ledger)
     out = []
@@ -118,6 +119,7 @@ def nodes(ctx: AdminContext, pool: PoolState, now: Live, *, now_s: float | None 
                 online=True,
                 revoked=ann.institution in pool.revoked,
                 endpoint=ann.endpoint,
+                model=model_of.get(ann.node_id, ""),
                 throughput_tps=ann.throughput_tps,
                 sessions=load.get(ann.node_id, 0),
                 online_since=utc_from_s(since[ann.node_id]),

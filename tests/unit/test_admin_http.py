@@ -220,9 +220,15 @@ def test_overview_has_one_coverage_map_per_model(data: AdminPool) -> None:
     context = dataclasses.replace(data.context(), swarm={"big-model": data.swarm, "small-model": small})
     app = FastAPI()
     mount_admin(app, context)
-    with TestClient(app) as client:
-        overview = client.get("/admin/api/overview", headers={"Authorization": f"Bearer {data.admin_token}"})
-    body = overview.json()
+    bearer = {"Authorization": f"Bearer {data.admin_token}"}
+    with TestClient(app, follow_redirects=False) as client:
+        body = client.get("/admin/api/overview", headers=bearer).json()
+        nodes = {n["node_id"]: n["model"] for n in client.get("/admin/api/nodes", headers=bearer).json()}
+        sign_in(client, data.admin_token)
+        page = client.get("/admin/").text
+    assert nodes["small-0"] == "small-model" and nodes["beta-h100-0"] == "big-model"
+    assert '2 / 4</span><span class="label">blocks served of small-model' in page
+    assert '30 / 30</span><span class="label">blocks served of big-model' in page
     big, tiny = body["models"]
     assert (big["name"], big["num_blocks"], big["blocks_uncovered"]) == ("big-model", 30, [])
     assert sorted(big["node_ids"]) == sorted(n.node_id for n in data.swarm.nodes)
