@@ -4,7 +4,7 @@ Each model is a `RemoteBackend` of its own (its nodes are found under its own di
 models share the ledger, fair share, receipt collection and the spot checks' verdicts, since those
 are about members and nodes, not models.
 
-Start-up forks the DHT process first and loads the client part (which imports transformers) while
+Start-up forks the DHT process first and loads the client parts (which import transformers) while
 the DHT joins the swarm; the ledger (SQLModel) and the web app are imported only when needed, so
 `coop coordinator start` imports nothing heavy before that fork.
 """
@@ -109,12 +109,15 @@ class RemoteBackend:
         return CheckedChain(await chain.open(), self.spot_checks, withholding)
 
     def _priced(self, charge: Charge) -> Charge:
-        """The charge with its meter counting this model's FLOPs per token towards fair share."""
-        from coop.coordinator.metering import KeyedMeter  # the ledger's: imported once accounts are kept
+        """The charge with its meter naming this model in observations and counting its FLOPs in fair share."""
+        from coop.coordinator.metering import KeyedMeter, ModelRate  # the ledger's: imported once accounts are kept
 
         if not isinstance(charge.meter, KeyedMeter):
             return charge
-        return replace(charge, meter=charge.meter.for_model(self.client.manifest.span_flops_per_token))
+        manifest = self.client.manifest
+        return replace(
+            charge, meter=charge.meter.for_model(ModelRate(manifest.content_hash, manifest.span_flops_per_token))
+        )
 
     def _replica_chain(self, swarm: RouteSource, max_length: int, charge: Charge) -> RemoteChain:
         """A spot check's session on replicas: never failed over (a failed replica ends the check)."""
@@ -177,7 +180,6 @@ async def run_coordinator(settings: CoordinatorSettings) -> None:
         backend = RemoteBackend(client, swarm, settings, membership.channel_security(), sign_route, book)
         swarm.ping = backend.ping
         backends.append(backend)
-    catalog = ModelCatalog([ServedModel(b, b.swarm.missing_blocks, b.swarm.refresh) for b in backends])
     default = backends[0]
 
     def live_nodes() -> list[NodeAnnouncement]:
@@ -188,6 +190,7 @@ async def run_coordinator(settings: CoordinatorSettings) -> None:
     accounting: Accounting | None = None
     trust: asyncio.Task[None] | None = None  # spot checks' verdicts to and from the ledger
     try:
+        catalog = ModelCatalog([ServedModel(b, b.swarm.missing_blocks, b.swarm.refresh) for b in backends])
         await asyncio.to_thread(watcher.start)
         for backend in backends:
             await backend.swarm.start()

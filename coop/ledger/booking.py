@@ -161,9 +161,13 @@ def _payment(
     other batches were `paid` (prefill, decode); and, if capped, why.
 
     A node may claim less than the coordinator saw (a batch lost in a crash). A claim of other blocks,
-    or for another institution, is no receipt of what was seen at all, and is rejected.
+    another model, or for another institution, is no receipt of what was seen at all, and is rejected.
     """
     rid = body.receipt_id
+    if seen.model_hash and seen.model_hash != body.model_hash:
+        raise ReceiptRejected(
+            f"receipt {rid}: model {body.model_hash[:12]}, but the session ran model {seen.model_hash[:12]}"
+        )
     if seen.provider != body.institution:
         raise ReceiptRejected(
             f"receipt {rid}: node {body.node_id} served for {seen.provider!r}, not {body.institution!r}"

@@ -153,7 +153,9 @@ def test_a_receipt_of_another_served_model_is_paid_at_that_model_s_flops(receipt
         return 3 * default_flops(start, end)
 
     checker = receipts.checker(other_models={"cd34": other_flops})
-    seen = receipts.observe()
+    seen = receipts.observe(record=False)
+    seen.model_hash = "cd34"  # what the coordinator saw the session run
+    receipts.ledger.observe([seen])
     at_default = receipts.body(seen, model_hash="cd34")
     honest = replace(at_default, flops=at_default.tokens * other_flops(seen.start_block, seen.end_block))
     with pytest.raises(ReceiptRejected, match="FLOPs"):
@@ -162,3 +164,6 @@ def test_a_receipt_of_another_served_model_is_paid_at_that_model_s_flops(receipt
     assert booking.payment.flops == honest.flops == 3 * at_default.flops > 0
     with pytest.raises(ReceiptRejected, match="another model"):
         checker.check(receipts.sign(receipts.body(seen, model_hash="ef56")))
+    # the default model is served too, but the session ran the other one: no claim at its price
+    with pytest.raises(ReceiptRejected, match="the session ran model cd34"):
+        checker.check(receipts.sign(receipts.body(seen)))

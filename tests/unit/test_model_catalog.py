@@ -12,8 +12,9 @@ import pytest
 
 from coop.coordinator.api import create_app
 from coop.coordinator.catalog import Coverage, ModelCatalog, ServedModel
-from coop.coordinator.metering import Metering
+from coop.coordinator.metering import Metering, ModelRate
 from coop.errors import ModelStoreError, RequestError, RouteUnavailable
+from coop.ledger.models import Observation
 from coop.pipeline.local import LocalBackend
 from coop.receipts import TokenTally
 from coop.swarm.routing import Hop
@@ -165,11 +166,15 @@ class RecordedFlops:
         self.flops.append(flops)
 
 
-def test_fair_share_counts_each_model_s_own_flops_per_token() -> None:
+def test_each_model_s_sessions_are_observed_and_counted_at_its_own_flops() -> None:
     shares = RecordedFlops()
     metering = Metering(shares, lambda start, end: 10 * (end - start))  # type: ignore[arg-type]  # the default model's
     meter = metering.for_key("key-1")
     hops = [Hop("n1", "127.0.0.1:1", 0, 2, "alpha")]
     meter.stepped("s1", "beta", hops, 3, TokenTally(prefill=3))
-    meter.for_model(lambda start, end: 100 * (end - start)).stepped("s2", "beta", hops, 3, TokenTally(prefill=3))
+    other = ModelRate("cd34", lambda start, end: 100 * (end - start))
+    meter.for_model(other).stepped("s2", "beta", hops, 3, TokenTally(prefill=3))
     assert shares.flops == [60, 600]
+    written: list[Observation] = []
+    metering.flush(written.extend)
+    assert {row.session_id: row.model_hash for row in written} == {"s1": "", "s2": "cd34"}
