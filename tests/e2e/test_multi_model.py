@@ -146,6 +146,8 @@ def test_each_model_s_receipts_are_booked_at_its_own_flops(two_models: TwoModels
         )
         for receipt in receipts:
             assert receipt.model_hash == nodes[receipt.node_id]
+            seen = ledger.observation(receipt.session_id, receipt.node_id)
+            assert seen is not None and seen.model_hash == receipt.model_hash  # the coordinator named the model
             span_flops = manifests[receipt.model_hash].span_flops_per_token(receipt.start_block, receipt.end_block)
             assert receipt.flops == (receipt.prefill_tokens + receipt.decode_tokens) * span_flops > 0
             assert receipt.consumer == "Gamma"
