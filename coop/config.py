@@ -113,7 +113,9 @@ class NodeSettings(BaseSettings):
 class CoordinatorSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="COOP_COORDINATOR_", frozen=True)
 
-    model_dir: Path
+    model_dir: Path  # the default model: what a request that names no model gets
+    # more prepared models served side by side, each routed by the request's "model" (its manifest name)
+    extra_model_dirs: tuple[Path, ...] = ()
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     initial_peers: tuple[str, ...] = ()
@@ -191,3 +193,8 @@ class CoordinatorSettings(BaseSettings):
     # Calibrated in tests/unit/test_spot_checks.py (honest replicas, same prepared model and dtype)
     spot_check_tolerance: float = Field(default=0.005, gt=0)
     sketch_dims: int = Field(default=32, ge=1, le=64)  # dimensions of each hop's step sketches
+
+    @property
+    def model_dirs(self) -> tuple[Path, ...]:
+        """Every model served, the default first."""
+        return (self.model_dir, *self.extra_model_dirs)

@@ -137,10 +137,13 @@ class NotFound(InvalidInput):
 
 
 class RouteUnavailable(CoopError):
-    def __init__(self, missing_blocks: list[tuple[int, int]], num_blocks: int) -> None:
+    def __init__(self, missing_blocks: list[tuple[int, int]], num_blocks: int, model: str = "") -> None:
+        """`model`: the name of the model whose blocks are missing, where a coordinator serves several."""
         spans = ", ".join(f"{a}:{b}" for a, b in missing_blocks)
+        covered = 1 - sum(b - a for a, b in missing_blocks) / max(num_blocks, 1)
+        of_model = f"model {model!r} is {covered:.0%} covered: " if model else ""
         super().__init__(
-            f"no live nodes serve blocks {spans} of {num_blocks}; start a node with "
+            f"{of_model}no live nodes serve blocks {spans} of {num_blocks}; start a node with "
             f"`coop node start --blocks {missing_blocks[0][0]}:{missing_blocks[0][1]}` or wait for one to join"
         )
         self.missing_blocks = missing_blocks

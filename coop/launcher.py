@@ -123,14 +123,20 @@ class LocalPool:
         self.peer = dht.ready["dht_maddrs"][0]
 
     def start_nodes(
-        self, spans: dict[str, str], members: dict[str, Path] | None = None, extra_args: Sequence[str] = ()
+        self,
+        spans: dict[str, str],
+        members: dict[str, Path] | None = None,
+        extra_args: Sequence[str] = (),
+        model_dir: str | None = None,
     ) -> None:
         """Start nodes {name: "A:B"} side by side, then wait until every one is serving.
 
-        `members` gives a node its institution's member bundle (mutual TLS, signed records).
+        `members` gives a node its institution's member bundle (mutual TLS, signed records);
+        `model_dir`: the model they serve (default: the pool's).
         """
         for name, blocks in spans.items():
-            args = ["node", "start", "--model", self.model_dir, "--blocks", blocks, "--initial-peers", self.peer]
+            model = model_dir or self.model_dir
+            args = ["node", "start", "--model", model, "--blocks", blocks, "--initial-peers", self.peer]
             if members and name in members:
                 args += ["--member", str(members[name])]
             node = start(name, [*args, "--node-id", name, "--device", "cpu", *extra_args], None)

@@ -73,13 +73,15 @@ class CoverageRow:
     note: str  # shown at the row's end and in its tooltip, e.g. "3 sessions, 41 tok/s"
 
 
-def coverage_map(num_blocks: int, rows: Sequence[CoverageRow], *, shaded_by: str) -> str:
-    """Blocks 0..num_blocks-1 across, one row per node; the top row counts the nodes serving each block."""
+def coverage_map(num_blocks: int, rows: Sequence[CoverageRow], *, shaded_by: str, model: str = "") -> str:
+    """Blocks 0..num_blocks-1 across, one row per node; the top row counts the nodes serving each block.
+    `model`: the model's name, in the title, where a coordinator serves several (one map each)."""
     label_w, note_w, row_h, top = 230, 130, 22, 44
     grid_w = WIDTH - label_w - note_w
     cell = grid_w / max(num_blocks, 1)
     height = top + row_h * (len(rows) + 1) + 26
-    body = [_text(0, 16, f"Coverage of blocks 0..{num_blocks - 1} (shade: {shaded_by})", size=13)]
+    title = f"{model}: coverage" if model else "Coverage"
+    body = [_text(0, 16, f"{title} of blocks 0..{num_blocks - 1} (shade: {shaded_by})", size=13)]
     tick = max(1, math.ceil(num_blocks / 16))
     for block in range(0, num_blocks, tick):
         body.append(_text(label_w + (block + 0.5) * cell, top - 6, str(block), anchor="middle", size=10, fill=AXIS))

@@ -127,7 +127,9 @@ class NodePresence:
 class AdminContext:
     pool_dir: Path  # `coop pool init`'s directory: admin token hash, members, API keys, revocations
     ledger: Ledger
-    swarm: SwarmProvider | None = None  # None: no live view (coverage map and sessions are empty)
+    # the live view; a coordinator serving several models gives each model's, by model name (one
+    # coverage map each); None: no live view (coverage map and sessions are empty)
+    swarm: SwarmProvider | Mapping[str, SwarmProvider] | None = None
     fair_share: Callable[[str], float] | None = None  # institution -> fair-share factor F in [0, 1]
     token_samples: TokenSamples | None = None  # e.g. `TokenRateMeter.samples`
     refresh_s: float = 5.0  # how often an open overview re-reads the live parts (with JavaScript)
@@ -140,6 +142,14 @@ class AdminContext:
     sign_in: SignInThrottle = field(default_factory=SignInThrottle)  # wrong admin tokens, per client
     receipt_collection: Callable[[], Mapping[str, Any]] | None = None  # the collector's counters
 
+    def swarms(self) -> dict[str, SwarmProvider]:
+        """Each model's live view by model name ("": the one model of a single view)."""
+        if self.swarm is None:
+            return {}
+        if isinstance(self.swarm, Mapping):
+            return dict(self.swarm)
+        return {"": self.swarm}
+
     @classmethod
     def for_coordinator(
         cls,
@@ -147,7 +157,7 @@ class AdminContext:
         ledger: Ledger,
         fair_share: FairShare,
         tokens_served: Callable[[], int],
-        swarm: SwarmProvider,
+        swarm: SwarmProvider | Mapping[str, SwarmProvider],
         *,
         rejections: Callable[[], Mapping[str, int]] | None = None,
         sign_in: SignInThrottle | None = None,

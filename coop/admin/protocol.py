@@ -20,6 +20,7 @@ class NodeOut(BaseModel):
     online: bool
     revoked: bool  # its institution's membership is revoked
     endpoint: str | None = None
+    model: str = ""  # the name of the model it serves, where the coordinator serves several (online nodes)
     throughput_tps: float | None = None  # as the node measured and announced it
     sessions: int = 0  # this coordinator's sessions open on it now
     state: str | None = None  # as announced: serving, paused or draining (coop.node.drain); None when offline
@@ -63,12 +64,23 @@ class RatePoint(BaseModel):
     tokens_per_s: float
 
 
+class ModelCoverageOut(BaseModel):
+    """One model's part of the coverage map: its blocks and the online nodes serving them."""
+
+    name: str  # "": the coordinator's one model
+    num_blocks: int
+    blocks_uncovered: list[int]
+    node_ids: list[str]  # its online nodes
+    coverage_svg: str
+
+
 class OverviewOut(BaseModel):
     pool_name: str
     pool_id: str
     generated_at: dt.datetime
-    num_blocks: int | None  # None: no live swarm view
-    blocks_uncovered: list[int]
+    num_blocks: int | None  # the default model's; None: no live swarm view
+    blocks_uncovered: list[int]  # the default model's
+    models: list[ModelCoverageOut]  # every model served, the default first
     nodes_online: int
     members_online: int  # institutions with at least one node online
     members_total: int
@@ -77,7 +89,7 @@ class OverviewOut(BaseModel):
     token_rate: list[RatePoint]
     shade: Literal["throughput", "load"]
     nodes: list[NodeOut]  # the online nodes, as in the coverage map
-    coverage_svg: str  # the coverage map, rendered (the page embeds it, the live refresh swaps it)
+    coverage_svg: str  # the coverage map (one per model), rendered (the page embeds it, the live refresh swaps it)
     tokens_svg: str
     refused: dict[str, int]  # requests refused since the coordinator started, by error code
 

@@ -23,6 +23,7 @@ from coop.admin.protocol import (
     GrantOut,
     InstitutionDetailOut,
     InstitutionOut,
+    ModelCoverageOut,
     NodeOut,
     OverviewOut,
     RatePoint,
@@ -66,18 +67,36 @@ class PoolState:
 
 
 @dataclass(frozen=True)
+class LiveModel:
+    name: str  # "": the coordinator's one model, unnamed in the view
+    num_blocks: int
+    node_ids: frozenset[str]  # its online nodes
+
+
+@dataclass(frozen=True)
 class Live:
     """The coordinator's live swarm view, copied on the event loop that updates it (views run in threads)."""
 
-    nodes: list[NodeAnnouncement]
+    nodes: list[NodeAnnouncement]  # of every model
     load: dict[str, int]  # open sessions by node id
-    num_blocks: int | None
+    models: list[LiveModel]  # the default model first
+
+    @property
+    def num_blocks(self) -> int | None:
+        """The default model's (None: no live view)."""
+        return self.models[0].num_blocks if self.models else None
 
     @classmethod
     def snapshot(cls, ctx: AdminContext) -> Live:
-        if ctx.swarm is None:
-            return cls([], {}, None)
-        return cls(list(ctx.swarm.live_nodes()), dict(ctx.swarm.load), ctx.swarm.num_blocks)
+        nodes: list[NodeAnnouncement] = []
+        load: dict[str, int] = {}
+        models = []
+        for name, swarm in ctx.swarms().items():
+            live = list(swarm.live_nodes())
+            nodes += live
+            load |= swarm.load
+            models.append(LiveModel(name, swarm.num_blocks, frozenset(n.node_id for n in live)))
+        return cls(nodes, load, models)
 
 
 def nodes(ctx: AdminContext, pool: PoolState, now: Live, *, now_s: float | None = None) -> list[NodeOut]:
@@ -85,6 +104,7 @@ def nodes(ctx: AdminContext, pool: PoolState, now: Live, *, now_s: float | None 
     now_s = time.time() if now_s is None else now_s
     live, load = now.nodes, now.load
     since = ctx.presence.observe([n.node_id for n in live])
+    model_of = {node_id: model.name for model in now.models for node_id in model.node_ids}
     stats = queries.node_stats(ctx.ledger.engine)
     trust = trust_from_ledger(ctx.ledger)
     out = []
@@ -99,6 +119,7 @@ def nodes(ctx: AdminContext, pool: PoolState, now: Live, *, now_s: float | None 
                 online=True,
                 revoked=ann.institution in pool.revoked,
                 endpoint=ann.endpoint,
+                model=model_of.get(ann.node_id, ""),
                 throughput_tps=ann.throughput_tps,
                 sessions=load.get(ann.node_id, 0),
                 state=ann.state,
@@ -157,6 +178,19 @@ def _coverage_rows(online: Sequence[NodeOut], shade: str) -> list[charts.Coverag
     ]
 
 
+def _model_coverage(model: LiveModel, online: Sequence[NodeOut], shade: str) -> ModelCoverageOut:
+    nodes = [n for n in online if n.node_id in model.node_ids]
+    served = {b for n in nodes for b in range(n.start, min(n.end, model.num_blocks))}
+    rows = _coverage_rows(nodes, shade)
+    return ModelCoverageOut(
+        name=model.name,
+        num_blocks=model.num_blocks,
+        blocks_uncovered=[b for b in range(model.num_blocks) if b not in served],
+        node_ids=[n.node_id for n in nodes],
+        coverage_svg=charts.coverage_map(model.num_blocks, rows, shaded_by=shade, model=model.name),
+    )
+
+
 def node_list(ctx: AdminContext, live: Live) -> list[NodeOut]:
     return nodes(ctx, PoolState.read(ctx), live)
 
@@ -166,21 +200,16 @@ def overview(ctx: AdminContext, live: Live, *, shade: str = "throughput", now_s:
     shade = "load" if shade == "load" else "throughput"
     pool = PoolState.read(ctx)
     online = [n for n in nodes(ctx, pool, live, now_s=now_s) if n.online]
-    num_blocks = live.num_blocks
-    uncovered: list[int] = []
-    coverage_svg = ""
-    if num_blocks is not None:
-        served = {b for n in online for b in range(n.start, min(n.end, num_blocks))}
-        uncovered = [b for b in range(num_blocks) if b not in served]
-        coverage_svg = charts.coverage_map(num_blocks, _coverage_rows(online, shade), shaded_by=shade)
+    models = [_model_coverage(model, online, shade) for model in live.models]
     samples = list(ctx.token_samples()) if ctx.token_samples is not None else None
     rate = token_rate(samples or [], now_s=now_s, window_s=TOKEN_WINDOW_S)
     return OverviewOut(
         pool_name=pool.info.name,
         pool_id=pool.info.pool_id,
         generated_at=utc_from_s(now_s),
-        num_blocks=num_blocks,
-        blocks_uncovered=uncovered,
+        num_blocks=live.num_blocks,
+        blocks_uncovered=models[0].blocks_uncovered if models else [],
+        models=models,
         nodes_online=len(online),
         members_online=len({n.institution for n in online}),
         members_total=sum(1 for m in pool.members if not m.revoked),
@@ -189,7 +218,7 @@ def overview(ctx: AdminContext, live: Live, *, shade: str = "throughput", now_s:
         token_rate=[RatePoint(seconds_ago=ago, tokens_per_s=v) for ago, v in rate] if samples is not None else [],
         shade=shade,  # type: ignore[arg-type]
         nodes=online,
-        coverage_svg=coverage_svg,
+        coverage_svg="".join(model.coverage_svg for model in models),  # one map (row group) per model
         tokens_svg=charts.rate_chart(rate if samples is not None else [], window_s=TOKEN_WINDOW_S),
         refused=refused(ctx),
     )

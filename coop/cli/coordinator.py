@@ -9,14 +9,20 @@ from typing import Annotated
 import typer
 
 from coop.cli.log_format import LogFormat, LogFormatOption, configure_logging
-from coop.cli.options import MemberOption, ModelOption, PeersOption
+from coop.cli.options import MemberOption, PeersOption
 
 coordinator_app = typer.Typer(no_args_is_help=True, help="Run a coordinator (routing + OpenAI-compatible API).")
 
 
 @coordinator_app.command("start")
 def coordinator_start(
-    model: ModelOption,
+    models: Annotated[
+        list[Path],
+        typer.Option(
+            "--model",
+            help="a prepared model directory (repeatable: one coordinator serves them all; the first is the default)",
+        ),
+    ],
     port: Annotated[int, typer.Option(envvar="COOP_COORDINATOR_PORT")] = 8000,
     host: Annotated[str, typer.Option(envvar="COOP_COORDINATOR_HOST")] = "127.0.0.1",
     initial_peers: PeersOption = None,
@@ -51,7 +57,8 @@ def coordinator_start(
     from coop.coordinator.service import run_coordinator
 
     settings = CoordinatorSettings(
-        model_dir=model,
+        model_dir=models[0],
+        extra_model_dirs=tuple(models[1:]),
         port=port,
         host=host,
         initial_peers=tuple(initial_peers or ()),

@@ -58,10 +58,12 @@ class Accounting:
         settings: CoordinatorSettings,
         bundle: MemberBundle,
         revocations: Revocations,
-        manifest: Manifest,
+        manifests: Sequence[Manifest],
         channels: Callable[[], ChannelPool],
         nodes: Callable[[], Sequence[NodeAnnouncement]],
     ) -> Accounting:
+        """`manifests`: of every model served, the default first; `nodes`: the live nodes of them all."""
+        manifest = manifests[0]
         url = ledger_url(settings)
         ledger = await asyncio.to_thread(Ledger.open, url)
         now = time.time()
@@ -93,6 +95,7 @@ class Accounting:
             booked_for=ledger.booked_for,
             revoked_since=lambda name: revoked_since(revocations.names, revocations.issued_at, name),
             live=metering.live,
+            other_models={m.content_hash: m.span_flops_per_token for m in manifests[1:]},
         )
         collector = ReceiptCollector(
             ledger,

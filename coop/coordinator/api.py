@@ -26,6 +26,7 @@ from coop.config import DEFAULT_SESSION_IDLE_TIMEOUT_S
 from coop.coordinator.admission import RequestAdmission, enter_request
 from coop.coordinator.api_errors import error_response
 from coop.coordinator.auth import ApiKeyGate, Caller
+from coop.coordinator.catalog import ModelCatalog
 from coop.coordinator.guard import RequestGuard
 from coop.coordinator.limits import HttpLimits, Rejections
 from coop.coordinator.metrics import CoordinatorMetrics, RequestCounter
@@ -113,7 +114,7 @@ STEPS_SUFFIX = "/steps"  # of a relay session's path: its body is hidden states,
 
 
 def create_app(
-    backend: Backend,
+    served: Backend | ModelCatalog,
     *,
     keys: ApiKeyGate | None = None,
     access: RequestAdmission | None = None,
@@ -123,17 +124,19 @@ def create_app(
     metrics: CoordinatorMetrics | None = None,
     metrics_token: SecretStr | None = None,
 ) -> FastAPI:
-    """`keys`: the API-key gate; None serves anyone (development mode). `access`: credit floors and
-    fair-share admission (None: every request starts at once). `session_idle_timeout_s`: relay
-    sessions idle this long are closed. `limits`: what one request may send (default: the settings'
-    defaults). `public_docs`: serve /docs, /redoc and /openapi.json to anyone. `metrics`: where requests are
-    counted and timed (default: a registry of this app's own); `metrics_token`: the bearer token /metrics
-    asks for (None: none)."""
+    """`served`: what the API serves, by the request's "model" (one backend: that model alone); the
+    SDK's relay sessions by the model's content hash. `keys`: the API-key gate; None serves anyone
+    (development mode). `access`: credit floors and fair-share admission (None: every request starts
+    at once). `session_idle_timeout_s`: relay sessions idle this long are closed. `limits`: what one
+    request may send (default: the settings' defaults). `public_docs`: serve /docs, /redoc and
+    /openapi.json to anyone. `metrics`: where requests are counted and timed (default: a registry of
+    this app's own); `metrics_token`: the bearer token /metrics asks for (None: none)."""
     limits = limits or HttpLimits()
     metrics = metrics or CoordinatorMetrics()
-    serving = OpenAIServing(backend, limits, metrics)
+    catalog = served if isinstance(served, ModelCatalog) else ModelCatalog.single(served)
+    serving = OpenAIServing(catalog, limits, metrics)
     gate = keys or ApiKeyGate(None)
-    relay = ChainRelay(backend, gate, access, idle_timeout_s=session_idle_timeout_s)
+    relay = ChainRelay(catalog, gate, access, idle_timeout_s=session_idle_timeout_s)
     rejections = Rejections()
     metrics.watch(rejections, access.admission if access is not None else None)
 

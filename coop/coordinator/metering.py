@@ -13,7 +13,9 @@ receipt that claims more than the written ceiling waits for the next write inste
 After a restart no session is live, and the last rows written are the ceiling.
 
 Fair share is fed at once, step by step, so priorities follow usage as it happens rather than when
-receipts arrive.
+receipts arrive, at the FLOPs per token of the model the session runs (`KeyedMeter.for_model`; a
+coordinator may serve several models, one ledger and one fair share for all). Observations name that
+model, so a receipt can only be paid at its session's model's FLOPs.
 """
 
 from __future__ import annotations
@@ -31,6 +33,14 @@ from coop.swarm.routing import Hop
 
 CHECKPOINT_TOKENS = 64  # as the nodes' default receipt batch (`receipt_batch_tokens`)
 CHECKPOINT_S = 30.0
+
+
+@dataclass(frozen=True)
+class ModelRate:
+    """The model a session runs: named in its observations, and priced at its FLOPs per token."""
+
+    model_hash: str
+    span_flops_per_token: Callable[[int, int], int]  # for blocks [start, end)
 
 
 @dataclass
@@ -68,32 +78,41 @@ class Metering:
         tokens: int,
         sent: TokenTally,
         api_key_id: str = "",
+        model: ModelRate | None = None,
     ) -> None:
+        """`model`: the session's (None: unnamed, at the default model's FLOPs)."""
         now = time.time()
         self.tokens_served += tokens
+        flops = model.span_flops_per_token if model is not None else self._flops
         for hop in hops:
-            self.fair_share.record(hop.institution or None, consumer, tokens * self._flops(hop.start, hop.end), now)
+            self.fair_share.record(hop.institution or None, consumer, tokens * flops(hop.start, hop.end), now)
         last = self._checkpoints.get(session_id)
         clock = time.monotonic()
         if last is None or sent.total - last.tokens >= self.checkpoint_tokens or clock - last.at >= self.checkpoint_s:
             self._checkpoints[session_id] = _Checkpoint(sent.total, clock)
             with self._lock:
                 self._unsettled.add(session_id)
-            self._buffer(session_id, consumer, hops, sent, api_key_id, ended=False)
+            self._buffer(session_id, consumer, hops, sent, api_key_id, model, ended=False)
 
     def for_key(self, api_key_id: str) -> KeyedMeter:
         """The meter of one request, admitted by this API key ("" = none)."""
         return KeyedMeter(self, api_key_id)
 
     def session_ended(
-        self, session_id: str, consumer: str, hops: Sequence[Hop], sent: TokenTally, api_key_id: str = ""
+        self,
+        session_id: str,
+        consumer: str,
+        hops: Sequence[Hop],
+        sent: TokenTally,
+        api_key_id: str = "",
+        model: ModelRate | None = None,
     ) -> None:
         self._checkpoints.pop(session_id, None)
         if sent.total == 0:
             with self._lock:
                 self._unsettled.discard(session_id)
             return
-        self._buffer(session_id, consumer, hops, sent, api_key_id, ended=True)
+        self._buffer(session_id, consumer, hops, sent, api_key_id, model, ended=True)
 
     def live(self, session_id: str) -> bool:
         """Whether the session's observation may still rise (called from booking threads)."""
@@ -118,7 +137,15 @@ class Metering:
             self._unsettled -= ended
 
     def _buffer(
-        self, session_id: str, consumer: str, hops: Sequence[Hop], sent: TokenTally, api_key_id: str, *, ended: bool
+        self,
+        session_id: str,
+        consumer: str,
+        hops: Sequence[Hop],
+        sent: TokenTally,
+        api_key_id: str,
+        model: ModelRate | None,
+        *,
+        ended: bool,
     ) -> None:
         with self._lock:
             for hop in hops:
@@ -133,6 +160,7 @@ class Metering:
                         prefill_tokens=sent.prefill,
                         decode_tokens=sent.decode,
                         api_key_id=api_key_id,
+                        model_hash=model.model_hash if model is not None else "",
                     )
                 )
             if ended:
@@ -154,9 +182,14 @@ class KeyedMeter:
 
     metering: Metering
     api_key_id: str
+    model: ModelRate | None = None  # the session's; None: unnamed, at the default model's FLOPs
+
+    def for_model(self, model: ModelRate) -> KeyedMeter:
+        """This meter for a session of `model` (admission, which makes the meter, precedes the model)."""
+        return KeyedMeter(self.metering, self.api_key_id, model)
 
     def stepped(self, session_id: str, consumer: str, hops: Sequence[Hop], tokens: int, sent: TokenTally) -> None:
-        self.metering.stepped(session_id, consumer, hops, tokens, sent, self.api_key_id)
+        self.metering.stepped(session_id, consumer, hops, tokens, sent, self.api_key_id, self.model)
 
     def session_ended(self, session_id: str, consumer: str, hops: Sequence[Hop], sent: TokenTally) -> None:
-        self.metering.session_ended(session_id, consumer, hops, sent, self.api_key_id)
+        self.metering.session_ended(session_id, consumer, hops, sent, self.api_key_id, self.model)

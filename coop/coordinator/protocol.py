@@ -196,6 +196,16 @@ class CompletionChunk(BaseModel):
     coop: CoopExtras | None = Field(default=None, exclude_if=_absent)
 
 
+class ModelCoverage(BaseModel):
+    """Whether serving nodes hold every block of a model now; requests for an uncovered one get 503."""
+
+    covered: bool
+    coverage: float  # share of the model's blocks some serving node holds, in [0, 1]
+    num_blocks: int
+    missing_blocks: list[tuple[int, int]]  # runs [start, end) no serving node holds
+    default: bool  # the model a request that names none gets
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -203,6 +213,7 @@ class ModelCard(BaseModel):
     owned_by: str = "coop"
     max_model_len: int
     sampling_defaults: SamplingDefaults  # what a request that sets no sampling parameter gets
+    coop: ModelCoverage
 
 
 class ModelList(BaseModel):

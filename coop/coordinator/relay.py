@@ -7,6 +7,8 @@ fair-share session slot, then a chain from the backend charged to the key's inst
 steps are metered and whose receipts are booked to it. The chain fails over as for chat, replaying
 the token ids the client sent with its steps.
 
+The session runs on the model whose content hash the client sends (a coordinator may serve several).
+
 A session holds its slots until it is closed, by the client or, once idle for `idle_timeout_s`,
 by the relay. Everything a client sends is checked here (body size before parsing, dtype, shape,
 finiteness, positions, token ids), so what a node refuses is never the client's doing.
@@ -29,6 +31,7 @@ from google.protobuf.message import DecodeError
 from coop.config import DEFAULT_SESSION_IDLE_TIMEOUT_S
 from coop.coordinator.admission import RequestAdmission, enter_request
 from coop.coordinator.auth import ApiKeyGate, Caller
+from coop.coordinator.catalog import ModelCatalog
 from coop.coordinator.protocol import RelayOpenRequest, RelaySessionInfo
 from coop.coordinator.text_stream import close_quietly, route_hops
 from coop.errors import InvalidInput, InvalidTensor, ReplayUnavailable, RequestError, RequestTooLarge
@@ -49,6 +52,7 @@ ENVELOPE_BYTES = 256
 @dataclass(eq=False)
 class RelaySession:
     session_id: str
+    backend: Backend  # the model it runs on
     owner: str | None  # the digest of the API key that opened it: no other key may use it
     chain: Chain
     max_length: int
@@ -65,39 +69,39 @@ class ChainRelay:
 
     def __init__(
         self,
-        backend: Backend,
+        models: Backend | ModelCatalog,
         gate: ApiKeyGate,
         access: RequestAdmission | None = None,
         *,
         idle_timeout_s: float = DEFAULT_SESSION_IDLE_TIMEOUT_S,
     ) -> None:
-        """`access`: credit floors and fair-share admission, as for chat (None: development mode)."""
-        self.backend = backend
+        """`models`: what sessions may run on, by content hash; `access`: credit floors and fair-share
+        admission, as for chat (None: development mode)."""
+        self.catalog = models if isinstance(models, ModelCatalog) else ModelCatalog.single(models)
         self.gate = gate
         self.access = access
         self.idle_timeout_s = idle_timeout_s
         self._sessions: dict[str, RelaySession] = {}
         self._reaper: asyncio.Task[None] | None = None
-        manifest = backend.client.manifest
-        self._hidden_size = manifest.hidden_size
-        self._token_bytes = manifest.hidden_size * torch.empty((), dtype=backend.client.dtype).element_size()
 
-    def max_length(self, caller: Caller) -> int:
+    def max_length(self, caller: Caller, backend: Backend) -> int:
         """The longest session caller may open: the model's context, and the pool's per-request limit."""
         if caller.key_digest is None:
-            return self.backend.max_context
-        return min(self.backend.max_context, self.gate.limits.max_tokens_per_request)
+            return backend.max_context
+        return min(backend.max_context, self.gate.limits.max_tokens_per_request)
 
     async def open(self, caller: Caller, request: RelayOpenRequest) -> RelaySessionInfo:
-        model_hash = self.backend.client.manifest.content_hash
-        if request.model_hash != model_hash:
+        model = self.catalog.by_hash(request.model_hash)
+        if model is None:
+            served = ", ".join(f"{m.name!r} with content hash {m.model_hash}" for m in self.catalog)
             raise RequestError(
-                f"this coordinator serves {self.backend.model_name!r} with content hash {model_hash}, but yours "
-                f"is {request.model_hash}: load the same prepared model directory as the pool's nodes",
+                f"this coordinator serves {served}, but yours is {request.model_hash}: load the same prepared "
+                "model directory as the pool's nodes",
                 code="model_mismatch",
                 param="model_hash",
             )
-        limit = self.max_length(caller)
+        backend = model.backend
+        limit = self.max_length(caller, backend)
         if request.max_length > limit:
             raise RequestError(
                 f"max_length {request.max_length} is over this coordinator's limit of {limit} tokens per session",
@@ -107,12 +111,14 @@ class ChainRelay:
         slots = AsyncExitStack()
         try:
             charge, _ = await enter_request(slots, self.gate, self.access, caller)
-            chain = await self.backend.open_chain(request.max_length, charge)
+            chain = await backend.open_chain(request.max_length, charge)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await slots.aclose()
             raise
-        session = RelaySession(uuid.uuid4().hex, caller.key_digest, chain, request.max_length, slots, time.monotonic())
+        session = RelaySession(
+            uuid.uuid4().hex, backend, caller.key_digest, chain, request.max_length, slots, time.monotonic()
+        )
         self._sessions[session.session_id] = session
         self._start_reaper()
         return self.describe(session)
@@ -133,7 +139,7 @@ class ChainRelay:
     def describe(self, session: RelaySession) -> RelaySessionInfo:
         return RelaySessionInfo(
             session_id=session.session_id,
-            model=self.backend.model_name,
+            model=session.backend.model_name,
             max_length=session.max_length,
             position=session.position,
             failovers=session.chain.failovers,
@@ -142,14 +148,11 @@ class ChainRelay:
 
     def body_limit(self, session: RelaySession) -> int:
         """The largest step body session can take now: hidden states and ids for the rest of its length."""
-        return self._body_bytes(session.max_length - session.position)
+        return _body_bytes(session.backend, session.max_length - session.position)
 
     def largest_body(self) -> int:
-        """The largest step body any session can take: a whole context in one step."""
-        return self._body_bytes(self.backend.max_context)
-
-    def _body_bytes(self, tokens: int) -> int:
-        return tokens * (self._token_bytes + TOKEN_ID_BYTES) + ENVELOPE_BYTES
+        """The largest step body any session can take: a whole context in one step, of any model."""
+        return max(_body_bytes(m.backend, m.backend.max_context) for m in self.catalog)
 
     async def step(self, session: RelaySession, body: bytes) -> bytes:
         """A serialized RelayStep -> the serialized Tensor of the states after the last block."""
@@ -207,12 +210,13 @@ class ChainRelay:
                 f"the session would reach {session.position + shape[1]} tokens, beyond its max_length "
                 f"{session.max_length}"
             )
+        backend = session.backend
         try:
             hidden = tensor_from_proto(
                 message.hidden,
-                expected_dtype=self.backend.client.dtype,
-                expected_shape=(1, None, self._hidden_size),
-                max_bytes=room * self._token_bytes,
+                expected_dtype=backend.client.dtype,
+                expected_shape=(1, None, backend.client.manifest.hidden_size),
+                max_bytes=room * _token_bytes(backend),
                 name="hidden",
             )
         except InvalidTensor as exc:  # the client's tensor: its 400, not the 502 a node's would be
@@ -225,7 +229,7 @@ class ChainRelay:
             return hidden, None
         if len(ids) != n:
             raise InvalidInput(f"token_ids has {len(ids)} ids for {n} hidden states")
-        vocab = self.backend.client.manifest.vocab_size
+        vocab = backend.client.manifest.vocab_size
         if any(not 0 <= t < vocab for t in ids):
             raise InvalidInput(f"token_ids must lie in [0, {vocab})")
         return hidden, ids
@@ -278,3 +282,13 @@ class ChainRelay:
                 await self._reaper
         for session in list(self._sessions.values()):
             await self._end(session)
+
+
+def _token_bytes(backend: Backend) -> int:
+    """Bytes of one token's hidden state on the wire."""
+    element = torch.empty((), dtype=backend.client.dtype).element_size()
+    return backend.client.manifest.hidden_size * element
+
+
+def _body_bytes(backend: Backend, tokens: int) -> int:
+    return tokens * (_token_bytes(backend) + TOKEN_ID_BYTES) + ENVELOPE_BYTES

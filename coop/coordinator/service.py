@@ -1,6 +1,10 @@
-"""`coop coordinator start`: the client part of the model, a live view of the swarm, the HTTP API.
+"""`coop coordinator start`: per model served, its client part and a live view of its nodes; one HTTP API.
 
-Start-up forks the DHT process first and loads the client part (which imports transformers) while
+Each model is a `RemoteBackend` of its own (its nodes are found under its own directory key); the
+models share the ledger, fair share, receipt collection and the spot checks' verdicts, since those
+are about members and nodes, not models.
+
+Start-up forks the DHT process first and loads the client parts (which import transformers) while
 the DHT joins the swarm; the ledger (SQLModel) and the web app are imported only when needed, so
 `coop coordinator start` imports nothing heavy before that fork.
 """
@@ -10,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,6 +24,7 @@ import uvicorn
 
 from coop.config import CoordinatorSettings
 from coop.coordinator.auth import ApiKeyGate
+from coop.coordinator.catalog import ModelCatalog, ServedModel
 from coop.coordinator.limits import HttpLimits
 from coop.coordinator.spot_checks import (
     CheckedChain,
@@ -63,8 +69,9 @@ class RemoteBackend:
         settings: CoordinatorSettings,
         security: ChannelSecurity,
         sign_route: Callable[[bytes], bytes] | None = None,
+        book: TrustBook | None = None,
     ) -> None:
-        self.accounting: Accounting | None = None  # set once the ledger is open (pool members only)
+        """`book`: the spot checks' verdicts on nodes, shared by the models served (default: one of its own)."""
         self.client = client
         self._security = security
         self._sign_route = sign_route
@@ -73,7 +80,8 @@ class RemoteBackend:
         self.model_name = client.manifest.name
         self.max_context = min(settings.max_context, client.manifest.context_length)  # nodes refuse more
         self._channels: ChannelPool | None = None
-        self.spot_checks = SpotChecker(TrustBook(SpotCheckPolicy.from_settings(settings)), swarm, self._replica_chain)
+        book = book or TrustBook(SpotCheckPolicy.from_settings(settings))
+        self.spot_checks = SpotChecker(book, swarm, self._replica_chain)
         swarm.quarantined = self.spot_checks.book.quarantined
 
     @property
@@ -91,12 +99,25 @@ class RemoteBackend:
         return loop.time() - started
 
     async def open_chain(self, max_length: int, charge: Charge = UNMETERED) -> Chain:
+        if charge.meter is not None:
+            charge = self._priced(charge)
         policy = self.spot_checks.book.policy
         if not policy.enabled:
             return await self._chain(self.swarm, max_length, charge, self.settings.max_failovers, 0).open()
         charge, withholding = self.spot_checks.charge(charge)
         chain = self._chain(self.swarm, max_length, charge, self.settings.max_failovers, policy.sketch_dims)
         return CheckedChain(await chain.open(), self.spot_checks, withholding)
+
+    def _priced(self, charge: Charge) -> Charge:
+        """The charge with its meter naming this model in observations and counting its FLOPs in fair share."""
+        from coop.coordinator.metering import KeyedMeter, ModelRate  # the ledger's: imported once accounts are kept
+
+        if not isinstance(charge.meter, KeyedMeter):
+            return charge
+        manifest = self.client.manifest
+        return replace(
+            charge, meter=charge.meter.for_model(ModelRate(manifest.content_hash, manifest.span_flops_per_token))
+        )
 
     def _replica_chain(self, swarm: RouteSource, max_length: int, charge: Charge) -> RemoteChain:
         """A spot check's session on replicas: never failed over (a failed replica ends the check)."""
@@ -128,12 +149,13 @@ class RemoteBackend:
 
 async def run_coordinator(settings: CoordinatorSettings) -> None:
     membership = Membership.load(settings.member_bundle, pool_id=settings.pool_id).require(ROLE_COORDINATOR)
-    manifest = Manifest.load(settings.model_dir)
+    manifests = [Manifest.load(model_dir) for model_dir in settings.model_dirs]
     validator = pool_record_validator(membership)
     directory = SwarmDirectory.launch(list(settings.initial_peers), settings.host, 0, validator=validator)
     joined = asyncio.create_task(asyncio.to_thread(directory.wait_ready))
     try:
-        client, _ = await asyncio.gather(asyncio.to_thread(_load_client, settings.model_dir, settings.device), joined)
+        loading = asyncio.to_thread(_load_clients, settings.model_dirs, settings.device)
+        clients, _ = await asyncio.gather(loading, joined)
     except BaseException:
         await asyncio.gather(joined, return_exceptions=True)
         await asyncio.to_thread(directory.shutdown)
@@ -142,48 +164,54 @@ async def run_coordinator(settings: CoordinatorSettings) -> None:
     from coop.admin.auth import SignInThrottle
     from coop.coordinator.api import create_app
 
-    swarm = SwarmView(
-        directory,
-        pool_id=membership.pool_id,
-        model_hash=manifest.content_hash,
-        num_blocks=manifest.num_blocks,
-        refresh_s=settings.refresh_s,
-        validator=announcement_validator(membership),
-        revoked=membership.revocations,
-    )
     sign_route = membership.credentials.sign if membership.credentials is not None else None
-    backend = RemoteBackend(client, swarm, settings, membership.channel_security(), sign_route)
-    swarm.ping = backend.ping
+    book = TrustBook(SpotCheckPolicy.from_settings(settings))
+    backends: list[RemoteBackend] = []
+    for client, manifest in zip(clients, manifests, strict=True):
+        swarm = SwarmView(
+            directory,
+            pool_id=membership.pool_id,
+            model_hash=manifest.content_hash,
+            num_blocks=manifest.num_blocks,
+            refresh_s=settings.refresh_s,
+            validator=announcement_validator(membership),
+            revoked=membership.revocations,
+        )
+        backend = RemoteBackend(client, swarm, settings, membership.channel_security(), sign_route, book)
+        swarm.ping = backend.ping
+        backends.append(backend)
+    default = backends[0]
+
+    def live_nodes() -> list[NodeAnnouncement]:
+        return [node for backend in backends for node in backend.swarm.live_nodes()]
+
     pool_list = [] if settings.pool_dir is None else [settings.pool_dir / REVOCATIONS_FILE]
     watcher = RevocationWatcher(membership.revocations, directory, files=pool_list)
+    accounting: Accounting | None = None
     trust: asyncio.Task[None] | None = None  # spot checks' verdicts to and from the ledger
     try:
+        catalog = ModelCatalog([ServedModel(b, b.swarm.missing_blocks, b.swarm.refresh) for b in backends])
         await asyncio.to_thread(watcher.start)
-        await swarm.start()
+        for backend in backends:
+            await backend.swarm.start()
         if membership.bundle is not None:
             from coop.coordinator.accounting import Accounting
 
-            backend.accounting = await Accounting.start(
-                settings,
-                membership.bundle,
-                membership.revocations,
-                manifest,
-                lambda: backend.channels,
-                swarm.live_nodes,
+            accounting = await Accounting.start(
+                settings, membership.bundle, membership.revocations, manifests, lambda: default.channels, live_nodes
             )
             actor = f"coordinator:{membership.bundle.institution}"
-            book = backend.spot_checks.book
-            ledger = backend.accounting.ledger
+            ledger = accounting.ledger
             trust = asyncio.create_task(book.follow(ledger_audit(ledger, actor), partial(trust_from_ledger, ledger)))
         gate = ApiKeyGate(settings.api_keys_file, membership.bundle.limits if membership.bundle else None)
-        access = backend.accounting.access if backend.accounting else None
+        access = accounting.access if accounting else None
         from coop.coordinator.metrics import CoordinatorMetrics  # pulls in the text pipeline: after the join
 
         metrics = CoordinatorMetrics()
-        if backend.accounting is not None:
-            metrics.watch_accounting(backend.accounting)
+        if accounting is not None:
+            metrics.watch_accounting(accounting)
         app = create_app(
-            backend,
+            catalog,
             keys=gate,
             access=access,
             session_idle_timeout_s=settings.session_idle_timeout_s,
@@ -192,14 +220,14 @@ async def run_coordinator(settings: CoordinatorSettings) -> None:
             metrics=metrics,
             metrics_token=settings.metrics_token,
         )
-        if settings.pool_dir is not None and backend.accounting is not None:
-            accounting = backend.accounting
+        if settings.pool_dir is not None and accounting is not None:
+            metering = accounting.metering
             admin = AdminContext.for_coordinator(
                 settings.pool_dir,
                 accounting.ledger,
                 accounting.fair_share,
-                lambda: accounting.metering.tokens_served,
-                swarm,
+                lambda: metering.tokens_served,
+                {backend.model_name: backend.swarm for backend in backends},
                 rejections=app.state.rejections.snapshot,
                 sign_in=SignInThrottle(settings.admin_sign_in_burst, settings.admin_sign_in_refill_s),
                 receipt_collection=accounting.collector.stats,
@@ -218,6 +246,7 @@ async def run_coordinator(settings: CoordinatorSettings) -> None:
                 "dht_maddrs": directory.visible_maddrs(),
                 "pool_id": membership.pool_id,
                 "tls": membership.secure,
+                "models": [backend.model_name for backend in backends],
             }
             print(f"{READY_MARKER} {json.dumps(ready)}", flush=True)
         await serving
@@ -225,14 +254,17 @@ async def run_coordinator(settings: CoordinatorSettings) -> None:
         if trust is not None:
             trust.cancel()
         watcher.stop()
-        await backend.close()
-        if backend.accounting is not None:
-            await backend.accounting.close()
-        await swarm.stop()
+        for backend in backends:
+            await backend.close()
+        if accounting is not None:
+            await accounting.close()
+        for backend in backends:
+            await backend.swarm.stop()
         await asyncio.to_thread(directory.shutdown)
 
 
-def _load_client(model_dir: Path, device: str) -> ClientPart:
+def _load_clients(model_dirs: Sequence[Path], device: str) -> list[ClientPart]:
+    """One after the other: transformers' meta-device skeletons are not built safely in parallel threads."""
     from coop.model.client_part import ClientPart
 
-    return ClientPart.load(model_dir, device=device)
+    return [ClientPart.load(model_dir, device=device) for model_dir in model_dirs]

@@ -21,6 +21,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from coop.coordinator.api_errors import error_response
+from coop.coordinator.catalog import ModelCatalog, ServedModel
 from coop.coordinator.limits import HttpLimits
 from coop.coordinator.metrics import CoordinatorMetrics
 from coop.coordinator.protocol import (
@@ -40,6 +41,7 @@ from coop.coordinator.protocol import (
     GenerationRequest,
     HealthResponse,
     ModelCard,
+    ModelCoverage,
     ModelList,
 )
 from coop.coordinator.text_stream import (
@@ -66,48 +68,63 @@ DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
 class OpenAIServing:
-    """One instance per app; holds nothing per request."""
+    """One instance per app; holds nothing per request. Each request runs on the model it names."""
 
-    def __init__(self, backend: Backend, limits: HttpLimits, metrics: CoordinatorMetrics | None = None) -> None:
-        self.backend = backend
+    def __init__(self, models: ModelCatalog, limits: HttpLimits, metrics: CoordinatorMetrics | None = None) -> None:
+        self.catalog = models
         self.limits = limits
         self.metrics = metrics or CoordinatorMetrics()
         self.text = TextWorkers(limits.text_workers)
         self.created = int(time.time())
 
     def health(self) -> HealthResponse:
-        return HealthResponse(model=self.backend.model_name)
+        return HealthResponse(model=self.catalog.default.name)
 
     def models(self) -> ModelList:
-        card = ModelCard(
-            id=self.backend.model_name,
-            created=self.created,
-            max_model_len=self.backend.max_context,
-            sampling_defaults=self.backend.client.manifest.sampling_defaults,
-        )
-        return ModelList(data=[card])
+        """Every model served, covered or not: `coop` says which (OpenAI clients ignore the field)."""
+        cards = []
+        for model in self.catalog:
+            coverage = model.coverage()
+            cards.append(
+                ModelCard(
+                    id=model.name,
+                    created=self.created,
+                    max_model_len=model.backend.max_context,
+                    sampling_defaults=model.backend.client.manifest.sampling_defaults,
+                    coop=ModelCoverage(
+                        covered=coverage.covered,
+                        coverage=round(coverage.fraction, 4),
+                        num_blocks=coverage.num_blocks,
+                        missing_blocks=coverage.missing_blocks,
+                        default=model is self.catalog.default,
+                    ),
+                )
+            )
+        return ModelList(data=cards)
 
     async def chat(
         self, request: ChatCompletionRequest, charge: Charge = UNMETERED
     ) -> ChatCompletionResponse | AsyncIterator[str]:
         """`charge`: who pays for the compute, as admission decided."""
-        self._check_common(request)
+        model = self._check_common(request)
+        backend = model.backend
         if not request.messages:
             raise RequestError("messages must not be empty", param="messages")
         messages = [_message_dict(m, i) for i, m in enumerate(request.messages)]
-        prompt_ids = await self.text.run(self.backend.client.encode_chat, messages)
+        prompt_ids = await self.text.run(backend.client.encode_chat, messages)
         self.limits.check_prompt_tokens(len(prompt_ids), "messages")
-        params = self._sampling_params(request, len(prompt_ids), DEFAULT_CHAT_MAX_TOKENS)
+        params = self._sampling_params(backend, request, len(prompt_ids), DEFAULT_CHAT_MAX_TOKENS)
+        await model.require_covered()
         response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        events = self.metrics.timed(run_generation(self.backend, self.text, prompt_ids, params, charge))
+        events = self.metrics.timed(run_generation(backend, self.text, prompt_ids, params, charge))
         if request.stream:
-            render = _chat_renderer(response_id, created, self.backend.model_name, request.include_usage)
+            render = _chat_renderer(response_id, created, backend.model_name, request.include_usage)
             return await _start_stream(events, render)
         text, done = await collect_text(events)
         return ChatCompletionResponse(
             id=response_id,
             created=created,
-            model=self.backend.model_name,
+            model=backend.model_name,
             choices=[ChatChoice(message=AssistantMessage(content=text), finish_reason=done.finish_reason)],
             usage=done.usage,
             coop=done.extras,
@@ -116,20 +133,22 @@ class OpenAIServing:
     async def complete(
         self, request: CompletionRequest, charge: Charge = UNMETERED
     ) -> CompletionResponse | AsyncIterator[str]:
-        self._check_common(request)
-        prompt_ids = await self._completion_prompt(request)
+        model = self._check_common(request)
+        backend = model.backend
+        prompt_ids = await self._completion_prompt(backend, request)
         self.limits.check_prompt_tokens(len(prompt_ids), "prompt")
-        params = self._sampling_params(request, len(prompt_ids), DEFAULT_COMPLETION_MAX_TOKENS)
+        params = self._sampling_params(backend, request, len(prompt_ids), DEFAULT_COMPLETION_MAX_TOKENS)
+        await model.require_covered()
         response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        events = self.metrics.timed(run_generation(self.backend, self.text, prompt_ids, params, charge))
+        events = self.metrics.timed(run_generation(backend, self.text, prompt_ids, params, charge))
         if request.stream:
-            render = _completion_renderer(response_id, created, self.backend.model_name, request.include_usage)
+            render = _completion_renderer(response_id, created, backend.model_name, request.include_usage)
             return await _start_stream(events, render)
         text, done = await collect_text(events)
         return CompletionResponse(
             id=response_id,
             created=created,
-            model=self.backend.model_name,
+            model=backend.model_name,
             choices=[CompletionChoice(text=text, finish_reason=done.finish_reason)],
             usage=done.usage,
             coop=done.extras,
@@ -137,23 +156,18 @@ class OpenAIServing:
 
     # -- validation -------------------------------------------------------------------------
 
-    def _check_common(self, request: GenerationRequest) -> None:
-        if request.model is not None and request.model != self.backend.model_name:
-            raise RequestError(
-                f"model {request.model!r} is not served here; this server serves {self.backend.model_name!r} "
-                "(see GET /v1/models)",
-                status=404,
-                code="model_not_found",
-                param="model",
-            )
+    def _check_common(self, request: GenerationRequest) -> ServedModel:
+        """The model the request names (model_not_found if it is not served), once `n` is checked too."""
+        model = self.catalog.get(request.model)
         if request.n not in (None, 1):
             raise RequestError(
                 f"n={request.n} is not supported: this server returns exactly one choice per request",
                 code="unsupported_value",
                 param="n",
             )
+        return model
 
-    async def _completion_prompt(self, request: CompletionRequest) -> list[int]:
+    async def _completion_prompt(self, backend: Backend, request: CompletionRequest) -> list[int]:
         prompt = request.prompt
         texts = [prompt] if isinstance(prompt, str) else [p for p in prompt if isinstance(p, str)]
         if texts:
@@ -164,17 +178,19 @@ class OpenAIServing:
                 )
             if not texts[0]:
                 raise RequestError("prompt must not be empty", param="prompt")
-            return await self.text.run(self.backend.client.encode, texts[0])
+            return await self.text.run(backend.client.encode, texts[0])
         ids = [int(t) for t in prompt]
         if not ids:
             raise RequestError("prompt must not be empty", param="prompt")
-        vocab = self.backend.client.manifest.vocab_size
+        vocab = backend.client.manifest.vocab_size
         if any(not 0 <= t < vocab for t in ids):
             raise RequestError(f"prompt token ids must lie in [0, {vocab})", param="prompt")
         return ids
 
-    def _sampling_params(self, request: GenerationRequest, prompt_tokens: int, default_max: int) -> SamplingParams:
-        limit = self.backend.max_context
+    def _sampling_params(
+        self, backend: Backend, request: GenerationRequest, prompt_tokens: int, default_max: int
+    ) -> SamplingParams:
+        limit = backend.max_context
         room = limit - prompt_tokens
         requested = request.requested_max_tokens
         if requested is None:
@@ -198,7 +214,7 @@ class OpenAIServing:
             max_tokens = requested
         try:
             return with_defaults(
-                self.backend.client.manifest.sampling_defaults,
+                backend.client.manifest.sampling_defaults,
                 max_tokens=max_tokens,
                 temperature=request.temperature,
                 top_p=request.top_p,

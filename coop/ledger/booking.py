@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from coop.errors import InvalidInput, ReceiptPending, ReceiptRejected, Unauthorized
 from coop.ledger.models import Observation
@@ -72,6 +72,8 @@ class ReceiptChecker:
     # whether this coordinator process still runs a session (its observation may still rise)
     live: Callable[[str], bool] = never_live
     unknown_session_grace_s: float = UNKNOWN_SESSION_GRACE_S
+    # the other models the coordinator serves: model hash -> its manifest's span FLOPs per token
+    other_models: Mapping[str, Callable[[int, int], int]] = field(default_factory=dict)
 
     @property
     def coordinator(self) -> str:
@@ -89,9 +91,8 @@ class ReceiptChecker:
             raise ReceiptRejected(f"receipt {body.receipt_id} is for coordinator {body.coordinator!r}")
         if body.ended_at > time.time() + CLOCK_SKEW_S:
             raise ReceiptRejected(f"receipt {body.receipt_id} ends in the future ({body.ended_at:.0f})")
-        if body.model_hash != self.model_hash:
-            raise ReceiptRejected(f"receipt {body.receipt_id} is for another model ({body.model_hash[:12]})")
-        expected_flops = body.tokens * self.span_flops_per_token(body.start_block, body.end_block)
+        span_flops = self._span_flops(body)
+        expected_flops = body.tokens * span_flops(body.start_block, body.end_block)
         if body.flops != expected_flops:
             raise ReceiptRejected(
                 f"receipt {body.receipt_id} claims {body.flops} FLOPs; its tokens on blocks "
@@ -112,10 +113,19 @@ class ReceiptChecker:
                 f"{body.session_id} with receipt {earlier.receipt_id}"
             )
         paid = (sum(b.prefill_tokens for b in booked.values()), sum(b.decode_tokens for b in booked.values()))
-        flops_per_token = self.span_flops_per_token(body.start_block, body.end_block)
+        flops_per_token = span_flops(body.start_block, body.end_block)
         payment, capped = _payment(body, seen, paid, flops_per_token, live=self.live(body.session_id))
         countersignature = self.signer.sign(countersign_payload(signed.body, payment))
         return Booking(body, signed, payment, countersignature, self.signer.cert_pem, capped)
+
+    def _span_flops(self, body: ReceiptBody) -> Callable[[int, int], int]:
+        """The FLOPs per token of the receipt's model: each model is paid at its own manifest's."""
+        if body.model_hash == self.model_hash:
+            return self.span_flops_per_token
+        other = self.other_models.get(body.model_hash)
+        if other is None:
+            raise ReceiptRejected(f"receipt {body.receipt_id} is for another model ({body.model_hash[:12]})")
+        return other
 
     def _authentic_body(self, signed: SignedReceipt) -> ReceiptBody:
         try:
@@ -151,9 +161,13 @@ def _payment(
     other batches were `paid` (prefill, decode); and, if capped, why.
 
     A node may claim less than the coordinator saw (a batch lost in a crash). A claim of other blocks,
-    or for another institution, is no receipt of what was seen at all, and is rejected.
+    another model, or for another institution, is no receipt of what was seen at all, and is rejected.
     """
     rid = body.receipt_id
+    if seen.model_hash and seen.model_hash != body.model_hash:
+        raise ReceiptRejected(
+            f"receipt {rid}: model {body.model_hash[:12]}, but the session ran model {seen.model_hash[:12]}"
+        )
     if seen.provider != body.institution:
         raise ReceiptRejected(
             f"receipt {rid}: node {body.node_id} served for {seen.provider!r}, not {body.institution!r}"

@@ -106,6 +106,9 @@ class Observation(SQLModel, table=True):
     # the API key that admitted the session (its id, `coop.receipts.api_key_id`); "" = none: the
     # coordinator's own institution pays
     api_key_id: str = Field(default="", max_length=16, sa_column_kwargs={"server_default": ""})
+    # the content hash of the model the session ran: its receipts must name it (a coordinator may
+    # serve several models, priced differently); "" = not recorded (rows written before it was)
+    model_hash: str = Field(default="", max_length=128, sa_column_kwargs={"server_default": ""})
 
 
 class Receipt(SQLModel, table=True):

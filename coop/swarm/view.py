@@ -26,7 +26,7 @@ from coop.errors import CoopError, RouteUnavailable
 from coop.swarm.announcement import SERVING, NodeAnnouncement
 from coop.swarm.directory import SwarmDirectory
 from coop.swarm.measurements import Measurements
-from coop.swarm.routing import Hop, choose_route, expected_block_s
+from coop.swarm.routing import Hop, choose_route, expected_block_s, missing_blocks
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,12 @@ class SwarmView:
         now = time.monotonic()
         self._suspects = {n: until for n, until in self._suspects.items() if until > now}
         return [n for n in self.nodes if n.node_id not in self._suspects]
+
+    def missing_blocks(self) -> list[tuple[int, int]]:
+        """Runs of blocks no serving node covers now: what a request for this model would be refused for."""
+        quarantined = self.quarantined()
+        serving = [n for n in self.live_nodes() if n.state == SERVING and n.node_id not in quarantined]
+        return missing_blocks([n for n in serving if n.end <= self.num_blocks], self.num_blocks)
 
     async def route(self, exclude: set[str] | frozenset[str] = frozenset()) -> list[Hop]:
         """The cheapest route now, counted as our load on its nodes until `release`d."""

@@ -143,3 +143,27 @@ def test_a_receipt_for_a_session_never_seen_is_rejected_after_the_grace_period(r
         receipts.checker(unknown_session_grace_s=GRACE_S).check(receipts.sign(body))
     with pytest.raises(ReceiptPending):
         receipts.checker(unknown_session_grace_s=GRACE_S + 120).check(receipts.sign(body))
+
+
+def test_a_receipt_of_another_served_model_is_paid_at_that_model_s_flops(receipts: Receipts) -> None:
+    """A coordinator serving several models checks each receipt against its own model's manifest."""
+    default_flops = receipts.checker().span_flops_per_token
+
+    def other_flops(start: int, end: int) -> int:
+        return 3 * default_flops(start, end)
+
+    checker = receipts.checker(other_models={"cd34": other_flops})
+    seen = receipts.observe(record=False)
+    seen.model_hash = "cd34"  # what the coordinator saw the session run
+    receipts.ledger.observe([seen])
+    at_default = receipts.body(seen, model_hash="cd34")
+    honest = replace(at_default, flops=at_default.tokens * other_flops(seen.start_block, seen.end_block))
+    with pytest.raises(ReceiptRejected, match="FLOPs"):
+        checker.check(receipts.sign(at_default))  # the other model's tokens, priced as the default model's
+    booking = checker.check(receipts.sign(honest))
+    assert booking.payment.flops == honest.flops == 3 * at_default.flops > 0
+    with pytest.raises(ReceiptRejected, match="another model"):
+        checker.check(receipts.sign(receipts.body(seen, model_hash="ef56")))
+    # the default model is served too, but the session ran the other one: no claim at its price
+    with pytest.raises(ReceiptRejected, match="the session ran model cd34"):
+        checker.check(receipts.sign(receipts.body(seen)))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from collections import Counter
 from collections.abc import Iterator
 from urllib.parse import quote
 
@@ -15,7 +17,15 @@ from coop.admin.auth import LOGIN_COOKIE, SESSION_COOKIE, SessionStore
 from coop.ledger.models import FLOPS_PER_CREDIT
 from coop.pool.api_keys import ApiKeyStore, api_key_digest
 from coop.pool.registry import API_KEYS_FILE
-from tests.unit.test_admin_data import OFFLINE_NODE, PAUSED_NODE, REVOKED, XSS_NAME, AdminPool, build_admin_pool
+from tests.unit.test_admin_data import (
+    OFFLINE_NODE,
+    PAUSED_NODE,
+    REVOKED,
+    XSS_NAME,
+    AdminPool,
+    StaticSwarm,
+    build_admin_pool,
+)
 
 PAGES = ["/admin", "/admin/", "/admin/institutions", "/admin/institutions/beta-lab", "/admin/nodes"]
 PAGES += ["/admin/receipts", "/admin/receipts.csv", "/admin/audit", "/admin/audit.csv"]
@@ -219,6 +229,37 @@ def test_nodes_show_the_state_each_announces(data: AdminPool, client: TestClient
     sign_in(client, data.admin_token)
     row = re.search(rf'<tr data-node="{PAUSED_NODE}">.*?</tr>', client.get("/admin/nodes").text, re.S)
     assert row is not None and '<span class="tag warn"' in row.group(0) and ">paused</span>" in row.group(0)
+
+
+def test_overview_has_one_coverage_map_per_model(data: AdminPool) -> None:
+    """A coordinator serving two models: each has its own row group, blocks and uncovered blocks."""
+    small_node = data.swarm.nodes[0].model_copy(update={"node_id": "small-0", "model_hash": "5ma11", "end": 2})
+    small = StaticSwarm(4, [small_node], Counter({"small-0": 1}))
+    context = dataclasses.replace(data.context(), swarm={"big-model": data.swarm, "small-model": small})
+    app = FastAPI()
+    mount_admin(app, context)
+    bearer = {"Authorization": f"Bearer {data.admin_token}"}
+    with TestClient(app, follow_redirects=False) as client:
+        body = client.get("/admin/api/overview", headers=bearer).json()
+        nodes = {n["node_id"]: n["model"] for n in client.get("/admin/api/nodes", headers=bearer).json()}
+        sign_in(client, data.admin_token)
+        page = client.get("/admin/").text
+    assert nodes["small-0"] == "small-model" and nodes["beta-h100-0"] == "big-model"
+    assert '2 / 4</span><span class="label">blocks served of small-model' in page
+    assert '30 / 30</span><span class="label">blocks served of big-model' in page
+    big, tiny = body["models"]
+    assert (big["name"], big["num_blocks"], big["blocks_uncovered"]) == ("big-model", 30, [])
+    assert sorted(big["node_ids"]) == sorted(n.node_id for n in data.swarm.nodes)
+    assert (tiny["name"], tiny["num_blocks"], tiny["blocks_uncovered"], tiny["node_ids"]) == (
+        "small-model",
+        4,
+        [2, 3],
+        ["small-0"],
+    )
+    assert body["num_blocks"] == 30 and body["nodes_online"] == 6 and body["live_sessions"] == 10
+    svg = body["coverage_svg"]
+    assert svg.count("<svg") == 2 and svg.index("big-model: coverage") < svg.index("small-model: coverage")
+    assert "2 of 4 blocks not served" in tiny["coverage_svg"]
 
 
 def test_bad_input_gets_a_page_saying_what_is_wrong(data: AdminPool, client: TestClient) -> None:
