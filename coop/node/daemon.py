@@ -37,6 +37,7 @@ import torch
 from coop.config import NodeSettings
 from coop.errors import InvalidInput
 from coop.model.manifest import Manifest
+from coop.model.quantization import bytes_per_weight
 from coop.node.drain import ServingState, control_socket_path, prepare_control_socket
 from coop.node.limits import NodeLimits
 from coop.node.metering import ReceiptWriter
@@ -92,7 +93,7 @@ def pick_span(
     explicit = parse_blocks(settings.blocks, manifest.num_blocks)
     if explicit is not None:
         return explicit
-    block_bytes = max(b.param_count for b in manifest.blocks) * _itemsize(manifest)
+    block_bytes = max(b.param_count for b in manifest.blocks) * _bytes_per_weight(manifest)
     length = settings.max_blocks or max(1, settings.memory_budget_bytes // block_bytes)
     live = directory.list_nodes(membership.pool_id, manifest.content_hash, announcement_validator(membership))
     return choose_span(coverage_of(live, manifest.num_blocks), length)
@@ -100,14 +101,14 @@ def pick_span(
 
 def estimate_throughput(manifest: Manifest, start: int, end: int, device_type: str) -> float:
     """Decode tokens per second that blocks [start, end) reach at least: what a node announces until measured."""
-    weight_bytes = sum(b.active_param_count for b in manifest.blocks[start:end]) * _itemsize(manifest)
+    weight_bytes = sum(b.active_param_count for b in manifest.blocks[start:end]) * _bytes_per_weight(manifest)
     overhead_s = _BLOCK_OVERHEAD_S.get(device_type, _BLOCK_OVERHEAD_S["cpu"])
     bandwidth = _WEIGHT_BYTES_PER_S.get(device_type, _WEIGHT_BYTES_PER_S["cpu"])
     return 1.0 / ((end - start) * overhead_s + weight_bytes / bandwidth)
 
 
-def _itemsize(manifest: Manifest) -> int:
-    return torch.empty((), dtype=getattr(torch, manifest.dtype)).element_size()
+def _bytes_per_weight(manifest: Manifest) -> int:
+    return bytes_per_weight(manifest.quantization, getattr(torch, manifest.dtype))
 
 
 def measure_throughput(engine: SpanEngine) -> float:
