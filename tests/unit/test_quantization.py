@@ -104,9 +104,9 @@ def test_bad_quantization_is_refused(tmp_path: Path) -> None:
     hf = save_tiny_model("llama", tmp_path / "hf")
     with pytest.raises(ModelStoreError, match=r"unknown quantization 'int3'; choose one of none, int8, int4"):
         prepare(str(hf), tmp_path / "out", quantize="int3")
+    command = [sys.executable, "-m", "coop.cli", "model", "prepare", str(hf), "--out", str(tmp_path / "out")]
     done = subprocess.run(
-        [sys.executable, "-m", "coop.cli", "model", "prepare", str(hf), "--out", str(tmp_path / "out")]
-        + ["--quantize", "fp3"],
+        [*command, "--quantize", "fp3"],
         capture_output=True,
         text=True,
         timeout=300,
