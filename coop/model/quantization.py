@@ -34,8 +34,9 @@ from coop.errors import ModelIntegrityError, ModelStoreError
 Quantization = Literal["none", "int8", "int4"]
 QUANTIZATIONS: tuple[Quantization, ...] = ("none", "int8", "int4")
 INT4_GROUP_SIZE = 32
-# Stored bytes per quantized weight (int4 values sit one per byte, see the module docstring).
-_WEIGHT_BYTES = {"int8": 1, "int4": 1}
+# Stored bytes per quantized weight: int8 has one scale per output row (negligible); int4 values sit one per
+# byte (see above) with a float32 scale and an int8 zero point per group of 32.
+_WEIGHT_BYTES = {"int8": 1.0, "int4": 1.0 + (4 + 1) / INT4_GROUP_SIZE}
 # torchao's safetensors metadata key listing the tensors it flattened.
 _TORCHAO_TENSOR_NAMES = "tensor_names"
 
@@ -47,9 +48,9 @@ def check_quantization(name: str) -> Quantization:
     raise ModelStoreError(f"unknown quantization {name!r}; choose one of {', '.join(QUANTIZATIONS)}")
 
 
-def bytes_per_weight(quantization: str, dtype: torch.dtype) -> int:
+def bytes_per_weight(quantization: str, dtype: torch.dtype) -> float:
     """Bytes one block weight takes in memory: what the node's memory budget and speed estimate use."""
-    return _WEIGHT_BYTES.get(quantization) or torch.empty((), dtype=dtype).element_size()
+    return _WEIGHT_BYTES.get(quantization) or float(torch.empty((), dtype=dtype).element_size())
 
 
 def _torchao() -> ModuleType:

@@ -24,6 +24,7 @@ import datetime
 import importlib
 import json
 import logging
+import math
 import signal
 import time
 import uuid
@@ -93,7 +94,7 @@ def pick_span(
     explicit = parse_blocks(settings.blocks, manifest.num_blocks)
     if explicit is not None:
         return explicit
-    block_bytes = max(b.param_count for b in manifest.blocks) * _bytes_per_weight(manifest)
+    block_bytes = math.ceil(max(b.param_count for b in manifest.blocks) * _bytes_per_weight(manifest))
     length = settings.max_blocks or max(1, settings.memory_budget_bytes // block_bytes)
     live = directory.list_nodes(membership.pool_id, manifest.content_hash, announcement_validator(membership))
     return choose_span(coverage_of(live, manifest.num_blocks), length)
@@ -107,7 +108,7 @@ def estimate_throughput(manifest: Manifest, start: int, end: int, device_type: s
     return 1.0 / ((end - start) * overhead_s + weight_bytes / bandwidth)
 
 
-def _bytes_per_weight(manifest: Manifest) -> int:
+def _bytes_per_weight(manifest: Manifest) -> float:
     return bytes_per_weight(manifest.quantization, getattr(torch, manifest.dtype))
 
 

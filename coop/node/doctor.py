@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import math
 import os
 import socket
 import time
@@ -124,7 +125,7 @@ def block_bytes(manifest: Manifest) -> int:
     """Bytes of parameters of the largest block, in the model's dtype or quantization (what `--blocks auto`
     counts too)."""
     per_weight = bytes_per_weight(manifest.quantization, getattr(torch, manifest.dtype))
-    return max(b.param_count for b in manifest.blocks) * per_weight
+    return math.ceil(max(b.param_count for b in manifest.blocks) * per_weight)
 
 
 def free_memory_bytes(device: str) -> tuple[str, int]:
