@@ -7,8 +7,9 @@ alike and round-trip through safetensors without pickle:
 - int4: `IntxWeightOnlyConfig(int4, groups of 32)`, int4 values with one scale per 32 weights,
   stored one value per byte (`IntxUnpackedToInt8Tensor`). It is torchao 0.18's only int4 layout
   that runs on CPU: `Int4WeightOnlyConfig` needs the CUDA-only `mslk` kernels (plain) or tinygemm
-  (tile_packed_to_4d), and its CPU layout ("opaque") was removed in 0.18. So int4 shrinks the block
-  files like int8 does, not twice as much; a packed int4 store would be device-specific.
+  (tile_packed_to_4d), and its CPU layout ("opaque") was removed in 0.18. So an int4 block is no
+  smaller than an int8 one (~15% larger, for its group scales and zero points) and less exact; a
+  packed int4 store would be device-specific, and CPU nodes could not load it.
 
 Only the blocks' Linear weights are quantized: norms stay in the model dtype, and the client part
 (embeddings, final norm, LM head) is never quantized. Parameter counts, hence FLOPs and credits,
