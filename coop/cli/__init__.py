@@ -7,6 +7,7 @@ becomes what a user sees: `error: <message>` on stderr and exit status 1. Comman
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any
 
 import typer
@@ -46,6 +47,13 @@ def _print_version(asked: bool) -> None:
         raise typer.Exit()
 
 
+def _quiet_torchao() -> None:
+    """transformers imports torchao (for quantized models) whenever it is installed, and torchao then warns,
+    on every command's stderr, about each CUDA-only kernel library it cannot load and an enum it registers."""
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 @app.callback()
 def _options(
     version: Annotated[
@@ -53,6 +61,7 @@ def _options(
     ] = False,
 ) -> None:
     """Options of `coop` itself, before any command."""
+    _quiet_torchao()
 
 
 app.add_typer(model.model_app, name="model")

@@ -32,6 +32,9 @@ def model_prepare(
     src: Annotated[str, typer.Argument(help="HF model directory, .gguf file, or 'smollm2-demo'")],
     out: Annotated[Path, typer.Option("--out", help="directory to write the model store to")],
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
+    quantize: Annotated[
+        str, typer.Option(help="none | int8 | int4: weight-only quantization of the blocks (torchao)")
+    ] = "none",
     temperature: Annotated[
         float | None, typer.Option(help="recommended temperature, for requests that set none", min=0.0)
     ] = None,
@@ -53,7 +56,7 @@ def model_prepare(
         sampling = SamplingDefaults.model_validate({**stated, "origin": "command line"})
     except ValueError as exc:
         raise ModelStoreError(f"invalid sampling defaults: {exc}") from exc
-    prepare(src, out, dtype=dtype, sampling=sampling, quiet=quiet)
+    prepare(src, out, dtype=dtype, quantize=quantize, sampling=sampling, quiet=quiet)
 
 
 @model_app.command("info")
@@ -71,6 +74,7 @@ def model_info(
         ("architecture", manifest.architecture),
         ("model type", manifest.model_type),
         ("dtype", manifest.dtype),
+        ("quantization", manifest.quantization),
         ("blocks", str(manifest.num_blocks)),
         ("hidden size", str(manifest.hidden_size)),
         ("vocab size", str(manifest.vocab_size)),

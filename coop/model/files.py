@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from coop.errors import ModelIntegrityError, ModelNotFound
-from coop.model.manifest import Manifest
+from coop.model.manifest import CLIENT_FILE, Manifest
+from coop.model.quantization import restore_quantized
 from coop.model.verified import already_verified, remember_verified, settled_signature
 
 _CHUNK_BYTES = 4 << 20
@@ -56,6 +57,9 @@ def verify_all(model_dir: Path, manifest: Manifest) -> None:
 
 def load_tensors(model_dir: Path, manifest: Manifest, rel_path: str, device: torch.device) -> dict[str, torch.Tensor]:
     """Verify one safetensors file against the manifest (unless unchanged since it last matched), then
-    read it straight onto `device`."""
+    read it straight onto `device`; a quantized model's block files come back as quantized tensors."""
     path = verify_file(model_dir, manifest, rel_path, trust_unchanged=True)
-    return load_file(str(path), device=str(device))
+    tensors = load_file(str(path), device=str(device))
+    if manifest.quantization != "none" and rel_path != CLIENT_FILE:
+        return restore_quantized(path, tensors)
+    return tensors

@@ -24,6 +24,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from coop.errors import ModelNotFound, ModelStoreError
+from coop.model.quantization import Quantization
 
 MANIFEST_FILE = "manifest.json"
 CLIENT_FILE = "client.safetensors"
@@ -103,6 +104,9 @@ class Manifest(BaseModel):
     source: SourceInfo
     # Absent from manifests written before it existed: no recommendation.
     sampling_defaults: SamplingDefaults = SamplingDefaults()
+    # Weight-only quantization of the blocks' Linear layers (`coop.model.quantization`); part of the
+    # content hash. Param counts and FLOPs stay those of the unquantized model.
+    quantization: Quantization = "none"
 
     @property
     def context_length(self) -> int:

@@ -43,6 +43,7 @@ from coop.model.manifest import (
     SourceInfo,
     block_file,
 )
+from coop.model.quantization import Quantization, check_quantization, quantize_block, save_block
 from coop.model.skeleton import decoder_layers, layers_prefix
 from coop.progress import progress_bar
 
@@ -132,12 +133,14 @@ def recommended_sampling(src: str, source: Source, overrides: SamplingDefaults) 
     return SamplingDefaults.model_validate({**chosen, "origin": ", ".join(origins)})
 
 
-def _is_up_to_date(out: Path, fingerprint: str, dtype: str) -> Manifest | None:
+def _is_up_to_date(out: Path, fingerprint: str, dtype: str, quantization: Quantization) -> Manifest | None:
     try:
         manifest = Manifest.load(out)
     except ModelStoreError:
         return None
-    same_source = manifest.source.fingerprint == fingerprint and manifest.dtype == dtype
+    same_source = (
+        manifest.source.fingerprint == fingerprint and manifest.dtype == dtype and manifest.quantization == quantization
+    )
     files_present = all((out / rel).is_file() for rel in manifest.files)
     return manifest if same_source and files_present else None
 
@@ -209,6 +212,17 @@ def _eos_ids(model: PreTrainedModel, tokenizer: object | None) -> list[int]:
     return sorted(ids)
 
 
+def _content_hash(files: dict[str, str], quantization: Quantization) -> str:
+    """Over every file's sha256 and, for a quantized model, the quantization too, so the name says so
+    even where a block file would not (unquantized models keep the hash they always had)."""
+    named: dict[str, object] = dict(files) if quantization == "none" else {"files": files, "quantization": quantization}
+    return hashlib.sha256(json.dumps(named, sort_keys=True).encode()).hexdigest()
+
+
+def _describe(dtype: str, quantization: Quantization) -> str:
+    return dtype if quantization == "none" else f"{dtype}, {quantization} weights"
+
+
 @contextmanager
 def _transformers_bars(*, enabled: bool) -> Iterator[None]:
     """transformers draws its own tqdm bars while loading, even into a pipe: only where ours would be."""
@@ -242,24 +256,30 @@ def prepare(
     out: str | Path,
     *,
     dtype: str = "float32",
+    quantize: str = "none",
     sampling: SamplingDefaults | None = None,
     quiet: bool = False,
     console: Console | None = None,
 ) -> Manifest:
-    """`sampling`: recommended sampling that overrides the source's. `quiet`: no messages and no
-    progress bars (transformers' own included)."""
+    """`quantize`: weight-only quantization of the blocks (`coop.model.quantization`). `sampling`:
+    recommended sampling that overrides the source's. `quiet`: no messages and no progress bars
+    (transformers' own included)."""
     console = console or Console(stderr=True, quiet=quiet)
     out = Path(out).expanduser().resolve()
     if dtype not in DTYPES:
         raise ModelStoreError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    quantization = check_quantization(quantize)
     if out.exists() and not (out / MANIFEST_FILE).is_file() and any(out.iterdir()):
         raise ModelStoreError(f"{out} exists and is not a Coop model directory; choose another --out")
     source = resolve_source(src)
     fingerprint = source_fingerprint(source)
     defaults = recommended_sampling(src, source, sampling or SamplingDefaults())
-    if (current := _is_up_to_date(out, fingerprint, dtype)) is not None:
+    if (current := _is_up_to_date(out, fingerprint, dtype, quantization)) is not None:
         if current.sampling_defaults == defaults:
-            console.print(f"[green]Up to date[/]: {out} already holds {current.name} ({dtype}); nothing to do.")
+            console.print(
+                f"[green]Up to date[/]: {out} already holds {current.name} ({_describe(dtype, quantization)}); "
+                "nothing to do."
+            )
             return current
         current = current.model_copy(update={"sampling_defaults": defaults})
         current.save(out)
@@ -282,8 +302,10 @@ def prepare(
         with progress_bar("Writing blocks", num_blocks + 1, quiet=quiet) as advance:
             for index, layer in enumerate(layers):
                 state = _unique_tensors(layer.state_dict())
-                save_file(state, str(staging / block_file(index)))
-                numel = {name: t.numel() for name, t in state.items()}
+                numel = {name: t.numel() for name, t in state.items()}  # before quantization: FLOPs stay
+                if quantization != "none":
+                    state = quantize_block(layer, quantization, f"block {index}")
+                save_block(state, staging / block_file(index), quantization)
                 active = _active_params(numel, experts_per_token, num_experts)
                 blocks.append(
                     BlockInfo(
@@ -310,7 +332,7 @@ def prepare(
             _drop_loading_options(staging / "tokenizer_config.json")
 
         files = {str(p.relative_to(staging)): sha256_file(p) for p in sorted(staging.rglob("*")) if p.is_file()}
-        content_hash = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+        content_hash = _content_hash(files, quantization)
         manifest = Manifest(
             name=source.path.stem if src != DEMO_MODEL else DEMO_MODEL,
             architecture=(config.architectures or [type(model).__name__])[0],
@@ -328,8 +350,12 @@ def prepare(
             content_hash=content_hash,
             source=SourceInfo(kind=source.kind, path=str(source.path), fingerprint=fingerprint),
             sampling_defaults=defaults,
+            quantization=quantization,
         )
         manifest.save(staging)
-    console.print(f"[green]Prepared[/] {manifest.name}: {num_blocks} blocks, {dtype}, hash {content_hash[:12]} → {out}")
+    console.print(
+        f"[green]Prepared[/] {manifest.name}: {num_blocks} blocks, {_describe(dtype, quantization)}, "
+        f"hash {content_hash[:12]} → {out}"
+    )
     console.print(f"sampling defaults: {defaults.describe()}")
     return manifest

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import math
 import os
 import socket
 import time
@@ -27,6 +28,7 @@ from coop.config import NodeSettings
 from coop.errors import CoopError
 from coop.model.files import verify_all
 from coop.model.manifest import Manifest
+from coop.model.quantization import bytes_per_weight
 from coop.pool.ca import ROLE_MEMBER, load_cert, utc_now
 from coop.pool.membership import Membership
 from coop.swarm.announcement import NodeAnnouncement, announcement_validator
@@ -120,9 +122,10 @@ def check_model(model_dir: Path, found: _Context) -> Check:
 
 
 def block_bytes(manifest: Manifest) -> int:
-    """Bytes of parameters of the largest block, in the model's dtype (what `--blocks auto` counts too)."""
-    itemsize = torch.empty((), dtype=getattr(torch, manifest.dtype)).element_size()
-    return max(b.param_count for b in manifest.blocks) * itemsize
+    """Bytes of parameters of the largest block, in the model's dtype or quantization (what `--blocks auto`
+    counts too)."""
+    per_weight = bytes_per_weight(manifest.quantization, getattr(torch, manifest.dtype))
+    return math.ceil(max(b.param_count for b in manifest.blocks) * per_weight)
 
 
 def free_memory_bytes(device: str) -> tuple[str, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 
@@ -20,19 +21,24 @@ def demo_client(demo_model_dir: str) -> ClientPart:
     return ClientPart.load(demo_model_dir, device="cpu")
 
 
-@pytest.fixture(scope="session")
-def reference(demo_model_dir: str, demo_client: ClientPart):  # type: ignore[no-untyped-def]
-    """reference(question, max_tokens) -> greedy token ids of the whole model in this process."""
-    engine = SpanEngine.load(demo_model_dir, 0, demo_client.manifest.num_blocks, device="cpu")
+def single_process_reference(model_dir: str, client: ClientPart) -> Callable[[str, int], list[int]]:
+    """reference(question, max_tokens) -> greedy token ids of the whole model `model_dir` in this process."""
+    engine = SpanEngine.load(model_dir, 0, client.manifest.num_blocks, device="cpu")
     cache: dict[tuple[str, int], list[int]] = {}
 
     def run(question: str, max_tokens: int) -> list[int]:
         key = (question, max_tokens)
         if key not in cache:
-            prompt = demo_client.encode_chat([{"role": "user", "content": question}])
+            prompt = client.encode_chat([{"role": "user", "content": question}])
             chain = LocalChain([engine], max_length=len(prompt) + max_tokens)
-            cache[key] = asyncio.run(collect_tokens(demo_client, chain, prompt, SamplingParams(max_tokens=max_tokens)))
+            cache[key] = asyncio.run(collect_tokens(client, chain, prompt, SamplingParams(max_tokens=max_tokens)))
             asyncio.run(chain.close())
         return cache[key]
 
     return run
+
+
+@pytest.fixture(scope="session")
+def reference(demo_model_dir: str, demo_client: ClientPart) -> Callable[[str, int], list[int]]:
+    """reference(question, max_tokens) -> greedy token ids of the whole demo model in this process."""
+    return single_process_reference(demo_model_dir, demo_client)
