@@ -50,7 +50,7 @@ from coop.node.outbox import Outbox
 from coop.node.rebalancing import ListNodes, RebalancePolicy, Rebalancer, ServableModel
 from coop.node.serving_hours import parse_serving_hours
 from coop.pool.membership import Membership
-from coop.swarm.announcement import DRAINING, NodeAnnouncement, announcement_validator
+from coop.swarm.announcement import DRAINING, MAX_ANNOUNCED_SESSIONS, NodeAnnouncement, announcement_validator
 from coop.swarm.directory import Announcer, SwarmDirectory
 from coop.swarm.rebalance import Candidate, Placement, decide
 from coop.swarm.revocations import RevocationWatcher
@@ -249,6 +249,7 @@ async def run_node(settings: NodeSettings, measure: Measure | None = None) -> No
                 "throughput_tps": node_service.throughput_tps,
                 "free_cache_bytes": serving_engine.free_cache_bytes,
                 "state": serving.state,
+                "active_sessions": min(node_service.session_count, MAX_ANNOUNCED_SESSIONS),
             }
 
         announcer = Announcer(directory, describe, ttl_s=settings.announce_ttl_s, bundle=membership.credentials)

@@ -37,6 +37,7 @@ _TIMESTAMP = Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
 
 # Whether a node takes new sessions (coop/node/drain.py): routes are built from serving nodes only.
 NodeState = Literal["serving", "paused", "draining"]
+MAX_ANNOUNCED_SESSIONS: Final = 65536
 SERVING: Final = "serving"
 PAUSED: Final = "paused"
 DRAINING: Final = "draining"
@@ -79,6 +80,9 @@ class NodeAnnouncement(BaseModel):
     throughput_tps: _NON_NEGATIVE_FLOAT
     free_cache_bytes: Annotated[int, Field(ge=0, le=2**63 - 1)]
     state: NodeState = SERVING
+    # sessions open on the node now: the demand signal rebalancing reads (coop.swarm.rebalance), capped
+    # here and read there as a median over blocks, so one peer's claim cannot make a model look busy
+    active_sessions: Annotated[int, Field(ge=0, le=MAX_ANNOUNCED_SESSIONS)] = 0
     announced_at: _TIMESTAMP
     expires_at: _TIMESTAMP
     signature: Annotated[bytes, Field(max_length=8192)] = b""
@@ -120,7 +124,7 @@ class NodeAnnouncement(BaseModel):
             raise InvalidInput(f"malformed node announcement: {type(exc).__name__}") from exc
 
 
-_ADDED_FIELDS = frozenset({"state"})
+_ADDED_FIELDS = frozenset({"state", "active_sessions"})
 
 
 def _payload(

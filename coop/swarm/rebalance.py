@@ -3,9 +3,12 @@
 The pool's health, per model, is read block by block: a block's capacity is the summed throughput of
 the serving nodes that cover it (a paused or draining node covers nothing: it takes no new session).
 The pool is better off with fewer uncovered blocks, then with a higher bottleneck: the lowest capacity
-of any covered block, divided by the model's demand (every model is equally asked for unless told),
-taken over all models. A node compares the pool as it is with the pool after it left its span for any
-other window (of any model it can serve) and moves only when
+of any covered block, divided by the model's demand, taken over all models. A model's demand is 1 plus
+the sessions it carries: every session's route covers each block once, so the sessions the nodes of
+one block announce add up to the model's sessions; the (lower) median over blocks is taken, so a node
+that inflates its count moves the figure only if it covers most of the model's blocks. A node compares
+the pool as it is with the pool after it left its span for any other window (of any model it can
+serve) and moves only when
 
 - the move covers blocks that nobody serves, without uncovering any; or
 - it covers as many blocks and raises the bottleneck by more than `threshold` (e.g. 1.25x), and the
@@ -19,6 +22,7 @@ block than the median claim, so one peer announcing 1e12 tokens/s cannot pull ev
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -46,7 +50,6 @@ class Candidate:
     num_blocks: int
     length: int  # how many blocks of it the node can hold
     throughput_tps: float  # what the node would deliver through `length` blocks of it
-    demand: float = 1.0  # how much the model is asked for, relative to the others
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,15 @@ def block_capacity(nodes: Sequence[NodeAnnouncement], num_blocks: int) -> list[f
         for index in range(node.start, node.end):
             capacity[index] += tps
     return capacity
+
+
+def demand_of(nodes: Sequence[NodeAnnouncement], num_blocks: int) -> float:
+    """1 + the sessions a model carries: the median over its blocks of the sessions announced on them."""
+    per_block = [0] * num_blocks
+    for node in nodes:
+        for index in range(node.start, min(node.end, num_blocks)):
+            per_block[index] += node.active_sessions
+    return 1.0 + statistics.median_low(per_block) if per_block else 1.0
 
 
 def health(capacities: Mapping[str, list[float]], demand: Mapping[str, float]) -> Health:
@@ -103,7 +115,7 @@ def decide(
         c.model_hash: block_capacity([n for n in live.get(c.model_hash, ()) if n.node_id != node_id], c.num_blocks)
         for c in candidates
     }
-    demand = {c.model_hash: c.demand for c in candidates}
+    demand = {c.model_hash: demand_of(live.get(c.model_hash, ()), c.num_blocks) for c in candidates}
 
     def with_me(place: Placement) -> dict[str, list[float]]:
         capacities = dict(others)

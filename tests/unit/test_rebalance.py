@@ -13,8 +13,8 @@ import pytest
 from coop.errors import InvalidInput
 from coop.node.drain import ServingState
 from coop.node.rebalancing import RebalancePolicy, Rebalancer
-from coop.swarm.announcement import DRAINING, PAUSED, SERVING, NodeAnnouncement, NodeState
-from coop.swarm.rebalance import Candidate, Placement, block_capacity, decide
+from coop.swarm.announcement import DRAINING, MAX_ANNOUNCED_SESSIONS, PAUSED, SERVING, NodeAnnouncement, NodeState
+from coop.swarm.rebalance import Candidate, Placement, block_capacity, decide, demand_of
 
 BLOCKS = 30
 HALF = 15
@@ -24,7 +24,13 @@ OTHER_MODEL = "m2"
 
 
 def node(
-    node_id: str, start: int, end: int, tps: float = TPS, state: NodeState = SERVING, model: str = MODEL
+    node_id: str,
+    start: int,
+    end: int,
+    tps: float = TPS,
+    state: NodeState = SERVING,
+    model: str = MODEL,
+    sessions: int = 0,
 ) -> NodeAnnouncement:
     now = time.time()
     return NodeAnnouncement(
@@ -38,6 +44,7 @@ def node(
         throughput_tps=tps,
         free_cache_bytes=1,
         state=state,
+        active_sessions=sessions,
         announced_at=now,
         expires_at=now + 60,
     )
@@ -151,8 +158,18 @@ def test_among_covered_models_the_least_served_per_unit_of_demand_wins() -> None
     }
     candidates = [half_node(length=BLOCKS), half_node(model=OTHER_MODEL, length=BLOCKS)]
     assert decide("new", None, candidates, live) == Placement(MODEL, 0, BLOCKS)
-    busy_other = [candidates[0], Candidate(OTHER_MODEL, BLOCKS, BLOCKS, TPS, demand=4.0)]
-    assert decide("new", None, busy_other, live) == Placement(OTHER_MODEL, 0, BLOCKS)
+    # the other model carries 5 sessions on each block (so a demand of 6 against 1): it needs the node more
+    live[OTHER_MODEL] = [node("b", 0, BLOCKS, sessions=3), node("c", 0, BLOCKS, sessions=2)]
+    assert decide("new", None, candidates, live) == Placement(OTHER_MODEL, 0, BLOCKS)
+
+
+def test_one_node_inflating_its_sessions_cannot_make_its_model_look_busy() -> None:
+    """Demand is the median over blocks: a liar on a few blocks of the model is not the median."""
+    liar = node("liar", 0, 2, sessions=MAX_ANNOUNCED_SESSIONS, model=OTHER_MODEL)
+    assert demand_of([node("b", 0, BLOCKS, model=OTHER_MODEL), liar], BLOCKS) == 1.0
+    live = {MODEL: [node("a", 0, BLOCKS)], OTHER_MODEL: [node("b", 0, BLOCKS), node("c", 0, BLOCKS), liar]}
+    candidates = [half_node(length=BLOCKS), half_node(model=OTHER_MODEL, length=BLOCKS)]
+    assert decide("new", None, candidates, live) == Placement(MODEL, 0, BLOCKS)
 
 
 def test_bad_settings_are_refused() -> None:
