@@ -8,7 +8,13 @@ announced, coordinator start -> ready, median of 5: bench/startup.py). With --po
 twice, in development mode and as a member pool (mutual TLS with per-node certificates, signed
 announcements and routes, API keys, receipts booked in a ledger), and prints what security costs.
 
-    .venv/bin/python bench/swarm_vs_local.py [--tokens 64] [--sessions 8] [--pool]
+The swarm's processes (3 nodes and a coordinator) share this machine's cores, so each runs
+`--threads-per-process` torch threads (default: its share of the cores), as a node on a machine of
+its own would use that machine's; more threads than cores spin against each other (measured on 2
+cores: 4x slower steps). The local rows are measured with torch's default threads and with that
+many, and the faster is the baseline. `--node-batch-steps` turns on the nodes' batched steps.
+
+    .venv/bin/python bench/swarm_vs_local.py [--tokens 64] [--sessions 8] [--node-batch-steps 16] [--pool]
 """
 
 from __future__ import annotations
@@ -20,8 +26,10 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from unittest import mock
 
 import httpx
 import torch
@@ -99,9 +107,29 @@ def stream_once(url: str, tokens: int, key: str | None = None, question: str = P
     return count, time.perf_counter() - started, first
 
 
-def run_swarm(tokens: int, sessions: int, repeats: int, *, secure: bool) -> tuple[float, float, float]:
+def best_of_threads(
+    measure: Callable[[ClientPart, list[int], int], tuple[float, float]],
+    client: ClientPart,
+    prompt: list[int],
+    tokens: int,
+    threads: int,
+) -> tuple[float, float]:
+    """The faster of torch's default thread count and `threads` (tokens/s, with its time to first token)."""
+    default = torch.get_num_threads()
+    results = []
+    for count in sorted({default, threads}):
+        torch.set_num_threads(count)
+        results.append(measure(client, prompt, tokens))
+    torch.set_num_threads(default)
+    return max(results)
+
+
+def run_swarm(
+    tokens: int, sessions: int, repeats: int, *, secure: bool, threads: int, batch_steps: int
+) -> tuple[float, float, float]:
     """(tokens/s of one session, its time to first token, aggregate tokens/s of `sessions` at once)."""
-    with tempfile.TemporaryDirectory(prefix="coop-bench-") as scratch:
+    environment = {"OMP_NUM_THREADS": str(threads), "COOP_NODE_MAX_BATCH_STEPS": str(batch_steps)}
+    with tempfile.TemporaryDirectory(prefix="coop-bench-") as scratch, mock.patch.dict(os.environ, environment):
         pool = LocalPool(str(MODEL_DIR))
         spans = {"bench-1": "0:10", "bench-2": "10:20", "bench-3": "20:30"}
         key = None
@@ -142,27 +170,41 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--pool", action="store_true", help="also run the swarm as a member pool (TLS, ledger)")
     parser.add_argument("--startup-repeats", type=int, default=5, help="starts of a node and a coordinator to time")
+    parser.add_argument(
+        "--threads-per-process",
+        type=int,
+        default=max(1, (os.cpu_count() or 1) // 4),
+        help="torch threads of each swarm process (default: a quarter of the cores, for 3 nodes and a coordinator)",
+    )
+    parser.add_argument(
+        "--node-batch-steps", type=int, default=1, help="the nodes' COOP_NODE_MAX_BATCH_STEPS (1: no batched steps)"
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     prepare("smollm2-demo", MODEL_DIR)
     client = ClientPart.load(MODEL_DIR, device="cpu")
     prompt = client.encode_chat([{"role": "user", "content": PROMPT}])
-    hf_tps, hf_ttft = local_transformers(client, prompt, args.tokens)
-    engine_tps, engine_ttft = local_engine(client, prompt, args.tokens)
+    threads = args.threads_per_process
+    hf_tps, hf_ttft = best_of_threads(local_transformers, client, prompt, args.tokens, threads)
+    engine_tps, engine_ttft = best_of_threads(local_engine, client, prompt, args.tokens, threads)
 
-    swarm_tps, swarm_ttft, aggregate_tps = run_swarm(args.tokens, args.sessions, args.repeats, secure=False)
+    swarm = {"threads": threads, "batch_steps": args.node_batch_steps}
+    swarm_tps, swarm_ttft, aggregate_tps = run_swarm(args.tokens, args.sessions, args.repeats, secure=False, **swarm)
     if args.pool:
-        pool_tps, pool_ttft, pool_aggregate = run_swarm(args.tokens, args.sessions, args.repeats, secure=True)
+        pool_tps, pool_ttft, pool_aggregate = run_swarm(args.tokens, args.sessions, args.repeats, secure=True, **swarm)
     startup = measure_startup(args.startup_repeats)
 
     print(f"\nprompt {len(prompt)} tokens, {args.tokens} new tokens, {os.cpu_count()} CPU cores")
+    print(f"swarm: {threads} torch threads per process, node batched steps {args.node_batch_steps}")
     print_row("local, transformers generate()", hf_tps, hf_ttft)
     print_row("local, coop engine as one span", engine_tps, engine_ttft)
     print_row("swarm, 3 nodes, 1 session", swarm_tps, swarm_ttft)
     print_row(f"swarm, {args.sessions} concurrent sessions", aggregate_tps)
     print(f"ratio swarm / local (transformers): {swarm_tps / hf_tps:.2f}x")
     print(f"ratio {args.sessions} sessions / 1 session:      {aggregate_tps / swarm_tps:.2f}x")
+    print(f"ratio engine / local (transformers): {engine_tps / hf_tps:.2f}x")
+    print(f"ratio swarm / local time to first token: {swarm_ttft / hf_ttft:.2f}x")
     if args.pool:
         print_row("member pool, 3 nodes, 1 session", pool_tps, pool_ttft)
         print_row(f"member pool, {args.sessions} concurrent sessions", pool_aggregate)

@@ -8,6 +8,7 @@ transformers' own.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,14 @@ class ClientPart:
                 inputs_embeds=hidden.to(self.device), use_cache=False, logits_to_keep=1 if last_only else 0
             )
         return out.logits.float()
+
+    def logits_at(self, hidden: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
+        """Hidden states [1, n, hidden] (several sessions' steps packed side by side) -> float32 logits
+        [len(positions), vocab] of the given positions only."""
+        keep = torch.tensor(list(positions), dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            out = self.model(inputs_embeds=hidden.to(self.device), use_cache=False, logits_to_keep=keep)
+        return out.logits[0].float()
 
     # -- text -------------------------------------------------------------------------------
 

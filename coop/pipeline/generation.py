@@ -14,7 +14,6 @@ exactly as with one-token steps, so the output is the same tokens, in fewer roun
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
@@ -23,7 +22,8 @@ import torch
 from coop.errors import InvalidInput, SpanOutOfRange
 from coop.model.client_part import ClientPart
 from coop.pipeline.drafts import NgramDrafter
-from coop.pipeline.sampling import SamplingParams, make_generator, sample_token
+from coop.pipeline.heads import head_batcher
+from coop.pipeline.sampling import SamplingParams, make_generator
 from coop.swarm.routing import Hop
 
 
@@ -76,15 +76,16 @@ async def generate_tokens(
     if not prompt_ids:
         raise InvalidInput("the prompt must contain at least one token")
     generator = make_generator(params)
+    heads = head_batcher(client)
     drafter = NgramDrafter(chain.draft_tokens) if params.greedy and chain.draft_tokens > 0 else None
     tokens = list(prompt_ids)  # every token kept so far; the chain's caches hold all but the last
     hidden = await chain.step(client.embed(torch.tensor([tokens])), 0, tokens)
     drafts: list[int] = []  # the drafts the last step carried after its first token
     produced = 0
     while True:
-        # The LM head is the heaviest work a coordinator does per token (~10 ms of CPU on the demo
-        # model): in a worker thread it runs beside the event loop and the other sessions' heads.
-        kept = await asyncio.to_thread(_kept_tokens, client, hidden, drafts, params, generator)
+        # The LM head is the heaviest work a coordinator does per token (~7-10 ms of CPU on the demo
+        # model): it runs in a worker thread, beside the event loop, in one call with other sessions' heads.
+        kept = await heads.kept_tokens(hidden, drafts, params, generator)
         if drafter is not None and drafts:
             drafter.update(len(drafts), len(kept) - 1)
         for token in kept:
@@ -97,28 +98,6 @@ async def generate_tokens(
         drafts = drafter.propose(tokens, params.max_tokens - produced - 1) if drafter is not None else []
         step_ids = [tokens[-1], *drafts]
         hidden = await chain.step(client.embed(torch.tensor([step_ids])), len(tokens) - 1, tokens + drafts)
-
-
-def _kept_tokens(
-    client: ClientPart,
-    hidden: torch.Tensor,
-    drafts: Sequence[int],
-    params: SamplingParams,
-    generator: torch.Generator | None,
-) -> list[int]:
-    """The tokens a step adds: the next token sampled from its last position; or, when it carried
-    drafts (greedy only), the drafts that match the argmax at the position before each, then the argmax
-    after the last match."""
-    if not drafts:
-        return [sample_token(client.logits(hidden)[0, -1], params, generator)]
-    predicted = client.logits(hidden, last_only=False)[0].argmax(dim=-1).tolist()  # [1 + len(drafts)]
-    kept: list[int] = []
-    for draft, guess in zip(drafts, predicted, strict=False):
-        if draft != guess:
-            break
-        kept.append(draft)
-    kept.append(predicted[len(kept)])
-    return kept
 
 
 async def collect_tokens(

@@ -9,7 +9,8 @@ every other step keep their token, and that the noise stays within LOGIT_NOISE.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import asyncio
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -19,6 +20,10 @@ import torch
 from coop.launcher import LocalPool
 from coop.model.client_part import ClientPart
 from coop.model.engine import SpanEngine, StepInput
+from coop.pipeline.generation import collect_tokens
+from coop.pipeline.heads import head_batcher
+from coop.pipeline.local import LocalChain
+from coop.pipeline.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
 
@@ -73,9 +78,14 @@ def test_eight_concurrent_mixed_requests_equal_single_process(
             assert tokens == reference(QUESTIONS[i], MAX_TOKENS[i]), QUESTIONS[i]
 
 
-def test_no_near_tie_in_the_demo_prompts_can_flip(demo_model_dir: str, demo_client: ClientPart) -> None:
+@pytest.fixture(scope="module")
+def engine(demo_model_dir: str, demo_client: ClientPart) -> SpanEngine:
+    """The whole demo model as one span, in this process."""
+    return SpanEngine.load(demo_model_dir, 0, demo_client.manifest.num_blocks, device="cpu")
+
+
+def test_no_near_tie_in_the_demo_prompts_can_flip(engine: SpanEngine, demo_client: ClientPart) -> None:
     """Greedy decoding of all prompts in lockstep, packed and single: equal tokens, and margins >> noise."""
-    engine = SpanEngine.load(demo_model_dir, 0, demo_client.manifest.num_blocks, device="cpu")
     prompts = [demo_client.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
     for i, prompt in enumerate(prompts):
         engine.open_session(f"single-{i}", max_length=len(prompt) + MAX_TOKENS[i])
@@ -105,3 +115,77 @@ def test_no_near_tie_in_the_demo_prompts_can_flip(demo_model_dir: str, demo_clie
     assert tokens["packed"] == tokens["single"]
     assert worst_noise < LOGIT_NOISE
     assert smallest_margin > worst_noise, f"near tie at {where}: {smallest_margin} apart, noise {worst_noise}"
+
+
+class Lockstep:
+    """An in-process batched node: a step runs once every open session has one waiting, all in one engine batch,
+    so their heads come back together, as they do from a swarm's last node."""
+
+    def __init__(self, engine: SpanEngine) -> None:
+        self.engine = engine
+        self.open = 0
+        self._waiting: list[tuple[StepInput, asyncio.Future[torch.Tensor]]] = []
+
+    async def step(self, step: StepInput) -> torch.Tensor:
+        future: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
+        self._waiting.append((step, future))
+        await self._run_when_all_wait()
+        return await future
+
+    async def leave(self) -> None:
+        self.open -= 1
+        await self._run_when_all_wait()
+
+    async def _run_when_all_wait(self) -> None:
+        if not self._waiting or len(self._waiting) < self.open:
+            return
+        batch, self._waiting = self._waiting, []
+        results = await asyncio.to_thread(self.engine.step_batch, [step for step, _ in batch])
+        for (_, future), result in zip(batch, results, strict=True):
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+
+class LockstepChain(LocalChain):
+    def __init__(self, lockstep: Lockstep, *, max_length: int, draft_tokens: int) -> None:
+        super().__init__([lockstep.engine], max_length=max_length, draft_tokens=draft_tokens)
+        self.lockstep = lockstep
+        lockstep.open += 1
+
+    async def step(self, hidden: torch.Tensor, start_position: int, token_ids: Sequence[int] = ()) -> torch.Tensor:
+        rewind = start_position < self._stepped
+        output = await self.lockstep.step(StepInput(self.session_id, hidden, start_position, rewind))
+        self._stepped = start_position + hidden.shape[1]
+        return output
+
+    async def close(self) -> None:
+        await super().close()
+        await self.lockstep.leave()
+
+
+def test_heads_of_eight_sessions_packed_equal_single_process(
+    engine: SpanEngine, demo_client: ClientPart, reference: Callable[[str, int], list[int]]
+) -> None:
+    """8 concurrent mixed requests (lengths, one-token and multi-token steps) whose steps come back together:
+    the coordinator's heads run packed (coop.pipeline.heads), and every session keeps its greedy tokens."""
+    heads = head_batcher(demo_client)
+    packed_before = heads.rows_packed
+
+    async def ask(lockstep: Lockstep, i: int) -> list[int]:
+        prompt = demo_client.encode_chat([{"role": "user", "content": QUESTIONS[i]}])
+        chain = LockstepChain(lockstep, max_length=len(prompt) + MAX_TOKENS[i], draft_tokens=4 * (i % 2))
+        try:
+            return await collect_tokens(demo_client, chain, prompt, SamplingParams(max_tokens=MAX_TOKENS[i]))
+        finally:
+            await chain.close()
+
+    async def run() -> list[list[int]]:
+        lockstep = Lockstep(engine)
+        return list(await asyncio.gather(*(ask(lockstep, i) for i in range(len(QUESTIONS)))))
+
+    answers = asyncio.run(run())
+    for i, tokens in enumerate(answers):
+        assert tokens == reference(QUESTIONS[i], MAX_TOKENS[i]), QUESTIONS[i]
+    assert heads.rows_packed > packed_before
