@@ -1,14 +1,16 @@
-"""A pool with member bundles, made the way an admin makes one (`coop pool create`, `coop member add`)."""
+"""Pools for tests: with member bundles, made the way an admin makes one (`coop pool create`, `coop member
+add`), or a development-mode pool of real processes (`running_pool`)."""
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 
+from coop.launcher import LocalPool
 from coop.pool import ca
 from coop.pool.bundle import MemberBundle
 from coop.pool.ca import ROLE_COORDINATOR, ROLE_MEMBER
@@ -47,3 +49,16 @@ def certificates_backdated(by: dt.timedelta) -> Iterator[None]:
     since a receipt counts only if its signer's certificate was valid when the work ended."""
     with mock.patch.object(ca, "CLOCK_SKEW", by):
         yield
+
+
+@contextmanager
+def running_pool(model_dir: str, spans: Mapping[str, str]) -> Iterator[LocalPool]:
+    """A development-mode pool (no bundles): a DHT, a node per span, a coordinator; all stopped on exit."""
+    pool = LocalPool(model_dir)
+    try:
+        pool.start_dht()
+        pool.start_nodes(dict(spans))
+        pool.start_coordinator()
+        yield pool
+    finally:
+        pool.stop()

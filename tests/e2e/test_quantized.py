@@ -13,6 +13,7 @@ from coop.model.manifest import Manifest
 from coop.model.prepare import prepare
 from tests.conftest import DEMO_MODEL_DIR
 from tests.e2e.conftest import single_process_reference
+from tests.pools import running_pool
 
 pytestmark = pytest.mark.slow
 
@@ -31,14 +32,8 @@ def int8_demo_dir() -> str:
 
 @pytest.fixture(scope="module")
 def pool(int8_demo_dir: str) -> Iterator[LocalPool]:
-    pool = LocalPool(int8_demo_dir)
-    try:
-        pool.start_dht()
-        pool.start_nodes(SPANS)
-        pool.start_coordinator()
+    with running_pool(int8_demo_dir, SPANS) as pool:
         yield pool
-    finally:
-        pool.stop()
 
 
 def test_int8_swarm_equals_its_single_process_run(pool: LocalPool, int8_demo_dir: str, demo_model_dir: str) -> None:

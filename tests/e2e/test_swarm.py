@@ -19,6 +19,7 @@ from coop.node.client import node_info
 from coop.wire.generated import coop_pb2 as pb
 from coop.wire.generated import coop_pb2_grpc
 from coop.wire.tensors import tensor_to_proto
+from tests.pools import running_pool
 
 pytestmark = pytest.mark.slow
 
@@ -28,14 +29,8 @@ SPANS = {"node-a": "0:10", "node-b": "10:20", "node-c": "20:30"}
 
 @pytest.fixture(scope="module")
 def pool(demo_model_dir: str) -> Iterator[Pool]:
-    pool = Pool(demo_model_dir)
-    try:
-        pool.start_dht()
-        pool.start_nodes(SPANS)
-        pool.start_coordinator()
+    with running_pool(demo_model_dir, SPANS) as pool:
         yield pool
-    finally:
-        pool.stop()
 
 
 def _chat(url: str, question: str, max_tokens: int, **extra: object) -> dict[str, object]:
