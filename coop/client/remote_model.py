@@ -40,6 +40,7 @@ from coop.client.relay import RelayChain
 from coop.errors import CoopError, InvalidInput, SessionError
 from coop.model.client_part import ClientPart
 from coop.pipeline.generation import collect_tokens
+from coop.pipeline.heads import head_batcher
 from coop.pipeline.sampling import SamplingParams, with_defaults
 from coop.swarm.routing import Hop
 from coop.wire.tensors import check_finite
@@ -264,6 +265,7 @@ class RemoteModel:
             with contextlib.suppress(Exception):
                 self._loop.run(self._http.aclose(), LOOP_STOP_TIMEOUT_S)
             self._loop.stop()
+            head_batcher(self.client).wait_idle(LOOP_STOP_TIMEOUT_S)
 
     def __enter__(self) -> RemoteModel:
         return self

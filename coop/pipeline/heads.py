@@ -23,7 +23,7 @@ import asyncio
 import threading
 import weakref
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -62,7 +62,7 @@ class HeadBatcher:
         self._waiting: list[HeadRequest] = []
         self._lock = threading.Lock()
         self._running = False
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coop-head")
+        self._thread: threading.Thread | None = None  # runs batches while anybody waits, then ends
 
     async def kept_tokens(
         self, hidden: torch.Tensor, drafts: Sequence[int], params: SamplingParams, generator: torch.Generator | None
@@ -74,8 +74,16 @@ class HeadBatcher:
             self._waiting.append(request)
             start, self._running = not self._running, True
         if start:
-            self._executor.submit(self._drain)
+            self._thread = threading.Thread(target=self._drain, name="coop-head", daemon=True)
+            self._thread.start()
         return await asyncio.wrap_future(request.done)
+
+    def wait_idle(self, timeout_s: float) -> None:
+        """Return once the thread that ran the last batches has ended (or after `timeout_s`): for an owner
+        that leaves no thread behind when it closes (`coop.client.RemoteModel.close`)."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout_s)
 
     def _drain(self) -> None:
         """Run batches until nobody waits."""
