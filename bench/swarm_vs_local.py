@@ -169,7 +169,7 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--pool", action="store_true", help="also run the swarm as a member pool (TLS, ledger)")
-    parser.add_argument("--startup-repeats", type=int, default=5, help="starts of a node and a coordinator to time")
+    parser.add_argument("--startup-repeats", type=int, default=5, help="node and coordinator starts to time, 0: none")
     parser.add_argument(
         "--threads-per-process",
         type=int,
@@ -210,7 +210,8 @@ def main() -> None:
         print_row(f"member pool, {args.sessions} concurrent sessions", pool_aggregate)
         print(f"ratio member pool / development swarm, 1 session: {pool_tps / swarm_tps:.2f}x")
         print(f"ratio member pool / development swarm, {args.sessions} sessions: {pool_aggregate / aggregate_tps:.2f}x")
-    print_startup(startup)
+    if args.startup_repeats > 0:
+        print_startup(startup)
 
 
 def print_row(name: str, tps: float, ttft: float | None = None) -> None:
