@@ -286,8 +286,7 @@ class ChainRelay:
 
 def _token_bytes(backend: Backend) -> int:
     """Bytes of one token's hidden state on the wire."""
-    element = torch.empty((), dtype=backend.client.dtype).element_size()
-    return backend.client.manifest.hidden_size * element
+    return backend.client.manifest.hidden_size * backend.client.dtype.itemsize
 
 
 def _body_bytes(backend: Backend, tokens: int) -> int:

@@ -105,11 +105,10 @@ class NodeService(coop_pb2_grpc.NodeServicer):
         self.counters = Counters()
         self._authorize = authorize or (lambda context: None)
         self._budgets = PeerBudgets(limits, engine.cache_budget_bytes)
-        self._token_bytes = engine.hidden_size * torch.empty((), dtype=engine.dtype).element_size()
         self._sessions: dict[str, LiveSession] = {}
         self._receipts = receipts
         self._step_seconds = step_seconds or (lambda seconds: None)
-        self._batcher = StepBatcher(engine, max_steps=limits.max_batch_steps, gather_s=limits.batch_gather_s)
+        self._batcher = self._batcher_of(engine)
         self._channels = ChannelPool(security, max_channels=limits.max_channels)
         self._dial_backs = DialBacks(security or ChannelSecurity())
         self._tasks: set[asyncio.Task[None]] = set()
@@ -129,10 +128,17 @@ class NodeService(coop_pb2_grpc.NodeServicer):
             raise InvalidInput(f"{len(self._sessions)} sessions are still open: a node changes its span only drained")
         self._batcher.close()
         self.engine = engine
-        self._token_bytes = engine.hidden_size * torch.empty((), dtype=engine.dtype).element_size()
-        self._batcher = StepBatcher(engine, max_steps=self.limits.max_batch_steps, gather_s=self.limits.batch_gather_s)
+        self._batcher = self._batcher_of(engine)
         if self._receipts is not None:
             self._receipts.manifest = engine.manifest
+
+    def _batcher_of(self, engine: SpanEngine) -> StepBatcher:
+        return StepBatcher(engine, max_steps=self.limits.max_batch_steps, gather_s=self.limits.batch_gather_s)
+
+    @property
+    def _token_bytes(self) -> int:
+        """Bytes of one token's hidden state in the span served now: what a session's room is counted in."""
+        return self.engine.hidden_size * self.engine.dtype.itemsize
 
     # -- Info -------------------------------------------------------------------------------
 
