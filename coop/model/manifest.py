@@ -17,6 +17,7 @@ serving preference, not part of the weights: it is left out of the hash and may 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from coop.errors import ModelNotFound, ModelStoreError
-from coop.model.quantization import Quantization
+from coop.model.quantization import Quantization, stored_bytes_per_weight
 
 MANIFEST_FILE = "manifest.json"
 CLIENT_FILE = "client.safetensors"
@@ -113,6 +114,16 @@ class Manifest(BaseModel):
         """The most positions a session may hold: the model's trained context (2048 if its config is silent)."""
         text = self.config.get("text_config") or self.config
         return int(text.get("max_position_embeddings") or DEFAULT_CONTEXT_LENGTH)
+
+    @property
+    def bytes_per_weight(self) -> float:
+        """Bytes one block weight takes in memory: what a node's memory budget and speed estimate count."""
+        return stored_bytes_per_weight(self.quantization, self.dtype)
+
+    @property
+    def largest_block_bytes(self) -> int:
+        """Bytes of the largest block's parameters: what `--blocks auto` and `coop node doctor` count per block."""
+        return math.ceil(max(b.param_count for b in self.blocks) * self.bytes_per_weight)
 
     @property
     def total_flops_per_token(self) -> int:

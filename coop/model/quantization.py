@@ -49,9 +49,9 @@ def check_quantization(name: str) -> Quantization:
     raise ModelStoreError(f"unknown quantization {name!r}; choose one of {', '.join(QUANTIZATIONS)}")
 
 
-def bytes_per_weight(quantization: str, dtype: torch.dtype) -> float:
-    """Bytes one block weight takes in memory: what the node's memory budget and speed estimate use."""
-    return _WEIGHT_BYTES.get(quantization) or float(torch.empty((), dtype=dtype).element_size())
+def stored_bytes_per_weight(quantization: str, dtype: str) -> float:
+    """Bytes one block weight takes in memory, quantized or in `dtype` (a torch dtype's name)."""
+    return _WEIGHT_BYTES.get(quantization) or float(getattr(torch, dtype).itemsize)
 
 
 def _torchao() -> ModuleType:

@@ -27,7 +27,6 @@ import datetime
 import importlib
 import json
 import logging
-import math
 import signal
 import time
 import uuid
@@ -41,7 +40,6 @@ import torch
 from coop.config import NodeSettings
 from coop.errors import InvalidInput
 from coop.model.manifest import Manifest
-from coop.model.quantization import bytes_per_weight
 from coop.node.drain import ServingState, control_socket_path, prepare_control_socket
 from coop.node.limits import NodeLimits
 from coop.node.metering import ReceiptWriter
@@ -99,8 +97,7 @@ def servable_models(settings: NodeSettings) -> dict[str, ServableModel]:
         manifest = Manifest.load(directory)
         if manifest.content_hash in models:
             raise InvalidInput(f"{directory} is the same model as {models[manifest.content_hash].directory}")
-        block_bytes = math.ceil(max(b.param_count for b in manifest.blocks) * _bytes_per_weight(manifest))
-        length = settings.max_blocks or max(1, settings.memory_budget_bytes // block_bytes)
+        length = settings.max_blocks or max(1, settings.memory_budget_bytes // manifest.largest_block_bytes)
         models[manifest.content_hash] = ServableModel(directory, manifest, min(length, manifest.num_blocks))
     return models
 
@@ -127,14 +124,10 @@ def pick_placement(
 
 def estimate_throughput(manifest: Manifest, start: int, end: int, device_type: str) -> float:
     """Decode tokens per second that blocks [start, end) reach at least: what a node announces until measured."""
-    weight_bytes = sum(b.active_param_count for b in manifest.blocks[start:end]) * _bytes_per_weight(manifest)
+    weight_bytes = sum(b.active_param_count for b in manifest.blocks[start:end]) * manifest.bytes_per_weight
     overhead_s = _BLOCK_OVERHEAD_S.get(device_type, _BLOCK_OVERHEAD_S["cpu"])
     bandwidth = _WEIGHT_BYTES_PER_S.get(device_type, _WEIGHT_BYTES_PER_S["cpu"])
     return 1.0 / ((end - start) * overhead_s + weight_bytes / bandwidth)
-
-
-def _bytes_per_weight(manifest: Manifest) -> float:
-    return bytes_per_weight(manifest.quantization, getattr(torch, manifest.dtype))
 
 
 def measure_throughput(engine: SpanEngine) -> float:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import math
 import os
 import socket
 import time
@@ -28,7 +27,6 @@ from coop.config import NodeSettings
 from coop.errors import CoopError
 from coop.model.files import verify_all
 from coop.model.manifest import Manifest
-from coop.model.quantization import bytes_per_weight
 from coop.pool.ca import ROLE_MEMBER, load_cert, utc_now
 from coop.pool.membership import Membership
 from coop.swarm.announcement import NodeAnnouncement, announcement_validator
@@ -121,13 +119,6 @@ def check_model(model_dir: Path, found: _Context) -> Check:
     )
 
 
-def block_bytes(manifest: Manifest) -> int:
-    """Bytes of parameters of the largest block, in the model's dtype or quantization (what `--blocks auto`
-    counts too)."""
-    per_weight = bytes_per_weight(manifest.quantization, getattr(torch, manifest.dtype))
-    return math.ceil(max(b.param_count for b in manifest.blocks) * per_weight)
-
-
 def free_memory_bytes(device: str) -> tuple[str, int]:
     """(where, bytes free) for the device the node would load its blocks on."""
     if (device in ("auto", "cuda") and torch.cuda.is_available()) or device.startswith("cuda:"):
@@ -147,7 +138,7 @@ def check_memory(settings: NodeSettings, manifest: Manifest | None) -> Check:
     if manifest is None:
         return Check(name, "WARN", "skipped: the model did not load", "fix the model first")
     where, free = free_memory_bytes(settings.device)
-    per_block = block_bytes(manifest)
+    per_block = manifest.largest_block_bytes
     fit = max(0, (free - settings.cache_budget_bytes) // per_block)
     wanted = manifest.num_blocks
     if settings.blocks != "auto":

@@ -18,7 +18,6 @@ from coop.model.manifest import Manifest
 from coop.model.prepare import prepare
 from coop.model.skeleton import decoder_layers
 from coop.node.daemon import estimate_throughput
-from coop.node.doctor import block_bytes
 from coop.pipeline.generation import collect_tokens
 from coop.pipeline.local import LocalChain
 from coop.pipeline.sampling import SamplingParams
@@ -102,7 +101,7 @@ def test_node_budgets_count_the_bytes_stored(stores: dict[str, Path], quantizati
     manifest = Manifest.load(stores[quantization])
     stored = (stores[quantization] / manifest.blocks[0].file).stat().st_size
     # rows of 64 weights: scales and the header weigh ~15% here, under 1% in the demo model (576 per row)
-    assert block_bytes(manifest) == pytest.approx(stored, rel=0.2)
+    assert manifest.largest_block_bytes == pytest.approx(stored, rel=0.2)
 
 
 def test_quantized_blocks_are_estimated_faster(stores: dict[str, Path]) -> None:
