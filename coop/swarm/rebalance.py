@@ -132,24 +132,22 @@ def decide(
     ]
     # the best option first: fewest uncovered blocks, highest bottleneck, then the thinnest window (so that
     # the next node's move has the most to gain), then the order given (first model, leftmost start)
-    scored = [(with_me(place), place) for place in options]
-    capacities, best = min(
+    scored = []
+    for place in options:
+        capacities = with_me(place)
+        scored.append((health(capacities, demand), capacities, place))
+    after, capacities, best = min(
         scored,
-        key=lambda item: (
-            health(item[0], demand).uncovered_blocks,
-            -health(item[0], demand).bottleneck_tps,
-            _weakest(others, item[1], demand),
-        ),
+        key=lambda item: (item[0].uncovered_blocks, -item[0].bottleneck_tps, _weakest(others, item[2], demand)),
     )
     if current is None:
         return best
     if best == current:
         return None
-    before = with_me(current)
-    if not better(health(capacities, demand), health(before, demand), threshold):
+    before = health(with_me(current), demand)
+    if not better(after, before, threshold):
         return None
-    after = health(capacities, demand)
-    if after.uncovered_blocks == health(before, demand).uncovered_blocks:
+    if after.uncovered_blocks == before.uncovered_blocks:
         left = _weakest(capacities, current, demand)
         if left <= after.bottleneck_tps and left < _weakest(capacities, best, demand):
             return None  # the span left behind would become the new bottleneck: the place to move back to
