@@ -1,7 +1,8 @@
 """Swarm vs single process, measured in one run on this machine.
 
 Prints local single-process tokens/s (transformers' own generate() on the same prepared
-weights, and Coop's engine as one span), the swarm's tokens/s for one session (DHT + 3 node
+weights, stock and with the packed CPU Linear layers every Coop process uses, the faster being the
+baseline; and Coop's engine as one span), the swarm's tokens/s for one session (DHT + 3 node
 processes + coordinator on loopback, streamed over the OpenAI API), their ratio, time to first
 token for both, the aggregate tokens/s of N concurrent sessions, and start-up times (node start ->
 announced, coordinator start -> ready, median of 5: bench/startup.py). With --pool it runs the swarm
@@ -28,6 +29,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from unittest import mock
 
@@ -50,8 +52,9 @@ PROMPT = "Write a long story about a brave knight and a dragon."
 MODEL_DIR = Path(os.environ.get("COOP_BENCH_MODEL_DIR", ".cache/smollm2-demo"))
 
 
-def local_transformers(client: ClientPart, prompt: list[int], tokens: int) -> tuple[float, float]:
-    model = load_full_model(MODEL_DIR, Manifest.load(MODEL_DIR), torch.device("cpu"))
+def local_transformers(client: ClientPart, prompt: list[int], tokens: int, *, packed: bool) -> tuple[float, float]:
+    """generate() of the whole model; `packed`: with Coop's packed CPU Linear weights, else stock transformers."""
+    model = load_full_model(MODEL_DIR, Manifest.load(MODEL_DIR), torch.device("cpu"), packed=packed)
     ids = torch.tensor([prompt])
     with torch.inference_mode():
         model.generate(ids, max_new_tokens=4, do_sample=False)  # warm-up
@@ -186,7 +189,9 @@ def main() -> None:
     client = ClientPart.load(MODEL_DIR, device="cpu")
     prompt = client.encode_chat([{"role": "user", "content": PROMPT}])
     threads = args.threads_per_process
-    hf_tps, hf_ttft = best_of_threads(local_transformers, client, prompt, args.tokens, threads)
+    stock = best_of_threads(partial(local_transformers, packed=False), client, prompt, args.tokens, threads)
+    packed = best_of_threads(partial(local_transformers, packed=True), client, prompt, args.tokens, threads)
+    hf_tps, hf_ttft = max(stock, packed)  # the baseline: the faster local run
     engine_tps, engine_ttft = best_of_threads(local_engine, client, prompt, args.tokens, threads)
 
     swarm = {"threads": threads, "batch_steps": args.node_batch_steps}
@@ -197,10 +202,12 @@ def main() -> None:
 
     print(f"\nprompt {len(prompt)} tokens, {args.tokens} new tokens, {os.cpu_count()} CPU cores")
     print(f"swarm: {threads} torch threads per process, node batched steps {args.node_batch_steps}")
-    print_row("local, transformers generate()", hf_tps, hf_ttft)
+    print_row("local, transformers generate()", *stock)
+    print_row("local, generate(), packed Linear", *packed)
     print_row("local, coop engine as one span", engine_tps, engine_ttft)
     print_row("swarm, 3 nodes, 1 session", swarm_tps, swarm_ttft)
     print_row(f"swarm, {args.sessions} concurrent sessions", aggregate_tps)
+    print("local baseline: the faster generate() row")
     print(f"ratio swarm / local (transformers): {swarm_tps / hf_tps:.2f}x")
     print(f"ratio {args.sessions} sessions / 1 session:      {aggregate_tps / swarm_tps:.2f}x")
     print(f"ratio engine / local (transformers): {engine_tps / hf_tps:.2f}x")

@@ -38,6 +38,7 @@ from coop.errors import (
 )
 from coop.model.loading import check_span, load_span, resolve_device
 from coop.model.manifest import Manifest
+from coop.model.packed_linear import packed_bytes
 from coop.model.skeleton import PassThrough, decoder_layers
 
 _PASS_THROUGH = PassThrough()
@@ -174,7 +175,7 @@ class SpanEngine:
         return total
 
     def parameter_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self._model.parameters())
+        return sum(p.numel() * p.element_size() for p in self._model.parameters()) + packed_bytes(self._model)
 
     # -- sessions ---------------------------------------------------------------------------
 

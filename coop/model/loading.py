@@ -17,6 +17,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from coop.errors import ModelIntegrityError, SpanOutOfRange
 from coop.model.files import load_tensors
 from coop.model.manifest import CLIENT_FILE, Manifest
+from coop.model.packed_linear import pack_linears
 from coop.model.skeleton import (
     PassThrough,
     base_model,
@@ -93,8 +94,13 @@ def load_client_model(model_dir: Path, manifest: Manifest, device: torch.device)
     return _on_device(model, device)
 
 
-def load_full_model(model_dir: Path, manifest: Manifest, device: torch.device) -> PreTrainedModel:
-    """The whole model in one process: the reference that every distributed path must match."""
+def load_full_model(
+    model_dir: Path, manifest: Manifest, device: torch.device, *, packed: bool = True
+) -> PreTrainedModel:
+    """The whole model in one process: the reference that every distributed path must match.
+
+    `packed=False` keeps transformers' own Linear layers (a stock baseline for benchmarks).
+    """
     config = load_config(model_dir, manifest)
     model = build_empty(config, causal_lm=True)
     layers = decoder_layers(model, manifest.num_blocks)
@@ -104,7 +110,7 @@ def load_full_model(model_dir: Path, manifest: Manifest, device: torch.device) -
         block = load_tensors(model_dir, manifest, info.file, device)
         tensors.update({f"{prefix}.{info.index}.{name}": t for name, t in block.items()})
     _load_non_block_tensors(model, tensors)
-    return _on_device(model, device)
+    return _on_device(model, device, packed=packed)
 
 
 def _load_non_block_tensors(model: PreTrainedModel, tensors: dict[str, torch.Tensor]) -> None:
@@ -117,6 +123,10 @@ def _load_non_block_tensors(model: PreTrainedModel, tensors: dict[str, torch.Ten
         raise ModelIntegrityError(f"tensors missing from the model files: {still_empty[:5]}")
 
 
-def _on_device(model: PreTrainedModel, device: torch.device) -> PreTrainedModel:
-    """Move buffers (rotary tables) to the device the loaded parameters already sit on."""
-    return cast(PreTrainedModel, nn.Module.to(model, device).eval())
+def _on_device(model: PreTrainedModel, device: torch.device, *, packed: bool = True) -> PreTrainedModel:
+    """Move buffers (rotary tables) to the device the loaded parameters already sit on, and pack the
+    Linear weights for CPU kernels (`coop.model.packed_linear`; a no-op elsewhere)."""
+    model = cast(PreTrainedModel, nn.Module.to(model, device).eval())
+    if packed:
+        pack_linears(model)
+    return model

@@ -1,8 +1,9 @@
 """The client part's head for every session at once: the steps that come back together are sampled in one call.
 
 After each step a session needs the final norm, the LM head and a token. On the demo model the LM
-head is a 49152 x 576 float32 matrix, and reading it is most of the ~7-10 ms a head costs on CPU: one
-call over the rows of several sessions reads it once (8 rows: ~3.5 ms a row). With batched node steps,
+head is a 49152 x 576 float32 matrix, and reading it is most of what a head costs on CPU: one call over
+the rows of several sessions reads it once (packed for oneDNN, `coop.model.packed_linear`: ~3 ms for
+one row, ~4.5 ms for 8). With batched node steps,
 the steps of concurrent sessions come back from the last node together, so their heads meet here.
 
 The heads run in one worker thread per client part, beside the event loop. The rows that arrive while
@@ -13,8 +14,9 @@ Exactness: a packed matmul sums in another order than a one-row one (float32: lo
 so a greedy row whose top two logits are closer than `_tie_tolerance` is computed again alone, as an
 unbatched run computes it, and greedy tokens equal those of a single-process run. Sampled rows keep the
 packed logits: the same seed gives the same tokens when the session runs alone, and may differ at a
-probability boundary under concurrent load. On CPU a matmul of 2 or 3 rows is slower than as many
-one-row ones (the matrix is repacked for each call), so fewer than `MIN_PACKED_ROWS_CPU` rows run one by one.
+probability boundary under concurrent load. A CPU head that could not be packed (not float32) repacks
+its matrix on each call, so 2 or 3 rows cost more than as many one-row calls: there, fewer than
+`MIN_PACKED_ROWS_DENSE_CPU` rows run one by one.
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ from dataclasses import dataclass, field
 import torch
 
 from coop.model.client_part import ClientPart
+from coop.model.packed_linear import PackedLinear
 from coop.pipeline.sampling import SamplingParams, sample_token
 
 MAX_ROWS = 64  # sessions whose heads run in one call; more wait for the next one
-MIN_PACKED_ROWS_CPU = 4  # measured on the demo model's head: 2-3 packed rows cost more than one by one
+MIN_PACKED_ROWS_DENSE_CPU = 4  # measured on the demo model's head: 2-3 rows cost more than one by one
 
 
 @dataclass
@@ -55,7 +58,8 @@ class HeadBatcher:
     def __init__(self, client: ClientPart, *, max_rows: int = MAX_ROWS) -> None:
         self._client = weakref.ref(client)  # the batcher lives in a cache keyed weakly by its client
         self.max_rows = max_rows
-        self.min_packed_rows = MIN_PACKED_ROWS_CPU if client.device.type == "cpu" else 2
+        dense_cpu = client.device.type == "cpu" and not isinstance(client.model.get_output_embeddings(), PackedLinear)
+        self.min_packed_rows = MIN_PACKED_ROWS_DENSE_CPU if dense_cpu else 2
         self.batches_run = 0
         self.rows_packed = 0  # rows that ran in a packed call
         self.rows_recomputed = 0  # greedy rows computed again alone at a near-tie

@@ -66,8 +66,10 @@ def test_sampled_rows_keep_their_own_parameters_and_generators(client: ClientPar
 
 def test_greedy_rows_at_a_near_tie_are_computed_again_alone(tiny_llama_dir: str) -> None:
     tied = ClientPart.load(tiny_llama_dir, device="cpu")
-    with torch.no_grad():
-        tied.model.get_output_embeddings().weight.zero_()  # every logit 0: every greedy row is a tie
+    head = tied.model.get_output_embeddings()
+    zero = torch.nn.Linear(head.in_features, head.out_features, bias=False)
+    torch.nn.init.zeros_(zero.weight)
+    tied.model.set_output_embeddings(zero)  # every logit 0: every greedy row is a tie
     batcher = HeadBatcher(tied)
     batch = [HeadRequest(_hidden(1, i), [], GREEDY, None) for i in range(4)]
     batch.append(HeadRequest(_hidden(1, 9), [], SAMPLED, make_generator(SAMPLED)))
@@ -76,8 +78,16 @@ def test_greedy_rows_at_a_near_tie_are_computed_again_alone(tiny_llama_dir: str)
     assert batcher.rows_recomputed == 4  # the greedy rows, not the sampled one
 
 
-def test_few_rows_run_one_by_one_on_cpu(client: ClientPart) -> None:
+def test_a_dense_cpu_head_runs_few_rows_one_by_one(tiny_llama_dir: str) -> None:
+    """A packed head batches from 2 rows; one left dense (repacked on each call) only from 4."""
+    client = ClientPart.load(tiny_llama_dir, device="cpu")
+    assert HeadBatcher(client).min_packed_rows == 2
+    packed = client.model.get_output_embeddings()
+    dense = torch.nn.Linear(packed.in_features, packed.out_features, bias=False)
+    dense.weight = client.model.get_input_embeddings().weight  # the tied weights, unpacked
+    client.model.set_output_embeddings(dense)
     batcher = HeadBatcher(client)
+    assert batcher.min_packed_rows == 4
     batch = [HeadRequest(_hidden(1, i), [], GREEDY, None) for i in range(batcher.min_packed_rows - 1)]
     assert batcher.run_batch(client, batch) == [_unbatched(client, r.hidden, []) for r in batch]
     assert batcher.rows_packed == 0
