@@ -71,6 +71,7 @@ class CoverageRow:
     end: int
     shade: float
     note: str  # shown at the row's end and in its tooltip, e.g. "3 sessions, 41 tok/s"
+    serving: bool = True  # False: paused, draining or quarantined: drawn, but its blocks do not count as served
 
 
 def coverage_map(num_blocks: int, rows: Sequence[CoverageRow], *, shaded_by: str, model: str = "") -> str:
@@ -88,7 +89,7 @@ def coverage_map(num_blocks: int, rows: Sequence[CoverageRow], *, shaded_by: str
 
     counts = [0] * num_blocks
     for row in rows:
-        for block in range(max(row.start, 0), min(row.end, num_blocks)):
+        for block in range(max(row.start, 0), min(row.end, num_blocks) if row.serving else 0):
             counts[block] += 1
     y = top
     body.append(_text(label_w - 8, y + 15, "nodes per block", anchor="end", size=11))
@@ -103,7 +104,7 @@ def coverage_map(num_blocks: int, rows: Sequence[CoverageRow], *, shaded_by: str
     for row in rows:
         y += row_h
         start, end = max(row.start, 0), min(row.end, num_blocks)
-        shade = min(max(row.shade, 0.0), 1.0)
+        opacity = 0.2 + 0.8 * min(max(row.shade, 0.0), 1.0) if row.serving else 0.1
         tooltip = f"{row.node_id} ({row.institution}): blocks {row.start}..{row.end - 1}; {row.note}"
         body.append(_text(label_w - 8, y + 15, _clip(f"{row.node_id} · {row.institution}", 34), anchor="end", size=11))
         body.append(
@@ -114,7 +115,7 @@ def coverage_map(num_blocks: int, rows: Sequence[CoverageRow], *, shaded_by: str
             body.append(
                 f'<rect class="span" data-node="{escape(row.node_id)}" x="{label_w + start * cell:.2f}" y="{y + 2}" '
                 f'width="{max((end - start) * cell - 1, 0.5):.2f}" height="{row_h - 4}" fill="{SERVED}" '
-                f'fill-opacity="{0.2 + 0.8 * shade:.2f}"><title>{escape(tooltip)}</title></rect>'
+                f'fill-opacity="{opacity:.2f}"><title>{escape(tooltip)}</title></rect>'
             )
         body.append(_text(label_w + grid_w + 8, y + 15, _clip(row.note, 20), size=11, fill=AXIS))
     if not rows:

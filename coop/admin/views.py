@@ -35,7 +35,7 @@ from coop.admin.series import flow_series, flow_window, recent_rate, token_rate
 from coop.ledger.models import Receipt, flops_to_credits
 from coop.pool.api_keys import ApiKeyRecord, ApiKeyStore
 from coop.pool.registry import API_KEYS_FILE, MemberInfo, PoolInfo, list_members, read_revocations
-from coop.swarm.announcement import NodeAnnouncement
+from coop.swarm.announcement import SERVING, NodeAnnouncement
 from coop.swarm.trust import TrustRecord, trust_from_ledger
 
 DETAIL_RECEIPTS = 20
@@ -170,17 +170,24 @@ def _coverage_rows(online: Sequence[NodeOut], shade: str) -> list[charts.Coverag
     else:
         top_tps = max((n.throughput_tps or 0.0 for n in online), default=0.0) or 1.0
         shades = [(n.throughput_tps or 0.0) / top_tps for n in online]
-    return [
-        charts.CoverageRow(
-            n.node_id, n.institution, n.start, n.end, s, f"{n.sessions} sess · {n.throughput_tps or 0:.0f} tok/s"
-        )
-        for n, s in zip(online, shades, strict=True)
-    ]
+    rows = []
+    for node, level in zip(online, shades, strict=True):
+        serving = _routable(node)
+        note = f"{node.sessions} sess · {node.throughput_tps or 0:.0f} tok/s"
+        if not serving:
+            note = "quarantined" if node.quarantined else str(node.state)
+        rows.append(charts.CoverageRow(node.node_id, node.institution, node.start, node.end, level, note, serving))
+    return rows
+
+
+def _routable(node: NodeOut) -> bool:
+    """Whether routes may use the node now: serving, not quarantined (what /v1/models counts as coverage)."""
+    return node.state in (None, SERVING) and not node.quarantined
 
 
 def _model_coverage(model: LiveModel, online: Sequence[NodeOut], shade: str) -> ModelCoverageOut:
     nodes = [n for n in online if n.node_id in model.node_ids]
-    served = {b for n in nodes for b in range(n.start, min(n.end, model.num_blocks))}
+    served = {b for n in nodes if _routable(n) for b in range(n.start, min(n.end, model.num_blocks))}
     rows = _coverage_rows(nodes, shade)
     return ModelCoverageOut(
         name=model.name,

@@ -17,6 +17,7 @@ from coop.admin.auth import LOGIN_COOKIE, SESSION_COOKIE, SessionStore
 from coop.ledger.models import FLOPS_PER_CREDIT
 from coop.pool.api_keys import ApiKeyStore, api_key_digest
 from coop.pool.registry import API_KEYS_FILE
+from coop.swarm.announcement import PAUSED
 from tests.unit.test_admin_data import (
     OFFLINE_NODE,
     PAUSED_NODE,
@@ -234,7 +235,9 @@ def test_nodes_show_the_state_each_announces(data: AdminPool, client: TestClient
 def test_overview_has_one_coverage_map_per_model(data: AdminPool) -> None:
     """A coordinator serving two models: each has its own row group, blocks and uncovered blocks."""
     small_node = data.swarm.nodes[0].model_copy(update={"node_id": "small-0", "model_hash": "5ma11", "end": 2})
-    small = StaticSwarm(4, [small_node], Counter({"small-0": 1}))
+    # online and listed, but paused: it serves no route, so its blocks count as uncovered (as /v1/models counts)
+    paused = small_node.model_copy(update={"node_id": "small-1", "start": 2, "end": 4, "state": PAUSED})
+    small = StaticSwarm(4, [small_node, paused], Counter({"small-0": 1}))
     context = dataclasses.replace(data.context(), swarm={"big-model": data.swarm, "small-model": small})
     app = FastAPI()
     mount_admin(app, context)
@@ -254,9 +257,9 @@ def test_overview_has_one_coverage_map_per_model(data: AdminPool) -> None:
         "small-model",
         4,
         [2, 3],
-        ["small-0"],
+        ["small-0", "small-1"],
     )
-    assert body["num_blocks"] == 30 and body["nodes_online"] == 6 and body["live_sessions"] == 10
+    assert body["num_blocks"] == 30 and body["nodes_online"] == 7 and body["live_sessions"] == 10
     svg = body["coverage_svg"]
     assert svg.count("<svg") == 2 and svg.index("big-model: coverage") < svg.index("small-model: coverage")
     assert "2 of 4 blocks not served" in tiny["coverage_svg"]
