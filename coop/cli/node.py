@@ -16,8 +16,10 @@ from coop.cli.console import console, plain
 from coop.cli.log_format import LogFormat, LogFormatOption, configure_logging
 from coop.cli.options import MemberOption, PeersOption
 from coop.cli.trust import quarantine_app
+from coop.collection import pause_collection
 
 if TYPE_CHECKING:
+    from coop.config import NodeSettings
     from coop.wire.generated import coop_pb2 as pb
 
 node_app = typer.Typer(no_args_is_help=True, help="Run and inspect node daemons.")
@@ -121,6 +123,7 @@ def node_start(
 ) -> None:
     """Serve a span of blocks to the pool until SIGTERM or Ctrl-C (the first drains, a second stops at once)."""
     configure_logging(log_format)
+    pause_collection()  # resumed by the node once it serves: see coop.collection
     from coop.config import NodeSettings
     from coop.node.daemon import run_node
 
@@ -152,7 +155,19 @@ def node_start(
         rebalance_dwell_s=rebalance_dwell_s,
         **metrics,
     )
+    load_torchao_only_if_quantized(settings)
     asyncio.run(run_node(settings))
+
+
+def load_torchao_only_if_quantized(settings: NodeSettings) -> None:
+    """Keep torchao unloaded (`keep_torchao_unloaded`) unless one of the node's models has quantized blocks."""
+    from coop.model.manifest import Manifest
+    from coop.model.quantization import keep_torchao_unloaded
+
+    if all(
+        Manifest.load(directory).quantization == "none" for directory in (settings.model_dir, *settings.more_model_dirs)
+    ):
+        keep_torchao_unloaded()
 
 
 @node_app.command("status")

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 import grpc
 import torch
 
+from coop.collection import resume_collection
 from coop.config import NodeSettings
 from coop.errors import InvalidInput
 from coop.model.manifest import Manifest
@@ -271,6 +272,7 @@ async def run_node(settings: NodeSettings, measure: Measure | None = None) -> No
         if settings.gpu_yield_below_bytes:
             _spawn(background, _yield_memory(settings, serving, engine, lambda: node_service.session_count))
         print(f"{READY_MARKER} {json.dumps(ready)}", flush=True)
+        resume_collection()
         measuring = asyncio.create_task(_measure_and_announce(engine, service, announcer, measure))
         if settings.rebalance and settings.blocks == "auto":
             rebalancer = Rebalancer(
