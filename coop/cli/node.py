@@ -16,7 +16,7 @@ from coop.cli.console import console, plain
 from coop.cli.log_format import LogFormat, LogFormatOption, configure_logging
 from coop.cli.options import MemberOption, PeersOption
 from coop.cli.trust import quarantine_app
-from coop.collection import pause_collection
+from coop.startup import pause_collection, share_tensors_by_descriptor
 
 if TYPE_CHECKING:
     from coop.config import NodeSettings
@@ -43,6 +43,8 @@ def dht_start(
     configure_logging(log_format)
     from coop.node.daemon import run_dht
     from coop.pool.membership import Membership
+
+    share_tensors_by_descriptor()
 
     asyncio.run(run_dht(initial_peers or [], host, port, Membership.load(member), identity))
 
@@ -123,7 +125,7 @@ def node_start(
 ) -> None:
     """Serve a span of blocks to the pool until SIGTERM or Ctrl-C (the first drains, a second stops at once)."""
     configure_logging(log_format)
-    pause_collection()  # resumed by the node once it serves: see coop.collection
+    pause_collection()  # resumed by the node once it serves: see coop.startup
     from coop.config import NodeSettings
     from coop.node.daemon import run_node
 
@@ -156,6 +158,7 @@ def node_start(
         **metrics,
     )
     load_torchao_only_if_quantized(settings)
+    share_tensors_by_descriptor()
     asyncio.run(run_node(settings))
 
 

@@ -1,6 +1,7 @@
 """`coop node start`: load a span, serve it over gRPC, keep it announced in the DHT.
 
-Start-up is ordered for the time to serving, never at the cost of serving early:
+Start-up is ordered for the time to serving, never at the cost of serving early (and `coop node start`
+pauses cyclic collection until the node serves, see coop.startup):
 1. The DHT process is forked first, before this process starts any thread, and joins the swarm
    while this process imports the engine (transformers) and loads its blocks.
 2. As soon as the blocks are loaded the gRPC port opens and the node announces itself, with a
@@ -37,7 +38,6 @@ from typing import TYPE_CHECKING
 import grpc
 import torch
 
-from coop.collection import resume_collection
 from coop.config import NodeSettings
 from coop.errors import InvalidInput
 from coop.model.manifest import Manifest
@@ -49,6 +49,7 @@ from coop.node.outbox import Outbox
 from coop.node.rebalancing import ListNodes, RebalancePolicy, Rebalancer, ServableModel
 from coop.node.serving_hours import parse_serving_hours
 from coop.pool.membership import Membership
+from coop.startup import resume_collection
 from coop.swarm.announcement import DRAINING, MAX_ANNOUNCED_SESSIONS, NodeAnnouncement, announcement_validator
 from coop.swarm.directory import Announcer, SwarmDirectory
 from coop.swarm.rebalance import Candidate, Placement, decide
