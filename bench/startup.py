@@ -40,6 +40,7 @@ GIVE_UP_S = 120.0
 class StartupTimes:
     node_s: list[float]
     coordinator_s: list[float]
+    load_averages: tuple[float, float]  # the machine's 1-minute load average before and after: start-up is CPU-bound
 
 
 def node_to_announced(pool: LocalPool, observer: SwarmDirectory, model_hash: str, name: str) -> float:
@@ -87,6 +88,7 @@ def coordinator_to_ready(pool: LocalPool) -> float:
 def measure_startup(repeats: int = 5) -> StartupTimes:
     """Node and coordinator start-up times on a fresh local pool (a DHT peer and 3 nodes)."""
     model_hash = Manifest.load(MODEL_DIR).content_hash
+    load_before = os.getloadavg()[0]
     pool = LocalPool(str(MODEL_DIR))
     try:
         pool.start_dht()
@@ -99,7 +101,7 @@ def measure_startup(repeats: int = 5) -> StartupTimes:
         coordinator_s = [coordinator_to_ready(pool) for _ in range(repeats)]
     finally:
         pool.stop()
-    return StartupTimes(node_s, coordinator_s)
+    return StartupTimes(node_s, coordinator_s, (load_before, os.getloadavg()[0]))
 
 
 def print_startup(times: StartupTimes) -> None:
@@ -111,6 +113,7 @@ def print_startup(times: StartupTimes) -> None:
         runs = " ".join(f"{s:.1f}" for s in samples)
         verdict = "meets" if median <= target else "misses"
         print(f"{name:34s} {median:5.1f} s median of {len(samples)} ({runs}); {verdict} the target {target:.0f} s")
+    print(f"{'load average (1 min)':34s} {times.load_averages[0]:.1f} before, {times.load_averages[1]:.1f} after")
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ import typer
 
 from coop.cli.log_format import LogFormat, LogFormatOption, configure_logging
 from coop.cli.options import MemberOption, PeersOption
+from coop.startup import pause_collection, resume_collection, share_tensors_by_descriptor
 
 coordinator_app = typer.Typer(no_args_is_help=True, help="Run a coordinator (routing + OpenAI-compatible API).")
 
@@ -53,8 +54,12 @@ def coordinator_start(
 ) -> None:
     """Serve the OpenAI-compatible API, routing every request through the swarm."""
     configure_logging(log_format)
+    pause_collection()  # for its imports (see coop.startup)
     from coop.config import CoordinatorSettings
     from coop.coordinator.service import run_coordinator
+
+    resume_collection()
+    share_tensors_by_descriptor()
 
     settings = CoordinatorSettings(
         model_dir=models[0],

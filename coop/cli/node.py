@@ -16,8 +16,10 @@ from coop.cli.console import console, plain
 from coop.cli.log_format import LogFormat, LogFormatOption, configure_logging
 from coop.cli.options import MemberOption, PeersOption
 from coop.cli.trust import quarantine_app
+from coop.startup import pause_collection, share_tensors_by_descriptor
 
 if TYPE_CHECKING:
+    from coop.config import NodeSettings
     from coop.wire.generated import coop_pb2 as pb
 
 node_app = typer.Typer(no_args_is_help=True, help="Run and inspect node daemons.")
@@ -41,6 +43,8 @@ def dht_start(
     configure_logging(log_format)
     from coop.node.daemon import run_dht
     from coop.pool.membership import Membership
+
+    share_tensors_by_descriptor()
 
     asyncio.run(run_dht(initial_peers or [], host, port, Membership.load(member), identity))
 
@@ -121,6 +125,7 @@ def node_start(
 ) -> None:
     """Serve a span of blocks to the pool until SIGTERM or Ctrl-C (the first drains, a second stops at once)."""
     configure_logging(log_format)
+    pause_collection()  # resumed by the node once it serves: see coop.startup
     from coop.config import NodeSettings
     from coop.node.daemon import run_node
 
@@ -152,7 +157,20 @@ def node_start(
         rebalance_dwell_s=rebalance_dwell_s,
         **metrics,
     )
+    load_torchao_only_if_quantized(settings)
+    share_tensors_by_descriptor()
     asyncio.run(run_node(settings))
+
+
+def load_torchao_only_if_quantized(settings: NodeSettings) -> None:
+    """Keep torchao unloaded (`keep_torchao_unloaded`) unless one of the node's models has quantized blocks."""
+    from coop.model.manifest import Manifest
+    from coop.model.quantization import keep_torchao_unloaded
+
+    if all(
+        Manifest.load(directory).quantization == "none" for directory in (settings.model_dir, *settings.more_model_dirs)
+    ):
+        keep_torchao_unloaded()
 
 
 @node_app.command("status")

@@ -21,6 +21,7 @@ naming its class, which torchao rebuilds only from an allow-list of its own tens
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal
@@ -52,6 +53,18 @@ def check_quantization(name: str) -> Quantization:
 def stored_bytes_per_weight(quantization: str, dtype: str) -> float:
     """Bytes one block weight takes in memory, quantized or in `dtype` (a torch dtype's name)."""
     return _WEIGHT_BYTES.get(quantization) or float(getattr(torch, dtype).itemsize)
+
+
+def keep_torchao_unloaded() -> None:
+    """Make torchao unimportable in a process that serves no quantized model; call it before importing transformers.
+
+    transformers imports torchao whenever it is installed (`modeling_utils` imports every quantizer, and
+    its torchao quantizer imports torchao if `importlib.util.find_spec` finds it): ~0.15 s of CPU in a
+    node's start, and warnings about CUDA-only kernels. None in `sys.modules` is Python's own way to block
+    an import: `import torchao` raises ModuleNotFoundError and `find_spec` returns None, so transformers
+    sees no torchao. Does nothing where torchao is already imported.
+    """
+    sys.modules.setdefault("torchao", None)  # type: ignore[arg-type]  # None is the documented "blocked" entry
 
 
 def _torchao() -> ModuleType:

@@ -1,6 +1,7 @@
 """`coop node start`: load a span, serve it over gRPC, keep it announced in the DHT.
 
-Start-up is ordered for the time to serving, never at the cost of serving early:
+Start-up is ordered for the time to serving, never at the cost of serving early (and `coop node start`
+pauses cyclic collection until the node serves, see coop.startup):
 1. The DHT process is forked first, before this process starts any thread, and joins the swarm
    while this process imports the engine (transformers) and loads its blocks.
 2. As soon as the blocks are loaded the gRPC port opens and the node announces itself, with a
@@ -48,6 +49,7 @@ from coop.node.outbox import Outbox
 from coop.node.rebalancing import ListNodes, RebalancePolicy, Rebalancer, ServableModel
 from coop.node.serving_hours import parse_serving_hours
 from coop.pool.membership import Membership
+from coop.startup import resume_collection
 from coop.swarm.announcement import DRAINING, MAX_ANNOUNCED_SESSIONS, NodeAnnouncement, announcement_validator
 from coop.swarm.directory import Announcer, SwarmDirectory
 from coop.swarm.rebalance import Candidate, Placement, decide
@@ -271,6 +273,7 @@ async def run_node(settings: NodeSettings, measure: Measure | None = None) -> No
         if settings.gpu_yield_below_bytes:
             _spawn(background, _yield_memory(settings, serving, engine, lambda: node_service.session_count))
         print(f"{READY_MARKER} {json.dumps(ready)}", flush=True)
+        resume_collection()
         measuring = asyncio.create_task(_measure_and_announce(engine, service, announcer, measure))
         if settings.rebalance and settings.blocks == "auto":
             rebalancer = Rebalancer(

@@ -131,3 +131,29 @@ def test_int4_needs_whole_groups(tmp_path: Path) -> None:
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "hf")
     with pytest.raises(ModelStoreError, match="not a multiple of the int4 group size 32; prepare this model with"):
         prepare(str(tmp_path / "hf"), tmp_path / "out", quantize="int4", quiet=True)
+
+
+# What `coop node start` does before it imports transformers, then what a node loads; prints whether
+# torchao was imported and whether transformers saw it.
+_NODE_START = """
+import sys
+from coop.cli.node import load_torchao_only_if_quantized
+from coop.config import NodeSettings
+
+load_torchao_only_if_quantized(NodeSettings(model_dir=sys.argv[1], blocks="0:2"))
+from coop.model.engine import SpanEngine
+from transformers.utils import is_torchao_available
+
+SpanEngine.load(sys.argv[1], 0, 2, device="cpu")
+print(sys.modules.get("torchao") is not None, is_torchao_available())
+"""
+
+
+@pytest.mark.parametrize("quantization", ["none", "int8"])
+def test_only_a_quantized_node_imports_torchao(stores: dict[str, Path], quantization: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _NODE_START, str(stores[quantization])], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    quantized = quantization != "none"
+    assert done.stdout.split() == [str(quantized), str(quantized)]
