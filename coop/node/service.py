@@ -1,11 +1,11 @@
 """The node's gRPC service: sessions as streams, steps pushed from node to node.
 
 A step arrives by `Forward` (from the coordinator for the first node of a route, from the
-previous node otherwise). The node validates it, acknowledges at once, runs its blocks in a
-worker thread, then pushes the output to the next hop, or, on the last node, sends it to the
-coordinator as a `result` event on the session's stream: one network hop per node per token.
-Anything that goes wrong after the ack is reported as a `failed` event on that stream, so one
-session's trouble never reaches another session.
+previous node otherwise), or with the session's open (its first step, on the first node). The node
+validates it, acknowledges at once, runs its blocks in a worker thread, then pushes the output to
+the next hop, or, on the last node, sends it to the coordinator as a `result` event on the
+session's stream: one network hop per node per token. Anything that goes wrong after the ack is
+reported as a `failed` event on that stream, so one session's trouble never reaches another session.
 
 What a peer can make the node hold is bounded (coop/node/limits.py): sessions and KV cache per
 coordinator, steps and their bytes per caller, a step no larger than its session's room left, a
@@ -18,6 +18,7 @@ then it counts as one of that coordinator's sessions, so unread streams stay bou
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import re
@@ -65,6 +66,7 @@ log = logging.getLogger(__name__)
 
 PUSH_TIMEOUT_S = 30.0
 OPEN_TIMEOUT_S = 10.0
+OPEN_GRACE_S = 1.0  # the longest a step for an unknown session waits for unread opens (see `_await_open`)
 MAX_REAP_INTERVAL_S = 5.0
 _SESSION_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 
@@ -112,6 +114,8 @@ class NodeService(coop_pb2_grpc.NodeServicer):
         self._channels = ChannelPool(security, max_channels=limits.max_channels)
         self._dial_backs = DialBacks(security or ChannelSecurity())
         self._tasks: set[asyncio.Task[None]] = set()
+        self._unread_opens = 0  # session streams whose first message is not read yet
+        self._open_read = asyncio.Event()  # set (and replaced) each time one is read
         self._reaper: asyncio.Task[None] | None = None
         self.serving = serving or ServingState(drain_deadline_s=0.0)
         self.serving.listeners.append(self._state_changed)
@@ -235,6 +239,7 @@ class NodeService(coop_pb2_grpc.NodeServicer):
     async def Session(
         self, request_iterator: AsyncIterator[pb.SessionControl], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.SessionEvent]:
+        self._unread_opens += 1
         try:
             opener = self._authorize(context)
             if opener is not None:
@@ -245,8 +250,14 @@ class NodeService(coop_pb2_grpc.NodeServicer):
             error = exc if isinstance(exc, CoopError) else InvalidInput("the session stream must start with open")
             yield pb.SessionEvent(failed=pb.SessionEvent.Failed(step_id=0, error=error_to_proto(error)))
             return
+        finally:
+            self._unread_opens -= 1
+            self._open_read.set()
+            self._open_read = asyncio.Event()
         watcher = asyncio.create_task(self._watch_controls(request_iterator, live))
         try:
+            if first.open.HasField("first_step"):
+                self._launch_first_step(first.open.first_step, live)
             yield pb.SessionEvent(
                 opened=pb.SessionEvent.Opened(session_id=live.session_id, cache_bytes=live.reserved_bytes)
             )
@@ -318,6 +329,17 @@ class NodeService(coop_pb2_grpc.NodeServicer):
         if self._reaper is None:
             self._reaper = asyncio.create_task(self._reap_idle())
         return live
+
+    def _launch_first_step(self, step: pb.StepRequest, live: LiveSession) -> None:
+        """Run the step that came with the open, as a Forward from the opener; a refusal becomes a
+        `failed` event (after `opened`: the session is open either way)."""
+        try:
+            if step.session_id != live.session_id:
+                raise InvalidInput(f"the first step is for session {step.session_id!r}, not the one it opens")
+            self._launch(step, live.opener, live.peer)
+        except CoopError as exc:
+            failed = pb.SessionEvent.Failed(session_id=live.session_id, step_id=step.step_id, error=error_to_proto(exc))
+            self._emit(live, pb.SessionEvent(failed=failed))
 
     def _free(self, live: LiveSession) -> None:
         """Free what the session holds, once: its cache, its unread events; and write its receipt."""
@@ -410,14 +432,31 @@ class NodeService(coop_pb2_grpc.NodeServicer):
     async def Forward(self, request: pb.StepRequest, context: grpc.aio.ServicerContext) -> pb.StepAck:
         try:
             caller = self._authorize(context)
-            peer = _peer_name(caller, context)
-            live, hidden, next_hops = self._accept(request, caller, peer)
+            await self._await_open(request.session_id)
+            self._launch(request, caller, _peer_name(caller, context))
         except CoopError as exc:
             return pb.StepAck(error=error_to_proto(exc))
+        return pb.StepAck()
+
+    async def _await_open(self, session_id: str) -> None:
+        """Wait, at most OPEN_GRACE_S, while the session is unknown and some stream's open is unread.
+
+        The coordinator opens every hop of a route at once and sends the first step with the first
+        hop's open, so the previous hop's push can arrive here before this hop's open is read (a
+        stream's first message is one event-loop turn behind a unary call's). Without unread opens,
+        an unknown session is refused at once, as ever."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + OPEN_GRACE_S
+        while session_id not in self._sessions and self._unread_opens and (left := deadline - loop.time()) > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._open_read.wait(), left)
+
+    def _launch(self, request: pb.StepRequest, caller: Identity | None, peer: str) -> None:
+        """Accept a step (CoopError if refused) and run it in the background."""
+        live, hidden, next_hops = self._accept(request, caller, peer)
         task = asyncio.create_task(self._run_step(request, hidden, next_hops, live, peer))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return pb.StepAck()
 
     def _accept(
         self, request: pb.StepRequest, caller: Identity | None, peer: str

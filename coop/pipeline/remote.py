@@ -156,18 +156,33 @@ class RemoteChain:
         self._replay = False  # the caller moved the session to a new route: the next step replays
 
     async def open(self) -> RemoteChain:
-        for _attempt in range(self.max_failovers + 1):
+        """Choose the route. Its sessions open with the first step, which rides the first hop's open:
+        one round trip less before the first token."""
+        self._use_route(await self.swarm.route(exclude=self._excluded | self._refusing))
+        return self
+
+    async def _open_elsewhere(self, failure: _HopsFailed) -> None:
+        """The route chosen by `open` refused the session: open it on other routes, as many times as
+        failovers are allowed. A refused open is no failover (nothing ran), so none is counted."""
+        for _attempt in range(self.max_failovers):
+            await self._abandon(failure)
             try:
                 await self._open_route()
-                return self
+                return
             except _HopsFailed as exc:
-                await self._abandon(exc)
-        raise PeerError(f"could not open a session on any route after {self.max_failovers + 1} attempts")
+                failure = exc
+        await self._abandon(failure)
+        raise PeerError(f"could not open a session on any route after {self.max_failovers + 1} attempts") from failure
 
     async def _open_route(self, hops: list[Hop] | None = None) -> None:
         """Open the session on `hops`, or on the best route the swarm view has now."""
         if hops is None:
             hops = await self.swarm.route(exclude=self._excluded | self._refusing)
+        self._use_route(hops)
+        await self._open_streams()
+
+    def _use_route(self, hops: list[Hop]) -> None:
+        """Make `hops` the session's route (a new session id); its streams are not open yet."""
         self.hops = self._reserved = hops
         self._leaving = set()
         self.session_id = uuid.uuid4().hex
@@ -177,11 +192,19 @@ class RemoteChain:
         self._sent = TokenTally()
         self._stepped = 0
         self._events = asyncio.Queue(self._max_queued_events)
-        # Each stream joins self._streams as soon as it is open, so close() finds it even if
-        # this open is cancelled half-way.
-        opened = await asyncio.gather(
-            *(self._open_stream(i, hop, self._events) for i, hop in enumerate(self.hops)), return_exceptions=True
-        )
+
+    async def _open_streams(self, first_step: pb.StepRequest | None = None) -> None:
+        """Open the session on every hop of the route at once, `first_step` with the first hop's open.
+
+        The last hops' opens are started first, so they usually reach their nodes before the first
+        step's push does (a node also waits for opens it has not read yet). Each stream joins
+        self._streams as soon as it is open, so close() finds it even if this is cancelled half-way.
+        """
+        last_first = [
+            self._open_stream(i, hop, self._events, first_step if i == 0 else None)
+            for i, hop in reversed(list(enumerate(self.hops)))
+        ]
+        opened = (await asyncio.gather(*last_first, return_exceptions=True))[::-1]
         failed = {hop.node_id for hop, s in zip(self.hops, opened, strict=True) if not isinstance(s, _Stream)}
         if failed:
             refusals = [s for s in opened if not isinstance(s, _Stream)]
@@ -191,7 +214,11 @@ class RemoteChain:
             raise _HopsFailed(failed, f"could not open the session: {errors}", suspect=not leaving, leaving=leaving)
 
     async def _open_stream(
-        self, index: int, hop: Hop, events: asyncio.Queue[tuple[int, pb.SessionEvent | None]]
+        self,
+        index: int,
+        hop: Hop,
+        events: asyncio.Queue[tuple[int, pb.SessionEvent | None]],
+        first_step: pb.StepRequest | None,
     ) -> _Stream:
         call = self.channels.stub(hop.endpoint, hop.institution, hop.node_id).Session()
         try:
@@ -204,6 +231,7 @@ class RemoteChain:
                 node_id=hop.node_id,
                 sketch_seed=self.sketch_seed,
                 sketch_dims=self.sketch_dims,
+                first_step=first_step,
             )
             await call.write(pb.SessionControl(open=open_msg))
             first = await asyncio.wait_for(call.read(), OPEN_TIMEOUT_S)
@@ -303,38 +331,51 @@ class RemoteChain:
         revoked = self.swarm.revoked()
         if dropped := {h.node_id for h in self.hops if h.institution in revoked}:
             raise _HopsFailed(dropped, "a node of the route belongs to a revoked institution")
-        self._step_id += 1
-        step_id = self._step_id
-        first = self.hops[0]
         started = asyncio.get_running_loop().time()
-        request = pb.StepRequest(
-            session_id=self.session_id,
-            step_id=step_id,
-            hidden=tensor_to_proto(hidden),
-            start_position=start_position,
-            route=self._route,
-            route_signature=self._route_signature,
-            rewind=start_position < self._stepped,
-        )
-        try:
-            stub = self.channels.stub(first.endpoint, first.institution, first.node_id)
-            ack = await stub.Forward(request, timeout=self.step_timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            raise _HopsFailed({first.node_id}, f"node {first.node_id} is unreachable: {exc.code().name}") from exc
-        finally:
-            self._sent.add(hidden.shape[1])  # the ceiling of what the hops may bill, sent or not
-        if ack.HasField("error"):
-            error = error_from_proto(ack.error)
-            if isinstance(error, UnknownSession):  # the node restarted and lost our session
-                raise _HopsFailed({first.node_id}, str(error))
-            raise _peer_error(first, "refused the step", error) from error
-        output, sketches = await self._wait_result(step_id, hidden.shape[1])
+        await self._send(hidden, start_position)
+        output, sketches = await self._wait_result(self._step_id, hidden.shape[1])
         self._stepped = start_position + hidden.shape[1]
         self.last_step = SentStep(self.session_id, hidden, start_position, output, sketches)
         self.swarm.step_completed(self.hops, hidden.shape[1], asyncio.get_running_loop().time() - started)
         if self.charge.meter is not None:
             self.charge.meter.stepped(self.session_id, self.charge.consumer, self.hops, hidden.shape[1], self._sent)
         return output
+
+    async def _send(self, hidden: torch.Tensor, start_position: int) -> None:
+        """Send a step to the first hop: with the opens, when the route is not open yet, else by Forward."""
+        if not self._streams:
+            try:
+                await self._open_streams(first_step=self._request(hidden, start_position))
+                return
+            except _HopsFailed as exc:
+                await self._open_elsewhere(exc)
+        request = self._request(hidden, start_position)
+        first = self.hops[0]
+        try:
+            stub = self.channels.stub(first.endpoint, first.institution, first.node_id)
+            ack = await stub.Forward(request, timeout=self.step_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise _HopsFailed({first.node_id}, f"node {first.node_id} is unreachable: {exc.code().name}") from exc
+        if ack.HasField("error"):
+            error = error_from_proto(ack.error)
+            if isinstance(error, UnknownSession):  # the node restarted and lost our session
+                raise _HopsFailed({first.node_id}, str(error))
+            raise _peer_error(first, "refused the step", error) from error
+
+    def _request(self, hidden: torch.Tensor, start_position: int) -> pb.StepRequest:
+        """The next step of the session on the current route, counted as sent: the ceiling of what
+        its hops may bill, whether it reaches them or not."""
+        self._step_id += 1
+        self._sent.add(hidden.shape[1])
+        return pb.StepRequest(
+            session_id=self.session_id,
+            step_id=self._step_id,
+            hidden=tensor_to_proto(hidden),
+            start_position=start_position,
+            route=self._route,
+            route_signature=self._route_signature,
+            rewind=start_position < self._stepped,
+        )
 
     async def _wait_result(self, step_id: int, n: int) -> tuple[torch.Tensor, list[pb.Sketch]]:
         loop = asyncio.get_running_loop()

@@ -168,7 +168,7 @@ class NodeInfo(_message.Message):
 class SessionControl(_message.Message):
     __slots__ = ("open", "close")
     class Open(_message.Message):
-        __slots__ = ("session_id", "max_length", "start", "end", "priority", "node_id", "sketch_seed", "sketch_dims")
+        __slots__ = ("session_id", "max_length", "start", "end", "priority", "node_id", "sketch_seed", "sketch_dims", "first_step")
         SESSION_ID_FIELD_NUMBER: _ClassVar[int]
         MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
         START_FIELD_NUMBER: _ClassVar[int]
@@ -177,6 +177,7 @@ class SessionControl(_message.Message):
         NODE_ID_FIELD_NUMBER: _ClassVar[int]
         SKETCH_SEED_FIELD_NUMBER: _ClassVar[int]
         SKETCH_DIMS_FIELD_NUMBER: _ClassVar[int]
+        FIRST_STEP_FIELD_NUMBER: _ClassVar[int]
         session_id: str
         max_length: int
         start: int
@@ -185,7 +186,8 @@ class SessionControl(_message.Message):
         node_id: str
         sketch_seed: int
         sketch_dims: int
-        def __init__(self, session_id: _Optional[str] = ..., max_length: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., priority: _Optional[float] = ..., node_id: _Optional[str] = ..., sketch_seed: _Optional[int] = ..., sketch_dims: _Optional[int] = ...) -> None: ...
+        first_step: StepRequest
+        def __init__(self, session_id: _Optional[str] = ..., max_length: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., priority: _Optional[float] = ..., node_id: _Optional[str] = ..., sketch_seed: _Optional[int] = ..., sketch_dims: _Optional[int] = ..., first_step: _Optional[_Union[StepRequest, _Mapping]] = ...) -> None: ...
     class Close(_message.Message):
         __slots__ = ()
         def __init__(self) -> None: ...

@@ -99,7 +99,9 @@ class NodeServicer:
         """Run this node's blocks for one step of a session, then push the output onward: to the next hop
         of the step's `route`, or, on the last node of the route, as a `result` event on the session's
         stream. The ack only says whether the step was accepted; failures after acceptance (including a
-        failed push) arrive as `failed` events on the stream.
+        failed push) arrive as `failed` events on the stream. A step for a session the node does not know
+        waits (at most a second) while streams' opens are still unread: the coordinator opens every hop
+        at once, so a push from the previous hop may overtake the open it sent this one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
