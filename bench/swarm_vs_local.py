@@ -13,9 +13,10 @@ The swarm's processes (3 nodes and a coordinator) share this machine's cores, so
 `--threads-per-process` torch threads (default: its share of the cores), as a node on a machine of
 its own would use that machine's; more threads than cores spin against each other (measured on 2
 cores: 4x slower steps). The local rows are measured with torch's default threads and with that
-many, in rounds that alternate them (medians); `--node-batch-steps` turns on the nodes' batched steps.
+many, in rounds that alternate them (medians). The nodes run batched steps of up to `--node-batch-steps`
+sessions (default 16; a pool turns them on with COOP_NODE_MAX_BATCH_STEPS; 1: every step alone).
 
-    .venv/bin/python bench/swarm_vs_local.py [--tokens 64] [--sessions 8] [--node-batch-steps 16] [--pool]
+    .venv/bin/python bench/swarm_vs_local.py [--tokens 64] [--sessions 8] [--node-batch-steps 16] [--repeats 3] [--pool]
 """
 
 from __future__ import annotations
@@ -202,7 +203,7 @@ def main() -> None:
         help="torch threads of each swarm process (default: a quarter of the cores, for 3 nodes and a coordinator)",
     )
     parser.add_argument(
-        "--node-batch-steps", type=int, default=1, help="the nodes' COOP_NODE_MAX_BATCH_STEPS (1: no batched steps)"
+        "--node-batch-steps", type=int, default=16, help="the nodes' COOP_NODE_MAX_BATCH_STEPS (1: no batched steps)"
     )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
