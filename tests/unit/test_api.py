@@ -7,7 +7,7 @@ import json
 import socket
 import threading
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
@@ -359,15 +359,23 @@ def test_peer_failure_is_502_or_an_error_event(backend: LocalBackend) -> None:
 
 
 class _FakeSessionCall:
-    """The coordinator's end of one node's session stream."""
+    """The coordinator's end of one node's session stream; `forward` runs a first step that comes with the
+    open, as the node's Forward would (a refusal comes back as a failed event after `opened`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, forward: Callable[[pb.StepRequest], Awaitable[pb.StepAck]] | None = None) -> None:
         self.events: asyncio.Queue[object] = asyncio.Queue()
+        self._forward = forward
 
     async def write(self, control: pb.SessionControl) -> None:
         if control.WhichOneof("kind") == "open":
             opened = pb.SessionEvent.Opened(session_id=control.open.session_id)
             self.events.put_nowait(pb.SessionEvent(opened=opened))
+            if self._forward is not None and control.open.HasField("first_step"):
+                step = control.open.first_step
+                ack = await self._forward(step)
+                if ack.HasField("error"):
+                    failed = pb.SessionEvent.Failed(session_id=step.session_id, step_id=step.step_id, error=ack.error)
+                    self.events.put_nowait(pb.SessionEvent(failed=failed))
 
     async def read(self) -> object:
         return await self.events.get()
@@ -417,8 +425,11 @@ class _HostileNode:
         return self
 
     def Session(self) -> _FakeSessionCall:
-        self.call = _FakeSessionCall()
+        self.call = _FakeSessionCall(self.forward_first_step)
         return self.call
+
+    async def forward_first_step(self, request: pb.StepRequest) -> pb.StepAck:
+        return await self.Forward(request, timeout=0)
 
     async def Forward(self, request: pb.StepRequest, timeout: float) -> pb.StepAck:
         error = error_to_proto(InvalidTensor("hidden states contain NaN or Inf"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -248,10 +248,11 @@ def test_a_request_stuck_in_text_work_stalls_no_other_stream(tiny_chat_model_dir
 
 
 class _FloodingCall(_FakeSessionCall):
-    """A node's session stream that sends `junk` stale results after opening, and counts what we read."""
+    """A node's session stream that sends `junk` stale results after opening (and running the first step),
+    and counts what we read."""
 
-    def __init__(self, junk: int, hidden_size: int) -> None:
-        super().__init__()
+    def __init__(self, junk: int, hidden_size: int, forward: Callable[[pb.StepRequest], Awaitable[pb.StepAck]]) -> None:
+        super().__init__(forward)
         self.reads = 0
         stale = pb.SessionEvent.Result(step_id=10**6, hidden=tensor_to_proto(torch.zeros(1, 1, hidden_size)))
         self.junk = [pb.SessionEvent(result=stale)] * junk
@@ -278,7 +279,7 @@ class _FloodingNode(_HostileNode):
         pass
 
     def Session(self) -> _FloodingCall:
-        self.call = _FloodingCall(self.junk, self.hidden_size)
+        self.call = _FloodingCall(self.junk, self.hidden_size, self.forward_first_step)
         return self.call
 
     async def Forward(self, request: pb.StepRequest, timeout: float) -> pb.StepAck:
@@ -304,18 +305,20 @@ def test_a_node_flooding_its_session_stream_is_read_no_further_than_the_queue(ba
         )
         await chain.open()
         try:
+            hidden = torch.zeros(1, 2, manifest.hidden_size, dtype=backend.client.dtype)
+            await chain.step(hidden, 0, [1, 2])  # opens the stream; the node floods it after this result
             call = node.call
             await wait_for_async("the reader to fill the queue", lambda: call.reads > bound, WAIT_S)
             for _ in range(1000):  # the loop runs on; a reader that went on reading would read all junk
                 await asyncio.sleep(0)
             reads_while_idle = call.reads
-            hidden = torch.zeros(1, 2, manifest.hidden_size, dtype=backend.client.dtype)
-            output = await chain.step(hidden, 0, [1, 2])  # drains the junk, then gets its result
+            output = await chain.step(hidden[:, :1], 2, [1, 2, 3])  # drains the junk, then gets its result
             return reads_while_idle, output, call.reads
         finally:
             await chain.close()
 
     reads_while_idle, output, reads_after = asyncio.run(run())
-    assert reads_while_idle <= bound + 2  # the queue's events, the one waiting to be put, and the open
-    assert output.shape == (1, 2, manifest.hidden_size) and not output.any()
-    assert reads_after >= junk + 2  # nothing was dropped: the step read through every event
+    # the open and the first result, the queue's events and the one waiting to be put
+    assert reads_while_idle <= bound + 3
+    assert output.shape == (1, 1, manifest.hidden_size) and not output.any()
+    assert reads_after >= junk + 3  # nothing was dropped: the step read through every event
