@@ -1,8 +1,8 @@
 """Swarm vs single process, measured in one run on this machine.
 
 Prints local single-process tokens/s (transformers' own generate() on the same prepared
-weights, stock and with the packed CPU Linear layers every Coop process uses, the faster being the
-baseline; and Coop's engine as one span), the swarm's tokens/s for one session (DHT + 3 node
+weights, stock and with the packed CPU Linear layers every Coop process uses, each ratio printed
+against both; and Coop's engine as one span), the swarm's tokens/s for one session (DHT + 3 node
 processes + coordinator on loopback, streamed over the OpenAI API), their ratio, time to first
 token for both, the aggregate tokens/s of N concurrent sessions, and start-up times (node start ->
 announced, coordinator start -> ready, median of 5: bench/startup.py). With --pool it runs the swarm
