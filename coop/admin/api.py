@@ -42,17 +42,17 @@ UNAUTHORIZED: dict[int | str, dict[str, Any]] = {401: {"description": "No admin 
 def api_router(ctx: AdminContext, auth: AdminAuth, openapi: Callable[[], dict[str, Any]]) -> APIRouter:
     """`openapi`: the app's OpenAPI schema, served to admins whether or not it is public."""
     router = APIRouter(prefix="/admin/api", route_class=AdminApiRoute, tags=["admin"], responses=UNAUTHORIZED)
+    _add_read_routes(router, ctx, auth, openapi)
+    _add_change_routes(router, ctx, auth)
+    return router
+
+
+def _add_read_routes(
+    router: APIRouter, ctx: AdminContext, auth: AdminAuth, openapi: Callable[[], dict[str, Any]]
+) -> None:
     Identity = Annotated[tuple[str, AdminSession | None], Depends(auth.api_identity)]
     Page = Annotated[int, Query(ge=1, le=1_000_000)]
     PerPage = Annotated[int, Query(ge=1, le=500)]
-
-    def changing(request: Request, identity: Identity) -> str:
-        """Who makes a change; a cookie session must also send its CSRF token."""
-        who, session = identity
-        auth.require_csrf(session, request.headers.get(CSRF_HEADER))
-        return who
-
-    Changer = Annotated[str, Depends(changing)]
 
     @router.get("/openapi.json", include_in_schema=False)
     async def schema(who: Identity) -> dict[str, Any]:
@@ -107,6 +107,18 @@ def api_router(ctx: AdminContext, auth: AdminAuth, openapi: Callable[[], dict[st
         """The append-only audit log, newest first."""
         return views.audit_page(ctx, filters, page=page, per_page=per_page)
 
+
+def _add_change_routes(router: APIRouter, ctx: AdminContext, auth: AdminAuth) -> None:
+    Identity = Annotated[tuple[str, AdminSession | None], Depends(auth.api_identity)]
+
+    def changing(request: Request, identity: Identity) -> str:
+        """Who makes a change; a cookie session must also send its CSRF token."""
+        who, session = identity
+        auth.require_csrf(session, request.headers.get(CSRF_HEADER))
+        return who
+
+    Changer = Annotated[str, Depends(changing)]
+
     @router.post("/grants")
     async def grant(body: GrantIn, who: Changer) -> GrantOut:
         """Move credits from the pool account to an institution (negative credits take them back)."""
@@ -134,5 +146,3 @@ def api_router(ctx: AdminContext, auth: AdminAuth, openapi: Callable[[], dict[st
             created_at=views.utc_from_s(record.created_at),
             revoked=True,
         )
-
-    return router

@@ -76,19 +76,28 @@ def audit_filter(action: str | None = None, actor: str | None = None, subject: s
 
 def pages_router(ctx: AdminContext, auth: AdminAuth) -> APIRouter:
     router = APIRouter(prefix="/admin", route_class=AdminPageRoute, include_in_schema=False)
+    _add_sign_in_routes(router, ctx, auth)
+    _add_view_routes(router, ctx, auth)
+    _add_change_routes(router, ctx, auth)
+    return router
+
+
+def _page(
+    auth: AdminAuth, template: str, session: AdminSession, *, status_code: int = 200, **context: Any
+) -> HTMLResponse:
+    """A page for a signed-in admin, with the messages flashed to the session since the last one."""
+    flashes = auth.sessions.pop_flashes(session.session_id)
+    return render(template, status_code=status_code, session=session, flashes=flashes, **context)
+
+
+async def _checked_form(auth: AdminAuth, request: Request, session: AdminSession) -> dict[str, str]:
+    form = await read_form(request)
+    auth.require_csrf(session, form.get(CSRF_FIELD))
+    return form
+
+
+def _add_sign_in_routes(router: APIRouter, ctx: AdminContext, auth: AdminAuth) -> None:
     Session = Annotated[AdminSession, Depends(auth.session)]
-    Page = Annotated[int, Query(alias="page", ge=1, le=1_000_000)]
-
-    def page(template: str, session: AdminSession, *, status_code: int = 200, **context: Any) -> HTMLResponse:
-        flashes = auth.sessions.pop_flashes(session.session_id)
-        return render(template, status_code=status_code, session=session, flashes=flashes, **context)
-
-    async def checked_form(request: Request, session: AdminSession) -> dict[str, str]:
-        form = await read_form(request)
-        auth.require_csrf(session, form.get(CSRF_FIELD))
-        return form
-
-    # -- signing in and out -------------------------------------------------------------------
 
     def login_form(
         request: Request, next_path: str, *, error: str | None = None, status_code: int | None = None
@@ -128,14 +137,17 @@ def pages_router(ctx: AdminContext, auth: AdminAuth) -> APIRouter:
 
     @router.post("/logout")
     async def logout(request: Request, session: Session) -> Response:
-        await checked_form(request, session)
+        await _checked_form(auth, request, session)
         auth.sessions.close(session.session_id)
         await run_in_threadpool(actions.signed_out, ctx, session.identity, client_address(request))
         response = RedirectResponse("/admin/login", status_code=303)
         auth.clear_cookie(response, SESSION_COOKIE)
         return response
 
-    # -- pages --------------------------------------------------------------------------------
+
+def _add_view_routes(router: APIRouter, ctx: AdminContext, auth: AdminAuth) -> None:
+    Session = Annotated[AdminSession, Depends(auth.session)]
+    Page = Annotated[int, Query(alias="page", ge=1, le=1_000_000)]
 
     @router.get("")
     def root(session: Session) -> Response:
@@ -144,26 +156,28 @@ def pages_router(ctx: AdminContext, auth: AdminAuth) -> APIRouter:
     @router.get("/")
     async def overview(session: Session, shade: Literal["throughput", "load"] = "throughput") -> Response:
         o = await run_in_threadpool(views.overview, ctx, views.Live.snapshot(ctx), shade=shade)
-        return page("overview.html", session, active="overview", o=o, refresh_s=ctx.refresh_s)
+        return _page(auth, "overview.html", session, active="overview", o=o, refresh_s=ctx.refresh_s)
 
     @router.get("/institutions")
     async def institutions(session: Session, bucket: Literal["hour", "day"] = "hour") -> Response:
         items = await run_in_threadpool(views.institutions, ctx, views.Live.snapshot(ctx))
         flows = await run_in_threadpool(views.flow_charts, ctx, [i.name for i in items], bucket=bucket)
-        return page("institutions.html", session, active="institutions", items=items, charts=flows, bucket=bucket)
+        return _page(
+            auth, "institutions.html", session, active="institutions", items=items, charts=flows, bucket=bucket
+        )
 
     @router.get("/institutions/{name:path}")
     async def institution(session: Session, name: str, bucket: Literal["hour", "day"] = "hour") -> Response:
         live = views.Live.snapshot(ctx)
         detail = await run_in_threadpool(views.institution_detail, ctx, live, name, bucket=bucket)
         if detail is None:
-            return page("error.html", session, status_code=404, message=f"No institution {name!r} in this pool.")
-        return page("institution.html", session, active="institutions", d=detail)
+            return _page(auth, "error.html", session, status_code=404, message=f"No institution {name!r} in this pool.")
+        return _page(auth, "institution.html", session, active="institutions", d=detail)
 
     @router.get("/nodes")
     async def nodes(session: Session) -> Response:
         items = await run_in_threadpool(views.node_list, ctx, views.Live.snapshot(ctx))
-        return page("nodes.html", session, active="nodes", items=items)
+        return _page(auth, "nodes.html", session, active="nodes", items=items)
 
     @router.get("/receipts")
     def receipts(
@@ -173,7 +187,7 @@ def pages_router(ctx: AdminContext, auth: AdminAuth) -> APIRouter:
         page_no: Page = 1,
     ) -> Response:
         result = views.receipt_page(ctx, filters, page=page_no, per_page=PER_PAGE)
-        return page("receipts.html", session, active="receipts", r=result, args=dict(request.query_params))
+        return _page(auth, "receipts.html", session, active="receipts", r=result, args=dict(request.query_params))
 
     @router.get("/receipts.csv")
     def receipts_csv(session: Session, filters: Annotated[ReceiptFilter, Depends(receipt_filter)]) -> Response:
@@ -184,17 +198,20 @@ def pages_router(ctx: AdminContext, auth: AdminAuth) -> APIRouter:
         request: Request, session: Session, filters: Annotated[AuditFilter, Depends(audit_filter)], page_no: Page = 1
     ) -> Response:
         result = views.audit_page(ctx, filters, page=page_no, per_page=PER_PAGE)
-        return page("audit.html", session, active="audit", a=result, args=dict(request.query_params))
+        return _page(auth, "audit.html", session, active="audit", a=result, args=dict(request.query_params))
 
     @router.get("/audit.csv")
     def audit_csv(session: Session, filters: Annotated[AuditFilter, Depends(audit_filter)]) -> Response:
         return _csv("audit.csv", export.audit_csv(ctx, filters))
 
-    # -- changes ------------------------------------------------------------------------------
+
+def _add_change_routes(router: APIRouter, ctx: AdminContext, auth: AdminAuth) -> None:
+    """Each form posts the session's CSRF token and answers with a redirect, except a new API key."""
+    Session = Annotated[AdminSession, Depends(auth.session)]
 
     @router.post("/grants")
     async def grant(request: Request, session: Session) -> Response:
-        form = await checked_form(request, session)
+        form = await _checked_form(auth, request, session)
         institution, reason = form.get("institution", ""), form.get("reason", "").strip()
         try:
             amount = float(form.get("credits", ""))
@@ -208,19 +225,17 @@ def pages_router(ctx: AdminContext, auth: AdminAuth) -> APIRouter:
 
     @router.post("/keys")
     async def create_key(request: Request, session: Session) -> Response:
-        form = await checked_form(request, session)
+        form = await _checked_form(auth, request, session)
         institution = form.get("institution", "")
         key = await run_in_threadpool(actions.create_key, ctx, session.identity, institution)
-        return page("key_created.html", session, active="institutions", institution=institution, key=key)
+        return _page(auth, "key_created.html", session, active="institutions", institution=institution, key=key)
 
     @router.post("/keys/revoke")
     async def revoke_key(request: Request, session: Session) -> Response:
-        form = await checked_form(request, session)
+        form = await _checked_form(auth, request, session)
         record = await run_in_threadpool(actions.revoke_key, ctx, session.identity, form.get("sha256", ""))
         auth.sessions.flash(session.session_id, "ok", f"Revoked API key {record.sha256[:12]} of {record.institution}.")
         return RedirectResponse(f"/admin/institutions/{_quote(record.institution)}", status_code=303)
-
-    return router
 
 
 def _quote(name: str) -> str:

@@ -41,7 +41,8 @@ from coop.coordinator.receipt_watch import (
 )
 from coop.errors import CoopError, InvalidInput, ReceiptPending, ReceiptRejected
 from coop.ledger.booking import ReceiptChecker
-from coop.ledger.store import BookedBatch, Booking, Ledger
+from coop.ledger.queries import BookedBatch
+from coop.ledger.store import Booking, Ledger
 from coop.receipts import ReceiptBody
 from coop.swarm.announcement import NodeAnnouncement
 from coop.wire.generated import coop_pb2 as pb

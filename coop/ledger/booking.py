@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 
 from coop.errors import InvalidInput, ReceiptPending, ReceiptRejected, Unauthorized
 from coop.ledger.models import Observation
+from coop.ledger.queries import BookedBatch
 from coop.ledger.signers import provider_of
-from coop.ledger.store import BookedBatch, Booking
+from coop.ledger.store import Booking
 from coop.pool.bundle import MemberBundle
 from coop.pool.ca import verify_signature
 from coop.receipts import Payment, ReceiptBody, SignedReceipt, body_payload, countersign_payload

@@ -3,7 +3,7 @@
 Amounts are whole FLOPs (1 credit = 10**12 FLOPs), so a booking is exact: a provider is credited
 the very FLOPs it was paid for. An amount that can outgrow 64 bits (a posting, a grant, a floor) is
 stored in two integer columns (`coop.ledger.amounts`). Balances are never stored; they are sums of
-postings (`coop.ledger.store.Ledger.balances`). Grants and credit floors carry the exact bytes the
+postings (`coop.ledger.queries.LedgerQueries.balances`). Grants and credit floors carry the exact bytes the
 pool admin signed, receipts the bytes the node signed, so `coop ledger verify` can recheck them all.
 """
 

@@ -39,6 +39,7 @@ from coop.errors import (
 from coop.model.loading import check_span, load_span, resolve_device
 from coop.model.manifest import Manifest
 from coop.model.packed_linear import packed_bytes
+from coop.model.packing import PackedCaches, full_attention_only, packed_attention_mask, packed_positions
 from coop.model.skeleton import PassThrough, decoder_layers
 
 _PASS_THROUGH = PassThrough()
@@ -105,9 +106,9 @@ class SpanEngine:
         self._layers = decoder_layers(span_model, manifest.num_blocks)
         self._hosted_layers = {i: self._layers[i] for i in range(start, end)}
         # Packed batches hand the model a ready 4D mask, in the format of its attention function.
-        self.can_batch = _full_attention_only(self._config) and self._config._attn_implementation in ("sdpa", "eager")
+        self.can_batch = full_attention_only(self._config) and self._config._attn_implementation in ("sdpa", "eager")
         # A sliding-window layer forgets what falls out of its window, so its cache cannot be cut back.
-        self.can_rewind = _full_attention_only(self._config)
+        self.can_rewind = full_attention_only(self._config)
 
     @classmethod
     def load(
@@ -297,11 +298,9 @@ class SpanEngine:
     def step_batch(self, steps: Sequence[StepInput]) -> list[torch.Tensor | CoopError]:
         """Run the steps of several sessions as one forward pass per span; one result per step, in order.
 
-        The tokens of all steps are packed into one sequence (batch size 1, as transformers' continuous
-        batching does), each token at its own session's position; a 4D mask lets every token attend only
-        to its own session's cache and to the earlier tokens of its own step, and `_PackedCaches` routes
-        each session's keys and values to and from its own `DynamicCache`. The model's own attention
-        function runs unchanged. A step that fails its checks gets its error and leaves the others alone.
+        The tokens of all steps are packed into one sequence (`coop.model.packing`); the model's own
+        attention function runs unchanged. A step that fails its checks gets its error and leaves the
+        others alone.
         """
         if len(steps) == 1 or not self.can_batch:
             return [self._step_or_error(s) for s in steps]
@@ -348,25 +347,16 @@ class SpanEngine:
     ) -> list[torch.Tensor | CoopError]:
         """One forward pass over blocks span for steps whose sessions' locks the caller holds."""
         counts = [s.hidden.shape[1] for s in steps]
-        past = [session.length for session in sessions]
-        total_q, total_k = sum(counts), sum(past) + sum(counts)
-        mask = torch.zeros(1, 1, total_q, total_k, dtype=torch.bool, device=self.device)  # True: may attend
-        q0 = k0 = 0
-        for n, length in zip(counts, past, strict=True):
-            mask[0, 0, q0 : q0 + n, k0 : k0 + length + n] = torch.ones(
-                n, length + n, dtype=torch.bool, device=self.device
-            ).tril(diagonal=length)
-            q0, k0 = q0 + n, k0 + length + n
-        if self._config._attn_implementation == "eager":  # eager adds its mask to the scores
-            mask = torch.zeros(mask.shape, dtype=self.dtype, device=self.device).masked_fill(
-                ~mask, torch.finfo(self.dtype).min
-            )
-        starts = [s.start_position for s in steps]
-        positions = torch.cat(
-            [torch.arange(p, p + n, device=self.device) for p, n in zip(starts, counts, strict=True)]
-        ).unsqueeze(0)
+        mask = packed_attention_mask(
+            counts,
+            [session.length for session in sessions],
+            attn_implementation=self._config._attn_implementation,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        positions = packed_positions([s.start_position for s in steps], counts, self.device)
         hidden = torch.cat([s.hidden.to(self.device) for s in steps], dim=1)  # [1, total_q, hidden]
-        caches = _PackedCaches([session.cache for session in sessions], counts)
+        caches = PackedCaches([session.cache for session in sessions], counts)
         with self._compute_lock, torch.inference_mode(), self._only_blocks(*span):
             output = self._model(
                 inputs_embeds=hidden,
@@ -442,47 +432,3 @@ class SpanEngine:
             )
         if not bool(torch.isfinite(hidden).all()):
             raise InvalidTensor("hidden states contain NaN or Inf")
-
-
-class _PackedCaches:
-    """The cache of a packed batch: the keys and values of each session's tokens go to its own DynamicCache.
-
-    Attention layers call `update` with the new keys and values of the whole pack [1, heads, total_q, dim];
-    it returns every session's cached and new keys side by side [1, heads, total_k, dim], the layout the
-    batch's 4D mask is built for.
-    """
-
-    def __init__(self, caches: list[DynamicCache], counts: list[int]) -> None:
-        self._caches = caches
-        self._counts = counts
-        self.quarantined: dict[int, int] = {}  # index of a session whose keys or values went non-finite -> block
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object, **kwargs: object
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = [], []
-        pairs = zip(key_states.split(self._counts, dim=2), value_states.split(self._counts, dim=2), strict=True)
-        for cache, (k, v) in zip(self._caches, pairs, strict=True):
-            full_k, full_v = cache.update(k, v, layer_idx)
-            keys.append(full_k)
-            values.append(full_v)
-        packed_k, packed_v = torch.cat(keys, dim=2), torch.cat(values, dim=2)
-        if bool(torch.isfinite(packed_k).all()) and bool(torch.isfinite(packed_v).all()):
-            return packed_k, packed_v
-        # A masked-out key still meets every query (NaN * 0 is NaN): a session whose states overflowed
-        # would poison the rows of the others. Its keys and values are zeroed for this pass, and it fails.
-        for index, (k, v) in enumerate(zip(keys, values, strict=True)):
-            if not (bool(torch.isfinite(k).all()) and bool(torch.isfinite(v).all())):
-                self.quarantined.setdefault(index, layer_idx)
-                keys[index], values[index] = torch.zeros_like(k), torch.zeros_like(v)
-        return torch.cat(keys, dim=2), torch.cat(values, dim=2)
-
-
-def _full_attention_only(config: object) -> bool:
-    """Whether every layer attends to the whole past: packed batches build a full causal mask, so models
-    with sliding-window layers run their steps one at a time."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    layer_types = getattr(text, "layer_types", None)
-    if layer_types is not None:
-        return all(t == "full_attention" for t in layer_types)
-    return getattr(text, "sliding_window", None) is None

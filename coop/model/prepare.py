@@ -266,96 +266,120 @@ def prepare(
     (transformers' own included)."""
     console = console or Console(stderr=True, quiet=quiet)
     out = Path(out).expanduser().resolve()
-    if dtype not in DTYPES:
-        raise ModelStoreError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    quantization = check_quantization(quantize)
-    if out.exists() and not (out / MANIFEST_FILE).is_file() and any(out.iterdir()):
-        raise ModelStoreError(f"{out} exists and is not a Coop model directory; choose another --out")
+    quantization = _check_target(out, dtype, quantize)
     source = resolve_source(src)
     fingerprint = source_fingerprint(source)
     defaults = recommended_sampling(src, source, sampling or SamplingDefaults())
     if (current := _is_up_to_date(out, fingerprint, dtype, quantization)) is not None:
-        if current.sampling_defaults == defaults:
-            console.print(
-                f"[green]Up to date[/]: {out} already holds {current.name} ({_describe(dtype, quantization)}); "
-                "nothing to do."
-            )
-            return current
-        current = current.model_copy(update={"sampling_defaults": defaults})
-        current.save(out)
-        console.print(f"[green]Updated[/] the sampling defaults of {out}: {defaults.describe()}")
-        return current
+        return _refresh_sampling(current, out, defaults, quantization, console)
 
     with _transformers_bars(enabled=not quiet and console.is_terminal):
         model, tokenizer = _load_source(source, DTYPES[dtype], console)
-    config = model.config
-    num_blocks = int(config.get_text_config().num_hidden_layers)
-    layers = decoder_layers(model, num_blocks)
-    prefix = layers_prefix(model, layers) + "."
-    text_config = config.get_text_config()
-    num_experts = int(getattr(text_config, "num_local_experts", None) or getattr(text_config, "num_experts", None) or 0)
-    experts_per_token = int(getattr(text_config, "num_experts_per_tok", 0) or 0)
-
     with _staging_dir(out) as staging:
-        (staging / "blocks").mkdir()
-        blocks: list[BlockInfo] = []
-        with progress_bar("Writing blocks", num_blocks + 1, quiet=quiet) as advance:
-            for index, layer in enumerate(layers):
-                state = _unique_tensors(layer.state_dict())
-                numel = {name: t.numel() for name, t in state.items()}  # before quantization: FLOPs stay
-                if quantization != "none":
-                    state = quantize_block(layer, quantization, f"block {index}")
-                save_block(state, staging / block_file(index), quantization)
-                active = _active_params(numel, experts_per_token, num_experts)
-                blocks.append(
-                    BlockInfo(
-                        index=index,
-                        file=block_file(index),
-                        param_count=sum(numel.values()),
-                        active_param_count=active,
-                        flops_per_token=2 * active,
-                    )
-                )
-                advance()
-            client_state = _unique_tensors({k: v for k, v in model.state_dict().items() if not k.startswith(prefix)})
-            save_file(client_state, str(staging / CLIENT_FILE))
-            advance()
-
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config  # the GGUF was dequantised: the blocks are plain tensors
-        config.dtype = DTYPES[dtype]
-        config.save_pretrained(staging)
-        if model.generation_config is not None:
-            model.generation_config.save_pretrained(staging)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(staging))  # type: ignore[attr-defined]
-            _drop_loading_options(staging / "tokenizer_config.json")
-
+        blocks, client_param_count = _write_blocks(model, staging, quantization, quiet=quiet)
+        _write_config(model, tokenizer, staging, DTYPES[dtype])
         files = {str(p.relative_to(staging)): sha256_file(p) for p in sorted(staging.rglob("*")) if p.is_file()}
-        content_hash = _content_hash(files, quantization)
+        text_config = model.config.get_text_config()
         manifest = Manifest(
             name=source.path.stem if src != DEMO_MODEL else DEMO_MODEL,
-            architecture=(config.architectures or [type(model).__name__])[0],
-            model_type=config.model_type,
+            architecture=(model.config.architectures or [type(model).__name__])[0],
+            model_type=model.config.model_type,
             dtype=dtype,
-            num_blocks=num_blocks,
+            num_blocks=len(blocks),
             hidden_size=int(text_config.hidden_size),
             vocab_size=int(text_config.vocab_size),
-            config=json.loads(config.to_json_string()),
+            config=json.loads(model.config.to_json_string()),
             blocks=blocks,
-            client_param_count=sum(t.numel() for t in client_state.values()),
+            client_param_count=client_param_count,
             has_tokenizer=tokenizer is not None,
             eos_token_ids=_eos_ids(model, tokenizer),
             files=files,
-            content_hash=content_hash,
+            content_hash=_content_hash(files, quantization),
             source=SourceInfo(kind=source.kind, path=str(source.path), fingerprint=fingerprint),
             sampling_defaults=defaults,
             quantization=quantization,
         )
         manifest.save(staging)
     console.print(
-        f"[green]Prepared[/] {manifest.name}: {num_blocks} blocks, {_describe(dtype, quantization)}, "
-        f"hash {content_hash[:12]} → {out}"
+        f"[green]Prepared[/] {manifest.name}: {manifest.num_blocks} blocks, {_describe(dtype, quantization)}, "
+        f"hash {manifest.content_hash[:12]} → {out}"
     )
     console.print(f"sampling defaults: {defaults.describe()}")
     return manifest
+
+
+def _check_target(out: Path, dtype: str, quantize: str) -> Quantization:
+    """Refuse a bad dtype, quantization or output directory before loading anything."""
+    if dtype not in DTYPES:
+        raise ModelStoreError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    quantization = check_quantization(quantize)
+    if out.exists() and not (out / MANIFEST_FILE).is_file() and any(out.iterdir()):
+        raise ModelStoreError(f"{out} exists and is not a Coop model directory; choose another --out")
+    return quantization
+
+
+def _refresh_sampling(
+    current: Manifest, out: Path, defaults: SamplingDefaults, quantization: Quantization, console: Console
+) -> Manifest:
+    """The store is already prepared from this source: at most its sampling defaults change (not the hash)."""
+    if current.sampling_defaults == defaults:
+        console.print(
+            f"[green]Up to date[/]: {out} already holds {current.name} ({_describe(current.dtype, quantization)}); "
+            "nothing to do."
+        )
+        return current
+    current = current.model_copy(update={"sampling_defaults": defaults})
+    current.save(out)
+    console.print(f"[green]Updated[/] the sampling defaults of {out}: {defaults.describe()}")
+    return current
+
+
+def _write_blocks(
+    model: PreTrainedModel, staging: Path, quantization: Quantization, *, quiet: bool
+) -> tuple[list[BlockInfo], int]:
+    """One safetensors file per decoder block, then everything else in the client file; returns the
+    blocks and the client's parameter count."""
+    text_config = model.config.get_text_config()
+    num_blocks = int(text_config.num_hidden_layers)
+    layers = decoder_layers(model, num_blocks)
+    prefix = layers_prefix(model, layers) + "."
+    num_experts = int(getattr(text_config, "num_local_experts", None) or getattr(text_config, "num_experts", None) or 0)
+    experts_per_token = int(getattr(text_config, "num_experts_per_tok", 0) or 0)
+    (staging / "blocks").mkdir()
+    blocks: list[BlockInfo] = []
+    with progress_bar("Writing blocks", num_blocks + 1, quiet=quiet) as advance:
+        for index, layer in enumerate(layers):
+            state = _unique_tensors(layer.state_dict())
+            numel = {name: t.numel() for name, t in state.items()}  # before quantization: FLOPs stay
+            if quantization != "none":
+                state = quantize_block(layer, quantization, f"block {index}")
+            save_block(state, staging / block_file(index), quantization)
+            active = _active_params(numel, experts_per_token, num_experts)
+            blocks.append(
+                BlockInfo(
+                    index=index,
+                    file=block_file(index),
+                    param_count=sum(numel.values()),
+                    active_param_count=active,
+                    flops_per_token=2 * active,
+                )
+            )
+            advance()
+        client_state = _unique_tensors({k: v for k, v in model.state_dict().items() if not k.startswith(prefix)})
+        save_file(client_state, str(staging / CLIENT_FILE))
+        advance()
+    return blocks, sum(t.numel() for t in client_state.values())
+
+
+def _write_config(model: PreTrainedModel, tokenizer: object | None, staging: Path, dtype: torch.dtype) -> None:
+    """The model's config (as plain tensors of `dtype`), its generation config and its tokenizer."""
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the GGUF was dequantised: the blocks are plain tensors
+    config.dtype = dtype
+    config.save_pretrained(staging)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(staging)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(staging))  # type: ignore[attr-defined]
+        _drop_loading_options(staging / "tokenizer_config.json")

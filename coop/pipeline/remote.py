@@ -36,6 +36,7 @@ import torch
 from coop.config import CoordinatorSettings
 from coop.errors import CoopError, InvalidTensor, PeerError, RouteUnavailable, UnknownSession
 from coop.pipeline.charge import UNMETERED, Charge
+from coop.pipeline.hop_streams import Events, HopStream, open_hop_stream, unanswering
 from coop.receipts import TokenTally
 from coop.swarm.routing import Hop
 from coop.wire.channels import ChannelPool
@@ -46,8 +47,6 @@ from coop.wire.tensors import tensor_from_proto, tensor_to_proto
 
 log = logging.getLogger(__name__)
 
-OPEN_TIMEOUT_S = 10.0
-PROBE_TIMEOUT_S = 1.0
 MOVE_RETRY_S = 2.0  # how often a session on a leaving node looks for another route when none was found
 MAX_QUEUED_EVENTS: int = CoordinatorSettings.model_fields["max_queued_events_per_session"].default
 
@@ -73,13 +72,6 @@ class SentStep:
     start_position: int
     output: torch.Tensor  # (1, n, hidden_size), what the last hop returned
     sketches: list[pb.Sketch]
-
-
-@dataclass
-class _Stream:
-    hop: Hop
-    call: grpc.aio.StreamStreamCall
-    reader: asyncio.Task[None]
 
 
 class RouteSource(Protocol):
@@ -136,9 +128,9 @@ class RemoteChain:
         self._next_move_s = 0.0
         self.draft_tokens = draft_tokens
         self._stepped = 0  # positions the current route's caches hold, rejected drafts included
-        self._streams: list[_Stream] = []
+        self._streams: list[HopStream] = []
         self._max_queued_events = max_queued_events
-        self._events: asyncio.Queue[tuple[int, pb.SessionEvent | None]] = asyncio.Queue(max_queued_events)
+        self._events: Events = asyncio.Queue(max_queued_events)
         self._step_id = 0
         self._excluded: set[str] = set()
         # refused an open as draining or paused: avoided when routing, but a planned move trusts the
@@ -205,9 +197,9 @@ class RemoteChain:
             for i, hop in reversed(list(enumerate(self.hops)))
         ]
         opened = (await asyncio.gather(*last_first, return_exceptions=True))[::-1]
-        failed = {hop.node_id for hop, s in zip(self.hops, opened, strict=True) if not isinstance(s, _Stream)}
+        failed = {hop.node_id for hop, s in zip(self.hops, opened, strict=True) if not isinstance(s, HopStream)}
         if failed:
-            refusals = [s for s in opened if not isinstance(s, _Stream)]
+            refusals = [s for s in opened if not isinstance(s, HopStream)]
             errors = "; ".join(str(s) for s in refusals)
             # a draining or paused node is alive and well: route around it, but do not suspect it
             leaving = all(getattr(s, "remote_type", None) == "NodeDraining" for s in refusals)
@@ -217,58 +209,23 @@ class RemoteChain:
         self,
         index: int,
         hop: Hop,
-        events: asyncio.Queue[tuple[int, pb.SessionEvent | None]],
+        events: Events,
         first_step: pb.StepRequest | None,
-    ) -> _Stream:
-        call = self.channels.stub(hop.endpoint, hop.institution, hop.node_id).Session()
-        try:
-            open_msg = pb.SessionControl.Open(
-                session_id=self.session_id,
-                max_length=self.max_length,
-                start=hop.start,
-                end=hop.end,
-                priority=self.charge.priority,
-                node_id=hop.node_id,
-                sketch_seed=self.sketch_seed,
-                sketch_dims=self.sketch_dims,
-                first_step=first_step,
-            )
-            await call.write(pb.SessionControl(open=open_msg))
-            first = await asyncio.wait_for(call.read(), OPEN_TIMEOUT_S)
-        except (grpc.aio.AioRpcError, TimeoutError) as exc:
-            call.cancel()
-            raise PeerError(f"node {hop.node_id} at {hop.endpoint} did not open the session") from exc
-        if first is grpc.aio.EOF or not isinstance(first, pb.SessionEvent) or first.WhichOneof("kind") != "opened":
-            call.cancel()
-            error = error_from_proto(first.failed.error) if isinstance(first, pb.SessionEvent) else None
-            remote_type = type(error).__name__ if error is not None else None
-            raise PeerError(f"node {hop.node_id} refused the session: {error}", remote_type=remote_type) from error
-        stream = _Stream(hop, call, asyncio.create_task(self._read_events(index, call, events, self._leaving)))
+    ) -> HopStream:
+        open_msg = pb.SessionControl.Open(
+            session_id=self.session_id,
+            max_length=self.max_length,
+            start=hop.start,
+            end=hop.end,
+            priority=self.charge.priority,
+            node_id=hop.node_id,
+            sketch_seed=self.sketch_seed,
+            sketch_dims=self.sketch_dims,
+            first_step=first_step,
+        )
+        stream = await open_hop_stream(self.channels, hop, open_msg, index, events, self._leaving)
         self._streams.append(stream)
         return stream
-
-    @staticmethod
-    async def _read_events(
-        index: int,
-        call: grpc.aio.StreamStreamCall,
-        events: asyncio.Queue[tuple[int, pb.SessionEvent | None]],
-        leaving: set[int],
-    ) -> None:
-        """Forward a hop's events into the queue of the route it belongs to (never a later route's);
-        note in that route's `leaving` that the hop is leaving."""
-        try:
-            while (event := await call.read()) is not grpc.aio.EOF:
-                if isinstance(event, pb.SessionEvent) and event.WhichOneof("kind") == "draining":
-                    leaving.add(index)
-                    continue
-                await events.put((index, event))  # waits while the queue is full
-        except grpc.aio.AioRpcError:
-            pass
-        except asyncio.CancelledError:  # the chain closed the stream: the queue may be full and unread
-            with contextlib.suppress(asyncio.QueueFull):
-                events.put_nowait((index, None))
-            return
-        await events.put((index, None))  # the stream is gone: the node died or dropped us
 
     async def step(self, hidden: torch.Tensor, start_position: int, token_ids: Sequence[int]) -> torch.Tensor:
         # after a failover, a move or a spot check's reroute the new route's caches are empty: replay first
@@ -384,7 +341,7 @@ class RemoteChain:
             try:
                 index, event = await asyncio.wait_for(self._events.get(), max(deadline - loop.time(), 0.0))
             except TimeoutError:
-                if dead := await self._probe():
+                if dead := await unanswering(self.channels, self.hops):
                     raise _HopsFailed(dead, "the step timed out") from None
                 # Everyone answers, so someone is just slow: avoid this route, but do not brand it dead.
                 raise _HopsFailed({h.node_id for h in self.hops}, "the step timed out", suspect=False) from None
@@ -408,23 +365,9 @@ class RemoteChain:
                 if isinstance(error, PeerError | UnknownSession):
                     # A node that could not push onward blames its next hop, unless a probe finds the dead one.
                     blamed = self.hops[min(index + 1, len(self.hops) - 1)] if isinstance(error, PeerError) else hop
-                    dead = await self._probe()
+                    dead = await unanswering(self.channels, self.hops)
                     raise _HopsFailed(dead or {blamed.node_id}, str(error))
                 raise _peer_error(hop, "failed the step", error) from error
-
-    async def _probe(self) -> set[str]:
-        """The hops that do not answer Info within a second."""
-
-        async def alive(hop: Hop) -> bool:
-            try:
-                stub = self.channels.stub(hop.endpoint, hop.institution, hop.node_id)
-                await stub.Info(pb.InfoRequest(), timeout=PROBE_TIMEOUT_S)
-                return True
-            except grpc.aio.AioRpcError:
-                return False
-
-        answers = await asyncio.gather(*(alive(h) for h in self.hops))
-        return {hop.node_id for hop, ok in zip(self.hops, answers, strict=True) if not ok}
 
     async def _abandon(self, failure: _HopsFailed) -> None:
         for node_id in failure.node_ids:

@@ -7,7 +7,8 @@ import pytest
 
 from coop.errors import ReceiptPending, ReceiptRejected
 from coop.ledger.models import Observation
-from coop.ledger.store import BookedBatch, Booking, Ledger
+from coop.ledger.queries import BookedBatch
+from coop.ledger.store import Booking, Ledger
 from coop.ledger.verify import PoolTrust, verify_ledger
 from coop.receipts import SignedReceipt
 from tests.ledger.conftest import COORDINATOR, Receipts, span_flops_per_token
