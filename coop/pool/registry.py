@@ -35,6 +35,7 @@ from coop.errors import InvalidInput, Unauthorized
 from coop.pool.api_keys import API_KEY_PREFIX, ApiKeyRecord, ApiKeyStore, api_key_digest, api_keys_json
 from coop.pool.bundle import MemberBundle, PoolLimits
 from coop.pool.ca import (
+    DEFAULT_MAX_NODES,
     ROLE_COORDINATOR,
     ROLE_MEMBER,
     ca_certificate,
@@ -198,11 +199,14 @@ def _member_paths(pool_dir: Path, institution: str, role: str = ROLE_MEMBER) -> 
     return folder / f"{institution}.json", folder / f"{institution}.bundle"
 
 
-def add_member(pool_dir: Path | str, institution: str, *, role: str = ROLE_MEMBER) -> Path:
+def add_member(
+    pool_dir: Path | str, institution: str, *, role: str = ROLE_MEMBER, max_nodes: int = DEFAULT_MAX_NODES
+) -> Path:
     """Admit institution: issue it a CA-signed key + certificate and write its bundle; returns the bundle path.
 
     role "member" (the default) makes the institution's certificate, from which its nodes make their
-    own; role "coordinator" makes a pool coordinator's certificate (coordinators/<name>.bundle), the
+    own, and which caps them at max_nodes per model (readers ignore the member's nodes beyond it);
+    role "coordinator" makes a pool coordinator's certificate (coordinators/<name>.bundle), the
     only kind that may open sessions on nodes and countersign receipts. The bundle holds a private
     key: hand it over out of band and delete the admin's copy if policy demands. Refuses a name
     already used for that role, even by a revoked member.
@@ -219,8 +223,10 @@ def add_member(pool_dir: Path | str, institution: str, *, role: str = ROLE_MEMBE
             raise InvalidInput(f"{role} {institution!r} already exists in pool {pool.name!r}; pick another name")
         record_path.parent.mkdir(mode=0o700, exist_ok=True)
         ca_key, ca_cert = load_ca(pool)
-        issue = member_certificate if role == ROLE_MEMBER else coordinator_certificate
-        key, cert = issue(ca_key, ca_cert, pool.pool_id, institution)
+        if role == ROLE_MEMBER:
+            key, cert = member_certificate(ca_key, ca_cert, pool.pool_id, institution, max_nodes)
+        else:
+            key, cert = coordinator_certificate(ca_key, ca_cert, pool.pool_id, institution)
         cert_pem = cert.public_bytes(serialization.Encoding.PEM)
         bundle = MemberBundle(
             pool_id=pool.pool_id,

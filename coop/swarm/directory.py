@@ -37,6 +37,7 @@ from hivemind.utils.multiaddr import Multiaddr
 
 from coop.errors import InvalidInput, PeerError
 from coop.pool.bundle import Credentials
+from coop.swarm.allowance import within_allowance
 from coop.swarm.announcement import NodeAnnouncement, is_withdrawal, stamp_announcement, stamp_withdrawal
 from coop.swarm.periodic import Periodic
 
@@ -271,7 +272,8 @@ class SwarmDirectory:
 
         Records that are tombstones, malformed, expired, filed under the wrong key or subkey, or
         rejected by validator (e.g. a signature check) are dropped with a debug log, because one bad
-        peer must not make the whole model unroutable.
+        peer must not make the whole model unroutable; so are a member's nodes beyond the allowance
+        its certificate carries (`coop.swarm.allowance`).
         """
         key = directory_key(pool_id, model_hash)
         found = self._get(key)
@@ -297,7 +299,7 @@ class SwarmDirectory:
                     continue
             nodes.append(ann)
         nodes.sort(key=lambda ann: (ann.start, ann.end, ann.node_id, ann.institution))
-        return nodes
+        return within_allowance(nodes)
 
     @staticmethod
     def _parse(key: str, subkey: object, value: object, expiration: float, now: float) -> NodeAnnouncement | None:
