@@ -276,7 +276,7 @@ def list_members(pool_dir: Path | str) -> list[MemberInfo]:
 
 def revoke_member(pool_dir: Path | str, institution: str) -> RevocationList:
     """Revoke institution's certificates (member and coordinator) and all its API keys; re-signs
-    revocations.json. Idempotent.
+    revocations.json. Idempotent: a member revoked before keeps the time it was revoked at.
 
     Distribute the new revocations.json to coordinators and nodes: TLS alone does not consult it.
     """
@@ -289,15 +289,24 @@ def revoke_member(pool_dir: Path | str, institution: str) -> RevocationList:
             raise InvalidInput(f"no member {institution!r} in pool {pool.name!r}; see `coop member list`")
         ca_key, _ = load_ca(pool)
         current = read_revocations(pool)
+        now = time.time()
+        revoked = sorted({*current.revoked, institution})
         updated = RevocationList(
             pool_id=pool.pool_id,
-            revoked=tuple(sorted({*current.revoked, institution})),
+            revoked=tuple(revoked),
             serials=tuple(sorted({*current.serials, *serials})),
-            issued_at=time.time(),
+            issued_at=now,
+            revoked_at=tuple((name, _revoked_time(current, name, now)) for name in revoked),
         ).signed(ca_key)
         replace_file(pool.directory / REVOCATIONS_FILE, updated.to_bytes(), 0o644)
         _revoke_keys_locked(pool.directory, institution)
     return updated
+
+
+def _revoked_time(current: RevocationList, institution: str, now: float) -> float:
+    """When institution was revoked: as current says, or now if this revokes it."""
+    since = current.revoked_since(institution)
+    return now if since is None else since
 
 
 # ----------------------------------------------------------------------------------------- member bundle
