@@ -178,6 +178,13 @@ class CoordinatorSettings(BaseSettings):
     # seconds after which it may make one more; beyond that, 429 with Retry-After
     admin_sign_in_burst: int = Field(default=10, gt=0)
     admin_sign_in_refill_s: float = Field(default=60.0, gt=0)
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description=(
+            "IP addresses or networks (CIDR) of reverse proxies in front of the API whose X-Forwarded-For "
+            "names the client; empty = the socket peer is the client, and X-Forwarded-For is ignored"
+        ),
+    )
     # /docs, /redoc and /openapi.json for anyone; None = only in development mode (no member bundle).
     # Signed-in admins always get the schema at /admin/api/openapi.json.
     public_api_docs: bool | None = None

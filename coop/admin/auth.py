@@ -5,19 +5,21 @@ in this process, so signing out ends one at once and a coordinator restart ends 
 sign-in form is protected too, by a double-submit token: a cookie and a hidden field that must
 match. The JSON API also takes ``Authorization: Bearer <admin token>`` for scripts; a bearer token
 cannot be sent by another site's page, so such calls need no CSRF token. Wrong tokens, by form or
-by bearer, are throttled per client address (`SignInThrottle`).
+by bearer, are throttled per client address (`SignInThrottle`): the socket peer's, or the one a
+trusted proxy forwarded for (`client_address`), never one a client names in a header itself.
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
 import math
 import secrets
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from coop.config import CoordinatorSettings
-from coop.errors import CoopError, CsrfRejected, SignInRequired, SignInThrottled
+from coop.errors import CoopError, CsrfRejected, InvalidInput, SignInRequired, SignInThrottled
 from coop.pool.registry import PoolInfo
 
 log = logging.getLogger(__name__)
@@ -112,9 +114,11 @@ class SignInThrottle:
         refill_s: float = CoordinatorSettings.model_fields["admin_sign_in_refill_s"].default,
         *,
         max_clients: int = 4096,
+        trusted_proxies: Sequence[str] = (),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.burst = burst
+        self.trusted_proxies = proxy_networks(trusted_proxies)
         self.refill_s = refill_s
         self.max_clients = max_clients
         self._clock = clock
@@ -161,8 +165,50 @@ class SignInThrottle:
             self._buckets.popitem(last=False)
 
 
-def client_address(request: Request) -> str:
-    return request.client.host if request.client else "unknown"
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def proxy_networks(proxies: Sequence[str]) -> tuple[Network, ...]:
+    """The trusted proxies setting as networks; InvalidInput naming the entry that is none."""
+    networks = []
+    for proxy in proxies:
+        try:
+            networks.append(ipaddress.ip_network(proxy.strip(), strict=False))
+        except ValueError as exc:
+            raise InvalidInput(f"trusted proxy {proxy!r} is not an IP address or network (CIDR)") from exc
+    return tuple(networks)
+
+
+def _within(address: str, networks: Sequence[Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address.strip())
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
+
+
+def client_address(request: Request, trusted_proxies: Sequence[Network] = ()) -> str:
+    """Whom a request counts against: its socket peer, never a header the client wrote itself.
+
+    Only when the peer is a trusted proxy is X-Forwarded-For read, from the right: the first address
+    that is not a trusted proxy is the client (addresses further left were written by the client).
+    """
+    peer = request.client.host if request.client else "unknown"
+    if not _within(peer, trusted_proxies):
+        return peer
+    hops = [hop.strip() for hop in ",".join(request.headers.getlist("x-forwarded-for")).split(",") if hop.strip()]
+    for hop in reversed(hops):
+        if not _within(hop, trusted_proxies):
+            return hop if _is_ip(hop) else peer
+    return peer
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 class AdminAuth:
@@ -173,6 +219,10 @@ class AdminAuth:
         self.sessions = SessionStore(ttl_s)
         self.secure_cookies = secure_cookies
         self.throttle = throttle or SignInThrottle()
+
+    def client(self, request: Request) -> str:
+        """The address request's sign-in attempts count against (see `client_address`)."""
+        return client_address(request, self.throttle.trusted_proxies)
 
     def sign_in(self, client: str, token: str) -> bool:
         """Whether token is the pool's admin token; SignInThrottled while client has guessed wrong too often."""
@@ -202,7 +252,7 @@ class AdminAuth:
         """(who, session) for a JSON API call: a session cookie, or the admin token as a bearer token."""
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() == "bearer" and token.strip():
-            if self.sign_in(client_address(request), token.strip()):
+            if self.sign_in(self.client(request), token.strip()):
                 return "admin (api)", None
             raise SignInRequired("the bearer token is not this pool's admin token")
         session = self.session(request)

@@ -22,7 +22,6 @@ from coop.admin.auth import (
     SESSION_COOKIE,
     AdminAuth,
     AdminSession,
-    client_address,
     tokens_match,
 )
 from coop.admin.context import AdminContext
@@ -120,7 +119,7 @@ def _add_sign_in_routes(router: APIRouter, ctx: AdminContext, auth: AdminAuth) -
         if not tokens_match(request.cookies.get(LOGIN_COOKIE, ""), form.get(CSRF_FIELD)):
             raise CsrfRejected("the sign-in form expired or did not come from this site: reload it and try again")
         next_path = _next_path(form.get("next"))
-        client = client_address(request)
+        client = auth.client(request)
         try:
             if not await run_in_threadpool(auth.sign_in, client, form.get("token", "").strip()):
                 return login_form(request, next_path, error="That is not this pool's admin token.")
@@ -139,7 +138,7 @@ def _add_sign_in_routes(router: APIRouter, ctx: AdminContext, auth: AdminAuth) -
     async def logout(request: Request, session: Session) -> Response:
         await _checked_form(auth, request, session)
         auth.sessions.close(session.session_id)
-        await run_in_threadpool(actions.signed_out, ctx, session.identity, client_address(request))
+        await run_in_threadpool(actions.signed_out, ctx, session.identity, auth.client(request))
         response = RedirectResponse("/admin/login", status_code=303)
         auth.clear_cookie(response, SESSION_COOKIE)
         return response

@@ -167,13 +167,28 @@ def export(
 
 
 @ledger_app.command("verify")
-def verify(pool: PoolOption, ledger_url: UrlOption = None) -> None:
-    """Recompute every balance from postings; check every signature and that postings sum to zero."""
+def verify(
+    pool: PoolOption,
+    ledger_url: UrlOption = None,
+    models: Annotated[
+        list[Path] | None,
+        typer.Option("--model", help="a prepared model's directory: its receipts' FLOPs are recomputed (repeatable)"),
+    ] = None,
+) -> None:
+    """Recompute every balance from postings; check every signature, every receipt's FLOPs against its
+    model's manifest, and that postings sum to zero."""
     from coop.ledger.verify import PoolTrust, verify_ledger
+    from coop.model.manifest import Manifest
 
-    trust = PoolTrust.load(pool)
+    manifests = [Manifest.load(model_dir) for model_dir in models or ()]
+    trust = PoolTrust.load(pool, {manifest.content_hash: manifest for manifest in manifests})
     ledger = _open(pool, ledger_url)
     report = verify_ledger(ledger, trust)
+    for model_hash, count in sorted(report.unchecked_models.items()):
+        err_console.print(
+            f"[yellow]unchecked:[/] the FLOPs of {count} receipts of model {plain(model_hash)}; "
+            "pass its directory with --model to recompute them"
+        )
     summary = (
         f"{report.receipts} receipts, {report.grants} grants, {report.floors} credit floors, {report.postings} postings"
     )

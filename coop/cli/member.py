@@ -28,17 +28,22 @@ def member_add(
     coordinator: Annotated[
         bool, typer.Option("--coordinator", help="issue a pool coordinator's bundle instead of a member's")
     ] = False,
+    max_nodes: Annotated[
+        int | None,
+        typer.Option("--max-nodes", help="how many nodes per model the member may announce [default: 8]"),
+    ] = None,
 ) -> None:
     """Admit an institution: issue it a certificate signed by the pool CA, in a bundle file.
 
-    A member's bundle runs nodes (each node makes its own certificate from it); a coordinator's bundle
-    (--coordinator) runs a pool coordinator, the only kind that opens sessions and books receipts.
+    A member's bundle runs nodes (each node makes its own certificate from it, up to --max-nodes per
+    model); a coordinator's bundle (--coordinator) runs a pool coordinator, the only kind that opens
+    sessions and books receipts.
     """
-    from coop.pool.ca import ROLE_COORDINATOR, ROLE_MEMBER
+    from coop.pool.ca import DEFAULT_MAX_NODES, ROLE_COORDINATOR, ROLE_MEMBER
     from coop.pool.registry import add_member
 
     role = ROLE_COORDINATOR if coordinator else ROLE_MEMBER
-    bundle = add_member(pool, institution, role=role)
+    bundle = add_member(pool, institution, role=role, max_nodes=DEFAULT_MAX_NODES if max_nodes is None else max_nodes)
     console.print(f"admitted {quoted(institution)} as a {role}; its bundle is {plain(bundle)}")
     console.print(
         "The bundle holds the member's private key: send it to the member over a secure channel, never by plain e-mail."

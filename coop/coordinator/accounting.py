@@ -20,7 +20,7 @@ from coop.config import CoordinatorSettings
 from coop.coordinator.admission import FairShareAdmission, RequestAdmission
 from coop.coordinator.metering import Metering
 from coop.coordinator.receipts import ReceiptCollector
-from coop.ledger.booking import ReceiptChecker, revoked_since
+from coop.ledger.booking import ReceiptChecker
 from coop.ledger.database import ledger_location, safe_url
 from coop.ledger.fairshare import FairShare
 from coop.ledger.store import Ledger
@@ -93,7 +93,7 @@ class Accounting:
             signer=bundle,
             observation=ledger.observation,
             booked_for=ledger.booked_for,
-            revoked_since=lambda name: revoked_since(revocations.names, revocations.issued_at, name),
+            revoked_since=revocations.revoked_since,
             live=metering.live,
             other_models={m.content_hash: m.span_flops_per_token for m in manifests[1:]},
         )

@@ -229,12 +229,20 @@ async def run_coordinator(settings: CoordinatorSettings) -> None:
                 lambda: metering.tokens_served,
                 {backend.model_name: backend.swarm for backend in backends},
                 rejections=app.state.rejections.snapshot,
-                sign_in=SignInThrottle(settings.admin_sign_in_burst, settings.admin_sign_in_refill_s),
+                sign_in=SignInThrottle(
+                    settings.admin_sign_in_burst,
+                    settings.admin_sign_in_refill_s,
+                    trusted_proxies=settings.trusted_proxies,
+                ),
                 receipt_collection=accounting.collector.stats,
             )
             mount_admin(app, admin)
         # log_config=None: uvicorn's records go through the process's handler (--log-format)
-        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", log_config=None)
+        # proxy_headers=False: uvicorn would take X-Forwarded-For from local peers as the client; the admin
+        # sign-in throttle reads it itself, from trusted proxies only (settings.trusted_proxies)
+        config = uvicorn.Config(
+            app, host=settings.host, port=settings.port, log_level="warning", log_config=None, proxy_headers=False
+        )
         server = uvicorn.Server(config)
         serving = asyncio.create_task(server.serve())
         while not server.started and not serving.done():

@@ -25,7 +25,7 @@ consumer's.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from coop.errors import InvalidInput, ReceiptPending, ReceiptRejected, Unauthorized
@@ -47,15 +47,6 @@ def never_revoked(_institution: str) -> float | None:
 
 def never_live(_session_id: str) -> bool:
     return False
-
-
-def revoked_since(revoked: Collection[str], issued_at: float, institution: str) -> float | None:
-    """When institution was revoked, as a revocation list tells it (unix seconds), or None if it is not.
-
-    Lists carry one time, when they were signed, not one per entry: that is the time taken. It is
-    never earlier than the revocation itself, so no work before a revocation goes unpaid.
-    """
-    return issued_at if institution in revoked else None
 
 
 @dataclass

@@ -1,25 +1,28 @@
 """`coop ledger verify`: recheck the whole ledger from its raw material and the pool directory.
 
 Nothing in the database is trusted; what vouches for it comes from the pool directory (`PoolTrust`):
-the pool CA certificate and the API keys. Balances are recomputed from postings; every booking's
-legs must sum to zero and credit and debit exactly who and what its receipt or grant says. Every
-receipt must carry a valid node signature by a certificate of this pool naming the provider, valid
-when the work ended; and a valid countersignature, by a coordinator of the pool, of what it paid,
-charged to the institution that owns the API key that admitted the session. Every grant and credit
-floor must be signed by the pool admin (the CA key).
+the pool CA certificate and the API keys, and from the models' manifests the admin names: every
+receipt of a named model must claim exactly its tokens x the manifest's FLOPs per token of its
+blocks (receipts of models not named are counted as unchecked, and the CLI says so).
+
+Balances are recomputed from postings; every booking's legs must sum to zero and credit and debit
+exactly who and what its receipt or grant says. Every receipt must carry a valid node signature by
+a certificate of this pool naming the provider, valid when the work ended; and a valid
+countersignature, by a coordinator of the pool, of what it paid, charged to the institution that
+owns the API key that admitted the session. Every grant and credit floor must be signed by the pool
+admin (the CA key).
 
 Revocations are the coordinators' to apply when they book (`coop.ledger.booking`), not verify's: a
-coordinator that had not heard of a revocation yet booked in good faith, and a list tells only
-when it was signed, not when each member was revoked.
+coordinator that had not heard of a revocation yet booked in good faith.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from sqlalchemy import select
 from sqlmodel import Session, col
@@ -39,20 +42,32 @@ T = TypeVar("T")
 MAX_PROBLEMS = 100
 
 
+class ModelSpans(Protocol):
+    """What verify needs of a model's manifest (`coop.model.manifest.Manifest` is one)."""
+
+    @property
+    def num_blocks(self) -> int: ...
+
+    def span_flops_per_token(self, start: int, end: int) -> int: ...
+
+
 @dataclass(frozen=True)
 class PoolTrust:
-    """What verification believes, all from the pool directory: the CA and the API keys."""
+    """What verification believes: the CA and the API keys from the pool directory, and the manifests
+    of the models the admin named, by content hash."""
 
     pool_id: str
     ca_cert_pem: bytes
     api_keys: ApiKeyStore
+    models: Mapping[str, ModelSpans] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, pool_dir: Path | str) -> PoolTrust:
+    def load(cls, pool_dir: Path | str, models: Mapping[str, ModelSpans] | None = None) -> PoolTrust:
         from coop.pool.registry import API_KEYS_FILE, PoolInfo
 
         info = PoolInfo.load(pool_dir)
-        return cls(info.pool_id, info.ca_cert_pem(), ApiKeyStore.load(info.directory / API_KEYS_FILE))
+        keys = ApiKeyStore.load(info.directory / API_KEYS_FILE)
+        return cls(info.pool_id, info.ca_cert_pem(), keys, dict(models or {}))
 
 
 @dataclass
@@ -63,6 +78,7 @@ class VerifyReport:
     postings: int = 0
     balances_flops: dict[str, int] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    unchecked_models: dict[str, int] = field(default_factory=dict)  # receipts per model with no manifest given
 
     @property
     def ok(self) -> bool:
@@ -190,6 +206,7 @@ def _check_receipt(
     if body.pool_id != trust.pool_id:
         report.problem(f"{what}: for pool {body.pool_id!r}")
     _check_paid(report, what, body, payment)
+    _check_flops(report, what, body, trust.models)
     _check_consumer(report, what, body, payment, trust.api_keys)
 
 
@@ -200,6 +217,23 @@ def _check_paid(report: VerifyReport, what: str, body: ReceiptBody, paid: Paymen
         report.problem(f"{what}: pays {paid.prefill_tokens}+{paid.decode_tokens} tokens, not within what was claimed")
     elif paid.flops > body.flops or (paid.prefill_tokens + paid.decode_tokens) * body.flops != paid.flops * body.tokens:
         report.problem(f"{what}: pays {paid.flops} FLOPs, not its tokens at the receipt's FLOPs per token")
+
+
+def _check_flops(report: VerifyReport, what: str, body: ReceiptBody, models: Mapping[str, ModelSpans]) -> None:
+    """The claim is its tokens at the manifest's FLOPs per token of its blocks, never the node's own figure."""
+    model = models.get(body.model_hash)
+    if model is None:
+        report.unchecked_models[body.model_hash] = report.unchecked_models.get(body.model_hash, 0) + 1
+        return
+    if not 0 <= body.start_block < body.end_block <= model.num_blocks:
+        report.problem(f"{what}: blocks {body.start_block}:{body.end_block} are not blocks of model {body.model_hash}")
+        return
+    expected = body.tokens * model.span_flops_per_token(body.start_block, body.end_block)
+    if body.flops != expected:
+        report.problem(
+            f"{what}: claims {body.flops} FLOPs for {body.tokens} tokens of blocks {body.start_block}:"
+            f"{body.end_block}; the manifest of model {body.model_hash} makes it {expected}"
+        )
 
 
 def _check_consumer(report: VerifyReport, what: str, body: ReceiptBody, paid: Payment, api_keys: ApiKeyStore) -> None:

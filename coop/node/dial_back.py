@@ -6,10 +6,15 @@ for a node certificate of this pool (TLS and the revocation list have vetted it)
 institution (a token bucket: `burst`, then one more every `refill_s`), at most `max_concurrent` at
 once, under a short timeout, and it counts as reachable only if the far end proves in TLS to be the
 named node of the caller's own institution and answers `Info` as that node.
+
+The answer is reachable or not, and nothing more: never gRPC's error text, which tells a closed port
+from an open one and a TLS service from a plain one, and would let a member map a network through
+this node. Why a dial failed is logged here, for this node's operator.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +29,11 @@ from coop.wire.channels import ChannelSecurity
 from coop.wire.generated import coop_pb2 as pb
 from coop.wire.generated import coop_pb2_grpc
 
+log = logging.getLogger(__name__)
+
 DIAL_TIMEOUT_S = 5.0
+UNREACHABLE = "the node did not answer as itself at that endpoint"
+"""The one answer for every failed dial (closed port, open port, another TLS service, another node)."""
 _MAX_NODE_ID_CHARS = 128
 
 
@@ -90,13 +99,17 @@ class DialBacks:
         self._take(caller.institution)
         self._active += 1
         try:
-            error = await self._reach(credentials, endpoint, caller.institution, request.node_id)
+            why_not = await self._reach(credentials, endpoint, caller.institution, request.node_id)
         finally:
             self._active -= 1
-        return pb.DialBackReply(reachable=not error, error=error, peer_time_unix_s=time.time())
+        if why_not:
+            log.info("dial-back to %s for %s failed: %s", endpoint, caller.describe(), why_not)
+        return pb.DialBackReply(
+            reachable=not why_not, error=UNREACHABLE if why_not else "", peer_time_unix_s=time.time()
+        )
 
     async def _reach(self, credentials: grpc.ChannelCredentials, endpoint: str, institution: str, node_id: str) -> str:
-        """'' if the node answers as itself at endpoint, else why not."""
+        """'' if the node answers as itself at endpoint, else why not (for this node's log only)."""
         options = self._security.options(self._security.target_name(institution, node_id))
         async with grpc.aio.secure_channel(endpoint, credentials, options=options) as channel:
             try:

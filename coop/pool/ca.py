@@ -9,6 +9,10 @@ levels, each naming its pool, role and institution (and node) in a SAN URI
         node certificate (leaf)               made by each node at start, for its node id
       coordinator certificate (leaf)          one per pool coordinator, issued by the pool CA
 
+A member certificate also carries the pool's allowance for that member: how many nodes it may
+announce per model (`MAX_NODES_OID`, read with `max_nodes_of`). Node ids are the member's to mint;
+the allowance is the pool's decision, signed by the pool CA with the rest of the certificate.
+
 Checking a chain and naming a TLS peer is `coop.pool.identity`'s job.
 """
 
@@ -24,7 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from coop.errors import Unauthorized
+from coop.errors import InvalidInput, Unauthorized
 
 ROLE_MEMBER = "member"  # an institution: a CA for its own nodes
 ROLE_NODE = "node"
@@ -36,6 +40,12 @@ CA_VALIDITY = dt.timedelta(days=3650)
 CLOCK_SKEW = dt.timedelta(minutes=5)
 """Certificates start this long before 'now' so a member whose clock lags a little can use them at once."""
 SIGNATURE_HASH = hashes.SHA256()
+
+MAX_NODES_OID = x509.ObjectIdentifier("1.3.6.1.4.1.59999.1.1")
+"""Extension of a member certificate: the most nodes the member may announce per model (a DER INTEGER)."""
+DEFAULT_MAX_NODES = 8
+"""A member's allowance when the admin names none, and for member certificates issued without one."""
+MAX_MAX_NODES = 4096
 
 
 def utc_now() -> dt.datetime:
@@ -155,15 +165,38 @@ def institution_name(institution: str) -> x509.Name:
     )
 
 
+def _der_integer(value: int) -> bytes:
+    body = value.to_bytes(value.bit_length() // 8 + 1, "big", signed=True)
+    return bytes([0x02, len(body)]) + body
+
+
+def max_nodes_of(member_cert: x509.Certificate) -> int:
+    """How many nodes per model the pool allows the member of this certificate (which must be checked already)."""
+    try:
+        extension = member_cert.extensions.get_extension_for_oid(MAX_NODES_OID).value
+    except x509.ExtensionNotFound:
+        return DEFAULT_MAX_NODES
+    der = extension.value if isinstance(extension, x509.UnrecognizedExtension) else b""
+    if len(der) < 3 or der[0] != 0x02 or der[1] != len(der) - 2 or der[1] > 4:
+        raise Unauthorized("member certificate carries a malformed node allowance")
+    return min(max(int.from_bytes(der[2:], "big", signed=True), 0), MAX_MAX_NODES)
+
+
 def member_certificate(
-    ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, pool_id: str, institution: str
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    pool_id: str,
+    institution: str,
+    max_nodes: int = DEFAULT_MAX_NODES,
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """An institution's certificate: a CA for its own nodes only.
+    """An institution's certificate: a CA for its own nodes only, allowed max_nodes nodes per model.
 
     It may issue leaf certificates (path length 0) whose DNS names lie in the institution's own
     subtree (a critical name constraint TLS libraries enforce), so a member can mint certificates
     for its nodes but never one that answers for another member's node.
     """
+    if not 1 <= max_nodes <= MAX_MAX_NODES:
+        raise InvalidInput(f"a member's node allowance must be 1..{MAX_MAX_NODES}, got {max_nodes}")
     key = new_key()
     now = utc_now()
     cert = (
@@ -182,6 +215,7 @@ def member_certificate(
             x509.SubjectAlternativeName([x509.UniformResourceIdentifier(member_uri(pool_id, institution))]), False
         )
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ec_public_key(ca_cert)), critical=False)
+        .add_extension(x509.UnrecognizedExtension(MAX_NODES_OID, _der_integer(max_nodes)), critical=False)
         .sign(ca_key, SIGNATURE_HASH)
     )
     return key, cert

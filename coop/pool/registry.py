@@ -35,6 +35,7 @@ from coop.errors import InvalidInput, Unauthorized
 from coop.pool.api_keys import API_KEY_PREFIX, ApiKeyRecord, ApiKeyStore, api_key_digest, api_keys_json
 from coop.pool.bundle import MemberBundle, PoolLimits
 from coop.pool.ca import (
+    DEFAULT_MAX_NODES,
     ROLE_COORDINATOR,
     ROLE_MEMBER,
     ca_certificate,
@@ -198,11 +199,14 @@ def _member_paths(pool_dir: Path, institution: str, role: str = ROLE_MEMBER) -> 
     return folder / f"{institution}.json", folder / f"{institution}.bundle"
 
 
-def add_member(pool_dir: Path | str, institution: str, *, role: str = ROLE_MEMBER) -> Path:
+def add_member(
+    pool_dir: Path | str, institution: str, *, role: str = ROLE_MEMBER, max_nodes: int = DEFAULT_MAX_NODES
+) -> Path:
     """Admit institution: issue it a CA-signed key + certificate and write its bundle; returns the bundle path.
 
     role "member" (the default) makes the institution's certificate, from which its nodes make their
-    own; role "coordinator" makes a pool coordinator's certificate (coordinators/<name>.bundle), the
+    own, and which caps them at max_nodes per model (readers ignore the member's nodes beyond it);
+    role "coordinator" makes a pool coordinator's certificate (coordinators/<name>.bundle), the
     only kind that may open sessions on nodes and countersign receipts. The bundle holds a private
     key: hand it over out of band and delete the admin's copy if policy demands. Refuses a name
     already used for that role, even by a revoked member.
@@ -219,8 +223,10 @@ def add_member(pool_dir: Path | str, institution: str, *, role: str = ROLE_MEMBE
             raise InvalidInput(f"{role} {institution!r} already exists in pool {pool.name!r}; pick another name")
         record_path.parent.mkdir(mode=0o700, exist_ok=True)
         ca_key, ca_cert = load_ca(pool)
-        issue = member_certificate if role == ROLE_MEMBER else coordinator_certificate
-        key, cert = issue(ca_key, ca_cert, pool.pool_id, institution)
+        if role == ROLE_MEMBER:
+            key, cert = member_certificate(ca_key, ca_cert, pool.pool_id, institution, max_nodes)
+        else:
+            key, cert = coordinator_certificate(ca_key, ca_cert, pool.pool_id, institution)
         cert_pem = cert.public_bytes(serialization.Encoding.PEM)
         bundle = MemberBundle(
             pool_id=pool.pool_id,
@@ -270,7 +276,7 @@ def list_members(pool_dir: Path | str) -> list[MemberInfo]:
 
 def revoke_member(pool_dir: Path | str, institution: str) -> RevocationList:
     """Revoke institution's certificates (member and coordinator) and all its API keys; re-signs
-    revocations.json. Idempotent.
+    revocations.json. Idempotent: a member revoked before keeps the time it was revoked at.
 
     Distribute the new revocations.json to coordinators and nodes: TLS alone does not consult it.
     """
@@ -283,15 +289,24 @@ def revoke_member(pool_dir: Path | str, institution: str) -> RevocationList:
             raise InvalidInput(f"no member {institution!r} in pool {pool.name!r}; see `coop member list`")
         ca_key, _ = load_ca(pool)
         current = read_revocations(pool)
+        now = time.time()
+        revoked = sorted({*current.revoked, institution})
         updated = RevocationList(
             pool_id=pool.pool_id,
-            revoked=tuple(sorted({*current.revoked, institution})),
+            revoked=tuple(revoked),
             serials=tuple(sorted({*current.serials, *serials})),
-            issued_at=time.time(),
+            issued_at=now,
+            revoked_at=tuple((name, _revoked_time(current, name, now)) for name in revoked),
         ).signed(ca_key)
         replace_file(pool.directory / REVOCATIONS_FILE, updated.to_bytes(), 0o644)
         _revoke_keys_locked(pool.directory, institution)
     return updated
+
+
+def _revoked_time(current: RevocationList, institution: str, now: float) -> float:
+    """When institution was revoked: as current says, or now if this revokes it."""
+    since = current.revoked_since(institution)
+    return now if since is None else since
 
 
 # ----------------------------------------------------------------------------------------- member bundle

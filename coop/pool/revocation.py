@@ -15,7 +15,7 @@ import json
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,21 +32,40 @@ _REVOCATIONS_DOMAIN = b"coop-revocations-v1\n"  # domain separation: never valid
 
 @dataclass(frozen=True)
 class RevocationList:
-    """The CA-signed list of revoked institutions (and their certificate serials, in hex) of one pool."""
+    """The CA-signed list of revoked institutions (and their certificate serials, in hex) of one pool.
+
+    Each revoked institution carries the time it was revoked (`revoked_at`), signed with the list:
+    the cutoff after which its work is not paid. A later revocation re-signs the list with a later
+    issued_at but leaves earlier entries' times alone.
+    """
 
     pool_id: str
     revoked: tuple[str, ...] = ()
     serials: tuple[str, ...] = ()
     issued_at: float = 0.0
     signature: bytes = field(default=b"", repr=False)
+    revoked_at: tuple[tuple[str, float], ...] = ()  # (institution, unix seconds), one per entry of revoked
+
+    def revoked_since(self, institution: str) -> float | None:
+        """When institution was revoked (unix seconds), or None if it is not.
+
+        A list signed before entries carried their time gives its own issued_at: never earlier than
+        the revocation itself, so no work before a revocation goes unpaid.
+        """
+        if institution not in self.revoked:
+            return None
+        return dict(self.revoked_at).get(institution, self.issued_at)
 
     def _unsigned(self) -> dict[str, object]:
-        return {
+        doc: dict[str, object] = {
             "pool_id": self.pool_id,
             "revoked": list(self.revoked),
             "serials": list(self.serials),
             "issued_at": self.issued_at,
         }
+        if self.revoked_at:  # absent from lists signed before entries carried their time: their signatures hold
+            doc["revoked_at"] = dict(self.revoked_at)
+        return doc
 
     def payload(self) -> bytes:
         """The canonical bytes the CA signs: everything but the signature."""
@@ -54,8 +73,7 @@ class RevocationList:
         return _REVOCATIONS_DOMAIN + body.encode()
 
     def signed(self, ca_key: ec.EllipticCurvePrivateKey) -> RevocationList:
-        signature = ca_key.sign(self.payload(), ec.ECDSA(SIGNATURE_HASH))
-        return RevocationList(self.pool_id, self.revoked, self.serials, self.issued_at, signature)
+        return replace(self, signature=ca_key.sign(self.payload(), ec.ECDSA(SIGNATURE_HASH)))
 
     def to_dict(self) -> dict[str, object]:
         """The JSON document of revocations.json (also embedded in member bundles)."""
@@ -79,15 +97,16 @@ class RevocationList:
             revoked, serials = doc["revoked"], doc["serials"]
             if not all(isinstance(x, str) for x in [*revoked, *serials]):
                 raise TypeError("revoked and serials must be lists of strings")
-            issued_at = doc["issued_at"]
-            if isinstance(issued_at, bool) or not isinstance(issued_at, int | float) or not math.isfinite(issued_at):
-                raise TypeError("issued_at must be a finite number")
+            revoked_at = doc.get("revoked_at", {})
+            if not isinstance(revoked_at, Mapping) or not set(revoked_at) <= set(revoked):
+                raise TypeError("revoked_at must map revoked institutions to times")
             return cls(
                 pool_id=str(doc["pool_id"]),
                 revoked=tuple(revoked),
                 serials=tuple(serials),
-                issued_at=float(issued_at),
+                issued_at=_time(doc["issued_at"], "issued_at"),
                 signature=base64.b64decode(doc["signature"], validate=True),
+                revoked_at=tuple((name, _time(when, "revoked_at")) for name, when in revoked_at.items()),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise InvalidInput(f"malformed revocation list: {exc}") from exc
@@ -109,6 +128,12 @@ class RevocationList:
         revocations = cls.from_bytes(read_file(Path(path), "revocation list"))
         revocations.verify(ca_cert_pem)
         return revocations
+
+
+def _time(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise TypeError(f"{what} must be a finite number")
+    return float(value)
 
 
 def saved_revocations_path(bundle_path: Path) -> Path:
@@ -156,6 +181,10 @@ class Revocations:
 
     def __call__(self) -> frozenset[str]:
         return self.names
+
+    def revoked_since(self, institution: str) -> float | None:
+        """When institution was revoked, as the current list tells it; None if it is not (or no list yet)."""
+        return None if self.current is None else self.current.revoked_since(institution)
 
     def offer(self, candidate: RevocationList) -> bool:
         """Accept candidate if it is this pool's, signed by its CA and newer; Unauthorized if not signed."""

@@ -1,7 +1,9 @@
 """The swarm directory: which node serves which blocks of which model, kept in a hivemind DHT.
 
 Every node of a pool announces itself under one DHT key per (pool_id, model_hash) — see
-:func:`directory_key` — with its node_id as the subkey. One ``get`` therefore returns every node of a
+:func:`directory_key` — with (institution, node_id) as the subkey (:func:`node_subkey`): node ids
+are unique only within an institution, so another member's node of the same name has a subkey of
+its own and can neither replace nor withdraw this one. One ``get`` therefore returns every node of a
 model, and each node's record carries its own expiration: a node that stops refreshing drops out of
 the directory when its TTL passes, without anyone having to notice that it died.
 
@@ -35,6 +37,7 @@ from hivemind.utils.multiaddr import Multiaddr
 
 from coop.errors import InvalidInput, PeerError
 from coop.pool.bundle import Credentials
+from coop.swarm.allowance import within_allowance
 from coop.swarm.announcement import NodeAnnouncement, is_withdrawal, stamp_announcement, stamp_withdrawal
 from coop.swarm.periodic import Periodic
 
@@ -60,6 +63,15 @@ def directory_key(pool_id: str, model_hash: str) -> str:
     into them and distinct pairs always give distinct keys.
     """
     return f"coop/v1/pools/{pool_id}/models/{model_hash}/nodes"
+
+
+def node_subkey(institution: str, node_id: str) -> str:
+    """The subkey of one node's records: its identity (institution, node_id), never its node id alone.
+
+    node_id is restricted to ``[A-Za-z0-9._:-]``, so everything before the last ``/`` is the
+    institution and distinct pairs always give distinct subkeys.
+    """
+    return f"{institution}/{node_id}"
 
 
 async def _visible_maddrs(_dht: DHT, node: DHTNode) -> list[Multiaddr]:
@@ -103,7 +115,7 @@ class SwarmDirectory:
         self._lock = threading.Lock()
         self._closed = False
         self._initial_peers = list(initial_peers)
-        # Latest expiration this directory stored per (key, node_id): withdraw must out-date it.
+        # Latest expiration this directory stored per (key, subkey): withdraw must out-date it.
         self._stored_until: dict[tuple[str, str], float] = {}
 
     @classmethod
@@ -199,11 +211,11 @@ class SwarmDirectory:
         """
         if ann.expires_at <= time.time():
             raise InvalidInput(f"announcement for node {ann.node_id} has already expired")
-        key = directory_key(ann.pool_id, ann.model_hash)
-        ok = self._store_entry(key, ann.node_id, ann.to_wire(), ann.expires_at)
+        key, subkey = directory_key(ann.pool_id, ann.model_hash), node_subkey(ann.institution, ann.node_id)
+        ok = self._store_entry(key, subkey, ann.to_wire(), ann.expires_at)
         if ok:
             with self._lock:
-                self._stored_until[(key, ann.node_id)] = ann.expires_at
+                self._stored_until[(key, subkey)] = ann.expires_at
         else:
             logger.debug("DHT kept a newer record than node %s's announcement under %s", ann.node_id, key)
         return ok
@@ -215,16 +227,16 @@ class SwarmDirectory:
         the latest record of this node seen locally or in the DHT (hivemind only replaces a subkey
         with a later-expiring value).
         """
-        key, node_id = directory_key(ann.pool_id, ann.model_hash), ann.node_id
+        key, subkey = directory_key(ann.pool_id, ann.model_hash), node_subkey(ann.institution, ann.node_id)
         with self._lock:
-            latest = self._stored_until.pop((key, node_id), -math.inf)
-        latest = max(latest, self._entry_expiration(key, node_id))
+            latest = self._stored_until.pop((key, subkey), -math.inf)
+        latest = max(latest, self._entry_expiration(key, subkey))
         now = time.time()
         if latest <= now:
             return  # nothing live to hide
         tombstone = stamp_withdrawal(ann, now=now, expires_at=latest + _TOMBSTONE_MARGIN_S, bundle=bundle)
-        if not self._store_entry(key, node_id, tombstone.to_wire(), tombstone.expires_at):
-            raise PeerError(f"could not withdraw node {node_id}: no DHT peer accepted the tombstone")
+        if not self._store_entry(key, subkey, tombstone.to_wire(), tombstone.expires_at):
+            raise PeerError(f"could not withdraw node {ann.node_id}: no DHT peer accepted the tombstone")
 
     def _store_entry(self, key: str, subkey: str, value: object, expiration_time: float) -> bool:
         """Store one subkey entry; True if a replica holds it.
@@ -256,11 +268,12 @@ class SwarmDirectory:
         model_hash: str,
         validator: Callable[[NodeAnnouncement], bool] | None = None,
     ) -> list[NodeAnnouncement]:
-        """Every live, well-formed node of (pool_id, model_hash), ordered by (start, end, node_id).
+        """Every live, well-formed node of (pool_id, model_hash), ordered by (start, end, node_id, institution).
 
         Records that are tombstones, malformed, expired, filed under the wrong key or subkey, or
         rejected by validator (e.g. a signature check) are dropped with a debug log, because one bad
-        peer must not make the whole model unroutable.
+        peer must not make the whole model unroutable; so are a member's nodes beyond the allowance
+        its certificate carries (`coop.swarm.allowance`).
         """
         key = directory_key(pool_id, model_hash)
         found = self._get(key)
@@ -272,7 +285,7 @@ class SwarmDirectory:
         now = time.time()
         nodes = []
         for subkey, item in found.value.items():
-            ann = self._parse(key, pool_id, model_hash, subkey, item.value, float(item.expiration_time), now)
+            ann = self._parse(key, subkey, item.value, float(item.expiration_time), now)
             if ann is None:
                 continue
             if validator is not None:
@@ -285,13 +298,11 @@ class SwarmDirectory:
                     logger.debug("validator rejected node %s under %s", ann.node_id, key)
                     continue
             nodes.append(ann)
-        nodes.sort(key=lambda ann: (ann.start, ann.end, ann.node_id))
-        return nodes
+        nodes.sort(key=lambda ann: (ann.start, ann.end, ann.node_id, ann.institution))
+        return within_allowance(nodes)
 
     @staticmethod
-    def _parse(
-        key: str, pool_id: str, model_hash: str, subkey: object, value: object, expiration: float, now: float
-    ) -> NodeAnnouncement | None:
+    def _parse(key: str, subkey: object, value: object, expiration: float, now: float) -> NodeAnnouncement | None:
         if is_withdrawal(value):
             return None  # tombstone left by withdraw
         try:
@@ -299,7 +310,8 @@ class SwarmDirectory:
         except InvalidInput as exc:
             logger.debug("ignoring record %r under %s: %s", subkey, key, exc)
             return None
-        if ann.pool_id != pool_id or ann.model_hash != model_hash or ann.node_id != subkey:
+        filed_under = (directory_key(ann.pool_id, ann.model_hash), node_subkey(ann.institution, ann.node_id))
+        if filed_under != (key, subkey):
             logger.debug("ignoring record %r under %s: it names another key or node", subkey, key)
             return None
         if min(ann.expires_at, expiration) <= now:

@@ -8,7 +8,9 @@ when a peer asks it to store a record and when a peer answers its lookups; a ref
 as no answer. A DHT key reaches the validator hashed (its DHTID), so each accepted kind of record
 names the key it must be stored under, and the validator recomputes that key:
 
-* a node's `NodeAnnouncement` under ``directory_key(pool, model)``, subkey its node_id;
+* a node's `NodeAnnouncement` under ``directory_key(pool, model)``, subkey its
+  ``node_subkey(institution, node_id)`` (a member can name its node like another member's, but
+  its records land under its own institution's subkey);
 * that node's `Withdrawal` (the tombstone that hides it when it leaves), same key and subkey;
 * the CA-signed `RevocationList` under ``revocations_key(pool)``, subkey its version.
 
@@ -40,7 +42,7 @@ from coop.swarm.announcement import (
     is_withdrawal,
     withdrawal_payload,
 )
-from coop.swarm.directory import MAX_RECORD_TTL_S, directory_key
+from coop.swarm.directory import MAX_RECORD_TTL_S, directory_key, node_subkey
 from coop.swarm.revocations import REVOCATION_TTL_S, revocations_key, revocations_subkey
 
 logger = logging.getLogger(__name__)
@@ -108,8 +110,10 @@ class PoolRecordValidator(RecordValidatorBase):
             raise Unauthorized(f"record is for pool {signed.pool_id!r}, not {self.pool_id!r}")
         if record.key != DHTID.generate(directory_key(self.pool_id, model_hash)).to_bytes():
             raise Unauthorized("record is not stored under its model's directory key")
-        if subkey != signed.node_id:
-            raise Unauthorized(f"record of node {signed.node_id!r} is stored under another node's subkey")
+        if subkey != node_subkey(signed.institution, signed.node_id):
+            raise Unauthorized(
+                f"record of node {signed.node_id!r} of {signed.institution!r} is stored under another node's subkey"
+            )
         if record.expiration_time > expires_at + _EXPIRY_SLACK_S:
             raise Unauthorized("record is stored to expire later than it was signed to")
         _check_not_too_far(record.expiration_time, MAX_RECORD_TTL_S)

@@ -34,7 +34,7 @@ from sqlalchemy.exc import ProgrammingError
 from coop.coordinator.metering import Metering
 from coop.coordinator.receipts import ReceiptCollector
 from coop.launcher import COOP, CoopProcess, LocalPool
-from coop.ledger.booking import ReceiptChecker, revoked_since
+from coop.ledger.booking import ReceiptChecker
 from coop.ledger.fairshare import FairShare
 from coop.ledger.grants import AdminSigner
 from coop.ledger.models import FLOPS_PER_CREDIT, Observation
@@ -295,7 +295,7 @@ def test_attack_8_a_revoked_providers_later_receipt_is_not_paid(books: Books) ->
             coordinator,
             ledger.observation,
             ledger.booked_for,
-            revoked_since=lambda name: revoked_since(revocations.names, revocations.issued_at, name),
+            revoked_since=revocations.revoked_since,
         )
         metering = Metering(FairShare(), books.manifest.span_flops_per_token)
         collector = ReceiptCollector(ledger, checker, metering, lambda: ChannelPool(ChannelSecurity()), list)

@@ -18,6 +18,7 @@ from unittest import mock
 import pytest
 
 from coop.launcher import COOP, LocalPool
+from coop.node.dial_back import UNREACHABLE
 from coop.pool import ca
 from coop.pool.registry import add_member, create_pool
 from tests.pools import certificates_backdated
@@ -121,5 +122,5 @@ def test_an_endpoint_no_peer_can_reach_is_reported_with_its_fix(doctor_pool: Doc
     status, report = doctor(doctor_pool, "Uni A", "--port", str(_free_port()), "--announce-host", "127.0.0.2")
     assert status == 1
     assert report["dial-back"].startswith("FAIL") and "could not reach 127.0.0.2:" in report["dial-back"]
-    assert "UNAVAILABLE" in report["dial-back"] and "fix: make 127.0.0.2:" in report["dial-back"]
+    assert UNREACHABLE in report["dial-back"] and "fix: make 127.0.0.2:" in report["dial-back"]
     assert report["clock"].startswith("OK")

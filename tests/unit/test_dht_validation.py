@@ -31,7 +31,7 @@ from coop.swarm.announcement import (
     stamp_withdrawal,
     withdrawal_payload,
 )
-from coop.swarm.directory import SwarmDirectory, directory_key
+from coop.swarm.directory import SwarmDirectory, directory_key, node_subkey
 from coop.swarm.revocations import REVOCATION_TTL_S, publish_revocations, revocations_key, revocations_subkey
 from coop.swarm.validation import PoolRecordValidator, pool_record_validator
 from tests.pools import MemberPool, make_member_pool
@@ -123,7 +123,7 @@ def node_record(
     """rec stored as its node stores it, unless told otherwise."""
     return record(
         directory_key(rec.pool_id, model_hash),
-        rec.node_id if subkey is None else subkey,
+        node_subkey(rec.institution, rec.node_id) if subkey is None else subkey,
         rec.to_wire(),
         rec.expires_at if expiration_time is None else expiration_time,
     )
@@ -199,6 +199,13 @@ def _refused_cases(p: Pools) -> dict[str, Callable[[], DHTRecord]]:
         "record under a foreign key": lambda: record("some/other/key", "node-a", ann.to_wire(), ann.expires_at),
         "record under another model's key": lambda: node_record(ann, model_hash="other-model"),
         "record under another node's subkey": lambda: node_record(ann, subkey="node-b"),
+        "record under its bare node id": lambda: node_record(ann, subkey="node-a"),
+        "another member's same-named node under this node's subkey": lambda: node_record(
+            announce(beta, of=beta), subkey=node_subkey("alpha", "node-a")
+        ),
+        "another member's same-named withdrawal under this node's subkey": lambda: node_record(
+            tombstone(beta, announce(beta, of=beta)), subkey=node_subkey("alpha", "node-a")
+        ),
         "unsigned announcement": lambda: node_record(announce(None, of=alpha)),
         "forged signature": lambda: node_record(ann.model_copy(update={"endpoint": "10.6.6.6:1"})),
         "signed for another institution": lambda: node_record(signed_by(alpha, announce(None, of=beta))),
@@ -241,6 +248,9 @@ REFUSED = {  # case: why (a regular expression on the refusal)
     "record under a foreign key": "not stored under its model's directory key",
     "record under another model's key": "not stored under its model's directory key",
     "record under another node's subkey": "under another node's subkey",
+    "record under its bare node id": "under another node's subkey",
+    "another member's same-named node under this node's subkey": "of 'beta' is stored under another node's subkey",
+    "another member's same-named withdrawal under this node's subkey": "of 'beta' is stored under another",
     "unsigned announcement": "not signed",
     "forged signature": "signature does not match",
     "signed for another institution": "cannot sign for node 'node-a' of 'beta'",

@@ -173,6 +173,23 @@ def test_withdraw_removes_immediately(swarm: Swarm, model: tuple[str, str]) -> N
     assert ids(b.list_nodes(pool_id, model_hash)) == ["node-a", "node-b"]
 
 
+def test_a_node_id_names_a_node_only_within_its_institution(swarm: Swarm, model: tuple[str, str]) -> None:
+    """Another member's node of the same name is a node of its own: it neither replaces nor withdraws this one."""
+    a, b, c = swarm
+    pool_id, model_hash = model
+    victim = make_ann(pool_id, model_hash, "uni-a-1", institution="Uni A")
+    squatter = make_ann(pool_id, model_hash, "uni-a-1", institution="Uni B", ttl_s=120.0)
+    assert a.announce(victim)
+    assert b.announce(squatter)
+    listed = {(n.institution, n.node_id) for n in c.list_nodes(pool_id, model_hash)}
+    assert listed == {("Uni A", "uni-a-1"), ("Uni B", "uni-a-1")}
+
+    b.withdraw(squatter)
+    for directory in (a, b, c):
+        assert [(n.institution, n.node_id) for n in directory.list_nodes(pool_id, model_hash)] == [("Uni A", "uni-a-1")]
+    assert a.announce(make_ann(pool_id, model_hash, "uni-a-1", institution="Uni A"))  # not refused as older
+
+
 def test_short_ttl_record_disappears(swarm: Swarm, model: tuple[str, str]) -> None:
     a, b, _ = swarm
     pool_id, model_hash = model
