@@ -48,12 +48,9 @@ def field_extra(field: FieldInfo, key: str) -> Any:
     return field.json_schema_extra.get(key) if isinstance(field.json_schema_extra, dict) else None
 
 
-def resolve(
-    model: type[S], flags: Mapping[str, Any], config_file: Path | None, environ: Mapping[str, str] | None = None
-) -> Resolved[S]:
-    """`flags`: only the values the user gave, by field name."""
-    environ = os.environ if environ is None else environ
-    present = {key.upper() for key in environ}
+def resolve(model: type[S], flags: Mapping[str, Any], config_file: Path | None) -> Resolved[S]:
+    """`flags`: only the values the user gave, by field name. The environment is pydantic-settings' own read."""
+    present = {key.upper() for key in os.environ}
     in_env = {name for name in model.model_fields if env_name(model, name) in present}
     from_file = read_config_file(model, config_file) if config_file is not None else {}
     file_used = {k: v for k, v in from_file.items() if k not in in_env and k not in flags}
