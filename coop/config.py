@@ -1,12 +1,16 @@
-"""Typed, frozen settings for each process, from flags, COOP_* environment variables and defaults.
+"""Typed, frozen settings for each process: the one definition of every setting Coop reads.
 
-The CLI builds one of these per process and passes it down; nothing reads the environment at
-import time.
+Each field is a setting, with the same name everywhere: field `cache_budget_mb` is the flag
+`--cache-budget-mb`, the variable `COOP_NODE_CACHE_BUDGET_MB` and the key `cache_budget_mb` of a
+`--config` TOML file, in the same unit. Its description and unit are what `--help`, `coop node config`
+and docs/configuration.md show. Precedence (coop.config_sources): flag > environment > file > default.
+The CLI builds one of these per process and passes it down; nothing reads the environment at import.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -15,94 +19,182 @@ DEFAULT_POOL_ID = "default"
 DEFAULT_SESSION_IDLE_TIMEOUT_S = 120.0
 
 
+def setting(default: Any = ..., *, unit: str, doc: str, flag: str = "", secret: bool = False, **bounds: Any) -> Any:
+    """A settings field. `flag` names a flag other than `--<field>`: only `--model` and `--member`, which every
+    `coop` command shares; `secret` masks its value wherever settings are shown."""
+    extra: dict[str, Any] = {"unit": unit, "flag": flag, "secret": secret}
+    return Field(default, description=doc, json_schema_extra=extra, **bounds)
+
+
 class NodeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="COOP_NODE_", frozen=True)
 
-    model_dir: Path
-    # more prepared models the node may serve: with blocks "auto", it starts on and moves to the model
-    # and span where it adds most (coop/swarm/rebalance.py)
-    more_model_dirs: tuple[Path, ...] = ()
-    # "A:B" to serve blocks [A, B) of model_dir, pinned; or "auto" to take the window, of any of its models,
-    # where the pool needs it most (of max_blocks blocks)
-    blocks: str = "auto"
-    # with blocks "auto": re-evaluate every rebalance_interval_s (+-50% jitter) and move (drain first) when
-    # the pool's bottleneck throughput would grow more than rebalance_threshold times, or a gap be covered;
-    # never sooner than rebalance_dwell_s after the start or the last move
-    rebalance: bool = True
-    rebalance_interval_s: float = Field(default=10.0, gt=0)
-    rebalance_threshold: float = Field(default=1.25, ge=1.0)
-    rebalance_dwell_s: float = Field(default=60.0, ge=0)
-    # how many blocks "auto" takes; 0 = as many as fit in memory_budget_bytes
-    max_blocks: int = Field(default=0, ge=0)
-    # bytes of block parameters "auto" may load (used when max_blocks is 0)
-    memory_budget_bytes: int = Field(default=4 << 30, gt=0)
-    host: str = "127.0.0.1"
-    port: int = Field(default=0, ge=0, le=65535)  # 0 = any free port
-    # the address other processes reach this node at (default: host)
-    announce_host: str = ""
-    # "HOST:PORT" announced instead of the node's own address and port, for a node reached through a
-    # port forward, NAT, Docker or a TCP proxy (TLS names the node, not the address, so proxies work)
-    public_endpoint: str = Field(default="", pattern=r"^$|^[^\s:]+:\d{1,5}$")
-    initial_peers: tuple[str, ...] = ()
-    dht_port: int = Field(default=0, ge=0, le=65535)
-    pool_id: str = DEFAULT_POOL_ID
-    institution: str = "local"
-    node_id: str = ""  # default: a random id per start
-    device: str = "auto"
-    # a node that dies drops out of routes within this many seconds
-    announce_ttl_s: float = Field(default=9.0, gt=1.0)
-    # the institution's member bundle (`coop member add`): mutual TLS and signed announcements.
-    # Without it the node runs in development mode: plaintext, unsigned, pool "default".
-    member_bundle: Path | None = None
-    # signed receipts wait here until a coordinator books them (default: <member_bundle>.outbox.db)
-    outbox_path: Path | None = None
-    # a receipt covers a batch of a session's steps, closed at the first step that makes it this many
-    # tokens or this old (and at the session's end): a node killed loses at most one batch of pay
-    receipt_batch_tokens: int = Field(default=64, gt=0)
-    receipt_batch_s: float = Field(default=30.0, gt=0)
-    # receipts rejected, or never booked, are dropped from the outbox after this long; of the rejected,
-    # at most outbox_max_rejected are kept (the newest)
-    outbox_retention_s: float = Field(default=30 * 24 * 3600.0, gt=0)
-    outbox_max_rejected: int = Field(default=10_000, ge=0)
-    # Prometheus /metrics on this port (0 = any free port, printed in the ready line); None = not served.
-    # Unauthenticated, like every Prometheus exporter: keep metrics_host on a private interface.
-    metrics_port: int | None = Field(default=None, ge=0, le=65535)
-    metrics_host: str = "127.0.0.1"
-    # a draining node (SIGTERM, `coop node drain`) exits once its sessions moved, or after this long at most
-    drain_deadline_s: float = Field(default=60.0, ge=0)
-    # "HH:MM-HH:MM", local time (may wrap past midnight): outside these hours the node is paused; "" = always
-    serving_hours: str = ""
-    # on a GPU: pause (a planned move, like `coop node pause`) while less than this many bytes of device
-    # memory are available to local processes, and serve again once twice as many have been available for
-    # gpu_yield_resume_s; 0 = never yield (coop.node.memory_yield)
-    gpu_yield_below_bytes: int = Field(default=0, ge=0)
-    gpu_yield_resume_s: float = Field(default=60.0, ge=0)
-    # the unix socket the node's owner controls it through on its machine (default: control_socket_path)
-    control_socket: Path | None = None
+    model_dir: Path = setting(unit="path", flag="--model", doc="a prepared model directory (the first --model)")
+    more_model_dirs: tuple[Path, ...] = setting(
+        (),
+        unit="paths",
+        flag="--model",
+        doc='more prepared models (--model repeated): with blocks "auto" the node starts on and moves to the model '
+        "and span where it adds most (coop/swarm/rebalance.py)",
+    )
+    blocks: str = setting(
+        "auto",
+        unit="START:END",
+        doc='"A:B" to serve blocks [A, B) of model_dir, pinned; or "auto" to take the window, of any of its models, '
+        "where the pool needs it most (of max_blocks blocks)",
+    )
+    rebalance: bool = setting(
+        True,
+        unit="boolean",
+        doc='with blocks "auto": re-evaluate every rebalance_interval_s (+-50% jitter) and move (drain first) when '
+        "the pool's bottleneck throughput would grow more than rebalance_threshold times, or a gap be covered",
+    )
+    rebalance_interval_s: float = setting(10.0, unit="seconds", doc="how often rebalancing looks", gt=0)
+    rebalance_threshold: float = setting(
+        1.25, unit="ratio", doc="move when the bottleneck throughput would grow this many times", ge=1.0
+    )
+    rebalance_dwell_s: float = setting(
+        60.0, unit="seconds", doc="never move sooner than this after the start or the last move", ge=0
+    )
+    max_blocks: int = setting(
+        0, unit="blocks", doc='how many blocks "auto" takes; 0 = as many as fit in memory_budget_bytes', ge=0
+    )
+    memory_budget_bytes: int = setting(
+        4 << 30, unit="bytes", doc='bytes of block parameters "auto" may load (used when max_blocks is 0)', gt=0
+    )
+    host: str = setting("127.0.0.1", unit="address", doc="the address the gRPC server listens on")
+    port: int = setting(0, unit="port", doc="the gRPC port (0 = any free port)", ge=0, le=65535)
+    announce_host: str = setting(
+        "", unit="address", doc="the address other processes reach this node at (default: host)"
+    )
+    public_endpoint: str = setting(
+        "",
+        unit="HOST:PORT",
+        doc="announced instead of the node's own address and port, for a node reached through a port forward, NAT, "
+        "Docker or a TCP proxy (TLS names the node, not the address, so proxies work)",
+        pattern=r"^$|^[^\s:]+:\d{1,5}$",
+    )
+    initial_peers: tuple[str, ...] = setting((), unit="multiaddrs", doc="DHT multiaddrs of any pool member")
+    dht_port: int = setting(0, unit="port", doc="the node's own DHT peer's port (0 = any free port)", ge=0, le=65535)
+    pool_id: str = setting(DEFAULT_POOL_ID, unit="name", doc="the pool (set by a member bundle)")
+    institution: str = setting("local", unit="name", doc="the institution (set by a member bundle)")
+    node_id: str = setting("", unit="name", doc="the node's id (default: a random id per start)")
+    device: str = setting("auto", unit="device", doc='"auto", "cpu", "cuda", "cuda:1", "mps"')
+    announce_ttl_s: float = setting(
+        9.0, unit="seconds", doc="a node that dies drops out of routes within this many seconds", gt=1.0
+    )
+    member_bundle: Path | None = setting(
+        None,
+        unit="path",
+        flag="--member",
+        doc="the institution's member bundle (`coop member add`): mutual TLS and signed announcements; without it "
+        'the node runs in development mode: plaintext, unsigned, pool "default"',
+    )
+    outbox_path: Path | None = setting(
+        None,
+        unit="path",
+        doc="signed receipts wait here until a coordinator books them (default: <member_bundle>.outbox.db)",
+    )
+    receipt_batch_tokens: int = setting(
+        64,
+        unit="tokens",
+        doc="a receipt covers a batch of a session's steps, closed at the first step that makes it this many tokens "
+        "or receipt_batch_s old (and at the session's end): a node killed loses at most one batch of pay",
+        gt=0,
+    )
+    receipt_batch_s: float = setting(30.0, unit="seconds", doc="the age at which a receipt's batch closes", gt=0)
+    outbox_retention_s: float = setting(
+        30 * 24 * 3600.0,
+        unit="seconds",
+        doc="receipts rejected, or never booked, are dropped from the outbox after this long",
+        gt=0,
+    )
+    outbox_max_rejected: int = setting(
+        10_000, unit="receipts", doc="rejected receipts kept in the outbox (the newest)", ge=0
+    )
+    metrics_port: int | None = setting(
+        None,
+        unit="port",
+        doc="serve Prometheus /metrics on this port (0 = any free port, printed in the ready line); unset = not "
+        "served. Unauthenticated, like every Prometheus exporter: keep metrics_host on a private interface",
+        ge=0,
+        le=65535,
+    )
+    metrics_host: str = setting("127.0.0.1", unit="address", doc="the address /metrics listens on")
+    drain_deadline_s: float = setting(
+        60.0,
+        unit="seconds",
+        doc="a draining node (SIGTERM, `coop node drain`) exits once its sessions moved, or after this long at most",
+        ge=0,
+    )
+    serving_hours: str = setting(
+        "",
+        unit="HH:MM-HH:MM",
+        doc='local time (may wrap past midnight): outside these hours the node is paused; "" = always',
+    )
+    gpu_yield_below_gib: float = setting(
+        0.0,
+        unit="GiB",
+        doc="on a GPU: pause (a planned move, like `coop node pause`) while less than this much device memory is "
+        "available to local processes, and serve again once twice as much has been available for "
+        "gpu_yield_resume_s; 0 = never yield (coop.node.memory_yield)",
+        ge=0,
+    )
+    gpu_yield_resume_s: float = setting(
+        60.0, unit="seconds", doc="how long memory must stay available before a yielded node serves again", ge=0
+    )
+    control_socket: Path | None = setting(
+        None,
+        unit="path",
+        doc="the unix socket the node's owner controls it through on its machine (default: one per node id)",
+    )
 
     # -- limits: what one peer can make this node hold (README, "Limits"; `coop node status`) --
-    # bytes of KV cache all sessions together may reserve (each reserves max_length tokens' worth)
-    cache_budget_bytes: int = Field(default=2 << 30, gt=0)
-    # share of cache_budget_bytes one peer (a coordinator) may reserve ...
-    max_cache_fraction_per_peer: float = Field(default=0.25, gt=0, le=1)
-    # ... or exactly this many bytes, when not 0
-    max_cache_bytes_per_peer: int = Field(default=0, ge=0)
-    max_sessions_per_peer: int = Field(default=128, gt=0)
-    # a session with no step for this long is closed by the node and its cache freed
-    idle_timeout_s: float = Field(default=300.0, gt=0)
-    # hidden-state bytes of the steps one caller may have accepted here and not yet run and pushed
-    max_in_flight_bytes_per_peer: int = Field(default=256 << 20, gt=0)
-    max_steps_in_flight_per_peer: int = Field(default=256, gt=0)
-    max_steps_in_flight_per_session: int = Field(default=4, gt=0)
-    # results and failures held for a session's coordinator; one that lets more pile up loses the session
-    max_events_per_session: int = Field(default=16, gt=0)
-    # gRPC channels to other nodes kept open; beyond, the least recently used idle one is closed
-    max_channels: int = Field(default=64, gt=0)
-    # steps of different sessions that wait together run as one forward pass (coop.node.batching), up to
-    # this many; 1 = off, the default: batching reorders float sums, so near-ties in greedy decoding
-    # may break differently from a single-process run (measured: 8 sessions 2.45x one, against 1.55x)
-    max_batch_steps: int = Field(default=1, ge=1)
-    batch_gather_s: float = Field(default=0.02, ge=0)  # the longest a step waits for its batch-mates
+    cache_budget_mb: int = setting(
+        2048,
+        unit="MiB",
+        doc="KV cache all sessions together may reserve (each reserves max_length tokens' worth)",
+        gt=0,
+    )
+    max_cache_fraction_per_peer: float = setting(
+        0.25, unit="fraction", doc="share of cache_budget_mb one peer (a coordinator) may reserve", gt=0, le=1
+    )
+    max_cache_bytes_per_peer: int = setting(
+        0, unit="bytes", doc="KV cache one peer may reserve, instead of the fraction, when not 0", ge=0
+    )
+    max_sessions_per_peer: int = setting(128, unit="sessions", doc="sessions one peer may hold open", gt=0)
+    idle_timeout_s: float = setting(
+        300.0, unit="seconds", doc="a session with no step for this long is closed and its cache freed", gt=0
+    )
+    max_in_flight_bytes_per_peer: int = setting(
+        256 << 20,
+        unit="bytes",
+        doc="hidden-state bytes of the steps one caller may have accepted here and not yet run and pushed",
+        gt=0,
+    )
+    max_steps_in_flight_per_peer: int = setting(256, unit="steps", doc="steps one caller may have in flight", gt=0)
+    max_steps_in_flight_per_session: int = setting(4, unit="steps", doc="steps one session may have in flight", gt=0)
+    max_events_per_session: int = setting(
+        16,
+        unit="events",
+        doc="results and failures held for a session's coordinator; one that lets more pile up loses the session",
+        gt=0,
+    )
+    max_channels: int = setting(
+        64,
+        unit="channels",
+        doc="gRPC channels to other nodes kept open; beyond, the least recently used idle one is closed",
+        gt=0,
+    )
+    max_batch_steps: int = setting(
+        1,
+        unit="steps",
+        doc="steps of different sessions that wait together run as one forward pass (coop.node.batching), up to "
+        "this many; 1 = off: batching reorders float sums, so near-ties in greedy decoding may break differently "
+        "from a single-process run",
+        ge=1,
+    )
+    batch_gather_s: float = setting(0.02, unit="seconds", doc="the longest a step waits for its batch-mates", ge=0)
 
     def resolved_outbox_path(self) -> Path | None:
         if self.outbox_path is not None:
@@ -113,95 +205,160 @@ class NodeSettings(BaseSettings):
 class CoordinatorSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="COOP_COORDINATOR_", frozen=True)
 
-    model_dir: Path  # the default model: what a request that names no model gets
-    # more prepared models served side by side, each routed by the request's "model" (its manifest name)
-    extra_model_dirs: tuple[Path, ...] = ()
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=0, le=65535)
-    initial_peers: tuple[str, ...] = ()
-    pool_id: str = DEFAULT_POOL_ID
-    device: str = "auto"
-    max_context: int = Field(default=2048, gt=0)
-    # how often the list of nodes is re-read from the DHT
-    refresh_s: float = Field(default=1.0, gt=0)
-    # a step that takes longer than this is treated as a node failure
-    step_timeout_s: float = Field(default=30.0, gt=0)
-    max_failovers: int = Field(default=3, ge=0)
-    # as for nodes: mutual TLS to nodes, and only nodes signed by the pool CA are routed to
-    member_bundle: Path | None = None
-    # the pool's api_keys.json: requests need `Authorization: Bearer <key>`; None = no keys (development)
-    api_keys_file: Path | None = None
-    # The ledger (needs member_bundle: receipts are signed). Default: pool_dir's 0600 ledger.url, else
-    # SQLite in pool_dir, else next to the member bundle. PostgreSQL: postgresql+psycopg://user:pw@host/db
-    # (never in a member bundle; see `coop ledger create-role` for one role per coordinator)
-    ledger_url: str | None = None
-    # the pool directory (`coop pool init`): the admin view's login, members and API keys live there
-    pool_dir: Path | None = None
-    # fair share: usage and contribution lose half their weight after this long
-    fair_share_half_life_s: float = Field(default=7 * 24 * 3600.0, gt=0)
-    # sessions this coordinator runs at once; beyond this, requests wait and start in fair-share order
-    max_active_sessions: int = Field(default=32, gt=0)
-    # how often receipts are collected from nodes
-    receipt_interval_s: float = Field(default=2.0, gt=0)
-    # a session's observation (the ceiling of its receipts) is written at its first step, then every
-    # this many tokens or seconds, and at its end: a coordinator crash loses at most that much of it
-    observation_checkpoint_tokens: int = Field(default=64, gt=0)
-    observation_checkpoint_s: float = Field(default=30.0, gt=0)
-    # -- what one node can make receipt collection spend (coop.coordinator.receipts) --
-    receipt_poll_budget_s: float = Field(default=5.0, gt=0)  # one node's poll, all calls; then cut off
-    receipt_max_concurrent_polls: int = Field(default=16, gt=0)  # nodes polled at once
-    receipt_batch: int = Field(default=200, gt=0)  # receipts asked of a node per call; more are dropped
-    # rejected receipts of one node are audited at most once per interval, as one event with a count
-    receipt_audit_interval_s: float = Field(default=60.0, gt=0)
-    receipt_max_backoff_rounds: int = Field(default=32, gt=0)  # a junk or slow node is skipped up to this
-    # an SDK session (the chain relay) idle this long is closed, giving back its KV caches and slots
-    session_idle_timeout_s: float = Field(default=DEFAULT_SESSION_IDLE_TIMEOUT_S, gt=0)
-    # -- what one HTTP client can make the coordinator hold or spend (coop.coordinator.limits) --
-    # bytes of one request body (relay steps: what the session's length needs); more is refused
-    # (413) before it is read, and before it is parsed the API key is checked (401)
-    max_request_bytes: int = Field(default=4 << 20, gt=0)
-    max_stop_sequences: int = Field(default=16, ge=0)  # stop strings per request
-    max_stop_chars: int = Field(default=256, gt=0)  # characters of one stop string
-    max_messages: int = Field(default=1024, gt=0)  # messages of one chat request
-    # characters of a request's text: every message together, or the completion's prompt
-    max_prompt_chars: int = Field(default=1 << 20, gt=0)
-    max_prompt_tokens: int = Field(default=0, ge=0)  # 0 = the model's context (max_context)
-    # threads that tokenize, detokenize and match stop strings, off the event loop
-    text_workers: int = Field(default=4, gt=0)
-    # events a node's session streams may queue at the coordinator; a full queue pauses reading them
-    max_queued_events_per_session: int = Field(default=8, gt=0)
-    # multi-token steps for greedy requests: each step carries up to this many prompt-lookup draft
-    # tokens, which the route verifies in the same pass (same tokens, fewer round trips); 0 = off.
-    # Nodes compute, and are paid for, the rejected drafts too.
-    speculative_tokens: int = Field(default=4, ge=0)
-    # failed admin sign-ins (form or bearer token) one client address may make in a burst, and the
-    # seconds after which it may make one more; beyond that, 429 with Retry-After
-    admin_sign_in_burst: int = Field(default=10, gt=0)
-    admin_sign_in_refill_s: float = Field(default=60.0, gt=0)
-    trusted_proxies: list[str] = Field(
-        default_factory=list,
-        description=(
-            "IP addresses or networks (CIDR) of reverse proxies in front of the API whose X-Forwarded-For "
-            "names the client; empty = the socket peer is the client, and X-Forwarded-For is ignored"
-        ),
+    model_dir: Path = setting(
+        unit="path", flag="--model", doc="the default model (the first --model): what a request naming none gets"
     )
-    # /docs, /redoc and /openapi.json for anyone; None = only in development mode (no member bundle).
-    # Signed-in admins always get the schema at /admin/api/openapi.json.
-    public_api_docs: bool | None = None
-    # /metrics (Prometheus) answers only `Authorization: Bearer <token>` when set; None = anyone who can reach
-    # the API, as Prometheus expects (bind the API to a private interface, or set this)
-    metrics_token: SecretStr | None = None
+    extra_model_dirs: tuple[Path, ...] = setting(
+        (), unit="paths", flag="--model", doc="more models (--model repeated), routed by the request's model name"
+    )
+    host: str = setting("127.0.0.1", unit="address", doc="the address the HTTP API listens on")
+    port: int = setting(8000, unit="port", doc="the HTTP API's port (0 = any free port)", ge=0, le=65535)
+    initial_peers: tuple[str, ...] = setting((), unit="multiaddrs", doc="DHT multiaddrs of any pool member")
+    pool_id: str = setting(DEFAULT_POOL_ID, unit="name", doc="the pool (set by a member bundle)")
+    device: str = setting("auto", unit="device", doc='where the client part runs: "auto", "cpu", "cuda", "mps"')
+    max_context: int = setting(2048, unit="tokens", doc="the longest session (prompt and completion)", gt=0)
+    refresh_s: float = setting(1.0, unit="seconds", doc="how often the list of nodes is re-read from the DHT", gt=0)
+    step_timeout_s: float = setting(
+        30.0, unit="seconds", doc="a step that takes longer than this is treated as a node failure", gt=0
+    )
+    max_failovers: int = setting(3, unit="failovers", doc="route replacements one request may take", ge=0)
+    member_bundle: Path | None = setting(
+        None,
+        unit="path",
+        flag="--member",
+        doc="as for nodes: mutual TLS to nodes, and only nodes signed by the pool CA are routed to",
+    )
+    api_keys: Path | None = setting(
+        None,
+        unit="path",
+        doc="the pool's api_keys.json: requests need `Authorization: Bearer <key>`; unset = no keys (development)",
+    )
+    ledger_url: str | None = setting(
+        None,
+        unit="URL",
+        secret=True,
+        doc="the ledger (needs member_bundle: receipts are signed). Default: pool_dir's 0600 ledger.url, else SQLite "
+        "in pool_dir, else next to the member bundle. PostgreSQL: postgresql+psycopg://user:pw@host/db "
+        "(see `coop ledger create-role` for one role per coordinator)",
+    )
+    pool_dir: Path | None = setting(
+        None, unit="path", doc="the pool directory (`coop pool init`): the admin view's login, members and API keys"
+    )
+    fair_share_half_life_s: float = setting(
+        7 * 24 * 3600.0, unit="seconds", doc="fair share: usage and contribution lose half their weight", gt=0
+    )
+    max_active_sessions: int = setting(
+        32, unit="sessions", doc="sessions run at once; beyond, requests wait and start in fair-share order", gt=0
+    )
+    receipt_interval_s: float = setting(2.0, unit="seconds", doc="how often receipts are collected from nodes", gt=0)
+    observation_checkpoint_tokens: int = setting(
+        64,
+        unit="tokens",
+        doc="a session's observation (the ceiling of its receipts) is written at its first step, then every this "
+        "many tokens or observation_checkpoint_s, and at its end: a crash loses at most that much of it",
+        gt=0,
+    )
+    observation_checkpoint_s: float = setting(30.0, unit="seconds", doc="see observation_checkpoint_tokens", gt=0)
+    # -- what one node can make receipt collection spend (coop.coordinator.receipts) --
+    receipt_poll_budget_s: float = setting(5.0, unit="seconds", doc="one node's poll, all calls; then cut off", gt=0)
+    receipt_max_concurrent_polls: int = setting(16, unit="nodes", doc="nodes polled for receipts at once", gt=0)
+    receipt_batch: int = setting(200, unit="receipts", doc="receipts asked of a node per call; more dropped", gt=0)
+    receipt_audit_interval_s: float = setting(
+        60.0, unit="seconds", doc="a node's rejected receipts are audited once per interval, with a count", gt=0
+    )
+    receipt_max_backoff_rounds: int = setting(
+        32, unit="rounds", doc="a junk or slow node is skipped for up to this many rounds", gt=0
+    )
+    session_idle_timeout_s: float = setting(
+        DEFAULT_SESSION_IDLE_TIMEOUT_S,
+        unit="seconds",
+        doc="an SDK session (the chain relay) idle this long is closed, giving back its KV caches and slots",
+        gt=0,
+    )
+    # -- what one HTTP client can make the coordinator hold or spend (coop.coordinator.limits) --
+    max_request_bytes: int = setting(
+        4 << 20,
+        unit="bytes",
+        doc="one request body; more is refused (413) before it is read, and the API key is checked first (401)",
+        gt=0,
+    )
+    max_stop_sequences: int = setting(16, unit="strings", doc="stop strings per request", ge=0)
+    max_stop_chars: int = setting(256, unit="characters", doc="characters of one stop string", gt=0)
+    max_messages: int = setting(1024, unit="messages", doc="messages of one chat request", gt=0)
+    max_prompt_chars: int = setting(
+        1 << 20, unit="characters", doc="a request's text: every message together, or the prompt", gt=0
+    )
+    max_prompt_tokens: int = setting(0, unit="tokens", doc="0 = the model's context (max_context)", ge=0)
+    text_workers: int = setting(
+        4, unit="threads", doc="threads that tokenize, detokenize and match stop strings, off the event loop", gt=0
+    )
+    max_queued_events_per_session: int = setting(
+        8, unit="events", doc="a node session's queued events; a full queue pauses reading them", gt=0
+    )
+    speculative_tokens: int = setting(
+        4,
+        unit="tokens",
+        doc="greedy requests: prompt-lookup draft tokens per step, verified by the route in the same pass (same "
+        "tokens, fewer round trips); 0 = off. Nodes compute, and are paid for, the rejected drafts too",
+        ge=0,
+    )
+    admin_sign_in_burst: int = setting(
+        10, unit="attempts", doc="failed admin sign-ins one client address may make in a burst (then 429)", gt=0
+    )
+    admin_sign_in_refill_s: float = setting(
+        60.0, unit="seconds", doc="after this, a throttled client address may make one more sign-in", gt=0
+    )
+    trusted_proxies: tuple[str, ...] = setting(
+        (),
+        unit="addresses",
+        doc="IP addresses or networks (CIDR) of reverse proxies in front of the API whose X-Forwarded-For names "
+        "the client; empty = the socket peer is the client, and X-Forwarded-For is ignored",
+    )
+    public_api_docs: bool | None = setting(
+        None,
+        unit="boolean",
+        doc="/docs, /redoc and /openapi.json for anyone; unset = only in development mode (no member bundle)",
+    )
+    metrics_token: SecretStr | None = setting(
+        None,
+        unit="token",
+        secret=True,
+        doc="/metrics answers only `Authorization: Bearer <token>` when set; unset = anyone who reaches the API",
+    )
     # -- spot checks (coop.coordinator.spot_checks): sessions re-computed on other replicas, step by step --
-    spot_check_rate: float = Field(default=0.03, ge=0, le=1)  # share of sessions checked; 0 and 0 = off
-    # the share when a node of the route has passed fewer than spot_check_history_steps checked steps
-    spot_check_new_node_rate: float = Field(default=0.2, ge=0, le=1)
-    spot_check_history_steps: int = Field(default=200, ge=0)
-    # the largest honest distance, per token: |claimed - recomputed| / |what the hop added|, on sketches.
-    # Calibrated in tests/unit/test_spot_checks.py (honest replicas, same prepared model and dtype)
-    spot_check_tolerance: float = Field(default=0.005, gt=0)
-    sketch_dims: int = Field(default=32, ge=1, le=64)  # dimensions of each hop's step sketches
+    spot_check_rate: float = setting(0.03, unit="fraction", doc="share of sessions checked; 0 and 0 = off", ge=0, le=1)
+    spot_check_new_node_rate: float = setting(
+        0.2,
+        unit="fraction",
+        doc="the share when a node of the route has passed fewer than spot_check_history_steps checked steps",
+        ge=0,
+        le=1,
+    )
+    spot_check_history_steps: int = setting(200, unit="steps", doc="checked steps that make a node known", ge=0)
+    spot_check_tolerance: float = setting(
+        0.005,
+        unit="ratio",
+        doc="the largest honest distance per token: |claimed - recomputed| / |what the hop added|, on sketches "
+        "(calibrated in tests/unit/test_spot_checks.py)",
+        gt=0,
+    )
+    sketch_dims: int = setting(32, unit="dimensions", doc="dimensions of each hop's step sketches", ge=1, le=64)
 
     @property
     def model_dirs(self) -> tuple[Path, ...]:
         """Every model served, the default first."""
         return (self.model_dir, *self.extra_model_dirs)
+
+
+class DhtSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="COOP_DHT_", frozen=True)
+
+    host: str = setting("127.0.0.1", unit="address", doc="the address the DHT peer listens on")
+    port: int = setting(0, unit="port", doc="the DHT port (0 = any free port)", ge=0, le=65535)
+    initial_peers: tuple[str, ...] = setting((), unit="multiaddrs", doc="DHT multiaddrs of any pool member")
+    member_bundle: Path | None = setting(
+        None, unit="path", flag="--member", doc="the member running the peer: it then holds only pool records"
+    )
+    identity: Path | None = setting(
+        None, unit="path", doc="peer key file (made if missing): the same multiaddr after every restart"
+    )

@@ -35,7 +35,8 @@
     ├── CreditExhausted            an institution's balance is below its credit floor (HTTP 402)
     ├── ApiError                   (SDK) a coordinator refused or failed an HTTP request
     ├── SignInThrottled            (admin view) too many failed sign-ins from one client (429)
-    └── DialBackThrottled          (node) a member asked for more dial-backs than a node makes for it
+    ├── DialBackThrottled          (node) a member asked for more dial-backs than a node makes for it
+    └── InvalidSettings            (CLI) a setting's value, from a flag, the environment or a --config file
 
 Components raise these; boundaries (gRPC servicers, the HTTP API, the CLI) map them to their
 wire form in one place each. An error a peer reports crosses into the coordinator as a
@@ -306,3 +307,7 @@ class SessionDropped(UnknownSession):
 class DialBackThrottled(CoopError):
     """A member asked a node for more dial-backs (`coop node doctor`) than it makes per institution, or
     the node is already dialling as many as it does at once."""
+
+
+class InvalidSettings(CoopError):
+    """A bad setting, named with where it came from (flag, environment variable, or file and key)."""

@@ -88,7 +88,7 @@ def run_demo(model_dir: Path, *, port: int, question: str, once: bool) -> None:
             console.print(f"starting 3 nodes ({', '.join(DEMO_SPANS.values())}), mutual TLS, signed announcements …")
             pool.start_nodes(DEMO_SPANS, demo.nodes)
             console.print("starting the coordinator …")
-            extra = ["--pool-dir", str(pool_dir), "--receipt-interval", "0.5"]
+            extra = ["--pool-dir", str(pool_dir), "--receipt-interval-s", "0.5"]
             pool.start_coordinator(port, demo.coordinator, pool_dir / "api_keys.json", extra_args=extra)
             _ask(pool, demo.api_key, question, Membership.load(demo.coordinator).channel_security())
             _show_ledger(pool_dir)

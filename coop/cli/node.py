@@ -1,4 +1,4 @@
-"""`coop node start|status|drain|pause|resume` and `coop dht start`: the processes that serve blocks and
+"""`coop node start|config|status|drain|pause|resume` and `coop dht start`: the processes that serve blocks and
 hold the DHT, and what their owners do to them."""
 
 from __future__ import annotations
@@ -7,19 +7,21 @@ import asyncio
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
 from coop.cli.console import console, plain
 from coop.cli.log_format import LogFormat, LogFormatOption, configure_logging
-from coop.cli.options import MemberOption, PeersOption
+from coop.cli.options import MemberOption
+from coop.cli.settings_options import GivenSettings, settings_flags
+from coop.cli.settings_view import log_effective, settings_lines
 from coop.cli.trust import quarantine_app
+from coop.config import DhtSettings, NodeSettings
 from coop.startup import pause_collection, share_tensors_by_descriptor
 
 if TYPE_CHECKING:
-    from coop.config import NodeSettings
     from coop.wire.generated import coop_pb2 as pb
 
 node_app = typer.Typer(no_args_is_help=True, help="Run and inspect node daemons.")
@@ -28,138 +30,40 @@ node_app.add_typer(quarantine_app, name="quarantine")
 
 
 @dht_app.command("start")
-def dht_start(
-    initial_peers: PeersOption = None,
-    host: Annotated[str, typer.Option()] = "127.0.0.1",
-    port: Annotated[int, typer.Option()] = 0,
-    member: MemberOption = None,
-    identity: Annotated[
-        Path | None,
-        typer.Option("--identity", help="peer key file (made if missing): the same multiaddr after every restart"),
-    ] = None,
-    log_format: LogFormatOption = LogFormat.text,
-) -> None:
+@settings_flags(DhtSettings)
+def dht_start(given: GivenSettings, log_format: LogFormatOption = LogFormat.text) -> None:
     """Start a DHT peer that helps nodes and coordinators find each other."""
     configure_logging(log_format)
     from coop.node.daemon import run_dht
     from coop.pool.membership import Membership
 
+    settings = given.resolve(DhtSettings).settings
     share_tensors_by_descriptor()
-
-    asyncio.run(run_dht(initial_peers or [], host, port, Membership.load(member), identity))
+    membership = Membership.load(settings.member_bundle)
+    asyncio.run(run_dht(list(settings.initial_peers), settings.host, settings.port, membership, settings.identity))
 
 
 @node_app.command("start")
-def node_start(
-    model: Annotated[
-        list[Path],
-        typer.Option(
-            "--model", metavar="DIR", help="a prepared model directory; repeat it to let --blocks auto choose the model"
-        ),
-    ],
-    blocks: Annotated[
-        str,
-        typer.Option(
-            envvar="COOP_NODE_BLOCKS",
-            help="START:END of the first --model (pinned), or auto: where the pool needs the node (rebalanced)",
-        ),
-    ] = "auto",
-    port: Annotated[int, typer.Option(envvar="COOP_NODE_PORT", help="gRPC port (0 = any free port)")] = 0,
-    host: Annotated[str, typer.Option(envvar="COOP_NODE_HOST")] = "127.0.0.1",
-    public_endpoint: Annotated[
-        str,
-        typer.Option(
-            "--public-endpoint",
-            envvar="COOP_NODE_PUBLIC_ENDPOINT",
-            help="HOST:PORT to announce instead (NAT, Docker, a proxy)",
-        ),
-    ] = "",
-    initial_peers: PeersOption = None,
-    max_blocks: Annotated[int, typer.Option("--max-blocks", help="with --blocks auto: how many")] = 0,
-    institution: Annotated[str, typer.Option()] = "local",
-    node_id: Annotated[str, typer.Option("--node-id")] = "",
-    device: Annotated[str, typer.Option()] = "auto",
-    cache_budget_mb: Annotated[int, typer.Option("--cache-budget-mb")] = 2048,
-    member: MemberOption = None,
-    outbox: Annotated[
-        Path | None, typer.Option("--outbox", help="receipts wait here until booked (default: <member>.outbox.db)")
-    ] = None,
-    metrics_port: Annotated[
-        int | None, typer.Option("--metrics-port", help="serve Prometheus /metrics on this port (0 = any free port)")
-    ] = None,
-    metrics_host: Annotated[
-        str | None,
-        typer.Option("--metrics-host", help="address /metrics listens on (default 127.0.0.1; no authentication)"),
-    ] = None,
-    drain_deadline_s: Annotated[
-        float,
-        typer.Option("--drain-deadline-s", help="on SIGTERM or `coop node drain`: exit after this long at most"),
-    ] = 60.0,
-    serving_hours: Annotated[
-        str,
-        typer.Option(
-            "--serving-hours", envvar="COOP_NODE_SERVING_HOURS", help="HH:MM-HH:MM local time; paused outside"
-        ),
-    ] = "",
-    gpu_yield_below_gb: Annotated[
-        float,
-        typer.Option(
-            "--gpu-yield-below",
-            envvar="COOP_NODE_GPU_YIELD_BELOW_GB",
-            min=0.0,
-            help="GiB: pause while less GPU memory than this is left to local processes (0 = never)",
-        ),
-    ] = 0.0,
-    rebalance: Annotated[
-        bool,
-        typer.Option(help="with --blocks auto: move (drain first) to where the pool needs the node most"),
-    ] = True,
-    rebalance_interval_s: Annotated[float, typer.Option("--rebalance-interval-s", help="how often to look")] = 10.0,
-    rebalance_threshold: Annotated[
-        float, typer.Option("--rebalance-threshold", help="move when the bottleneck throughput grows this many times")
-    ] = 1.25,
-    rebalance_dwell_s: Annotated[
-        float, typer.Option("--rebalance-dwell-s", help="stay at least this long after the start or a move")
-    ] = 60.0,
-    log_format: LogFormatOption = LogFormat.text,
-) -> None:
+@settings_flags(NodeSettings)
+def node_start(given: GivenSettings, log_format: LogFormatOption = LogFormat.text) -> None:
     """Serve a span of blocks to the pool until SIGTERM or Ctrl-C (the first drains, a second stops at once)."""
     configure_logging(log_format)
     pause_collection()  # resumed by the node once it serves: see coop.startup
-    from coop.config import NodeSettings
     from coop.node.daemon import run_node
 
-    # given only when set, so that COOP_NODE_METRICS_PORT / _HOST apply otherwise
-    metrics: dict[str, Any] = {
-        k: v for k, v in (("metrics_port", metrics_port), ("metrics_host", metrics_host)) if v is not None
-    }
-    settings = NodeSettings(
-        model_dir=model[0],
-        more_model_dirs=tuple(model[1:]),
-        blocks=blocks,
-        port=port,
-        host=host,
-        public_endpoint=public_endpoint,
-        initial_peers=tuple(initial_peers or ()),
-        max_blocks=max_blocks,
-        institution=institution,
-        node_id=node_id,
-        device=device,
-        cache_budget_bytes=cache_budget_mb << 20,
-        member_bundle=member,
-        outbox_path=outbox,
-        drain_deadline_s=drain_deadline_s,
-        serving_hours=serving_hours,
-        gpu_yield_below_bytes=int(gpu_yield_below_gb * 2**30),
-        rebalance=rebalance,
-        rebalance_interval_s=rebalance_interval_s,
-        rebalance_threshold=rebalance_threshold,
-        rebalance_dwell_s=rebalance_dwell_s,
-        **metrics,
-    )
-    load_torchao_only_if_quantized(settings)
+    resolved = given.resolve(NodeSettings)
+    log_effective(resolved)
+    load_torchao_only_if_quantized(resolved.settings)
     share_tensors_by_descriptor()
-    asyncio.run(run_node(settings))
+    asyncio.run(run_node(resolved.settings))
+
+
+@node_app.command("config")
+@settings_flags(NodeSettings)
+def node_config(given: GivenSettings, log_format: LogFormatOption = LogFormat.text) -> None:
+    """Print the settings `coop node start` would run with, and where each came from; starts nothing."""
+    for line in settings_lines(given.resolve(NodeSettings)):
+        typer.echo(line)
 
 
 def load_torchao_only_if_quantized(settings: NodeSettings) -> None:

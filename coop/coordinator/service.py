@@ -203,7 +203,7 @@ async def run_coordinator(settings: CoordinatorSettings) -> None:
             actor = f"coordinator:{membership.bundle.institution}"
             ledger = accounting.ledger
             trust = asyncio.create_task(book.follow(ledger_audit(ledger, actor), partial(trust_from_ledger, ledger)))
-        gate = ApiKeyGate(settings.api_keys_file, membership.bundle.limits if membership.bundle else None)
+        gate = ApiKeyGate(settings.api_keys, membership.bundle.limits if membership.bundle else None)
         access = accounting.access if accounting else None
         from coop.coordinator.metrics import CoordinatorMetrics  # pulls in the text pipeline: after the join
 

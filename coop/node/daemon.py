@@ -8,7 +8,7 @@ pauses cyclic collection until the node serves, see coop.startup):
    conservative throughput estimate (`estimate_throughput`): a node is never routed to before it
    can serve, and never oversells itself.
 3. The real throughput is measured in the background and announced when known.
-With `--gpu-yield-below` it pauses while local processes need the GPU (coop/node/memory_yield.py).
+With `--gpu-yield-below-gib` it pauses while local processes need the GPU (coop/node/memory_yield.py).
 With `--blocks auto` the node starts on the window, of any of its models, where the pool needs it most,
 and keeps moving there as the pool changes (coop/node/rebalancing.py; off with `--no-rebalance`).
 On SIGTERM/SIGINT (or `coop node drain`) it drains (coop/node/drain.py): it opens no new session,
@@ -270,7 +270,7 @@ async def run_node(settings: NodeSettings, measure: Measure | None = None) -> No
         _spawn(background, serving.wait_drained(lambda: node_service.session_count), then=stop.set)
         if hours is not None:
             _spawn(background, serving.follow_hours())
-        if settings.gpu_yield_below_bytes:
+        if settings.gpu_yield_below_gib:
             _spawn(background, _yield_memory(settings, serving, engine, lambda: node_service.session_count))
         print(f"{READY_MARKER} {json.dumps(ready)}", flush=True)
         resume_collection()
@@ -332,7 +332,7 @@ def _load_engine(settings: NodeSettings, model: ServableModel, start: int, end: 
         start,
         end,
         device=settings.device,
-        cache_budget_bytes=settings.cache_budget_bytes,
+        cache_budget_bytes=settings.cache_budget_mb << 20,
         idle_timeout_s=settings.idle_timeout_s,
     )
 
@@ -340,13 +340,13 @@ def _load_engine(settings: NodeSettings, model: ServableModel, start: int, end: 
 async def _yield_memory(
     settings: NodeSettings, serving: ServingState, engine: SpanEngine, sessions: Callable[[], int]
 ) -> None:
-    """`--gpu-yield-below`: step aside while local processes need the GPU's memory (coop.node.memory_yield)."""
+    """`--gpu-yield-below-gib`: step aside while local processes need the GPU's memory (coop.node.memory_yield)."""
     if engine.device.type != "cuda":
-        log.warning("--gpu-yield-below applies to a GPU; this node runs on %s, so it never yields", engine.device)
+        log.warning("--gpu-yield-below-gib applies to a GPU; this node runs on %s, so it never yields", engine.device)
         return
     from coop.node.memory_yield import MemoryYield, cuda_available_bytes, follow_memory
 
-    watch = MemoryYield(settings.gpu_yield_below_bytes, settings.gpu_yield_resume_s)
+    watch = MemoryYield(int(settings.gpu_yield_below_gib * 2**30), settings.gpu_yield_resume_s)
     await follow_memory(serving, watch, lambda: cuda_available_bytes(engine.device), sessions, torch.cuda.empty_cache)
 
 

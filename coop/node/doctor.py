@@ -139,14 +139,14 @@ def check_memory(settings: NodeSettings, manifest: Manifest | None) -> Check:
         return Check(name, "WARN", "skipped: the model did not load", "fix the model first")
     where, free = free_memory_bytes(settings.device)
     per_block = manifest.largest_block_bytes
-    fit = max(0, (free - settings.cache_budget_bytes) // per_block)
+    fit = max(0, (free - (settings.cache_budget_mb << 20)) // per_block)
     wanted = manifest.num_blocks
     if settings.blocks != "auto":
         start, _, end = settings.blocks.partition(":")
         wanted = int(end) - int(start) if start.isdigit() and end.isdigit() else wanted
     detail = (
         f"{where}: {free >> 20} MiB free; {min(fit, manifest.num_blocks)} of {manifest.num_blocks} blocks "
-        f"({per_block / 2**20:.1f} MiB each) fit beside a {settings.cache_budget_bytes >> 20} MiB KV cache"
+        f"({per_block / 2**20:.1f} MiB each) fit beside a {settings.cache_budget_mb} MiB KV cache"
     )
     if fit == 0:
         return Check(name, "FAIL", detail, "free memory, or lower --cache-budget-mb, or run on a larger machine")

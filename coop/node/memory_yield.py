@@ -2,7 +2,7 @@
 
 A lab shares its GPU with the pool; when its own jobs start, they must get the memory, and the
 pool's users must not see an error. The node polls how much device memory is available to others
-(free memory plus what this process holds cached but unused). Below `--gpu-yield-below` it pauses,
+(free memory plus what this process holds cached but unused). Below `--gpu-yield-below-gib` it pauses,
 the same planned move as `coop node pause` (no new session; coordinators move the open ones), and
 once no session is left it hands its cached memory back to the device. It serves again after the
 available memory has stayed at twice the threshold for `resume_after_s`: the hysteresis keeps a

@@ -131,7 +131,7 @@ def books(
         coordinator = pool.start_coordinator(
             member=bundles["Coord"],
             api_keys=pool_dir / "api_keys.json",
-            extra_args=["--ledger-url", coordinator_url, "--receipt-interval", "0.3"],
+            extra_args=["--ledger-url", coordinator_url, "--receipt-interval-s", "0.3"],
         )
         books = Books(
             pool,
@@ -219,7 +219,7 @@ def test_attack_3_a_coordinator_that_bills_another_member_is_caught_by_verify(bo
     rogue_keys.write_bytes(api_keys_json([record]))
     rogue_keys.chmod(0o600)
     ledger_url = create_role(books.pool_dir, "coord_beta")
-    extra_args = ["--ledger-url", ledger_url, "--receipt-interval", "0.3"]
+    extra_args = ["--ledger-url", ledger_url, "--receipt-interval-s", "0.3"]
     # With its member bundle, Beta cannot run a coordinator at all: only the pool CA issues that role.
     with pytest.raises(RuntimeError, match="coordinator bundle"):
         books.pool.start_coordinator(member=books.bundles["Beta"], api_keys=rogue_keys, extra_args=extra_args)

@@ -88,7 +88,7 @@ def trust(tiny_chat_model_dir: str, tmp_path_factory: pytest.TempPathFactory) ->
         pool.start_coordinator(
             member=bundles["Coord"],
             api_keys=pool_dir / "api_keys.json",
-            extra_args=["--pool-dir", str(pool_dir), "--receipt-interval", "0.3"],
+            extra_args=["--pool-dir", str(pool_dir), "--receipt-interval-s", "0.3"],
         )
         yield TrustPool(pool, pool_dir, bundles, key, Manifest.load(tiny_chat_model_dir))
     finally:

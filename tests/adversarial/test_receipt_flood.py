@@ -98,7 +98,7 @@ def flood(tiny_chat_model_dir: str, tmp_path_factory: pytest.TempPathFactory) ->
         coordinator = pool.start_coordinator(
             member=bundles["Coord"],
             api_keys=pool_dir / "api_keys.json",
-            extra_args=["--pool-dir", str(pool_dir), "--receipt-interval", "0.3"],
+            extra_args=["--pool-dir", str(pool_dir), "--receipt-interval-s", "0.3"],
         )
         manifest = Manifest.load(tiny_chat_model_dir)
         yield FloodPool(pool, pool_dir, bundles, key, info.admin_token, manifest, coordinator, started_at)

@@ -40,7 +40,7 @@ def test_a_real_pool_s_receipts_reach_the_view(tiny_chat_model_dir: str, tmp_pat
         pool.start_coordinator(
             member=bundles["coord"],
             api_keys=pool_dir / API_KEYS_FILE,
-            extra_args=["--pool-dir", str(pool_dir), "--receipt-interval", "0.5"],
+            extra_args=["--pool-dir", str(pool_dir), "--receipt-interval-s", "0.5"],
         )
         with httpx.Client(base_url=pool.url, timeout=60) as http:
             for who in requests:

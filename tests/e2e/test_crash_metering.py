@@ -46,7 +46,7 @@ class CrashPool:
         self.pool.start_coordinator(
             member=self.bundles["Coord"],
             api_keys=self.pool_dir / "api_keys.json",
-            extra_args=["--pool-dir", str(self.pool_dir), "--receipt-interval", "0.3"],
+            extra_args=["--pool-dir", str(self.pool_dir), "--receipt-interval-s", "0.3"],
         )
 
     def sessions(self) -> dict[tuple[str, str], Observation]:

@@ -61,7 +61,7 @@ def join_pool(tiny_chat_model_dir: str, tmp_path_factory: pytest.TempPathFactory
         pool.start_coordinator(
             member=coordinator,
             api_keys=pool_dir / "api_keys.json",
-            extra_args=["--pool-dir", str(pool_dir), "--receipt-interval", "0.3"],
+            extra_args=["--pool-dir", str(pool_dir), "--receipt-interval-s", "0.3"],
         )
         yield JoinPool(pool, pool_dir, joiner, api_key)
     finally:

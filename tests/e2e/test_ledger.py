@@ -59,7 +59,7 @@ class BooksPool:
         self.pool.start_coordinator(
             member=self.bundles["Coord"],
             api_keys=self.pool_dir / "api_keys.json",
-            extra_args=["--pool-dir", str(self.pool_dir), "--receipt-interval", str(receipt_interval_s)],
+            extra_args=["--pool-dir", str(self.pool_dir), "--receipt-interval-s", str(receipt_interval_s)],
         )
 
     def chat(self, content: str, max_tokens: int = 6) -> dict:  # type: ignore[type-arg]

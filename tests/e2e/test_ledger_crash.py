@@ -79,7 +79,7 @@ def test_kill_9_while_booking_loses_nothing_and_books_nothing_twice(tiny_chat_mo
         pool.start_dht()
         pool.start_nodes({"node-a": f"0:{manifest.num_blocks}"}, {"node-a": bundles["Alpha"]})
         args = ["coordinator", "start", "--model", tiny_chat_model_dir, "--port", "0", "--initial-peers", pool.peer]
-        args += ["--member", str(bundles["Coord"]), "--pool-dir", str(pool_dir), "--receipt-interval", "0.2"]
+        args += ["--member", str(bundles["Coord"]), "--pool-dir", str(pool_dir), "--receipt-interval-s", "0.2"]
         booker = start("booker", [*args, "--device", "cpu"], None)
         pool.processes.append(booker)
         # The kill point: after a random number of acknowledged batches (the final batch always still
@@ -109,7 +109,7 @@ def test_kill_9_while_booking_loses_nothing_and_books_nothing_twice(tiny_chat_mo
         assert report.ok, report.problems
 
         pool.start_coordinator(
-            member=bundles["Coord"], extra_args=["--pool-dir", str(pool_dir), "--receipt-interval", "0.2"]
+            member=bundles["Coord"], extra_args=["--pool-dir", str(pool_dir), "--receipt-interval-s", "0.2"]
         )
         wait_for("the outbox to empty", lambda: not pending_ids(), WAIT_S, every_s=0.1)
         legs = _legs_per_receipt(ledger)

@@ -82,7 +82,7 @@ def two_models(
         pool.start_coordinator(
             member=bundles["Coord"],
             api_keys=pool_dir / API_KEYS_FILE,
-            extra_args=["--model", tiny_chat_model_dir, "--pool-dir", str(pool_dir), "--receipt-interval", "0.3"],
+            extra_args=["--model", tiny_chat_model_dir, "--pool-dir", str(pool_dir), "--receipt-interval-s", "0.3"],
         )
         demo, tiny = Manifest.load(demo_model_dir), Manifest.load(tiny_chat_model_dir)
         yield TwoModels(pool, pool_dir, create_api_key(pool_dir, "Gamma"), info.admin_token, demo, tiny)

@@ -64,7 +64,7 @@ def sdk_pool(demo_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> I
         pool.start_coordinator(
             member=bundles["Coord"],
             api_keys=pool_dir / "api_keys.json",
-            extra_args=["--pool-dir", str(pool_dir), "--receipt-interval", "0.3"],
+            extra_args=["--pool-dir", str(pool_dir), "--receipt-interval-s", "0.3"],
         )
         yield SdkPool(pool, pool_dir, create_api_key(pool_dir, "Gamma"))
     finally:
