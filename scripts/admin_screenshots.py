@@ -85,7 +85,7 @@ def demo_pool(model_dir: Path, scratch: Path) -> Iterator[tuple[LocalPool, str, 
     try:
         pool.start_dht(member=demo.coordinator)
         pool.start_nodes(DEMO_SPANS, demo.nodes)
-        extra = ["--pool-dir", str(pool_dir), "--receipt-interval", "0.5"]
+        extra = ["--pool-dir", str(pool_dir), "--receipt-interval-s", "0.5"]
         pool.start_coordinator(0, demo.coordinator, pool_dir / "api_keys.json", extra_args=extra)
         yield pool, demo.api_key, demo.admin_token
     finally:
