@@ -147,7 +147,7 @@ class CoordinatorSettings(BaseSettings):
     # this many tokens or seconds, and at its end: a coordinator crash loses at most that much of it
     observation_checkpoint_tokens: int = Field(default=64, gt=0)
     observation_checkpoint_s: float = Field(default=30.0, gt=0)
-    # -- what one node can make receipt collection spend (coop.coordinator.receipts) --
+    # -- what one node can make receipt collection spend (coop.coordinator.accounts.receipt_collection) --
     receipt_poll_budget_s: float = Field(default=5.0, gt=0)  # one node's poll, all calls; then cut off
     receipt_max_concurrent_polls: int = Field(default=16, gt=0)  # nodes polled at once
     receipt_batch: int = Field(default=200, gt=0)  # receipts asked of a node per call; more are dropped
@@ -156,7 +156,7 @@ class CoordinatorSettings(BaseSettings):
     receipt_max_backoff_rounds: int = Field(default=32, gt=0)  # a junk or slow node is skipped up to this
     # an SDK session (the chain relay) idle this long is closed, giving back its KV caches and slots
     session_idle_timeout_s: float = Field(default=DEFAULT_SESSION_IDLE_TIMEOUT_S, gt=0)
-    # -- what one HTTP client can make the coordinator hold or spend (coop.coordinator.limits) --
+    # -- what one HTTP client can make the coordinator hold or spend (coop.coordinator.http.limits) --
     # bytes of one request body (relay steps: what the session's length needs); more is refused
     # (413) before it is read, and before it is parsed the API key is checked (401)
     max_request_bytes: int = Field(default=4 << 20, gt=0)

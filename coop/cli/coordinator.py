@@ -56,7 +56,7 @@ def coordinator_start(
     configure_logging(log_format)
     pause_collection()  # for its imports (see coop.startup)
     from coop.config import CoordinatorSettings
-    from coop.coordinator.service import run_coordinator
+    from coop.coordinator.process import run_coordinator
 
     resume_collection()
     share_tensors_by_descriptor()

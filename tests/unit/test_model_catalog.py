@@ -10,9 +10,9 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from coop.coordinator.api import create_app
+from coop.coordinator.accounts.observations import Metering, ModelRate
 from coop.coordinator.catalog import Coverage, ModelCatalog, ServedModel
-from coop.coordinator.metering import Metering, ModelRate
+from coop.coordinator.http.app import create_app
 from coop.errors import ModelStoreError, RequestError, RouteUnavailable
 from coop.ledger.models import Observation
 from coop.pipeline.local import LocalBackend

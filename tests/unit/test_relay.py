@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from coop.client import ApiError, RemoteModel, ReplayUnavailable
-from coop.coordinator.admission import FairShareAdmission, RequestAdmission
-from coop.coordinator.api import create_app
-from coop.coordinator.auth import ApiKeyGate
+from coop.coordinator.accounts.fair_share_admission import FairShareAdmission, RequestAdmission
+from coop.coordinator.http.app import create_app
+from coop.coordinator.http.auth import ApiKeyGate
 from coop.errors import CoopError, InvalidInput
 from coop.pipeline.charge import UNMETERED, Charge
 from coop.pipeline.generation import Chain, collect_tokens

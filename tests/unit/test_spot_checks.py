@@ -18,7 +18,10 @@ import pytest
 import torch
 
 from coop.config import CoordinatorSettings
-from coop.coordinator.spot_checks import SpotCheckPolicy, TrustBook, WithholdingMeter, replica_route
+from coop.coordinator.spot_checks.policy import SpotCheckPolicy
+from coop.coordinator.spot_checks.replicas import replica_route
+from coop.coordinator.spot_checks.trust_book import TrustBook
+from coop.coordinator.spot_checks.withholding import WithholdingMeter
 from coop.model.engine import SpanEngine, StepInput
 from coop.receipts import TokenTally
 from coop.swarm.routing import Hop

@@ -1,11 +1,11 @@
 """The coordinator's OpenAI-compatible HTTP API: routes and HTTP plumbing only.
 
-What a request means lives in `coop.coordinator.serving` (and, for the SDK's research sessions
-under /v1/coop/sessions, `coop.coordinator.relay`); the shapes on the wire in
-`coop.coordinator.protocol`. Every error, ours or the framework's, leaves through
+What a request means lives in `coop.coordinator.http.serving` (and, for the SDK's research sessions
+under /v1/coop/sessions, `coop.coordinator.http.relay`); the shapes on the wire in
+`coop.coordinator.http.protocol`. Every error, ours or the framework's, leaves through
 `api_errors.error_response`, so clients always get OpenAI's error envelope. Before any route, the
-API key and the body's size are checked (`coop.coordinator.guard`); every refusal is counted by its
-code in `app.state.rejections`. `/metrics` serves Prometheus (`coop.coordinator.metrics`), without an
+API key and the body's size are checked (`coop.coordinator.http.guard`); every refusal is counted by its
+code in `app.state.rejections`. `/metrics` serves Prometheus (`coop.coordinator.http.metrics`), without an
 API key: to anyone who can reach the API, or only with the bearer token of `metrics_token`.
 """
 
@@ -23,16 +23,17 @@ from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
 from coop.config import DEFAULT_SESSION_IDLE_TIMEOUT_S
-from coop.coordinator.admission import RequestAdmission, enter_request
-from coop.coordinator.api_errors import error_response
-from coop.coordinator.auth import ApiKeyGate, Caller
+from coop.coordinator.accounts.fair_share_admission import RequestAdmission
 from coop.coordinator.catalog import ModelCatalog
-from coop.coordinator.guard import RequestGuard
-from coop.coordinator.limits import HttpLimits, Rejections
-from coop.coordinator.metrics import CoordinatorMetrics, RequestCounter
-from coop.coordinator.protocol import ChatCompletionRequest, CompletionRequest, RelayOpenRequest
-from coop.coordinator.relay import ChainRelay
-from coop.coordinator.serving import OpenAIServing
+from coop.coordinator.http.api_errors import error_response
+from coop.coordinator.http.auth import ApiKeyGate, Caller
+from coop.coordinator.http.guard import RequestGuard
+from coop.coordinator.http.limits import HttpLimits, Rejections
+from coop.coordinator.http.metrics import CoordinatorMetrics, RequestCounter
+from coop.coordinator.http.protocol import ChatCompletionRequest, CompletionRequest, RelayOpenRequest
+from coop.coordinator.http.relay import ChainRelay
+from coop.coordinator.http.request_slots import enter_request
+from coop.coordinator.http.serving import OpenAIServing
 from coop.errors import CoopError
 from coop.pipeline.backend import Backend
 from coop.pipeline.charge import Charge

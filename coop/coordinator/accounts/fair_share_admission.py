@@ -13,14 +13,12 @@ import itertools
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-from coop.coordinator.auth import ApiKeyGate, Caller
 from coop.errors import CreditExhausted
 from coop.ledger.models import flops_to_credits
 from coop.pipeline.charge import Charge, Meter
-from coop.receipts import api_key_id
 
 log = logging.getLogger(__name__)
 
@@ -146,17 +144,3 @@ class RequestAdmission:
             priority = self._priority(consumer) if self._priority is not None else 0.0
             meter = self._meter(api_key_id) if self._meter is not None else None
             yield Admitted(Charge(consumer, priority, meter), waited_s)
-
-
-async def enter_request(
-    slots: AsyncExitStack, gate: ApiKeyGate, access: RequestAdmission | None, caller: Caller
-) -> tuple[Charge, float | None]:
-    """Take one of caller's key slots and, when the pool meters use, a session slot in fair-share order,
-    onto `slots` (closing it gives them back). Returns who pays, and the seconds waited (None: no admission).
-    A chat request holds them until its response ends, a relay session until it is closed."""
-    slots.enter_context(gate.slot(caller))
-    if access is None:
-        return Charge(caller.institution or ""), None
-    key_id = api_key_id(caller.key_digest) if caller.key_digest else ""
-    admitted = await slots.enter_async_context(access.enter(caller.institution, key_id))
-    return admitted.charge, admitted.waited_s

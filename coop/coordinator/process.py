@@ -23,16 +23,13 @@ from typing import TYPE_CHECKING
 import uvicorn
 
 from coop.config import CoordinatorSettings
-from coop.coordinator.auth import ApiKeyGate
 from coop.coordinator.catalog import ModelCatalog, ServedModel
-from coop.coordinator.limits import HttpLimits
-from coop.coordinator.spot_checks import (
-    CheckedChain,
-    SpotChecker,
-    SpotCheckPolicy,
-    TrustBook,
-    ledger_audit,
-)
+from coop.coordinator.http.auth import ApiKeyGate
+from coop.coordinator.http.limits import HttpLimits
+from coop.coordinator.spot_checks.checked_chain import CheckedChain
+from coop.coordinator.spot_checks.policy import SpotCheckPolicy
+from coop.coordinator.spot_checks.replicas import SpotChecker
+from coop.coordinator.spot_checks.trust_book import TrustBook, ledger_audit
 from coop.model.manifest import Manifest
 from coop.pipeline.charge import UNMETERED, Charge
 from coop.pipeline.remote import RemoteChain, RouteSource
@@ -49,7 +46,7 @@ from coop.wire.channels import ChannelPool, ChannelSecurity
 from coop.wire.generated import coop_pb2 as pb
 
 if TYPE_CHECKING:
-    from coop.coordinator.accounting import Accounting
+    from coop.coordinator.accounts.bookkeeping import Bookkeeping
     from coop.model.client_part import ClientPart
     from coop.pipeline.generation import Chain
 
@@ -110,7 +107,10 @@ class RemoteBackend:
 
     def _priced(self, charge: Charge) -> Charge:
         """The charge with its meter naming this model in observations and counting its FLOPs in fair share."""
-        from coop.coordinator.metering import KeyedMeter, ModelRate  # the ledger's: imported once accounts are kept
+        from coop.coordinator.accounts.observations import (  # the ledger's: imported once accounts are kept
+            KeyedMeter,
+            ModelRate,
+        )
 
         if not isinstance(charge.meter, KeyedMeter):
             return charge
@@ -162,7 +162,7 @@ async def run_coordinator(settings: CoordinatorSettings) -> None:
         raise
     from coop.admin import AdminContext, mount_admin
     from coop.admin.auth import SignInThrottle
-    from coop.coordinator.api import create_app
+    from coop.coordinator.http.app import create_app
 
     sign_route = membership.credentials.sign if membership.credentials is not None else None
     book = TrustBook(SpotCheckPolicy.from_settings(settings))
@@ -187,7 +187,7 @@ async def run_coordinator(settings: CoordinatorSettings) -> None:
 
     pool_list = [] if settings.pool_dir is None else [settings.pool_dir / REVOCATIONS_FILE]
     watcher = RevocationWatcher(membership.revocations, directory, files=pool_list)
-    accounting: Accounting | None = None
+    bookkeeping: Bookkeeping | None = None
     trust: asyncio.Task[None] | None = None  # spot checks' verdicts to and from the ledger
     try:
         catalog = ModelCatalog([ServedModel(b, b.swarm.missing_blocks, b.swarm.refresh) for b in backends])
@@ -195,21 +195,21 @@ async def run_coordinator(settings: CoordinatorSettings) -> None:
         for backend in backends:
             await backend.swarm.start()
         if membership.bundle is not None:
-            from coop.coordinator.accounting import Accounting
+            from coop.coordinator.accounts.bookkeeping import Bookkeeping
 
-            accounting = await Accounting.start(
+            bookkeeping = await Bookkeeping.start(
                 settings, membership.bundle, membership.revocations, manifests, lambda: default.channels, live_nodes
             )
             actor = f"coordinator:{membership.bundle.institution}"
-            ledger = accounting.ledger
+            ledger = bookkeeping.ledger
             trust = asyncio.create_task(book.follow(ledger_audit(ledger, actor), partial(trust_from_ledger, ledger)))
         gate = ApiKeyGate(settings.api_keys_file, membership.bundle.limits if membership.bundle else None)
-        access = accounting.access if accounting else None
-        from coop.coordinator.metrics import CoordinatorMetrics  # pulls in the text pipeline: after the join
+        access = bookkeeping.access if bookkeeping else None
+        from coop.coordinator.http.metrics import CoordinatorMetrics  # pulls in the text pipeline: after the join
 
         metrics = CoordinatorMetrics()
-        if accounting is not None:
-            metrics.watch_accounting(accounting)
+        if bookkeeping is not None:
+            metrics.watch_bookkeeping(bookkeeping)
         app = create_app(
             catalog,
             keys=gate,
@@ -220,17 +220,17 @@ async def run_coordinator(settings: CoordinatorSettings) -> None:
             metrics=metrics,
             metrics_token=settings.metrics_token,
         )
-        if settings.pool_dir is not None and accounting is not None:
-            metering = accounting.metering
+        if settings.pool_dir is not None and bookkeeping is not None:
+            metering = bookkeeping.metering
             admin = AdminContext.for_coordinator(
                 settings.pool_dir,
-                accounting.ledger,
-                accounting.fair_share,
+                bookkeeping.ledger,
+                bookkeeping.fair_share,
                 lambda: metering.tokens_served,
                 {backend.model_name: backend.swarm for backend in backends},
                 rejections=app.state.rejections.snapshot,
                 sign_in=SignInThrottle(settings.admin_sign_in_burst, settings.admin_sign_in_refill_s),
-                receipt_collection=accounting.collector.stats,
+                receipt_collection=bookkeeping.collector.stats,
             )
             mount_admin(app, admin)
         # log_config=None: uvicorn's records go through the process's handler (--log-format)
@@ -256,8 +256,8 @@ async def run_coordinator(settings: CoordinatorSettings) -> None:
         watcher.stop()
         for backend in backends:
             await backend.close()
-        if accounting is not None:
-            await accounting.close()
+        if bookkeeping is not None:
+            await bookkeeping.close()
         for backend in backends:
             await backend.swarm.stop()
         await asyncio.to_thread(directory.shutdown)
