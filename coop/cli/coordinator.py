@@ -56,7 +56,7 @@ def coordinator_start(
     configure_logging(log_format)
     pause_collection()  # for its imports (see coop.startup)
     from coop.config import CoordinatorSettings
-    from coop.coordinator.process import run_coordinator
+    from coop.coordinator.process import Coordinator
 
     resume_collection()
     share_tensors_by_descriptor()
@@ -76,4 +76,4 @@ def coordinator_start(
         max_active_sessions=max_active_sessions,
         receipt_interval_s=receipt_interval,
     )
-    asyncio.run(run_coordinator(settings))
+    asyncio.run(Coordinator.serve(settings))

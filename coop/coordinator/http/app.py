@@ -146,23 +146,11 @@ def create_app(
             return max(relay.largest_body(), limits.max_request_bytes)
         return limits.max_request_bytes
 
-    async def handle_error(request: Request, exc: Exception) -> Response:
-        status, envelope = error_response(exc)
-        if 400 <= status < 500:
-            rejections.record(envelope.error.code or f"http_{status}")
-        return JSONResponse(envelope.model_dump(mode="json"), status_code=status)
-
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         await relay.aclose()
 
-    def caller(request: Request) -> Caller:
-        """Who the guard found the request to come from, before its body was read."""
-        found: Caller = request.state.caller
-        return found
-
-    Authenticated = Annotated[Caller, Depends(caller)]
     docs: dict[str, Any] = {} if public_docs else {"openapi_url": None, "docs_url": None, "redoc_url": None}
     app = FastAPI(
         title="Coop coordinator",
@@ -170,20 +158,66 @@ def create_app(
         lifespan=lifespan,
         **docs,
     )
+    handle_error = _error_handler(rejections)
     for exc_type in (CoopError, RequestValidationError, HTTPException, Exception):
         app.add_exception_handler(exc_type, handle_error)
     app.add_middleware(RequestGuard, gate=gate, body_limit=body_limit, rejections=rejections)
     app.add_middleware(RequestCounter, requests=metrics.http_requests)  # outermost: counts the guard's refusals too
+    app.include_router(_service_routes(serving, metrics, metrics_token))
+    app.include_router(_generation_routes(serving, gate, access, limits, metrics))
+    app.include_router(_relay_routes(relay))
+    app.state.serving = serving
+    app.state.relay = relay
+    app.state.rejections = rejections
+    app.state.metrics = metrics
+    return app
 
-    @app.get("/health")
+
+def _error_handler(rejections: Rejections) -> Callable[[Request, Exception], Awaitable[Response]]:
+    """Every error, ours or the framework's, as OpenAI's envelope; a client's (4xx) counted by its code."""
+
+    async def handle_error(request: Request, exc: Exception) -> Response:
+        status, envelope = error_response(exc)
+        if 400 <= status < 500:
+            rejections.record(envelope.error.code or f"http_{status}")
+        return JSONResponse(envelope.model_dump(mode="json"), status_code=status)
+
+    return handle_error
+
+
+def _caller(request: Request) -> Caller:
+    """Who the guard found the request to come from, before its body was read."""
+    found: Caller = request.state.caller
+    return found
+
+
+Authenticated = Annotated[Caller, Depends(_caller)]
+
+
+def _service_routes(serving: OpenAIServing, metrics: CoordinatorMetrics, metrics_token: SecretStr | None) -> APIRouter:
+    """/health and Prometheus' /metrics: no API key."""
+    router = APIRouter()
+
+    @router.get("/health")
     async def health() -> Response:
         return _respond(serving.health())
 
-    @app.get("/metrics", include_in_schema=False)
+    @router.get("/metrics", include_in_schema=False)
     async def prometheus(request: Request) -> Response:
         body = metrics.exposition(request.headers.get("authorization"), metrics_token)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
+    return router
+
+
+def _generation_routes(
+    serving: OpenAIServing,
+    gate: ApiKeyGate,
+    access: RequestAdmission | None,
+    limits: HttpLimits,
+    metrics: CoordinatorMetrics,
+) -> APIRouter:
+    """OpenAI's /v1/models, /v1/chat/completions and /v1/completions."""
     v1 = APIRouter(prefix="/v1")
 
     @v1.get("/models")
@@ -202,6 +236,11 @@ def create_app(
         limits.check(body)
         return await _generate(gate, access, who, lambda charge: serving.complete(body, charge), metrics)
 
+    return v1
+
+
+def _relay_routes(relay: ChainRelay) -> APIRouter:
+    """The SDK's relay sessions under /v1/coop/sessions."""
     sessions = APIRouter(prefix=SESSIONS_PREFIX)
 
     @sessions.post("")
@@ -222,10 +261,4 @@ def create_app(
         await relay.close(who, session_id)
         return Response(status_code=204)
 
-    app.include_router(v1)
-    app.include_router(sessions)
-    app.state.serving = serving
-    app.state.relay = relay
-    app.state.rejections = rejections
-    app.state.metrics = metrics
-    return app
+    return sessions
