@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from coop.config import CoordinatorSettings
 from coop.coordinator.spot_checks.checked_chain import CheckedChain
 from coop.coordinator.spot_checks.replicas import SpotChecker
 from coop.coordinator.spot_checks.trust_book import TrustBook
+from coop.coordinator.spot_checks.withholding import WithholdingMeter
 from coop.pipeline.charge import UNMETERED, Charge
 from coop.pipeline.remote import RemoteChain, RouteSource
 from coop.swarm.announcement import NodeAnnouncement
@@ -58,28 +58,13 @@ class RemoteBackend:
         self.spot_checks = SpotChecker(book, swarm, self._replica_chain)
 
     async def open_chain(self, max_length: int, charge: Charge = UNMETERED) -> Chain:
-        if charge.meter is not None:
-            charge = self._priced(charge)
         policy = self.spot_checks.book.policy
         if not policy.enabled:
             return await self._chain(self.swarm, max_length, charge, self.settings.max_failovers, 0).open()
-        charge, withholding = self.spot_checks.charge(charge)
-        chain = self._chain(self.swarm, max_length, charge, self.settings.max_failovers, policy.sketch_dims)
-        return CheckedChain(await chain.open(), self.spot_checks, withholding)
-
-    def _priced(self, charge: Charge) -> Charge:
-        """The charge with its meter naming this model in observations and counting its FLOPs in fair share."""
-        from coop.coordinator.accounts.observations import (  # the ledger's: imported once accounts are kept
-            KeyedMeter,
-            ModelRate,
-        )
-
-        if not isinstance(charge.meter, KeyedMeter):
-            return charge
-        manifest = self.client.manifest
-        return replace(
-            charge, meter=charge.meter.for_model(ModelRate(manifest.content_hash, manifest.span_flops_per_token))
-        )
+        withholding = WithholdingMeter(charge.meter)
+        withheld = Charge(charge.consumer, withholding)
+        chain = self._chain(self.swarm, max_length, withheld, self.settings.max_failovers, policy.sketch_dims)
+        return CheckedChain(await chain.open(), self.spot_checks, withholding, charge)
 
     def _replica_chain(self, swarm: RouteSource, max_length: int, charge: Charge) -> RemoteChain:
         """A spot check's session on replicas: never failed over (a failed replica ends the check)."""

@@ -74,6 +74,7 @@ class Bookkeeping:
         metering = Metering(
             fair_share,
             manifest.span_flops_per_token,
+            model_rates={m.content_hash: m.span_flops_per_token for m in manifests},
             checkpoint_tokens=settings.observation_checkpoint_tokens,
             checkpoint_s=settings.observation_checkpoint_s,
         )
@@ -83,7 +84,7 @@ class Bookkeeping:
             default_consumer=bundle.institution,
             credit_state=ledger.credit_state,
             priority=lambda consumer: fair_share.factor(consumer, time.time()),
-            meter=metering.for_key,
+            meter=metering,
         )
         checker = ReceiptChecker(
             pool_id=bundle.pool_id,

@@ -79,6 +79,7 @@ async def _generate(
     gate: ApiKeyGate,
     access: RequestAdmission | None,
     caller: Caller,
+    model_hash: str,
     work: Callable[[Charge], Awaitable[BaseModel | AsyncIterator[str]]],
     metrics: CoordinatorMetrics,
 ) -> Response:
@@ -86,7 +87,7 @@ async def _generate(
     a session slot granted in fair-share order; a stream keeps both until it ends."""
     stack = AsyncExitStack()
     try:
-        charge, waited_s = await enter_request(stack, gate, access, caller)
+        charge, waited_s = await enter_request(stack, gate, access, caller, model_hash)
         if waited_s is not None:
             metrics.queue_wait.observe(waited_s)
         result = await work(charge)
@@ -228,13 +229,15 @@ def _generation_routes(
     async def chat_completions(body: ChatCompletionRequest, who: Authenticated) -> Response:
         gate.check_max_tokens(who, body.requested_max_tokens)
         limits.check(body)
-        return await _generate(gate, access, who, lambda charge: serving.chat(body, charge), metrics)
+        model_hash = serving.catalog.get(body.model).model_hash
+        return await _generate(gate, access, who, model_hash, lambda charge: serving.chat(body, charge), metrics)
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, who: Authenticated) -> Response:
         gate.check_max_tokens(who, body.requested_max_tokens)
         limits.check(body)
-        return await _generate(gate, access, who, lambda charge: serving.complete(body, charge), metrics)
+        model_hash = serving.catalog.get(body.model).model_hash
+        return await _generate(gate, access, who, model_hash, lambda charge: serving.complete(body, charge), metrics)
 
     return v1
 

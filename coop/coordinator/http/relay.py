@@ -111,7 +111,7 @@ class ChainRelay:
             )
         slots = AsyncExitStack()
         try:
-            charge, _ = await enter_request(slots, self.gate, self.access, caller)
+            charge, _ = await enter_request(slots, self.gate, self.access, caller, model.model_hash)
             chain = await backend.open_chain(request.max_length, charge)
         except BaseException:
             with anyio.CancelScope(shield=True):

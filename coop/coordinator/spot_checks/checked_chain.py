@@ -59,11 +59,13 @@ class CheckedChain:
     """A `coop.pipeline.generation.Chain`: a RemoteChain whose steps, in a sampled session, are checked
     before they are returned."""
 
-    def __init__(self, chain: RemoteChain, checker: SpotChecker, meter: WithholdingMeter) -> None:
+    def __init__(self, chain: RemoteChain, checker: SpotChecker, meter: WithholdingMeter, charge: Charge) -> None:
+        """`meter`: the chain's, which withholds the culprits' pay; `charge`: the session's own, which
+        pays the replicas for the check like for any session."""
         self.chain = chain
         self.checker = checker
         self._meter = meter
-        self._replica_charge = Charge(chain.charge.consumer, chain.charge.priority, meter.meter)
+        self._replica_charge = charge
         self._sampled: bool | None = None  # decided at the first step, on the first route
         self._shadow: _Shadow | None = None
         self._history: list[torch.Tensor] = []  # what the route's first hop got so far: a new shadow's catch-up

@@ -7,7 +7,6 @@ import random
 from collections.abc import Callable, Collection, Sequence
 
 from coop.coordinator.spot_checks.trust_book import TrustBook
-from coop.coordinator.spot_checks.withholding import WithholdingMeter
 from coop.errors import CoopError, PeerError
 from coop.pipeline.charge import Charge
 from coop.pipeline.remote import RemoteChain, RouteSource
@@ -72,10 +71,6 @@ class SpotChecker:
         self.book = book
         self.swarm = swarm
         self._open_replica = open_replica
-
-    def charge(self, charge: Charge) -> tuple[Charge, WithholdingMeter]:
-        meter = WithholdingMeter(charge.meter)
-        return Charge(charge.consumer, charge.priority, meter), meter
 
     async def replica(self, hop: Hop, avoid: set[str], max_length: int, charge: Charge) -> RemoteChain | None:
         """A session over blocks [hop.start, hop.end) on nodes not in `avoid`, or None if they cannot open one.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from coop.pipeline.charge import Meter
+from coop.pipeline.charge import Meter, Payer
 from coop.receipts import TokenTally
 from coop.swarm.routing import Hop
 
@@ -16,13 +16,13 @@ class WithholdingMeter:
         self.meter = meter
         self.withheld: set[str] = set()
 
-    def stepped(self, session_id: str, consumer: str, hops: Sequence[Hop], tokens: int, sent: TokenTally) -> None:
+    def stepped(self, session_id: str, consumer: Payer, hops: Sequence[Hop], tokens: int, sent: TokenTally) -> None:
         """Checkpoints go on for the others; a culprit keeps only what was observed before it was caught,
         steps that had all passed their checks."""
         if self.meter is not None:
             kept = [h for h in hops if h.node_id not in self.withheld]
             self.meter.stepped(session_id, consumer, kept, tokens, sent)
 
-    def session_ended(self, session_id: str, consumer: str, hops: Sequence[Hop], sent: TokenTally) -> None:
+    def session_ended(self, session_id: str, consumer: Payer, hops: Sequence[Hop], sent: TokenTally) -> None:
         if self.meter is not None:
             self.meter.session_ended(session_id, consumer, [h for h in hops if h.node_id not in self.withheld], sent)
