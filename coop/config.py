@@ -259,7 +259,7 @@ class CoordinatorSettings(BaseSettings):
         gt=0,
     )
     observation_checkpoint_s: float = setting(30.0, unit="seconds", doc="see observation_checkpoint_tokens", gt=0)
-    # -- what one node can make receipt collection spend (coop.coordinator.receipts) --
+    # -- what one node can make receipt collection spend (coop.coordinator.accounts.receipt_collection) --
     receipt_poll_budget_s: float = setting(5.0, unit="seconds", doc="one node's poll, all calls; then cut off", gt=0)
     receipt_max_concurrent_polls: int = setting(16, unit="nodes", doc="nodes polled for receipts at once", gt=0)
     receipt_batch: int = setting(200, unit="receipts", doc="receipts asked of a node per call; more dropped", gt=0)
@@ -275,7 +275,7 @@ class CoordinatorSettings(BaseSettings):
         doc="an SDK session (the chain relay) idle this long is closed, giving back its KV caches and slots",
         gt=0,
     )
-    # -- what one HTTP client can make the coordinator hold or spend (coop.coordinator.limits) --
+    # -- what one HTTP client can make the coordinator hold or spend (coop.coordinator.http.limits) --
     max_request_bytes: int = setting(
         4 << 20,
         unit="bytes",

@@ -197,7 +197,7 @@ class CreditExhausted(CoopError):
 
 # Codes of failures that may clear up: those the coordinator answers with 502, 503 or 504, and the
 # SDK's own. Listed for errors sent mid-stream, after a 200; a unit test keeps them in step with
-# `coop.coordinator.api_errors.ERROR_TABLE`.
+# `coop.coordinator.http.api_errors.ERROR_TABLE`.
 _RETRYABLE_CODES = frozenset(
     {
         # 503: capacity

@@ -38,7 +38,7 @@ class NodeOut(BaseModel):
 
 
 class NodeReceiptsOut(BaseModel):
-    """How collecting one node's receipts went (`coop.coordinator.receipt_watch.NodeTally`)."""
+    """How collecting one node's receipts went (`coop.coordinator.accounts.receipt_polling.NodeTally`)."""
 
     node_id: str
     polls: int

@@ -21,13 +21,13 @@ def coordinator_start(given: GivenSettings, log_format: LogFormatOption = LogFor
     """Serve the OpenAI-compatible API, routing every request through the swarm."""
     configure_logging(log_format)
     pause_collection()  # for its imports (see coop.startup)
-    from coop.coordinator.service import run_coordinator
+    from coop.coordinator.process import Coordinator
 
     resume_collection()
     share_tensors_by_descriptor()
     resolved = given.resolve(CoordinatorSettings)
     log_effective(resolved)
-    asyncio.run(run_coordinator(resolved.settings))
+    asyncio.run(Coordinator.serve(resolved.settings))
 
 
 @coordinator_app.command("config")

@@ -1,7 +1,7 @@
 """The research half of the Python SDK: the model's blocks through a coordinator, the rest here.
 
 `RemoteModel` holds the model's client part (tokenizer, embeddings, head) in this process and
-sends hidden states to a coordinator's chain relay (`coop.coordinator.relay`), which runs them
+sends hidden states to a coordinator's chain relay (`coop.coordinator.http.relay`), which runs them
 through the swarm's nodes on a route it keeps, fails over when a node dies, and bills the API
 key's institution as for a chat request. Use `generate()` like transformers' generate, or open
 an `InferenceSession` to step hidden states through every block yourself (custom decoding,

@@ -86,7 +86,7 @@ class Certificate(SQLModel, table=True):
 class Observation(SQLModel, table=True):
     """What the coordinator sent one node in one session: the ceiling for the sum of that node's receipts.
 
-    Written when the session's first step ran and raised as it goes (`coop.coordinator.metering`), so
+    Written when the session's first step ran and raised as it goes (`coop.coordinator.accounts.observations`), so
     that a coordinator crash leaves the tokens sent up to its last write; tokens never go down.
     """
 

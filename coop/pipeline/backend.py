@@ -1,6 +1,6 @@
 """What the HTTP API needs from "the model": a tokenizer/head and a way to open a chain of blocks.
 
-The API (`coop.coordinator.serving`) only talks to a `Backend`, so the same endpoints serve the
+The API (`coop.coordinator.http.serving`) only talks to a `Backend`, so the same endpoints serve the
 in-process reference path (`coop.pipeline.local.LocalBackend`) and the networked pool (a remote backend that finds
 nodes and builds a route per request).
 """

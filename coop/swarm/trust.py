@@ -2,7 +2,7 @@
 
 The audit trail is the pool-wide quarantine list: only pool coordinators (and the admin) write the
 ledger, every coordinator of the pool reads it, and it is append-only, so a quarantine and its lift
-are both on the record. Spot checks (coop/coordinator/spot_checks.py) write these events; the admin
+are both on the record. Spot checks (coop/coordinator/spot_checks/) write these events; the admin
 view, `coop node trust` and every coordinator's routing read them back through `trust_records`.
 """
 

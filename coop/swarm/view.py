@@ -48,10 +48,12 @@ class SwarmView:
         refresh_s: float = 1.0,
         revoked: Callable[[], frozenset[str]] = frozenset,
         ping: Ping | None = None,
+        quarantined: Callable[[], frozenset[str]] = frozenset,
     ) -> None:
         """`validator` drops records not signed by the pool (None: development mode); `revoked` names
         revoked institutions; `ping` measures a node's round-trip time in seconds (routes then weigh
-        measured RTTs)."""
+        measured RTTs); `quarantined` names the nodes a spot check found cheating
+        (coop.coordinator.spot_checks), which no route of ours uses."""
         self.validator = validator
         self.ping = ping
         self.measurements = Measurements()
@@ -64,8 +66,7 @@ class SwarmView:
         self.nodes: list[NodeAnnouncement] = []
         self.load: Counter[str] = Counter()  # our sessions per node: routes chosen and not yet released
         self._suspects: dict[str, float] = {}
-        # nodes a spot check found cheating (coop.coordinator.spot_checks): in no route of ours
-        self.quarantined: Callable[[], frozenset[str]] = frozenset
+        self.quarantined = quarantined
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> SwarmView:

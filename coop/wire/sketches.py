@@ -8,7 +8,7 @@ and the output it pushed on every step of every session, so it cannot tell check
 others, and it costs two (n, hidden) x (hidden, dims) products a step.
 
 The coordinator compares sketches (`relative_distance`) with those of a re-computation on other
-replicas (coop/coordinator/spot_checks.py).
+replicas (coop/coordinator/spot_checks/).
 """
 
 from __future__ import annotations

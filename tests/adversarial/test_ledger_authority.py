@@ -31,8 +31,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import ProgrammingError
 
-from coop.coordinator.metering import Metering
-from coop.coordinator.receipts import ReceiptCollector
+from coop.coordinator.accounts.observations import Metering
+from coop.coordinator.accounts.receipt_collection import ReceiptCollector
 from coop.launcher import COOP, CoopProcess, LocalPool
 from coop.ledger.booking import ReceiptChecker
 from coop.ledger.fairshare import FairShare

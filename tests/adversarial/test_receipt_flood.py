@@ -30,7 +30,7 @@ import httpx
 import pytest
 
 from coop import launcher
-from coop.coordinator.receipt_watch import AUDIT_INTERVAL_S
+from coop.coordinator.accounts.receipt_polling import AUDIT_INTERVAL_S
 from coop.launcher import COOP, CoopProcess, LocalPool
 from coop.ledger.database import sqlite_url
 from coop.ledger.store import Ledger

@@ -21,8 +21,8 @@ import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
 
 from coop.admin import mount_admin
-from coop.coordinator.api import create_app
-from coop.coordinator.auth import ApiKeyGate
+from coop.coordinator.http.app import create_app
+from coop.coordinator.http.auth import ApiKeyGate
 from coop.ledger.models import FLOPS_PER_CREDIT
 from coop.pipeline.local import LocalBackend
 from coop.pool.api_keys import api_key_digest

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from coop.coordinator.api import QUEUE_HEADER
+from coop.coordinator.http.app import QUEUE_HEADER
 from coop.launcher import LocalPool
 from coop.ledger.booking import ReceiptChecker
 from coop.ledger.database import sqlite_url

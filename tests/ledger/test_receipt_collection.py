@@ -16,8 +16,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import event
 
 from coop.admin import AdminContext, mount_admin
-from coop.coordinator.metering import Metering
-from coop.coordinator.receipts import ReceiptCollector
+from coop.coordinator.accounts.observations import Metering
+from coop.coordinator.accounts.receipt_collection import ReceiptCollector
 from coop.ledger.fairshare import FairShare
 from coop.ledger.store import Ledger
 from coop.swarm.announcement import NodeAnnouncement

@@ -21,8 +21,8 @@ import uvicorn
 from fastapi import FastAPI
 
 from coop.client import ApiError, Client
-from coop.coordinator.api import create_app
-from coop.coordinator.text_stream import IncrementalDetokenizer
+from coop.coordinator.http.app import create_app
+from coop.coordinator.http.text_stream import IncrementalDetokenizer
 from coop.errors import InvalidTensor, PeerError, RouteUnavailable
 from coop.model.client_part import ClientPart
 from coop.pipeline.generation import Chain, collect_tokens

@@ -9,7 +9,7 @@ import pytest
 
 import coop
 import coop.errors
-from coop.coordinator.api_errors import ERROR_TABLE, error_response
+from coop.coordinator.http.api_errors import ERROR_TABLE, error_response
 from coop.errors import _RETRYABLE_CODES, ApiError, CoopError, InvalidTensor, PeerError, RequestError
 
 COOP_DIR = Path(coop.__file__).parent
@@ -62,7 +62,7 @@ def test_the_docstring_draws_every_class() -> None:
 @pytest.mark.parametrize("cls", TREE, ids=lambda cls: cls.__name__)
 def test_every_error_class_has_its_own_row(cls: type[CoopError]) -> None:
     """A new error class without a row fails here, instead of falling through to its parent's row."""
-    assert cls in ERROR_TABLE, f"{cls.__name__} has no row in coop.coordinator.api_errors.ERROR_TABLE"
+    assert cls in ERROR_TABLE, f"{cls.__name__} has no row in coop.coordinator.http.api_errors.ERROR_TABLE"
     status, kind, code = ERROR_TABLE[cls]
     answer_status, body = error_response(_instance(cls))
     if cls is RequestError:  # each instance carries its own status and code

@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from coop.coordinator.api import create_app
-from coop.coordinator.auth import ApiKeyGate
+from coop.coordinator.http.app import create_app
+from coop.coordinator.http.auth import ApiKeyGate
 from coop.pipeline.local import LocalBackend
 from coop.pool.bundle import PoolLimits
 from coop.pool.registry import add_member, create_api_key, create_pool, revoke_api_keys, revoke_member

@@ -20,9 +20,9 @@ import pytest
 import torch
 from fastapi import FastAPI
 
-from coop.coordinator.api import create_app
-from coop.coordinator.auth import ApiKeyGate
-from coop.coordinator.limits import HttpLimits
+from coop.coordinator.http.app import create_app
+from coop.coordinator.http.auth import ApiKeyGate
+from coop.coordinator.http.limits import HttpLimits
 from coop.pipeline.generation import collect_tokens
 from coop.pipeline.local import LocalBackend, LocalChain
 from coop.pipeline.remote import RemoteChain

@@ -10,7 +10,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from coop.coordinator.api import create_app
+from coop.coordinator.http.app import create_app
 from coop.pipeline.local import LocalBackend
 
 pytestmark = pytest.mark.slow

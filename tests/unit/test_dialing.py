@@ -14,8 +14,8 @@ from typing import Any
 
 from hivemind.utils.timed_storage import ValueWithExpiration
 
-from coop.coordinator.metering import Metering
-from coop.coordinator.receipts import ReceiptCollector
+from coop.coordinator.accounts.observations import Metering
+from coop.coordinator.accounts.receipt_collection import ReceiptCollector
 from coop.ledger.database import sqlite_url
 from coop.ledger.fairshare import FairShare
 from coop.ledger.store import Ledger

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from coop.coordinator.admission import FairShareAdmission, RequestAdmission
+from coop.coordinator.accounts.fair_share_admission import FairShareAdmission, RequestAdmission
 from coop.errors import CreditExhausted
 from coop.ledger.fairshare import DecayedTotals, FairShare, fair_share_factor, fair_share_factors
 from coop.ledger.models import FLOPS_PER_CREDIT

@@ -13,9 +13,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
-from coop.coordinator.metrics import CoordinatorMetrics
-from coop.coordinator.protocol import RouteHop
-from coop.coordinator.text_stream import Finished, GenerationEvent, Started, TextDelta
+from coop.coordinator.http.metrics import CoordinatorMetrics
+from coop.coordinator.http.protocol import RouteHop
+from coop.coordinator.http.text_stream import Finished, GenerationEvent, Started, TextDelta
 from coop.errors import PeerError, Unauthorized
 from coop.node.metrics import NodeMetrics
 from coop.node.outbox import Outbox

@@ -10,11 +10,12 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from coop.coordinator.api import create_app
+from coop.coordinator.accounts.observations import Metering
 from coop.coordinator.catalog import Coverage, ModelCatalog, ServedModel
-from coop.coordinator.metering import Metering, ModelRate
+from coop.coordinator.http.app import create_app
 from coop.errors import ModelStoreError, RequestError, RouteUnavailable
 from coop.ledger.models import Observation
+from coop.pipeline.charge import Payer
 from coop.pipeline.local import LocalBackend
 from coop.receipts import TokenTally
 from coop.swarm.routing import Hop
@@ -168,12 +169,11 @@ class RecordedFlops:
 
 def test_each_model_s_sessions_are_observed_and_counted_at_its_own_flops() -> None:
     shares = RecordedFlops()
-    metering = Metering(shares, lambda start, end: 10 * (end - start))  # type: ignore[arg-type]  # the default model's
-    meter = metering.for_key("key-1")
+    other = {"cd34": lambda start, end: 100 * (end - start)}
+    metering = Metering(shares, lambda start, end: 10 * (end - start), model_rates=other)  # type: ignore[arg-type]
     hops = [Hop("n1", "127.0.0.1:1", 0, 2, "alpha")]
-    meter.stepped("s1", "beta", hops, 3, TokenTally(prefill=3))
-    other = ModelRate("cd34", lambda start, end: 100 * (end - start))
-    meter.for_model(other).stepped("s2", "beta", hops, 3, TokenTally(prefill=3))
+    metering.stepped("s1", Payer("beta", "key-1"), hops, 3, TokenTally(prefill=3))  # the default model's
+    metering.stepped("s2", Payer("beta", "key-1", "cd34"), hops, 3, TokenTally(prefill=3))
     assert shares.flops == [60, 600]
     written: list[Observation] = []
     metering.flush(written.extend)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from coop.coordinator.receipt_watch import PollOutcome, PollSchedule, RejectionDigest
+from coop.coordinator.accounts.receipt_polling import PollOutcome, PollSchedule, RejectionDigest
 
 INTERVAL_S = 60.0
 CAP = 8

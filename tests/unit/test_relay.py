@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from coop.client import ApiError, RemoteModel, ReplayUnavailable
-from coop.coordinator.admission import FairShareAdmission, RequestAdmission
-from coop.coordinator.api import create_app
-from coop.coordinator.auth import ApiKeyGate
+from coop.coordinator.accounts.fair_share_admission import FairShareAdmission, RequestAdmission
+from coop.coordinator.http.app import create_app
+from coop.coordinator.http.auth import ApiKeyGate
 from coop.errors import CoopError, InvalidInput
 from coop.pipeline.charge import UNMETERED, Charge
 from coop.pipeline.generation import Chain, collect_tokens
@@ -179,7 +179,7 @@ def test_generate_and_sessions_equal_the_local_chain(
             out = session.step(edited)
         assert torch.allclose(out, _local_step(local, edited), atol=1e-5)
         assert not torch.allclose(out, _local_step(local, model.embed([PROMPT])), atol=1e-3)
-    assert dev.backend.charges[-1].consumer == ""  # development mode: nobody is billed
+    assert dev.backend.charges[-1].consumer.institution == ""  # development mode: nobody is billed
 
 
 def test_a_failover_replays_the_token_ids_and_refuses_without(
@@ -236,17 +236,17 @@ def test_sessions_are_charged_to_the_keys_institution_and_bounded_per_key(
 ) -> None:
     with RemoteModel.from_pretrained(tiny_llama_dir, keyed.url, api_key=keyed.keys["Uni A"]) as model:
         sessions = [model.inference_session(max_length=8) for _ in range(KEY_LIMIT)]
-        assert [c.consumer for c in keyed.backend.charges[-KEY_LIMIT:]] == ["Uni A"] * KEY_LIMIT
+        assert [c.consumer.institution for c in keyed.backend.charges[-KEY_LIMIT:]] == ["Uni A"] * KEY_LIMIT
         assert keyed.admission.active == KEY_LIMIT  # each holds a fair-share session slot
         with pytest.raises(ApiError) as caught:
             model.inference_session(max_length=8)
         assert (caught.value.status, caught.value.code) == (429, "concurrency_limit")
         with RemoteModel.from_pretrained(tiny_llama_dir, keyed.url, api_key=keyed.keys["Uni B"]) as other:
             other.generate(PROMPT, max_new_tokens=2)  # another key is not held back
-        assert keyed.backend.charges[-1].consumer == "Uni B"
+        assert keyed.backend.charges[-1].consumer.institution == "Uni B"
         sessions[0].close()
         model.generate(PROMPT, max_new_tokens=2)  # the slot came back
-        assert keyed.backend.charges[-1].consumer == "Uni A"
+        assert keyed.backend.charges[-1].consumer.institution == "Uni A"
         with pytest.raises(ApiError) as caught:
             model.inference_session(max_length=LENGTH_LIMIT + 1)
         assert (caught.value.status, caught.value.code) == (400, "context_length_exceeded")

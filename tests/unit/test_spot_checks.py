@@ -18,8 +18,12 @@ import pytest
 import torch
 
 from coop.config import CoordinatorSettings
-from coop.coordinator.spot_checks import SpotCheckPolicy, TrustBook, WithholdingMeter, replica_route
+from coop.coordinator.spot_checks.policy import SpotCheckPolicy
+from coop.coordinator.spot_checks.replicas import replica_route
+from coop.coordinator.spot_checks.trust_book import TrustBook
+from coop.coordinator.spot_checks.withholding import WithholdingMeter
 from coop.model.engine import SpanEngine, StepInput
+from coop.pipeline.charge import Payer
 from coop.receipts import TokenTally
 from coop.swarm.routing import Hop
 from coop.swarm.trust import DISPUTED, LIFTED, PASSED, QUARANTINED, trust_records
@@ -123,10 +127,10 @@ class _Observations:
         self.sessions: list[list[str]] = []
         self.checkpoints: list[list[str]] = []
 
-    def stepped(self, session_id: str, consumer: str, hops: Sequence[Hop], tokens: int, sent: TokenTally) -> None:
+    def stepped(self, session_id: str, consumer: Payer, hops: Sequence[Hop], tokens: int, sent: TokenTally) -> None:
         self.checkpoints.append([hop.node_id for hop in hops])
 
-    def session_ended(self, session_id: str, consumer: str, hops: Sequence[Hop], sent: TokenTally) -> None:
+    def session_ended(self, session_id: str, consumer: Payer, hops: Sequence[Hop], sent: TokenTally) -> None:
         self.sessions.append([hop.node_id for hop in hops])
 
 
@@ -134,11 +138,12 @@ def test_a_node_found_at_fault_is_not_observed_so_its_receipt_goes_unpaid() -> N
     observed = _Observations()
     meter = WithholdingMeter(observed)
     route = [Hop("honest", "e", 0, 3), Hop("cheat", "e", 3, 6)]
-    meter.stepped("s1", "uni", route, 1, TokenTally())
-    meter.session_ended("s1", "uni", route, TokenTally())
+    uni = Payer("uni")
+    meter.stepped("s1", uni, route, 1, TokenTally())
+    meter.session_ended("s1", uni, route, TokenTally())
     meter.withheld.add("cheat")
-    meter.stepped("s2", "uni", route, 1, TokenTally())
-    meter.session_ended("s2", "uni", route, TokenTally())
+    meter.stepped("s2", uni, route, 1, TokenTally())
+    meter.session_ended("s2", uni, route, TokenTally())
     assert observed.sessions == [["honest", "cheat"], ["honest"]]
     assert observed.checkpoints == [["honest", "cheat"], ["honest"]]  # no checkpoint once caught either
 

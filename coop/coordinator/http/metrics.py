@@ -25,13 +25,13 @@ from prometheus_client.registry import Collector
 from pydantic import SecretStr
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from coop.coordinator.admission import FairShareAdmission
-from coop.coordinator.limits import Rejections
-from coop.coordinator.text_stream import Finished, GenerationEvent, TextDelta
+from coop.coordinator.accounts.fair_share_admission import FairShareAdmission
+from coop.coordinator.http.limits import Rejections
+from coop.coordinator.http.text_stream import Finished, GenerationEvent, TextDelta
 from coop.errors import Unauthorized
 
 if TYPE_CHECKING:
-    from coop.coordinator.accounting import Accounting
+    from coop.coordinator.accounts.bookkeeping import Bookkeeping
 
 TTFT_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TPOT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -92,9 +92,9 @@ class CoordinatorMetrics:
         """Read the app's refusals and, when the pool meters use, its session slots, at each scrape."""
         self.registry.register(_AppCollector(rejections, admission))
 
-    def watch_accounting(self, accounting: Accounting) -> None:
+    def watch_bookkeeping(self, bookkeeping: Bookkeeping) -> None:
         """Read receipts booked and rejected, and fair-share factors, at each scrape."""
-        self.registry.register(_AccountingCollector(accounting))
+        self.registry.register(_BookkeepingCollector(bookkeeping))
 
     def exposition(self, authorization: str | None, token: SecretStr | None) -> bytes:
         """The metrics, for a scraper that sends `Bearer <token>` when a token is set."""
@@ -190,12 +190,12 @@ class _AppCollector(Collector):
             )
 
 
-class _AccountingCollector(Collector):
-    def __init__(self, accounting: Accounting) -> None:
-        self._accounting = accounting
+class _BookkeepingCollector(Collector):
+    def __init__(self, bookkeeping: Bookkeeping) -> None:
+        self._bookkeeping = bookkeeping
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
-        total = self._accounting.collector.schedule.total
+        total = self._bookkeeping.collector.schedule.total
         yield CounterMetricFamily(
             "coop_coordinator_receipts_booked", "Node receipts checked and booked in the ledger", value=total.booked
         )
@@ -212,6 +212,6 @@ class _AccountingCollector(Collector):
             "Each institution's fair-share factor now: 2^(-usage/contribution), higher goes first",
             labels=["institution"],
         )
-        for institution, factor in sorted(self._accounting.fair_share.factors(time.time()).items()):
+        for institution, factor in sorted(self._bookkeeping.fair_share.factors(time.time()).items()):
             factors.add_metric([institution], factor)
         yield factors

@@ -13,9 +13,10 @@ receipt that claims more than the written ceiling waits for the next write inste
 After a restart no session is live, and the last rows written are the ceiling.
 
 Fair share is fed at once, step by step, so priorities follow usage as it happens rather than when
-receipts arrive, at the FLOPs per token of the model the session runs (`KeyedMeter.for_model`; a
-coordinator may serve several models, one ledger and one fair share for all). Observations name that
-model, so a receipt can only be paid at its session's model's FLOPs.
+receipts arrive, at the FLOPs per token of the model the session runs (its `Payer`'s; a coordinator
+may serve several models, one ledger and one fair share for all). Observations name that model and
+the API key that admitted the request, which the countersignature of every receipt then covers, so a
+receipt can only be paid at its session's model's FLOPs.
 """
 
 from __future__ import annotations
@@ -23,24 +24,17 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from coop.ledger.fairshare import FairShare
 from coop.ledger.models import Observation
+from coop.pipeline.charge import Payer
 from coop.receipts import TokenTally
 from coop.swarm.routing import Hop
 
 CHECKPOINT_TOKENS = 64  # as the nodes' default receipt batch (`receipt_batch_tokens`)
 CHECKPOINT_S = 30.0
-
-
-@dataclass(frozen=True)
-class ModelRate:
-    """The model a session runs: named in its observations, and priced at its FLOPs per token."""
-
-    model_hash: str
-    span_flops_per_token: Callable[[int, int], int]  # for blocks [start, end)
 
 
 @dataclass
@@ -55,11 +49,15 @@ class Metering:
         fair_share: FairShare,
         span_flops_per_token: Callable[[int, int], int],
         *,
+        model_rates: Mapping[str, Callable[[int, int], int]] | None = None,
         checkpoint_tokens: int = CHECKPOINT_TOKENS,
         checkpoint_s: float = CHECKPOINT_S,
     ) -> None:
+        """`span_flops_per_token`: the default model's, for blocks [start, end); `model_rates`: by model
+        hash, every model's (a payer's model not in it is priced as the default)."""
         self.fair_share = fair_share
         self._flops = span_flops_per_token
+        self._rates = dict(model_rates or {})
         self.checkpoint_tokens = checkpoint_tokens
         self.checkpoint_s = checkpoint_s
         self._checkpoints: dict[str, _Checkpoint] = {}  # running sessions; on the event loop only
@@ -70,49 +68,28 @@ class Metering:
         self.tokens_served = 0  # every token of every step, for the admin view's tokens/s
         self.observed = asyncio.Event()  # set when rows wait to be written; used on the event loop only
 
-    def stepped(
-        self,
-        session_id: str,
-        consumer: str,
-        hops: Sequence[Hop],
-        tokens: int,
-        sent: TokenTally,
-        api_key_id: str = "",
-        model: ModelRate | None = None,
-    ) -> None:
-        """`model`: the session's (None: unnamed, at the default model's FLOPs)."""
+    def stepped(self, session_id: str, consumer: Payer, hops: Sequence[Hop], tokens: int, sent: TokenTally) -> None:
         now = time.time()
         self.tokens_served += tokens
-        flops = model.span_flops_per_token if model is not None else self._flops
+        flops = self._rates.get(consumer.model_hash, self._flops)
         for hop in hops:
-            self.fair_share.record(hop.institution or None, consumer, tokens * flops(hop.start, hop.end), now)
+            record = self.fair_share.record
+            record(hop.institution or None, consumer.institution, tokens * flops(hop.start, hop.end), now)
         last = self._checkpoints.get(session_id)
         clock = time.monotonic()
         if last is None or sent.total - last.tokens >= self.checkpoint_tokens or clock - last.at >= self.checkpoint_s:
             self._checkpoints[session_id] = _Checkpoint(sent.total, clock)
             with self._lock:
                 self._unsettled.add(session_id)
-            self._buffer(session_id, consumer, hops, sent, api_key_id, model, ended=False)
+            self._buffer(session_id, consumer, hops, sent, ended=False)
 
-    def for_key(self, api_key_id: str) -> KeyedMeter:
-        """The meter of one request, admitted by this API key ("" = none)."""
-        return KeyedMeter(self, api_key_id)
-
-    def session_ended(
-        self,
-        session_id: str,
-        consumer: str,
-        hops: Sequence[Hop],
-        sent: TokenTally,
-        api_key_id: str = "",
-        model: ModelRate | None = None,
-    ) -> None:
+    def session_ended(self, session_id: str, consumer: Payer, hops: Sequence[Hop], sent: TokenTally) -> None:
         self._checkpoints.pop(session_id, None)
         if sent.total == 0:
             with self._lock:
                 self._unsettled.discard(session_id)
             return
-        self._buffer(session_id, consumer, hops, sent, api_key_id, model, ended=True)
+        self._buffer(session_id, consumer, hops, sent, ended=True)
 
     def live(self, session_id: str) -> bool:
         """Whether the session's observation may still rise (called from booking threads)."""
@@ -136,17 +113,7 @@ class Metering:
         with self._lock:
             self._unsettled -= ended
 
-    def _buffer(
-        self,
-        session_id: str,
-        consumer: str,
-        hops: Sequence[Hop],
-        sent: TokenTally,
-        api_key_id: str,
-        model: ModelRate | None,
-        *,
-        ended: bool,
-    ) -> None:
+    def _buffer(self, session_id: str, consumer: Payer, hops: Sequence[Hop], sent: TokenTally, *, ended: bool) -> None:
         with self._lock:
             for hop in hops:
                 self._keep(
@@ -154,13 +121,13 @@ class Metering:
                         session_id=session_id,
                         node_id=hop.node_id,
                         provider=hop.institution,
-                        consumer=consumer,
+                        consumer=consumer.institution,
                         start_block=hop.start,
                         end_block=hop.end,
                         prefill_tokens=sent.prefill,
                         decode_tokens=sent.decode,
-                        api_key_id=api_key_id,
-                        model_hash=model.model_hash if model is not None else "",
+                        api_key_id=consumer.api_key_id,
+                        model_hash=consumer.model_hash,
                     )
                 )
             if ended:
@@ -173,23 +140,3 @@ class Metering:
         held = self._rows.get(key)
         if held is None or (row.prefill_tokens, row.decode_tokens) >= (held.prefill_tokens, held.decode_tokens):
             self._rows[key] = row
-
-
-@dataclass(frozen=True)
-class KeyedMeter:
-    """A `coop.pipeline.charge.Meter` for one request: its sessions' observations name the API key that
-    admitted it, which the countersignature of every receipt then covers."""
-
-    metering: Metering
-    api_key_id: str
-    model: ModelRate | None = None  # the session's; None: unnamed, at the default model's FLOPs
-
-    def for_model(self, model: ModelRate) -> KeyedMeter:
-        """This meter for a session of `model` (admission, which makes the meter, precedes the model)."""
-        return KeyedMeter(self.metering, self.api_key_id, model)
-
-    def stepped(self, session_id: str, consumer: str, hops: Sequence[Hop], tokens: int, sent: TokenTally) -> None:
-        self.metering.stepped(session_id, consumer, hops, tokens, sent, self.api_key_id, self.model)
-
-    def session_ended(self, session_id: str, consumer: str, hops: Sequence[Hop], sent: TokenTally) -> None:
-        self.metering.session_ended(session_id, consumer, hops, sent, self.api_key_id, self.model)

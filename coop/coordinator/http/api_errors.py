@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 
 from coop import errors
-from coop.coordinator.protocol import (
+from coop.coordinator.http.protocol import (
     ErrorInfo,
     ErrorResponse,
 )

@@ -16,7 +16,7 @@ from typing import TypeVar, TypeVarTuple, cast
 import anyio
 import anyio.to_thread
 
-from coop.coordinator.protocol import (
+from coop.coordinator.http.protocol import (
     CoopExtras,
     FinishReason,
     RouteHop,

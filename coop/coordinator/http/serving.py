@@ -20,11 +20,11 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from coop.coordinator.api_errors import error_response
 from coop.coordinator.catalog import ModelCatalog, ServedModel
-from coop.coordinator.limits import HttpLimits
-from coop.coordinator.metrics import CoordinatorMetrics
-from coop.coordinator.protocol import (
+from coop.coordinator.http.api_errors import error_response
+from coop.coordinator.http.limits import HttpLimits
+from coop.coordinator.http.metrics import CoordinatorMetrics
+from coop.coordinator.http.protocol import (
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
@@ -44,7 +44,7 @@ from coop.coordinator.protocol import (
     ModelCoverage,
     ModelList,
 )
-from coop.coordinator.text_stream import (
+from coop.coordinator.http.text_stream import (
     GenerationEvent,
     Started,
     TextDelta,

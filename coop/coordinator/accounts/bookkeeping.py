@@ -17,9 +17,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from coop.config import CoordinatorSettings
-from coop.coordinator.admission import FairShareAdmission, RequestAdmission
-from coop.coordinator.metering import Metering
-from coop.coordinator.receipts import ReceiptCollector
+from coop.coordinator.accounts.fair_share_admission import FairShareAdmission, RequestAdmission
+from coop.coordinator.accounts.observations import Metering
+from coop.coordinator.accounts.receipt_collection import ReceiptCollector
 from coop.ledger.booking import ReceiptChecker
 from coop.ledger.database import ledger_location, safe_url
 from coop.ledger.fairshare import FairShare
@@ -44,7 +44,7 @@ def ledger_url(settings: CoordinatorSettings) -> str:
 
 
 @dataclass
-class Accounting:
+class Bookkeeping:
     ledger: Ledger
     fair_share: FairShare
     metering: Metering
@@ -61,7 +61,7 @@ class Accounting:
         manifests: Sequence[Manifest],
         channels: Callable[[], ChannelPool],
         nodes: Callable[[], Sequence[NodeAnnouncement]],
-    ) -> Accounting:
+    ) -> Bookkeeping:
         """`manifests`: of every model served, the default first; `nodes`: the live nodes of them all."""
         manifest = manifests[0]
         url = ledger_url(settings)
@@ -74,6 +74,7 @@ class Accounting:
         metering = Metering(
             fair_share,
             manifest.span_flops_per_token,
+            model_rates={m.content_hash: m.span_flops_per_token for m in manifests},
             checkpoint_tokens=settings.observation_checkpoint_tokens,
             checkpoint_s=settings.observation_checkpoint_s,
         )
@@ -83,7 +84,7 @@ class Accounting:
             default_consumer=bundle.institution,
             credit_state=ledger.credit_state,
             priority=lambda consumer: fair_share.factor(consumer, time.time()),
-            meter=metering.for_key,
+            meter=metering,
         )
         checker = ReceiptChecker(
             pool_id=bundle.pool_id,
@@ -110,13 +111,13 @@ class Accounting:
             audit_interval_s=settings.receipt_audit_interval_s,
             max_backoff_rounds=settings.receipt_max_backoff_rounds,
         )
-        accounting = cls(ledger, fair_share, metering, access, collector)
-        accounting._tasks = (
+        bookkeeping = cls(ledger, fair_share, metering, access, collector)
+        bookkeeping._tasks = (
             asyncio.create_task(collector.run()),
             asyncio.create_task(collector.write_observations()),
         )
         log.info("ledger at %s; fair share seeded from %d receipts", safe_url(url), len(flows))
-        return accounting
+        return bookkeeping
 
     async def close(self) -> None:
         """Stop collecting, then write down what was seen so the next start can book the rest."""

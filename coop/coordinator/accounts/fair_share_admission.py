@@ -13,14 +13,12 @@ import itertools
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-from coop.coordinator.auth import ApiKeyGate, Caller
 from coop.errors import CreditExhausted
 from coop.ledger.models import flops_to_credits
-from coop.pipeline.charge import Charge, Meter
-from coop.receipts import api_key_id
+from coop.pipeline.charge import Charge, Meter, Payer
 
 log = logging.getLogger(__name__)
 
@@ -113,12 +111,11 @@ class RequestAdmission:
         default_consumer: str,
         credit_state: Callable[[str], tuple[int, int | None]] | None = None,
         priority: Callable[[str], float] | None = None,
-        meter: Callable[[str], Meter] | None = None,
+        meter: Meter | None = None,
     ) -> None:
         """`default_consumer`: who pays for requests without an API key (the coordinator's institution).
         `credit_state`: institution -> (balance, floor or None) in FLOPs; None = no floors.
-        `priority`: institution -> fair-share factor now; `meter`: API key id -> where the sessions of a
-        request admitted by that key write down their steps."""
+        `priority`: institution -> fair-share factor now; `meter`: where admitted sessions write down their steps."""
         self.admission = admission
         self.default_consumer = default_consumer
         self._credit_state = credit_state
@@ -130,9 +127,11 @@ class RequestAdmission:
         return institution or self.default_consumer
 
     @asynccontextmanager
-    async def enter(self, institution: str | None, api_key_id: str = "") -> AsyncIterator[Admitted]:
+    async def enter(
+        self, institution: str | None, api_key_id: str = "", model_hash: str = ""
+    ) -> AsyncIterator[Admitted]:
         """Admit a request of institution (None: the coordinator's own), made with the API key of this id
-        ("" = none), and say how it is charged."""
+        ("" = none) for the model of this hash, and say who pays for it."""
         consumer = self.consumer(institution)
         if self._credit_state is not None:
             balance, floor = await asyncio.to_thread(self._credit_state, consumer)
@@ -144,19 +143,4 @@ class RequestAdmission:
                 )
         async with self.admission.admit(consumer) as waited_s:
             priority = self._priority(consumer) if self._priority is not None else 0.0
-            meter = self._meter(api_key_id) if self._meter is not None else None
-            yield Admitted(Charge(consumer, priority, meter), waited_s)
-
-
-async def enter_request(
-    slots: AsyncExitStack, gate: ApiKeyGate, access: RequestAdmission | None, caller: Caller
-) -> tuple[Charge, float | None]:
-    """Take one of caller's key slots and, when the pool meters use, a session slot in fair-share order,
-    onto `slots` (closing it gives them back). Returns who pays, and the seconds waited (None: no admission).
-    A chat request holds them until its response ends, a relay session until it is closed."""
-    slots.enter_context(gate.slot(caller))
-    if access is None:
-        return Charge(caller.institution or ""), None
-    key_id = api_key_id(caller.key_digest) if caller.key_digest else ""
-    admitted = await slots.enter_async_context(access.enter(caller.institution, key_id))
-    return admitted.charge, admitted.waited_s
+            yield Admitted(Charge(Payer(consumer, api_key_id, model_hash, priority), self._meter), waited_s)

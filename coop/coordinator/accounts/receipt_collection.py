@@ -3,7 +3,7 @@
 Pulling (rather than nodes pushing) means neither side needs to know where the other restarted:
 every `interval_s` the collector asks each node it can see for the receipts of sessions this
 coordinator opened (one per batch of a session's steps). Before each round it writes down what it
-saw (the observations receipts are checked against, `coop.coordinator.metering`). A receipt is
+saw (the observations receipts are checked against, `coop.coordinator.accounts.observations`). A receipt is
 acknowledged only after its booking committed, so a crash at any point leaves it in the node's
 outbox, to be booked (exactly once, by id) on the next round.
 
@@ -14,7 +14,7 @@ in a pool lists only validly signed announcements of unrevoked members: nothing 
 A node answers for itself only: a receipt signed for another node is not booked from its answer
 (a listed sibling's is left for the sibling's own poll: an institution's nodes may share an
 outbox). Rejections are audited per node and interval, and junk backs the node off
-(`coop.coordinator.receipt_watch`).
+(`coop.coordinator.accounts.receipt_polling`).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from typing import Any, Protocol
 
 import grpc
 
-from coop.coordinator.metering import Metering
-from coop.coordinator.receipt_watch import (
+from coop.coordinator.accounts.observations import Metering
+from coop.coordinator.accounts.receipt_polling import (
     AUDIT_INTERVAL_S,
     MAX_BACKOFF_ROUNDS,
     PollOutcome,

@@ -1,11 +1,11 @@
 """The coordinator's OpenAI-compatible HTTP API: routes and HTTP plumbing only.
 
-What a request means lives in `coop.coordinator.serving` (and, for the SDK's research sessions
-under /v1/coop/sessions, `coop.coordinator.relay`); the shapes on the wire in
-`coop.coordinator.protocol`. Every error, ours or the framework's, leaves through
+What a request means lives in `coop.coordinator.http.serving` (and, for the SDK's research sessions
+under /v1/coop/sessions, `coop.coordinator.http.relay`); the shapes on the wire in
+`coop.coordinator.http.protocol`. Every error, ours or the framework's, leaves through
 `api_errors.error_response`, so clients always get OpenAI's error envelope. Before any route, the
-API key and the body's size are checked (`coop.coordinator.guard`); every refusal is counted by its
-code in `app.state.rejections`. `/metrics` serves Prometheus (`coop.coordinator.metrics`), without an
+API key and the body's size are checked (`coop.coordinator.http.guard`); every refusal is counted by its
+code in `app.state.rejections`. `/metrics` serves Prometheus (`coop.coordinator.http.metrics`), without an
 API key: to anyone who can reach the API, or only with the bearer token of `metrics_token`.
 """
 
@@ -23,16 +23,17 @@ from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
 from coop.config import DEFAULT_SESSION_IDLE_TIMEOUT_S
-from coop.coordinator.admission import RequestAdmission, enter_request
-from coop.coordinator.api_errors import error_response
-from coop.coordinator.auth import ApiKeyGate, Caller
+from coop.coordinator.accounts.fair_share_admission import RequestAdmission
 from coop.coordinator.catalog import ModelCatalog
-from coop.coordinator.guard import RequestGuard
-from coop.coordinator.limits import HttpLimits, Rejections
-from coop.coordinator.metrics import CoordinatorMetrics, RequestCounter
-from coop.coordinator.protocol import ChatCompletionRequest, CompletionRequest, RelayOpenRequest
-from coop.coordinator.relay import ChainRelay
-from coop.coordinator.serving import OpenAIServing
+from coop.coordinator.http.api_errors import error_response
+from coop.coordinator.http.auth import ApiKeyGate, Caller
+from coop.coordinator.http.guard import RequestGuard
+from coop.coordinator.http.limits import HttpLimits, Rejections
+from coop.coordinator.http.metrics import CoordinatorMetrics, RequestCounter
+from coop.coordinator.http.protocol import ChatCompletionRequest, CompletionRequest, RelayOpenRequest
+from coop.coordinator.http.relay import ChainRelay
+from coop.coordinator.http.request_slots import enter_request
+from coop.coordinator.http.serving import OpenAIServing
 from coop.errors import CoopError
 from coop.pipeline.backend import Backend
 from coop.pipeline.charge import Charge
@@ -78,6 +79,7 @@ async def _generate(
     gate: ApiKeyGate,
     access: RequestAdmission | None,
     caller: Caller,
+    model_hash: str,
     work: Callable[[Charge], Awaitable[BaseModel | AsyncIterator[str]]],
     metrics: CoordinatorMetrics,
 ) -> Response:
@@ -85,7 +87,7 @@ async def _generate(
     a session slot granted in fair-share order; a stream keeps both until it ends."""
     stack = AsyncExitStack()
     try:
-        charge, waited_s = await enter_request(stack, gate, access, caller)
+        charge, waited_s = await enter_request(stack, gate, access, caller, model_hash)
         if waited_s is not None:
             metrics.queue_wait.observe(waited_s)
         result = await work(charge)
@@ -145,23 +147,11 @@ def create_app(
             return max(relay.largest_body(), limits.max_request_bytes)
         return limits.max_request_bytes
 
-    async def handle_error(request: Request, exc: Exception) -> Response:
-        status, envelope = error_response(exc)
-        if 400 <= status < 500:
-            rejections.record(envelope.error.code or f"http_{status}")
-        return JSONResponse(envelope.model_dump(mode="json"), status_code=status)
-
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         await relay.aclose()
 
-    def caller(request: Request) -> Caller:
-        """Who the guard found the request to come from, before its body was read."""
-        found: Caller = request.state.caller
-        return found
-
-    Authenticated = Annotated[Caller, Depends(caller)]
     docs: dict[str, Any] = {} if public_docs else {"openapi_url": None, "docs_url": None, "redoc_url": None}
     app = FastAPI(
         title="Coop coordinator",
@@ -169,20 +159,66 @@ def create_app(
         lifespan=lifespan,
         **docs,
     )
+    handle_error = _error_handler(rejections)
     for exc_type in (CoopError, RequestValidationError, HTTPException, Exception):
         app.add_exception_handler(exc_type, handle_error)
     app.add_middleware(RequestGuard, gate=gate, body_limit=body_limit, rejections=rejections)
     app.add_middleware(RequestCounter, requests=metrics.http_requests)  # outermost: counts the guard's refusals too
+    app.include_router(_service_routes(serving, metrics, metrics_token))
+    app.include_router(_generation_routes(serving, gate, access, limits, metrics))
+    app.include_router(_relay_routes(relay))
+    app.state.serving = serving
+    app.state.relay = relay
+    app.state.rejections = rejections
+    app.state.metrics = metrics
+    return app
 
-    @app.get("/health")
+
+def _error_handler(rejections: Rejections) -> Callable[[Request, Exception], Awaitable[Response]]:
+    """Every error, ours or the framework's, as OpenAI's envelope; a client's (4xx) counted by its code."""
+
+    async def handle_error(request: Request, exc: Exception) -> Response:
+        status, envelope = error_response(exc)
+        if 400 <= status < 500:
+            rejections.record(envelope.error.code or f"http_{status}")
+        return JSONResponse(envelope.model_dump(mode="json"), status_code=status)
+
+    return handle_error
+
+
+def _caller(request: Request) -> Caller:
+    """Who the guard found the request to come from, before its body was read."""
+    found: Caller = request.state.caller
+    return found
+
+
+Authenticated = Annotated[Caller, Depends(_caller)]
+
+
+def _service_routes(serving: OpenAIServing, metrics: CoordinatorMetrics, metrics_token: SecretStr | None) -> APIRouter:
+    """/health and Prometheus' /metrics: no API key."""
+    router = APIRouter()
+
+    @router.get("/health")
     async def health() -> Response:
         return _respond(serving.health())
 
-    @app.get("/metrics", include_in_schema=False)
+    @router.get("/metrics", include_in_schema=False)
     async def prometheus(request: Request) -> Response:
         body = metrics.exposition(request.headers.get("authorization"), metrics_token)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
+    return router
+
+
+def _generation_routes(
+    serving: OpenAIServing,
+    gate: ApiKeyGate,
+    access: RequestAdmission | None,
+    limits: HttpLimits,
+    metrics: CoordinatorMetrics,
+) -> APIRouter:
+    """OpenAI's /v1/models, /v1/chat/completions and /v1/completions."""
     v1 = APIRouter(prefix="/v1")
 
     @v1.get("/models")
@@ -193,14 +229,21 @@ def create_app(
     async def chat_completions(body: ChatCompletionRequest, who: Authenticated) -> Response:
         gate.check_max_tokens(who, body.requested_max_tokens)
         limits.check(body)
-        return await _generate(gate, access, who, lambda charge: serving.chat(body, charge), metrics)
+        model_hash = serving.catalog.get(body.model).model_hash
+        return await _generate(gate, access, who, model_hash, lambda charge: serving.chat(body, charge), metrics)
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, who: Authenticated) -> Response:
         gate.check_max_tokens(who, body.requested_max_tokens)
         limits.check(body)
-        return await _generate(gate, access, who, lambda charge: serving.complete(body, charge), metrics)
+        model_hash = serving.catalog.get(body.model).model_hash
+        return await _generate(gate, access, who, model_hash, lambda charge: serving.complete(body, charge), metrics)
 
+    return v1
+
+
+def _relay_routes(relay: ChainRelay) -> APIRouter:
+    """The SDK's relay sessions under /v1/coop/sessions."""
     sessions = APIRouter(prefix=SESSIONS_PREFIX)
 
     @sessions.post("")
@@ -221,10 +264,4 @@ def create_app(
         await relay.close(who, session_id)
         return Response(status_code=204)
 
-    app.include_router(v1)
-    app.include_router(sessions)
-    app.state.serving = serving
-    app.state.relay = relay
-    app.state.rejections = rejections
-    app.state.metrics = metrics
-    return app
+    return sessions

@@ -1,7 +1,7 @@
 """What one HTTP client may make the coordinator hold or spend, and the count of what was refused.
 
 The API key and the body's size are checked before the body is read or parsed
-(`coop.coordinator.guard`); the rest here, on the parsed request, before it waits for a session
+(`coop.coordinator.http.guard`); the rest here, on the parsed request, before it waits for a session
 slot. Stop strings, messages and the prompt's characters bound the work of tokenizing a request
 and of matching its stops at every token (done in worker threads, never on the event loop); prompt
 tokens bound the KV cache it asks every node of its route to reserve. Each refusal is a typed
@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from coop.config import CoordinatorSettings
-from coop.coordinator.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, GenerationRequest
+from coop.coordinator.http.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, GenerationRequest
 from coop.errors import RequestLimitExceeded
 
 

@@ -15,9 +15,9 @@ from collections.abc import Callable
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from coop.coordinator.api_errors import error_response
-from coop.coordinator.auth import ApiKeyGate
-from coop.coordinator.limits import Rejections
+from coop.coordinator.http.api_errors import error_response
+from coop.coordinator.http.auth import ApiKeyGate
+from coop.coordinator.http.limits import Rejections
 from coop.errors import RequestError, RequestTooLarge
 
 KEYED_PREFIX = "/v1/"  # what needs an API key (when the coordinator has a key file)

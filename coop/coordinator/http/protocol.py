@@ -226,7 +226,7 @@ class HealthResponse(BaseModel):
     model: str
 
 
-# -- the chain relay (the SDK's research sessions, coop.coordinator.relay) --------------------
+# -- the chain relay (the SDK's research sessions, coop.coordinator.http.relay) --------------------
 
 
 class RelayOpenRequest(_Request):

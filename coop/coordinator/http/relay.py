@@ -29,11 +29,12 @@ import torch
 from google.protobuf.message import DecodeError
 
 from coop.config import DEFAULT_SESSION_IDLE_TIMEOUT_S
-from coop.coordinator.admission import RequestAdmission, enter_request
-from coop.coordinator.auth import ApiKeyGate, Caller
+from coop.coordinator.accounts.fair_share_admission import RequestAdmission
 from coop.coordinator.catalog import ModelCatalog
-from coop.coordinator.protocol import RelayOpenRequest, RelaySessionInfo
-from coop.coordinator.text_stream import close_quietly, route_hops
+from coop.coordinator.http.auth import ApiKeyGate, Caller
+from coop.coordinator.http.protocol import RelayOpenRequest, RelaySessionInfo
+from coop.coordinator.http.request_slots import enter_request
+from coop.coordinator.http.text_stream import close_quietly, route_hops
 from coop.errors import InvalidInput, InvalidTensor, ReplayUnavailable, RequestError, RequestTooLarge
 from coop.pipeline.backend import Backend
 from coop.pipeline.generation import Chain
@@ -110,7 +111,7 @@ class ChainRelay:
             )
         slots = AsyncExitStack()
         try:
-            charge, _ = await enter_request(slots, self.gate, self.access, caller)
+            charge, _ = await enter_request(slots, self.gate, self.access, caller, model.model_hash)
             chain = await backend.open_chain(request.max_length, charge)
         except BaseException:
             with anyio.CancelScope(shield=True):

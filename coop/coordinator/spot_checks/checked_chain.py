@@ -1,0 +1,243 @@
+"""A chain whose sampled sessions are re-computed on replicas step by step before each token is released."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from coop.coordinator.spot_checks.replicas import SpotChecker
+from coop.coordinator.spot_checks.withholding import WithholdingMeter
+from coop.errors import CoopError, InvalidTensor
+from coop.pipeline.charge import Charge
+from coop.pipeline.remote import RemoteChain, SentStep
+from coop.swarm.routing import Hop
+from coop.wire.sketches import relative_distance, sketch, sketches_from_proto
+
+log = logging.getLogger(__name__)
+
+# An honest hop's sketches of the tensor it passes on equal its neighbour's, up to the float rounding
+# of a projection computed on another device.
+SAME_TENSOR_TOLERANCE = 1e-3
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Nodes to route around, and whether the fault is proven (quarantine) or disputed."""
+
+    node_ids: tuple[str, ...]
+    proven: bool
+    evidence: str
+    # the node that pushed the culprit its input ("": the coordinator did, or it lied about its own ends)
+    predecessor: str = ""
+
+
+class _Shadow:
+    """One replica per hop of the checked route, with every input it was given so far."""
+
+    def __init__(self, session_id: str, hops: list[Hop], replicas: list[RemoteChain]) -> None:
+        self.session_id = session_id
+        self.hops = hops
+        self.replicas = replicas
+        self.inputs: list[list[torch.Tensor]] = [[] for _ in hops]
+
+    async def close(self) -> None:
+        for replica in self.replicas:
+            await replica.close()
+
+
+def _whole(hidden: torch.Tensor) -> torch.Tensor:
+    """(1, n, hidden) -> (n, hidden) float32: what `relative_distance` compares."""
+    return hidden[0].float().cpu()
+
+
+class CheckedChain:
+    """A `coop.pipeline.generation.Chain`: a RemoteChain whose steps, in a sampled session, are checked
+    before they are returned."""
+
+    def __init__(self, chain: RemoteChain, checker: SpotChecker, meter: WithholdingMeter, charge: Charge) -> None:
+        """`meter`: the chain's, which withholds the culprits' pay; `charge`: the session's own, which
+        pays the replicas for the check like for any session."""
+        self.chain = chain
+        self.checker = checker
+        self._meter = meter
+        self._replica_charge = charge
+        self._sampled: bool | None = None  # decided at the first step, on the first route
+        self._shadow: _Shadow | None = None
+        self._history: list[torch.Tensor] = []  # what the route's first hop got so far: a new shadow's catch-up
+        self._passed: Counter[str] = Counter()  # checked steps per node that passed, in this session
+        self._steps = 0
+
+    @property
+    def hops(self) -> list[Hop]:
+        return self.chain.hops
+
+    @property
+    def failovers(self) -> int:
+        return self.chain.failovers
+
+    @property
+    def draft_tokens(self) -> int:
+        return self.chain.draft_tokens
+
+    async def step(self, hidden: torch.Tensor, start_position: int, token_ids: Sequence[int]) -> torch.Tensor:
+        if self._sampled is None:
+            self._sampled = self.checker.book.sampled(self.chain.hops)
+        while True:
+            output = await self.chain.step(hidden, start_position, token_ids)
+            if not self._sampled:
+                return output
+            self._steps += 1
+            verdict = await self._check()
+            if verdict is None or not verdict.node_ids:
+                return output
+            self._meter.withheld.update(verdict.node_ids)
+            if verdict.proven:
+                for node_id in verdict.node_ids:
+                    self.checker.book.convict(node_id, verdict.predecessor, verdict.evidence)
+            else:
+                self.checker.book.disputed(verdict.node_ids, verdict.evidence)
+            await self._drop_shadow()
+            await self.chain.route_around(set(verdict.node_ids), verdict.evidence)
+
+    async def close(self) -> None:
+        if self._passed:
+            self.checker.book.passed(self._passed)
+        await self._drop_shadow()
+        await self.chain.close()
+
+    async def _drop_shadow(self) -> None:
+        shadow, self._shadow = self._shadow, None
+        if shadow is not None:
+            await shadow.close()
+
+    async def _check(self) -> Verdict | None:
+        step = self.chain.last_step
+        if step is None:
+            return None
+        if step.start_position == 0:  # a new session, or a new route replaying it
+            self._history = []
+            await self._drop_shadow()
+        # a multi-token step may start below what was sent before: rejected draft tokens are dropped
+        self._history = [*_first_positions(self._history, step.start_position), step.hidden]
+        feed, start = step.hidden, step.start_position
+        if self._shadow is None:
+            self._shadow = await self._open_shadow(step.session_id)
+            if self._shadow is None:
+                return None
+            feed, start = torch.cat(self._history, dim=1), 0  # a shadow opened late catches up
+        try:
+            return await self._compare(self._shadow, step, feed, start)
+        except CoopError as exc:  # a replica failed: this step goes unchecked, the next on a new shadow
+            log.info("spot check of session %s incomplete: %s", step.session_id, exc)
+            await self._drop_shadow()
+            return None
+
+    async def _open_shadow(self, session_id: str) -> _Shadow | None:
+        hops = list(self.chain.hops)
+        replicas: list[RemoteChain] = []
+        for hop in hops:
+            replica = await self.checker.replica(
+                hop, {h.node_id for h in hops}, self.chain.max_length, self._replica_charge
+            )
+            if replica is None:
+                log.info("no replica of blocks %d:%d to check session %s", hop.start, hop.end, session_id)
+                for opened in replicas:
+                    await opened.close()
+                return None
+            replicas.append(replica)
+        return _Shadow(session_id, hops, replicas)
+
+    async def _compare(self, shadow: _Shadow, step: SentStep, feed: torch.Tensor, start: int) -> Verdict | None:
+        """Check the step's sketches; `feed` (from position `start`) is what the shadow's first replica
+        must run: the step's input, or all of the session's so far for a shadow opened late."""
+        hops, seed, dims = shadow.hops, self.chain.sketch_seed, self.chain.sketch_dims
+        n = step.hidden.shape[1]
+        where = f"session {step.session_id} step {self._steps}"
+        try:
+            claims = sketches_from_proto(step.sketches, n, dims)
+        except InvalidTensor as exc:
+            return Verdict(tuple(h.node_id for h in hops), False, f"{where}: a malformed sketch: {exc}")
+        if [c[0] for c in claims] != [h.node_id for h in hops]:
+            return Verdict(tuple(h.node_id for h in hops), False, f"{where}: sketches missing or out of order")
+        sent = sketch(step.hidden, seed, dims)
+        if relative_distance(claims[0][1], sent, sent) > SAME_TENSOR_TOLERANCE:
+            return Verdict((hops[0].node_id,), True, f"{where} hop 0 ({hops[0].node_id}): lied about its input")
+        received = sketch(step.output, seed, dims)
+        if relative_distance(claims[-1][2], received, received) > SAME_TENSOR_TOLERANCE:
+            last = hops[-1].node_id
+            return Verdict((last,), True, f"{where} hop {len(hops) - 1} ({last}): lied about its output")
+        for k in range(len(hops) - 1):
+            pushed, got = claims[k][2], claims[k + 1][1]
+            if relative_distance(got, pushed, pushed) > SAME_TENSOR_TOLERANCE:
+                pair = (hops[k].node_id, hops[k + 1].node_id)
+                return Verdict(pair, False, f"{where}: hop {k} says it pushed what hop {k + 1} says it did not get")
+        hidden = feed
+        for k, (hop, replica) in enumerate(zip(hops, shadow.replicas, strict=True)):
+            shadow.inputs[k] = [*_first_positions(shadow.inputs[k], start), hidden]
+            output = await replica.step(hidden, start, [])
+            # The last hop's output is here whole: compare it whole, not only in the projections it knows.
+            view = _whole if k == len(hops) - 1 else partial(sketch, seed=seed, dims=dims)
+            claimed = view(step.output) if k == len(hops) - 1 else claims[k][2]
+            recomputed = view(output[:, -n:])
+            distance = relative_distance(claimed, recomputed, recomputed - view(hidden[:, -n:]))
+            if distance > self.checker.book.policy.tolerance:
+                evidence = f"{where} hop {k} ({hop.node_id}, blocks {hop.start}:{hop.end}): distance {distance:.3g}"
+                return await self._settle(shadow, k, claimed, recomputed, view, evidence)
+            hidden = output
+        self._passed.update(h.node_id for h in hops)
+        return None
+
+    async def _settle(
+        self,
+        shadow: _Shadow,
+        k: int,
+        claimed: torch.Tensor,
+        recomputed: torch.Tensor,
+        view: Callable[[torch.Tensor], torch.Tensor],
+        evidence: str,
+    ) -> Verdict:
+        """A third replica re-runs hop k's whole input so far: the one it agrees with is right.
+        `claimed` and `recomputed` are `view`s of hop k's and the shadow's output for this step."""
+        hop = shadow.hops[k]
+        shadow_nodes = tuple(h.node_id for h in shadow.replicas[k].hops)
+        history = torch.cat(shadow.inputs[k], dim=1)
+        n = recomputed.shape[0]
+        avoid = {h.node_id for h in shadow.hops} | set(shadow_nodes)
+        referee = await self.checker.replica(hop, avoid, self.chain.max_length, self._replica_charge)
+        shadow_name = "+".join(shadow_nodes)
+        if referee is None:
+            return Verdict((hop.node_id,), False, f"{evidence}; no third replica to settle it against {shadow_name}")
+        try:
+            judged = (await referee.step(history, 0, []))[:, -n:]
+        finally:
+            await referee.close()
+        tolerance = self.checker.book.policy.tolerance
+        truth = view(judged)
+        added = truth - view(history[:, -n:])
+        evidence = f"{evidence}; third replica {'+'.join(h.node_id for h in referee.hops)}"
+        route_wrong = relative_distance(claimed, truth, added) > tolerance
+        shadow_wrong = relative_distance(recomputed, truth, added) > tolerance
+        if route_wrong and not shadow_wrong:
+            predecessor = shadow.hops[k - 1].node_id if k > 0 else ""
+            return Verdict((hop.node_id,), True, f"{evidence} agrees with replica {shadow_name}", predecessor)
+        if shadow_wrong and not route_wrong:
+            await self._drop_shadow()
+            blamed = f"{evidence} agrees with {hop.node_id}, not with replica {shadow_name}"
+            if len(shadow_nodes) == 1:
+                self.checker.book.quarantine(shadow_nodes[0], blamed)
+            else:  # which of the replica route's hops is wrong, nobody checked
+                self.checker.book.disputed(shadow_nodes, blamed)
+            return Verdict((), True, evidence)  # nothing to route around: the route was right
+        return Verdict((hop.node_id, *shadow_nodes), False, f"{evidence} agrees with neither")
+
+
+def _first_positions(parts: list[torch.Tensor], length: int) -> list[torch.Tensor]:
+    """The hidden states of positions 0..length-1 out of `parts` ([1, n, h] each, in position order)."""
+    if sum(part.shape[1] for part in parts) <= length:
+        return parts
+    return [torch.cat(parts, dim=1)[:, :length]] if length else []

@@ -1,0 +1,88 @@
+"""Replica routes for spot checks: other nodes over the same blocks, picked at random."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Collection, Sequence
+
+from coop.coordinator.spot_checks.trust_book import TrustBook
+from coop.errors import CoopError, PeerError
+from coop.pipeline.charge import Charge
+from coop.pipeline.remote import RemoteChain, RouteSource
+from coop.swarm.announcement import SERVING, NodeAnnouncement
+from coop.swarm.routing import Hop
+from coop.swarm.view import SwarmView
+
+log = logging.getLogger(__name__)
+
+
+class _FixedRoute:
+    """A `RouteSource` for a replica route chosen in advance."""
+
+    def __init__(self, hops: list[Hop], swarm: SwarmView) -> None:
+        self._hops = hops
+        self._swarm = swarm
+        self.revoked = swarm.revoked
+
+    async def route(self, exclude: set[str] | frozenset[str] = frozenset()) -> list[Hop]:
+        if failed := {h.node_id for h in self._hops} & exclude:
+            raise PeerError(f"the replica {', '.join(sorted(failed))} failed")
+        return self._hops
+
+    def release(self, hops: Sequence[Hop]) -> None:
+        pass
+
+    def leaving(self) -> set[str]:
+        """A replica route is never moved: a replica that leaves mid-check ends the check instead."""
+        return set()
+
+    def suspect(self, node_id: str) -> None:
+        self._swarm.suspect(node_id)
+
+    def step_completed(self, hops: Sequence[Hop], tokens: int, seconds: float) -> None:
+        pass
+
+
+def replica_route(
+    nodes: Sequence[NodeAnnouncement], start: int, end: int, avoid: Collection[str], rng: random.Random
+) -> list[Hop] | None:
+    """Hops over blocks [start, end) on nodes not in `avoid`, each picked at random among those that
+    serve the next block (so no node can count on checking its accomplice); None if they do not tile."""
+    hops: list[Hop] = []
+    at = start
+    while at < end:
+        serving = [n for n in nodes if n.start <= at < n.end and n.node_id not in avoid and n.state == SERVING]
+        if not serving:
+            return None
+        node = rng.choice(serving)
+        hops.append(Hop(node.node_id, node.endpoint, at, min(node.end, end), node.institution))
+        at = hops[-1].end
+    return hops
+
+
+class SpotChecker:
+    """Opens chains whose sampled sessions are checked; one per coordinator."""
+
+    def __init__(
+        self, book: TrustBook, swarm: SwarmView, open_replica: Callable[[RouteSource, int, Charge], RemoteChain]
+    ) -> None:
+        """`open_replica(swarm, max_length, charge)`: an unopened RemoteChain over `swarm`, for shadows."""
+        self.book = book
+        self.swarm = swarm
+        self._open_replica = open_replica
+
+    async def replica(self, hop: Hop, avoid: set[str], max_length: int, charge: Charge) -> RemoteChain | None:
+        """A session over blocks [hop.start, hop.end) on nodes not in `avoid`, or None if they cannot open one.
+        `charge`: the checked session's, so that replicas are paid for the check like for any session."""
+        route = replica_route(
+            self.swarm.live_nodes(), hop.start, hop.end, avoid | self.book.quarantined(), self.book.rng
+        )
+        if route is None:
+            return None
+        chain = self._open_replica(_FixedRoute(route, self.swarm), max_length, charge)
+        try:
+            return await chain.open()
+        except CoopError as exc:
+            log.info("replica route %s for blocks %d:%d did not open: %s", route, hop.start, hop.end, exc)
+            return None
