@@ -202,6 +202,7 @@ def test_node_container_killed_mid_generation_gives_the_same_tokens(
         return {node: info(node).counters.steps_run for node in NODES}
 
     uninterrupted = _stream_story(client, lambda _: None)
+
     # The streams of this test are the pool's only traffic (spot checks are off), so the nodes that run
     # steps once the next stream starts are the ones on its route; a node that merely still holds a
     # session (one closing, say) runs none.

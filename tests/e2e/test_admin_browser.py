@@ -28,8 +28,8 @@ from coop.pipeline.local import LocalBackend
 from coop.pool.api_keys import api_key_digest
 from coop.pool.registry import API_KEYS_FILE
 from tests.conftest import REPO_ROOT
+from tests.http_servers import serve_in_thread
 from tests.unit.test_admin_data import LIVE_NODES, MEMBERS, XSS_NAME, AdminPool, build_admin_pool
-from tests.unit.test_api import serve_in_thread
 
 pytestmark = pytest.mark.slow
 

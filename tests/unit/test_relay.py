@@ -27,7 +27,7 @@ from coop.pool.bundle import PoolLimits
 from coop.pool.registry import add_member, create_api_key, create_pool
 from coop.wire.generated import coop_pb2 as pb
 from coop.wire.tensors import tensor_from_proto, tensor_to_proto
-from tests.unit.test_api import serve_in_thread
+from tests.http_servers import serve_in_thread
 from tests.waiting import wait_for
 
 SPANS = [(0, 3), (3, 6)]

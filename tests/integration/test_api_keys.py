@@ -15,7 +15,7 @@ from coop.coordinator.auth import ApiKeyGate
 from coop.pipeline.local import LocalBackend
 from coop.pool.bundle import PoolLimits
 from coop.pool.registry import add_member, create_api_key, create_pool, revoke_api_keys, revoke_member
-from tests.unit.test_api import serve_in_thread
+from tests.http_servers import serve_in_thread
 
 pytestmark = pytest.mark.slow
 LIMITS = PoolLimits(max_tokens_per_request=40, max_concurrent_requests_per_key=2)

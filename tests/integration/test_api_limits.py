@@ -31,7 +31,8 @@ from coop.pool.registry import add_member, create_api_key, create_pool
 from coop.wire.generated import coop_pb2 as pb
 from coop.wire.tensors import tensor_to_proto
 from tests.chat_requests import raw_exchange
-from tests.unit.test_api import _FakeSessionCall, _HostileNode, serve_in_thread
+from tests.hostile_node import FakeSessionCall, HostileNode
+from tests.http_servers import serve_in_thread
 from tests.waiting import wait_for, wait_for_async
 
 pytestmark = pytest.mark.slow
@@ -247,7 +248,7 @@ def test_a_request_stuck_in_text_work_stalls_no_other_stream(tiny_chat_model_dir
 # -- the coordinator's event queue of a session -------------------------------------------------
 
 
-class _FloodingCall(_FakeSessionCall):
+class _FloodingCall(FakeSessionCall):
     """A node's session stream that sends `junk` stale results after opening (and running the first step),
     and counts what we read."""
 
@@ -268,7 +269,7 @@ class _FloodingCall(_FakeSessionCall):
         return await super().read()
 
 
-class _FloodingNode(_HostileNode):
+class _FloodingNode(HostileNode):
     """Serves the whole model correctly (zeros in, zeros out), but floods its session stream first."""
 
     def __init__(self, junk: int, hidden_size: int, num_blocks: int) -> None:
