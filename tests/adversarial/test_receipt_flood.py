@@ -34,11 +34,12 @@ from coop.ledger.database import sqlite_url
 from coop.ledger.store import Ledger
 from coop.model.manifest import Manifest
 from coop.pool.bundle import MemberBundle
-from coop.pool.registry import add_member, create_api_key, create_pool, revoke_member
+from coop.pool.registry import revoke_member
 from coop.swarm.announcement import NodeAnnouncement, stamp_announcement
 from coop.swarm.directory import SwarmDirectory
 from tests.adversarial.flooding_node import JUNK
 from tests.chat_requests import answered_chat
+from tests.pools import make_pool
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -78,13 +79,15 @@ class FloodPool:
 
 @pytest.fixture(scope="module")
 def flood(tiny_chat_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FloodPool]:
-    pool_dir = tmp_path_factory.mktemp("flood") / "pool"
-    info = create_pool(pool_dir, "Flood pool")
-    assert info.admin_token is not None
-    bundles = {name: add_member(pool_dir, name) for name in ("Alpha", "Beta", "Gamma", "Mallory", "Eve")}
-    bundles["Coord"] = add_member(pool_dir, "Coord", role="coordinator")
-    revoke_member(pool_dir, "Eve")
-    key = create_api_key(pool_dir, "Gamma")
+    disk = make_pool(
+        tmp_path_factory.mktemp("flood") / "pool",
+        "Flood pool",
+        ("Alpha", "Beta", "Gamma", "Mallory", "Eve"),
+        coordinators=("Coord",),
+        api_keys=("Gamma",),
+    )
+    revoke_member(disk.directory, "Eve")
+    bundles = disk.bundles
     pool = LocalPool(tiny_chat_model_dir)
     try:
         pool.start_dht(member=bundles["Coord"])
@@ -94,13 +97,9 @@ def flood(tiny_chat_model_dir: str, tmp_path_factory: pytest.TempPathFactory) ->
             pool.start_nodes({"node-m": "0:2"}, {"node-m": bundles["Mallory"]})
         with pytest.MonkeyPatch.context() as patch:  # one interval for the whole module: the bound is exact
             patch.setenv("COOP_COORDINATOR_RECEIPT_AUDIT_INTERVAL_S", str(AUDIT_INTERVAL_S))
-            coordinator = pool.start_coordinator(
-                member=bundles["Coord"],
-                api_keys=pool_dir / "api_keys.json",
-                extra_args=["--pool-dir", str(pool_dir), "--receipt-interval", "0.3"],
-            )
+            coordinator = disk.start_coordinator(pool, "Coord", ["--receipt-interval", "0.3"])
         manifest = Manifest.load(tiny_chat_model_dir)
-        yield FloodPool(pool, pool_dir, bundles, key, info.admin_token, manifest, coordinator)
+        yield FloodPool(pool, disk.directory, bundles, disk.keys["Gamma"], disk.admin_token, manifest, coordinator)
     finally:
         pool.stop()
 

@@ -19,8 +19,8 @@ import pytest
 
 from coop.launcher import COOP, LocalPool
 from coop.pool import ca
-from coop.pool.registry import add_member, create_pool
-from tests.pools import certificates_backdated
+from coop.pool.registry import add_member
+from tests.pools import certificates_backdated, make_pool
 
 pytestmark = pytest.mark.slow
 DOCTOR_TIMEOUT_S = 300
@@ -37,8 +37,7 @@ class DoctorPool:
 @pytest.fixture(scope="module")
 def doctor_pool(tiny_llama_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DoctorPool]:
     pool_dir = tmp_path_factory.mktemp("doctor") / "pool"
-    create_pool(pool_dir, "Doctor pool")
-    bundles = {name: add_member(pool_dir, name) for name in ("Uni A", "Uni B", "Uni R")}
+    bundles = make_pool(pool_dir, "Doctor pool", ("Uni A", "Uni B", "Uni R")).bundles
     expired_a_month_ago = mock.patch.object(ca, "MEMBER_VALIDITY", dt.timedelta(days=-30))
     with certificates_backdated(dt.timedelta(days=400)), expired_a_month_ago:
         bundles["Uni E"] = add_member(pool_dir, "Uni E")

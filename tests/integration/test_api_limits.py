@@ -27,12 +27,12 @@ from coop.pipeline.generation import collect_tokens
 from coop.pipeline.local import LocalBackend, LocalChain
 from coop.pipeline.remote import RemoteChain
 from coop.pipeline.sampling import SamplingParams
-from coop.pool.registry import add_member, create_api_key, create_pool
 from coop.wire.generated import coop_pb2 as pb
 from coop.wire.tensors import tensor_to_proto
 from tests.chat_requests import raw_exchange
 from tests.hostile_node import FakeSessionCall, HostileNode
 from tests.http_servers import serve_in_thread
+from tests.pools import make_pool
 from tests.waiting import wait_for, wait_for_async
 
 pytestmark = pytest.mark.slow
@@ -75,12 +75,10 @@ def backend(tiny_chat_model_dir: str) -> LocalBackend:
 @pytest.fixture(scope="module")
 def keyed(backend: LocalBackend, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     pool_dir = tmp_path_factory.mktemp("limits") / "pool"
-    create_pool(pool_dir, "Limits pool")
-    add_member(pool_dir, "Uni A")
-    key = create_api_key(pool_dir, "Uni A")
-    app = create_app(backend, keys=ApiKeyGate(pool_dir / "api_keys.json"), limits=LIMITS, public_docs=False)
+    disk = make_pool(pool_dir, "Limits pool", ("Uni A",), api_keys=("Uni A",))
+    app = create_app(backend, keys=ApiKeyGate(disk.api_keys_file), limits=LIMITS, public_docs=False)
     with serve_in_thread(app) as url:
-        yield Server(url, app, key)
+        yield Server(url, app, disk.keys["Uni A"])
 
 
 def _reference(backend: LocalBackend, max_tokens: int = MAX_TOKENS) -> list[int]:

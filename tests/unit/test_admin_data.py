@@ -23,10 +23,10 @@ from coop.ledger.grants import AdminSigner
 from coop.ledger.models import FLOPS_PER_CREDIT, Observation
 from coop.ledger.store import Ledger
 from coop.pool.bundle import MemberBundle
-from coop.pool.registry import PoolInfo, add_member, create_api_key, create_pool, revoke_member
+from coop.pool.registry import PoolInfo, create_api_key, revoke_member
 from coop.receipts import ReceiptBody, new_receipt_id, sign_receipt
 from coop.swarm.announcement import PAUSED, SERVING, NodeAnnouncement, sign_announcement
-from tests.pools import certificates_backdated
+from tests.pools import certificates_backdated, make_pool
 
 NUM_BLOCKS = 30
 MODEL_HASH = "c0ffee00d15ea5e5"
@@ -94,12 +94,10 @@ def build_admin_pool(root: Path, *, ledger_url: str | None = None, seed: int = 6
     """`ledger_url`: default, SQLite in root."""
     rng = random.Random(seed)
     with certificates_backdated(dt.timedelta(hours=41)):  # the history below goes back 40 hours
-        info = create_pool(root / "pool", "Coop demo pool")
-        bundles = {name: MemberBundle.load(add_member(info.directory, name)) for name in (*MEMBERS, REVOKED)}
-        bundles[COORDINATOR] = MemberBundle.load(add_member(info.directory, COORDINATOR, role="coordinator"))
+        disk = make_pool(root / "pool", "Coop demo pool", (*MEMBERS, REVOKED), (COORDINATOR,), api_keys=MEMBERS)
+        bundles = {name: MemberBundle.load(path) for name, path in disk.bundles.items()}
         nodes = {node_id: bundles[_span(node_id)[0]].credentials(node_id) for route in ROUTES for node_id in route}
-    assert info.admin_token is not None
-    api_keys = {name: create_api_key(info.directory, name) for name in MEMBERS}
+    info, api_keys = disk.info, disk.keys
     create_api_key(info.directory, "alpha-university")  # a second key: revoking one leaves the other
     revoke_member(info.directory, REVOKED)
 
@@ -160,7 +158,7 @@ def build_admin_pool(root: Path, *, ledger_url: str | None = None, seed: int = 6
         meter.add(int(40 + 25 * rng.random() + 20 * (second % 300 < 150)), at_s=now - 900 + second)
     return AdminPool(
         pool=PoolInfo.load(info.directory),
-        admin_token=info.admin_token,
+        admin_token=disk.admin_token,
         ledger=ledger,
         bundles=bundles,
         api_keys=api_keys,
