@@ -2,7 +2,7 @@
 
 The coordinator is the real app (`create_app` with the pool's API-key gate, a tiny local model)
 with the admin view mounted; its ledger holds receipts booked through the real checking path
-(see tests/unit/test_admin_data.py). Screenshots of every page go to artifacts/admin/; with
+(see tests/admin_pool.py). Screenshots of every page go to artifacts/admin/; with
 COOP_UPDATE_DOCS=1 the overview also replaces docs/admin-overview.png, which the README shows.
 """
 
@@ -27,9 +27,9 @@ from coop.ledger.models import FLOPS_PER_CREDIT
 from coop.pipeline.local import LocalBackend
 from coop.pool.api_keys import api_key_digest
 from coop.pool.registry import API_KEYS_FILE
+from tests.admin_pool import LIVE_NODES, MEMBERS, XSS_NAME, AdminPool, build_admin_pool
 from tests.conftest import REPO_ROOT
 from tests.http_servers import serve_in_thread
-from tests.unit.test_admin_data import LIVE_NODES, MEMBERS, XSS_NAME, AdminPool, build_admin_pool
 
 pytestmark = pytest.mark.slow
 

@@ -115,7 +115,7 @@ def test_in_a_balanced_pool_nothing_moves(pool: RebalancePool, demo_model_dir: s
     finally:
         directory.shutdown()
     mine = candidates(models, here, pool.info("c").throughput_tps, lambda m, a, b: estimate_throughput(m, a, b, "cpu"))
-    assert decide("c", here, mine, live, threshold=NodeSettings().rebalance_threshold) is None
+    assert decide("c", here, mine, live, threshold=NodeSettings.model_fields["rebalance_threshold"].default) is None
     assert pool.moves("c") == 0
 
 
