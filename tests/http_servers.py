@@ -1,5 +1,5 @@
-"""A real HTTP server in a thread, for tests that talk to an app over the network (httpx's
-tests/conftest.py:serve_in_thread)."""
+"""Network helpers for tests: a real HTTP server in a thread, for tests that talk to an app over the
+network (httpx's tests/conftest.py:serve_in_thread), and a free port for a process to listen on."""
 
 from __future__ import annotations
 
@@ -47,3 +47,9 @@ def serve_in_thread(app: FastAPI, *, ready_timeout_s: float = 30.0) -> Iterator[
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+def free_port() -> int:
+    """A 127.0.0.1 port free right now, for a process that binds it itself (it may be taken in between)."""
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        return int(sock.getsockname()[1])

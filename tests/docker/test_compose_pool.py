@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from coop.node.client import node_info
 from coop.pool.membership import Membership
 from coop.wire.generated import coop_pb2 as pb
-from tests.pg_server import _free_port
+from tests.http_servers import free_port
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -95,7 +95,7 @@ def compose_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComposePo
     )
     assert build.returncode == 0, f"docker/build-images.sh --cpu failed:\n{build.stdout}\n{build.stderr}"
     ports = {
-        f"COOP_{name}_PORT": str(_free_port())
+        f"COOP_{name}_PORT": str(free_port())
         for name in ("POSTGRES", "DHT", "NODE_A", "NODE_B", "NODE_A_METRICS", "NODE_B_METRICS", "API")
     }
     # no spot checks: a shadow session on the other node would make "the node holding the session" ambiguous

@@ -20,6 +20,7 @@ import pytest
 from coop.launcher import COOP, LocalPool
 from coop.pool import ca
 from coop.pool.registry import add_member
+from tests.http_servers import free_port
 from tests.pools import certificates_backdated, make_pool
 
 pytestmark = pytest.mark.slow
@@ -50,11 +51,6 @@ def doctor_pool(tiny_llama_dir: str, tmp_path_factory: pytest.TempPathFactory) -
         pool.stop()
 
 
-def _free_port() -> int:
-    with socket.create_server(("127.0.0.1", 0)) as sock:
-        return int(sock.getsockname()[1])
-
-
 def doctor(pool: DoctorPool, institution: str, *args: str, model: str = "") -> tuple[int, dict[str, str]]:
     """Exit status and {check: its line and fix line} of `coop node doctor` for institution's bundle."""
     command = [*COOP, "node", "doctor", "--member", str(pool.bundles[institution]), "--device", "cpu"]
@@ -73,14 +69,14 @@ def doctor(pool: DoctorPool, institution: str, *args: str, model: str = "") -> t
 
 
 def test_a_healthy_member_passes_every_check(doctor_pool: DoctorPool) -> None:
-    status, report = doctor(doctor_pool, "Uni A", "--port", str(_free_port()))
+    status, report = doctor(doctor_pool, "Uni A", "--port", str(free_port()))
     assert status == 0, report
     assert all(line.startswith("OK") for line in report.values()), report
     assert "node node-b of 'Uni B' reached this node at 127.0.0.1:" in report["dial-back"]
 
 
 def test_an_expired_certificate_is_reported_with_its_fix(doctor_pool: DoctorPool) -> None:
-    status, report = doctor(doctor_pool, "Uni E", "--port", str(_free_port()))
+    status, report = doctor(doctor_pool, "Uni E", "--port", str(free_port()))
     assert status == 1
     assert report["bundle"].startswith("FAIL") and "expired on" in report["bundle"]
     assert "fix: ask the pool operator for a new member bundle" in report["bundle"]
@@ -109,7 +105,7 @@ def test_a_tampered_block_and_a_busy_port_are_reported_with_their_fixes(
 def test_a_revoked_member_is_reported_with_its_fix(doctor_pool: DoctorPool) -> None:
     revoke = ["member", "revoke", "Uni R", "--pool", str(doctor_pool.pool_dir), "--initial-peers"]
     subprocess.run([*COOP, *revoke, doctor_pool.pool.peer], check=True, capture_output=True, timeout=120)
-    status, report = doctor(doctor_pool, "Uni R", "--port", str(_free_port()))
+    status, report = doctor(doctor_pool, "Uni R", "--port", str(free_port()))
     assert status == 1
     assert report["revocation"].startswith("FAIL") and "'Uni R' is revoked" in report["revocation"]
     assert "fix: a revoked member cannot serve" in report["revocation"]
@@ -117,7 +113,7 @@ def test_a_revoked_member_is_reported_with_its_fix(doctor_pool: DoctorPool) -> N
 
 def test_an_endpoint_no_peer_can_reach_is_reported_with_its_fix(doctor_pool: DoctorPool) -> None:
     # the node listens on 127.0.0.1 but would announce 127.0.0.2, where nothing listens
-    status, report = doctor(doctor_pool, "Uni A", "--port", str(_free_port()), "--announce-host", "127.0.0.2")
+    status, report = doctor(doctor_pool, "Uni A", "--port", str(free_port()), "--announce-host", "127.0.0.2")
     assert status == 1
     assert report["dial-back"].startswith("FAIL") and "could not reach 127.0.0.2:" in report["dial-back"]
     assert "UNAVAILABLE" in report["dial-back"] and "fix: make 127.0.0.2:" in report["dial-back"]

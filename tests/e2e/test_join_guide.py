@@ -9,7 +9,6 @@ node must then be credited in the ledger for the request the guide sends.
 from __future__ import annotations
 
 import re
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from coop.ledger.database import sqlite_url
 from coop.ledger.store import Ledger
 from coop.model.manifest import Manifest
 from tests.conftest import REPO_ROOT
+from tests.http_servers import free_port
 from tests.pools import make_pool
 from tests.waiting import wait_for
 
@@ -61,11 +61,6 @@ def join_pool(tiny_chat_model_dir: str, tmp_path_factory: pytest.TempPathFactory
         pool.stop()
 
 
-def _free_port() -> int:
-    with socket.create_server(("127.0.0.1", 0)) as sock:
-        return int(sock.getsockname()[1])
-
-
 def test_the_join_guide_brings_a_serving_node_that_earns_credits(join_pool: JoinPool, tmp_path: Path) -> None:
     blocks = guide_blocks()
     kinds = [kind for kind, _ in blocks]
@@ -83,7 +78,7 @@ def test_the_join_guide_brings_a_serving_node_that_earns_credits(join_pool: Join
         "NODE_ID": "uni-a-1",
         "LISTEN_HOST": "127.0.0.1",
         "PUBLIC_HOST": "127.0.0.1",
-        "PORT": str(_free_port()),
+        "PORT": str(free_port()),
         "COORDINATOR_URL": join_pool.pool.url,
         "API_KEY": join_pool.api_key,
     }
