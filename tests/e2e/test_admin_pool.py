@@ -15,7 +15,7 @@ from coop.launcher import LocalPool
 from coop.ledger.database import LEDGER_FILE, sqlite_url
 from coop.ledger.store import Ledger
 from coop.model.manifest import Manifest
-from tests.e2e.test_admin_browser import credits_text, launch_chromium, open_tab, shoot, sign_in
+from tests.browser import credits_text, launch_chromium, open_tab, shoot, sign_in
 from tests.pools import make_pool
 from tests.waiting import wait_for
 
