@@ -12,7 +12,6 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -21,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.http_servers import free_port
 from tests.waiting import wait_for
 
 READY_TIMEOUT_S = 30.0
@@ -105,7 +105,7 @@ def postgres_server(*, durable: bool = False) -> Iterator[PostgresServer]:
         if not durable:
             settings += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
         for _attempt in range(3):  # a free port can be taken between choosing it and binding it
-            port = _free_port()
+            port = free_port()
             argv = [str(bindir / "postgres"), "-D", str(data), "-p", str(port), *settings]
             with open(log, "ab") as log_file:
                 process = subprocess.Popen(
@@ -147,9 +147,3 @@ def _wait_ready(bindir: Path, port: int, process: subprocess.Popen[bytes]) -> bo
         return wait_for(f"postgres on port {port} to accept connections", settled, READY_TIMEOUT_S, 0.05) == "ready"
     except AssertionError as exc:
         raise PostgresUnavailable(str(exc)) from None
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])

@@ -1,5 +1,6 @@
-"""Pools for tests: with member bundles, made the way an admin makes one (`coop pool create`, `coop member
-add`), or a development-mode pool of real processes (`running_pool`)."""
+"""Pools for tests, the one place they are made: on disk the way an admin makes one (`coop pool create`,
+`coop member add`, `coop key create`: `make_pool`), with every bundle loaded (`make_member_pool`), or a
+development-mode pool of real processes (`running_pool`)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,62 @@ from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 
-from coop.launcher import LocalPool
+from coop.launcher import CoopProcess, LocalPool
+from coop.ledger.database import ledger_location
+from coop.ledger.store import Ledger
 from coop.pool import ca
 from coop.pool.bundle import MemberBundle
-from coop.pool.ca import ROLE_COORDINATOR, ROLE_MEMBER
-from coop.pool.registry import PoolInfo, add_member, create_pool
+from coop.pool.ca import ROLE_COORDINATOR
+from coop.pool.registry import API_KEYS_FILE, PoolInfo, add_member, create_api_key, create_pool
 
 MEMBERS = ("alpha", "beta", "coord")
 COORDINATORS = frozenset({"coord"})  # these get a pool coordinator's bundle, the others a member's
+
+
+@dataclass(frozen=True)
+class PoolOnDisk:
+    """A pool's directory as the admin has it: the admin token, every bundle written, an API key each."""
+
+    info: PoolInfo
+    bundles: dict[str, Path]  # institution -> its bundle file (a member's or a pool coordinator's)
+    keys: dict[str, str]  # institution -> an API key of it
+
+    @property
+    def directory(self) -> Path:
+        return self.info.directory
+
+    @property
+    def admin_token(self) -> str:
+        assert self.info.admin_token is not None  # create_pool's PoolInfo carries it
+        return self.info.admin_token
+
+    @property
+    def api_keys_file(self) -> Path:
+        return self.directory / API_KEYS_FILE
+
+    def ledger(self) -> Ledger:
+        """The ledger the pool's coordinator books into (the pool directory's, as `coop ledger` opens it)."""
+        return Ledger.open(ledger_location(None, self.directory))
+
+    def start_coordinator(self, pool: LocalPool, coordinator: str, extra_args: Sequence[str] = ()) -> CoopProcess:
+        """Start `pool`'s coordinator as `coordinator` (a pool coordinator's bundle), with the pool's API
+        keys and directory (its ledger, its revocations)."""
+        args = ["--pool-dir", str(self.directory), *extra_args]
+        return pool.start_coordinator(member=self.bundles[coordinator], api_keys=self.api_keys_file, extra_args=args)
+
+
+def make_pool(
+    directory: Path,
+    name: str,
+    members: Sequence[str],
+    coordinators: Sequence[str] = (),
+    api_keys: Sequence[str] = (),
+) -> PoolOnDisk:
+    """A new pool in `directory` with these members, pool coordinators, and an API key for each of `api_keys`."""
+    info = create_pool(directory, name)
+    bundles = {m: add_member(directory, m) for m in members}
+    bundles |= {c: add_member(directory, c, role=ROLE_COORDINATOR) for c in coordinators}
+    return PoolOnDisk(info, bundles, {m: create_api_key(directory, m) for m in api_keys})
 
 
 @dataclass(frozen=True)
@@ -38,9 +87,9 @@ class MemberPool:
 
 
 def make_member_pool(directory: Path, name: str = "test", members: Sequence[str] = MEMBERS) -> MemberPool:
-    info = create_pool(directory, name)
-    roles = {m: ROLE_COORDINATOR if m in COORDINATORS else ROLE_MEMBER for m in members}
-    return MemberPool(info, {m: MemberBundle.load(add_member(directory, m, role=roles[m])) for m in members})
+    coordinators = [m for m in members if m in COORDINATORS]
+    disk = make_pool(directory, name, [m for m in members if m not in COORDINATORS], coordinators)
+    return MemberPool(disk.info, {m: MemberBundle.load(disk.bundles[m]) for m in members})
 
 
 @contextmanager

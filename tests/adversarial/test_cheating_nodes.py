@@ -26,11 +26,11 @@ import pytest
 
 from coop import launcher
 from coop.launcher import LocalPool
-from coop.ledger.database import ledger_location
 from coop.ledger.store import Ledger
 from coop.swarm.trust import DISPUTED, FAILED, QUARANTINED, TrustRecord, trust_from_ledger
 from tests.adversarial.cheating_node import CHEATS
 from tests.chat_requests import answered_chat
+from tests.pools import make_pool
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -78,13 +78,14 @@ class CheckedPool:
 
 @pytest.fixture(scope="module")
 def checked(tiny_chat_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CheckedPool]:
-    from coop.pool.registry import add_member, create_api_key, create_pool
-
-    pool_dir = tmp_path_factory.mktemp("checked") / "pool"
-    create_pool(pool_dir, "Checked pool")
-    bundles = {name: add_member(pool_dir, name) for name in ("Uni A", "Uni B", "Mallory", "Client")}
-    coordinator = add_member(pool_dir, "Coord", role="coordinator")
-    key = create_api_key(pool_dir, "Client")
+    disk = make_pool(
+        tmp_path_factory.mktemp("checked") / "pool",
+        "Checked pool",
+        ("Uni A", "Uni B", "Mallory", "Client"),
+        coordinators=("Coord",),
+        api_keys=("Client",),
+    )
+    bundles, coordinator = disk.bundles, disk.bundles["Coord"]
     pool = LocalPool(tiny_chat_model_dir)
     try:
         pool.start_dht(member=coordinator)
@@ -92,11 +93,8 @@ def checked(tiny_chat_model_dir: str, tmp_path_factory: pytest.TempPathFactory) 
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv("COOP_COORDINATOR_SPOT_CHECK_RATE", "1")
             patch.setenv("COOP_COORDINATOR_SPOT_CHECK_NEW_NODE_RATE", "1")
-            pool.start_coordinator(
-                member=coordinator, api_keys=pool_dir / "api_keys.json", extra_args=["--pool-dir", str(pool_dir)]
-            )
-        ledger = Ledger.open(ledger_location(None, pool_dir))
-        yield CheckedPool(pool, key, ledger, bundles["Mallory"], pool_dir, coordinator)
+            disk.start_coordinator(pool, "Coord")
+        yield CheckedPool(pool, disk.keys["Client"], disk.ledger(), bundles["Mallory"], disk.directory, coordinator)
     finally:
         pool.stop()
 

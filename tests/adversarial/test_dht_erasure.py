@@ -29,7 +29,6 @@ from coop.launcher import LocalPool
 from coop.model.manifest import Manifest
 from coop.pool.bundle import Credentials, MemberBundle
 from coop.pool.membership import Membership
-from coop.pool.registry import add_member, create_api_key, create_pool
 from coop.pool.revocation import RevocationList, saved_revocations_path
 from coop.swarm.announcement import AnnouncementVerifier, NodeAnnouncement
 from coop.swarm.directory import SwarmDirectory, directory_key, node_subkey
@@ -39,6 +38,7 @@ from coop.wire.channels import GRPC_OPTIONS
 from coop.wire.generated import coop_pb2 as pb
 from coop.wire.generated import coop_pb2_grpc
 from tests.chat_requests import greedy_chat
+from tests.pools import make_pool
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -105,10 +105,9 @@ def _attack(peer: str, pool_id: str, model_hash: str) -> DHT:
 @pytest.fixture(scope="module")
 def victim(tiny_chat_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Victim]:
     pool_dir = tmp_path_factory.mktemp("erasure") / "victim"
-    create_pool(pool_dir, "Victim pool")
-    bundles = {name: add_member(pool_dir, name) for name in (*INSTITUTIONS.values(), "Client Inst")}
-    bundles["Coord Inst"] = add_member(pool_dir, "Coord Inst", role="coordinator")
-    key = create_api_key(pool_dir, "Client Inst")
+    members = (*INSTITUTIONS.values(), "Client Inst")
+    disk = make_pool(pool_dir, "Victim pool", members, coordinators=("Coord Inst",), api_keys=("Client Inst",))
+    bundles, key = disk.bundles, disk.keys["Client Inst"]
     pool = LocalPool(tiny_chat_model_dir)
     rogue: DHT | None = None
     try:

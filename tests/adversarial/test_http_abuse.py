@@ -26,8 +26,8 @@ import httpx
 import pytest
 
 from coop.launcher import LocalPool
-from coop.pool.registry import add_member, create_api_key, create_pool
 from tests.chat_requests import raw_exchange
+from tests.pools import make_pool
 
 pytestmark = pytest.mark.slow
 WAIT_S = 120.0
@@ -63,12 +63,14 @@ class AbusePool:
 
 @pytest.fixture(scope="module")
 def abuse(tiny_chat_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AbusePool]:
-    pool_dir = tmp_path_factory.mktemp("abuse") / "pool"
-    info = create_pool(pool_dir, "Abuse pool")
-    assert info.admin_token is not None
-    bundles = {name: add_member(pool_dir, name) for name in ("Alpha", "Beta", "Gamma", "Mallory")}
-    bundles["Coord"] = add_member(pool_dir, "Coord", role="coordinator")
-    honest, attacker = create_api_key(pool_dir, "Gamma"), create_api_key(pool_dir, "Mallory")
+    disk = make_pool(
+        tmp_path_factory.mktemp("abuse") / "pool",
+        "Abuse pool",
+        ("Alpha", "Beta", "Gamma", "Mallory"),
+        coordinators=("Coord",),
+        api_keys=("Gamma", "Mallory"),
+    )
+    bundles, honest, attacker = disk.bundles, disk.keys["Gamma"], disk.keys["Mallory"]
     pool = LocalPool(tiny_chat_model_dir)
     try:
         pool.start_dht()
@@ -76,10 +78,8 @@ def abuse(tiny_chat_model_dir: str, tmp_path_factory: pytest.TempPathFactory) ->
         with pytest.MonkeyPatch.context() as env:
             env.setenv("COOP_COORDINATOR_ADMIN_SIGN_IN_BURST", str(BURST))
             env.setenv("COOP_COORDINATOR_ADMIN_SIGN_IN_REFILL_S", "3600")
-            pool.start_coordinator(
-                member=bundles["Coord"], api_keys=pool_dir / "api_keys.json", extra_args=["--pool-dir", str(pool_dir)]
-            )
-        yield AbusePool(pool, pool_dir, honest, attacker, info.admin_token)
+            disk.start_coordinator(pool, "Coord")
+        yield AbusePool(pool, disk.directory, honest, attacker, disk.admin_token)
     finally:
         pool.stop()
 

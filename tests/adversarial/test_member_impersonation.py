@@ -33,7 +33,6 @@ from coop.ledger.store import Ledger
 from coop.model.manifest import Manifest
 from coop.node.client import node_info
 from coop.pool.bundle import Credentials, MemberBundle
-from coop.pool.registry import add_member, create_api_key, create_pool
 from coop.receipts import ReceiptBody
 from coop.swarm.announcement import stamp_announcement
 from coop.swarm.directory import SwarmDirectory
@@ -43,6 +42,7 @@ from coop.wire.generated import coop_pb2_grpc
 from coop.wire.routes import encode_route, route_payload
 from coop.wire.tensors import tensor_to_proto
 from tests.chat_requests import answered_chat
+from tests.pools import make_pool
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -75,22 +75,20 @@ class TrustPool:
 
 @pytest.fixture(scope="module")
 def trust(tiny_chat_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrustPool]:
-    pool_dir = tmp_path_factory.mktemp("trust") / "pool"
-    create_pool(pool_dir, "Trust pool")
-    bundles = {name: add_member(pool_dir, name) for name in ("Alpha", "Beta", "Gamma", "Mallory")}
-    for name in ("Coord", "Auditor"):  # Auditor: a second pool coordinator, played by a test
-        bundles[name] = add_member(pool_dir, name, role="coordinator")
-    key = create_api_key(pool_dir, "Gamma")
+    disk = make_pool(
+        tmp_path_factory.mktemp("trust") / "pool",
+        "Trust pool",
+        ("Alpha", "Beta", "Gamma", "Mallory"),
+        coordinators=("Coord", "Auditor"),  # Auditor: a second pool coordinator, played by a test
+        api_keys=("Gamma",),
+    )
+    bundles = disk.bundles
     pool = LocalPool(tiny_chat_model_dir)
     try:
         pool.start_dht()
         pool.start_nodes({"node-a": "0:2", "node-b": "2:4"}, {"node-a": bundles["Alpha"], "node-b": bundles["Beta"]})
-        pool.start_coordinator(
-            member=bundles["Coord"],
-            api_keys=pool_dir / "api_keys.json",
-            extra_args=["--pool-dir", str(pool_dir), "--receipt-interval-s", "0.3"],
-        )
-        yield TrustPool(pool, pool_dir, bundles, key, Manifest.load(tiny_chat_model_dir))
+        disk.start_coordinator(pool, "Coord", ["--receipt-interval-s", "0.3"])
+        yield TrustPool(pool, disk.directory, bundles, disk.keys["Gamma"], Manifest.load(tiny_chat_model_dir))
     finally:
         pool.stop()
 

@@ -30,13 +30,13 @@ from coop.launcher import LocalPool
 from coop.model.manifest import Manifest
 from coop.node.client import node_info
 from coop.pool.bundle import Credentials, MemberBundle
-from coop.pool.registry import add_member, create_api_key, create_pool
 from coop.wire.channels import GRPC_OPTIONS, ChannelSecurity
 from coop.wire.generated import coop_pb2 as pb
 from coop.wire.generated import coop_pb2_grpc
 from coop.wire.routes import encode_route, route_payload
 from coop.wire.tensors import tensor_to_proto
 from tests.chat_requests import answered_chat
+from tests.pools import make_pool
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -77,12 +77,14 @@ class ExhaustPool:
 
 @pytest.fixture(scope="module")
 def exhaust(tiny_chat_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExhaustPool]:
-    pool_dir = tmp_path_factory.mktemp("exhaust") / "pool"
-    create_pool(pool_dir, "Exhaust pool")
-    bundles = {name: add_member(pool_dir, name) for name in ("Alpha", "Beta", "Gamma", "Mallory")}
-    for name in ("Coord", "Rogue"):
-        bundles[name] = add_member(pool_dir, name, role="coordinator")
-    key = create_api_key(pool_dir, "Gamma")
+    disk = make_pool(
+        tmp_path_factory.mktemp("exhaust") / "pool",
+        "Exhaust pool",
+        ("Alpha", "Beta", "Gamma", "Mallory"),
+        coordinators=("Coord", "Rogue"),
+        api_keys=("Gamma",),
+    )
+    bundles = disk.bundles
     pool = LocalPool(tiny_chat_model_dir)
     try:
         pool.start_dht()
@@ -94,10 +96,8 @@ def exhaust(tiny_chat_model_dir: str, tmp_path_factory: pytest.TempPathFactory) 
                 {"node-a": bundles["Alpha"], "node-b": bundles["Beta"]},
                 extra_args=["--cache-budget-mb", str(CACHE_BUDGET_MB)],
             )
-        pool.start_coordinator(
-            member=bundles["Coord"], api_keys=pool_dir / "api_keys.json", extra_args=["--pool-dir", str(pool_dir)]
-        )
-        yield ExhaustPool(pool, bundles, key, Manifest.load(tiny_chat_model_dir))
+        disk.start_coordinator(pool, "Coord")
+        yield ExhaustPool(pool, bundles, disk.keys["Gamma"], Manifest.load(tiny_chat_model_dir))
     finally:
         pool.stop()
 

@@ -9,12 +9,11 @@ other answer only after 30 s (`flooding_node`). Gamma pays. Eve was a member, an
   points at another port of ours is.
 - The flood: Gamma's requests keep getting the tokens a single process computes and the honest
   nodes' receipts are booked; the junk costs a bounded number of audit events (at most one per
-  node per interval), the admin view counts it, and the books verify.
+  node per interval, and one more when the coordinator stops), the admin view counts it, and the books verify.
 """
 
 from __future__ import annotations
 
-import math
 import socket
 import subprocess
 import sys
@@ -30,17 +29,17 @@ import httpx
 import pytest
 
 from coop import launcher
-from coop.coordinator.accounts.receipt_polling import AUDIT_INTERVAL_S
 from coop.launcher import COOP, CoopProcess, LocalPool
 from coop.ledger.database import sqlite_url
 from coop.ledger.store import Ledger
 from coop.model.manifest import Manifest
 from coop.pool.bundle import MemberBundle
-from coop.pool.registry import add_member, create_api_key, create_pool, revoke_member
+from coop.pool.registry import revoke_member
 from coop.swarm.announcement import NodeAnnouncement, stamp_announcement
 from coop.swarm.directory import SwarmDirectory
 from tests.adversarial.flooding_node import JUNK
 from tests.chat_requests import answered_chat
+from tests.pools import make_pool
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -48,6 +47,7 @@ WAIT_S = 90.0
 QUESTIONS = ["Count to three.", "Name a colour.", "Say hello to the pool.", "What is a ledger?"]
 MAX_TOKENS = 6
 HONEST = ("node-a", "node-b")
+AUDIT_INTERVAL_S = 3600.0  # longer than the module runs: its audit trail of the flood is one interval's
 
 
 @dataclass
@@ -59,7 +59,6 @@ class FloodPool:
     admin_token: str
     manifest: Manifest
     coordinator: CoopProcess
-    started_at: float
 
     def ledger(self) -> Ledger:
         return Ledger.open(sqlite_url(self.pool_dir / "ledger.db"))
@@ -80,13 +79,15 @@ class FloodPool:
 
 @pytest.fixture(scope="module")
 def flood(tiny_chat_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FloodPool]:
-    pool_dir = tmp_path_factory.mktemp("flood") / "pool"
-    info = create_pool(pool_dir, "Flood pool")
-    assert info.admin_token is not None
-    bundles = {name: add_member(pool_dir, name) for name in ("Alpha", "Beta", "Gamma", "Mallory", "Eve")}
-    bundles["Coord"] = add_member(pool_dir, "Coord", role="coordinator")
-    revoke_member(pool_dir, "Eve")
-    key = create_api_key(pool_dir, "Gamma")
+    disk = make_pool(
+        tmp_path_factory.mktemp("flood") / "pool",
+        "Flood pool",
+        ("Alpha", "Beta", "Gamma", "Mallory", "Eve"),
+        coordinators=("Coord",),
+        api_keys=("Gamma",),
+    )
+    revoke_member(disk.directory, "Eve")
+    bundles = disk.bundles
     pool = LocalPool(tiny_chat_model_dir)
     try:
         pool.start_dht(member=bundles["Coord"])
@@ -94,14 +95,11 @@ def flood(tiny_chat_model_dir: str, tmp_path_factory: pytest.TempPathFactory) ->
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(launcher, "COOP", [sys.executable, "-m", "tests.adversarial.flooding_node"])
             pool.start_nodes({"node-m": "0:2"}, {"node-m": bundles["Mallory"]})
-        started_at = time.monotonic()
-        coordinator = pool.start_coordinator(
-            member=bundles["Coord"],
-            api_keys=pool_dir / "api_keys.json",
-            extra_args=["--pool-dir", str(pool_dir), "--receipt-interval-s", "0.3"],
-        )
+        with pytest.MonkeyPatch.context() as patch:  # one interval for the whole module: the bound is exact
+            patch.setenv("COOP_COORDINATOR_RECEIPT_AUDIT_INTERVAL_S", str(AUDIT_INTERVAL_S))
+            coordinator = disk.start_coordinator(pool, "Coord", ["--receipt-interval-s", "0.3"])
         manifest = Manifest.load(tiny_chat_model_dir)
-        yield FloodPool(pool, pool_dir, bundles, key, info.admin_token, manifest, coordinator, started_at)
+        yield FloodPool(pool, disk.directory, bundles, disk.keys["Gamma"], disk.admin_token, manifest, coordinator)
     finally:
         pool.stop()
 
@@ -213,9 +211,9 @@ def test_a_flood_of_junk_receipts_costs_a_bounded_audit_trail_and_honest_receipt
         assert flood.collection()["audit_events_suppressed"] >= JUNK // 2  # the first junk answer: one event
 
         flood.coordinator.stop()  # it writes the rejections it gathered since its last event
-        elapsed_s = time.monotonic() - flood.started_at
+        # one interval: the first rejections' event (due at once), and the rest gathered until the stop
         audited = [e for e in ledger.audit_events() if e.detail.startswith("node node-m:")]
-        assert 1 <= len(audited) <= 2 + math.ceil(elapsed_s / AUDIT_INTERVAL_S), [e.detail for e in audited]
+        assert 1 <= len(audited) <= 2, [e.detail for e in audited]
         assert any(e.action == "receipts_rejected" and e.subject == "node-m" for e in audited)
         assert not [e for e in ledger.audit_events() if e.detail.startswith(("node node-a:", "node node-b:"))]
         assert {r.node_id for r in ledger.receipts()} <= {"node-a", "node-b", "node-m"}

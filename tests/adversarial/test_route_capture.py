@@ -23,11 +23,12 @@ from coop import launcher
 from coop.launcher import LocalPool
 from coop.node.client import node_info
 from coop.pool.bundle import MemberBundle
-from coop.pool.registry import add_member, create_api_key, create_pool
+from coop.pool.registry import create_api_key
 from coop.wire.channels import ChannelSecurity
 from coop.wire.generated import coop_pb2 as pb
 from tests.adversarial.lying_node import CLAIMED_TPS
 from tests.chat_requests import answered_chat
+from tests.pools import make_pool
 
 pytestmark = pytest.mark.slow
 
@@ -48,9 +49,8 @@ class CapturePool:
 @pytest.fixture(scope="module")
 def capture(tiny_chat_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CapturePool]:
     pool_dir = tmp_path_factory.mktemp("capture") / "pool"
-    create_pool(pool_dir, "Capture pool")
-    bundles = {name: add_member(pool_dir, name) for name in ("Uni A", "Uni B", "Mallory", "Client")}
-    coordinator = add_member(pool_dir, "Coord", role="coordinator")
+    disk = make_pool(pool_dir, "Capture pool", ("Uni A", "Uni B", "Mallory", "Client"), coordinators=("Coord",))
+    bundles, coordinator = disk.bundles, disk.bundles["Coord"]
     keys = [create_api_key(pool_dir, "Client") for _ in range(2)]
     pool = LocalPool(tiny_chat_model_dir)
     try:

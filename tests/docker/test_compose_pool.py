@@ -24,7 +24,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from coop.node.client import node_info
 from coop.pool.membership import Membership
-from tests.pg_server import _free_port
+from coop.wire.generated import coop_pb2 as pb
+from tests.http_servers import free_port
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -94,7 +95,7 @@ def compose_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComposePo
     )
     assert build.returncode == 0, f"docker/build-images.sh --cpu failed:\n{build.stdout}\n{build.stderr}"
     ports = {
-        f"COOP_{name}_PORT": str(_free_port())
+        f"COOP_{name}_PORT": str(free_port())
         for name in ("POSTGRES", "DHT", "NODE_A", "NODE_B", "NODE_A_METRICS", "NODE_B_METRICS", "API")
     }
     # no spot checks: a shadow session on the other node would make "the node holding the session" ambiguous
@@ -194,26 +195,37 @@ def test_node_container_killed_mid_generation_gives_the_same_tokens(
     security = Membership.load(bundle).channel_security()
     institutions = {"node-a": "Universidad A", "node-b": "Universidad B"}
 
-    def active_sessions(node: str) -> int:
-        endpoint = compose_pool.node_endpoint(node)
-        return node_info(endpoint, security, institution=institutions[node], node_id=node).active_sessions
+    def info(node: str) -> pb.NodeInfo:
+        return node_info(compose_pool.node_endpoint(node), security, institution=institutions[node], node_id=node)
+
+    def steps_run() -> dict[str, int]:
+        return {node: info(node).counters.steps_run for node in NODES}
 
     uninterrupted = _stream_story(client, lambda _: None)
+
+    # The streams of this test are the pool's only traffic (spot checks are off), so the nodes that run
+    # steps once the next stream starts are the ones on its route; a node that merely still holds a
+    # session (one closing, say) runs none.
+    def no_step_in_flight() -> bool:
+        return not any(info(node).steps_in_flight for node in NODES)
+
+    compose_pool.wait_for("the first stream's steps to finish", no_step_in_flight, SERVING_TIMEOUT_S)
+    before = steps_run()
     killed: list[str] = []
 
-    def kill_the_busy_node(count: int) -> None:
+    def kill_a_node_of_the_route(count: int) -> None:
         if count == KILL_AFTER_CHUNKS and not killed:
-            busy = [node for node in NODES if active_sessions(node)]
-            assert busy, "no node holds the session"
-            killed.append(busy[0])
-            compose_pool.compose("kill", busy[0])
+            on_route = [node for node, steps in steps_run().items() if steps > before[node]]
+            assert on_route, "no node ran this stream's steps"
+            killed.append(on_route[0])
+            compose_pool.compose("kill", on_route[0])
 
-    interrupted = _stream_story(client, kill_the_busy_node)
+    interrupted = _stream_story(client, kill_a_node_of_the_route)
     assert killed, "the generation ended before a node could be killed"
     assert interrupted["token_ids"] == uninterrupted["token_ids"]
     route = interrupted["route"]
     assert isinstance(route, list)
-    assert route[-1]["node_id"] != killed[0]
+    assert killed[0] not in {hop["node_id"] for hop in route}
     assert route[-1]["failovers"] >= 1
 
 

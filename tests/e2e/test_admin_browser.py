@@ -2,7 +2,7 @@
 
 The coordinator is the real app (`create_app` with the pool's API-key gate, a tiny local model)
 with the admin view mounted; its ledger holds receipts booked through the real checking path
-(see tests/unit/test_admin_data.py). Screenshots of every page go to artifacts/admin/; with
+(see tests/admin_pool.py). Screenshots of every page go to artifacts/admin/; with
 COOP_UPDATE_DOCS=1 the overview also replaces docs/admin-overview.png, which the README shows.
 """
 
@@ -11,14 +11,13 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
+from playwright.sync_api import Browser
 
 from coop.admin import mount_admin
 from coop.coordinator.http.app import create_app
@@ -27,26 +26,15 @@ from coop.ledger.models import FLOPS_PER_CREDIT
 from coop.pipeline.local import LocalBackend
 from coop.pool.api_keys import api_key_digest
 from coop.pool.registry import API_KEYS_FILE
+from tests.admin_pool import LIVE_NODES, MEMBERS, XSS_NAME, AdminPool, build_admin_pool
+from tests.browser import Tab, credits_text, launch_chromium, open_tab, shoot, sign_in
 from tests.conftest import REPO_ROOT
-from tests.unit.test_admin_data import LIVE_NODES, MEMBERS, XSS_NAME, AdminPool, build_admin_pool
-from tests.unit.test_api import serve_in_thread
+from tests.http_servers import serve_in_thread
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-]
-ARTIFACTS = Path(REPO_ROOT) / "artifacts" / "admin"
 DOCS_SCREENSHOT = Path(REPO_ROOT) / "docs" / "admin-overview.png"
 UPDATE_DOCS = os.environ.get("COOP_UPDATE_DOCS") == "1"  # read at import: the autouse fixture clears COOP_*
-TIMEOUT_MS = 15_000
 
 PAGES = {  # path -> screenshot name
     "/admin/": "overview",
@@ -80,72 +68,16 @@ def coordinator(tiny_llama_dir: str, tmp_path_factory: pytest.TempPathFactory) -
         data.ledger.close()
 
 
-@contextmanager
-def launch_chromium() -> Iterator[Browser]:
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"no Chromium at {CHROMIUM}: install it with `bash scripts/test-services` (Debian: chromium)")
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=TIMEOUT_MS * 2)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
-
-
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     with launch_chromium() as chromium:
         yield chromium
 
 
-@dataclass
-class Tab:
-    page: Page
-    context: BrowserContext  # the page's cookie jar
-    problems: list[str]  # console errors, page errors, dialogs, requests off this origin
-
-
-@contextmanager
-def open_tab(browser: Browser, url: str) -> Iterator[Tab]:
-    """A fresh browser context (own cookies) and page on `url`, recording anything that went wrong."""
-    context = browser.new_context(viewport={"width": 1360, "height": 900}, base_url=url)
-    context.set_default_timeout(TIMEOUT_MS)
-    page = context.new_page()
-    problems: list[str] = []
-    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
-    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-    page.on("dialog", lambda d: (problems.append(f"dialog: {d.message}"), d.dismiss()))
-    page.on("request", lambda r: None if r.url.startswith(url) else problems.append(f"request {r.url}"))
-    try:
-        yield Tab(page, context, problems)
-    finally:
-        context.close()
-
-
 @pytest.fixture
 def tab(browser: Browser, coordinator: Coordinator) -> Iterator[Tab]:
     with open_tab(browser, coordinator.url) as opened:
         yield opened
-
-
-def sign_in(tab: Tab, token: str, start: str = "/admin/") -> None:
-    page = tab.page
-    page.goto(start)
-    page.wait_for_url("**/admin/login**")
-    page.fill("#token", token)
-    page.get_by_role("button", name="Sign in").click()
-    page.wait_for_url(f"**{start}")
-
-
-def shoot(tab: Tab, name: str) -> Path:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    path = ARTIFACTS / f"{name}.png"
-    tab.page.screenshot(path=str(path), full_page=True)
-    return path
-
-
-def credits_text(flops: int) -> str:
-    return f"{flops / FLOPS_PER_CREDIT:,.2f}"
 
 
 # ------------------------------------------------------------------------------------------------- tests

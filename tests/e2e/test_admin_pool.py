@@ -15,8 +15,8 @@ from coop.launcher import LocalPool
 from coop.ledger.database import LEDGER_FILE, sqlite_url
 from coop.ledger.store import Ledger
 from coop.model.manifest import Manifest
-from coop.pool.registry import API_KEYS_FILE, add_member, create_api_key, create_pool
-from tests.e2e.test_admin_browser import credits_text, launch_chromium, open_tab, shoot, sign_in
+from tests.browser import credits_text, launch_chromium, open_tab, shoot, sign_in
+from tests.pools import make_pool
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -25,11 +25,8 @@ pytestmark = pytest.mark.slow
 def test_a_real_pool_s_receipts_reach_the_view(tiny_chat_model_dir: str, tmp_path: Path) -> None:
     """Real processes: two member nodes and a coordinator with --pool-dir; its own bookings are on the pages."""
     pool_dir = tmp_path / "pool"
-    info = create_pool(pool_dir, "Real pool")
-    assert info.admin_token is not None
-    bundles = {name: add_member(pool_dir, name) for name in ("alpha", "beta")}
-    bundles["coord"] = add_member(pool_dir, "coord", role="coordinator")
-    keys = {name: create_api_key(pool_dir, name) for name in ("alpha", "beta")}
+    disk = make_pool(pool_dir, "Real pool", ("alpha", "beta"), coordinators=("coord",), api_keys=("alpha", "beta"))
+    bundles, keys = disk.bundles, disk.keys
     blocks = Manifest.load(tiny_chat_model_dir).num_blocks
     spans = {"alpha-0": f"0:{blocks // 2}", "beta-0": f"{blocks // 2}:{blocks}"}
     requests = ["alpha", "beta", "alpha"]
@@ -37,17 +34,13 @@ def test_a_real_pool_s_receipts_reach_the_view(tiny_chat_model_dir: str, tmp_pat
     try:
         pool.start_dht()
         pool.start_nodes(spans, {"alpha-0": bundles["alpha"], "beta-0": bundles["beta"]})
-        pool.start_coordinator(
-            member=bundles["coord"],
-            api_keys=pool_dir / API_KEYS_FILE,
-            extra_args=["--pool-dir", str(pool_dir), "--receipt-interval-s", "0.5"],
-        )
+        disk.start_coordinator(pool, "coord", ["--receipt-interval-s", "0.5"])
         with httpx.Client(base_url=pool.url, timeout=60) as http:
             for who in requests:
                 body = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4, "temperature": 0}
                 chat = http.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {keys[who]}"})
                 assert chat.status_code == 200, chat.text
-            admin = {"Authorization": f"Bearer {info.admin_token}"}
+            admin = {"Authorization": f"Bearer {disk.admin_token}"}
             wait_for(
                 "the coordinator to book every receipt",
                 lambda: http.get("/admin/api/receipts", headers=admin).json()["total"] >= len(requests) * len(spans),
@@ -61,7 +54,7 @@ def test_a_real_pool_s_receipts_reach_the_view(tiny_chat_model_dir: str, tmp_pat
         assert balances["alpha"].used_flops > 0 and balances["beta"].contributed_flops > 0
 
         with launch_chromium() as browser, open_tab(browser, pool.url) as tab:
-            sign_in(tab, info.admin_token)
+            sign_in(tab, disk.admin_token)
             spans_drawn = tab.page.locator("#coverage svg rect.span")
             assert {spans_drawn.nth(i).get_attribute("data-node") for i in range(spans_drawn.count())} == set(spans)
             assert tab.page.locator("#coverage svg rect.gap").count() == 0

@@ -22,8 +22,8 @@ from coop.ledger.database import sqlite_url
 from coop.ledger.models import Observation, Receipt
 from coop.ledger.store import Ledger
 from coop.model.manifest import Manifest
-from coop.pool.registry import add_member, create_api_key, create_pool
 from tests.chat_requests import stream_greedy_chat
+from tests.pools import make_pool
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -91,10 +91,9 @@ def crash_pool(tiny_chat_model_dir: str, tmp_path_factory: pytest.TempPathFactor
     mp.setenv("COOP_NODE_RECEIPT_BATCH_TOKENS", str(BATCH_TOKENS))
     mp.setenv("COOP_COORDINATOR_OBSERVATION_CHECKPOINT_TOKENS", str(BATCH_TOKENS))
     pool_dir = tmp_path_factory.mktemp("crash") / "pool"
-    create_pool(pool_dir, "Crash metering pool")
-    bundles = {name: add_member(pool_dir, name) for name in ("Alpha", "Beta", "Gamma")}
-    bundles["Coord"] = add_member(pool_dir, "Coord", role="coordinator")
-    key = create_api_key(pool_dir, "Gamma")
+    members = ("Alpha", "Beta", "Gamma")
+    disk = make_pool(pool_dir, "Crash metering pool", members, coordinators=("Coord",), api_keys=("Gamma",))
+    bundles, key = disk.bundles, disk.keys["Gamma"]
     pool = LocalPool(tiny_chat_model_dir)
     ledger = None
     try:

@@ -20,8 +20,9 @@ import pytest
 from coop.launcher import COOP, LocalPool
 from coop.node.dial_back import UNREACHABLE
 from coop.pool import ca
-from coop.pool.registry import add_member, create_pool
-from tests.pools import certificates_backdated
+from coop.pool.registry import add_member
+from tests.http_servers import free_port
+from tests.pools import certificates_backdated, make_pool
 
 pytestmark = pytest.mark.slow
 DOCTOR_TIMEOUT_S = 300
@@ -38,8 +39,7 @@ class DoctorPool:
 @pytest.fixture(scope="module")
 def doctor_pool(tiny_llama_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DoctorPool]:
     pool_dir = tmp_path_factory.mktemp("doctor") / "pool"
-    create_pool(pool_dir, "Doctor pool")
-    bundles = {name: add_member(pool_dir, name) for name in ("Uni A", "Uni B", "Uni R")}
+    bundles = make_pool(pool_dir, "Doctor pool", ("Uni A", "Uni B", "Uni R")).bundles
     expired_a_month_ago = mock.patch.object(ca, "MEMBER_VALIDITY", dt.timedelta(days=-30))
     with certificates_backdated(dt.timedelta(days=400)), expired_a_month_ago:
         bundles["Uni E"] = add_member(pool_dir, "Uni E")
@@ -50,11 +50,6 @@ def doctor_pool(tiny_llama_dir: str, tmp_path_factory: pytest.TempPathFactory) -
         yield DoctorPool(pool, pool_dir, bundles)
     finally:
         pool.stop()
-
-
-def _free_port() -> int:
-    with socket.create_server(("127.0.0.1", 0)) as sock:
-        return int(sock.getsockname()[1])
 
 
 def doctor(pool: DoctorPool, institution: str, *args: str, model: str = "") -> tuple[int, dict[str, str]]:
@@ -75,14 +70,14 @@ def doctor(pool: DoctorPool, institution: str, *args: str, model: str = "") -> t
 
 
 def test_a_healthy_member_passes_every_check(doctor_pool: DoctorPool) -> None:
-    status, report = doctor(doctor_pool, "Uni A", "--port", str(_free_port()))
+    status, report = doctor(doctor_pool, "Uni A", "--port", str(free_port()))
     assert status == 0, report
     assert all(line.startswith("OK") for line in report.values()), report
     assert "node node-b of 'Uni B' reached this node at 127.0.0.1:" in report["dial-back"]
 
 
 def test_an_expired_certificate_is_reported_with_its_fix(doctor_pool: DoctorPool) -> None:
-    status, report = doctor(doctor_pool, "Uni E", "--port", str(_free_port()))
+    status, report = doctor(doctor_pool, "Uni E", "--port", str(free_port()))
     assert status == 1
     assert report["bundle"].startswith("FAIL") and "expired on" in report["bundle"]
     assert "fix: ask the pool operator for a new member bundle" in report["bundle"]
@@ -111,7 +106,7 @@ def test_a_tampered_block_and_a_busy_port_are_reported_with_their_fixes(
 def test_a_revoked_member_is_reported_with_its_fix(doctor_pool: DoctorPool) -> None:
     revoke = ["member", "revoke", "Uni R", "--pool", str(doctor_pool.pool_dir), "--initial-peers"]
     subprocess.run([*COOP, *revoke, doctor_pool.pool.peer], check=True, capture_output=True, timeout=120)
-    status, report = doctor(doctor_pool, "Uni R", "--port", str(_free_port()))
+    status, report = doctor(doctor_pool, "Uni R", "--port", str(free_port()))
     assert status == 1
     assert report["revocation"].startswith("FAIL") and "'Uni R' is revoked" in report["revocation"]
     assert "fix: a revoked member cannot serve" in report["revocation"]
@@ -119,7 +114,7 @@ def test_a_revoked_member_is_reported_with_its_fix(doctor_pool: DoctorPool) -> N
 
 def test_an_endpoint_no_peer_can_reach_is_reported_with_its_fix(doctor_pool: DoctorPool) -> None:
     # the node listens on 127.0.0.1 but would announce 127.0.0.2, where nothing listens
-    status, report = doctor(doctor_pool, "Uni A", "--port", str(_free_port()), "--announce-host", "127.0.0.2")
+    status, report = doctor(doctor_pool, "Uni A", "--port", str(free_port()), "--announce-host", "127.0.0.2")
     assert status == 1
     assert report["dial-back"].startswith("FAIL") and "could not reach 127.0.0.2:" in report["dial-back"]
     assert UNREACHABLE in report["dial-back"] and "fix: make 127.0.0.2:" in report["dial-back"]

@@ -20,9 +20,9 @@ import pytest
 from coop.launcher import COOP, LocalPool
 from coop.node.client import node_control, node_info
 from coop.pool.membership import Membership
-from coop.pool.registry import add_member, create_pool
 from coop.wire.generated import coop_pb2 as pb
 from tests.moving_streams import WAIT_S, streams_moved_when
+from tests.pools import make_pool
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -74,9 +74,8 @@ class DrainPool:
 @pytest.fixture(scope="module")
 def pool(demo_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DrainPool]:
     pool_dir = tmp_path_factory.mktemp("drain") / "pool"
-    create_pool(pool_dir, "Drain pool")
-    bundles = {name: add_member(pool_dir, name) for name in ("alpha", "beta")}
-    coordinator = add_member(pool_dir, "coord", role="coordinator")
+    disk = make_pool(pool_dir, "Drain pool", ("alpha", "beta"), coordinators=("coord",))
+    bundles, coordinator = disk.bundles, disk.bundles["coord"]
     pool = LocalPool(demo_model_dir)
     try:
         pool.start_dht(bundles["beta"])

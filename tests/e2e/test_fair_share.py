@@ -23,8 +23,8 @@ from coop.ledger.database import sqlite_url
 from coop.ledger.store import Ledger
 from coop.model.manifest import Manifest
 from coop.pool.bundle import MemberBundle
-from coop.pool.registry import add_member, create_api_key, create_pool
 from tests.ledger_seed import seeded_receipts
+from tests.pools import make_pool
 
 pytestmark = pytest.mark.slow
 CLIENTS_PER_INSTITUTION = 3
@@ -67,10 +67,9 @@ def _book_history(pool_dir: Path, bundles: dict[str, Path], manifest: Manifest) 
 
 def test_saturated_pool_serves_in_proportion_to_contribution(tiny_chat_model_dir: str, tmp_path: Path) -> None:
     pool_dir = tmp_path / "pool"
-    create_pool(pool_dir, "Fair pool")
-    bundles = {name: add_member(pool_dir, name) for name in ("Host", "Uni A", "Uni B", "Newcomer")}
-    bundles["Coord"] = add_member(pool_dir, "Coord", role="coordinator")
-    keys = {name: create_api_key(pool_dir, name) for name in ("Uni A", "Uni B", "Newcomer")}
+    consumers = ("Uni A", "Uni B", "Newcomer")
+    disk = make_pool(pool_dir, "Fair pool", ("Host", *consumers), coordinators=("Coord",), api_keys=consumers)
+    bundles, keys = disk.bundles, disk.keys
     manifest = Manifest.load(tiny_chat_model_dir)
     _book_history(pool_dir, bundles, manifest)
 
@@ -78,11 +77,7 @@ def test_saturated_pool_serves_in_proportion_to_contribution(tiny_chat_model_dir
     try:
         pool.start_dht()
         pool.start_nodes({"host": f"0:{manifest.num_blocks}"}, {"host": bundles["Host"]})
-        pool.start_coordinator(
-            member=bundles["Coord"],
-            api_keys=pool_dir / "api_keys.json",
-            extra_args=["--pool-dir", str(pool_dir), "--max-active-sessions", "1"],
-        )
+        disk.start_coordinator(pool, "Coord", ["--max-active-sessions", "1"])
 
         def chat(http: httpx.Client, institution: str, text: str) -> httpx.Response:
             body = {"model": manifest.name, "messages": [{"role": "user", "content": text}], "max_tokens": 8}

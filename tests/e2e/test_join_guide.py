@@ -9,7 +9,6 @@ node must then be credited in the ledger for the request the guide sends.
 from __future__ import annotations
 
 import re
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,8 +21,9 @@ from coop.launcher import CoopProcess, LocalPool, start
 from coop.ledger.database import sqlite_url
 from coop.ledger.store import Ledger
 from coop.model.manifest import Manifest
-from coop.pool.registry import add_member, create_api_key, create_pool
 from tests.conftest import REPO_ROOT
+from tests.http_servers import free_port
+from tests.pools import make_pool
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -49,28 +49,16 @@ def guide_blocks() -> list[tuple[str, str]]:
 @pytest.fixture(scope="module")
 def join_pool(tiny_chat_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[JoinPool]:
     pool_dir = tmp_path_factory.mktemp("join") / "pool"
-    create_pool(pool_dir, "Join pool")
-    joiner = add_member(pool_dir, "Uni A")
-    existing = add_member(pool_dir, "Uni B")
-    coordinator = add_member(pool_dir, "Coord", role="coordinator")
-    api_key = create_api_key(pool_dir, "Uni A")
+    disk = make_pool(pool_dir, "Join pool", ("Uni A", "Uni B"), coordinators=("Coord",), api_keys=("Uni A",))
+    joiner, existing, api_key = disk.bundles["Uni A"], disk.bundles["Uni B"], disk.keys["Uni A"]
     pool = LocalPool(tiny_chat_model_dir)
     try:
         pool.start_dht(member=existing)
         pool.start_nodes({"node-b": "0:2"}, {"node-b": existing})
-        pool.start_coordinator(
-            member=coordinator,
-            api_keys=pool_dir / "api_keys.json",
-            extra_args=["--pool-dir", str(pool_dir), "--receipt-interval-s", "0.3"],
-        )
+        disk.start_coordinator(pool, "Coord", ["--receipt-interval-s", "0.3"])
         yield JoinPool(pool, pool_dir, joiner, api_key)
     finally:
         pool.stop()
-
-
-def _free_port() -> int:
-    with socket.create_server(("127.0.0.1", 0)) as sock:
-        return int(sock.getsockname()[1])
 
 
 def test_the_join_guide_brings_a_serving_node_that_earns_credits(join_pool: JoinPool, tmp_path: Path) -> None:
@@ -90,7 +78,7 @@ def test_the_join_guide_brings_a_serving_node_that_earns_credits(join_pool: Join
         "NODE_ID": "uni-a-1",
         "LISTEN_HOST": "127.0.0.1",
         "PUBLIC_HOST": "127.0.0.1",
-        "PORT": str(_free_port()),
+        "PORT": str(free_port()),
         "COORDINATOR_URL": join_pool.pool.url,
         "API_KEY": join_pool.api_key,
     }

@@ -31,8 +31,8 @@ from coop.ledger.store import Ledger
 from coop.model.manifest import Manifest
 from coop.node.outbox import Outbox
 from coop.pool.bundle import MemberBundle
-from coop.pool.registry import add_member, create_api_key, create_pool
 from coop.receipts import ReceiptBody, SignedReceipt, new_receipt_id, sign_receipt
+from tests.pools import make_pool
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -77,10 +77,8 @@ class BooksPool:
 @pytest.fixture(scope="module")
 def books(tiny_chat_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BooksPool]:
     pool_dir = tmp_path_factory.mktemp("books") / "pool"
-    create_pool(pool_dir, "Books pool")
-    bundles = {name: add_member(pool_dir, name) for name in ("Alpha", "Beta", "Gamma")}
-    bundles["Coord"] = add_member(pool_dir, "Coord", role="coordinator")
-    key = create_api_key(pool_dir, "Gamma")
+    disk = make_pool(pool_dir, "Books pool", ("Alpha", "Beta", "Gamma"), coordinators=("Coord",), api_keys=("Gamma",))
+    bundles, key = disk.bundles, disk.keys["Gamma"]
     pool = LocalPool(tiny_chat_model_dir)
     try:
         pool.start_dht()

@@ -25,9 +25,9 @@ from coop.model.manifest import Manifest
 from coop.node.outbox import Outbox
 from coop.pool.api_keys import api_key_digest
 from coop.pool.bundle import MemberBundle
-from coop.pool.registry import add_member, create_api_key, create_pool
 from coop.receipts import api_key_id
 from tests.ledger_seed import seeded_receipts
+from tests.pools import make_pool
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -46,12 +46,11 @@ def _legs_per_receipt(ledger: Ledger) -> Counter[str]:
 
 def test_kill_9_while_booking_loses_nothing_and_books_nothing_twice(tiny_chat_model_dir: str, tmp_path: Path) -> None:
     pool_dir = tmp_path / "pool"
-    create_pool(pool_dir, "Crash pool")
-    bundles = {name: add_member(pool_dir, name) for name in ("Alpha", "Gamma")}
-    bundles["Coord"] = add_member(pool_dir, "Coord", role="coordinator")
+    disk = make_pool(pool_dir, "Crash pool", ("Alpha", "Gamma"), coordinators=("Coord",), api_keys=("Gamma",))
+    bundles = disk.bundles
     manifest = Manifest.load(tiny_chat_model_dir)
     alpha = MemberBundle.load(bundles["Alpha"])
-    gamma_key = api_key_id(api_key_digest(create_api_key(pool_dir, "Gamma")))  # the key Gamma's requests came with
+    gamma_key = api_key_id(api_key_digest(disk.keys["Gamma"]))  # the key Gamma's requests came with
     flops_per_token = manifest.span_flops_per_token(0, manifest.num_blocks)
     seeds = seeded_receipts(
         alpha,

@@ -29,7 +29,8 @@ from coop.model.manifest import Manifest
 from coop.pipeline.generation import collect_tokens
 from coop.pipeline.local import LocalBackend
 from coop.pipeline.sampling import SamplingParams
-from coop.pool.registry import API_KEYS_FILE, add_member, create_api_key, create_pool
+from coop.pool.registry import create_api_key
+from tests.pools import make_pool
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -69,23 +70,17 @@ def two_models(
     demo_model_dir: str, tiny_chat_model_dir: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[TwoModels]:
     pool_dir = tmp_path_factory.mktemp("two-models") / "pool"
-    info = create_pool(pool_dir, "Two models")
-    assert info.admin_token is not None
-    bundles = {name: add_member(pool_dir, name) for name in ("Alpha", "Beta", "Gamma")}
-    bundles["Coord"] = add_member(pool_dir, "Coord", role="coordinator")
+    disk = make_pool(pool_dir, "Two models", ("Alpha", "Beta", "Gamma"), coordinators=("Coord",))
+    bundles = disk.bundles
     pool = LocalPool(demo_model_dir)
     try:
         pool.start_dht()
         pool.start_nodes({"demo-0": "0:30"}, {"demo-0": bundles["Alpha"]})
         tiny_members = {"tiny-0": bundles["Beta"], "tiny-1": bundles["Beta"]}
         pool.start_nodes({"tiny-0": "0:2", "tiny-1": "2:4"}, tiny_members, model_dir=tiny_chat_model_dir)
-        pool.start_coordinator(
-            member=bundles["Coord"],
-            api_keys=pool_dir / API_KEYS_FILE,
-            extra_args=["--model", tiny_chat_model_dir, "--pool-dir", str(pool_dir), "--receipt-interval-s", "0.3"],
-        )
+        disk.start_coordinator(pool, "Coord", ["--model", tiny_chat_model_dir, "--receipt-interval-s", "0.3"])
         demo, tiny = Manifest.load(demo_model_dir), Manifest.load(tiny_chat_model_dir)
-        yield TwoModels(pool, pool_dir, create_api_key(pool_dir, "Gamma"), info.admin_token, demo, tiny)
+        yield TwoModels(pool, pool_dir, create_api_key(pool_dir, "Gamma"), disk.admin_token, demo, tiny)
     finally:
         pool.stop()
 

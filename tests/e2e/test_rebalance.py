@@ -12,13 +12,19 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
+from coop.config import DEFAULT_POOL_ID, NodeSettings
 from coop.launcher import CoopProcess, LocalPool, start
 from coop.model.manifest import Manifest
 from coop.node.client import node_control, node_info
-from coop.node.rebalancing import MOVED_MARKER
+from coop.node.daemon import estimate_throughput
+from coop.node.rebalancing import MOVED_MARKER, ServableModel, candidates
+from coop.swarm.announcement import NodeAnnouncement
+from coop.swarm.directory import SwarmDirectory
+from coop.swarm.rebalance import Placement, decide
 from coop.wire.generated import coop_pb2 as pb
 from tests.chat_requests import greedy_chat
 from tests.moving_streams import WAIT_S, streams_moved_when
@@ -28,7 +34,7 @@ pytestmark = pytest.mark.slow
 
 HALF = 15  # the demo model has 30 blocks
 REBALANCE_INTERVAL_S = 1.0
-BALANCED_ROUNDS = 5  # evaluations in which c must not move
+ALL_NODES = ("a", "b", "c", "m2")
 
 
 @dataclass
@@ -88,12 +94,28 @@ def pool(demo_model_dir: str, tiny_llama_dir: str) -> Iterator[RebalancePool]:
         pool.stop()
 
 
-def test_in_a_balanced_pool_nothing_moves(pool: RebalancePool) -> None:
+def test_in_a_balanced_pool_nothing_moves(pool: RebalancePool, demo_model_dir: str, tiny_llama_dir: str) -> None:
     # c doubles a half of the demo model: moving to the other half, or to the covered tiny model, gains nothing
     assert pool.place("c") == (pool.demo_hash, 0, HALF)
-    before = {name: pool.place(name) for name in ("a", "b", "c", "m2")}
-    time.sleep(BALANCED_ROUNDS * REBALANCE_INTERVAL_S * 1.5)  # the waiting is the test: the longest jittered rounds
-    assert {name: pool.place(name) for name in before} == before
+    here = Placement(*pool.place("c"))
+    models = {
+        manifest.content_hash: ServableModel(Path(path), manifest, min(HALF, manifest.num_blocks))
+        for path in (demo_model_dir, tiny_llama_dir)
+        if (manifest := Manifest.load(path))
+    }
+    # c's own rule over the directory it reads, once every node is announced: it decides to stay
+    directory = SwarmDirectory.start([pool.pool.peer])
+    try:
+
+        def every_node_announced() -> dict[str, list[NodeAnnouncement]] | None:
+            live = {h: directory.list_nodes(DEFAULT_POOL_ID, h) for h in models}
+            return live if sum(map(len, live.values())) == len(ALL_NODES) else None
+
+        live = wait_for("every node's announcement", every_node_announced, WAIT_S)
+    finally:
+        directory.shutdown()
+    mine = candidates(models, here, pool.info("c").throughput_tps, lambda m, a, b: estimate_throughput(m, a, b, "cpu"))
+    assert decide("c", here, mine, live, threshold=NodeSettings.model_fields["rebalance_threshold"].default) is None
     assert pool.moves("c") == 0
 
 

@@ -23,9 +23,10 @@ from coop.ledger.database import sqlite_url
 from coop.ledger.store import Ledger
 from coop.model.engine import SpanEngine
 from coop.model.manifest import Manifest
-from coop.pool.registry import add_member, create_api_key, create_pool
+from coop.pool.registry import create_api_key
 from coop.wire.generated import coop_pb2 as pb
 from coop.wire.tensors import tensor_to_proto
+from tests.pools import make_pool
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -53,19 +54,14 @@ class SdkPool:
 @pytest.fixture(scope="module")
 def sdk_pool(demo_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SdkPool]:
     pool_dir = tmp_path_factory.mktemp("sdk") / "pool"
-    create_pool(pool_dir, "SDK pool")
-    bundles = {name: add_member(pool_dir, name) for name in ("Alpha", "Beta", "Delta", "Gamma")}
-    bundles["Coord"] = add_member(pool_dir, "Coord", role="coordinator")
+    disk = make_pool(pool_dir, "SDK pool", ("Alpha", "Beta", "Delta", "Gamma"), coordinators=("Coord",))
+    bundles = disk.bundles
     pool = LocalPool(demo_model_dir)
     try:
         pool.start_dht()
         nodes = {"node-a": "0:15", "node-b": "15:30", "node-b2": "15:30"}
         pool.start_nodes(nodes, {"node-a": bundles["Alpha"], "node-b": bundles["Beta"], "node-b2": bundles["Delta"]})
-        pool.start_coordinator(
-            member=bundles["Coord"],
-            api_keys=pool_dir / "api_keys.json",
-            extra_args=["--pool-dir", str(pool_dir), "--receipt-interval-s", "0.3"],
-        )
+        disk.start_coordinator(pool, "Coord", ["--receipt-interval-s", "0.3"])
         yield SdkPool(pool, pool_dir, create_api_key(pool_dir, "Gamma"))
     finally:
         pool.stop()

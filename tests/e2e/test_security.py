@@ -21,10 +21,10 @@ import pytest
 
 from coop.launcher import CoopProcess, LocalPool, start
 from coop.pool.bundle import MemberBundle
-from coop.pool.registry import add_member, create_api_key, create_pool
 from coop.wire.channels import GRPC_OPTIONS
 from coop.wire.generated import coop_pb2 as pb
 from coop.wire.generated import coop_pb2_grpc
+from tests.pools import make_pool
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -45,12 +45,10 @@ class SecurePool:
 def secure(demo_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecurePool]:
     root = tmp_path_factory.mktemp("security")
     pool_dir = root / "victim"
-    create_pool(pool_dir, "Victim pool")
-    bundles = {name: add_member(pool_dir, name) for name in ("Uni A", "Uni B", "Uni C", "Client Inst")}
-    bundles["Coord Inst"] = add_member(pool_dir, "Coord Inst", role="coordinator")
-    keys = {name: create_api_key(pool_dir, name) for name in ("Client Inst", "Uni B")}
-    create_pool(root / "evil", "Evil pool")
-    evil_bundle = add_member(root / "evil", "Mallory")
+    members = ("Uni A", "Uni B", "Uni C", "Client Inst")
+    disk = make_pool(pool_dir, "Victim pool", members, coordinators=("Coord Inst",), api_keys=("Client Inst", "Uni B"))
+    bundles, keys = disk.bundles, disk.keys
+    evil_bundle = make_pool(root / "evil", "Evil pool", ("Mallory",)).bundles["Mallory"]
     pool = LocalPool(demo_model_dir)
     intruder = None
     try:

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from coop.admin import mount_admin
 from coop.admin.auth import SignInThrottle
 from coop.errors import InvalidInput
-from tests.unit.test_admin_data import AdminPool, build_admin_pool
+from tests.admin_pool import AdminPool, build_admin_pool
 
 BURST = 2
 REFILL_S = 60.0

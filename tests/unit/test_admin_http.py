@@ -18,7 +18,7 @@ from coop.ledger.models import FLOPS_PER_CREDIT
 from coop.pool.api_keys import ApiKeyStore, api_key_digest
 from coop.pool.registry import API_KEYS_FILE
 from coop.swarm.announcement import PAUSED
-from tests.unit.test_admin_data import (
+from tests.admin_pool import (
     OFFLINE_NODE,
     PAUSED_NODE,
     REVOKED,
@@ -26,6 +26,7 @@ from tests.unit.test_admin_data import (
     AdminPool,
     StaticSwarm,
     build_admin_pool,
+    csrf_of,
 )
 
 PAGES = ["/admin", "/admin/", "/admin/institutions", "/admin/institutions/beta-lab", "/admin/nodes"]
@@ -56,12 +57,6 @@ def app(data: AdminPool) -> FastAPI:
 def client(app: FastAPI) -> Iterator[TestClient]:
     with TestClient(app, follow_redirects=False) as client:
         yield client
-
-
-def csrf_of(html: str) -> str:
-    match = re.search(r'name="csrf_token" value="([^"]+)"', html)
-    assert match, "the page has a form with a CSRF token"
-    return match.group(1)
 
 
 def sign_in(client: TestClient, token: str, next_path: str = "/admin/") -> str:

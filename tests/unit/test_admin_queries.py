@@ -11,7 +11,7 @@ import pytest
 from coop.admin import queries
 from coop.admin.export import audit_csv, cell, receipts_csv
 from coop.admin.queries import AuditFilter, ReceiptFilter, as_utc, bucket_start
-from tests.unit.test_admin_data import MEMBERS, AdminPool, build_admin_pool
+from tests.admin_pool import MEMBERS, AdminPool, build_admin_pool
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])

@@ -12,8 +12,7 @@ from fastapi.testclient import TestClient
 from coop.admin import mount_admin
 from coop.admin.auth import SignInThrottle
 from coop.errors import SignInThrottled
-from tests.unit.test_admin_data import AdminPool, build_admin_pool
-from tests.unit.test_admin_http import csrf_of
+from tests.admin_pool import AdminPool, build_admin_pool, csrf_of
 
 BURST = 3
 REFILL_S = 600.0

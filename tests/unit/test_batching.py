@@ -19,6 +19,7 @@ from coop.errors import (
 )
 from coop.model.engine import SpanEngine, StepInput
 from coop.node.batching import StepBatcher, Waiting, choose_batch
+from tests.waiting import wait_for_async
 
 HIDDEN = 64
 # Packing reorders sums (other matmul shapes, a masked softmax over more keys): float32 noise only.
@@ -150,11 +151,13 @@ class _RecordingEngine:
         self.release = threading.Event()
         self.hold = True
         self.closed: set[str] = set()
+        self.started = threading.Event()  # set once a batch is in the engine
 
     def is_open(self, session_id: str) -> bool:
         return session_id not in self.closed
 
     def step_batch(self, steps: Sequence[StepInput]) -> list[torch.Tensor | CoopError]:
+        self.started.set()
         if self.hold:
             self.release.wait(10)
         self.batches.append([s.session_id for s in steps])
@@ -166,13 +169,13 @@ def test_steps_that_wait_together_run_together() -> None:
         batcher = StepBatcher(fake, max_steps=3, gather_s=0)  # type: ignore[arg-type]
         try:
             first = asyncio.create_task(batcher.step("first", _hidden(1), 0, priority=LOW))
-            await asyncio.sleep(0.05)  # the lone first step starts at once
+            await wait_for_async("the lone first step to start at once", fake.started.is_set, 10)
             steps = [("low", LOW), ("gone", MID), ("high", HIGH), ("mid", MID), ("first", HIGH)]
             queued = {
                 sid: asyncio.create_task(batcher.step(sid, _hidden(1, seed=i), 0, priority=p))
                 for i, (sid, p) in enumerate(steps)
             }
-            await asyncio.sleep(0.05)
+            await wait_for_async("the other steps to queue", lambda: batcher.queued == len(steps), 10)
             fake.release.set()
             assert torch.equal(await first, _hidden(1))
             assert torch.equal(await queued["high"], _hidden(1, seed=2))

@@ -52,6 +52,7 @@ from coop.pool.registry import (
 from coop.pool.revocation import RevocationList
 from coop.swarm.announcement import AnnouncementVerifier, NodeAnnouncement, announcement_payload, sign_announcement
 from coop.swarm.directory import SwarmDirectory
+from tests.pools import make_pool
 
 
 def mode(path: Path) -> int:
@@ -65,23 +66,21 @@ class Pool:
     b: MemberBundle
 
 
-def make_pool(root: Path, name: str = "Test Pool") -> Pool:
-    info = create_pool(root, name)
-    a = MemberBundle.load(add_member(root, "University A"))
-    b = MemberBundle.load(add_member(root, "Lab B [gpu]"))
-    return Pool(info, a, b)
+def two_member_pool(root: Path, name: str = "Test Pool") -> Pool:
+    disk = make_pool(root, name, ("University A", "Lab B [gpu]"))
+    return Pool(disk.info, *(MemberBundle.load(bundle) for bundle in disk.bundles.values()))
 
 
 @pytest.fixture
 def pool(tmp_path: Path) -> Pool:
-    return make_pool(tmp_path / "pool")
+    return two_member_pool(tmp_path / "pool")
 
 
 @pytest.fixture(scope="module")
 def pools(tmp_path_factory: pytest.TempPathFactory) -> tuple[Pool, Pool]:
     """Two independent pools, shared by the read-only tests."""
     root = tmp_path_factory.mktemp("pools")
-    return make_pool(root / "one"), make_pool(root / "two", "Other Pool")
+    return two_member_pool(root / "one"), two_member_pool(root / "two", "Other Pool")
 
 
 # ------------------------------------------------------------------------------------------ pool init
@@ -481,7 +480,7 @@ def test_revocation_list_is_signed_and_tampering_is_detected(pool: Pool, tmp_pat
     tampered = RevocationList(loaded.pool_id, (), (), loaded.issued_at, loaded.signature)
     with pytest.raises(Unauthorized, match="not signed"):
         tampered.verify(ca_pem)
-    other = make_pool(tmp_path / "other")
+    other = two_member_pool(tmp_path / "other")
     with pytest.raises(Unauthorized):
         loaded.verify(other.info.ca_cert_pem())
     with pytest.raises(InvalidInput, match="malformed"):

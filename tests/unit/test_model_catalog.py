@@ -19,7 +19,7 @@ from coop.pipeline.charge import Payer
 from coop.pipeline.local import LocalBackend
 from coop.receipts import TokenTally
 from coop.swarm.routing import Hop
-from tests.unit.test_api import serve_in_thread
+from tests.http_servers import serve_in_thread
 
 FIRST, SECOND = "tiny-first", "tiny-second"
 FIRST_CONTEXT, SECOND_CONTEXT = 64, 128

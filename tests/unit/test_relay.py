@@ -24,10 +24,11 @@ from coop.pipeline.generation import Chain, collect_tokens
 from coop.pipeline.local import LocalBackend, LocalChain
 from coop.pipeline.sampling import SamplingParams
 from coop.pool.bundle import PoolLimits
-from coop.pool.registry import add_member, create_api_key, create_pool
+from coop.pool.registry import create_api_key
 from coop.wire.generated import coop_pb2 as pb
 from coop.wire.tensors import tensor_from_proto, tensor_to_proto
-from tests.unit.test_api import serve_in_thread
+from tests.http_servers import serve_in_thread
+from tests.pools import make_pool
 from tests.waiting import wait_for
 
 SPANS = [(0, 3), (3, 6)]
@@ -90,11 +91,7 @@ def local(tiny_llama_dir: str) -> LocalBackend:
 
 @pytest.fixture(scope="module")
 def pool_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("relay") / "pool"
-    create_pool(directory, "Relay pool")
-    for name in ("Uni A", "Uni B"):
-        add_member(directory, name)
-    return directory
+    return make_pool(tmp_path_factory.mktemp("relay") / "pool", "Relay pool", ("Uni A", "Uni B")).directory
 
 
 @contextmanager

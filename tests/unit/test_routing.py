@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import Counter
 
 import pytest
@@ -13,27 +12,11 @@ from coop.swarm.announcement import NodeAnnouncement
 from coop.swarm.measurements import Measured, Measurements, attribute_step
 from coop.swarm.routing import Hop, choose_route, expected_block_s, missing_blocks
 from coop.swarm.view import Ping, SwarmView
+from tests.announcements import node
 
 NUM_BLOCKS = 30
 LIAR_TPS = 1e12
 BLOCK_S = 0.001  # what the honest nodes were measured at, per block and decode token
-
-
-def node(node_id: str, start: int, end: int, tps: float = 10.0) -> NodeAnnouncement:
-    now = time.time()
-    return NodeAnnouncement(
-        node_id=node_id,
-        pool_id="p",
-        model_hash="m",
-        start=start,
-        end=end,
-        endpoint=f"127.0.0.1:{5000 + start}",
-        institution="i",
-        throughput_tps=tps,
-        free_cache_bytes=1,
-        announced_at=now,
-        expires_at=now + 10,
-    )
 
 
 def spans(route: list[Hop]) -> list[tuple[str, int, int]]:

@@ -9,20 +9,23 @@ then reach a later hop before that hop has read its own open, and waits for it.
 from __future__ import annotations
 
 import queue
-import time
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
 from coop.model.engine import SpanEngine
+from coop.node import service as node_service
+from coop.node.service import NodeService
 from coop.wire.generated import coop_pb2 as pb
 from coop.wire.generated import coop_pb2_grpc
 from coop.wire.tensors import tensor_from_proto, tensor_to_proto
 from tests.node_harness import Controls, NodeInThread, channel, route, step
+from tests.waiting import wait_for
 
 HIDDEN = 64
-PAUSE_S = 0.3  # long enough for a Forward to reach the node: without the wait, it would be answered by then
+LONG_GRACE_S = 60.0  # how long a step waits for its session's unread open, here: longer than the test
 
 
 @pytest.fixture(scope="module")
@@ -91,14 +94,26 @@ def test_a_refused_first_step_fails_after_the_open(engine: SpanEngine) -> None:
         assert node.info().counters.steps_run == 0
 
 
-def test_a_step_waits_for_its_sessions_unread_open(engine: SpanEngine, reference: SpanEngine) -> None:
+def test_a_step_waits_for_its_sessions_unread_open(
+    engine: SpanEngine, reference: SpanEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(node_service, "OPEN_GRACE_S", LONG_GRACE_S)  # a loaded machine cannot outwait it
+    waiting = threading.Event()
+    await_open = NodeService._await_open
+
+    async def noted_await_open(service: NodeService, session_id: str) -> None:
+        waiting.set()
+        await await_open(service, session_id)
+
+    monkeypatch.setattr(NodeService, "_await_open", noted_await_open)
     prompt = hidden_states(4, seed=4)
     with NodeInThread(engine) as node, channel(node) as ch, ThreadPoolExecutor(1) as caller:
         stub = coop_pb2_grpc.NodeStub(ch)
         controls: Controls = queue.Queue()
         events = stub.Session(iter(controls.get, None), timeout=60)  # its open is not sent yet
+        wait_for("the node to hold the stream with an unread open", lambda: node.service._unread_opens, 30, 0.01)
         ack = caller.submit(stub.Forward, step("late", 1, prompt, 0), timeout=30)
-        time.sleep(PAUSE_S)
+        assert waiting.wait(30), "the step never reached the node"
         assert not ack.done(), "the step was answered before its session's open arrived"
         controls.put(pb.SessionControl(open=pb.SessionControl.Open(session_id="late", max_length=64, start=0, end=6)))
         assert not ack.result().HasField("error")

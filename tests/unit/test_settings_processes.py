@@ -3,19 +3,13 @@ source: one from the environment, one from the --config file, one by flag over b
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import httpx
 
 from coop.launcher import start
 from coop.node.client import node_info
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+from tests.http_servers import free_port
 
 
 def test_a_running_node_uses_each_source(tiny_llama_dir: str, tmp_path: Path) -> None:
@@ -37,7 +31,7 @@ def test_a_running_node_uses_each_source(tiny_llama_dir: str, tmp_path: Path) ->
 
 
 def test_a_running_coordinator_uses_each_source(tiny_llama_dir: str, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     config = tmp_path / "coordinator.toml"
     config.write_text(f"port = {port}\nmax_request_bytes = 9000\n")
     env = {"COOP_COORDINATOR_METRICS_TOKEN": "t0ken", "COOP_COORDINATOR_MAX_REQUEST_BYTES": "8000"}

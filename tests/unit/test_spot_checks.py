@@ -29,7 +29,7 @@ from coop.swarm.routing import Hop
 from coop.swarm.trust import DISPUTED, LIFTED, PASSED, QUARANTINED, trust_records
 from coop.wire.sketches import relative_distance, sketch
 from tests.adversarial.cheating_node import NOISE_SHARE, tampered
-from tests.unit.test_routing import node
+from tests.announcements import node
 
 SESSIONS = 8
 DECODE_STEPS = 63  # with the prefill: 8 x 64 = 512 checked steps

@@ -5,20 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import threading
-from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from typing import Any
 
-import grpc
 import httpx
 import openai
 import pytest
 import torch
-import uvicorn
-from fastapi import FastAPI
 
 from coop.client import ApiError, Client
 from coop.coordinator.http.app import create_app
@@ -29,10 +23,8 @@ from coop.pipeline.generation import Chain, collect_tokens
 from coop.pipeline.local import LocalBackend, LocalChain
 from coop.pipeline.remote import RemoteChain
 from coop.pipeline.sampling import SamplingParams
-from coop.swarm.routing import Hop
-from coop.wire.errors import error_to_proto
-from coop.wire.generated import coop_pb2 as pb
-from coop.wire.tensors import tensor_to_proto
+from tests.hostile_node import HostileNode
+from tests.http_servers import serve_in_thread
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -40,40 +32,6 @@ pytestmark = pytest.mark.slow
 SPANS = [(0, 10), (10, 20), (20, 30)]
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 MAX_TOKENS = 16
-
-
-@contextmanager
-def serve_in_thread(app: FastAPI, *, ready_timeout_s: float = 30.0) -> Iterator[str]:
-    """Run uvicorn on a free 127.0.0.1 port in a thread; yields the base URL.
-
-    The socket is bound here and handed to uvicorn, so no other process can take the port in
-    between; readiness is /health answering, polled against a deadline.
-    """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-
-    def answering() -> bool:
-        try:
-            if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
-                return True
-        except httpx.TransportError:
-            pass
-        if not thread.is_alive():
-            raise RuntimeError("the API server thread exited during startup")
-        return False
-
-    try:
-        wait_for(f"the API server at {url} to answer /health", answering, ready_timeout_s, every_s=0.05)
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -358,97 +316,6 @@ def test_peer_failure_is_502_or_an_error_event(backend: LocalBackend) -> None:
     _wait_for_no_sessions(backend)
 
 
-class _FakeSessionCall:
-    """The coordinator's end of one node's session stream; `forward` runs a first step that comes with the
-    open, as the node's Forward would (a refusal comes back as a failed event after `opened`)."""
-
-    def __init__(self, forward: Callable[[pb.StepRequest], Awaitable[pb.StepAck]] | None = None) -> None:
-        self.events: asyncio.Queue[object] = asyncio.Queue()
-        self._forward = forward
-
-    async def write(self, control: pb.SessionControl) -> None:
-        if control.WhichOneof("kind") == "open":
-            opened = pb.SessionEvent.Opened(session_id=control.open.session_id)
-            self.events.put_nowait(pb.SessionEvent(opened=opened))
-            if self._forward is not None and control.open.HasField("first_step"):
-                step = control.open.first_step
-                ack = await self._forward(step)
-                if ack.HasField("error"):
-                    failed = pb.SessionEvent.Failed(session_id=step.session_id, step_id=step.step_id, error=ack.error)
-                    self.events.put_nowait(pb.SessionEvent(failed=failed))
-
-    async def read(self) -> object:
-        return await self.events.get()
-
-    async def done_writing(self) -> None:
-        self.events.put_nowait(grpc.aio.EOF)
-
-    def cancel(self) -> None:
-        self.events.put_nowait(grpc.aio.EOF)
-
-
-class _HostileNode:
-    """The one node of a route (and the ChannelPool that reaches it): every step meets `misbehaviour`.
-
-    "refuses": the node rejects the step with InvalidTensor; "fails": it accepts the step, then
-    reports InvalidTensor on its session stream; "sends_nan": it returns hidden states full of NaN.
-    """
-
-    node_id = "12D3KooWhostile"
-
-    def __init__(self, misbehaviour: str, hidden_size: int, num_blocks: int) -> None:
-        self.misbehaviour = misbehaviour
-        self.hidden_size = hidden_size
-        self.hop = Hop(self.node_id, "127.0.0.1:1", 0, num_blocks)
-        self.load: Counter[str] = Counter()  # the SwarmView half
-        self.suspected: list[str] = []
-        self.call = _FakeSessionCall()
-
-    # SwarmView
-    async def route(self, exclude: object = frozenset()) -> list[Hop]:
-        return [self.hop]
-
-    def suspect(self, node_id: str) -> None:
-        self.suspected.append(node_id)
-
-    def release(self, hops: object) -> None:
-        pass
-
-    def revoked(self) -> frozenset[str]:
-        return frozenset()
-
-    def leaving(self) -> set[str]:
-        return set()
-
-    # ChannelPool and the node's stub
-    def stub(self, endpoint: str, institution: str = "", node_id: str = "") -> _HostileNode:
-        return self
-
-    def Session(self) -> _FakeSessionCall:
-        self.call = _FakeSessionCall(self.forward_first_step)
-        return self.call
-
-    async def forward_first_step(self, request: pb.StepRequest) -> pb.StepAck:
-        return await self.Forward(request, timeout=0)
-
-    async def Forward(self, request: pb.StepRequest, timeout: float) -> pb.StepAck:
-        error = error_to_proto(InvalidTensor("hidden states contain NaN or Inf"))
-        if self.misbehaviour == "refuses":
-            return pb.StepAck(error=error)
-        if self.misbehaviour == "fails":
-            failed = pb.SessionEvent.Failed(session_id=request.session_id, step_id=request.step_id, error=error)
-            self.call.events.put_nowait(pb.SessionEvent(failed=failed))
-        else:
-            n = len(request.hidden.data) // (4 * self.hidden_size)  # float32
-            nan = tensor_to_proto(torch.full((1, n, self.hidden_size), float("nan")))
-            result = pb.SessionEvent.Result(session_id=request.session_id, step_id=request.step_id, hidden=nan)
-            self.call.events.put_nowait(pb.SessionEvent(result=result))
-        return pb.StepAck()
-
-    async def Info(self, request: pb.InfoRequest, timeout: float) -> pb.NodeInfo:
-        return pb.NodeInfo()
-
-
 class _HostileBackend:
     """The coordinator's RemoteBackend with a real RemoteChain, over a route of one hostile node."""
 
@@ -460,7 +327,7 @@ class _HostileBackend:
 
     def chain(self, max_length: int) -> RemoteChain:
         manifest = self.client.manifest
-        node = _HostileNode(self.misbehaviour, manifest.hidden_size, manifest.num_blocks)
+        node = HostileNode(self.misbehaviour, manifest.hidden_size, manifest.num_blocks)
         return RemoteChain(
             node,  # type: ignore[arg-type]
             node,  # type: ignore[arg-type]
@@ -490,7 +357,7 @@ def test_remote_chain_raises_a_peers_error_as_peer_error(backend: LocalBackend, 
         asyncio.run(step())
     assert info.value.remote_type == "InvalidTensor"
     assert isinstance(info.value.__cause__, InvalidTensor)
-    assert _HostileNode.node_id in str(info.value) and "NaN" in str(info.value)
+    assert HostileNode.node_id in str(info.value) and "NaN" in str(info.value)
 
 
 @pytest.mark.parametrize("misbehaviour", MISBEHAVIOURS)
@@ -498,7 +365,7 @@ def test_a_peers_invalid_tensor_is_502_not_the_clients_400(backend: LocalBackend
     with serve_in_thread(create_app(_HostileBackend(backend, misbehaviour))) as url:
         body = {"messages": QUESTION, "max_tokens": 4}
         message = _assert_error(_post(url, "/v1/chat/completions", json=body), 502, "peer_error")
-        assert _HostileNode.node_id in message and "InvalidTensor" in message
+        assert HostileNode.node_id in message and "InvalidTensor" in message
         with Client(url) as sdk, pytest.raises(ApiError) as info:
             sdk.chat(QUESTION, max_tokens=4)
         assert info.value.status == 502 and info.value.retryable

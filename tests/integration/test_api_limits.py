@@ -27,11 +27,12 @@ from coop.pipeline.generation import collect_tokens
 from coop.pipeline.local import LocalBackend, LocalChain
 from coop.pipeline.remote import RemoteChain
 from coop.pipeline.sampling import SamplingParams
-from coop.pool.registry import add_member, create_api_key, create_pool
 from coop.wire.generated import coop_pb2 as pb
 from coop.wire.tensors import tensor_to_proto
 from tests.chat_requests import raw_exchange
-from tests.unit.test_api import _FakeSessionCall, _HostileNode, serve_in_thread
+from tests.hostile_node import FakeSessionCall, HostileNode
+from tests.http_servers import serve_in_thread
+from tests.pools import make_pool
 from tests.waiting import wait_for, wait_for_async
 
 pytestmark = pytest.mark.slow
@@ -74,12 +75,10 @@ def backend(tiny_chat_model_dir: str) -> LocalBackend:
 @pytest.fixture(scope="module")
 def keyed(backend: LocalBackend, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     pool_dir = tmp_path_factory.mktemp("limits") / "pool"
-    create_pool(pool_dir, "Limits pool")
-    add_member(pool_dir, "Uni A")
-    key = create_api_key(pool_dir, "Uni A")
-    app = create_app(backend, keys=ApiKeyGate(pool_dir / "api_keys.json"), limits=LIMITS, public_docs=False)
+    disk = make_pool(pool_dir, "Limits pool", ("Uni A",), api_keys=("Uni A",))
+    app = create_app(backend, keys=ApiKeyGate(disk.api_keys_file), limits=LIMITS, public_docs=False)
     with serve_in_thread(app) as url:
-        yield Server(url, app, key)
+        yield Server(url, app, disk.keys["Uni A"])
 
 
 def _reference(backend: LocalBackend, max_tokens: int = MAX_TOKENS) -> list[int]:
@@ -247,7 +246,7 @@ def test_a_request_stuck_in_text_work_stalls_no_other_stream(tiny_chat_model_dir
 # -- the coordinator's event queue of a session -------------------------------------------------
 
 
-class _FloodingCall(_FakeSessionCall):
+class _FloodingCall(FakeSessionCall):
     """A node's session stream that sends `junk` stale results after opening (and running the first step),
     and counts what we read."""
 
@@ -268,7 +267,7 @@ class _FloodingCall(_FakeSessionCall):
         return await super().read()
 
 
-class _FloodingNode(_HostileNode):
+class _FloodingNode(HostileNode):
     """Serves the whole model correctly (zeros in, zeros out), but floods its session stream first."""
 
     def __init__(self, junk: int, hidden_size: int, num_blocks: int) -> None:

@@ -14,8 +14,9 @@ from coop.coordinator.http.app import create_app
 from coop.coordinator.http.auth import ApiKeyGate
 from coop.pipeline.local import LocalBackend
 from coop.pool.bundle import PoolLimits
-from coop.pool.registry import add_member, create_api_key, create_pool, revoke_api_keys, revoke_member
-from tests.unit.test_api import serve_in_thread
+from coop.pool.registry import add_member, create_api_key, revoke_api_keys, revoke_member
+from tests.http_servers import serve_in_thread
+from tests.pools import make_pool
 
 pytestmark = pytest.mark.slow
 LIMITS = PoolLimits(max_tokens_per_request=40, max_concurrent_requests_per_key=2)
@@ -23,11 +24,7 @@ LIMITS = PoolLimits(max_tokens_per_request=40, max_concurrent_requests_per_key=2
 
 @pytest.fixture(scope="module")
 def pool_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("pool") / "pool"
-    create_pool(directory, "Test pool")
-    for member in ("Uni A", "Uni B"):
-        add_member(directory, member)
-    return directory
+    return make_pool(tmp_path_factory.mktemp("pool") / "pool", "Test pool", ("Uni A", "Uni B")).directory
 
 
 @pytest.fixture(scope="module")
