@@ -1,7 +1,7 @@
 """Receipts: what a node computed for one batch of a session's steps, in a form nobody can alter unnoticed.
 
 A node closes a batch every N tokens or T seconds, and the last one when the session ends (see
-`coop.node.metering`); batches of one (session, node) are numbered 0, 1, 2, ... so a gap shows. For
+`coop.node.receipt_batches`); batches of one (session, node) are numbered 0, 1, 2, ... so a gap shows. For
 each it writes a `ReceiptBody`, signs its canonical bytes with its member key
 (`sign_receipt`) and keeps the result in its outbox until a coordinator acknowledges it. The
 coordinator checks it (`coop.ledger.booking`) and countersigns the body's digest together with the

@@ -16,7 +16,7 @@ announces that it is draining, and waits until its coordinators moved or finishe
 or until the drain deadline; then it withdraws its announcement and stops. A second signal stops
 it at once.
 
-The engine and service modules (which import transformers) are imported only in `run_node`,
+The engine and service modules (which import transformers) are imported only in `Node.create`,
 after the fork, so that the import overlaps the DHT's join; this module imports only what the
 DHT needs.
 """
@@ -24,14 +24,16 @@ DHT needs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
+import functools
 import importlib
 import json
 import logging
 import signal
-import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,20 +41,20 @@ import grpc
 import torch
 
 from coop.config import NodeSettings
-from coop.errors import InvalidInput
 from coop.model.manifest import Manifest
 from coop.node.drain import ServingState, control_socket_path, prepare_control_socket
 from coop.node.limits import NodeLimits
-from coop.node.metering import ReceiptWriter
 from coop.node.metrics import NodeMetrics
 from coop.node.outbox import Outbox
+from coop.node.placement import pick_placement, servable_models
 from coop.node.rebalancing import ListNodes, RebalancePolicy, Rebalancer, ServableModel
+from coop.node.receipt_batches import ReceiptWriter
 from coop.node.serving_hours import parse_serving_hours
+from coop.node.throughput import Measure, estimate_throughput, measure_throughput
 from coop.pool.membership import Membership
 from coop.startup import resume_collection
-from coop.swarm.announcement import DRAINING, MAX_ANNOUNCED_SESSIONS, NodeAnnouncement, announcement_validator
+from coop.swarm.announcement import DRAINING, MAX_ANNOUNCED_SESSIONS, announcement_validator
 from coop.swarm.directory import Announcer, SwarmDirectory
-from coop.swarm.rebalance import Candidate, Placement, decide
 from coop.swarm.revocations import RevocationWatcher
 from coop.swarm.validation import pool_record_validator
 from coop.wire.channels import GRPC_OPTIONS
@@ -67,150 +69,83 @@ log = logging.getLogger(__name__)
 READY_MARKER = "COOP_NODE_READY"
 MEASURED_MARKER = "COOP_NODE_MEASURED"
 SHUTDOWN_GRACE_S = 3.0
-_THROUGHPUT_STEPS = 8
-
-# What a decode token costs at least, per device type, for the estimate announced before the
-# measurement: a fixed overhead per block (kernel launches, Python) plus every active weight of
-# the span read once at a memory bandwidth well under any real machine's (a laptop CPU streams
-# ~10 GB/s, a GPU hundreds).
-_BLOCK_OVERHEAD_S = {"cpu": 2e-3, "cuda": 1e-3}
-_WEIGHT_BYTES_PER_S = {"cpu": 1e9, "cuda": 50e9}
-
-Measure = Callable[["SpanEngine"], float]
-
-
-def parse_blocks(text: str, num_blocks: int) -> tuple[int, int] | None:
-    """'A:B' -> (A, B); 'auto' -> None."""
-    if text == "auto":
-        return None
-    try:
-        start, end = (int(x) for x in text.split(":"))
-    except ValueError as exc:
-        raise InvalidInput(f"--blocks must be START:END or auto, got {text!r}") from exc
-    if not 0 <= start < end <= num_blocks:
-        raise InvalidInput(f"--blocks {text} does not fit the model's blocks 0:{num_blocks}")
-    return start, end
-
-
-def servable_models(settings: NodeSettings) -> dict[str, ServableModel]:
-    """The node's models by content hash, each with how many of its blocks the node can hold."""
-    models: dict[str, ServableModel] = {}
-    for directory in (settings.model_dir, *settings.more_model_dirs):
-        manifest = Manifest.load(directory)
-        if manifest.content_hash in models:
-            raise InvalidInput(f"{directory} is the same model as {models[manifest.content_hash].directory}")
-        length = settings.max_blocks or max(1, settings.memory_budget_bytes // manifest.largest_block_bytes)
-        models[manifest.content_hash] = ServableModel(directory, manifest, min(length, manifest.num_blocks))
-    return models
-
-
-def pick_placement(
-    settings: NodeSettings, models: dict[str, ServableModel], list_nodes: ListNodes, node_id: str
-) -> Placement:
-    """--blocks A:B of the first model, or (auto) the window of any model where the pool needs this node most."""
-    first = next(iter(models.values()))
-    explicit = parse_blocks(settings.blocks, first.manifest.num_blocks)
-    if explicit is not None:
-        return Placement(first.manifest.content_hash, *explicit)
-    from coop.model.loading import resolve_device  # imports transformers: only once the DHT process is forked
-
-    device_type = resolve_device(settings.device).type
-    mine = [
-        Candidate(h, m.manifest.num_blocks, m.length, estimate_throughput(m.manifest, 0, m.length, device_type))
-        for h, m in models.items()
-    ]
-    placement = decide(node_id, None, mine, {h: list_nodes(h) for h in models})
-    assert placement is not None  # decide always places a node that has no placement yet
-    return placement
-
-
-def estimate_throughput(manifest: Manifest, start: int, end: int, device_type: str) -> float:
-    """Decode tokens per second that blocks [start, end) reach at least: what a node announces until measured."""
-    weight_bytes = sum(b.active_param_count for b in manifest.blocks[start:end]) * manifest.bytes_per_weight
-    overhead_s = _BLOCK_OVERHEAD_S.get(device_type, _BLOCK_OVERHEAD_S["cpu"])
-    bandwidth = _WEIGHT_BYTES_PER_S.get(device_type, _WEIGHT_BYTES_PER_S["cpu"])
-    return 1.0 / ((end - start) * overhead_s + weight_bytes / bandwidth)
-
-
-def measure_throughput(engine: SpanEngine) -> float:
-    """Decode tokens per second through the whole span, measured on a throwaway session."""
-    session = engine.open_session(max_length=_THROUGHPUT_STEPS + 1)
-    try:
-        hidden = torch.zeros(1, 1, engine.hidden_size, dtype=engine.dtype)
-        engine.step(session, hidden, 0)  # warm-up
-        started = time.perf_counter()
-        for position in range(1, _THROUGHPUT_STEPS + 1):
-            engine.step(session, hidden, position)
-        return _THROUGHPUT_STEPS / max(time.perf_counter() - started, 1e-6)
-    finally:
-        engine.close_session(session)
 
 
 async def run_node(settings: NodeSettings, measure: Measure | None = None) -> None:
-    """Serve until SIGTERM/SIGINT (or cancellation). `measure`: how the background measurement runs
-    (default `measure_throughput`, looked up when the node starts)."""
-    measure = measure or measure_throughput
-    hours = parse_serving_hours(settings.serving_hours) if settings.serving_hours else None
-    models = servable_models(settings)
-    serving = ServingState(drain_deadline_s=settings.drain_deadline_s, hours=hours)
-    if hours is not None:
-        serving.apply_hours(datetime.datetime.now().time())
-    node_id = settings.node_id or f"node-{uuid.uuid4().hex[:12]}"
-    membership = Membership.load(
-        settings.member_bundle, node_id=node_id, institution=settings.institution, pool_id=settings.pool_id
-    )
-    if settings.member_bundle is None:
-        log.warning("development mode: no --member bundle, so plaintext gRPC and unsigned announcements")
-    directory = SwarmDirectory.launch(
-        list(settings.initial_peers), settings.host, settings.dht_port, validator=pool_record_validator(membership)
-    )
-    watcher = RevocationWatcher(membership.revocations, directory)
-    joined = asyncio.create_task(_join(directory, watcher))
-    announcer: Announcer | None = None
-    server: grpc.aio.Server | None = None
-    service: NodeService | None = None
-    measuring: asyncio.Task[None] | None = None
-    outbox: Outbox | None = None
-    metrics = NodeMetrics()
-    background: set[asyncio.Task[None]] = set()
-    announcing: set[asyncio.Task[None]] = set()  # awaited, not cancelled: none may land after the withdrawal
-    control_socket = settings.control_socket or control_socket_path(node_id)
-    listening_on_socket = False
-    validator = announcement_validator(membership)
+    """Serve until SIGTERM/SIGINT (or cancellation): `coop node start`."""
+    node = await Node.create(settings, measure)
+    await node.run()
 
-    def list_nodes(model_hash: str) -> list[NodeAnnouncement]:
-        return directory.list_nodes(membership.pool_id, model_hash, validator)
 
-    try:
-        # --blocks auto: the window where the pool needs the node most, as the swarm shows it once joined
-        if settings.blocks == "auto":
-            await asyncio.gather(joined, asyncio.to_thread(importlib.import_module, "coop.model.engine"))
-        place = await asyncio.to_thread(pick_placement, settings, models, list_nodes, node_id)
-        start, end, model = place.start, place.end, models[place.model_hash]
-        manifest = model.manifest
-        log.info("loading blocks %d:%d of %s …", start, end, manifest.name, extra={"start": start, "end": end})
-        engine, _ = await asyncio.gather(asyncio.to_thread(_load_engine, settings, model, start, end), joined)
-        from coop.node.service import NodeService
+@dataclass
+class Node:
+    """The node process: its DHT peer, its span served over gRPC, its announcement, the work beside them.
 
-        outbox_path = settings.resolved_outbox_path()
-        receipts = None
-        if membership.credentials is not None and outbox_path is not None:
-            outbox = Outbox(
-                outbox_path, retention_s=settings.outbox_retention_s, max_rejected=settings.outbox_max_rejected
-            )
-            receipts = ReceiptWriter(
-                membership.credentials,
-                outbox,
-                manifest,
-                node_id,
-                batch_tokens=settings.receipt_batch_tokens,
-                batch_s=settings.receipt_batch_s,
-            )
-        service = node_service = NodeService(
+    Each part's shutdown is pushed on `stack` as the part is created, so the parts stop in the reverse
+    order of their start: the background work first, the DHT peer last."""
+
+    settings: NodeSettings
+    measure: Measure  # how the background measurement runs
+    models: dict[str, ServableModel]
+    membership: Membership
+    directory: SwarmDirectory
+    list_nodes: ListNodes  # the announcements of a model's nodes, as the swarm shows them
+    service: NodeService
+    announcer: Announcer
+    endpoint: str
+    metrics_url: str | None
+    control_socket: Path
+    stack: contextlib.AsyncExitStack
+    background: set[asyncio.Task[None]] = field(default_factory=set)
+    announcing: set[asyncio.Task[None]] = field(default_factory=set)  # awaited at shutdown, not cancelled
+
+    @classmethod
+    async def create(cls, settings: NodeSettings, measure: Measure | None = None) -> Node:
+        """Join the swarm, load the span, serve it and announce it. `measure`: default
+        `measure_throughput`, looked up when the node starts."""
+        stack = contextlib.AsyncExitStack()
+        try:
+            return await cls._start(settings, measure or measure_throughput, stack)
+        except BaseException:
+            await stack.aclose()
+            raise
+
+    @classmethod
+    async def _start(cls, settings: NodeSettings, measure: Measure, stack: contextlib.AsyncExitStack) -> Node:
+        hours = parse_serving_hours(settings.serving_hours) if settings.serving_hours else None
+        models = servable_models(settings)
+        serving = ServingState(drain_deadline_s=settings.drain_deadline_s, hours=hours)
+        if hours is not None:
+            serving.apply_hours(datetime.datetime.now().time())
+        node_id = settings.node_id or f"node-{uuid.uuid4().hex[:12]}"
+        membership = Membership.load(
+            settings.member_bundle, node_id=node_id, institution=settings.institution, pool_id=settings.pool_id
+        )
+        if settings.member_bundle is None:
+            log.warning("development mode: no --member bundle, so plaintext gRPC and unsigned announcements")
+        directory = SwarmDirectory.launch(
+            list(settings.initial_peers), settings.host, settings.dht_port, validator=pool_record_validator(membership)
+        )
+        stack.push_async_callback(asyncio.to_thread, directory.shutdown)
+        watcher = RevocationWatcher(membership.revocations, directory)
+        stack.callback(watcher.stop)
+        joined = asyncio.create_task(_join(directory, watcher))
+        stack.callback(joined.cancel)
+        validator = announcement_validator(membership)
+        list_nodes = functools.partial(directory.list_nodes, membership.pool_id, validator=validator)
+        engine = await _load_span(settings, models, list_nodes, node_id, joined)
+        control_socket = settings.control_socket or control_socket_path(node_id)
+        prepare_control_socket(control_socket)
+        stack.callback(control_socket.unlink, missing_ok=True)
+        receipts = _receipt_writer(settings, membership, engine.manifest, node_id, stack)
+        from coop.node.service import NodeService  # imports transformers: only once the DHT process is forked
+
+        metrics = NodeMetrics()
+        service = NodeService(
             engine,
             node_id=node_id,
             institution=membership.institution,
-            throughput_tps=estimate_throughput(manifest, start, end, engine.device.type),
+            throughput_tps=estimate_throughput(engine.manifest, engine.start, engine.end, engine.device.type),
             security=membership.channel_security(),
             authorize=metrics.counting_refusals(membership.authorize),
             limits=NodeLimits.from_settings(settings),
@@ -218,104 +153,172 @@ async def run_node(settings: NodeSettings, measure: Measure | None = None) -> No
             step_seconds=metrics.step_seconds.observe,
             serving=serving,
         )
-        server = grpc.aio.server(options=GRPC_OPTIONS)
-        coop_pb2_grpc.add_NodeServicer_to_server(service, server)
-        port = membership.add_port(server, f"{settings.host}:{settings.port}")
-        prepare_control_socket(control_socket)
-        server.add_insecure_port(f"unix:{control_socket}")
-        listening_on_socket = True
-        await server.start()
-        endpoint = settings.public_endpoint or f"{settings.announce_host or settings.host}:{port}"
+        stack.push_async_callback(service.close)
+        port = await _serve_grpc(settings, membership, service, control_socket, stack)
+        stack.callback(metrics.stop)
         metrics_url = None
         if settings.metrics_port is not None:
+            outbox = None if receipts is None else receipts.outbox
             metrics_port = metrics.serve(service.info, outbox, settings.metrics_host, settings.metrics_port)
             metrics_url = f"http://{settings.metrics_host}:{metrics_port}/metrics"
-
-        def describe() -> dict[str, object]:
-            serving_engine = node_service.engine  # a rebalance move changes it
-            return {
-                "node_id": node_id,
-                "pool_id": membership.pool_id,
-                "model_hash": serving_engine.manifest.content_hash,
-                "start": serving_engine.start,
-                "end": serving_engine.end,
-                "endpoint": endpoint,
-                "institution": membership.institution,
-                "throughput_tps": node_service.throughput_tps,
-                "free_cache_bytes": serving_engine.free_cache_bytes,
-                "state": serving.state,
-                "active_sessions": min(node_service.session_count, MAX_ANNOUNCED_SESSIONS),
-            }
-
+        endpoint = settings.public_endpoint or f"{settings.announce_host or settings.host}:{port}"
+        describe = functools.partial(_announcement, membership, service, endpoint)
         announcer = Announcer(directory, describe, ttl_s=settings.announce_ttl_s, bundle=membership.credentials)
+        stack.push_async_callback(asyncio.to_thread, announcer.stop)
         await asyncio.to_thread(announcer.start)
-        ready = {
-            "node_id": node_id,
-            "endpoint": endpoint,
-            "model_hash": manifest.content_hash,
-            "start": start,
-            "end": end,
-            "throughput_tps": round(service.throughput_tps, 2),
-            "throughput_measured": False,
-            "dht_maddrs": directory.visible_maddrs(),
-            "pool_id": membership.pool_id,
-            "institution": membership.institution,
-            "tls": membership.secure,
-            "metrics_url": metrics_url,
-            "control_socket": str(control_socket),
-            "state": serving.state,
-        }
-        stop = _drain_on_signal(serving)
-        serving.listeners.append(lambda state: _spawn(announcing, asyncio.to_thread(announcer.announce_once)))
-        _spawn(background, serving.wait_drained(lambda: node_service.session_count), then=stop.set)
-        if hours is not None:
-            _spawn(background, serving.follow_hours())
-        if settings.gpu_yield_below_gib:
-            _spawn(background, _yield_memory(settings, serving, engine, lambda: node_service.session_count))
-        print(f"{READY_MARKER} {json.dumps(ready)}", flush=True)
-        resume_collection()
-        measuring = asyncio.create_task(_measure_and_announce(engine, service, announcer, measure))
-        if settings.rebalance and settings.blocks == "auto":
-            rebalancer = Rebalancer(
-                node_id=node_id,
-                models=models,
-                policy=RebalancePolicy(
-                    settings.rebalance_interval_s, settings.rebalance_threshold, settings.rebalance_dwell_s
-                ),
-                list_nodes=list_nodes,
-                service=node_service,
-                serving=serving,
-                announcer=announcer,
-                directory=directory,
-                credentials=membership.credentials,
-                load=lambda to, first, last: _load_engine(settings, to, first, last),
-                estimate=lambda of, first, last: estimate_throughput(of, first, last, engine.device.type),
-                measure=lambda: _measure_and_announce(node_service.engine, node_service, announcer, measure),
+        return cls(
+            settings=settings,
+            measure=measure,
+            models=models,
+            membership=membership,
+            directory=directory,
+            list_nodes=list_nodes,
+            service=service,
+            announcer=announcer,
+            endpoint=endpoint,
+            metrics_url=metrics_url,
+            control_socket=control_socket,
+            stack=stack,
+        )
+
+    async def run(self) -> None:
+        """Serve until stopped (a second signal, or the end of a drain; see `_drain_on_signal`), then shut down."""
+        async with self.stack:
+            service, serving, settings = self.service, self.service.serving, self.settings
+            stop = _drain_on_signal(serving)
+            # announcements are awaited, not cancelled, once no background work can start another:
+            # none may land after the withdrawal
+            self.stack.push_async_callback(_gather_all, self.announcing)
+            self.stack.callback(_cancel_all, self.background)
+            serving.listeners.append(
+                lambda state: _spawn(self.announcing, asyncio.to_thread(self.announcer.announce_once))
             )
-            _spawn(background, rebalancer.run())
-        await stop.wait()
-        log.info("shutting down: withdrawing announcement, draining calls …")
-    finally:
-        for task in background:
-            task.cancel()
-        await asyncio.gather(*announcing, return_exceptions=True)
-        if measuring is not None:
-            measuring.cancel()
-        watcher.stop()
-        if announcer is not None:
-            await asyncio.to_thread(announcer.stop)
-        metrics.stop()
-        if server is not None:
-            await server.stop(SHUTDOWN_GRACE_S)
-        if service is not None:
-            await service.close()
-        if outbox is not None:
-            outbox.close()
-        if listening_on_socket:
-            control_socket.unlink(missing_ok=True)
-        if not joined.done():
-            joined.cancel()
-        await asyncio.to_thread(directory.shutdown)
+            _spawn(self.background, serving.wait_drained(lambda: service.session_count), then=stop.set)
+            if serving.hours is not None:
+                _spawn(self.background, serving.follow_hours())
+            if settings.gpu_yield_below_gib:
+                _spawn(self.background, _yield_memory(settings, serving, service.engine, lambda: service.session_count))
+            print(f"{READY_MARKER} {json.dumps(self._ready())}", flush=True)
+            resume_collection()
+            measuring = asyncio.create_task(
+                _measure_and_announce(service.engine, service, self.announcer, self.measure)
+            )
+            self.stack.callback(measuring.cancel)
+            if settings.rebalance and settings.blocks == "auto":
+                _spawn(self.background, self._rebalancer().run())
+            await stop.wait()
+            log.info("shutting down: withdrawing announcement, draining calls …")
+
+    def _ready(self) -> dict[str, object]:
+        """The ready line's fields: what `coop node start`'s caller (a test, a launcher) reads to reach the node."""
+        engine = self.service.engine
+        return {
+            "node_id": self.service.node_id,
+            "endpoint": self.endpoint,
+            "model_hash": engine.manifest.content_hash,
+            "start": engine.start,
+            "end": engine.end,
+            "throughput_tps": round(self.service.throughput_tps, 2),
+            "throughput_measured": False,
+            "dht_maddrs": self.directory.visible_maddrs(),
+            "pool_id": self.membership.pool_id,
+            "institution": self.membership.institution,
+            "tls": self.membership.secure,
+            "metrics_url": self.metrics_url,
+            "control_socket": str(self.control_socket),
+            "state": self.service.serving.state,
+        }
+
+    def _rebalancer(self) -> Rebalancer:
+        settings, service, device_type = self.settings, self.service, self.service.engine.device.type
+        return Rebalancer(
+            node_id=service.node_id,
+            models=self.models,
+            policy=RebalancePolicy(
+                settings.rebalance_interval_s, settings.rebalance_threshold, settings.rebalance_dwell_s
+            ),
+            list_nodes=self.list_nodes,
+            service=service,
+            serving=service.serving,
+            announcer=self.announcer,
+            directory=self.directory,
+            credentials=self.membership.credentials,
+            load=lambda to, first, last: _load_engine(settings, to, first, last),
+            estimate=lambda of, first, last: estimate_throughput(of, first, last, device_type),
+            measure=lambda: _measure_and_announce(service.engine, service, self.announcer, self.measure),
+        )
+
+
+async def _load_span(
+    settings: NodeSettings,
+    models: dict[str, ServableModel],
+    list_nodes: ListNodes,
+    node_id: str,
+    joined: asyncio.Task[None],
+) -> SpanEngine:
+    """Load the span the node starts on, while the DHT joins the swarm; returns once both are done."""
+    # --blocks auto: the window where the pool needs the node most, as the swarm shows it once joined
+    if settings.blocks == "auto":
+        await asyncio.gather(joined, asyncio.to_thread(importlib.import_module, "coop.model.engine"))
+    place = await asyncio.to_thread(pick_placement, settings, models, list_nodes, node_id, estimate_throughput)
+    start, end, model = place.start, place.end, models[place.model_hash]
+    log.info("loading blocks %d:%d of %s …", start, end, model.manifest.name, extra={"start": start, "end": end})
+    engine, _ = await asyncio.gather(asyncio.to_thread(_load_engine, settings, model, start, end), joined)
+    return engine
+
+
+def _receipt_writer(
+    settings: NodeSettings, membership: Membership, manifest: Manifest, node_id: str, stack: contextlib.AsyncExitStack
+) -> ReceiptWriter | None:
+    """In a pool with an outbox: what signs a receipt for every batch of every session (None otherwise)."""
+    outbox_path = settings.resolved_outbox_path()
+    if membership.credentials is None or outbox_path is None:
+        return None
+    outbox = Outbox(outbox_path, retention_s=settings.outbox_retention_s, max_rejected=settings.outbox_max_rejected)
+    stack.callback(outbox.close)
+    return ReceiptWriter(
+        membership.credentials,
+        outbox,
+        manifest,
+        node_id,
+        batch_tokens=settings.receipt_batch_tokens,
+        batch_s=settings.receipt_batch_s,
+    )
+
+
+async def _serve_grpc(
+    settings: NodeSettings,
+    membership: Membership,
+    service: NodeService,
+    control_socket: Path,
+    stack: contextlib.AsyncExitStack,
+) -> int:
+    """Serve the node's gRPC on its port and, for its owner, on its control socket; returns the port."""
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    stack.push_async_callback(server.stop, SHUTDOWN_GRACE_S)
+    coop_pb2_grpc.add_NodeServicer_to_server(service, server)
+    port = membership.add_port(server, f"{settings.host}:{settings.port}")
+    server.add_insecure_port(f"unix:{control_socket}")
+    await server.start()
+    return port
+
+
+def _announcement(membership: Membership, service: NodeService, endpoint: str) -> dict[str, object]:
+    """What the node announces, fresh each round."""
+    engine = service.engine  # a rebalance move changes it
+    return {
+        "node_id": service.node_id,
+        "pool_id": membership.pool_id,
+        "model_hash": engine.manifest.content_hash,
+        "start": engine.start,
+        "end": engine.end,
+        "endpoint": endpoint,
+        "institution": membership.institution,
+        "throughput_tps": service.throughput_tps,
+        "free_cache_bytes": engine.free_cache_bytes,
+        "state": service.serving.state,
+        "active_sessions": min(service.session_count, MAX_ANNOUNCED_SESSIONS),
+    }
 
 
 async def _join(directory: SwarmDirectory, watcher: RevocationWatcher) -> None:
@@ -364,6 +367,15 @@ async def _measure_and_announce(
     service.throughput_tps = throughput
     await asyncio.to_thread(announcer.announce_once)
     print(f"{MEASURED_MARKER} {json.dumps({'throughput_tps': round(throughput, 2)})}", flush=True)
+
+
+def _cancel_all(tasks: set[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+
+
+async def _gather_all(tasks: set[asyncio.Task[None]]) -> None:
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _spawn(tasks: set[asyncio.Task[None]], work: Awaitable[object], then: Callable[[], None] | None = None) -> None:

@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from coop.node.metering import SessionMeter
+from coop.node.receipt_batches import Blocks, SessionMeter
 from coop.pool.identity import Identity
 from coop.wire.generated import coop_pb2 as pb
+
+if TYPE_CHECKING:
+    from coop.model.engine import SpanEngine
 
 Events = asyncio.Queue[pb.SessionEvent | None]  # None ends the stream
 
@@ -18,10 +22,23 @@ def held_bytes(event: pb.SessionEvent | None) -> int:
     return len(event.result.hidden.data) if event is not None and event.HasField("result") else 0
 
 
+def token_bytes(engine: SpanEngine) -> int:
+    """Bytes of one token's hidden state in `engine`'s span: what a session's room is counted in."""
+    return engine.hidden_size * engine.dtype.itemsize
+
+
+def peer_name(caller: Identity | None, host: str) -> str:
+    """Whose budget a call counts against: the caller's certificate, or its address (`host`) in development."""
+    return caller.describe() if caller is not None else host
+
+
 @dataclass(eq=False)
 class LiveSession:
     session_id: str
     peer: str  # whose budget the session counts against: the coordinator that opened it
+    start: int  # the blocks [start, end) it runs through on this node
+    end: int
+    priority: float  # in [0, 1]: its steps' place in the batcher's queue
     reserved_bytes: int  # KV cache reserved for max_length tokens
     room_bytes: int  # hidden-state bytes all its steps together may carry: max_length tokens' worth
     meter: SessionMeter
@@ -34,6 +51,10 @@ class LiveSession:
     closed: bool = False  # its cache is freed and its receipt written; its stream may still be ending
     route: tuple[bytes, bytes, list[pb.Hop]] | None = None  # the last route verified, and its hops
     sketch: tuple[int, int] | None = None  # (seed, dims) of the sketches its steps carry; None: none
+
+    @property
+    def blocks(self) -> Blocks:
+        return self.start, self.end
 
     @property
     def room_left_bytes(self) -> int:

@@ -21,7 +21,7 @@ import torch
 
 from coop.model.engine import SpanEngine
 from coop.node import daemon
-from coop.node.service import NodeService
+from coop.node.route_checks import RouteChecks
 from tests.adversarial.lying_node import claimed_estimate, claimed_throughput
 
 CHEATS = ("noise", "skip", "other_model", "sometimes", "last_hop")
@@ -29,7 +29,7 @@ NOISE_SHARE = 0.01
 SOMETIMES_SHARE = 0.1
 
 _honest_step = SpanEngine.step
-_honest_route_after_me = NodeService._route_after_me
+_honest_hops_after = RouteChecks.hops_after
 _last_hop: dict[str, bool] = {}  # session id -> whether this node is the last hop of its route
 _rng = random.Random()
 
@@ -67,8 +67,8 @@ def cheating_step(
     return tampered(os.environ["COOP_CHEAT"], session_id, hidden, output)
 
 
-def recording_route_after_me(service: NodeService, request, caller, live):  # type: ignore[no-untyped-def]
-    hops = _honest_route_after_me(service, request, caller, live)
+def recording_hops_after(routes: RouteChecks, request, caller, live):  # type: ignore[no-untyped-def]
+    hops = _honest_hops_after(routes, request, caller, live)
     _last_hop[request.session_id] = not hops
     return hops
 
@@ -81,5 +81,5 @@ if __name__ == "__main__":
     daemon.measure_throughput = claimed_throughput
     daemon.estimate_throughput = claimed_estimate
     SpanEngine.step = cheating_step  # type: ignore[method-assign]
-    NodeService._route_after_me = recording_route_after_me  # type: ignore[method-assign]
+    RouteChecks.hops_after = recording_hops_after  # type: ignore[method-assign]
     app(prog_name="coop")

@@ -40,8 +40,8 @@ def _member() -> MemberBundle:
 
 
 def _make_junk(node: NodeService, coordinator: str) -> list[pb.SignedReceipt]:
-    assert node._receipts is not None
-    writer = node._receipts
+    assert node.receipts.writer is not None
+    writer = node.receipts.writer
     member = _member()
     ghosts = [member.credentials(f"ghost-{i}") for i in range(GHOSTS)]
     flops_per_token = writer.manifest.span_flops_per_token(node.engine.start, node.engine.end)
@@ -88,13 +88,14 @@ def _make_junk(node: NodeService, coordinator: str) -> list[pb.SignedReceipt]:
 
 def _inflated(node: NodeService, receipt: pb.SignedReceipt) -> pb.SignedReceipt:
     """A second bill for a real session, for a thousand times its tokens."""
-    assert node._receipts is not None
+    writer = node.receipts.writer
+    assert writer is not None
     body = ReceiptBody.from_bytes(receipt.body)
     tokens = 1000 * body.tokens
-    flops = tokens * node._receipts.manifest.span_flops_per_token(body.start_block, body.end_block)
+    flops = tokens * writer.manifest.span_flops_per_token(body.start_block, body.end_block)
     decode = tokens - body.prefill_tokens
     body = dataclasses.replace(body, receipt_id=new_receipt_id(), decode_tokens=decode, flops=flops)
-    return receipt_to_proto(body.receipt_id, sign_receipt(node._receipts.bundle, body))
+    return receipt_to_proto(body.receipt_id, sign_receipt(writer.bundle, body))
 
 
 async def flooding_receipts(

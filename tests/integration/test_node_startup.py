@@ -23,7 +23,8 @@ from coop.model.engine import SpanEngine
 from coop.model.files import verify_file
 from coop.model.manifest import Manifest
 from coop.model.verified import already_verified, settled_signature
-from coop.node.daemon import estimate_throughput, measure_throughput, run_node
+from coop.node.daemon import run_node
+from coop.node.throughput import estimate_throughput, measure_throughput
 from coop.pipeline.generation import collect_tokens
 from coop.pipeline.local import LocalChain
 from coop.pipeline.remote import RemoteChain

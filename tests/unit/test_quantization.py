@@ -17,7 +17,7 @@ from coop.model.engine import SpanEngine
 from coop.model.manifest import Manifest
 from coop.model.prepare import prepare
 from coop.model.skeleton import decoder_layers
-from coop.node.daemon import estimate_throughput
+from coop.node.throughput import estimate_throughput
 from coop.pipeline.generation import collect_tokens
 from coop.pipeline.local import LocalChain
 from coop.pipeline.sampling import SamplingParams

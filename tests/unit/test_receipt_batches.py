@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from coop.model.manifest import Manifest
-from coop.node.metering import ReceiptWriter, SessionMeter
 from coop.node.outbox import Outbox
+from coop.node.receipt_batches import ReceiptWriter, SessionMeter
 from coop.receipts import ReceiptBody, SignedReceipt
 from tests.pools import MemberPool, make_member_pool
 from tests.tiny_models import save_tiny_model
@@ -57,33 +57,34 @@ def test_batches_close_every_n_tokens_are_numbered_and_sum_to_the_work(
     pool: MemberPool, outbox: Outbox, manifest: Manifest
 ) -> None:
     writer = _writer(pool, outbox, manifest)
-    meter = SessionMeter(0, manifest.num_blocks, "coord")
-    closed = [writer.stepped("s1", meter, tokens) for tokens in [5, *[1] * 20]]  # a prompt, then 20 decode steps
-    tail = writer.ended("s1", meter)
+    meter, blocks = SessionMeter("coord"), (0, manifest.num_blocks)
+    # a prompt, then 20 decode steps
+    closed = [writer.stepped("s1", blocks, meter, tokens) for tokens in [5, *[1] * 20]]
+    tail = writer.ended("s1", blocks, meter)
     bodies = _bodies(outbox)
     assert [b.batch for b in bodies] == [0, 1, 2, 3]
     assert [b.receipt_id for b in bodies] == [*(c for c in closed if c is not None), tail]
     assert [(b.prefill_tokens, b.decode_tokens) for b in bodies] == [(5, 3), (0, 8), (0, 8), (0, 1)]
     per_token = manifest.span_flops_per_token(0, manifest.num_blocks)
     assert all(b.flops == b.tokens * per_token and b.started_at <= b.ended_at for b in bodies)
-    assert writer.ended("s1", meter) is None  # an empty batch is not billed
+    assert writer.ended("s1", blocks, meter) is None  # an empty batch is not billed
 
 
 def test_a_batch_closes_after_batch_s_even_with_few_tokens(
     pool: MemberPool, outbox: Outbox, manifest: Manifest
 ) -> None:
     writer = _writer(pool, outbox, manifest, batch_s=1e-9)
-    meter = SessionMeter(0, manifest.num_blocks, "coord")
-    assert all(writer.stepped("s1", meter, 1) is not None for _ in range(3))
+    meter, blocks = SessionMeter("coord"), (0, manifest.num_blocks)
+    assert all(writer.stepped("s1", blocks, meter, 1) is not None for _ in range(3))
     assert [(b.batch, b.decode_tokens) for b in _bodies(outbox)] == [(0, 1), (1, 1), (2, 1)]
 
 
 def test_a_kill_loses_only_the_open_batch(pool: MemberPool, tmp_path: Path, manifest: Manifest) -> None:
     path = tmp_path / "killed.db"
     writer = _writer(pool, Outbox(path), manifest)
-    meter = SessionMeter(0, manifest.num_blocks, "coord")
+    meter, blocks = SessionMeter("coord"), (0, manifest.num_blocks)
     for _ in range(BATCH_TOKENS * 3 + 5):
-        writer.stepped("s1", meter, 1)
+        writer.stepped("s1", blocks, meter, 1)
     reopened = Outbox(path)  # what a restart finds: the writer above never closed its outbox nor its batch
     try:
         assert [(b.batch, b.tokens) for b in _bodies(reopened)] == [(i, BATCH_TOKENS) for i in range(3)]

@@ -1,6 +1,6 @@
 """receipt batches: a node bills a session in numbered batches, each once
 
-A receipt covers one batch of a session's steps on one node (`coop.node.metering`); the unique key
+A receipt covers one batch of a session's steps on one node (`coop.node.receipt_batches`); the unique key
 (session, node) becomes (session, node, batch). Receipts booked before are batch 0.
 
 Revision ID: 0003

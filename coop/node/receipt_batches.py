@@ -20,13 +20,14 @@ from coop.receipts import ReceiptBody, TokenTally, new_receipt_id, sign_receipt
 BATCH_TOKENS = 64
 BATCH_S = 30.0
 
+Blocks = tuple[int, int]  # the [start, end) blocks a session runs through on this node
+
 
 @dataclass
 class SessionMeter:
-    start: int
-    end: int
+    """A session's open batch: what it computed since its last receipt, and who pays for it."""
+
     coordinator: str  # the institution (or, in development, the address) that opened the session
-    priority: float = 0.0
     tokens: TokenTally = field(default_factory=TokenTally)  # of the open batch
     batch: int = 0  # the open batch's number
     started_at: float = field(default_factory=time.time)  # when the open batch began
@@ -52,18 +53,19 @@ class ReceiptWriter:
         self.batch_tokens = batch_tokens
         self.batch_s = batch_s
 
-    def stepped(self, session_id: str, meter: SessionMeter, tokens: int) -> str | None:
-        """Count a step's tokens; the receipt id if that closed the batch, else None."""
+    def stepped(self, session_id: str, blocks: Blocks, meter: SessionMeter, tokens: int) -> str | None:
+        """Count a step's tokens through `blocks` (start, end); the receipt id if that closed the batch, else None."""
         if meter.tokens.total == 0:
             meter.started_at = time.time()  # a batch begins with its first step, not after an idle wait
         meter.tokens.add(tokens)
         if meter.tokens.total >= self.batch_tokens or time.time() - meter.started_at >= self.batch_s:
-            return self.ended(session_id, meter)
+            return self.ended(session_id, blocks, meter)
         return None
 
-    def ended(self, session_id: str, meter: SessionMeter) -> str | None:
+    def ended(self, session_id: str, blocks: Blocks, meter: SessionMeter) -> str | None:
         """Close the open batch (the session ended, or the batch is full): its receipt id, or None if it is empty."""
         tokens = meter.tokens.total
+        start, end = blocks
         if tokens == 0:
             return None
         body = ReceiptBody(
@@ -74,11 +76,11 @@ class ReceiptWriter:
             institution=self.bundle.institution,
             coordinator=meter.coordinator,
             model_hash=self.manifest.content_hash,
-            start_block=meter.start,
-            end_block=meter.end,
+            start_block=start,
+            end_block=end,
             prefill_tokens=meter.tokens.prefill,
             decode_tokens=meter.tokens.decode,
-            flops=tokens * self.manifest.span_flops_per_token(meter.start, meter.end),
+            flops=tokens * self.manifest.span_flops_per_token(start, end),
             started_at=meter.started_at,
             ended_at=max(time.time(), meter.started_at),
             batch=meter.batch,
