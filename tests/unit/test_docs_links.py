@@ -92,3 +92,35 @@ def test_a_broken_link_is_found(tmp_path: Path) -> None:
         "missing.md: no such file",
         "../x.md: outside the repository",
     ]
+
+
+CODE_PATH = re.compile(r"`((?:coop|tests|bench|scripts|docker|proto)/[\w./-]*\w)`")
+MODULE = re.compile(r"`(coop(?:\.[a-z_]+)+)")
+
+
+def _missing_module(dotted: str) -> bool:
+    """Whether `coop.a.b.name` names nothing: packages down to a module, then a name defined in it. A first part
+    that is no part of coop (`coop.sampling`, a response field) is not a module reference."""
+    top, *rest = dotted.split(".")[1:]
+    at = ROOT / "coop"
+    if not (at / top).is_dir() and not (at / f"{top}.py").exists():
+        return False
+    for index, part in enumerate([top, *rest]):
+        if (at / part / "__init__.py").exists():
+            at = at / part
+        elif (at / f"{part}.py").exists():
+            source = (at / f"{part}.py").read_text(encoding="utf-8")
+            names = rest[index:]
+            return bool(names) and not re.search(rf"^\s*(?:class|def|async def)?\s*{names[0]}\b", source, re.MULTILINE)
+        else:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("document", DOCUMENTS, ids=lambda d: str(d.relative_to(ROOT)))
+def test_every_path_the_documentation_names_exists(document: Path) -> None:
+    """Modules move; a page that names `coop/x/y.py` must follow, or a newcomer looks for nothing."""
+    text = document.read_text(encoding="utf-8")
+    missing = [p for p in CODE_PATH.findall(text) if not (ROOT / p).exists()]
+    missing += [m for m in MODULE.findall(text) if _missing_module(m)]
+    assert not missing, f"{document.relative_to(ROOT)} names paths that do not exist: {missing}"
