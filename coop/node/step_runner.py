@@ -5,9 +5,9 @@ Anything that goes wrong after a step is accepted becomes a `failed` event on it
 so one session's trouble never reaches another session.
 
 Rewinds run only as the coordinator asked. A rewinding step may drop only tokens of the session's
-latest step here, keeping that step's first token (so only its draft tokens, and never the tokens
-before it: the prompt and every token already kept), its step id must be newer, and in a pool it must
-carry the coordinator's signature over exactly that rewind (coop/wire/routes.py). Anything else is
+latest step here, keeping that step's first token (never a token of an earlier step), its step id
+must be newer, and in a pool it must carry the coordinator's signature over exactly that rewind
+(coop/wire/routes.py), which asks only to drop rejected drafts, never below the prompt. Anything else is
 refused before anything runs, so a hop that keeps rewinding its successor gets refusals, not
 recomputed work: the node computes, and bills, only what the coordinator sent.
 """
