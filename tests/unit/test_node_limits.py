@@ -251,7 +251,7 @@ def test_node_status_shows_the_limits_and_how_often_they_were_hit(engine: SpanEn
         rows = dict(status_rows(node.info()))
     assert rows["limits hit"] == "context_length 1"
     assert "closed after 30 s idle or 5 unread events" in rows["sessions"]
-    assert "512.0 MiB per peer, 256 tokens per session" in rows["KV cache"]
+    assert "shared equally per institution when full, 256 tokens per session" in rows["KV cache"]
     assert "256.0 MiB per peer" in rows["steps in flight"]
 
 
