@@ -153,14 +153,9 @@ class NodeSettings(BaseSettings):
     cache_budget_mb: int = setting(
         2048,
         unit="MiB",
-        doc="KV cache all sessions together may reserve (each reserves max_length tokens' worth)",
+        doc="KV cache all sessions together may reserve (each reserves max_length tokens' worth); anyone may "
+        "fill it, and under contention each consuming institution gets an equal share",
         gt=0,
-    )
-    max_cache_fraction_per_peer: float = setting(
-        0.25, unit="fraction", doc="share of cache_budget_mb one peer (a coordinator) may reserve", gt=0, le=1
-    )
-    max_cache_bytes_per_peer: int = setting(
-        0, unit="bytes", doc="KV cache one peer may reserve, instead of the fraction, when not 0", ge=0
     )
     max_sessions_per_peer: int = setting(128, unit="sessions", doc="sessions one peer may hold open", gt=0)
     idle_timeout_s: float = setting(
@@ -276,6 +271,12 @@ class CoordinatorSettings(BaseSettings):
         gt=0,
     )
     # -- what one HTTP client can make the coordinator hold or spend (coop.coordinator.http.limits) --
+    max_relay_tokens_per_institution: int = setting(
+        16384,
+        unit="tokens",
+        doc="max_length of the SDK sessions (the chain relay) one institution may hold open together",
+        gt=0,
+    )
     max_request_bytes: int = setting(
         4 << 20,
         unit="bytes",

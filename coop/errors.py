@@ -14,7 +14,7 @@
     │   │   └── InFlightLimitExceeded  too many steps (or bytes of steps) held for a peer or session
     │   ├── NodeDraining           the node is draining or paused: it opens no new session
     │   ├── CacheBudgetExceeded    not enough KV-cache budget left on this engine
-    │   │   └── PeerCacheLimitExceeded  one peer's share of a node's KV-cache budget is spent
+    │   │   └── PeerCacheLimitExceeded  the cache is full and the institution holds its fair share of it
     │   └── ReplayUnavailable      (SDK) a failed session cannot be rebuilt: earlier tokens unknown
     ├── InvalidInput               input from a client or a peer that fails validation
     │   ├── InvalidTensor          wrong dtype, shape or non-finite values
@@ -280,19 +280,19 @@ class ContextLengthExceeded(InvalidInput):
 
 
 class PeerCacheLimitExceeded(CacheBudgetExceeded):
-    """One peer's share of a node's KV-cache budget is spent; the node may have room for others."""
+    """A node's KV cache is full and this session's institution already holds its fair share of it: a
+    capacity refusal (the node is alive and may have room for others), never a liveness failure."""
 
-    def __init__(self, peer: str, requested_bytes: int, held_bytes: int, limit_bytes: int) -> None:
+    def __init__(self, consumer: str, requested_bytes: int, held_bytes: int, share_bytes: int) -> None:
         SessionError.__init__(
             self,
-            f"{peer} already holds {held_bytes:,} bytes of KV cache on this node and this session needs "
-            f"{requested_bytes:,} more, beyond the {limit_bytes:,} bytes one peer may hold; close idle "
-            "sessions or ask for a shorter max_length (the node's operator sets the share with "
-            "COOP_NODE_MAX_CACHE_FRACTION_PER_PEER or COOP_NODE_MAX_CACHE_BYTES_PER_PEER)",
+            f"this node's KV cache is full and {consumer} already holds {held_bytes:,} bytes of it; this session "
+            f"needs {requested_bytes:,} more, beyond its fair share of {share_bytes:,} bytes while others use "
+            "the rest: close idle sessions, ask for a shorter max_length, or route to another node",
         )
         self.requested_bytes = requested_bytes
-        self.free_bytes = max(limit_bytes - held_bytes, 0)
-        self.budget_bytes = limit_bytes
+        self.free_bytes = max(share_bytes - held_bytes, 0)
+        self.budget_bytes = share_bytes
 
 
 class InFlightLimitExceeded(SessionLimitExceeded):

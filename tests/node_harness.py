@@ -91,27 +91,37 @@ def route(session_id: str, end: int = 6) -> bytes:
 
 
 def start_session(
-    stub: coop_pb2_grpc.NodeStub, session_id: str, max_length: int = 256, end: int = 6, **call: Any
+    stub: coop_pb2_grpc.NodeStub,
+    session_id: str,
+    max_length: int = 256,
+    end: int = 6,
+    consumer: str = "",
+    **call: Any,
 ) -> tuple[Controls, Iterator[pb.SessionEvent]]:
-    """Send the open; the node's first answer is the caller's to read."""
+    """Send the open (for `consumer`'s institution; "": the caller's); the node's first answer is the
+    caller's to read."""
     controls: Controls = queue.Queue()
-    open_message = pb.SessionControl.Open(session_id=session_id, max_length=max_length, start=0, end=end)
+    open_message = pb.SessionControl.Open(
+        session_id=session_id, max_length=max_length, start=0, end=end, consumer=consumer
+    )
     controls.put(pb.SessionControl(open=open_message))
     events = stub.Session(iter(controls.get, None), timeout=call.pop("timeout", 300), **call)
     return controls, events
 
 
 def open_session(
-    stub: coop_pb2_grpc.NodeStub, session_id: str, max_length: int = 256, end: int = 6
+    stub: coop_pb2_grpc.NodeStub, session_id: str, max_length: int = 256, end: int = 6, consumer: str = ""
 ) -> tuple[Controls, Iterator[pb.SessionEvent]]:
-    controls, events = start_session(stub, session_id, max_length, end)
+    controls, events = start_session(stub, session_id, max_length, end, consumer)
     assert next(events).WhichOneof("kind") == "opened"
     return controls, events
 
 
-def refused_open(stub: coop_pb2_grpc.NodeStub, session_id: str, max_length: int, end: int = 6) -> pb.Error:
+def refused_open(
+    stub: coop_pb2_grpc.NodeStub, session_id: str, max_length: int, end: int = 6, consumer: str = ""
+) -> pb.Error:
     """The error of an open the node must refuse."""
-    controls, events = start_session(stub, session_id, max_length, end, timeout=30)
+    controls, events = start_session(stub, session_id, max_length, end, consumer, timeout=30)
     first = next(events)
     controls.put(None)
     assert first.WhichOneof("kind") == "failed", first

@@ -174,7 +174,7 @@ def status_rows(info: pb.NodeInfo) -> list[tuple[str, str]]:
             "KV cache",
             f"{_size(info.reserved_cache_bytes)} reserved, {_size(info.used_cache_bytes)} used, "
             f"{_size(info.free_cache_bytes)} free of {_size(limits.cache_budget_bytes)} "
-            f"(at most {_size(limits.cache_bytes_per_peer)} per peer, {limits.max_length} tokens per session)",
+            f"(shared equally per institution when full, {limits.max_length} tokens per session)",
         ),
         (
             "steps in flight",

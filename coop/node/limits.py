@@ -1,7 +1,8 @@
 """What one peer can make a node hold, and the refusals that keep it bounded.
 
 A node serves everyone in the pool, so every resource a caller can pin is budgeted per caller:
-sessions and their KV-cache reservations per coordinator; steps accepted but not yet run and
+sessions per coordinator (their KV-cache reservations are shared per consuming institution, see
+coop/node/cache_shares.py); steps accepted but not yet run and
 pushed (their count and their bytes) per caller of Forward (the coordinator for a route's first
 node, the previous node otherwise); and results waiting for a coordinator to read them, in bytes,
 against the same byte budget of that coordinator. Whatever one peer does, the others keep their
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from coop.config import NodeSettings
-from coop.errors import CoopError, InFlightLimitExceeded, PeerCacheLimitExceeded, SessionLimitExceeded
+from coop.errors import CoopError, InFlightLimitExceeded, SessionLimitExceeded
 
 E = TypeVar("E", bound=CoopError)
 
@@ -26,8 +27,6 @@ E = TypeVar("E", bound=CoopError)
 class NodeLimits:
     """The limits of coop.config.NodeSettings a running node enforces (see there for each one)."""
 
-    max_cache_fraction_per_peer: float
-    max_cache_bytes_per_peer: int  # 0: max_cache_fraction_per_peer of the budget
     max_sessions_per_peer: int
     idle_timeout_s: float
     max_in_flight_bytes_per_peer: int
@@ -41,8 +40,6 @@ class NodeLimits:
     @classmethod
     def from_settings(cls, settings: NodeSettings) -> NodeLimits:
         return cls(
-            max_cache_fraction_per_peer=settings.max_cache_fraction_per_peer,
-            max_cache_bytes_per_peer=settings.max_cache_bytes_per_peer,
             max_sessions_per_peer=settings.max_sessions_per_peer,
             idle_timeout_s=settings.idle_timeout_s,
             max_in_flight_bytes_per_peer=settings.max_in_flight_bytes_per_peer,
@@ -54,18 +51,12 @@ class NodeLimits:
             batch_gather_s=settings.batch_gather_s,
         )
 
-    def cache_bytes_per_peer(self, cache_budget_bytes: int) -> int:
-        if self.max_cache_bytes_per_peer:
-            return min(self.max_cache_bytes_per_peer, cache_budget_bytes)
-        return int(cache_budget_bytes * self.max_cache_fraction_per_peer)
-
 
 @dataclass
 class Held:
     """What one peer holds on the node right now."""
 
     sessions: int = 0
-    cache_bytes: int = 0
     steps: int = 0  # accepted from the peer, not yet run and pushed
     bytes: int = 0  # of those steps' hidden states, and of results the peer has not read yet
 
@@ -77,9 +68,8 @@ class PeerBudgets:
     race on the event loop cannot all slip under a limit; each `give_*` returns what was taken.
     """
 
-    def __init__(self, limits: NodeLimits, cache_budget_bytes: int) -> None:
+    def __init__(self, limits: NodeLimits) -> None:
         self.limits = limits
-        self.cache_bytes_per_peer = limits.cache_bytes_per_peer(cache_budget_bytes)
         self._held: dict[str, Held] = {}
         self.limited: collections.Counter[str] = collections.Counter()  # setting name -> times hit
 
@@ -88,7 +78,7 @@ class PeerBudgets:
         self.limited[setting] += 1
         return error
 
-    def take_session(self, peer: str, cache_bytes: int) -> None:
+    def take_session(self, peer: str) -> None:
         held = self._held.get(peer) or Held()
         if held.sessions >= self.limits.max_sessions_per_peer:
             raise self.refuse(
@@ -97,18 +87,8 @@ class PeerBudgets:
                     f"{peer} already has {held.sessions} sessions open on this node, the limit per peer"
                 ),
             )
-        if held.cache_bytes + cache_bytes > self.cache_bytes_per_peer:
-            raise self.refuse(
-                "max_cache_bytes_per_peer",
-                PeerCacheLimitExceeded(peer, cache_bytes, held.cache_bytes, self.cache_bytes_per_peer),
-            )
         held.sessions += 1
-        held.cache_bytes += cache_bytes
         self._held[peer] = held
-
-    def give_cache(self, peer: str, cache_bytes: int) -> None:
-        """The session's cache is freed; it counts as open until its stream ends (give_session)."""
-        self._held[peer].cache_bytes -= cache_bytes
 
     def give_session(self, peer: str) -> None:
         held = self._held[peer]

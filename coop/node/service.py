@@ -69,7 +69,7 @@ class NodeService(coop_pb2_grpc.NodeServicer):
         self.serving = serving or ServingState(drain_deadline_s=0.0)
         self.receipts = SessionReceipts(receipts)
         self._authorize = authorize or (lambda context: None)
-        self._budgets = PeerBudgets(limits, engine.cache_budget_bytes)
+        self._budgets = PeerBudgets(limits)
         self._dial_backs = DialBacks(security or ChannelSecurity())
         self.streams = SessionStreams(
             engine, node_id=node_id, limits=limits, budgets=self._budgets, serving=self.serving, receipts=self.receipts
@@ -137,7 +137,6 @@ class NodeService(coop_pb2_grpc.NodeServicer):
             state=self.serving.state,
             limits=pb.NodeInfo.Limits(
                 cache_budget_bytes=self.engine.cache_budget_bytes,
-                cache_bytes_per_peer=self._budgets.cache_bytes_per_peer,
                 sessions_per_peer=limits.max_sessions_per_peer,
                 max_length=self.engine.context_length,
                 in_flight_bytes_per_peer=limits.max_in_flight_bytes_per_peer,

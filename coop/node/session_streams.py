@@ -1,8 +1,10 @@
 """The node's open sessions, each a stream of events to the coordinator that opened it.
 
-A session opens with the stream's first message, within its coordinator's budgets, and closes when
-the coordinator closes or leaves the stream. The node closes a session itself when it is idle past
-`idle_timeout_s` or when its coordinator lets its events pile up, which frees its cache at once.
+A session opens with the stream's first message, within its coordinator's budgets and its consuming
+institution's share of the KV cache (coop/node/cache_shares.py: an open below its share closes idle
+sessions of institutions above theirs), and closes when the coordinator closes or leaves the stream.
+The node closes a session itself when it is idle past `idle_timeout_s`, when its coordinator lets its
+events pile up, or to give its room to an institution below its share; its cache is freed at once.
 (Its stream ends once the coordinator reads to the failure at its end; until then it counts as one
 of that coordinator's sessions, so unread streams stay bounded too.) When the node stops serving
 (coop/node/drain.py), every open stream is told so, so its coordinator can move the session.
@@ -26,12 +28,14 @@ from coop.errors import (
     CoopError,
     InvalidInput,
     NodeDraining,
+    PeerCacheLimitExceeded,
     SessionDropped,
     SpanOutOfRange,
     Unauthorized,
     UnknownSession,
 )
 from coop.model.engine import SpanEngine
+from coop.node.cache_shares import Holding, held_by_consumer, plan_room
 from coop.node.drain import ServingState
 from coop.node.limits import NodeLimits, PeerBudgets
 from coop.node.receipt_batches import SessionMeter
@@ -143,22 +147,24 @@ class SessionStreams:
         request = control.open
         self._check_open(request, opener)
         peer = peer_name(opener, host)
+        consumer = request.consumer or (opener.institution if opener is not None else host)
         reserved = self.engine.reservation_bytes(request.max_length, request.start, request.end)
-        self._budgets.take_session(peer, reserved)
+        self._budgets.take_session(peer)
         try:
+            self._make_room(consumer, reserved)
             self.engine.open_session(
                 request.session_id, max_length=request.max_length, start=request.start, end=request.end
             )
         except BaseException as exc:
-            self._budgets.give_cache(peer, reserved)
             self._budgets.give_session(peer)
-            if isinstance(exc, CacheBudgetExceeded):
+            if isinstance(exc, CacheBudgetExceeded) and not isinstance(exc, PeerCacheLimitExceeded):
                 raise self._budgets.refuse("cache_budget_bytes", exc) from None
             raise
         priority = request.priority if math.isfinite(request.priority) else 0.0
         live = LiveSession(
             session_id=request.session_id,
             peer=peer,
+            consumer=consumer,
             start=request.start,
             end=request.end,
             priority=min(max(priority, 0.0), 1.0),
@@ -172,6 +178,30 @@ class SessionStreams:
         if self._reaper is None:
             self._reaper = asyncio.create_task(self._reap_idle())
         return live
+
+    def _make_room(self, consumer: str, need_bytes: int) -> None:
+        """Make room for `consumer`'s new session of `need_bytes`, closing idle sessions of institutions
+        above their share if it is below its own; a capacity error if it cannot have the room."""
+        holdings = [
+            Holding(s.session_id, s.consumer, s.reserved_bytes, None if s.steps_in_flight else s.last_active)
+            for s in self._sessions.values()
+        ]
+        budget, free = self.engine.cache_budget_bytes, self.engine.free_cache_bytes
+        plan = plan_room(budget, free, consumer, need_bytes, holdings)
+        if plan.refused and plan.over_share:
+            held = held_by_consumer(holdings).get(consumer, 0)
+            raise self._budgets.refuse(
+                "cache_share", PeerCacheLimitExceeded(consumer, need_bytes, held, plan.share_bytes)
+            )
+        if plan.refused:
+            raise CacheBudgetExceeded(need_bytes, free, budget)
+        for session_id in plan.evict:
+            live = self._sessions[session_id]
+            error = SessionDropped(
+                f"session {session_id} of {live.consumer} was idle while {consumer}, below its fair share of "
+                f"this node's KV cache, needed room; the node closed it and freed its {live.reserved_bytes:,} bytes"
+            )
+            self._drop(live, "cache_share", error)
 
     def _check_open(self, request: pb.SessionControl.Open, opener: Identity | None) -> None:
         """Refuse an open this node cannot take, before anything is reserved for it."""
@@ -201,7 +231,6 @@ class SessionStreams:
         live.closed = True
         if self._sessions.get(live.session_id) is live:
             del self._sessions[live.session_id]
-        self._budgets.give_cache(live.peer, live.reserved_bytes)
         self._budgets.give_bytes(live.peer, live.discard_events())
         self.engine.evict(live.session_id)
         self._receipts.ended(live)

@@ -35,7 +35,8 @@ def peer_name(caller: Identity | None, host: str) -> str:
 @dataclass(eq=False)
 class LiveSession:
     session_id: str
-    peer: str  # whose budget the session counts against: the coordinator that opened it
+    peer: str  # whose session budget it counts against: the coordinator that opened it
+    consumer: str  # whose share of the KV cache it counts against: the institution that pays for it
     start: int  # the blocks [start, end) it runs through on this node
     end: int
     priority: float  # in [0, 1]: its steps' place in the batcher's queue
@@ -51,6 +52,7 @@ class LiveSession:
     closed: bool = False  # its cache is freed and its receipt written; its stream may still be ending
     route: tuple[bytes, bytes, list[pb.Hop]] | None = None  # the last route verified, and its hops
     sketch: tuple[int, int] | None = None  # (seed, dims) of the sketches its steps carry; None: none
+    latest_step: tuple[int, int, int] | None = None  # (step_id, start_position, tokens) of the last accepted
 
     @property
     def blocks(self) -> Blocks:

@@ -3,6 +3,13 @@ batcher, then pushed to the next hop, or, on the last hop, sent to the coordinat
 
 Anything that goes wrong after a step is accepted becomes a `failed` event on its session's stream,
 so one session's trouble never reaches another session.
+
+Rewinds run only as the coordinator asked. A rewinding step may drop only tokens of the session's
+latest step here, keeping that step's first token (never a token of an earlier step), its step id
+must be newer, and in a pool it must carry the coordinator's signature over exactly that rewind
+(coop/wire/routes.py), which asks only to drop rejected drafts, never below the prompt. Anything else is
+refused before anything runs, so a hop that keeps rewinding its successor gets refusals, not
+recomputed work: the node computes, and bills, only what the coordinator sent.
 """
 
 from __future__ import annotations
@@ -16,7 +23,15 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from coop.errors import CoopError, InFlightLimitExceeded, InvalidInput, PeerError, SessionLimitExceeded
+from coop.errors import (
+    CoopError,
+    InFlightLimitExceeded,
+    InvalidInput,
+    InvalidPositions,
+    PeerError,
+    SessionLimitExceeded,
+    Unauthorized,
+)
 from coop.model.engine import SpanEngine
 from coop.node.batching import StepBatcher
 from coop.node.limits import NodeLimits, PeerBudgets
@@ -24,10 +39,12 @@ from coop.node.route_checks import RouteChecks
 from coop.node.session_receipts import SessionReceipts
 from coop.node.session_streams import SessionStreams
 from coop.node.sessions import LiveSession, token_bytes
+from coop.pool.ca import verify_signature
 from coop.pool.identity import Identity
 from coop.wire.channels import ChannelPool, ChannelSecurity
 from coop.wire.errors import error_from_proto, error_to_proto
 from coop.wire.generated import coop_pb2 as pb
+from coop.wire.routes import rewind_payload
 from coop.wire.sketches import sketch_to_proto
 from coop.wire.tensors import tensor_from_proto, tensor_to_proto
 
@@ -121,6 +138,9 @@ class StepRunner:
         next_hops = self._routes.hops_after(request, caller, live)
         step_bytes = len(request.hidden.data)
         per_token = token_bytes(self.engine)
+        tokens = step_bytes // per_token
+        if request.rewind:
+            self._check_rewind(request, live, tokens)
         # A rewind gives back the room of the dropped tokens (rejected drafts of a multi-token step).
         kept_bytes = live.bytes_run
         if request.rewind:
@@ -154,10 +174,35 @@ class StepRunner:
             self._budgets.give_step(peer, step_bytes)
             raise
         live.steps_in_flight += 1
+        live.latest_step = (request.step_id, request.start_position, tokens)
         live.bytes_run = kept_bytes
         live.bytes_to_run += step_bytes
         live.last_active = time.monotonic()
         return live, hidden, next_hops
+
+    def _check_rewind(self, request: pb.StepRequest, live: LiveSession, tokens: int) -> None:
+        """Refuse a rewind the coordinator did not ask for, or one beyond the latest step's drafts."""
+        latest = live.latest_step
+        if latest is None or not (latest[0] < request.step_id and latest[1] < request.start_position):
+            raise self._budgets.refuse(
+                "rewind",
+                InvalidPositions(
+                    f"step {request.step_id} of session {live.session_id} rewinds to position "
+                    f"{request.start_position}: a step may drop only the draft tokens of the latest step before it"
+                ),
+            )
+        if live.opener is None:
+            return
+        payload = rewind_payload(live.session_id, request.step_id, request.start_position, tokens)
+        try:
+            verify_signature(live.opener.certificate, payload, request.rewind_signature)
+        except Unauthorized as exc:
+            raise self._budgets.refuse(
+                "rewind",
+                Unauthorized(
+                    f"step {request.step_id} of session {live.session_id} rewinds without its coordinator's signature"
+                ),
+            ) from exc
 
     async def _run(
         self,
@@ -221,6 +266,7 @@ class StepRunner:
             route=step.route,
             route_signature=step.route_signature,
             rewind=step.rewind,
+            rewind_signature=step.rewind_signature,
             sketches=sketches,
         )
         try:

@@ -42,7 +42,7 @@ from coop.swarm.routing import Hop
 from coop.wire.channels import ChannelPool
 from coop.wire.errors import error_from_proto
 from coop.wire.generated import coop_pb2 as pb
-from coop.wire.routes import encode_route, route_payload
+from coop.wire.routes import encode_route, rewind_payload, route_payload
 from coop.wire.tensors import tensor_from_proto, tensor_to_proto
 
 log = logging.getLogger(__name__)
@@ -222,6 +222,7 @@ class RemoteChain:
             sketch_seed=self.sketch_seed,
             sketch_dims=self.sketch_dims,
             first_step=first_step,
+            consumer=self.charge.consumer.institution,
         )
         stream = await open_hop_stream(self.channels, hop, open_msg, index, events, self._leaving)
         self._streams.append(stream)
@@ -324,6 +325,8 @@ class RemoteChain:
         its hops may bill, whether it reaches them or not."""
         self._step_id += 1
         self._sent.add(hidden.shape[1])
+        rewind = start_position < self._stepped
+        signed = rewind_payload(self.session_id, self._step_id, start_position, hidden.shape[1])
         return pb.StepRequest(
             session_id=self.session_id,
             step_id=self._step_id,
@@ -331,7 +334,8 @@ class RemoteChain:
             start_position=start_position,
             route=self._route,
             route_signature=self._route_signature,
-            rewind=start_position < self._stepped,
+            rewind=rewind,
+            rewind_signature=self._sign_route(signed) if rewind and self._sign_route is not None else b"",
         )
 
     async def _wait_result(self, step_id: int, n: int) -> tuple[torch.Tensor, list[pb.Sketch]]:

@@ -4,6 +4,10 @@ Every step carries the serialized `Route` and, in a pool, the coordinator's sign
 node runs a step only if it is on the route and the step came from its predecessor there (the
 coordinator for the first hop), and pushes the output only to its successor: no member can inject
 steps into another's session or make a node dial an address of its choosing.
+
+A step that rewinds the caches (dropping rejected draft tokens) carries a second signature of the
+coordinator, over a `Rewind` naming that step: a hop cannot make its successor compute again what
+the coordinator never asked for.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from coop.errors import InvalidInput
 from coop.wire.generated import coop_pb2 as pb
 
 ROUTE_DOMAIN = b"coop-route-v1\n"  # domain separation: never valid as another kind of signature
+REWIND_DOMAIN = b"coop-rewind-v1\n"
 MAX_HOPS = 256
 MAX_ROUTE_BYTES = 65536
 _ENDPOINT = re.compile(r"^[A-Za-z0-9_.\-\[\]:]{1,255}:\d{1,5}$")
@@ -66,3 +71,9 @@ def decode_route(data: bytes, session_id: str) -> list[pb.Hop]:
 def route_payload(data: bytes) -> bytes:
     """What the coordinator signs: exactly these route bytes."""
     return ROUTE_DOMAIN + data
+
+
+def rewind_payload(session_id: str, step_id: int, start_position: int, tokens: int) -> bytes:
+    """What the coordinator signs to let step `step_id` rewind the caches to `start_position`."""
+    rewind = pb.Rewind(session_id=session_id, step_id=step_id, start_position=start_position, tokens=tokens)
+    return REWIND_DOMAIN + rewind.SerializeToString(deterministic=True)

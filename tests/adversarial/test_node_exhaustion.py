@@ -5,8 +5,9 @@ Pool "exhaust": Alpha serves blocks 0:2 and Beta 2:4 of the tiny chat model (eac
 coordinator certificate of the same pool (only coordinators open sessions on nodes) and talks to
 the nodes over raw gRPC:
 
-- (a) the idle-stream KV pin: open sessions with a huge max_length, or as many as the node takes,
-  and never step them, so that the node's cache looks full to everyone else;
+- (a) the idle-stream KV pin: open sessions with a huge max_length, or as many as the node takes
+  (all of its cache: the cache is work-conserving), and never step them, so that the node's cache is
+  full when Gamma's sessions need it: Gamma, below its share, takes the room of Rogue's idle ones;
 - (b) the in-flight flood: many large steps whose pushes the next hop (Rogue's accomplice, a node
   certificate of member Mallory, on a route Rogue signed) never answers, so that they stay in the
   node's memory.
@@ -155,28 +156,28 @@ def test_idle_streams_cannot_pin_a_nodes_cache(
             if first.WhichOneof("kind") != "opened":
                 break
             held.append(events)
-        assert first.failed.error.code == pb.PEER_CACHE_LIMIT_EXCEEDED, first
+        assert first.failed.error.code == pb.CACHE_BUDGET_EXCEEDED, first  # a capacity refusal
         pinned = exhaust.info("node-a")
         budget = pinned.limits.cache_budget_bytes
-        assert budget == CACHE_BUDGET_MB << 20 and pinned.limits.cache_bytes_per_peer == budget // 4
-        assert len(held) >= 1 and pinned.reserved_cache_bytes <= budget // 4
-        assert pinned.free_cache_bytes >= budget - budget // 4  # the node does not look full
+        assert budget == CACHE_BUDGET_MB << 20 and len(held) >= 2
+        assert pinned.reserved_cache_bytes > budget - budget // len(held)  # Rogue alone filled the node
 
-        exhaust.chats_match(tiny_reference)  # Gamma's sessions open and run beside Rogue's
+        exhaust.chats_match(tiny_reference)  # Gamma's sessions take the room of Rogue's idle ones
 
-        # Rogue's idle sessions expire: the node ends each stream with why, and frees the cache.
+        # Rogue's idle sessions are closed, for Gamma or once idle: the node ends each stream with why.
         for events in held:
             dropped = next(events)
             assert dropped.failed.error.code == pb.SESSION_DROPPED, dropped
-            assert f"had no step for {IDLE_TIMEOUT_S} s" in dropped.failed.error.message
+            message = dropped.failed.error.message
+            assert f"had no step for {IDLE_TIMEOUT_S} s" in message or "below its fair share" in message
         freed = wait_for(
             "node-a to free Rogue's sessions",
             lambda: (info := exhaust.info("node-a")).reserved_cache_bytes == 0 and info,
             WAIT_S,
         )
-        assert freed.counters.limited["idle_timeout_s"] >= len(held)
         assert freed.counters.limited["context_length"] >= 1
-        assert freed.counters.limited["max_cache_bytes_per_peer"] >= 1
+        assert freed.counters.limited["cache_share"] >= 1
+        assert freed.counters.limited["idle_timeout_s"] + freed.counters.limited["cache_share"] >= len(held)
     finally:
         rogue.close()
     exhaust.chats_match(tiny_reference)

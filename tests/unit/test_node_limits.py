@@ -25,6 +25,7 @@ from coop.errors import (
     InFlightLimitExceeded,
     PeerCacheLimitExceeded,
     SessionDropped,
+    SessionLimitExceeded,
 )
 from coop.model.engine import SpanEngine
 from coop.node.limits import PeerBudgets
@@ -92,32 +93,39 @@ def test_an_open_beyond_the_models_context_is_refused(engine: SpanEngine) -> Non
     assert info.reserved_cache_bytes == 0 and info.limits.max_length == CONTEXT
 
 
-def test_one_peer_reserves_at_most_its_share_of_the_cache(tiny_llama_dir: str) -> None:
+def test_one_coordinator_alone_fills_the_whole_cache(tiny_llama_dir: str) -> None:
     per_session = SpanEngine.load(tiny_llama_dir, 0, 6, device="cpu").reservation_bytes(64, 0, 6)
     engine = SpanEngine.load(tiny_llama_dir, 0, 6, device="cpu", cache_budget_bytes=16 * per_session)
-    with NodeInThread(engine) as node, channel(node) as ch:  # the default share: a quarter of the budget
+    with NodeInThread(engine) as node, channel(node) as ch:
         stub = coop_pb2_grpc.NodeStub(ch)
-        held = [open_session(stub, f"s{i}", max_length=64) for i in range(4)]
-        error = refused_open(stub, "s4", max_length=64)
+        held = [open_session(stub, f"s{i}", max_length=64) for i in range(16)]
+        error = refused_open(stub, "s16", max_length=64)
         info = node.info()
-    assert error.code == pb.PEER_CACHE_LIMIT_EXCEEDED, error
-    assert f"beyond the {4 * per_session:,} bytes one peer may hold" in error.message
-    assert info.free_cache_bytes == 12 * per_session  # the node is not full: others keep their room
-    assert info.limits.cache_bytes_per_peer == 4 * per_session
-    assert info.counters.limited["max_cache_bytes_per_peer"] == 1
-    assert len(held) == 4
+    assert error.code == pb.CACHE_BUDGET_EXCEEDED, error  # a capacity refusal: the node is full
+    assert info.free_cache_bytes == 0 and info.reserved_cache_bytes == 16 * per_session
+    assert info.counters.limited["cache_budget_bytes"] == 1
+    assert len(held) == 16
 
 
-def test_a_share_in_bytes_overrides_the_fraction(engine: SpanEngine) -> None:
-    per_session = engine.reservation_bytes(8, 0, 6)
-    with NodeInThread(engine, max_cache_bytes_per_peer=per_session * 3) as node, channel(node) as ch:
+def test_contending_institutions_get_equal_shares_of_a_full_cache(tiny_llama_dir: str) -> None:
+    per_session = SpanEngine.load(tiny_llama_dir, 0, 6, device="cpu").reservation_bytes(64, 0, 6)
+    engine = SpanEngine.load(tiny_llama_dir, 0, 6, device="cpu", cache_budget_bytes=16 * per_session)
+    with NodeInThread(engine) as node, channel(node) as ch:
         stub = coop_pb2_grpc.NodeStub(ch)
-        held = [open_session(stub, name, max_length=8) for name in ("a", "b", "c")]
-        error = refused_open(stub, "d", max_length=8)
+        first = [open_session(stub, f"a{i}", max_length=64, consumer="A") for i in range(16)]
+        second = [open_session(stub, f"b{i}", max_length=64, consumer="B") for i in range(8)]
+        over_b = refused_open(stub, "b8", max_length=64, consumer="B")
+        over_a = refused_open(stub, "a16", max_length=64, consumer="A")
         info = node.info()
-    assert error.code == pb.PEER_CACHE_LIMIT_EXCEEDED
-    assert info.free_cache_bytes == engine.cache_budget_bytes - 3 * per_session  # the node itself has room
-    assert len(held) == 3
+        for _, events in first[:8]:  # A's longest idle sessions made room, each told why
+            failed = next(events)
+            assert failed.WhichOneof("kind") == "failed" and failed.failed.error.code == pb.SESSION_DROPPED
+            assert "below its fair share" in failed.failed.error.message
+    assert over_b.code == over_a.code == pb.PEER_CACHE_LIMIT_EXCEEDED, (over_a, over_b)
+    assert "fair share" in over_b.message
+    assert info.active_sessions == 16 and info.free_cache_bytes == 0
+    assert info.counters.limited["cache_share"] == 8 + 2
+    assert len(second) == 8
 
 
 def test_sessions_per_peer_are_limited(engine: SpanEngine) -> None:
@@ -243,7 +251,7 @@ def test_node_status_shows_the_limits_and_how_often_they_were_hit(engine: SpanEn
         rows = dict(status_rows(node.info()))
     assert rows["limits hit"] == "context_length 1"
     assert "closed after 30 s idle or 5 unread events" in rows["sessions"]
-    assert "512.0 MiB per peer, 256 tokens per session" in rows["KV cache"]
+    assert "shared equally per institution when full, 256 tokens per session" in rows["KV cache"]
     assert "256.0 MiB per peer" in rows["steps in flight"]
 
 
@@ -308,12 +316,12 @@ def test_the_limits_errors_keep_their_type_across_the_wire(error: CoopError, cod
 
 
 def test_budgets_give_back_all_they_take() -> None:
-    budgets = PeerBudgets(node_limits(max_sessions_per_peer=2, max_in_flight_bytes_per_peer=100), 400)
-    assert budgets.cache_bytes_per_peer == 100  # a quarter of the budget
-    budgets.take_session("p", 60)
-    with pytest.raises(PeerCacheLimitExceeded):
-        budgets.take_session("p", 41)
-    budgets.take_session("q", 100)  # another peer has its own share
+    budgets = PeerBudgets(node_limits(max_sessions_per_peer=2, max_in_flight_bytes_per_peer=100))
+    budgets.take_session("p")
+    budgets.take_session("p")
+    with pytest.raises(SessionLimitExceeded):
+        budgets.take_session("p")
+    budgets.take_session("q")  # another peer has its own sessions
     budgets.take_step("q", 70)
     with pytest.raises(InFlightLimitExceeded):
         budgets.take_step("q", 31)
@@ -322,8 +330,7 @@ def test_budgets_give_back_all_they_take() -> None:
     assert budgets.take_result("q", 31)
     assert (budgets.steps_in_flight, budgets.bytes_in_flight) == (0, 31)
     budgets.give_bytes("q", 31)
-    for peer, cache_bytes in (("p", 60), ("q", 100)):
-        budgets.give_cache(peer, cache_bytes)
+    for peer in ("p", "p", "q"):
         budgets.give_session(peer)
     assert budgets._held == {}
-    assert budgets.limited == {"max_cache_bytes_per_peer": 1, "max_in_flight_bytes_per_peer": 1}
+    assert budgets.limited == {"max_sessions_per_peer": 1, "max_in_flight_bytes_per_peer": 1}

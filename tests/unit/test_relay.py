@@ -18,6 +18,7 @@ from coop.client import ApiError, RemoteModel, ReplayUnavailable
 from coop.coordinator.accounts.fair_share_admission import FairShareAdmission, RequestAdmission
 from coop.coordinator.http.app import create_app
 from coop.coordinator.http.auth import ApiKeyGate
+from coop.coordinator.http.relay import ChainRelay
 from coop.errors import CoopError, InvalidInput
 from coop.pipeline.charge import UNMETERED, Charge
 from coop.pipeline.generation import Chain, collect_tokens
@@ -82,6 +83,7 @@ class Coordinator:
     backend: RecordingBackend
     admission: FairShareAdmission
     keys: dict[str, str]  # institution -> API key
+    relay: ChainRelay
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +110,7 @@ def _coordinator(local: LocalBackend, pool_dir: Path | None, idle_timeout_s: flo
         access = RequestAdmission(admission, default_consumer="Coord")
         app = create_app(backend, keys=gate, access=access, session_idle_timeout_s=idle_timeout_s)
     with serve_in_thread(app) as url:
-        yield Coordinator(url, backend, admission, keys)
+        yield Coordinator(url, backend, admission, keys, app.state.relay)
 
 
 @pytest.fixture(scope="module")
@@ -254,14 +256,36 @@ def test_idle_sessions_are_closed_and_give_their_slots_back(
     local: LocalBackend, pool_dir: Path, tiny_llama_dir: str
 ) -> None:
     with _coordinator(local, pool_dir, idle_timeout_s=0.2) as coordinator:
+        now = [0.0]
+        coordinator.relay.clock = lambda: now[0]  # idleness by a clock of the test's, not the machine's load
         headers = _auth(coordinator.keys["Uni A"])
         opened = [_open(coordinator, headers) for _ in range(KEY_LIMIT)]
         assert coordinator.admission.active == KEY_LIMIT
+        now[0] += 1.0
         wait_for("the idle sessions to be closed", lambda: coordinator.admission.active == 0, 10)
         for session_id in opened:
             response = httpx.get(f"{coordinator.url}{SESSIONS}/{session_id}", headers=headers)
             assert (response.status_code, response.json()["error"]["code"]) == (404, "session_not_found")
         assert len({_open(coordinator, headers) for _ in range(KEY_LIMIT)}) == KEY_LIMIT
+
+
+def test_an_institutions_sdk_sessions_reserve_at_most_its_relay_tokens(
+    local: LocalBackend, pool_dir: Path, tiny_llama_dir: str
+) -> None:
+    with _coordinator(local, pool_dir) as coordinator:
+        coordinator.relay.max_tokens_per_institution = 20
+        now = [0.0]
+        coordinator.relay.clock = lambda: now[0]
+        uni_a, uni_b = _auth(coordinator.keys["Uni A"]), _auth(coordinator.keys["Uni B"])
+        _open(coordinator, uni_a, max_length=16)
+        body = _open_body(coordinator.backend.inner, 8)
+        refused = httpx.post(f"{coordinator.url}{SESSIONS}", json=body, headers=uni_a)
+        assert (refused.status_code, refused.json()["error"]["code"]) == (429, "relay_tokens_exceeded")
+        assert "16 tokens" in refused.json()["error"]["message"]
+        _open(coordinator, uni_b, max_length=16)  # another institution has tokens of its own
+        now[0] += coordinator.relay.idle_timeout_s + 1
+        wait_for("the idle sessions to be closed", lambda: coordinator.admission.active == 0, 10)
+        _open(coordinator, uni_a, max_length=20)  # closed sessions gave their tokens back
 
 
 # -- what clients send ------------------------------------------------------------------------

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from coop.model.engine import SpanEngine
-from coop.node import service as node_service
-from coop.node.service import NodeService
+from coop.node import session_streams
+from coop.node.session_streams import SessionStreams
 from coop.wire.generated import coop_pb2 as pb
 from coop.wire.generated import coop_pb2_grpc
 from coop.wire.tensors import tensor_from_proto, tensor_to_proto
@@ -97,21 +97,23 @@ def test_a_refused_first_step_fails_after_the_open(engine: SpanEngine) -> None:
 def test_a_step_waits_for_its_sessions_unread_open(
     engine: SpanEngine, reference: SpanEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(node_service, "OPEN_GRACE_S", LONG_GRACE_S)  # a loaded machine cannot outwait it
+    monkeypatch.setattr(session_streams, "OPEN_GRACE_S", LONG_GRACE_S)  # a loaded machine cannot outwait it
     waiting = threading.Event()
-    await_open = NodeService._await_open
+    await_open = SessionStreams.await_open
 
-    async def noted_await_open(service: NodeService, session_id: str) -> None:
+    async def noted_await_open(streams: SessionStreams, session_id: str) -> None:
         waiting.set()
-        await await_open(service, session_id)
+        await await_open(streams, session_id)
 
-    monkeypatch.setattr(NodeService, "_await_open", noted_await_open)
+    monkeypatch.setattr(SessionStreams, "await_open", noted_await_open)
     prompt = hidden_states(4, seed=4)
     with NodeInThread(engine) as node, channel(node) as ch, ThreadPoolExecutor(1) as caller:
         stub = coop_pb2_grpc.NodeStub(ch)
         controls: Controls = queue.Queue()
         events = stub.Session(iter(controls.get, None), timeout=60)  # its open is not sent yet
-        wait_for("the node to hold the stream with an unread open", lambda: node.service._unread_opens, 30, 0.01)
+        wait_for(
+            "the node to hold the stream with an unread open", lambda: node.service.streams._unread_opens, 30, 0.01
+        )
         ack = caller.submit(stub.Forward, step("late", 1, prompt, 0), timeout=30)
         assert waiting.wait(30), "the step never reached the node"
         assert not ack.done(), "the step was answered before its session's open arrived"

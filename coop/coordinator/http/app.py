@@ -138,7 +138,13 @@ def create_app(
     catalog = served if isinstance(served, ModelCatalog) else ModelCatalog.single(served)
     serving = OpenAIServing(catalog, limits, metrics)
     gate = keys or ApiKeyGate(None)
-    relay = ChainRelay(catalog, gate, access, idle_timeout_s=session_idle_timeout_s)
+    relay = ChainRelay(
+        catalog,
+        gate,
+        access,
+        idle_timeout_s=session_idle_timeout_s,
+        max_tokens_per_institution=limits.max_relay_tokens_per_institution,
+    )
     rejections = Rejections()
     metrics.watch(rejections, access.admission if access is not None else None)
 

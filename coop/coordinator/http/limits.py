@@ -35,6 +35,7 @@ class HttpLimits:
     max_prompt_chars: int = _default("max_prompt_chars")
     max_prompt_tokens: int = _default("max_prompt_tokens")  # 0: the model's context
     text_workers: int = _default("text_workers")
+    max_relay_tokens_per_institution: int = _default("max_relay_tokens_per_institution")
 
     @classmethod
     def from_settings(cls, settings: CoordinatorSettings) -> HttpLimits:

@@ -10,8 +10,12 @@ the token ids the client sent with its steps.
 The session runs on the model whose content hash the client sends (a coordinator may serve several).
 
 A session holds its slots until it is closed, by the client or, once idle for `idle_timeout_s`,
-by the relay. Everything a client sends is checked here (body size before parsing, dtype, shape,
-finiteness, positions, token ids), so what a node refuses is never the client's doing.
+by the relay. What one institution's relay sessions reserve on the nodes (their max_length
+together) is capped at `max_tokens_per_institution`, however many API keys it holds: an SDK
+session pins KV cache on every node of its route between steps, and the nodes count it against the
+same institution (coop/node/cache_shares.py). Everything a client sends is checked here (body size
+before parsing, dtype, shape, finiteness, positions, token ids), so what a node refuses is never the
+client's doing.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import contextlib
 import logging
 import time
 import uuid
+from collections import Counter
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
@@ -28,7 +34,7 @@ import anyio
 import torch
 from google.protobuf.message import DecodeError
 
-from coop.config import DEFAULT_SESSION_IDLE_TIMEOUT_S
+from coop.config import DEFAULT_SESSION_IDLE_TIMEOUT_S, CoordinatorSettings
 from coop.coordinator.accounts.fair_share_admission import RequestAdmission
 from coop.coordinator.catalog import ModelCatalog
 from coop.coordinator.http.auth import ApiKeyGate, Caller
@@ -47,6 +53,7 @@ MAX_REAP_INTERVAL_S = 5.0
 # A step body beyond its hidden states: at most 10 bytes per token id (a varint) and the envelope
 # (field tags, lengths, the dtype name, the shape).
 TOKEN_ID_BYTES = 10
+DEFAULT_MAX_RELAY_TOKENS: int = CoordinatorSettings.model_fields["max_relay_tokens_per_institution"].default
 ENVELOPE_BYTES = 256
 
 
@@ -55,6 +62,7 @@ class RelaySession:
     session_id: str
     backend: Backend  # the model it runs on
     owner: str | None  # the digest of the API key that opened it: no other key may use it
+    institution: str | None  # the key's institution, whose relay tokens it holds (None: development mode)
     chain: Chain
     max_length: int
     slots: AsyncExitStack  # the key's concurrency slot and the admission slot, given back on close
@@ -75,13 +83,18 @@ class ChainRelay:
         access: RequestAdmission | None = None,
         *,
         idle_timeout_s: float = DEFAULT_SESSION_IDLE_TIMEOUT_S,
+        max_tokens_per_institution: int = DEFAULT_MAX_RELAY_TOKENS,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`models`: what sessions may run on, by content hash; `access`: credit floors and fair-share
-        admission, as for chat (None: development mode)."""
+        admission, as for chat (None: development mode). `clock`: what idleness is measured by."""
         self.catalog = models if isinstance(models, ModelCatalog) else ModelCatalog.single(models)
         self.gate = gate
         self.access = access
         self.idle_timeout_s = idle_timeout_s
+        self.max_tokens_per_institution = max_tokens_per_institution
+        self.clock = clock
+        self._reserved_tokens: Counter[str] = Counter()  # institution -> max_length of its open sessions
         self._sessions: dict[str, RelaySession] = {}
         self._reaper: asyncio.Task[None] | None = None
 
@@ -110,6 +123,7 @@ class ChainRelay:
                 param="max_length",
             )
         slots = AsyncExitStack()
+        self._reserve_tokens(caller, request.max_length, slots)
         try:
             charge, _ = await enter_request(slots, self.gate, self.access, caller, model.model_hash)
             chain = await backend.open_chain(request.max_length, charge)
@@ -118,11 +132,42 @@ class ChainRelay:
                 await slots.aclose()
             raise
         session = RelaySession(
-            uuid.uuid4().hex, backend, caller.key_digest, chain, request.max_length, slots, time.monotonic()
+            uuid.uuid4().hex,
+            backend,
+            caller.key_digest,
+            caller.institution,
+            chain,
+            request.max_length,
+            slots,
+            self.clock(),
         )
         self._sessions[session.session_id] = session
         self._start_reaper()
         return self.describe(session)
+
+    def _reserve_tokens(self, caller: Caller, max_length: int, slots: AsyncExitStack) -> None:
+        """Count the session's max_length against its institution's relay tokens, given back with `slots`
+        (taken with no await before, so opens side by side cannot all slip under the cap)."""
+        institution = caller.institution
+        if institution is None:
+            return
+        held = self._reserved_tokens[institution]
+        if held + max_length > self.max_tokens_per_institution:
+            raise RequestError(
+                f"{institution}'s SDK sessions already reserve {held:,} tokens; this one's max_length {max_length:,} "
+                f"would pass the {self.max_tokens_per_institution:,} one institution may hold open: close idle "
+                "sessions or ask for a shorter max_length",
+                status=429,
+                code="relay_tokens_exceeded",
+                param="max_length",
+            )
+        self._reserved_tokens[institution] += max_length
+        slots.callback(self._give_tokens, institution, max_length)
+
+    def _give_tokens(self, institution: str, tokens: int) -> None:
+        self._reserved_tokens[institution] -= tokens
+        if self._reserved_tokens[institution] <= 0:
+            del self._reserved_tokens[institution]
 
     def session(self, caller: Caller, session_id: str) -> RelaySession:
         """The caller's open session session_id; 404 for any other (closed, unknown, or another key's)."""
@@ -160,7 +205,7 @@ class ChainRelay:
         async with session.lock:
             if self._sessions.get(session.session_id) is not session:
                 raise RequestError("the session was closed during this request", status=404, code="session_not_found")
-            session.last_used_s = time.monotonic()
+            session.last_used_s = self.clock()
             if len(body) > (limit := self.body_limit(session)):
                 raise RequestTooLarge(
                     f"the body has {len(body):,} bytes, over the {limit:,} this session can take now; "
@@ -188,7 +233,7 @@ class ChainRelay:
             if ids is None and session.missing_from is None:
                 session.missing_from = start
             session.position = start + n
-            session.last_used_s = time.monotonic()
+            session.last_used_s = self.clock()
             return tensor_to_proto(output).SerializeToString()
 
     def _parse_step(self, session: RelaySession, body: bytes) -> tuple[torch.Tensor, list[int] | None]:
@@ -242,7 +287,7 @@ class ChainRelay:
 
     async def close_idle(self) -> list[str]:
         """Close the sessions idle for longer than idle_timeout_s (a step in flight is not idle)."""
-        deadline = time.monotonic() - self.idle_timeout_s
+        deadline = self.clock() - self.idle_timeout_s
         idle = [s for s in self._sessions.values() if s.last_used_s < deadline and not s.lock.locked()]
         for session in idle:  # all forgotten before the first await, so none can start a step meanwhile
             del self._sessions[session.session_id]

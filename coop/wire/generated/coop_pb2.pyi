@@ -109,9 +109,8 @@ class NodeInfo(_message.Message):
         limited: _containers.ScalarMap[str, int]
         def __init__(self, steps_run: _Optional[int] = ..., pushes_sent: _Optional[int] = ..., results_sent: _Optional[int] = ..., limited: _Optional[_Mapping[str, int]] = ...) -> None: ...
     class Limits(_message.Message):
-        __slots__ = ("cache_budget_bytes", "cache_bytes_per_peer", "sessions_per_peer", "max_length", "in_flight_bytes_per_peer", "steps_in_flight_per_peer", "steps_in_flight_per_session", "events_per_session", "idle_timeout_s", "channels")
+        __slots__ = ("cache_budget_bytes", "sessions_per_peer", "max_length", "in_flight_bytes_per_peer", "steps_in_flight_per_peer", "steps_in_flight_per_session", "events_per_session", "idle_timeout_s", "channels")
         CACHE_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
-        CACHE_BYTES_PER_PEER_FIELD_NUMBER: _ClassVar[int]
         SESSIONS_PER_PEER_FIELD_NUMBER: _ClassVar[int]
         MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
         IN_FLIGHT_BYTES_PER_PEER_FIELD_NUMBER: _ClassVar[int]
@@ -121,7 +120,6 @@ class NodeInfo(_message.Message):
         IDLE_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
         CHANNELS_FIELD_NUMBER: _ClassVar[int]
         cache_budget_bytes: int
-        cache_bytes_per_peer: int
         sessions_per_peer: int
         max_length: int
         in_flight_bytes_per_peer: int
@@ -130,7 +128,7 @@ class NodeInfo(_message.Message):
         events_per_session: int
         idle_timeout_s: float
         channels: int
-        def __init__(self, cache_budget_bytes: _Optional[int] = ..., cache_bytes_per_peer: _Optional[int] = ..., sessions_per_peer: _Optional[int] = ..., max_length: _Optional[int] = ..., in_flight_bytes_per_peer: _Optional[int] = ..., steps_in_flight_per_peer: _Optional[int] = ..., steps_in_flight_per_session: _Optional[int] = ..., events_per_session: _Optional[int] = ..., idle_timeout_s: _Optional[float] = ..., channels: _Optional[int] = ...) -> None: ...
+        def __init__(self, cache_budget_bytes: _Optional[int] = ..., sessions_per_peer: _Optional[int] = ..., max_length: _Optional[int] = ..., in_flight_bytes_per_peer: _Optional[int] = ..., steps_in_flight_per_peer: _Optional[int] = ..., steps_in_flight_per_session: _Optional[int] = ..., events_per_session: _Optional[int] = ..., idle_timeout_s: _Optional[float] = ..., channels: _Optional[int] = ...) -> None: ...
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
@@ -168,7 +166,7 @@ class NodeInfo(_message.Message):
 class SessionControl(_message.Message):
     __slots__ = ("open", "close")
     class Open(_message.Message):
-        __slots__ = ("session_id", "max_length", "start", "end", "priority", "node_id", "sketch_seed", "sketch_dims", "first_step")
+        __slots__ = ("session_id", "max_length", "start", "end", "priority", "node_id", "sketch_seed", "sketch_dims", "first_step", "consumer")
         SESSION_ID_FIELD_NUMBER: _ClassVar[int]
         MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
         START_FIELD_NUMBER: _ClassVar[int]
@@ -178,6 +176,7 @@ class SessionControl(_message.Message):
         SKETCH_SEED_FIELD_NUMBER: _ClassVar[int]
         SKETCH_DIMS_FIELD_NUMBER: _ClassVar[int]
         FIRST_STEP_FIELD_NUMBER: _ClassVar[int]
+        CONSUMER_FIELD_NUMBER: _ClassVar[int]
         session_id: str
         max_length: int
         start: int
@@ -187,7 +186,8 @@ class SessionControl(_message.Message):
         sketch_seed: int
         sketch_dims: int
         first_step: StepRequest
-        def __init__(self, session_id: _Optional[str] = ..., max_length: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., priority: _Optional[float] = ..., node_id: _Optional[str] = ..., sketch_seed: _Optional[int] = ..., sketch_dims: _Optional[int] = ..., first_step: _Optional[_Union[StepRequest, _Mapping]] = ...) -> None: ...
+        consumer: str
+        def __init__(self, session_id: _Optional[str] = ..., max_length: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., priority: _Optional[float] = ..., node_id: _Optional[str] = ..., sketch_seed: _Optional[int] = ..., sketch_dims: _Optional[int] = ..., first_step: _Optional[_Union[StepRequest, _Mapping]] = ..., consumer: _Optional[str] = ...) -> None: ...
     class Close(_message.Message):
         __slots__ = ()
         def __init__(self) -> None: ...
@@ -244,7 +244,7 @@ class SessionEvent(_message.Message):
     def __init__(self, opened: _Optional[_Union[SessionEvent.Opened, _Mapping]] = ..., result: _Optional[_Union[SessionEvent.Result, _Mapping]] = ..., failed: _Optional[_Union[SessionEvent.Failed, _Mapping]] = ..., draining: _Optional[_Union[SessionEvent.Draining, _Mapping]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("session_id", "step_id", "hidden", "start_position", "route", "route_signature", "rewind", "sketches")
+    __slots__ = ("session_id", "step_id", "hidden", "start_position", "route", "route_signature", "rewind", "rewind_signature", "sketches")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
@@ -252,6 +252,7 @@ class StepRequest(_message.Message):
     ROUTE_FIELD_NUMBER: _ClassVar[int]
     ROUTE_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     REWIND_FIELD_NUMBER: _ClassVar[int]
+    REWIND_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     SKETCHES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step_id: int
@@ -260,8 +261,21 @@ class StepRequest(_message.Message):
     route: bytes
     route_signature: bytes
     rewind: bool
+    rewind_signature: bytes
     sketches: _containers.RepeatedCompositeFieldContainer[Sketch]
-    def __init__(self, session_id: _Optional[str] = ..., step_id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., start_position: _Optional[int] = ..., route: _Optional[bytes] = ..., route_signature: _Optional[bytes] = ..., rewind: _Optional[bool] = ..., sketches: _Optional[_Iterable[_Union[Sketch, _Mapping]]] = ...) -> None: ...
+    def __init__(self, session_id: _Optional[str] = ..., step_id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., start_position: _Optional[int] = ..., route: _Optional[bytes] = ..., route_signature: _Optional[bytes] = ..., rewind: _Optional[bool] = ..., rewind_signature: _Optional[bytes] = ..., sketches: _Optional[_Iterable[_Union[Sketch, _Mapping]]] = ...) -> None: ...
+
+class Rewind(_message.Message):
+    __slots__ = ("session_id", "step_id", "start_position", "tokens")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    START_POSITION_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    step_id: int
+    start_position: int
+    tokens: int
+    def __init__(self, session_id: _Optional[str] = ..., step_id: _Optional[int] = ..., start_position: _Optional[int] = ..., tokens: _Optional[int] = ...) -> None: ...
 
 class Sketch(_message.Message):
     __slots__ = ("node_id", "input", "output")
