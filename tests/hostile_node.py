@@ -60,15 +60,21 @@ class HostileNode:
         self.hidden_size = hidden_size
         self.hop = Hop(self.node_id, "127.0.0.1:1", 0, num_blocks)
         self.load: Counter[str] = Counter()  # the SwarmView half
-        self.suspected: list[str] = []
+        self.suspected: list[tuple[str, str]] = []
         self.call = FakeSessionCall()
 
     # SwarmView
-    async def route(self, exclude: object = frozenset()) -> list[Hop]:
+    async def route(self, exclude: object = (), avoid_institutions: object = ()) -> list[Hop]:
         return [self.hop]
 
-    def suspect(self, node_id: str) -> None:
-        self.suspected.append(node_id)
+    def suspect(self, key: tuple[str, str]) -> None:
+        self.suspected.append(key)
+
+    def refused(self, key: tuple[str, str]) -> None:
+        pass
+
+    def served(self, hops: object) -> None:
+        pass
 
     def release(self, hops: object) -> None:
         pass
@@ -76,7 +82,7 @@ class HostileNode:
     def revoked(self) -> frozenset[str]:
         return frozenset()
 
-    def leaving(self) -> set[str]:
+    def leaving(self) -> set[tuple[str, str]]:
         return set()
 
     # ChannelPool and the node's stub

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import grpc
 
 from coop.errors import PeerError
-from coop.swarm.routing import Hop
+from coop.swarm.routing import Hop, NodeKey
 from coop.wire.channels import ChannelPool
 from coop.wire.errors import error_from_proto
 from coop.wire.generated import coop_pb2 as pb
@@ -70,8 +70,9 @@ async def read_events(index: int, call: grpc.aio.StreamStreamCall, events: Event
     await events.put((index, None))  # the stream is gone: the node died or dropped us
 
 
-async def unanswering(channels: ChannelPool, hops: Sequence[Hop]) -> set[str]:
-    """The hops that do not answer Info within a second."""
+async def unanswering(channels: ChannelPool, hops: Sequence[Hop]) -> set[NodeKey]:
+    """The hops that do not answer Info within a second: what the coordinator sees for itself, where
+    a node's report of another is only a claim."""
 
     async def alive(hop: Hop) -> bool:
         try:
@@ -82,4 +83,4 @@ async def unanswering(channels: ChannelPool, hops: Sequence[Hop]) -> set[str]:
             return False
 
     answers = await asyncio.gather(*(alive(h) for h in hops))
-    return {hop.node_id for hop, ok in zip(hops, answers, strict=True) if not ok}
+    return {hop.key for hop, ok in zip(hops, answers, strict=True) if not ok}

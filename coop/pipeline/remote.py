@@ -8,6 +8,10 @@ route without it, replays the session's tokens through it to rebuild every cache
 the caller sees a pause, and greedy decoding gives the same tokens. (After multi-token steps only
 the tokens the caller kept are replayed: `start_position` of the step that failed.)
 
+Who is at fault is decided in `coop.pipeline.route_failures`: what a node reports of another is a
+claim, not proof, and a capacity refusal is no failure. Refusals are routed around as long as
+routes remain, without using up failovers; only failures count against `max_failovers`.
+
 A hop that is leaving (draining or paused: it says so on its session stream, or its announcement
 does) is moved off the same way, as a planned move: at the next step boundary the chain opens a
 route without it, closes the old one and replays, with no error, no failover counted and nobody
@@ -26,7 +30,7 @@ import contextlib
 import logging
 import secrets
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -37,8 +41,9 @@ from coop.config import CoordinatorSettings
 from coop.errors import CoopError, InvalidTensor, PeerError, RouteUnavailable, UnknownSession
 from coop.pipeline.charge import UNMETERED, Charge
 from coop.pipeline.hop_streams import Events, HopStream, open_hop_stream, unanswering
+from coop.pipeline.route_failures import HopsFailed, SessionAvoidance, is_capacity_refusal
 from coop.receipts import TokenTally
-from coop.swarm.routing import Hop
+from coop.swarm.routing import Hop, NodeKey
 from coop.wire.channels import ChannelPool
 from coop.wire.errors import error_from_proto
 from coop.wire.generated import coop_pb2 as pb
@@ -49,17 +54,6 @@ log = logging.getLogger(__name__)
 
 MOVE_RETRY_S = 2.0  # how often a session on a leaving node looks for another route when none was found
 MAX_QUEUED_EVENTS: int = CoordinatorSettings.model_fields["max_queued_events_per_session"].default
-
-
-class _HopsFailed(Exception):
-    """Nodes this chain must route around; `suspect` also warns the swarm view (they look dead);
-    `leaving`: they only refused the session because they are draining or paused."""
-
-    def __init__(self, node_ids: set[str], reason: str, *, suspect: bool = True, leaving: bool = False) -> None:
-        super().__init__(reason)
-        self.node_ids = node_ids
-        self.suspect = suspect
-        self.leaving = leaving
 
 
 @dataclass(frozen=True)
@@ -79,10 +73,12 @@ class RouteSource(Protocol):
 
     revoked: Callable[[], frozenset[str]]
 
-    async def route(self, exclude: set[str] | frozenset[str] = frozenset()) -> list[Hop]: ...
-    def leaving(self) -> set[str]: ...
+    async def route(self, exclude: Collection[NodeKey] = (), avoid_institutions: Collection[str] = ()) -> list[Hop]: ...
+    def leaving(self) -> set[NodeKey]: ...
     def release(self, hops: Sequence[Hop]) -> None: ...
-    def suspect(self, node_id: str) -> None: ...
+    def suspect(self, key: NodeKey) -> None: ...
+    def refused(self, key: NodeKey) -> None: ...
+    def served(self, hops: Sequence[Hop]) -> None: ...
     def step_completed(self, hops: Sequence[Hop], tokens: int, seconds: float) -> None: ...
 
 
@@ -132,10 +128,7 @@ class RemoteChain:
         self._max_queued_events = max_queued_events
         self._events: Events = asyncio.Queue(max_queued_events)
         self._step_id = 0
-        self._excluded: set[str] = set()
-        # refused an open as draining or paused: avoided when routing, but a planned move trusts the
-        # swarm view instead, which sees a resumed node serve again
-        self._refusing: set[str] = set()
+        self._avoidance = SessionAvoidance()
         self.charge = charge
         self._sent = TokenTally()  # sent to the current route, which every hop of it computes
         self._sign_route = sign_route
@@ -150,27 +143,42 @@ class RemoteChain:
     async def open(self) -> RemoteChain:
         """Choose the route. Its sessions open with the first step, which rides the first hop's open:
         one round trip less before the first token."""
-        self._use_route(await self.swarm.route(exclude=self._excluded | self._refusing))
+        self._use_route(await self._best_route())
         return self
 
-    async def _open_elsewhere(self, failure: _HopsFailed) -> None:
-        """The route chosen by `open` refused the session: open it on other routes, as many times as
-        failovers are allowed. A refused open is no failover (nothing ran), so none is counted."""
-        for _attempt in range(self.max_failovers):
+    async def _best_route(self) -> list[Hop]:
+        avoid = self._avoidance
+        return await self.swarm.route(avoid.excluded | avoid.refusing, avoid.refusing_institutions)
+
+    async def _reopen(self, failure: HopsFailed, *, failovers: bool) -> None:
+        """Leave the route for `failure`, and open the session on the best route without what it avoids.
+
+        Refusals cost nothing: each leaves the session a node it had not tried (and refusing
+        institutions leave it whole), so they end when the nodes do, and RouteUnavailable says so.
+        Opens that fail count: as failovers if `failovers`, else up to max_failovers of them (a
+        session's first open: nothing ran, so no failover is counted).
+        """
+        failed_opens = 0
+        while True:
+            if failure.counts and failovers:
+                if self.failovers >= self.max_failovers:
+                    raise PeerError(f"giving up after {self.failovers} failovers: {failure}") from failure
+                self.failovers += 1
+            elif failure.counts:
+                failed_opens += 1
+                if failed_opens > self.max_failovers:
+                    await self._abandon(failure)
+                    raise PeerError(f"could not open a session on any route after {failed_opens} attempts") from failure
             await self._abandon(failure)
             try:
                 await self._open_route()
                 return
-            except _HopsFailed as exc:
+            except HopsFailed as exc:
                 failure = exc
-        await self._abandon(failure)
-        raise PeerError(f"could not open a session on any route after {self.max_failovers + 1} attempts") from failure
 
     async def _open_route(self, hops: list[Hop] | None = None) -> None:
         """Open the session on `hops`, or on the best route the swarm view has now."""
-        if hops is None:
-            hops = await self.swarm.route(exclude=self._excluded | self._refusing)
-        self._use_route(hops)
+        self._use_route(hops if hops is not None else await self._best_route())
         await self._open_streams()
 
     def _use_route(self, hops: list[Hop]) -> None:
@@ -197,13 +205,13 @@ class RemoteChain:
             for i, hop in reversed(list(enumerate(self.hops)))
         ]
         opened = (await asyncio.gather(*last_first, return_exceptions=True))[::-1]
-        failed = {hop.node_id for hop, s in zip(self.hops, opened, strict=True) if not isinstance(s, HopStream)}
+        self.swarm.served([hop for hop, s in zip(self.hops, opened, strict=True) if isinstance(s, HopStream)])
+        failed = {hop.key: s for hop, s in zip(self.hops, opened, strict=True) if not isinstance(s, HopStream)}
         if failed:
-            refusals = [s for s in opened if not isinstance(s, HopStream)]
-            errors = "; ".join(str(s) for s in refusals)
-            # a draining or paused node is alive and well: route around it, but do not suspect it
-            leaving = all(getattr(s, "remote_type", None) == "NodeDraining" for s in refusals)
-            raise _HopsFailed(failed, f"could not open the session: {errors}", suspect=not leaving, leaving=leaving)
+            errors = "; ".join(str(s) for s in failed.values())
+            # a refusing node (draining, paused, full) is alive and well: route around it, suspect nobody
+            refused = {key for key, s in failed.items() if is_capacity_refusal(s.__cause__)}
+            raise HopsFailed(f"could not open the session: {errors}", dead=failed.keys() - refused, refused=refused)
 
     async def _open_stream(
         self,
@@ -240,25 +248,25 @@ class RemoteChain:
                     full = torch.cat([prefix.to(hidden.dtype), hidden], dim=1)
                     return (await self._step_once(full, 0))[:, -hidden.shape[1] :]
                 return await self._step_once(hidden, start_position)
-            except _HopsFailed as exc:
+            except HopsFailed as exc:
                 await self._fail_over(exc)
                 fresh_route = True
 
     async def route_around(self, node_ids: set[str], reason: str) -> None:
-        """Leave the route for one without `node_ids`, which the caller found at fault (a spot check);
-        the next step replays the session's tokens on it."""
-        await self._fail_over(_HopsFailed(node_ids, reason, suspect=False))
+        """Leave the route for one without its hops `node_ids`, which the caller found at fault (a spot
+        check); the next step replays the session's tokens on it."""
+        await self._fail_over(HopsFailed(reason, avoid={h.key for h in self.hops if h.node_id in node_ids}))
         self._replay = True
 
     async def _move_if_leaving(self) -> bool:
         """Move the session off hops that are leaving, if another route serves it; whether it moved."""
-        on_route = {hop.node_id for hop in self.hops}
-        leaving = {self.hops[i].node_id for i in self._leaving} | (self.swarm.leaving() & on_route)
+        on_route = {hop.key for hop in self.hops}
+        leaving = {self.hops[i].key for i in self._leaving} | (self.swarm.leaving() & on_route)
         now = asyncio.get_running_loop().time()
         if not leaving or now < self._next_move_s:
             return False
         try:
-            hops = await self.swarm.route(exclude=self._excluded | leaving)
+            hops = await self.swarm.route(self._avoidance.excluded | leaving)
         except RouteUnavailable as exc:
             self._next_move_s = now + MOVE_RETRY_S
             log.warning("nodes %s are leaving, but no other route can take the session yet: %s", sorted(leaving), exc)
@@ -269,26 +277,16 @@ class RemoteChain:
         log.info("moved off leaving nodes %s: new route %s", sorted(leaving), [h.node_id for h in self.hops])
         return True
 
-    async def _fail_over(self, failure: _HopsFailed) -> None:
-        """Route around the failed hops; give up after max_failovers."""
-        while True:
-            if self.failovers >= self.max_failovers:
-                raise PeerError(f"giving up after {self.failovers} failovers: {failure}") from failure
-            self.failovers += 1
-            await self._abandon(failure)
-            try:
-                await self._open_route()
-            except _HopsFailed as again:
-                failure = again
-                continue
-            log.warning("failover %d: new route %s", self.failovers, [h.node_id for h in self.hops])
-            return
+    async def _fail_over(self, failure: HopsFailed) -> None:
+        """Route around the failed hops; give up after max_failovers (refusals on the way cost none)."""
+        await self._reopen(failure, failovers=True)
+        log.warning("failover %d: new route %s", self.failovers, [h.node_id for h in self.hops])
 
     async def _step_once(self, hidden: torch.Tensor, start_position: int) -> torch.Tensor:
         """One step on the current route; a start_position below what it holds rewinds its caches first."""
         revoked = self.swarm.revoked()
-        if dropped := {h.node_id for h in self.hops if h.institution in revoked}:
-            raise _HopsFailed(dropped, "a node of the route belongs to a revoked institution")
+        if dropped := {h.key for h in self.hops if h.institution in revoked}:
+            raise HopsFailed("a node of the route belongs to a revoked institution", dead=dropped)
         started = asyncio.get_running_loop().time()
         await self._send(hidden, start_position)
         output, sketches = await self._wait_result(self._step_id, hidden.shape[1])
@@ -305,19 +303,21 @@ class RemoteChain:
             try:
                 await self._open_streams(first_step=self._request(hidden, start_position))
                 return
-            except _HopsFailed as exc:
-                await self._open_elsewhere(exc)
+            except HopsFailed as exc:
+                await self._reopen(exc, failovers=False)
         request = self._request(hidden, start_position)
         first = self.hops[0]
         try:
             stub = self.channels.stub(first.endpoint, first.institution, first.node_id)
             ack = await stub.Forward(request, timeout=self.step_timeout_s)
         except grpc.aio.AioRpcError as exc:
-            raise _HopsFailed({first.node_id}, f"node {first.node_id} is unreachable: {exc.code().name}") from exc
+            raise HopsFailed(f"node {first.node_id} is unreachable: {exc.code().name}", dead={first.key}) from exc
         if ack.HasField("error"):
             error = error_from_proto(ack.error)
             if isinstance(error, UnknownSession):  # the node restarted and lost our session
-                raise _HopsFailed({first.node_id}, str(error))
+                raise HopsFailed(str(error), dead={first.key})
+            if is_capacity_refusal(error):
+                raise HopsFailed(f"node {first.node_id} refused the step: {error}", refused={first.key})
             raise _peer_error(first, "refused the step", error) from error
 
     def _request(self, hidden: torch.Tensor, start_position: int) -> pb.StepRequest:
@@ -346,12 +346,12 @@ class RemoteChain:
                 index, event = await asyncio.wait_for(self._events.get(), max(deadline - loop.time(), 0.0))
             except TimeoutError:
                 if dead := await unanswering(self.channels, self.hops):
-                    raise _HopsFailed(dead, "the step timed out") from None
+                    raise HopsFailed("the step timed out", dead=dead) from None
                 # Everyone answers, so someone is just slow: avoid this route, but do not brand it dead.
-                raise _HopsFailed({h.node_id for h in self.hops}, "the step timed out", suspect=False) from None
+                raise HopsFailed("the step timed out", avoid={h.key for h in self.hops}) from None
             hop = self.hops[index]
             if event is None:
-                raise _HopsFailed({hop.node_id}, f"lost the session stream to node {hop.node_id}")
+                raise HopsFailed(f"lost the session stream to node {hop.node_id}", dead={hop.key})
             kind = event.WhichOneof("kind")
             if kind == "result" and event.result.step_id == step_id and index == len(self.hops) - 1:
                 try:
@@ -367,17 +367,28 @@ class RemoteChain:
             if kind == "failed" and event.failed.step_id in (step_id, 0):
                 error = error_from_proto(event.failed.error)
                 if isinstance(error, PeerError | UnknownSession):
-                    # A node that could not push onward blames its next hop, unless a probe finds the dead one.
-                    blamed = self.hops[min(index + 1, len(self.hops) - 1)] if isinstance(error, PeerError) else hop
-                    dead = await unanswering(self.channels, self.hops)
-                    raise _HopsFailed(dead or {blamed.node_id}, str(error))
+                    raise await self._reported_failure(index, error)
+                if is_capacity_refusal(error):
+                    raise HopsFailed(f"node {hop.node_id} refused the step: {error}", refused={hop.key})
                 raise _peer_error(hop, "failed the step", error) from error
 
-    async def _abandon(self, failure: _HopsFailed) -> None:
-        for node_id in failure.node_ids:
-            (self._refusing if failure.leaving else self._excluded).add(node_id)
-            if failure.suspect:
-                self.swarm.suspect(node_id)
+    async def _reported_failure(self, index: int, error: CoopError) -> HopsFailed:
+        """Hop `index` reports that the step failed: it lost the session (UnknownSession, its word about
+        itself), or it could not push onward, which blames its next hop. A probe finds the dead
+        first; a claim against a hop that answers is weighed by `SessionAvoidance.claim`."""
+        if dead := await unanswering(self.channels, self.hops):
+            return HopsFailed(str(error), dead=dead)
+        reporter = self.hops[index]
+        if isinstance(error, UnknownSession) or index == len(self.hops) - 1:
+            return HopsFailed(str(error), dead={reporter.key})
+        return self._avoidance.claim(reporter, self.hops[index + 1], str(error))
+
+    async def _abandon(self, failure: HopsFailed) -> None:
+        self._avoidance.record(failure)
+        for key in failure.dead:
+            self.swarm.suspect(key)
+        for key in failure.refused:
+            self.swarm.refused(key)
         await self._close_streams()
 
     async def _close_streams(self) -> None:

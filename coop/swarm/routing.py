@@ -6,6 +6,11 @@ boundary a to every boundary b with s <= a < b <= e, costing one network round t
 node's per-block time for b - a blocks, inflated by the sessions it already runs for us.
 
 Only serving nodes are routed to: a paused or draining one (coop/node/drain.py) takes no new session.
+A node that refuses sessions it announced it would take (`coop.swarm.refusals`) costs more by the
+opens it is expected to refuse, so a node that refuses more than it serves loses its routes.
+
+Equal costs are broken by our load on the nodes, then at random: never by node id, which anyone
+can mint to sort first (a member can announce any number of node ids; identity is `NodeKey`).
 
 A node's per-block time is what we measured of it (`coop.swarm.measurements`). Its announced
 throughput is only a prior for a node never measured, and a capped one: no node is believed
@@ -16,6 +21,7 @@ claim of 1e12 tokens/s buys nothing that a measurement has not shown possible.
 from __future__ import annotations
 
 import heapq
+import random
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -25,6 +31,13 @@ from coop.swarm.measurements import Measured
 
 DEFAULT_RTT_S = 0.002  # for a node never pinged
 MIN_THROUGHPUT_TPS = 0.1  # a node announcing less (or nothing) is treated as this slow
+MAX_REFUSAL_PENALTY = 20.0  # a node that refuses every open costs this many times its price
+
+NodeKey = tuple[str, str]  # (institution, node id): a node id is unique only within its institution
+
+
+def node_key(node: NodeAnnouncement) -> NodeKey:
+    return (node.institution, node.node_id)
 
 
 @dataclass(frozen=True)
@@ -34,6 +47,10 @@ class Hop:
     start: int
     end: int
     institution: str = ""
+
+    @property
+    def key(self) -> NodeKey:
+        return (self.institution, self.node_id)
 
 
 def missing_blocks(nodes: Sequence[NodeAnnouncement], num_blocks: int) -> list[tuple[int, int]]:
@@ -77,9 +94,15 @@ def expected_block_s(nodes: Sequence[NodeAnnouncement], measured: Mapping[str, M
     return expected
 
 
-def hop_cost_s(block_s: float, blocks: int, *, active_sessions: int, rtt_s: float) -> float:
-    """Expected seconds one decode token spends on a hop of `blocks` blocks."""
-    return rtt_s + block_s * blocks * (1 + active_sessions)
+def hop_cost_s(block_s: float, blocks: int, *, active_sessions: int, rtt_s: float, refusal_rate: float = 0.0) -> float:
+    """Expected seconds one decode token spends on a hop of `blocks` blocks, times the opens it takes
+    to get a session from a node that refuses `refusal_rate` of them."""
+    return (rtt_s + block_s * blocks * (1 + active_sessions)) * refusal_penalty(refusal_rate)
+
+
+def refusal_penalty(refusal_rate: float) -> float:
+    """Opens expected until one is accepted (1 / (1 - rate)), capped at MAX_REFUSAL_PENALTY."""
+    return 1.0 / max(1.0 - refusal_rate, 1.0 / MAX_REFUSAL_PENALTY)
 
 
 def choose_route(
@@ -88,18 +111,22 @@ def choose_route(
     *,
     measured: Mapping[str, Measured] | None = None,
     load: Mapping[str, int] | None = None,
-    exclude: Collection[str] = (),
+    exclude: Collection[NodeKey] = (),
+    refusal_rates: Mapping[NodeKey, float] | None = None,
+    rng: random.Random | None = None,
 ) -> list[Hop]:
     """The cheapest chain of hops covering blocks [0, num_blocks); RouteUnavailable if none does.
 
-    `measured`: what we measured of each node; `load`: our open sessions on each node.
+    `measured`: what we measured of each node; `load`: our open sessions on each node;
+    `refusal_rates`: the share of our opens each node refused lately; `rng` breaks ties.
     """
     measured = measured or {}
     load = load or {}
-    usable = sorted(
-        (n for n in nodes if n.node_id not in exclude and n.end <= num_blocks and n.state == SERVING),
-        key=lambda n: n.node_id,
-    )
+    refusal_rates = refusal_rates or {}
+    rng = rng or random.Random()
+    candidates = [n for n in nodes if node_key(n) not in exclude and n.end <= num_blocks and n.state == SERVING]
+    # the first node to reach a cost keeps it: so the least loaded first, equals in random order
+    usable = sorted(candidates, key=lambda n: (load.get(n.node_id, 0), rng.random()))
     gaps = missing_blocks(usable, num_blocks)
     if gaps:
         raise RouteUnavailable(gaps, num_blocks)
@@ -124,6 +151,7 @@ def choose_route(
                     end - boundary,
                     active_sessions=load.get(node.node_id, 0),
                     rtt_s=DEFAULT_RTT_S if rtt_s is None else rtt_s,
+                    refusal_rate=refusal_rates.get(node_key(node), 0.0),
                 )
                 if cost + step < best.get(end, float("inf")) - 1e-12:
                     best[end] = cost + step

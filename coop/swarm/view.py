@@ -8,9 +8,15 @@ through `live_nodes`), so an endpoint nobody in the pool vouched for is never di
 validator is a required argument: None is development mode, which has no signatures to check.
 
 A node that just failed one of our sessions is held back as a suspect for a while, so new requests
-avoid it before its DHT record expires. A route counts as our load on its nodes from the moment it
-is chosen until its chain releases it, so requests that arrive together spread out instead of all
-taking the route that was cheapest before any of them opened.
+avoid it before its DHT record expires. Only what this coordinator saw makes a suspect (a stream
+that broke, a probe unanswered): what one node reports of another is a claim, which the chain
+weighs (`coop.pipeline.route_failures`) before it calls `suspect`. A node that refuses sessions is
+no suspect, only priced by its refusal rate (`coop.swarm.refusals`). Both are kept per
+(institution, node id): a node id is unique only within its institution.
+
+A route counts as our load on its nodes from the moment it is chosen until its chain releases it,
+so requests that arrive together spread out instead of all taking the route that was cheapest
+before any of them opened.
 """
 
 from __future__ import annotations
@@ -20,13 +26,14 @@ import itertools
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 
 from coop.errors import CoopError, RouteUnavailable
 from coop.swarm.announcement import SERVING, NodeAnnouncement
 from coop.swarm.directory import SwarmDirectory
 from coop.swarm.measurements import Measurements
-from coop.swarm.routing import Hop, choose_route, expected_block_s, missing_blocks
+from coop.swarm.refusals import RefusalRates
+from coop.swarm.routing import Hop, NodeKey, choose_route, expected_block_s, missing_blocks, node_key
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +72,8 @@ class SwarmView:
         self.refresh_s = refresh_s
         self.nodes: list[NodeAnnouncement] = []
         self.load: Counter[str] = Counter()  # our sessions per node: routes chosen and not yet released
-        self._suspects: dict[str, float] = {}
+        self._suspects: dict[NodeKey, float] = {}  # until when, in time.monotonic()
+        self.refusals = RefusalRates()
         self.quarantined = quarantined
         self._task: asyncio.Task[None] | None = None
 
@@ -88,6 +96,7 @@ class SwarmView:
             log.warning("could not refresh the node list from the DHT: %s", exc)
             return
         self.measurements.keep_only({node.node_id for node in self.nodes})
+        self.refusals.keep_only({node_key(node) for node in self.nodes})
 
     async def _refresh_forever(self) -> None:
         for count in itertools.count():
@@ -120,17 +129,32 @@ class SwarmView:
         estimates = expected_block_s(self.nodes, self.measurements.nodes)
         self.measurements.step_measured(seconds, blocks, block_s=estimates, sessions=self.load)
 
-    def suspect(self, node_id: str) -> None:
-        self._suspects[node_id] = time.monotonic() + SUSPECT_S
+    def suspect(self, key: NodeKey) -> None:
+        """This coordinator saw the node fail a session: keep it out of routes for SUSPECT_S."""
+        log.warning("suspecting node %s of %s for %.0f s", key[1], key[0], SUSPECT_S)
+        self._suspects[key] = time.monotonic() + SUSPECT_S
 
-    def leaving(self) -> set[str]:
+    def suspects(self) -> set[NodeKey]:
+        now = time.monotonic()
+        self._suspects = {key: until for key, until in self._suspects.items() if until > now}
+        return set(self._suspects)
+
+    def refused(self, key: NodeKey) -> None:
+        """The node declined a session of ours (a capacity refusal, or its own report that it failed)."""
+        self.refusals.refused(key)
+
+    def served(self, hops: Sequence[Hop]) -> None:
+        """Every hop of `hops` opened a session of ours."""
+        for hop in hops:
+            self.refusals.served(hop.key)
+
+    def leaving(self) -> set[NodeKey]:
         """Nodes announced as draining or paused: their sessions should move to other routes."""
-        return {node.node_id for node in self.nodes if node.state != SERVING}
+        return {node_key(node) for node in self.nodes if node.state != SERVING}
 
     def live_nodes(self) -> list[NodeAnnouncement]:
-        now = time.monotonic()
-        self._suspects = {n: until for n, until in self._suspects.items() if until > now}
-        return [n for n in self.nodes if n.node_id not in self._suspects]
+        suspects = self.suspects()
+        return [n for n in self.nodes if node_key(n) not in suspects]
 
     def missing_blocks(self) -> list[tuple[int, int]]:
         """Runs of blocks no serving node covers now: what a request for this model would be refused for."""
@@ -138,13 +162,14 @@ class SwarmView:
         serving = [n for n in self.live_nodes() if n.state == SERVING and n.node_id not in quarantined]
         return missing_blocks([n for n in serving if n.end <= self.num_blocks], self.num_blocks)
 
-    async def route(self, exclude: set[str] | frozenset[str] = frozenset()) -> list[Hop]:
-        """The cheapest route now, counted as our load on its nodes until `release`d."""
+    async def route(self, exclude: Collection[NodeKey] = (), avoid_institutions: Collection[str] = ()) -> list[Hop]:
+        """The cheapest route now without the nodes `exclude` names or those of `avoid_institutions`,
+        counted as our load on its nodes until `release`d."""
         try:
-            hops = self._choose(exclude)
+            hops = self._choose(exclude, avoid_institutions)
         except RouteUnavailable:
             await self.refresh()  # a node may have joined since the last refresh
-            hops = self._choose(exclude)
+            hops = self._choose(exclude, avoid_institutions)
         self.load.update(hop.node_id for hop in hops)  # no await since the choice: no one else chose meanwhile
         return hops
 
@@ -155,11 +180,16 @@ class SwarmView:
             if self.load[hop.node_id] <= 0:
                 del self.load[hop.node_id]
 
-    def _choose(self, exclude: set[str] | frozenset[str]) -> list[Hop]:
+    def _choose(self, exclude: Collection[NodeKey], avoid_institutions: Collection[str]) -> list[Hop]:
+        quarantined = self.quarantined()
+        nodes = [
+            n for n in self.live_nodes() if n.node_id not in quarantined and n.institution not in avoid_institutions
+        ]
         return choose_route(
-            self.live_nodes(),
+            nodes,
             self.num_blocks,
             measured=self.measurements.nodes,
             load=self.load,
-            exclude=set(exclude) | self.quarantined(),
+            exclude=exclude,
+            refusal_rates=self.refusals.rates(),
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from collections import Counter
 
 import pytest
@@ -10,7 +11,8 @@ import pytest
 from coop.errors import RouteUnavailable
 from coop.swarm.announcement import NodeAnnouncement
 from coop.swarm.measurements import Measured, Measurements, attribute_step
-from coop.swarm.routing import Hop, choose_route, expected_block_s, missing_blocks
+from coop.swarm.refusals import HALF_LIFE_S, RefusalRates
+from coop.swarm.routing import MAX_REFUSAL_PENALTY, Hop, choose_route, expected_block_s, missing_blocks, refusal_penalty
 from coop.swarm.view import Ping, SwarmView
 from tests.announcements import node
 
@@ -52,7 +54,7 @@ def test_load_spreads_sessions_over_replicas() -> None:
 def test_excluded_nodes_and_missing_blocks() -> None:
     nodes = [node("a", 0, 10), node("b", 10, 20), node("c", 20, 30)]
     with pytest.raises(RouteUnavailable, match="10:20") as caught:
-        choose_route(nodes, NUM_BLOCKS, exclude={"b"})
+        choose_route(nodes, NUM_BLOCKS, exclude={("i", "b")})
     assert caught.value.missing_blocks == [(10, 20)]
     assert missing_blocks([node("a", 0, 5), node("c", 25, 30)], NUM_BLOCKS) == [(5, 25)]
     assert missing_blocks([], 3) == [(0, 3)]
@@ -169,13 +171,76 @@ def test_the_view_reserves_routes_as_it_chooses_them_and_measures_decode_steps()
         await view.start()
         await view.stop()
         routes = [await view.route() for _ in range(3)]  # no stream opened in between
-        assert [route[0].node_id for route in routes] == ["a", "b", "a"]
-        view.step_completed(routes[0], tokens=7, seconds=5.0)  # a prompt: not a decode step
-        assert "a" not in view.measurements.nodes
-        view.step_completed(routes[0], tokens=1, seconds=0.3)  # 0.3 s = 30 blocks x 2 of our sessions x 5 ms
-        assert view.measurements.nodes["a"].block_s == pytest.approx(0.005)
+        assert {routes[0][0].node_id, routes[1][0].node_id} == {"a", "b"}  # the third is a tie: chance
+        busy = max(routes, key=lambda route: view.load[route[0].node_id])
+        view.step_completed(busy, tokens=7, seconds=5.0)  # a prompt: not a decode step
+        assert busy[0].node_id not in view.measurements.nodes
+        view.step_completed(busy, tokens=1, seconds=0.3)  # 0.3 s = 30 blocks x 2 of our sessions x 5 ms
+        assert view.measurements.nodes[busy[0].node_id].block_s == pytest.approx(0.005)
         for route in routes:
             view.release(route)
         assert not view.load
+
+    asyncio.run(run())
+
+
+# -- ties, refusals and suspicion: node ids are cheap to mint ----------------------------------
+
+SYBILS = [node(f"0000-fake-{i}", 0, 30, institution="mallory") for i in range(8)]  # ids minted to sort first
+HONEST = node("zzzz-honest", 0, 30, institution="uni")
+
+
+def test_ties_go_to_the_less_loaded_node_then_to_chance_never_to_node_id_order() -> None:
+    nodes = [*SYBILS, HONEST]
+    winners = Counter(choose_route(nodes, NUM_BLOCKS, rng=random.Random(seed))[0].node_id for seed in range(90))
+    assert winners["zzzz-honest"] > 0 and len(winners) == len(nodes)  # every tied node wins some
+    busy = {n.node_id: 1 for n in SYBILS}
+    assert spans(choose_route(nodes, NUM_BLOCKS, load=busy)) == [("zzzz-honest", 0, 30)]
+
+
+def test_a_node_that_refuses_more_than_it_serves_loses_its_routes() -> None:
+    assert refusal_penalty(0.0) == 1.0 and refusal_penalty(0.5) == pytest.approx(2.0)
+    assert refusal_penalty(1.0) == MAX_REFUSAL_PENALTY
+    refusing = {("mallory", n.node_id): 0.6 for n in SYBILS}
+    for seed in range(20):
+        route = choose_route([*SYBILS, HONEST], NUM_BLOCKS, refusal_rates=refusing, rng=random.Random(seed))
+        assert spans(route) == [("zzzz-honest", 0, 30)]
+    # the honest node, busy with two of our sessions, still beats a node that refuses nearly all
+    refusing = {("mallory", n.node_id): 0.9 for n in SYBILS}
+    assert choose_route([*SYBILS, HONEST], NUM_BLOCKS, load={"zzzz-honest": 2}, refusal_rates=refusing)[0] == Hop(
+        "zzzz-honest", HONEST.endpoint, 0, 30, "uni"
+    )
+
+
+def test_refusal_rates_average_outcomes_and_fade() -> None:
+    now = [0.0]
+    rates = RefusalRates(clock=lambda: now[0])
+    key = ("mallory", "0000-fake-0")
+    rates.refused(key)
+    assert rates.rates() == {key: 1.0}  # a fresh id is priced as a refuser after its first refusal
+    rates.served(key)
+    assert rates.rates()[key] == pytest.approx(0.7)
+    now[0] += HALF_LIFE_S
+    assert rates.rates()[key] == pytest.approx(0.35)
+    rates.keep_only(set())
+    assert rates.rates() == {}
+
+
+def test_suspects_and_refusals_are_kept_per_institution_and_node_id() -> None:
+    twin = node("zzzz-honest", 0, 30, institution="mallory")  # the same node id, minted by another member
+
+    async def run() -> None:
+        view = _view([HONEST, twin])
+        await view.start()
+        await view.stop()
+        view.suspect(("mallory", "zzzz-honest"))
+        assert view.suspects() == {("mallory", "zzzz-honest")}
+        assert [(n.institution, n.node_id) for n in view.live_nodes()] == [("uni", "zzzz-honest")]
+        view.refused(("uni", "zzzz-honest"))
+        view.served([Hop("zzzz-honest", twin.endpoint, 0, 30, "mallory")])
+        assert view.refusals.rates() == {("uni", "zzzz-honest"): pytest.approx(1.0), ("mallory", "zzzz-honest"): 0.0}
+        assert [h.key for h in await view.route()] == [("uni", "zzzz-honest")]  # its suspected twin is not
+        with pytest.raises(RouteUnavailable):
+            await view.route(avoid_institutions={"uni"})
 
     asyncio.run(run())

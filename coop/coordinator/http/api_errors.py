@@ -70,6 +70,8 @@ ERROR_TABLE: dict[type[BaseException], tuple[int, str, str]] = {
     errors.InFlightLimitExceeded: (503, _UNAVAILABLE, "capacity_exceeded"),
     errors.SessionDropped: (502, _SERVER, "unknown_session"),
     errors.ContextLengthExceeded: (400, _BAD_REQUEST, "context_length_exceeded"),
+    # a process's own settings, refused at start: never a request's doing
+    errors.InvalidSettings: (500, _SERVER, "invalid_settings"),
 }
 
 

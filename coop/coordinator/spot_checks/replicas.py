@@ -11,7 +11,7 @@ from coop.errors import CoopError, PeerError
 from coop.pipeline.charge import Charge
 from coop.pipeline.remote import RemoteChain, RouteSource
 from coop.swarm.announcement import SERVING, NodeAnnouncement
-from coop.swarm.routing import Hop
+from coop.swarm.routing import Hop, NodeKey
 from coop.swarm.view import SwarmView
 
 log = logging.getLogger(__name__)
@@ -25,20 +25,26 @@ class _FixedRoute:
         self._swarm = swarm
         self.revoked = swarm.revoked
 
-    async def route(self, exclude: set[str] | frozenset[str] = frozenset()) -> list[Hop]:
-        if failed := {h.node_id for h in self._hops} & exclude:
+    async def route(self, exclude: Collection[NodeKey] = (), avoid_institutions: Collection[str] = ()) -> list[Hop]:
+        if failed := {h.node_id for h in self._hops if h.key in exclude or h.institution in avoid_institutions}:
             raise PeerError(f"the replica {', '.join(sorted(failed))} failed")
         return self._hops
 
     def release(self, hops: Sequence[Hop]) -> None:
         pass
 
-    def leaving(self) -> set[str]:
+    def leaving(self) -> set[NodeKey]:
         """A replica route is never moved: a replica that leaves mid-check ends the check instead."""
         return set()
 
-    def suspect(self, node_id: str) -> None:
-        self._swarm.suspect(node_id)
+    def suspect(self, key: NodeKey) -> None:
+        self._swarm.suspect(key)
+
+    def refused(self, key: NodeKey) -> None:
+        self._swarm.refused(key)
+
+    def served(self, hops: Sequence[Hop]) -> None:
+        self._swarm.served(hops)
 
     def step_completed(self, hops: Sequence[Hop], tokens: int, seconds: float) -> None:
         pass
