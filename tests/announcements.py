@@ -7,7 +7,7 @@ import time
 from coop.swarm.announcement import NodeAnnouncement
 
 
-def node(node_id: str, start: int, end: int, tps: float = 10.0) -> NodeAnnouncement:
+def node(node_id: str, start: int, end: int, tps: float = 10.0, institution: str = "i") -> NodeAnnouncement:
     now = time.time()
     return NodeAnnouncement(
         node_id=node_id,
@@ -16,7 +16,7 @@ def node(node_id: str, start: int, end: int, tps: float = 10.0) -> NodeAnnouncem
         start=start,
         end=end,
         endpoint=f"127.0.0.1:{5000 + start}",
-        institution="i",
+        institution=institution,
         throughput_tps=tps,
         free_cache_bytes=1,
         announced_at=now,

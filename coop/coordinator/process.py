@@ -176,7 +176,8 @@ def _remote_backends(
             validator=announcement_validator(membership),
             revoked=membership.revocations,
             ping=partial(ping, channels),
-            quarantined=book.quarantined,
+            # SwarmView still excludes by node id (coop/swarm/view.py), so every node of a quarantined id
+            quarantined=lambda: frozenset(node.node_id for node in book.quarantined()),
         )
         backends.append(RemoteBackend(client, swarm, settings, channels, book, sign_route))
     return backends
