@@ -36,6 +36,7 @@ from coop.ledger.models import Receipt, flops_to_credits
 from coop.pool.api_keys import ApiKeyRecord, ApiKeyStore
 from coop.pool.registry import API_KEYS_FILE, MemberInfo, PoolInfo, list_members, read_revocations
 from coop.swarm.announcement import SERVING, NodeAnnouncement
+from coop.swarm.node_key import key_of
 from coop.swarm.trust import TrustRecord, trust_from_ledger
 
 DETAIL_RECEIPTS = 20
@@ -130,7 +131,7 @@ def nodes(ctx: AdminContext, pool: PoolState, now: Live, *, now_s: float | None 
                 receipts=s.receipts if s else 0,
                 tokens=s.tokens if s else 0,
                 credits_delivered=flops_to_credits(s.flops) if s else 0.0,
-                **_trust_fields(trust.get(ann.node_id)),
+                **_trust_fields(trust.get(key_of(ann))),
             )
         )
     online = {ann.node_id for ann in live}
@@ -151,7 +152,7 @@ def nodes(ctx: AdminContext, pool: PoolState, now: Live, *, now_s: float | None 
                 receipts=s.receipts if s else 0,
                 tokens=s.tokens if s else 0,
                 credits_delivered=flops_to_credits(s.flops) if s else 0.0,
-                **_trust_fields(trust.get(row.node_id)),
+                **_trust_fields(trust.get(key_of(row))),
             )
         )
     return out

@@ -13,6 +13,7 @@ from coop.cli.ledger import UrlOption
 from coop.cli.options import MemberOption, PeersOption
 
 if TYPE_CHECKING:
+    from coop.swarm.node_key import NodeKey
     from coop.swarm.trust import TrustRecord
 
 
@@ -30,6 +31,7 @@ def swarm_status(
     from coop.pool.membership import Membership
     from coop.swarm.announcement import announcement_validator
     from coop.swarm.directory import SwarmDirectory
+    from coop.swarm.node_key import key_of
     from coop.swarm.routing import coverage_of, missing_blocks
     from coop.swarm.validation import pool_record_validator
 
@@ -50,7 +52,7 @@ def swarm_status(
         table.add_column("checks passed / failed")
     for node in nodes:
         bar = "".join("█" if node.start <= i < node.end else "·" for i in range(n))
-        record = trust.get(node.node_id) if trust is not None else None
+        record = trust.get(key_of(node)) if trust is not None else None
         checks = [] if trust is None else [_checks(record)]
         table.add_row(
             plain(node.node_id),
@@ -76,7 +78,7 @@ def swarm_status(
 _STATE_STYLE = {"serving": "[green]serving[/]", "paused": "[yellow]paused[/]", "draining": "[yellow]draining[/]"}
 
 
-def _trust(pool: Path, ledger_url: str | None) -> dict[str, TrustRecord]:
+def _trust(pool: Path, ledger_url: str | None) -> dict[NodeKey, TrustRecord]:
     from coop.cli.ledger import _open
     from coop.swarm.trust import trust_from_ledger
 

@@ -22,6 +22,9 @@ quarantine_app = typer.Typer(no_args_is_help=True, help="Nodes that spot checks 
 def lift(
     node_id: Annotated[str, typer.Argument(help="the quarantined node's id")],
     pool: PoolOption,
+    institution: Annotated[
+        str | None, typer.Option(help="the node's institution (needed when several quarantined nodes share the id)")
+    ] = None,
     reason: Annotated[str, typer.Option(help="why, for the audit trail")] = "",
     ledger_url: UrlOption = None,
 ) -> None:
@@ -29,8 +32,16 @@ def lift(
     from coop.swarm.trust import LIFTED, trust_from_ledger
 
     ledger = _open(pool, ledger_url)
-    record = trust_from_ledger(ledger).get(node_id)
-    if record is None or not record.quarantined:
+    quarantined = [
+        node
+        for node, record in trust_from_ledger(ledger).items()
+        if record.quarantined and node.node_id == node_id and institution in (None, node.institution)
+    ]
+    if not quarantined:
         raise InvalidInput(f"node {node_id!r} is not quarantined; `coop status --pool {pool}` lists the nodes' records")
-    ledger.record(ADMIN_ACTOR, LIFTED, node_id, reason or "lifted by the pool admin")
-    console.print(f"lifted the quarantine of node {quoted(node_id)}; coordinators route to it again within seconds")
+    if len(quarantined) > 1:
+        named = ", ".join(sorted(node.institution for node in quarantined))
+        raise InvalidInput(f"nodes {node_id!r} of {named} are quarantined: name one with --institution")
+    [node] = quarantined
+    ledger.record(ADMIN_ACTOR, LIFTED, str(node), reason or "lifted by the pool admin")
+    console.print(f"lifted the quarantine of node {quoted(str(node))}; coordinators route to it again within seconds")

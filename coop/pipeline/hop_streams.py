@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import grpc
 
 from coop.errors import PeerError
-from coop.swarm.routing import Hop, NodeKey
+from coop.swarm.node_key import NodeKey
+from coop.swarm.routing import Hop
 from coop.wire.channels import ChannelPool
 from coop.wire.errors import error_from_proto
 from coop.wire.generated import coop_pb2 as pb

@@ -43,7 +43,8 @@ from coop.pipeline.charge import UNMETERED, Charge
 from coop.pipeline.hop_streams import Events, HopStream, open_hop_stream, unanswering
 from coop.pipeline.route_failures import HopsFailed, SessionAvoidance, is_capacity_refusal
 from coop.receipts import TokenTally
-from coop.swarm.routing import Hop, NodeKey
+from coop.swarm.node_key import NodeKey
+from coop.swarm.routing import Hop
 from coop.wire.channels import ChannelPool
 from coop.wire.errors import error_from_proto
 from coop.wire.generated import coop_pb2 as pb

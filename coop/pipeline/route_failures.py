@@ -24,7 +24,8 @@ from collections import defaultdict
 from collections.abc import Collection
 
 from coop.errors import CacheBudgetExceeded, NodeDraining, SessionLimitExceeded
-from coop.swarm.routing import Hop, NodeKey
+from coop.swarm.node_key import NodeKey
+from coop.swarm.routing import Hop
 
 CAPACITY_REFUSALS = (NodeDraining, CacheBudgetExceeded, SessionLimitExceeded)
 REFUSALS_PER_INSTITUTION = 2

@@ -1,7 +1,7 @@
 """The swarm directory: which node serves which blocks of which model, kept in a hivemind DHT.
 
 Every node of a pool announces itself under one DHT key per (pool_id, model_hash) — see
-:func:`directory_key` — with (institution, node_id) as the subkey (:func:`node_subkey`): node ids
+:func:`directory_key` — with (institution, node_id) as the subkey (a :class:`~coop.swarm.node_key.NodeKey`): node ids
 are unique only within an institution, so another member's node of the same name has a subkey of
 its own and can neither replace nor withdraw this one. One ``get`` therefore returns every node of a
 model, and each node's record carries its own expiration: a node that stops refreshing drops out of
@@ -39,6 +39,7 @@ from coop.errors import InvalidInput, PeerError
 from coop.pool.bundle import Credentials
 from coop.swarm.allowance import within_allowance
 from coop.swarm.announcement import NodeAnnouncement, is_withdrawal, stamp_announcement, stamp_withdrawal
+from coop.swarm.node_key import key_of
 from coop.swarm.periodic import Periodic
 
 logger = logging.getLogger(__name__)
@@ -63,15 +64,6 @@ def directory_key(pool_id: str, model_hash: str) -> str:
     into them and distinct pairs always give distinct keys.
     """
     return f"coop/v1/pools/{pool_id}/models/{model_hash}/nodes"
-
-
-def node_subkey(institution: str, node_id: str) -> str:
-    """The subkey of one node's records: its identity (institution, node_id), never its node id alone.
-
-    node_id is restricted to ``[A-Za-z0-9._:-]``, so everything before the last ``/`` is the
-    institution and distinct pairs always give distinct subkeys.
-    """
-    return f"{institution}/{node_id}"
 
 
 async def _visible_maddrs(_dht: DHT, node: DHTNode) -> list[Multiaddr]:
@@ -211,7 +203,7 @@ class SwarmDirectory:
         """
         if ann.expires_at <= time.time():
             raise InvalidInput(f"announcement for node {ann.node_id} has already expired")
-        key, subkey = directory_key(ann.pool_id, ann.model_hash), node_subkey(ann.institution, ann.node_id)
+        key, subkey = directory_key(ann.pool_id, ann.model_hash), str(key_of(ann))
         ok = self._store_entry(key, subkey, ann.to_wire(), ann.expires_at)
         if ok:
             with self._lock:
@@ -227,7 +219,7 @@ class SwarmDirectory:
         the latest record of this node seen locally or in the DHT (hivemind only replaces a subkey
         with a later-expiring value).
         """
-        key, subkey = directory_key(ann.pool_id, ann.model_hash), node_subkey(ann.institution, ann.node_id)
+        key, subkey = directory_key(ann.pool_id, ann.model_hash), str(key_of(ann))
         with self._lock:
             latest = self._stored_until.pop((key, subkey), -math.inf)
         latest = max(latest, self._entry_expiration(key, subkey))
@@ -310,7 +302,7 @@ class SwarmDirectory:
         except InvalidInput as exc:
             logger.debug("ignoring record %r under %s: %s", subkey, key, exc)
             return None
-        filed_under = (directory_key(ann.pool_id, ann.model_hash), node_subkey(ann.institution, ann.node_id))
+        filed_under = (directory_key(ann.pool_id, ann.model_hash), str(key_of(ann)))
         if filed_under != (key, subkey):
             logger.debug("ignoring record %r under %s: it names another key or node", subkey, key)
             return None

@@ -17,7 +17,7 @@ import math
 import time
 from collections.abc import Callable, Collection
 
-from coop.swarm.routing import NodeKey
+from coop.swarm.node_key import NodeKey
 
 SMOOTHING = 0.3  # weight of a new outcome
 HALF_LIFE_S = 60.0  # a rate halves every minute without new outcomes

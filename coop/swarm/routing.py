@@ -28,16 +28,11 @@ from dataclasses import dataclass
 from coop.errors import RouteUnavailable
 from coop.swarm.announcement import SERVING, NodeAnnouncement
 from coop.swarm.measurements import Measured
+from coop.swarm.node_key import NodeKey, key_of
 
 DEFAULT_RTT_S = 0.002  # for a node never pinged
 MIN_THROUGHPUT_TPS = 0.1  # a node announcing less (or nothing) is treated as this slow
 MAX_REFUSAL_PENALTY = 20.0  # a node that refuses every open costs this many times its price
-
-NodeKey = tuple[str, str]  # (institution, node id): a node id is unique only within its institution
-
-
-def node_key(node: NodeAnnouncement) -> NodeKey:
-    return (node.institution, node.node_id)
 
 
 @dataclass(frozen=True)
@@ -50,7 +45,7 @@ class Hop:
 
     @property
     def key(self) -> NodeKey:
-        return (self.institution, self.node_id)
+        return key_of(self)
 
 
 def missing_blocks(nodes: Sequence[NodeAnnouncement], num_blocks: int) -> list[tuple[int, int]]:
@@ -124,7 +119,7 @@ def choose_route(
     load = load or {}
     refusal_rates = refusal_rates or {}
     rng = rng or random.Random()
-    candidates = [n for n in nodes if node_key(n) not in exclude and n.end <= num_blocks and n.state == SERVING]
+    candidates = [n for n in nodes if key_of(n) not in exclude and n.end <= num_blocks and n.state == SERVING]
     # the first node to reach a cost keeps it: so the least loaded first, equals in random order
     usable = sorted(candidates, key=lambda n: (load.get(n.node_id, 0), rng.random()))
     gaps = missing_blocks(usable, num_blocks)
@@ -151,7 +146,7 @@ def choose_route(
                     end - boundary,
                     active_sessions=load.get(node.node_id, 0),
                     rtt_s=DEFAULT_RTT_S if rtt_s is None else rtt_s,
-                    refusal_rate=refusal_rates.get(node_key(node), 0.0),
+                    refusal_rate=refusal_rates.get(key_of(node), 0.0),
                 )
                 if cost + step < best.get(end, float("inf")) - 1e-12:
                     best[end] = cost + step

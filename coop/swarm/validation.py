@@ -9,7 +9,7 @@ as no answer. A DHT key reaches the validator hashed (its DHTID), so each accept
 names the key it must be stored under, and the validator recomputes that key:
 
 * a node's `NodeAnnouncement` under ``directory_key(pool, model)``, subkey its
-  ``node_subkey(institution, node_id)`` (a member can name its node like another member's, but
+  ``str(NodeKey(institution, node_id))`` (a member can name its node like another member's, but
   its records land under its own institution's subkey);
 * that node's `Withdrawal` (the tombstone that hides it when it leaves), same key and subkey;
 * the CA-signed `RevocationList` under ``revocations_key(pool)``, subkey its version.
@@ -42,7 +42,8 @@ from coop.swarm.announcement import (
     is_withdrawal,
     withdrawal_payload,
 )
-from coop.swarm.directory import MAX_RECORD_TTL_S, directory_key, node_subkey
+from coop.swarm.directory import MAX_RECORD_TTL_S, directory_key
+from coop.swarm.node_key import key_of
 from coop.swarm.revocations import REVOCATION_TTL_S, revocations_key, revocations_subkey
 
 logger = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ class PoolRecordValidator(RecordValidatorBase):
             raise Unauthorized(f"record is for pool {signed.pool_id!r}, not {self.pool_id!r}")
         if record.key != DHTID.generate(directory_key(self.pool_id, model_hash)).to_bytes():
             raise Unauthorized("record is not stored under its model's directory key")
-        if subkey != node_subkey(signed.institution, signed.node_id):
+        if subkey != str(key_of(signed)):
             raise Unauthorized(
                 f"record of node {signed.node_id!r} of {signed.institution!r} is stored under another node's subkey"
             )

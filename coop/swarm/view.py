@@ -32,8 +32,9 @@ from coop.errors import CoopError, RouteUnavailable
 from coop.swarm.announcement import SERVING, NodeAnnouncement
 from coop.swarm.directory import SwarmDirectory
 from coop.swarm.measurements import Measurements
+from coop.swarm.node_key import NodeKey, key_of
 from coop.swarm.refusals import RefusalRates
-from coop.swarm.routing import Hop, NodeKey, choose_route, expected_block_s, missing_blocks, node_key
+from coop.swarm.routing import Hop, choose_route, expected_block_s, missing_blocks
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class SwarmView:
         refresh_s: float = 1.0,
         revoked: Callable[[], frozenset[str]] = frozenset,
         ping: Ping | None = None,
-        quarantined: Callable[[], frozenset[str]] = frozenset,
+        quarantined: Callable[[], frozenset[NodeKey]] = frozenset,
     ) -> None:
         """`validator` drops records not signed by the pool (None: development mode); `revoked` names
         revoked institutions; `ping` measures a node's round-trip time in seconds (routes then weigh
@@ -96,7 +97,7 @@ class SwarmView:
             log.warning("could not refresh the node list from the DHT: %s", exc)
             return
         self.measurements.keep_only({node.node_id for node in self.nodes})
-        self.refusals.keep_only({node_key(node) for node in self.nodes})
+        self.refusals.keep_only({key_of(node) for node in self.nodes})
 
     async def _refresh_forever(self) -> None:
         for count in itertools.count():
@@ -150,16 +151,16 @@ class SwarmView:
 
     def leaving(self) -> set[NodeKey]:
         """Nodes announced as draining or paused: their sessions should move to other routes."""
-        return {node_key(node) for node in self.nodes if node.state != SERVING}
+        return {key_of(node) for node in self.nodes if node.state != SERVING}
 
     def live_nodes(self) -> list[NodeAnnouncement]:
         suspects = self.suspects()
-        return [n for n in self.nodes if node_key(n) not in suspects]
+        return [n for n in self.nodes if key_of(n) not in suspects]
 
     def missing_blocks(self) -> list[tuple[int, int]]:
         """Runs of blocks no serving node covers now: what a request for this model would be refused for."""
         quarantined = self.quarantined()
-        serving = [n for n in self.live_nodes() if n.state == SERVING and n.node_id not in quarantined]
+        serving = [n for n in self.live_nodes() if n.state == SERVING and key_of(n) not in quarantined]
         return missing_blocks([n for n in serving if n.end <= self.num_blocks], self.num_blocks)
 
     async def route(self, exclude: Collection[NodeKey] = (), avoid_institutions: Collection[str] = ()) -> list[Hop]:
@@ -183,7 +184,7 @@ class SwarmView:
     def _choose(self, exclude: Collection[NodeKey], avoid_institutions: Collection[str]) -> list[Hop]:
         quarantined = self.quarantined()
         nodes = [
-            n for n in self.live_nodes() if n.node_id not in quarantined and n.institution not in avoid_institutions
+            n for n in self.live_nodes() if key_of(n) not in quarantined and n.institution not in avoid_institutions
         ]
         return choose_route(
             nodes,

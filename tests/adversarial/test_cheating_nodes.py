@@ -27,6 +27,7 @@ import pytest
 from coop import launcher
 from coop.launcher import LocalPool
 from coop.ledger.store import Ledger
+from coop.swarm.node_key import NodeKey
 from coop.swarm.trust import DISPUTED, FAILED, QUARANTINED, TrustRecord, trust_from_ledger
 from tests.adversarial.cheating_node import CHEATS
 from tests.chat_requests import answered_chat
@@ -55,14 +56,15 @@ class CheckedPool:
     coordinator: Path  # its member bundle
 
     def trust(self) -> dict[str, TrustRecord]:
-        return trust_from_ledger(self.ledger)
+        """Per node id: every node of this pool has an id no other member's node has."""
+        return {node.node_id: record for node, record in trust_from_ledger(self.ledger).items()}
 
     def coordinator_log(self) -> list[str]:
         return next(p for p in self.pool.processes if p.name == "coordinator").lines[-40:]
 
     def flagged(self) -> set[str]:
         events = [e for action in (QUARANTINED, FAILED, DISPUTED) for e in self.ledger.audit_events(action=action)]
-        return {node for event in events for node in event.subject.split(",")}
+        return {NodeKey.parse(event.subject).node_id for event in events}
 
     def burst(self, reference: Callable[[str, int], list[int]]) -> list[list[str]]:
         """BURST concurrent greedy chats, each checked against the reference; their routes."""

@@ -31,7 +31,8 @@ from coop.pool.bundle import Credentials, MemberBundle
 from coop.pool.membership import Membership
 from coop.pool.revocation import RevocationList, saved_revocations_path
 from coop.swarm.announcement import AnnouncementVerifier, NodeAnnouncement
-from coop.swarm.directory import SwarmDirectory, directory_key, node_subkey
+from coop.swarm.directory import SwarmDirectory, directory_key
+from coop.swarm.node_key import NodeKey
 from coop.swarm.revocations import revocations_key
 from coop.swarm.validation import pool_record_validator
 from coop.wire.channels import GRPC_OPTIONS
@@ -94,9 +95,9 @@ def _attack(peer: str, pool_id: str, model_hash: str) -> DHT:
     rogue = DHT(initial_peers=[peer], start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     far = get_dht_time() + TEN_YEARS_S
     key = directory_key(pool_id, model_hash)
-    rogue.store(key, subkey=node_subkey("Uni A", "node-a"), value=None, expiration_time=far)  # tombstone, old style
+    rogue.store(key, subkey=str(NodeKey("Uni A", "node-a")), value=None, expiration_time=far)  # tombstone, old style
     forged = {"withdrawn": True, "node_id": "node-b", "pool_id": pool_id, "model_hash": model_hash}
-    rogue.store(key, subkey=node_subkey("Uni B", "node-b"), value=forged, expiration_time=far)  # tombstone, unsigned
+    rogue.store(key, subkey=str(NodeKey("Uni B", "node-b")), value=forged, expiration_time=far)  # tombstone, unsigned
     rogue.store(key, value="erased", expiration_time=far + 1)
     rogue.store(revocations_key(pool_id), value=b"nothing revoked", expiration_time=far)
     return rogue

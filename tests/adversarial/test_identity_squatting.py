@@ -29,7 +29,8 @@ from coop.pool.bundle import MemberBundle
 from coop.pool.membership import Membership
 from coop.pool.registry import add_member, create_api_key, create_pool
 from coop.swarm.announcement import DRAINING, AnnouncementVerifier, stamp_announcement, stamp_withdrawal
-from coop.swarm.directory import MAX_RECORD_TTL_S, SwarmDirectory, directory_key, node_subkey
+from coop.swarm.directory import MAX_RECORD_TTL_S, SwarmDirectory, directory_key
+from coop.swarm.node_key import NodeKey
 from coop.swarm.validation import pool_record_validator
 from tests.chat_requests import answered_chat
 from tests.waiting import wait_for
@@ -90,7 +91,7 @@ def _squat(peer: str, bundle_path: Path, manifest: Manifest) -> None:
         directory.withdraw(record, signer)  # her own tombstone, for her own node
     rogue = DHT(initial_peers=[peer], start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     try:
-        key, victim_subkey = directory_key(mallory.pool_id, manifest.content_hash), node_subkey(*VICTIM)
+        key, victim_subkey = directory_key(mallory.pool_id, manifest.content_hash), str(NodeKey(*VICTIM))
         for value in (tombstone.to_wire(), record.to_wire()):
             rogue.store(key, subkey=victim_subkey, value=value, expiration_time=now + MAX_RECORD_TTL_S)
             rogue.store(key, subkey=VICTIM[1], value=value, expiration_time=now + MAX_RECORD_TTL_S)  # the old subkey

@@ -45,6 +45,7 @@ from coop.pool.bundle import MemberBundle
 from coop.pool.registry import PoolInfo, add_member, create_api_key, read_revocations
 from coop.pool.revocation import Revocations
 from coop.receipts import ReceiptBody, api_key_id, new_receipt_id, sign_receipt
+from coop.swarm.node_key import NodeKey
 from coop.wire.channels import ChannelPool, ChannelSecurity
 from coop.wire.receipts import receipt_to_proto
 from tests.ledger_seed import insert_grant
@@ -304,7 +305,7 @@ def test_attack_8_a_revoked_providers_later_receipt_is_not_paid(books: Books) ->
             for body in (before, after)
         ]
 
-        settled = collector.settle(batch, "delta-1")
+        settled = collector.settle(batch, NodeKey("Delta", "delta-1"))
 
         assert (settled.booked, settled.rejected) == ([before.receipt_id], [after.receipt_id])
         delta_balance = ledger.balance("Delta")

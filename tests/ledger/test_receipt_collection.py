@@ -21,6 +21,7 @@ from coop.coordinator.accounts.receipt_collection import ReceiptCollector
 from coop.ledger.fairshare import FairShare
 from coop.ledger.store import Ledger
 from coop.swarm.announcement import NodeAnnouncement
+from coop.swarm.node_key import NodeKey
 from coop.wire.generated import coop_pb2 as pb
 from coop.wire.receipts import receipt_to_proto
 from tests.ledger.conftest import Receipts, span_flops_per_token
@@ -181,31 +182,52 @@ def test_a_node_that_does_not_answer_is_cut_off_at_its_budget_and_polled_less_of
             assert settled.booked == [receipt_ids[-1]], round_
         assert booked(receipts.ledger) == set(receipt_ids)
         assert mute.calls == 2  # rounds 0 and 2: after a timeout it sits one round out, then two
-        tally = collecting.schedule.tallies["mute"]
+        tally = collecting.schedule.tallies[NodeKey("beta", "mute")]
         assert (tally.timeouts, tally.skipped, tally.backoff_rounds) == (2, 2, 2)
-        assert collecting.schedule.tallies["fast"].polls == 4
+        assert collecting.schedule.tallies[NodeKey("alpha", "fast")].polls == 4
 
     run(scenario)
 
 
 def test_polls_run_at_once_up_to_the_bound(receipts: Receipts) -> None:
+    """One poll per institution at a time (its nodes one after another), at most the bound in all."""
+
     async def scenario() -> None:
         network = FakeNetwork()
         gate = asyncio.Event()
-        nodes = [network.add(f"n{i}", "alpha", gate=gate) for i in range(6)]
+        nodes = [network.add(f"n{i}", ("alpha", "beta")[i % 2], gate=gate) for i in range(6)]
         receipt_ids = {honest(receipts, node) for node in nodes}
-        collecting = collector(receipts, network, max_concurrent_polls=2)
+        collecting = collector(receipts, network, max_concurrent_polls=1)
 
         round_ = asyncio.create_task(collecting.collect_once())
-        await wait_for_async("two polls to be waiting for their nodes", lambda: network.in_call == 2, WAIT_S)
+        await wait_for_async("one poll to be waiting for its node", lambda: network.in_call == 1, WAIT_S)
         for _ in range(20):
-            await asyncio.sleep(0)  # the other four had every chance to start
-        assert network.in_call == 2 and sum(node.calls for node in nodes) == 2
+            await asyncio.sleep(0)  # the other five had every chance to start
+        assert network.in_call == 1 and sum(node.calls for node in nodes) == 1
         gate.set()
         settled = await round_
 
         assert set(settled.booked) == receipt_ids == booked(receipts.ledger)
-        assert network.most_in_call == 2
+        assert network.most_in_call == 1
+
+    run(scenario)
+
+
+def test_a_members_node_ids_share_one_poll_budget(receipts: Receipts) -> None:
+    """Eight mute node ids of one member get one budget a round between them, not eight: the first
+    one spends it; the next round starts with those it did not reach. Another member is not held up."""
+
+    async def scenario() -> None:
+        network = FakeNetwork()
+        minted = [network.add(f"m{i}", "alpha", gate=asyncio.Event()) for i in range(8)]  # never answer
+        other = network.add("other", "beta")
+        collecting = collector(receipts, network, poll_budget_s=0.05)
+        receipt_id = honest(receipts, other)
+        settled = await collecting.collect_once()
+        assert settled.booked == [receipt_id]
+        assert [node.calls for node in minted] == [1, 0, 0, 0, 0, 0, 0, 0]
+        await collecting.collect_once()  # m0 sits this round out (it timed out); m1 is first of the rest
+        assert [node.calls for node in minted] == [1, 1, 0, 0, 0, 0, 0, 0]
 
     run(scenario)
 
@@ -243,7 +265,7 @@ def test_a_flood_of_junk_is_refused_in_two_transactions_and_audited_once_per_int
 
         for _ in range(3):  # skipped, polled, skipped
             await collecting.collect_once()
-        tally = collecting.schedule.tallies["flood"]
+        tally = collecting.schedule.tallies[NodeKey("alpha", "flood")]
         assert (tally.polls, tally.skipped, tally.backoff_rounds) == (2, 2, 2)
         assert (tally.rejected, tally.dropped) == (109 + 110, 131 + 130)
         assert len(receipts.ledger.audit_events()) == 1  # the second poll's junk waits for the interval
@@ -303,7 +325,9 @@ def test_nodes_sharing_an_outbox_each_book_their_own_receipts(receipts: Receipts
         assert settled.deferred >= 1 and settled.junk == 0
         assert receipts.ledger.audit_events() == []
         tallies = collecting.schedule.tallies
-        assert (tallies["first"].booked, tallies["second"].booked) == (2, 1)
-        assert tallies["first"].backoff_rounds == tallies["second"].backoff_rounds == 0
+        assert (tallies[NodeKey("alpha", "first")].booked, tallies[NodeKey("alpha", "second")].booked) == (2, 1)
+        assert (
+            tallies[NodeKey("alpha", "first")].backoff_rounds == tallies[NodeKey("alpha", "second")].backoff_rounds == 0
+        )
 
     run(scenario)

@@ -31,7 +31,8 @@ from coop.swarm.announcement import (
     stamp_withdrawal,
     withdrawal_payload,
 )
-from coop.swarm.directory import SwarmDirectory, directory_key, node_subkey
+from coop.swarm.directory import SwarmDirectory, directory_key
+from coop.swarm.node_key import NodeKey
 from coop.swarm.revocations import REVOCATION_TTL_S, publish_revocations, revocations_key, revocations_subkey
 from coop.swarm.validation import PoolRecordValidator, pool_record_validator
 from tests.pools import MemberPool, make_member_pool
@@ -123,7 +124,7 @@ def node_record(
     """rec stored as its node stores it, unless told otherwise."""
     return record(
         directory_key(rec.pool_id, model_hash),
-        node_subkey(rec.institution, rec.node_id) if subkey is None else subkey,
+        str(NodeKey(rec.institution, rec.node_id)) if subkey is None else subkey,
         rec.to_wire(),
         rec.expires_at if expiration_time is None else expiration_time,
     )
@@ -201,10 +202,10 @@ def _refused_cases(p: Pools) -> dict[str, Callable[[], DHTRecord]]:
         "record under another node's subkey": lambda: node_record(ann, subkey="node-b"),
         "record under its bare node id": lambda: node_record(ann, subkey="node-a"),
         "another member's same-named node under this node's subkey": lambda: node_record(
-            announce(beta, of=beta), subkey=node_subkey("alpha", "node-a")
+            announce(beta, of=beta), subkey=str(NodeKey("alpha", "node-a"))
         ),
         "another member's same-named withdrawal under this node's subkey": lambda: node_record(
-            tombstone(beta, announce(beta, of=beta)), subkey=node_subkey("alpha", "node-a")
+            tombstone(beta, announce(beta, of=beta)), subkey=str(NodeKey("alpha", "node-a"))
         ),
         "unsigned announcement": lambda: node_record(announce(None, of=alpha)),
         "forged signature": lambda: node_record(ann.model_copy(update={"endpoint": "10.6.6.6:1"})),

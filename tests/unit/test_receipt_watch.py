@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from coop.coordinator.accounts.receipt_polling import PollOutcome, PollSchedule, RejectionDigest
+from coop.swarm.node_key import NodeKey
 
 INTERVAL_S = 60.0
 CAP = 8
@@ -73,11 +74,14 @@ def test_a_node_long_gone_is_forgotten_but_not_one_that_blinked() -> None:
     assert set(schedule.snapshot()) == {"b"}
 
 
+N1, N2 = NodeKey("Uni 1", "n1"), NodeKey("Uni 2", "n2")
+
+
 def test_rejections_become_one_audit_event_per_node_per_interval() -> None:
     clock = Clock()
     digest = RejectionDigest("coordinator:coord", INTERVAL_S, clock)
-    digest.add("n1", "r1", "receipt r1: the signature does not match")
-    digest.add("n2", "r9", "receipt r9 claims 5 FLOPs")
+    digest.add(N1, "r1", "receipt r1: the signature does not match")
+    digest.add(N2, "r9", "receipt r9 claims 5 FLOPs")
     [first, second] = digest.due()
     assert (first.action, first.subject, first.detail) == (
         "receipt_rejected",
@@ -87,8 +91,8 @@ def test_rejections_become_one_audit_event_per_node_per_interval() -> None:
     assert second.subject == "r9"
 
     for index in range(1000):
-        digest.add("n1", f"x{index}", f"receipt x{index} is signed for node 'ghost': dropped", dropped=index % 2 == 0)
-    digest.add("n1", "", "sent 5000 receipts when asked for 200", dropped=True, count=4800)
+        digest.add(N1, f"x{index}", f"receipt x{index} is signed for node 'ghost': dropped", dropped=index % 2 == 0)
+    digest.add(N1, "", "sent 5000 receipts when asked for 200", dropped=True, count=4800)
     clock.now += INTERVAL_S - 1
     assert digest.due() == []
     clock.now += 1
@@ -100,8 +104,17 @@ def test_rejections_become_one_audit_event_per_node_per_interval() -> None:
     assert (digest.written, digest.suppressed) == (3, 5800 - 1)
     assert digest.due() == []
 
+    minted = [NodeKey("Uni 1", f"minted-{i}") for i in range(8)]  # more node ids: no more audit events
+    for node in minted:
+        digest.add(node, f"y-{node.node_id}", "forged")
+    assert digest.due() == []
+    clock.now += INTERVAL_S
+    [member] = digest.due()
+    assert "8 receipts rejected" in member.detail and "minted-7" in member.detail
+    assert (digest.written, digest.suppressed) == (4, 5800 - 1 + 8 - 1)
+
     clock.now += INTERVAL_S  # quiet for an interval: the next rejection is written at once again
-    digest.add("n1", "r2", "late")
+    digest.add(N1, "r2", "late")
     assert [e.subject for e in digest.due()] == ["r2"]
-    digest.add("n1", "r3", "later")
+    digest.add(N1, "r3", "later")
     assert digest.due() == [] and [e.subject for e in digest.drain()] == ["r3"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from coop.coordinator.spot_checks.withholding import WithholdingMeter
 from coop.model.engine import SpanEngine, StepInput
 from coop.pipeline.charge import Payer
 from coop.receipts import TokenTally
+from coop.swarm.node_key import NodeKey
 from coop.swarm.routing import Hop
 from coop.swarm.trust import DISPUTED, LIFTED, PASSED, QUARANTINED, trust_records
 from coop.wire.sketches import relative_distance, sketch
@@ -86,40 +86,80 @@ def test_sketches_are_linear_and_seeded() -> None:
     assert not torch.allclose(sketch(a, SEED, 16), sketch(a, SEED + 1, 16))
 
 
-def test_replica_routes_tile_the_hop_and_avoid_its_nodes() -> None:
-    nodes = [node("whole", 0, 6), node("head", 0, 3), node("tail", 3, 6), node("mid", 2, 5)]
+def test_replica_routes_tile_the_hop_and_avoid_its_institutions() -> None:
+    nodes = [
+        node("whole", 0, 6, institution="A"),
+        node("head", 0, 3, institution="B"),
+        node("tail", 3, 6, institution="C"),
+        node("mid", 2, 5, institution="D"),
+    ]
     rng = random.Random(0)
     for _ in range(50):
-        route = replica_route(nodes, 1, 5, {"whole"}, rng)
+        route = replica_route(nodes, 1, 5, {"A"}, rng)
         assert route is not None and route[0].start == 1 and route[-1].end == 5
         assert all(a.end == b.start for a, b in itertools.pairwise(route))
         assert "whole" not in {h.node_id for h in route}
-    assert replica_route(nodes, 0, 6, {"whole", "head"}, rng) is None  # nobody else serves block 0
+    assert replica_route(nodes, 0, 6, {"A", "B"}, rng) is None  # nobody else serves block 0
+
+
+def test_a_member_never_checks_itself_however_many_node_ids_it_runs() -> None:
+    """Mallory's eight node ids over the checked node's blocks are no replica of Mallory's own hop, and
+    none of another's once Mallory is on the route; a quarantined node is no replica either."""
+    mallory = [node(f"m{i}", 0, 6, institution="Mallory") for i in range(8)]
+    honest = node("honest", 0, 6, institution="Uni")
+    rng = random.Random(0)
+    assert replica_route([*mallory, honest], 0, 6, {"Mallory"}, rng) == [Hop("honest", honest.endpoint, 0, 6, "Uni")]
+    assert replica_route([*mallory, honest], 0, 6, {"Mallory", "Uni"}, rng) is None
+    assert replica_route([honest], 0, 6, {"Mallory"}, rng, quarantined={NodeKey("Uni", "honest")}) is None
+    # a quarantined id of one member does not bar another member's node of the same name
+    twin = node("m0", 0, 6, institution="Uni")
+    assert replica_route([twin], 0, 6, set(), rng, quarantined={NodeKey("Mallory", "m0")}) is not None
 
 
 def test_trust_records_follow_the_audit_trail() -> None:
     events = [
-        (1, PASSED, "a", "40"),
-        (2, PASSED, "b", "12"),
-        (3, QUARANTINED, "c", "session s step 2 hop 0 (c): distance 0.2"),
-        (4, DISPUTED, "a,b", "hop 0 says it pushed what hop 1 says it did not get"),
-        (6, LIFTED, "c", "fixed"),
-        (5, PASSED, "a", "2"),
+        (1, PASSED, "U/a", "40"),
+        (2, PASSED, "U/b", "12"),
+        (3, QUARANTINED, "V/c", "session s step 2 hop 0 (c): distance 0.2"),
+        (4, DISPUTED, "U/a", "hop 0 says it pushed what hop 1 says it did not get"),
+        (4, DISPUTED, "U/b", "hop 0 says it pushed what hop 1 says it did not get"),
+        (6, LIFTED, "V/c", "fixed"),
+        (5, PASSED, "U/a", "2"),
+        (7, QUARANTINED, "W/a", "another member's node named a"),
     ]
     records = trust_records(events)
-    assert (records["a"].passed, records["a"].disputed) == (42, 1)
-    assert (records["c"].failed, records["c"].quarantined) == (1, "")
-    assert trust_records(events[:3])["c"].quarantined.startswith("session s")
+    assert (records[NodeKey("U", "a")].passed, records[NodeKey("U", "a")].disputed) == (42, 1)
+    assert (records[NodeKey("V", "c")].failed, records[NodeKey("V", "c")].quarantined) == (1, "")
+    assert trust_records(events[:3])[NodeKey("V", "c")].quarantined.startswith("session s")
+    assert records[NodeKey("W", "a")].quarantined and not records[NodeKey("U", "a")].quarantined
 
 
 def test_new_nodes_are_sampled_at_the_new_node_rate() -> None:
     book = TrustBook(SpotCheckPolicy(0.02, 0.5, 10, 0.005, 32), random.Random(1))
-    old, new = Hop("old", "e", 0, 3), Hop("new", "e", 3, 6)
-    book.record("old").passed = 10
-    sampled = Counter(book.sampled([old]) for _ in range(4000))
-    with_new = Counter(book.sampled([old, new]) for _ in range(4000))
-    assert 40 <= sampled[True] <= 130  # about 2%
-    assert 1800 <= with_new[True] <= 2200  # about 50%
+    old, new = Hop("old", "e", 0, 3, "U"), Hop("new", "e", 3, 6, "V")
+    book.record(NodeKey("U", "old")).passed = 10
+
+    def sampled(hops: list[Hop]) -> bool:
+        charged = book.sampled(hops)
+        if charged is not None:
+            book.check_ended(charged)
+        return charged is not None
+
+    assert 40 <= sum(sampled([old]) for _ in range(4000)) <= 130  # about 2%
+    assert 1800 <= sum(sampled([old, new]) for _ in range(4000)) <= 2200  # about 50%
+
+
+def test_new_node_ids_of_one_member_cause_a_bounded_number_of_checks() -> None:
+    """Minting node ids buys no more verification work: past its cap of checks in flight, a member's
+    new nodes are checked at the pool's rate; the cap frees as its checks end."""
+    book = TrustBook(SpotCheckPolicy(0.0, 1.0, 10, 0.005, 32, new_node_checks_per_institution=2), random.Random(1))
+    minted = [Hop(f"m{i}", "e", 0, 6, "Mallory") for i in range(8)]
+    first, second = book.sampled([minted[0]]), book.sampled([minted[1]])
+    assert first == second == ("Mallory",)
+    assert all(book.sampled([hop]) is None for hop in minted)  # rate 0 beyond the cap
+    assert book.sampled([Hop("fresh", "e", 0, 6, "Uni")]) == ("Uni",)  # another member's cap is its own
+    book.check_ended(("Mallory",))
+    assert book.sampled([minted[5]]) == ("Mallory",)
 
 
 class _Observations:
@@ -137,11 +177,11 @@ class _Observations:
 def test_a_node_found_at_fault_is_not_observed_so_its_receipt_goes_unpaid() -> None:
     observed = _Observations()
     meter = WithholdingMeter(observed)
-    route = [Hop("honest", "e", 0, 3), Hop("cheat", "e", 3, 6)]
+    route = [Hop("honest", "e", 0, 3, "U"), Hop("cheat", "e", 3, 6, "M")]
     uni = Payer("uni")
     meter.stepped("s1", uni, route, 1, TokenTally())
     meter.session_ended("s1", uni, route, TokenTally())
-    meter.withheld.add("cheat")
+    meter.withheld.add(NodeKey("M", "cheat"))
     meter.stepped("s2", uni, route, 1, TokenTally())
     meter.session_ended("s2", uni, route, TokenTally())
     assert observed.sessions == [["honest", "cheat"], ["honest"]]
@@ -149,11 +189,13 @@ def test_a_node_found_at_fault_is_not_observed_so_its_receipt_goes_unpaid() -> N
 
 
 def test_a_node_is_quarantined_at_once_on_the_coordinators_input_else_after_two_predecessors() -> None:
+    """Predecessors count by institution: a framer's many node ids are one predecessor."""
     book = TrustBook(SpotCheckPolicy(0.02, 0.5, 10, 0.005, 32), random.Random(1))
-    book.convict("first-hop", "", "hop 0 distance 0.3")
-    assert book.quarantined() == {"first-hop"}
-    book.convict("middle", "framer", "hop 1 distance 0.3")
-    book.convict("middle", "framer", "hop 1 distance 0.2")
-    assert "middle" not in book.quarantined() and book.record("middle").failed == 2
-    book.convict("middle", "another", "hop 1 distance 0.3")
-    assert "middle" in book.quarantined()
+    first, middle = NodeKey("U", "first-hop"), NodeKey("V", "middle")
+    book.convict(first, "", "hop 0 distance 0.3")
+    assert book.quarantined() == {first}
+    book.convict(middle, "Framer", "hop 1 distance 0.3")
+    book.convict(middle, "Framer", "hop 1 distance 0.2")
+    assert middle not in book.quarantined() and book.record(middle).failed == 2
+    book.convict(middle, "Another", "hop 1 distance 0.3")
+    assert middle in book.quarantined()

@@ -7,13 +7,17 @@ saw (the observations receipts are checked against, `coop.coordinator.accounts.o
 acknowledged only after its booking committed, so a crash at any point leaves it in the node's
 outbox, to be booked (exactly once, by id) on the next round.
 
-No node can hold up another's bookings: each round starts one poll per node (none for a node whose
-last poll is still running), at most `max_concurrent_polls` at a time, and does not wait for them;
-a poll's calls share a time budget (`poll_budget_s`). Nodes come only from the swarm view, which
+No member can hold up another's bookings: each round starts one poll per institution (none for one
+whose last poll is still running), at most `max_concurrent_polls` at a time, and does not wait for
+them; a poll visits the institution's due nodes one after another, and all its calls share one time
+budget (`poll_budget_s`), so a member that mints eight node ids gets no more of the collector's time
+than one with a single node (the nodes a round's budget did not reach go first in the next). Nodes
+are told apart by (institution, node id), as everywhere: a member cannot name its node like
+another's and have that one left unpolled. Nodes come only from the swarm view, which
 in a pool lists only validly signed announcements of unrevoked members: nothing else is dialled.
 A node answers for itself only: a receipt signed for another node is not booked from its answer
 (a listed sibling's is left for the sibling's own poll: an institution's nodes may share an
-outbox). Rejections are audited per node and interval, and junk backs the node off
+outbox). Rejections are audited per institution and interval, and junk backs the node off
 (`coop.coordinator.accounts.receipt_polling`).
 """
 
@@ -45,6 +49,7 @@ from coop.ledger.queries import BookedBatch
 from coop.ledger.store import Booking, Ledger
 from coop.receipts import ReceiptBody
 from coop.swarm.announcement import NodeAnnouncement
+from coop.swarm.node_key import NodeKey, key_of
 from coop.wire.generated import coop_pb2 as pb
 from coop.wire.receipts import receipt_from_proto
 
@@ -52,7 +57,7 @@ log = logging.getLogger(__name__)
 
 CALL_TIMEOUT_S = 10.0
 ACK_MIN_TIMEOUT_S = 1.0  # an acknowledgement after a booking gets this much even past the budget
-POLL_BUDGET_S = 5.0  # one node's poll in one round, all its calls together
+POLL_BUDGET_S = 5.0  # one institution's poll in one round, all its nodes' calls together
 MAX_CONCURRENT_POLLS = 16
 MAX_BATCHES_PER_NODE = 10  # per round, so that one node cannot keep the collector to itself
 BATCH = 200
@@ -122,7 +127,8 @@ class ReceiptCollector:
         self.max_concurrent_polls = max_concurrent_polls
         self.schedule = PollSchedule(max_backoff_rounds)
         self.digest = RejectionDigest(f"coordinator:{checker.coordinator}", audit_interval_s)
-        self._polls: dict[str, asyncio.Task[Settlement]] = {}  # node id -> its poll in progress
+        self._polls: dict[str, asyncio.Task[Settlement]] = {}  # institution -> its poll in progress
+        self._unreached: set[NodeKey] = set()  # due last round, but its institution's budget ran out first
         self._slots: asyncio.Semaphore | None = None  # made on the event loop that polls
         self._writing = threading.Lock()  # one booking thread writes at a time
 
@@ -161,7 +167,10 @@ class ReceiptCollector:
     def stats(self) -> dict[str, Any]:
         """The collection's counters, as the admin view's JSON API shows them."""
         return {
-            "nodes": [{"node_id": n, **vars(t)} for n, t in sorted(self.schedule.snapshot().items())],
+            "nodes": [
+                {"institution": n.institution, "node_id": n.node_id, **vars(t)}
+                for n, t in sorted(self.schedule.snapshot().items())
+            ],
             "audit_events_written": self.digest.written,
             "audit_events_suppressed": self.digest.suppressed,
         }
@@ -181,50 +190,67 @@ class ReceiptCollector:
         await asyncio.to_thread(self.flush_observations)
         if self.digest.gathering:  # rejections of nodes in backoff, or gone, whose interval is over
             await asyncio.to_thread(self.write_audit)
-        nodes = {node.node_id: node for node in self._nodes()}
-        by_institution: defaultdict[str, set[str]] = defaultdict(set)
-        for node in nodes.values():
-            by_institution[node.institution].add(node.node_id)
+        nodes = {key_of(node): node for node in self._nodes()}
+        by_institution: defaultdict[str, list[NodeKey]] = defaultdict(list)
+        for key in nodes:
+            by_institution[key.institution].append(key)
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.max_concurrent_polls)
+        due = set(self.schedule.due(k for k in nodes if k.institution not in self._polls))
         started = []
-        for node_id in self.schedule.due(n for n in nodes if n not in self._polls):
-            node = nodes[node_id]
-            siblings = frozenset(by_institution[node.institution] - {node_id})
-            task = asyncio.create_task(self._poll(node, siblings, self._slots))
-            self._polls[node_id] = task
-            task.add_done_callback(functools.partial(self._poll_done, node_id))
+        for institution, keys in by_institution.items():
+            # those the last round's budget did not reach first, then in listing order
+            turn = sorted((k for k in keys if k in due), key=lambda k: k not in self._unreached)
+            if not turn:
+                continue
+            siblings = frozenset(k.node_id for k in keys)
+            task = asyncio.create_task(self._poll_member([nodes[k] for k in turn], siblings, self._slots))
+            self._polls[institution] = task
+            task.add_done_callback(functools.partial(self._poll_done, institution))
             started.append(task)
         return started
 
-    def _poll_done(self, node_id: str, task: asyncio.Task[Settlement]) -> None:
-        if self._polls.get(node_id) is task:
-            del self._polls[node_id]
+    def _poll_done(self, institution: str, task: asyncio.Task[Settlement]) -> None:
+        if self._polls.get(institution) is task:
+            del self._polls[institution]
 
-    async def _poll(self, node: NodeAnnouncement, siblings: frozenset[str], slots: asyncio.Semaphore) -> Settlement:
+    async def _poll_member(
+        self, nodes: Sequence[NodeAnnouncement], siblings: frozenset[str], slots: asyncio.Semaphore
+    ) -> Settlement:
+        """Poll one institution's due `nodes` in turn, within one budget; `siblings`: all its listed node ids."""
         total = Settlement()
         async with slots:
             deadline = asyncio.get_running_loop().time() + self.poll_budget_s
-            try:
-                for _ in range(MAX_BATCHES_PER_NODE):
-                    settled = await self._collect_from(node, siblings, deadline)
-                    total.add(settled)
-                    handled = len(settled.booked) + len(settled.rejected) + settled.deferred
-                    if settled.junk or handled < self.batch:
-                        break  # drained (or only pending ones left), or junk: no second helping
-            except TimeoutError:
+            for index, node in enumerate(nodes):
+                if asyncio.get_running_loop().time() >= deadline:
+                    self._unreached.update(key_of(n) for n in nodes[index:])
+                    break
+                self._unreached.discard(key_of(node))
+                total.add(await self._poll(node, siblings - {node.node_id}, deadline))
+        return total
+
+    async def _poll(self, node: NodeAnnouncement, siblings: frozenset[str], deadline: float) -> Settlement:
+        total = Settlement()
+        try:
+            for _ in range(MAX_BATCHES_PER_NODE):
+                settled = await self._collect_from(node, siblings, deadline)
+                total.add(settled)
+                handled = len(settled.booked) + len(settled.rejected) + settled.deferred
+                if settled.junk or handled < self.batch:
+                    break  # drained (or only pending ones left), or junk: no second helping
+        except TimeoutError:
+            total.timed_out = True
+            log.info("node %s did not answer for receipts within its institution's budget", node.node_id)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 total.timed_out = True
-                log.info("node %s did not answer for receipts within %.1f s", node.node_id, self.poll_budget_s)
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    total.timed_out = True
-                else:
-                    total.failed = True
-                log.info("no receipts from node %s this round: %s", node.node_id, exc.code().name)
-            except Exception:  # one node's trouble (or one bad batch) must not stop collection for the rest
+            else:
                 total.failed = True
-                log.exception("collecting receipts from node %s failed; next round retries", node.node_id)
-        self.schedule.polled(node.node_id, total.outcome())
+            log.info("no receipts from node %s this round: %s", node.node_id, exc.code().name)
+        except Exception:  # one node's trouble (or one bad batch) must not stop collection for the rest
+            total.failed = True
+            log.exception("collecting receipts from node %s failed; next round retries", node.node_id)
+        self.schedule.polled(key_of(node), total.outcome())
         return total
 
     async def _collect_from(self, node: NodeAnnouncement, siblings: frozenset[str], deadline: float) -> Settlement:
@@ -236,7 +262,7 @@ class ReceiptCollector:
         batch = await stub.Receipts(pb.ReceiptsRequest(limit=self.batch), timeout=min(CALL_TIMEOUT_S, left))
         if not batch.receipts:
             return Settlement()
-        settled = await asyncio.to_thread(self.settle, batch.receipts, node.node_id, siblings)
+        settled = await asyncio.to_thread(self.settle, batch.receipts, key_of(node), siblings)
         if settled.booked or settled.rejected:
             ack = pb.ReceiptAck(booked=settled.booked, rejected=settled.rejected)
             timeout = min(CALL_TIMEOUT_S, max(deadline - loop.time(), ACK_MIN_TIMEOUT_S))
@@ -244,14 +270,15 @@ class ReceiptCollector:
         return settled
 
     def settle(
-        self, receipts: Sequence[pb.SignedReceipt], node_id: str, siblings: frozenset[str] = frozenset()
+        self, receipts: Sequence[pb.SignedReceipt], node: NodeKey, siblings: frozenset[str] = frozenset()
     ) -> Settlement:
-        """Check and book one batch from node `node_id`; rejections go to the audit digest."""
+        """Check and book one batch from `node`; rejections go to the audit digest."""
+        node_id = node.node_id
         settled = Settlement()
         if len(receipts) > self.batch:
             excess = len(receipts) - self.batch
             reason = f"sent {len(receipts)} receipts when asked for {self.batch}: the last {excess} were dropped"
-            self.digest.add(node_id, "", reason, dropped=True, count=excess)
+            self.digest.add(node, "", reason, dropped=True, count=excess)
             settled.dropped += excess
             receipts = receipts[: self.batch]
         bookings: list[Booking] = []
@@ -264,7 +291,7 @@ class ReceiptCollector:
                     settled.deferred += 1
                 else:
                     reason = f"receipt {claimed.receipt_id} is for node {claimed.node_id!r}: dropped"
-                    self.digest.add(node_id, claimed.receipt_id, reason, dropped=True)
+                    self.digest.add(node, claimed.receipt_id, reason, dropped=True)
                     settled.dropped += 1
                 continue
             try:
@@ -280,7 +307,7 @@ class ReceiptCollector:
                 settled.pending += 1
                 continue
             except ReceiptRejected as exc:
-                self.digest.add(node_id, receipt.receipt_id[:128], str(exc))
+                self.digest.add(node, receipt.receipt_id[:128], str(exc))
                 settled.rejected.append(receipt.receipt_id)
                 continue
             bookings.append(booking)

@@ -7,8 +7,9 @@ Pure bookkeeping with an injected clock, so that its rules are tested without a 
   rounds the node is then skipped, up to `MAX_BACKOFF_ROUNDS`; a clean poll clears it. A node that
   floods is polled ever less often (at the cap, once per 33 rounds: about a minute at the default
   2-s interval), and an honest node that once had a bad receipt waits one round.
-- Audit: a node's rejected and dropped receipts become at most one audit event per `interval_s`.
-  Its first bad batch is written at once (a lone rejection as its own event, as it always was, more
+- Audit: an institution's rejected and dropped receipts, all its nodes' together (a member mints node
+  ids at will), become at most one audit event per `interval_s`. Its first bad batch is written at
+  once (a lone rejection as its own event, as it always was, more
   as one event with their count, naming the first `AUDIT_SAMPLES` with their reasons); what follows
   within the interval is gathered into one such event, written when the interval is over. A flood of junk is thus a
   bounded number of rows, written with the batch, not an fsynced transaction per receipt.
@@ -23,6 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from coop.ledger.store import AuditEntry
+from coop.swarm.node_key import NodeKey
 
 MAX_BACKOFF_ROUNDS = 32
 AUDIT_INTERVAL_S = 60.0
@@ -73,12 +75,12 @@ class PollSchedule:
         self.max_backoff_rounds = max_backoff_rounds
         self.forget_after_s = forget_after_s
         self._clock = clock
-        self.tallies: dict[str, NodeTally] = {}
+        self.tallies: dict[NodeKey, NodeTally] = {}
         self.total = NodeTally()  # booked, rejected and dropped of every node since start, never forgotten
-        self._skip: dict[str, int] = {}  # rounds left to skip
-        self._listed_at: dict[str, float] = {}
+        self._skip: dict[NodeKey, int] = {}  # rounds left to skip
+        self._listed_at: dict[NodeKey, float] = {}
 
-    def due(self, listed: Iterable[str]) -> list[str]:
+    def due(self, listed: Iterable[NodeKey]) -> list[NodeKey]:
         """The listed nodes to poll this round; a node in backoff counts one round off instead."""
         now = self._clock()
         chosen = []
@@ -97,7 +99,7 @@ class PollSchedule:
                 self._skip.pop(node_id, None)
         return chosen
 
-    def polled(self, node_id: str, outcome: PollOutcome) -> None:
+    def polled(self, node_id: NodeKey, outcome: PollOutcome) -> None:
         tally = self.tallies.setdefault(node_id, NodeTally())
         tally.polls += 1
         tally.booked += outcome.booked
@@ -116,21 +118,22 @@ class PollSchedule:
             tally.backoff_rounds = 0
         self._skip[node_id] = tally.backoff_rounds
 
-    def snapshot(self) -> dict[str, NodeTally]:
+    def snapshot(self) -> dict[NodeKey, NodeTally]:
         return {node_id: dataclasses.replace(tally) for node_id, tally in self.tallies.items()}
 
 
 @dataclass
 class _Gathered:
-    """A node's rejections since its last audit event."""
+    """An institution's rejections since its last audit event."""
 
     rejected: int = 0
+    node_ids: list[str] = field(default_factory=list)  # its nodes they came from, in order
     dropped: int = 0
     samples: list[tuple[str, str]] = field(default_factory=list)  # the first few: (receipt id, why)
 
 
 class RejectionDigest:
-    """Rejected and dropped receipts, turned into at most one audit event per node per interval.
+    """Rejected and dropped receipts, turned into at most one audit event per institution per interval.
 
     Fed from booking threads, so it locks.
     """
@@ -145,9 +148,11 @@ class RejectionDigest:
         self.suppressed = 0  # rejections folded into another one's event instead of their own
         self._lock = threading.Lock()
 
-    def add(self, node_id: str, receipt_id: str, reason: str, *, dropped: bool = False, count: int = 1) -> None:
+    def add(self, node: NodeKey, receipt_id: str, reason: str, *, dropped: bool = False, count: int = 1) -> None:
         with self._lock:
-            gathered = self._gathered.setdefault(node_id, _Gathered())
+            gathered = self._gathered.setdefault(node.institution, _Gathered())
+            if node.node_id not in gathered.node_ids:
+                gathered.node_ids.append(node.node_id)
             if len(gathered.samples) < AUDIT_SAMPLES:
                 gathered.samples.append((receipt_id, reason[:300]))
             if dropped:
@@ -161,24 +166,25 @@ class RejectionDigest:
         return bool(self._gathered)
 
     def due(self) -> list[AuditEntry]:
-        """Events whose node's interval is over (a node's first is due at once); they count as written."""
+        """Events whose institution's interval is over (its first is due at once); they count as written."""
         now = self._clock()
         with self._lock:
-            for node_id, at in list(self._last_written.items()):
-                if now - at >= self.interval_s and node_id not in self._gathered:
-                    del self._last_written[node_id]
-            ready = [n for n in self._gathered if now - self._last_written.get(n, -self.interval_s) >= self.interval_s]
-            return [self._entry(node_id, now) for node_id in ready]
+            for institution, at in list(self._last_written.items()):
+                if now - at >= self.interval_s and institution not in self._gathered:
+                    del self._last_written[institution]
+            ready = [i for i in self._gathered if now - self._last_written.get(i, -self.interval_s) >= self.interval_s]
+            return [self._entry(institution, now) for institution in ready]
 
     def drain(self) -> list[AuditEntry]:
         """Every event gathered so far, due or not (the coordinator is stopping)."""
         now = self._clock()
         with self._lock:
-            return [self._entry(node_id, now) for node_id in list(self._gathered)]
+            return [self._entry(institution, now) for institution in list(self._gathered)]
 
-    def _entry(self, node_id: str, now: float) -> AuditEntry:
-        gathered = self._gathered.pop(node_id)
-        self._last_written[node_id] = now
+    def _entry(self, institution: str, now: float) -> AuditEntry:
+        gathered = self._gathered.pop(institution)
+        self._last_written[institution] = now
+        node_id = gathered.node_ids[0]
         count = gathered.rejected + gathered.dropped
         self.written += 1
         self.suppressed += count - 1
@@ -186,9 +192,11 @@ class RejectionDigest:
             [(receipt_id, reason)] = gathered.samples
             return AuditEntry(self.actor, "receipt_rejected", receipt_id, f"node {node_id}: {reason}")
         named = "; ".join(f"{receipt_id or '-'}: {reason}" for receipt_id, reason in gathered.samples)
+        nodes = ", ".join(gathered.node_ids[:AUDIT_SAMPLES])
         detail = (
-            f"node {node_id}: {gathered.rejected} receipts rejected and {gathered.dropped} dropped "
+            f"institution {institution}, nodes {nodes}: {gathered.rejected} receipts rejected "
+            f"and {gathered.dropped} dropped "
             f"(for other nodes, or more than asked for) since its last audit event; "
             f"the first {len(gathered.samples)}: {named}"
         )
-        return AuditEntry(self.actor, "receipts_rejected", node_id, detail)
+        return AuditEntry(self.actor, "receipts_rejected", node_id, detail)  # named by its first node

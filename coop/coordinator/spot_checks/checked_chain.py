@@ -15,6 +15,7 @@ from coop.coordinator.spot_checks.withholding import WithholdingMeter
 from coop.errors import CoopError, InvalidTensor
 from coop.pipeline.charge import Charge
 from coop.pipeline.remote import RemoteChain, SentStep
+from coop.swarm.node_key import NodeKey, key_of
 from coop.swarm.routing import Hop
 from coop.wire.sketches import relative_distance, sketch, sketches_from_proto
 
@@ -27,13 +28,21 @@ SAME_TENSOR_TOLERANCE = 1e-3
 
 @dataclass(frozen=True)
 class Verdict:
-    """Nodes to route around, and whether the fault is proven (quarantine) or disputed."""
+    """Nodes to route around, and whether the fault is proven (quarantine) or disputed.
 
-    node_ids: tuple[str, ...]
+    An `unsettled` dispute (no institution independent of both sides to referee it) is a verdict
+    against no one: audited, but nobody is routed around or loses pay, and the session goes on
+    unchecked, so that a member with no independent referee in the pool cannot even cost another
+    member its session.
+    """
+
+    nodes: tuple[NodeKey, ...]
     proven: bool
     evidence: str
-    # the node that pushed the culprit its input ("": the coordinator did, or it lied about its own ends)
+    # the institution of the node that pushed the culprit its input ("": the coordinator did, or it
+    # lied about its own ends)
     predecessor: str = ""
+    unsettled: bool = False
 
 
 class _Shadow:
@@ -66,10 +75,11 @@ class CheckedChain:
         self.checker = checker
         self._meter = meter
         self._replica_charge = charge
-        self._sampled: bool | None = None  # decided at the first step, on the first route
+        self._sampled = False
+        self._charged: tuple[str, ...] | None = None  # decided at the first step: institutions the check is charged to
         self._shadow: _Shadow | None = None
         self._history: list[torch.Tensor] = []  # what the route's first hop got so far: a new shadow's catch-up
-        self._passed: Counter[str] = Counter()  # checked steps per node that passed, in this session
+        self._passed: Counter[NodeKey] = Counter()  # checked steps per node that passed, in this session
         self._steps = 0
 
     @property
@@ -85,28 +95,36 @@ class CheckedChain:
         return self.chain.draft_tokens
 
     async def step(self, hidden: torch.Tensor, start_position: int, token_ids: Sequence[int]) -> torch.Tensor:
-        if self._sampled is None:
-            self._sampled = self.checker.book.sampled(self.chain.hops)
+        if self._charged is None:
+            charged = self.checker.book.sampled(self.chain.hops)
+            self._sampled, self._charged = charged is not None, charged or ()
         while True:
             output = await self.chain.step(hidden, start_position, token_ids)
             if not self._sampled:
                 return output
             self._steps += 1
             verdict = await self._check()
-            if verdict is None or not verdict.node_ids:
+            if verdict is None or not verdict.nodes:
                 return output
-            self._meter.withheld.update(verdict.node_ids)
+            if verdict.unsettled:
+                self.checker.book.disputed(verdict.nodes, verdict.evidence)
+                self._sampled = False
+                await self._drop_shadow()
+                return output
+            self._meter.withheld.update(verdict.nodes)
             if verdict.proven:
-                for node_id in verdict.node_ids:
-                    self.checker.book.convict(node_id, verdict.predecessor, verdict.evidence)
+                for node in verdict.nodes:
+                    self.checker.book.convict(node, verdict.predecessor, verdict.evidence)
             else:
-                self.checker.book.disputed(verdict.node_ids, verdict.evidence)
+                self.checker.book.disputed(verdict.nodes, verdict.evidence)
             await self._drop_shadow()
-            await self.chain.route_around(set(verdict.node_ids), verdict.evidence)
+            await self.chain.route_around({node.node_id for node in verdict.nodes}, verdict.evidence)
 
     async def close(self) -> None:
         if self._passed:
             self.checker.book.passed(self._passed)
+        if self._charged:
+            self.checker.book.check_ended(self._charged)
         await self._drop_shadow()
         await self.chain.close()
 
@@ -139,13 +157,18 @@ class CheckedChain:
 
     async def _open_shadow(self, session_id: str) -> _Shadow | None:
         hops = list(self.chain.hops)
+        on_route = {h.institution for h in hops}  # a check by the checked route itself proves nothing
         replicas: list[RemoteChain] = []
         for hop in hops:
-            replica = await self.checker.replica(
-                hop, {h.node_id for h in hops}, self.chain.max_length, self._replica_charge
-            )
+            replica = await self.checker.replica(hop, on_route, self.chain.max_length, self._replica_charge)
             if replica is None:
-                log.info("no replica of blocks %d:%d to check session %s", hop.start, hop.end, session_id)
+                log.info(
+                    "no replica of blocks %d:%d outside %s to check session %s",
+                    hop.start,
+                    hop.end,
+                    ", ".join(sorted(on_route)),
+                    session_id,
+                )
                 for opened in replicas:
                     await opened.close()
                 return None
@@ -158,24 +181,25 @@ class CheckedChain:
         hops, seed, dims = shadow.hops, self.chain.sketch_seed, self.chain.sketch_dims
         n = step.hidden.shape[1]
         where = f"session {step.session_id} step {self._steps}"
+        keys = tuple(key_of(h) for h in hops)
         try:
             claims = sketches_from_proto(step.sketches, n, dims)
         except InvalidTensor as exc:
-            return Verdict(tuple(h.node_id for h in hops), False, f"{where}: a malformed sketch: {exc}")
+            return Verdict(keys, False, f"{where}: a malformed sketch: {exc}")
         if [c[0] for c in claims] != [h.node_id for h in hops]:
-            return Verdict(tuple(h.node_id for h in hops), False, f"{where}: sketches missing or out of order")
+            return Verdict(keys, False, f"{where}: sketches missing or out of order")
         sent = sketch(step.hidden, seed, dims)
         if relative_distance(claims[0][1], sent, sent) > SAME_TENSOR_TOLERANCE:
-            return Verdict((hops[0].node_id,), True, f"{where} hop 0 ({hops[0].node_id}): lied about its input")
+            return Verdict(keys[:1], True, f"{where} hop 0 ({keys[0]}): lied about its input")
         received = sketch(step.output, seed, dims)
         if relative_distance(claims[-1][2], received, received) > SAME_TENSOR_TOLERANCE:
-            last = hops[-1].node_id
-            return Verdict((last,), True, f"{where} hop {len(hops) - 1} ({last}): lied about its output")
+            return Verdict(keys[-1:], True, f"{where} hop {len(hops) - 1} ({keys[-1]}): lied about its output")
         for k in range(len(hops) - 1):
             pushed, got = claims[k][2], claims[k + 1][1]
             if relative_distance(got, pushed, pushed) > SAME_TENSOR_TOLERANCE:
-                pair = (hops[k].node_id, hops[k + 1].node_id)
-                return Verdict(pair, False, f"{where}: hop {k} says it pushed what hop {k + 1} says it did not get")
+                return Verdict(
+                    keys[k : k + 2], False, f"{where}: hop {k} says it pushed what hop {k + 1} says it did not get"
+                )
         hidden = feed
         for k, (hop, replica) in enumerate(zip(hops, shadow.replicas, strict=True)):
             shadow.inputs[k] = [*_first_positions(shadow.inputs[k], start), hidden]
@@ -186,10 +210,10 @@ class CheckedChain:
             recomputed = view(output[:, -n:])
             distance = relative_distance(claimed, recomputed, recomputed - view(hidden[:, -n:]))
             if distance > self.checker.book.policy.tolerance:
-                evidence = f"{where} hop {k} ({hop.node_id}, blocks {hop.start}:{hop.end}): distance {distance:.3g}"
+                evidence = f"{where} hop {k} ({key_of(hop)}, blocks {hop.start}:{hop.end}): distance {distance:.3g}"
                 return await self._settle(shadow, k, claimed, recomputed, view, evidence)
             hidden = output
-        self._passed.update(h.node_id for h in hops)
+        self._passed.update(keys)
         return None
 
     async def _settle(
@@ -201,17 +225,19 @@ class CheckedChain:
         view: Callable[[torch.Tensor], torch.Tensor],
         evidence: str,
     ) -> Verdict:
-        """A third replica re-runs hop k's whole input so far: the one it agrees with is right.
-        `claimed` and `recomputed` are `view`s of hop k's and the shadow's output for this step."""
-        hop = shadow.hops[k]
-        shadow_nodes = tuple(h.node_id for h in shadow.replicas[k].hops)
+        """A third replica, of an institution neither on the route nor on the shadow, re-runs hop k's whole
+        input so far: the one it agrees with is right. `claimed` and `recomputed` are `view`s of hop k's
+        and the shadow's output for this step."""
+        hop = key_of(shadow.hops[k])
+        shadow_nodes = tuple(key_of(h) for h in shadow.replicas[k].hops)
         history = torch.cat(shadow.inputs[k], dim=1)
         n = recomputed.shape[0]
-        avoid = {h.node_id for h in shadow.hops} | set(shadow_nodes)
-        referee = await self.checker.replica(hop, avoid, self.chain.max_length, self._replica_charge)
-        shadow_name = "+".join(shadow_nodes)
+        avoid = {h.institution for h in shadow.hops} | {node.institution for node in shadow_nodes}
+        referee = await self.checker.replica(shadow.hops[k], avoid, self.chain.max_length, self._replica_charge)
+        shadow_name = "+".join(map(str, shadow_nodes))
         if referee is None:
-            return Verdict((hop.node_id,), False, f"{evidence}; no third replica to settle it against {shadow_name}")
+            unsettled = f"{evidence}; no institution independent of both to settle it against {shadow_name}"
+            return Verdict((hop, *shadow_nodes), False, unsettled, unsettled=True)
         try:
             judged = (await referee.step(history, 0, []))[:, -n:]
         finally:
@@ -219,21 +245,21 @@ class CheckedChain:
         tolerance = self.checker.book.policy.tolerance
         truth = view(judged)
         added = truth - view(history[:, -n:])
-        evidence = f"{evidence}; third replica {'+'.join(h.node_id for h in referee.hops)}"
+        evidence = f"{evidence}; third replica {'+'.join(str(key_of(h)) for h in referee.hops)}"
         route_wrong = relative_distance(claimed, truth, added) > tolerance
         shadow_wrong = relative_distance(recomputed, truth, added) > tolerance
         if route_wrong and not shadow_wrong:
-            predecessor = shadow.hops[k - 1].node_id if k > 0 else ""
-            return Verdict((hop.node_id,), True, f"{evidence} agrees with replica {shadow_name}", predecessor)
+            predecessor = shadow.hops[k - 1].institution if k > 0 else ""
+            return Verdict((hop,), True, f"{evidence} agrees with replica {shadow_name}", predecessor)
         if shadow_wrong and not route_wrong:
             await self._drop_shadow()
-            blamed = f"{evidence} agrees with {hop.node_id}, not with replica {shadow_name}"
+            blamed = f"{evidence} agrees with {hop}, not with replica {shadow_name}"
             if len(shadow_nodes) == 1:
                 self.checker.book.quarantine(shadow_nodes[0], blamed)
             else:  # which of the replica route's hops is wrong, nobody checked
                 self.checker.book.disputed(shadow_nodes, blamed)
             return Verdict((), True, evidence)  # nothing to route around: the route was right
-        return Verdict((hop.node_id, *shadow_nodes), False, f"{evidence} agrees with neither")
+        return Verdict((hop, *shadow_nodes), False, f"{evidence} agrees with neither")
 
 
 def _first_positions(parts: list[torch.Tensor], length: int) -> list[torch.Tensor]:

@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 from coop.config import CoordinatorSettings
 
+# checks in flight that one institution's new nodes may cause (minting node ids buys no more)
+NEW_NODE_CHECKS_PER_INSTITUTION = 4
+
 
 @dataclass(frozen=True)
 class SpotCheckPolicy:
@@ -14,6 +17,7 @@ class SpotCheckPolicy:
     history_steps: int  # passed checked steps below which a node is new
     tolerance: float  # per token: |claimed - recomputed| / |what the hop added|
     sketch_dims: int
+    new_node_checks_per_institution: int = NEW_NODE_CHECKS_PER_INSTITUTION
 
     @classmethod
     def from_settings(cls, settings: CoordinatorSettings) -> SpotCheckPolicy:

@@ -1,4 +1,10 @@
-"""Replica routes for spot checks: other nodes over the same blocks, picked at random."""
+"""Replica routes for spot checks: nodes of other institutions over the same blocks, picked at random.
+
+The institution is the unit of trust: a member runs as many node ids as it likes, so a replica or a
+referee of the checked node's own institution (or of any institution on the checked route) would
+be the checked party vouching for itself. Replicas come only from institutions the caller names as
+independent; with none left, there is no check to make.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,8 @@ from coop.errors import CoopError, PeerError
 from coop.pipeline.charge import Charge
 from coop.pipeline.remote import RemoteChain, RouteSource
 from coop.swarm.announcement import SERVING, NodeAnnouncement
-from coop.swarm.routing import Hop, NodeKey
+from coop.swarm.node_key import NodeKey, key_of
+from coop.swarm.routing import Hop
 from coop.swarm.view import SwarmView
 
 log = logging.getLogger(__name__)
@@ -51,14 +58,27 @@ class _FixedRoute:
 
 
 def replica_route(
-    nodes: Sequence[NodeAnnouncement], start: int, end: int, avoid: Collection[str], rng: random.Random
+    nodes: Sequence[NodeAnnouncement],
+    start: int,
+    end: int,
+    avoid: Collection[str],
+    rng: random.Random,
+    quarantined: Collection[NodeKey] = frozenset(),
 ) -> list[Hop] | None:
-    """Hops over blocks [start, end) on nodes not in `avoid`, each picked at random among those that
-    serve the next block (so no node can count on checking its accomplice); None if they do not tile."""
+    """Hops over blocks [start, end) on nodes of no institution in `avoid` and not `quarantined`, each
+    picked at random among those that serve the next block (so no node can count on checking its
+    accomplice); None if they do not tile."""
     hops: list[Hop] = []
     at = start
     while at < end:
-        serving = [n for n in nodes if n.start <= at < n.end and n.node_id not in avoid and n.state == SERVING]
+        serving = [
+            n
+            for n in nodes
+            if n.start <= at < n.end
+            and n.state == SERVING
+            and n.institution not in avoid
+            and key_of(n) not in quarantined
+        ]
         if not serving:
             return None
         node = rng.choice(serving)
@@ -78,11 +98,12 @@ class SpotChecker:
         self.swarm = swarm
         self._open_replica = open_replica
 
-    async def replica(self, hop: Hop, avoid: set[str], max_length: int, charge: Charge) -> RemoteChain | None:
-        """A session over blocks [hop.start, hop.end) on nodes not in `avoid`, or None if they cannot open one.
-        `charge`: the checked session's, so that replicas are paid for the check like for any session."""
+    async def replica(self, hop: Hop, avoid: Collection[str], max_length: int, charge: Charge) -> RemoteChain | None:
+        """A session over blocks [hop.start, hop.end) on nodes of no institution in `avoid`, or None if
+        there are none or they cannot open one. `charge`: the checked session's, so that replicas are
+        paid for the check like for any session."""
         route = replica_route(
-            self.swarm.live_nodes(), hop.start, hop.end, avoid | self.book.quarantined(), self.book.rng
+            self.swarm.live_nodes(), hop.start, hop.end, avoid, self.book.rng, self.book.quarantined()
         )
         if route is None:
             return None

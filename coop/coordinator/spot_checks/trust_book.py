@@ -7,10 +7,11 @@ import logging
 import random
 import secrets
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 from coop.coordinator.spot_checks.policy import SpotCheckPolicy
 from coop.ledger.store import AuditEntry, Ledger
+from coop.swarm.node_key import NodeKey, key_of
 from coop.swarm.routing import Hop
 from coop.swarm.trust import DISPUTED, FAILED, PASSED, QUARANTINED, TrustRecord
 
@@ -18,7 +19,7 @@ log = logging.getLogger(__name__)
 
 AuditNote = tuple[str, str, str]  # (action, subject, detail), actions from coop.swarm.trust
 AuditSink = Callable[[list[AuditNote]], None]  # appends to the ledger's audit trail (blocking)
-LedgerTrust = Callable[[], dict[str, TrustRecord]]  # every node's record, as the ledger has it (blocking)
+LedgerTrust = Callable[[], dict[NodeKey, TrustRecord]]  # every node's record, as the ledger has it (blocking)
 TRUST_REFRESH_S = 5.0  # how often quarantines and lifts by others are read back from the ledger
 
 
@@ -31,58 +32,80 @@ class TrustBook:
 
     def __init__(self, policy: SpotCheckPolicy, rng: random.Random | None = None) -> None:
         self.policy = policy
-        self.records: dict[str, TrustRecord] = {}
+        self.records: dict[NodeKey, TrustRecord] = {}
         self.rng = rng or random.Random(secrets.randbits(64))
         self._audit: AuditSink | None = None
         self._writes: set[asyncio.Task[None]] = set()
         self._version = 0  # bumped by each verdict here, so a ledger read that raced it is not applied
-        self._predecessors: dict[str, set[str]] = {}  # per node, those after whose push it failed a check
+        # per node, the institutions after whose push it failed a check ("": the coordinator's)
+        self._predecessors: dict[NodeKey, set[str]] = {}
+        self._new_node_checks: Counter[str] = Counter()  # per institution, checks in flight its new nodes caused
 
-    def record(self, node_id: str) -> TrustRecord:
-        return self.records.setdefault(node_id, TrustRecord())
+    def record(self, node: NodeKey) -> TrustRecord:
+        return self.records.setdefault(node, TrustRecord())
 
-    def quarantined(self) -> frozenset[str]:
+    def quarantined(self) -> frozenset[NodeKey]:
         return frozenset(n for n, r in self.records.items() if r.quarantined)
 
-    def sampled(self, hops: Sequence[Hop]) -> bool:
-        new = any(self.record(h.node_id).passed < self.policy.history_steps for h in hops)
-        return self.rng.random() < (self.policy.new_node_rate if new else self.policy.rate)
+    def sampled(self, hops: Sequence[Hop]) -> tuple[str, ...] | None:
+        """Whether to check a session over `hops`: None if not, else the institutions it is charged to
+        (hand them back with `check_ended`).
 
-    def passed(self, counts: Counter[str]) -> None:
-        """A checked session ended: its nodes computed these many checked steps right."""
-        for node_id, steps in counts.items():
-            self.record(node_id).passed += steps
-        self._write([(PASSED, node_id, str(steps)) for node_id, steps in counts.items()])
-
-    def convict(self, node_id: str, predecessor: str, evidence: str) -> None:
-        """A check proved the node's output wrong, given the input its `predecessor` pushed it.
-
-        A node that knows a session's sketch seed can push a perturbation its sketches do not show
-        (coop.wire.sketches), which makes the next hop look wrong. So a node whose input came from
-        another node is quarantined only once it failed after two different predecessors; a failure
-        on the coordinator's own input (`predecessor` ""), nobody can have framed.
+        A node with little history raises the rate to `new_node_rate`, but a member mints node ids at
+        will: each institution's new nodes may cause at most `new_node_checks_per_institution` checks
+        at a time, beyond which its sessions are checked at the pool's `rate` like any other.
         """
-        framers = self._predecessors.setdefault(node_id, set())
+        new = {h.institution for h in hops if self.record(key_of(h)).passed < self.policy.history_steps}
+        charged = tuple(
+            sorted(i for i in new if self._new_node_checks[i] < self.policy.new_node_checks_per_institution)
+        )
+        if self.rng.random() >= (self.policy.new_node_rate if charged else self.policy.rate):
+            return None
+        self._new_node_checks.update(charged)
+        return charged
+
+    def check_ended(self, charged: Collection[str]) -> None:
+        self._new_node_checks.subtract(charged)
+        self._new_node_checks = +self._new_node_checks
+
+    def passed(self, counts: Counter[NodeKey]) -> None:
+        """A checked session ended: its nodes computed these many checked steps right."""
+        for node, steps in counts.items():
+            self.record(node).passed += steps
+        self._write([(PASSED, str(node), str(steps)) for node, steps in counts.items()])
+
+    def convict(self, node: NodeKey, predecessor: str, evidence: str) -> None:
+        """A check proved the node's output wrong, given the input that a node of institution
+        `predecessor` pushed it ("": the coordinator did).
+
+        A hop's sketches are bound to the bytes it pushed (coop.wire.sketches), so a predecessor cannot
+        hide a perturbation from them; but one just under the tolerance may grow past it in the next
+        hop's output. So a node whose input came from another node is quarantined only once it failed
+        after predecessors of two institutions (a member's many node ids count as one); a failure on
+        the coordinator's own input, nobody can have framed.
+        """
+        framers = self._predecessors.setdefault(node, set())
         framers.add(predecessor)
         if not predecessor or len(framers) >= 2:
-            self.quarantine(node_id, evidence)
+            self.quarantine(node, evidence)
             return
-        self.record(node_id).failed += 1
-        log.warning("node %s failed a check after %s: %s", node_id, predecessor, evidence)
-        self._write([(FAILED, node_id, evidence)])
+        self.record(node).failed += 1
+        log.warning("node %s failed a check after a node of %s: %s", node, predecessor, evidence)
+        self._write([(FAILED, str(node), evidence)])
 
-    def quarantine(self, node_id: str, evidence: str) -> None:
-        record = self.record(node_id)
+    def quarantine(self, node: NodeKey, evidence: str) -> None:
+        record = self.record(node)
         record.failed += 1
         record.quarantined = evidence
-        log.warning("node %s quarantined: %s", node_id, evidence)
-        self._write([(QUARANTINED, node_id, evidence)])
+        log.warning("node %s quarantined: %s", node, evidence)
+        self._write([(QUARANTINED, str(node), evidence)])
 
-    def disputed(self, node_ids: Sequence[str], evidence: str) -> None:
-        for node_id in node_ids:
-            self.record(node_id).disputed += 1
-        log.warning("spot check disputed between %s: %s", ", ".join(node_ids), evidence)
-        self._write([(DISPUTED, ",".join(node_ids), evidence)])
+    def disputed(self, nodes: Sequence[NodeKey], evidence: str) -> None:
+        """A check no one can settle: on the record of every node of it, against none of them."""
+        for node in nodes:
+            self.record(node).disputed += 1
+        log.warning("spot check disputed between %s: %s", ", ".join(map(str, nodes)), evidence)
+        self._write([(DISPUTED, str(node), evidence) for node in nodes])
 
     def _write(self, notes: list[AuditNote]) -> None:
         self._version += 1
