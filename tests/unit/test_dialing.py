@@ -23,6 +23,7 @@ from coop.pool.membership import Membership
 from coop.pool.registry import COORDINATORS_DIR, PoolInfo, read_revocations, revoke_member
 from coop.swarm.announcement import NodeAnnouncement, announcement_validator, stamp_announcement
 from coop.swarm.directory import SwarmDirectory
+from coop.swarm.node_key import NodeKey
 from coop.swarm.view import SwarmView
 from coop.wire.generated import coop_pb2 as pb
 from tests.ledger.conftest import MODEL_HASH, Receipts, span_flops_per_token
@@ -32,7 +33,8 @@ SIGNED = "member.test:4001"
 
 
 class FakeDHT:
-    """What a `get` of the directory key returns: every record some peer stored, as given."""
+    """What a `get` of the directory key returns: every record some peer stored, as given, each under the
+    subkey its own record names."""
 
     def __init__(self, records: list[dict[str, Any]]) -> None:
         self.records = records
@@ -42,7 +44,10 @@ class FakeDHT:
 
     def get(self, key: str, latest: bool, return_future: bool) -> concurrent.futures.Future[Any]:
         expires = time.time() + 60
-        entries = {record["node_id"]: ValueWithExpiration(record, expires) for record in self.records}
+        entries = {
+            str(NodeKey(record["institution"], record["node_id"])): ValueWithExpiration(record, expires)
+            for record in self.records
+        }
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         future.set_result(ValueWithExpiration(entries, expires))
         return future
