@@ -252,7 +252,7 @@ def main() -> None:
     print_row("swarm, 3 nodes, 1 session", swarm_tps, swarm_ttft)
     for n, tps in aggregate_tps.items():
         print_row(f"swarm, {n} concurrent sessions", tps)
-    print("ratios against generate(): stock transformers (the issue's baseline) | with the same packed kernels")
+    print("ratios against generate(): stock transformers (the issue's baseline) | with packed Linear weights")
     print(f"ratio swarm / local:                  {swarm_tps / stock[0]:.2f}x | {swarm_tps / packed[0]:.2f}x")
     print(f"ratio engine / local:                 {engine_tps / stock[0]:.2f}x | {engine_tps / packed[0]:.2f}x")
     print(f"ratio swarm / local time to first token: {swarm_ttft / stock[1]:.2f}x | {swarm_ttft / packed[1]:.2f}x")
