@@ -1,10 +1,11 @@
 """Swarm vs single process, measured in one run on this machine.
 
 Prints local single-process tokens/s (transformers' own generate() on the same prepared
-weights, stock and with the packed CPU Linear layers every Coop process uses, each ratio printed
-against both; and Coop's engine as one span), the swarm's tokens/s for one session (DHT + 3 node
-processes + coordinator on loopback, streamed over the OpenAI API), their ratio, time to first
-token for both, the aggregate tokens/s of N concurrent sessions, and start-up times (node start ->
+weights, with stock and with oneDNN-packed CPU Linear layers, each ratio printed against both; and
+Coop's engine as one span, in the layout it measured as faster: coop/model/weight_layout.py), the
+swarm's tokens/s for one session (DHT + 3 node processes + coordinator on loopback, streamed over the
+OpenAI API), their ratio, time to first
+token for both, the aggregate tokens/s of N concurrent sessions (8 and 16 by default), and start-up times (node start ->
 announced, coordinator start -> ready, median of 5: bench/startup.py). With --pool it runs the swarm
 twice, in development mode and as a member pool (mutual TLS with per-node certificates, signed
 announcements and routes, API keys, receipts booked in a ledger), and prints what security costs.
@@ -13,10 +14,12 @@ The swarm's processes (3 nodes and a coordinator) share this machine's cores, so
 `--threads-per-process` torch threads (default: its share of the cores), as a node on a machine of
 its own would use that machine's; more threads than cores spin against each other (measured on 2
 cores: 4x slower steps). The local rows are measured with torch's default threads and with that
-many, in rounds that alternate them (medians). The nodes run batched steps of up to `--node-batch-steps`
-sessions (default 16; a pool turns them on with COOP_NODE_MAX_BATCH_STEPS; 1: every step alone).
+many, in rounds that alternate them (medians). The nodes run at their defaults (batched steps, the
+weight layout each measures); `--node-batch-steps N` overrides their COOP_NODE_MAX_BATCH_STEPS (1: every
+step alone).
 
-    .venv/bin/python bench/swarm_vs_local.py [--tokens 64] [--sessions 8] [--node-batch-steps 16] [--repeats 3] [--pool]
+    .venv/bin/python bench/swarm_vs_local.py [--tokens 64] [--sessions 8 16] [--node-batch-steps N] [--repeats 3]
+        [--pool]
 """
 
 from __future__ import annotations
@@ -56,9 +59,9 @@ MODEL_DIR = Path(os.environ.get("COOP_BENCH_MODEL_DIR", ".cache/smollm2-demo"))
 Run = Callable[[], tuple[float, float]]  # one measured generation: (tokens/s, time to first token)
 
 
-def transformers_run(prompt: list[int], tokens: int, *, packed: bool) -> Run:
-    """generate() of the whole model; `packed`: with Coop's packed CPU Linear weights, else stock transformers."""
-    model = load_full_model(MODEL_DIR, Manifest.load(MODEL_DIR), torch.device("cpu"), packed=packed)
+def transformers_run(prompt: list[int], tokens: int, *, layout: str) -> Run:
+    """generate() of the whole model, its CPU Linear weights in `layout` ("stock": transformers' own, or "packed")."""
+    model = load_full_model(MODEL_DIR, Manifest.load(MODEL_DIR), torch.device("cpu"), layout=layout)
     ids = torch.tensor([prompt])
 
     def once() -> tuple[float, float]:
@@ -147,11 +150,13 @@ def stream_once(url: str, tokens: int, key: str | None = None, question: str = P
 
 
 def run_swarm(
-    tokens: int, sessions: int, repeats: int, *, secure: bool, threads: int, batch_steps: int
-) -> tuple[float, float, float]:
-    """Medians of `repeats` rounds: (tokens/s of one session, its time to first token, aggregate tokens/s of
-    `sessions` at once)."""
-    environment = {"OMP_NUM_THREADS": str(threads), "COOP_NODE_MAX_BATCH_STEPS": str(batch_steps)}
+    tokens: int, sessions: list[int], repeats: int, *, secure: bool, threads: int, batch_steps: int | None
+) -> tuple[float, float, dict[int, float]]:
+    """Medians of `repeats` rounds: (tokens/s of one session, its time to first token, {N: aggregate tokens/s
+    of N sessions at once} for each N of `sessions`). `batch_steps`: the nodes' max_batch_steps (None: default)."""
+    environment = {"OMP_NUM_THREADS": str(threads)}
+    if batch_steps is not None:
+        environment["COOP_NODE_MAX_BATCH_STEPS"] = str(batch_steps)
     with tempfile.TemporaryDirectory(prefix="coop-bench-") as scratch, mock.patch.dict(os.environ, environment):
         pool = LocalPool(str(MODEL_DIR))
         spans = {"bench-1": "0:10", "bench-2": "10:20", "bench-3": "20:30"}
@@ -174,25 +179,32 @@ def run_swarm(
                 pool.start_nodes(spans)
                 pool.start_coordinator()
             stream_once(pool.url, 8, key)  # warm-up: connections, caches
-            runs, aggregates = [], []
-            for _ in range(repeats):  # alternating, so that a noisy moment hits both figures
+            runs: list[tuple[int, float, float]] = []
+            aggregates: dict[int, list[float]] = {n: [] for n in sessions}
+            for _ in range(repeats):  # alternating, so that a noisy moment hits every figure
                 runs.append(stream_once(pool.url, tokens, key))
-                started = time.perf_counter()
-                with ThreadPoolExecutor(max_workers=sessions) as executor:
-                    results = list(executor.map(lambda _: stream_once(pool.url, tokens, key), range(sessions)))
-                aggregates.append(sum(count for count, _, _ in results) / (time.perf_counter() - started))
+                for n in sessions:
+                    aggregates[n].append(concurrent_tps(pool.url, tokens, key, n))
             one_tps = statistics.median(count / seconds for count, seconds, _ in runs)
             ttft = statistics.median(first for _, _, first in runs)
-            aggregate = statistics.median(aggregates)
+            aggregate = {n: statistics.median(values) for n, values in aggregates.items()}
         finally:
             pool.stop()
     return one_tps, ttft, aggregate
 
 
+def concurrent_tps(url: str, tokens: int, key: str | None, sessions: int) -> float:
+    """Aggregate tokens/s of `sessions` streams started at once."""
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=sessions) as executor:
+        results = list(executor.map(lambda _: stream_once(url, tokens, key), range(sessions)))
+    return sum(count for count, _, _ in results) / (time.perf_counter() - started)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--sessions", type=int, default=8)
+    parser.add_argument("--sessions", type=int, nargs="+", default=[8, 16], help="concurrent sessions to measure")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--pool", action="store_true", help="also run the swarm as a member pool (TLS, ledger)")
     parser.add_argument("--startup-repeats", type=int, default=5, help="node and coordinator starts to time, 0: none")
@@ -203,7 +215,7 @@ def main() -> None:
         help="torch threads of each swarm process (default: a quarter of the cores, for 3 nodes and a coordinator)",
     )
     parser.add_argument(
-        "--node-batch-steps", type=int, default=16, help="the nodes' COOP_NODE_MAX_BATCH_STEPS (1: no batched steps)"
+        "--node-batch-steps", type=int, default=None, help="override the nodes' max_batch_steps (1: no batched steps)"
     )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -214,8 +226,8 @@ def main() -> None:
     threads = args.threads_per_process
     local = measure_local(
         {
-            "stock": transformers_run(prompt, args.tokens, packed=False),
-            "packed": transformers_run(prompt, args.tokens, packed=True),
+            "stock": transformers_run(prompt, args.tokens, layout="stock"),
+            "packed": transformers_run(prompt, args.tokens, layout="packed"),
             "engine": engine_run(client, prompt, args.tokens),
         },
         threads,
@@ -231,22 +243,27 @@ def main() -> None:
     startup = measure_startup(args.startup_repeats)
 
     print(f"\nprompt {len(prompt)} tokens, {args.tokens} new tokens, {os.cpu_count()} CPU cores")
-    print(f"swarm: {threads} torch threads per process, node batched steps {args.node_batch_steps}")
+    batching = "default" if args.node_batch_steps is None else str(args.node_batch_steps)
+    print(f"swarm: {threads} torch threads per process, node max_batch_steps {batching}, load {os.getloadavg()}")
+    print(f"client part's weight layout: {client.weight_layout.describe()}")
     print_row("local, transformers generate()", *stock)
     print_row("local, generate(), packed Linear", *packed)
     print_row("local, coop engine as one span", engine_tps, engine_ttft)
     print_row("swarm, 3 nodes, 1 session", swarm_tps, swarm_ttft)
-    print_row(f"swarm, {args.sessions} concurrent sessions", aggregate_tps)
-    print("ratios against generate(): stock transformers (the issue's baseline) | with the same packed kernels")
+    for n, tps in aggregate_tps.items():
+        print_row(f"swarm, {n} concurrent sessions", tps)
+    print("ratios against generate(): stock transformers (the issue's baseline) | with packed Linear weights")
     print(f"ratio swarm / local:                  {swarm_tps / stock[0]:.2f}x | {swarm_tps / packed[0]:.2f}x")
     print(f"ratio engine / local:                 {engine_tps / stock[0]:.2f}x | {engine_tps / packed[0]:.2f}x")
     print(f"ratio swarm / local time to first token: {swarm_ttft / stock[1]:.2f}x | {swarm_ttft / packed[1]:.2f}x")
-    print(f"ratio {args.sessions} sessions / 1 session:      {aggregate_tps / swarm_tps:.2f}x")
+    for n, tps in aggregate_tps.items():
+        print(f"ratio {n} sessions / 1 session:      {tps / swarm_tps:.2f}x")
     if args.pool:
         print_row("member pool, 3 nodes, 1 session", pool_tps, pool_ttft)
-        print_row(f"member pool, {args.sessions} concurrent sessions", pool_aggregate)
         print(f"ratio member pool / development swarm, 1 session: {pool_tps / swarm_tps:.2f}x")
-        print(f"ratio member pool / development swarm, {args.sessions} sessions: {pool_aggregate / aggregate_tps:.2f}x")
+        for n, tps in pool_aggregate.items():
+            print_row(f"member pool, {n} concurrent sessions", tps)
+            print(f"ratio member pool / development swarm, {n} sessions: {tps / aggregate_tps[n]:.2f}x")
     if args.startup_repeats > 0:
         print_startup(startup)
 

@@ -80,6 +80,14 @@ class NodeSettings(BaseSettings):
     institution: str = setting("local", unit="name", doc="the institution (set by a member bundle)")
     node_id: str = setting("", unit="name", doc="the node's id (default: a random id per start)")
     device: str = setting("auto", unit="device", doc='"auto", "cpu", "cuda", "cuda:1", "mps"')
+    cpu_weight_layout: str = setting(
+        "auto",
+        unit="layout",
+        doc='how float32 CPU Linear weights run: "auto" times torch\'s stock layout against oneDNN-packed on this '
+        "machine at load, for 1 row and max_batch_steps rows, and keeps the faster (coop/model/weight_layout.py); "
+        '"stock" or "packed" forces one',
+        pattern=r"^(auto|stock|packed)$",
+    )
     announce_ttl_s: float = setting(
         9.0, unit="seconds", doc="a node that dies drops out of routes within this many seconds", gt=1.0
     )
@@ -182,11 +190,11 @@ class NodeSettings(BaseSettings):
         gt=0,
     )
     max_batch_steps: int = setting(
-        1,
+        16,
         unit="steps",
         doc="steps of different sessions that wait together run as one forward pass (coop.node.batching), up to "
-        "this many; 1 = off: batching reorders float sums, so near-ties in greedy decoding may break differently "
-        "from a single-process run",
+        "this many; 1 = off. Batching reorders float sums (logits move by ~1e-4 in float32), so a greedy near-tie "
+        "may break differently from a single-process run (bench/README.md, 'Batched steps')",
         ge=1,
     )
     batch_gather_s: float = setting(0.02, unit="seconds", doc="the longest a step waits for its batch-mates", ge=0)

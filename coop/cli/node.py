@@ -169,6 +169,7 @@ def status_rows(info: pb.NodeInfo) -> list[tuple[str, str]]:
         ("blocks", f"{info.start}:{info.end}"),
         ("model hash", info.model_hash[:16]),
         ("throughput", f"{info.throughput_tps:.1f} tokens/s"),
+        ("weight layout", info.weight_layout or "unknown"),
         ("active sessions", f"{info.active_sessions} (at most {limits.sessions_per_peer} per peer)"),
         (
             "KV cache",

@@ -18,6 +18,7 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from coop.errors import InvalidInput, ModelStoreError
 from coop.model.loading import load_client_model, resolve_device
 from coop.model.manifest import Manifest
+from coop.model.weight_layout import DEFAULT_BATCH_ROWS, LayoutChoice, apply_weight_layout, layout_of
 
 
 class ClientPart:
@@ -27,21 +28,32 @@ class ClientPart:
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase | None,
         device: torch.device,
+        weight_layout: LayoutChoice | None = None,
     ) -> None:
         self.manifest = manifest
+        self.weight_layout = weight_layout or LayoutChoice(layout_of(model), "fixed")
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
         self.dtype: torch.dtype = getattr(torch, manifest.dtype)
 
     @classmethod
-    def load(cls, model_dir: str | Path, *, device: str | torch.device | None = None) -> ClientPart:
+    def load(
+        cls,
+        model_dir: str | Path,
+        *,
+        device: str | torch.device | None = None,
+        weight_layout: str = "auto",
+        batch_rows: int = DEFAULT_BATCH_ROWS,
+    ) -> ClientPart:
+        """`weight_layout`: the LM head's CPU layout, auto (timed here), stock or packed (coop.model.weight_layout)."""
         model_dir = Path(model_dir)
         manifest = Manifest.load(model_dir)
         dev = resolve_device(device)
         model = load_client_model(model_dir, manifest, dev)
+        choice = apply_weight_layout(model, weight_layout, batch_rows=batch_rows, what="client part")
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir)) if manifest.has_tokenizer else None
-        return cls(manifest, model, tokenizer, dev)
+        return cls(manifest, model, tokenizer, dev, choice)
 
     @property
     def eos_token_ids(self) -> set[int]:

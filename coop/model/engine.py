@@ -41,6 +41,7 @@ from coop.model.manifest import Manifest
 from coop.model.packed_linear import packed_bytes
 from coop.model.packing import PackedCaches, full_attention_only, packed_attention_mask, packed_positions
 from coop.model.skeleton import PassThrough, decoder_layers
+from coop.model.weight_layout import DEFAULT_BATCH_ROWS, LayoutChoice, apply_weight_layout, layout_of
 
 _PASS_THROUGH = PassThrough()
 
@@ -88,8 +89,11 @@ class SpanEngine:
         *,
         cache_budget_bytes: int = DEFAULT_CACHE_BUDGET_BYTES,
         idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+        weight_layout: LayoutChoice | None = None,
     ) -> None:
+        """`weight_layout`: how the span's CPU weight layout was chosen (default: as `span_model` is)."""
         self.manifest = manifest
+        self.weight_layout = weight_layout or LayoutChoice(layout_of(span_model), "fixed")
         self.start, self.end = start, end
         self.device = device
         self.dtype: torch.dtype = getattr(torch, manifest.dtype)
@@ -120,12 +124,16 @@ class SpanEngine:
         device: str | torch.device | None = None,
         cache_budget_bytes: int = DEFAULT_CACHE_BUDGET_BYTES,
         idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+        weight_layout: str = "auto",
+        batch_rows: int = DEFAULT_BATCH_ROWS,
     ) -> SpanEngine:
+        """`weight_layout`: auto (timed for 1 and `batch_rows` rows), stock or packed (coop/model/weight_layout.py)."""
         model_dir = Path(model_dir)
         manifest = Manifest.load(model_dir)
         check_span(manifest, start, end)
         dev = resolve_device(device)
         span_model = load_span(model_dir, manifest, start, end, dev)
+        choice = apply_weight_layout(span_model, weight_layout, batch_rows=batch_rows, what=f"blocks {start}:{end}")
         return cls(
             manifest,
             span_model,
@@ -134,6 +142,7 @@ class SpanEngine:
             dev,
             cache_budget_bytes=cache_budget_bytes,
             idle_timeout_s=idle_timeout_s,
+            weight_layout=choice,
         )
 
     # -- accounting -------------------------------------------------------------------------

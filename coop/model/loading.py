@@ -2,7 +2,9 @@
 
 Each loader builds transformers' own classes on the meta device and fills in only the tensors
 it needs, read from the files the manifest lists (hash-checked on the way, except files unchanged
-since they last matched: `coop.model.verified`).
+since they last matched: `coop.model.verified`). The Linear weights stay stock: the CPU layout they run
+in is chosen by measurement (coop.model.weight_layout) by whoever runs them, the engine, the client part
+or, here, the whole-model reference.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from coop.errors import ModelIntegrityError, SpanOutOfRange
 from coop.model.files import load_tensors
 from coop.model.manifest import CLIENT_FILE, Manifest
-from coop.model.packed_linear import pack_linears
 from coop.model.skeleton import (
     PassThrough,
     base_model,
@@ -26,6 +27,7 @@ from coop.model.skeleton import (
     final_norm_name,
     layers_prefix,
 )
+from coop.model.weight_layout import DEFAULT_BATCH_ROWS, apply_weight_layout
 from coop.progress import progress_bar
 
 
@@ -95,11 +97,16 @@ def load_client_model(model_dir: Path, manifest: Manifest, device: torch.device)
 
 
 def load_full_model(
-    model_dir: Path, manifest: Manifest, device: torch.device, *, packed: bool = True
+    model_dir: Path,
+    manifest: Manifest,
+    device: torch.device,
+    *,
+    layout: str = "auto",
+    batch_rows: int = DEFAULT_BATCH_ROWS,
 ) -> PreTrainedModel:
     """The whole model in one process: the reference that every distributed path must match.
 
-    `packed=False` keeps transformers' own Linear layers (a stock baseline for benchmarks).
+    `layout`: its CPU weight layout, "auto" (measured, as nodes and coordinators choose), "stock" or "packed".
     """
     config = load_config(model_dir, manifest)
     model = build_empty(config, causal_lm=True)
@@ -110,7 +117,9 @@ def load_full_model(
         block = load_tensors(model_dir, manifest, info.file, device)
         tensors.update({f"{prefix}.{info.index}.{name}": t for name, t in block.items()})
     _load_non_block_tensors(model, tensors)
-    return _on_device(model, device, packed=packed)
+    model = _on_device(model, device)
+    apply_weight_layout(model, layout, batch_rows=batch_rows, what="whole model")
+    return model
 
 
 def _load_non_block_tensors(model: PreTrainedModel, tensors: dict[str, torch.Tensor]) -> None:
@@ -123,10 +132,6 @@ def _load_non_block_tensors(model: PreTrainedModel, tensors: dict[str, torch.Ten
         raise ModelIntegrityError(f"tensors missing from the model files: {still_empty[:5]}")
 
 
-def _on_device(model: PreTrainedModel, device: torch.device, *, packed: bool = True) -> PreTrainedModel:
-    """Move buffers (rotary tables) to the device the loaded parameters already sit on, and pack the
-    Linear weights for CPU kernels (`coop.model.packed_linear`; a no-op elsewhere)."""
-    model = cast(PreTrainedModel, nn.Module.to(model, device).eval())
-    if packed:
-        pack_linears(model)
-    return model
+def _on_device(model: PreTrainedModel, device: torch.device) -> PreTrainedModel:
+    """Move buffers (rotary tables) to the device the loaded parameters already sit on."""
+    return cast(PreTrainedModel, nn.Module.to(model, device).eval())

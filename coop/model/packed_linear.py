@@ -6,9 +6,9 @@ so on this 2-core machine a block's 1536×576 MLP matmul costs 4.4× one row for
 torch.compile's CPU freezing does, through the same oneDNN ops), 8 rows cost ~1.6× one row and the LM
 head ~3 ms for one row: the batched steps of concurrent sessions become nearly free per row.
 
-Every loader packs (span, client part, whole model), so a single-process reference run uses the
-same kernels as the swarm and greedy tokens stay equal. The dense weight is dropped (the memory is
-the same), except where it is tied to the embeddings, which keep it. Quantized (torchao) weights,
+On other CPUs (a Xeon with AVX-512/AMX) torch's stock Linear is the faster one, so whether a process
+packs is chosen by timing both at load (coop.model.weight_layout). The dense weight is dropped (the
+memory is the same), except where it is tied to the embeddings, which keep it. Quantized (torchao) weights,
 other dtypes and other devices are left as they are.
 """
 
@@ -42,6 +42,11 @@ class PackedLinear(nn.Module):
 
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
+
+
+def packable_linears(model: nn.Module) -> list[nn.Linear]:
+    """The plain float32 CPU `nn.Linear` layers of `model`: those `pack_linears` would pack."""
+    return [m for m in model.modules() if type(m) is nn.Linear and _plain_cpu_float32(m.weight)]
 
 
 def pack_linears(model: nn.Module) -> int:

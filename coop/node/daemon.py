@@ -337,6 +337,8 @@ def _load_engine(settings: NodeSettings, model: ServableModel, start: int, end: 
         device=settings.device,
         cache_budget_bytes=settings.cache_budget_mb << 20,
         idle_timeout_s=settings.idle_timeout_s,
+        weight_layout=settings.cpu_weight_layout,
+        batch_rows=settings.max_batch_steps,
     )
 
 

@@ -95,6 +95,12 @@ class _NodeCollector(Collector):
             "What this node serves",
             value={"node_id": info.node_id, "model_hash": info.model_hash, "blocks": f"{info.start}:{info.end}"},
         )
+        layout, _, how = info.weight_layout.partition(" ")
+        yield InfoMetricFamily(
+            "coop_node_weight_layout",
+            "The layout the node's Linear weights run in (stock or packed) and how it was chosen",
+            value={"layout": layout, "choice": how.strip("()")},
+        )
         counters = info.counters
         for name, help_text, total in (
             ("coop_node_steps", "Steps this node ran through its blocks", counters.steps_run),

@@ -135,6 +135,7 @@ class NodeService(coop_pb2_grpc.NodeServicer):
             queued_steps=self.steps.queued_steps,
             open_channels=self.steps.open_channels,
             state=self.serving.state,
+            weight_layout=self.engine.weight_layout.describe(),
             limits=pb.NodeInfo.Limits(
                 cache_budget_bytes=self.engine.cache_budget_bytes,
                 sessions_per_peer=limits.max_sessions_per_peer,

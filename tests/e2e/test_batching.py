@@ -48,9 +48,7 @@ def pool(demo_model_dir: str) -> Iterator[LocalPool]:
     pool = LocalPool(demo_model_dir)
     try:
         pool.start_dht()
-        with pytest.MonkeyPatch.context() as patch:  # batching is off by default
-            patch.setenv("COOP_NODE_MAX_BATCH_STEPS", "16")
-            pool.start_nodes(SPANS)
+        pool.start_nodes(SPANS)  # at their defaults: batched steps, the CPU weight layout measured by each node
         pool.start_coordinator()
         yield pool
     finally:

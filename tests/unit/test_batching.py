@@ -211,3 +211,23 @@ def test_a_free_engine_holds_a_step_for_the_other_active_sessions() -> None:
     fake.hold = False
     asyncio.run(scenario())
     assert fake.batches == [["a"], ["b"], ["a", "b"], ["a"]]
+
+
+def test_a_step_is_not_held_for_a_session_whose_steps_come_back_later_than_the_window() -> None:
+    async def scenario() -> float:
+        batcher = StepBatcher(fake, gather_s=GATHER_S)  # type: ignore[arg-type]
+        try:
+            await batcher.step("slow", _hidden(1), 0, priority=MID)
+            await asyncio.sleep(SLOW_GAP_S)  # its steps come back after longer than the window
+            await batcher.step("slow", _hidden(1), 1, priority=MID)
+            began = asyncio.get_running_loop().time()
+            await batcher.step("fast", _hidden(1), 0, priority=MID)  # "slow" is not due within GATHER_S
+            return asyncio.get_running_loop().time() - began
+        finally:
+            batcher.close()
+
+    GATHER_S, SLOW_GAP_S = 0.3, 0.4
+    fake = _RecordingEngine()
+    fake.hold = False
+    assert asyncio.run(scenario()) < GATHER_S
+    assert fake.batches == [["slow"], ["slow"], ["fast"]]

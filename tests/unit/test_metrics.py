@@ -27,6 +27,7 @@ LIMIT_HITS = 3
 STEPS_RUN = 7
 RESERVED_BYTES = 4096
 PENDING_RECEIPTS = 2
+WEIGHT_LAYOUT = "stock (measured: packed/stock 1.29x at 1 row, 0.95x at 16 rows)"
 PROMPT_TOKENS = 5
 GENERATED = [11, 12, 13, 14]
 HOPS = [
@@ -53,6 +54,7 @@ def test_a_node_serves_its_info_outbox_and_refusals(tmp_path: Path) -> None:
         start=0,
         end=2,
         reserved_cache_bytes=RESERVED_BYTES,
+        weight_layout=WEIGHT_LAYOUT,
         counters=pb.NodeInfo.Counters(steps_run=STEPS_RUN, limited={"max_sessions_per_peer": LIMIT_HITS}),
     )
     metrics = NodeMetrics()
@@ -80,6 +82,8 @@ def test_a_node_serves_its_info_outbox_and_refusals(tmp_path: Path) -> None:
     }
     assert rejected == {"max_sessions_per_peer": LIMIT_HITS, "unauthorized": 1}
     assert samples[("coop_node_info", frozenset({("node_id", "n1"), ("model_hash", ""), ("blocks", "0:2")}))] == 1
+    how = "measured: packed/stock 1.29x at 1 row, 0.95x at 16 rows"
+    assert samples[("coop_node_weight_layout_info", frozenset({("layout", "stock"), ("choice", how)}))] == 1
 
 
 async def _generation(fail: bool = False) -> AsyncGenerator[GenerationEvent, None]:

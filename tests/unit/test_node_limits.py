@@ -196,7 +196,8 @@ def test_a_coordinator_that_does_not_read_loses_its_session(engine: SpanEngine) 
 def test_steps_in_flight_are_limited_per_peer(
     engine: SpanEngine, reference: SpanEngine, limit: str, value: int, says: str
 ) -> None:
-    limits = {limit: value, "max_steps_in_flight_per_session": 2}
+    # steps run one at a time, so that each output equals the reference's single step bit for bit
+    limits = {limit: value, "max_steps_in_flight_per_session": 2, "max_batch_steps": 1}
     inputs = {(s, i): hidden_states(STEP_TOKENS, seed=10 * s + i) for s in (1, 2) for i in (0, 1, 2)}
     with held_in_engine(engine) as release, NodeInThread(engine, **limits) as node, channel(node) as ch:
         stub = coop_pb2_grpc.NodeStub(ch)

@@ -52,6 +52,8 @@ def sample(name: str, field: FieldInfo) -> dict[str, Any]:
         return {source: start + (i + 1) * step for i, source in enumerate(SOURCES)}
     if getattr(base, "__origin__", None) is tuple:
         return {source: [f"/tmp/{source}-{name}-{i}" for i in range(2)] for source in SOURCES}
+    if name == "cpu_weight_layout":
+        return {"env": "stock", "file": "stock", "flag": "packed"}
     if name == "public_endpoint":
         return {source: f"{source}-host:{i + 1}" for i, source in enumerate(SOURCES)}
     return {source: f"/tmp/{source}-{name}" for source in SOURCES}

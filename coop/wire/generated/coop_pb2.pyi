@@ -89,7 +89,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "model_hash", "start", "end", "throughput_tps", "free_cache_bytes", "active_sessions", "counters", "reserved_cache_bytes", "used_cache_bytes", "steps_in_flight", "in_flight_bytes", "queued_steps", "open_channels", "limits", "state")
+    __slots__ = ("node_id", "model_hash", "start", "end", "throughput_tps", "free_cache_bytes", "active_sessions", "counters", "reserved_cache_bytes", "used_cache_bytes", "steps_in_flight", "in_flight_bytes", "queued_steps", "open_channels", "limits", "state", "weight_layout")
     class Counters(_message.Message):
         __slots__ = ("steps_run", "pushes_sent", "results_sent", "limited")
         class LimitedEntry(_message.Message):
@@ -145,6 +145,7 @@ class NodeInfo(_message.Message):
     OPEN_CHANNELS_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_LAYOUT_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     model_hash: str
     start: int
@@ -161,7 +162,8 @@ class NodeInfo(_message.Message):
     open_channels: int
     limits: NodeInfo.Limits
     state: str
-    def __init__(self, node_id: _Optional[str] = ..., model_hash: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., throughput_tps: _Optional[float] = ..., free_cache_bytes: _Optional[int] = ..., active_sessions: _Optional[int] = ..., counters: _Optional[_Union[NodeInfo.Counters, _Mapping]] = ..., reserved_cache_bytes: _Optional[int] = ..., used_cache_bytes: _Optional[int] = ..., steps_in_flight: _Optional[int] = ..., in_flight_bytes: _Optional[int] = ..., queued_steps: _Optional[int] = ..., open_channels: _Optional[int] = ..., limits: _Optional[_Union[NodeInfo.Limits, _Mapping]] = ..., state: _Optional[str] = ...) -> None: ...
+    weight_layout: str
+    def __init__(self, node_id: _Optional[str] = ..., model_hash: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., throughput_tps: _Optional[float] = ..., free_cache_bytes: _Optional[int] = ..., active_sessions: _Optional[int] = ..., counters: _Optional[_Union[NodeInfo.Counters, _Mapping]] = ..., reserved_cache_bytes: _Optional[int] = ..., used_cache_bytes: _Optional[int] = ..., steps_in_flight: _Optional[int] = ..., in_flight_bytes: _Optional[int] = ..., queued_steps: _Optional[int] = ..., open_channels: _Optional[int] = ..., limits: _Optional[_Union[NodeInfo.Limits, _Mapping]] = ..., state: _Optional[str] = ..., weight_layout: _Optional[str] = ...) -> None: ...
 
 class SessionControl(_message.Message):
     __slots__ = ("open", "close")
