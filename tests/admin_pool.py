@@ -27,6 +27,7 @@ from coop.pool.bundle import MemberBundle
 from coop.pool.registry import PoolInfo, create_api_key, revoke_member
 from coop.receipts import ReceiptBody, new_receipt_id, sign_receipt
 from coop.swarm.announcement import PAUSED, SERVING, NodeAnnouncement, sign_announcement
+from coop.swarm.node_key import NodeKey
 from tests.pools import certificates_backdated, make_pool
 
 NUM_BLOCKS = 30
@@ -53,7 +54,7 @@ SESSIONS = 36
 class StaticSwarm:
     """A swarm view with fixed live nodes: the admin view's `SwarmProvider`, without a DHT."""
 
-    def __init__(self, num_blocks: int, nodes: list[NodeAnnouncement], load: Counter[str]) -> None:
+    def __init__(self, num_blocks: int, nodes: list[NodeAnnouncement], load: Counter[NodeKey]) -> None:
         self.num_blocks = num_blocks
         self.nodes = nodes
         self.load = load
@@ -170,8 +171,8 @@ def build_admin_pool(root: Path, *, ledger_url: str | None = None, seed: int = 6
     )
 
 
-def _load() -> Counter[str]:
-    return Counter({node_id: spec[4] for node_id, spec in LIVE_NODES.items()})
+def _load() -> Counter[NodeKey]:
+    return Counter({NodeKey(spec[0], node_id): spec[4] for node_id, spec in LIVE_NODES.items()})
 
 
 def _announcements(pool_id: str, bundles: dict[str, MemberBundle], now: float) -> list[NodeAnnouncement]:

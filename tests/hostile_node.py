@@ -11,6 +11,7 @@ import grpc
 import torch
 
 from coop.errors import InvalidTensor
+from coop.swarm.node_key import NodeKey
 from coop.swarm.routing import Hop
 from coop.wire.errors import error_to_proto
 from coop.wire.generated import coop_pb2 as pb
@@ -59,7 +60,7 @@ class HostileNode:
         self.misbehaviour = misbehaviour
         self.hidden_size = hidden_size
         self.hop = Hop(self.node_id, "127.0.0.1:1", 0, num_blocks)
-        self.load: Counter[str] = Counter()  # the SwarmView half
+        self.load: Counter[NodeKey] = Counter()  # the SwarmView half
         self.suspected: list[tuple[str, str]] = []
         self.call = FakeSessionCall()
 

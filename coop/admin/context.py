@@ -19,6 +19,7 @@ from coop.admin.auth import SignInThrottle
 from coop.ledger.fairshare import FairShare
 from coop.ledger.store import Ledger
 from coop.swarm.announcement import NodeAnnouncement
+from coop.swarm.node_key import NodeKey
 
 TOKEN_WINDOW_S = 15 * 60.0  # how far back the tokens/s chart looks
 
@@ -30,8 +31,8 @@ class SwarmProvider(Protocol):
     def num_blocks(self) -> int: ...
 
     @property
-    def load(self) -> Mapping[str, int]:
-        """Sessions this coordinator has open on each node, by node id."""
+    def load(self) -> Mapping[NodeKey, int]:
+        """Sessions this coordinator has open on each node, by (institution, node id)."""
         ...
 
     def live_nodes(self) -> list[NodeAnnouncement]: ...

@@ -36,7 +36,7 @@ from coop.ledger.models import Receipt, flops_to_credits
 from coop.pool.api_keys import ApiKeyRecord, ApiKeyStore
 from coop.pool.registry import API_KEYS_FILE, MemberInfo, PoolInfo, list_members, read_revocations
 from coop.swarm.announcement import SERVING, NodeAnnouncement
-from coop.swarm.node_key import key_of
+from coop.swarm.node_key import NodeKey, key_of
 from coop.swarm.trust import TrustRecord, trust_from_ledger
 
 DETAIL_RECEIPTS = 20
@@ -79,7 +79,7 @@ class Live:
     """The coordinator's live swarm view, copied on the event loop that updates it (views run in threads)."""
 
     nodes: list[NodeAnnouncement]  # of every model
-    load: dict[str, int]  # open sessions by node id
+    load: dict[NodeKey, int]  # open sessions by node
     models: list[LiveModel]  # the default model first
 
     @property
@@ -90,7 +90,7 @@ class Live:
     @classmethod
     def snapshot(cls, ctx: AdminContext) -> Live:
         nodes: list[NodeAnnouncement] = []
-        load: dict[str, int] = {}
+        load: dict[NodeKey, int] = {}
         models = []
         for name, swarm in ctx.swarms().items():
             live = list(swarm.live_nodes())
@@ -122,7 +122,7 @@ def nodes(ctx: AdminContext, pool: PoolState, now: Live, *, now_s: float | None 
                 endpoint=ann.endpoint,
                 model=model_of.get(ann.node_id, ""),
                 throughput_tps=ann.throughput_tps,
-                sessions=load.get(ann.node_id, 0),
+                sessions=load.get(key_of(ann), 0),
                 state=ann.state,
                 online_since=utc_from_s(since[ann.node_id]),
                 uptime_s=max(0.0, now_s - since[ann.node_id]),

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from coop.errors import InvalidInput
 from coop.swarm.announcement import SERVING, NodeAnnouncement
+from coop.swarm.node_key import key_of
 from coop.swarm.routing import expected_block_s
 
 DEFAULT_THRESHOLD = 1.25
@@ -64,7 +65,7 @@ def block_capacity(nodes: Sequence[NodeAnnouncement], num_blocks: int) -> list[f
     block_s = expected_block_s(serving, {})
     capacity = [0.0] * num_blocks
     for node in serving:
-        tps = 1.0 / (block_s[node.node_id] * (node.end - node.start))
+        tps = 1.0 / (block_s[key_of(node)] * (node.end - node.start))
         for index in range(node.start, node.end):
             capacity[index] += tps
     return capacity

@@ -70,8 +70,8 @@ def claimed_block_s(node: NodeAnnouncement) -> float:
     return 1.0 / (max(node.throughput_tps, MIN_THROUGHPUT_TPS) * (node.end - node.start))
 
 
-def expected_block_s(nodes: Sequence[NodeAnnouncement], measured: Mapping[str, Measured]) -> dict[str, float]:
-    """Per node id, the seconds per decode token per block that routing expects (one session of ours).
+def expected_block_s(nodes: Sequence[NodeAnnouncement], measured: Mapping[NodeKey, Measured]) -> dict[NodeKey, float]:
+    """Per node, the seconds per decode token per block that routing expects (one session of ours).
 
     A measured node's measurement; a node never measured, its claim but no less than the fastest
     measured node's time (before any measurement, the median claim, which one liar moves by one place at most).
@@ -82,10 +82,10 @@ def expected_block_s(nodes: Sequence[NodeAnnouncement], measured: Mapping[str, M
     else:
         claims = sorted(claimed_block_s(node) for node in nodes)
         prior_floor = claims[len(claims) // 2] if claims else 0.0
-    expected: dict[str, float] = {}
+    expected: dict[NodeKey, float] = {}
     for node in nodes:
-        known = measured.get(node.node_id, Measured()).block_s
-        expected[node.node_id] = known if known is not None else max(claimed_block_s(node), prior_floor)
+        known = measured.get(key_of(node), Measured()).block_s
+        expected[key_of(node)] = known if known is not None else max(claimed_block_s(node), prior_floor)
     return expected
 
 
@@ -104,8 +104,8 @@ def choose_route(
     nodes: Sequence[NodeAnnouncement],
     num_blocks: int,
     *,
-    measured: Mapping[str, Measured] | None = None,
-    load: Mapping[str, int] | None = None,
+    measured: Mapping[NodeKey, Measured] | None = None,
+    load: Mapping[NodeKey, int] | None = None,
     exclude: Collection[NodeKey] = (),
     refusal_rates: Mapping[NodeKey, float] | None = None,
     rng: random.Random | None = None,
@@ -121,7 +121,7 @@ def choose_route(
     rng = rng or random.Random()
     candidates = [n for n in nodes if key_of(n) not in exclude and n.end <= num_blocks and n.state == SERVING]
     # the first node to reach a cost keeps it: so the least loaded first, equals in random order
-    usable = sorted(candidates, key=lambda n: (load.get(n.node_id, 0), rng.random()))
+    usable = sorted(candidates, key=lambda n: (load.get(key_of(n), 0), rng.random()))
     gaps = missing_blocks(usable, num_blocks)
     if gaps:
         raise RouteUnavailable(gaps, num_blocks)
@@ -139,14 +139,15 @@ def choose_route(
         for node in usable:
             if not node.start <= boundary < node.end:
                 continue
-            rtt_s = measured.get(node.node_id, Measured()).rtt_s
+            key = key_of(node)
+            rtt_s = measured.get(key, Measured()).rtt_s
             for end in range(boundary + 1, node.end + 1):
                 step = hop_cost_s(
-                    block_s[node.node_id],
+                    block_s[key],
                     end - boundary,
-                    active_sessions=load.get(node.node_id, 0),
+                    active_sessions=load.get(key, 0),
                     rtt_s=DEFAULT_RTT_S if rtt_s is None else rtt_s,
-                    refusal_rate=refusal_rates.get(key_of(node), 0.0),
+                    refusal_rate=refusal_rates.get(key, 0.0),
                 )
                 if cost + step < best.get(end, float("inf")) - 1e-12:
                     best[end] = cost + step

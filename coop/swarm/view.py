@@ -11,8 +11,8 @@ A node that just failed one of our sessions is held back as a suspect for a whil
 avoid it before its DHT record expires. Only what this coordinator saw makes a suspect (a stream
 that broke, a probe unanswered): what one node reports of another is a claim, which the chain
 weighs (`coop.pipeline.route_failures`) before it calls `suspect`. A node that refuses sessions is
-no suspect, only priced by its refusal rate (`coop.swarm.refusals`). Both are kept per
-(institution, node id): a node id is unique only within its institution.
+no suspect, only priced by its refusal rate (`coop.swarm.refusals`). Both, like our measurements
+and load, are kept per (institution, node id): a node id is unique only within its institution.
 
 A route counts as our load on its nodes from the moment it is chosen until its chain releases it,
 so requests that arrive together spread out instead of all taking the route that was cheapest
@@ -72,7 +72,7 @@ class SwarmView:
         self.num_blocks = num_blocks
         self.refresh_s = refresh_s
         self.nodes: list[NodeAnnouncement] = []
-        self.load: Counter[str] = Counter()  # our sessions per node: routes chosen and not yet released
+        self.load: Counter[NodeKey] = Counter()  # our sessions per node: routes chosen and not yet released
         self._suspects: dict[NodeKey, float] = {}  # until when, in time.monotonic()
         self.refusals = RefusalRates()
         self.quarantined = quarantined
@@ -96,8 +96,9 @@ class SwarmView:
         except CoopError as exc:
             log.warning("could not refresh the node list from the DHT: %s", exc)
             return
-        self.measurements.keep_only({node.node_id for node in self.nodes})
-        self.refusals.keep_only({key_of(node) for node in self.nodes})
+        listed = {key_of(node) for node in self.nodes}
+        self.measurements.keep_only(listed)
+        self.refusals.keep_only(listed)
 
     async def _refresh_forever(self) -> None:
         for count in itertools.count():
@@ -114,7 +115,7 @@ class SwarmView:
         samples = await asyncio.gather(*(self.ping(node) for node in nodes), return_exceptions=True)
         for node, sample in zip(nodes, samples, strict=True):
             if isinstance(sample, float):
-                self.measurements.rtt_measured(node.node_id, sample)
+                self.measurements.rtt_measured(key_of(node), sample)
 
     def step_completed(self, hops: Sequence[Hop], tokens: int, seconds: float) -> None:
         """A chain's step of `tokens` tokens took `seconds` through `hops`, network included.
@@ -124,9 +125,9 @@ class SwarmView:
         """
         if tokens != 1:
             return
-        blocks: Counter[str] = Counter()
+        blocks: Counter[NodeKey] = Counter()
         for hop in hops:
-            blocks[hop.node_id] += hop.end - hop.start
+            blocks[hop.key] += hop.end - hop.start
         estimates = expected_block_s(self.nodes, self.measurements.nodes)
         self.measurements.step_measured(seconds, blocks, block_s=estimates, sessions=self.load)
 
@@ -171,15 +172,15 @@ class SwarmView:
         except RouteUnavailable:
             await self.refresh()  # a node may have joined since the last refresh
             hops = self._choose(exclude, avoid_institutions)
-        self.load.update(hop.node_id for hop in hops)  # no await since the choice: no one else chose meanwhile
+        self.load.update(hop.key for hop in hops)  # no await since the choice: no one else chose meanwhile
         return hops
 
     def release(self, hops: Sequence[Hop]) -> None:
         """A chain is done with a route that `route` returned."""
         for hop in hops:
-            self.load[hop.node_id] -= 1
-            if self.load[hop.node_id] <= 0:
-                del self.load[hop.node_id]
+            self.load[hop.key] -= 1
+            if self.load[hop.key] <= 0:
+                del self.load[hop.key]
 
     def _choose(self, exclude: Collection[NodeKey], avoid_institutions: Collection[str]) -> list[Hop]:
         quarantined = self.quarantined()

@@ -18,6 +18,7 @@ from coop.ledger.models import FLOPS_PER_CREDIT
 from coop.pool.api_keys import ApiKeyStore, api_key_digest
 from coop.pool.registry import API_KEYS_FILE
 from coop.swarm.announcement import PAUSED
+from coop.swarm.node_key import key_of
 from tests.admin_pool import (
     OFFLINE_NODE,
     PAUSED_NODE,
@@ -232,7 +233,7 @@ def test_overview_has_one_coverage_map_per_model(data: AdminPool) -> None:
     small_node = data.swarm.nodes[0].model_copy(update={"node_id": "small-0", "model_hash": "5ma11", "end": 2})
     # online and listed, but paused: it serves no route, so its blocks count as uncovered (as /v1/models counts)
     paused = small_node.model_copy(update={"node_id": "small-1", "start": 2, "end": 4, "state": PAUSED})
-    small = StaticSwarm(4, [small_node, paused], Counter({"small-0": 1}))
+    small = StaticSwarm(4, [small_node, paused], Counter({key_of(small_node): 1}))
     context = dataclasses.replace(data.context(), swarm={"big-model": data.swarm, "small-model": small})
     app = FastAPI()
     mount_admin(app, context)

@@ -22,6 +22,7 @@ from coop.pool.ca import DEFAULT_MAX_NODES, load_cert, max_nodes_of, member_cert
 from coop.pool.registry import PoolInfo, add_member, create_pool, load_ca
 from coop.swarm.announcement import AnnouncementVerifier, stamp_announcement
 from coop.swarm.directory import SwarmDirectory
+from coop.swarm.node_key import NodeKey
 from coop.swarm.routing import choose_route
 from coop.swarm.validation import PoolRecordValidator
 
@@ -98,11 +99,11 @@ def test_a_members_nodes_beyond_its_allowance_are_never_listed_or_routed(
     assert {(n.institution, n.node_id) for n in listed} == {("Greedy", "g-0"), ("Greedy", "g-1"), ("Honest", "h-0")}
 
     routed = set()
-    load: dict[str, int] = {}
+    load: dict[NodeKey, int] = {}
     for _ in range(10):  # sessions pile up on the fast nodes until the honest one is cheaper
         for hop in choose_route(listed, NUM_BLOCKS, load=load):
             routed.add(hop.node_id)
-            load[hop.node_id] = load.get(hop.node_id, 0) + 1
+            load[hop.key] = load.get(hop.key, 0) + 1
     assert routed <= {"g-0", "g-1", "h-0"}
 
 

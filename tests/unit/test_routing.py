@@ -11,6 +11,7 @@ import pytest
 from coop.errors import RouteUnavailable
 from coop.swarm.announcement import NodeAnnouncement
 from coop.swarm.measurements import Measured, Measurements, attribute_step
+from coop.swarm.node_key import NodeKey, key_of
 from coop.swarm.refusals import HALF_LIFE_S, RefusalRates
 from coop.swarm.routing import MAX_REFUSAL_PENALTY, Hop, choose_route, expected_block_s, missing_blocks, refusal_penalty
 from coop.swarm.view import Ping, SwarmView
@@ -19,6 +20,11 @@ from tests.announcements import node
 NUM_BLOCKS = 30
 LIAR_TPS = 1e12
 BLOCK_S = 0.001  # what the honest nodes were measured at, per block and decode token
+
+
+def keyed(node_id: str, institution: str = "i") -> NodeKey:
+    """The key of `tests.announcements.node(node_id, ...)`, whose institution is "i" unless named."""
+    return NodeKey(institution, node_id)
 
 
 def spans(route: list[Hop]) -> list[tuple[str, int, int]]:
@@ -47,7 +53,7 @@ def test_overlapping_spans_are_cut_into_sub_spans() -> None:
 def test_load_spreads_sessions_over_replicas() -> None:
     nodes = [node("a", 0, 10), node("b1", 10, 20), node("b2", 10, 20), node("c", 20, 30)]
     first = choose_route(nodes, NUM_BLOCKS)[1].node_id
-    second = choose_route(nodes, NUM_BLOCKS, load={first: 1})[1].node_id
+    second = choose_route(nodes, NUM_BLOCKS, load={keyed(first): 1})[1].node_id
     assert {first, second} == {"b1", "b2"}
 
 
@@ -88,7 +94,11 @@ def test_measured_rtt_steers_routes_to_the_nearer_replica() -> None:
         view = _view(nodes, ping)
         await view.start()
         await view.stop()
-        assert {n for n, m in view.measurements.nodes.items() if m.rtt_s is not None} == {"a", "far", "near"}
+        assert {n for n, m in view.measurements.nodes.items() if m.rtt_s is not None} == {
+            keyed("a"),
+            keyed("far"),
+            keyed("near"),
+        }
         return [hop.node_id for hop in await view.route()]
 
     rtts["far"], rtts["near"] = 0.001, 0.2  # measured, not named: the lower RTT wins either way
@@ -105,37 +115,37 @@ def honest_pool() -> list[NodeAnnouncement]:
     return [node("head", 0, 15), node("tail", 15, 30), node("whole", 0, 30), node("liar", 0, 30, tps=LIAR_TPS)]
 
 
-HONEST_MEASURED = {name: Measured(rtt_s=0.001, block_s=BLOCK_S) for name in ("head", "tail", "whole")}
+HONEST_MEASURED = {keyed(name): Measured(rtt_s=0.001, block_s=BLOCK_S) for name in ("head", "tail", "whole")}
 
 
 def test_a_claim_is_believed_no_faster_than_the_fastest_measured_node() -> None:
-    estimates = expected_block_s(honest_pool(), {**HONEST_MEASURED, "whole": Measured(block_s=BLOCK_S / 2)})
-    assert estimates["liar"] == BLOCK_S / 2
-    assert estimates["head"] == estimates["tail"] == BLOCK_S
+    estimates = expected_block_s(honest_pool(), {**HONEST_MEASURED, keyed("whole"): Measured(block_s=BLOCK_S / 2)})
+    assert estimates[keyed("liar")] == BLOCK_S / 2
+    assert estimates[keyed("head")] == estimates[keyed("tail")] == BLOCK_S
     slow_claim = node("slow", 0, 30, tps=1.0)  # a claim slower than the cap stands
-    assert expected_block_s([slow_claim], HONEST_MEASURED)["slow"] == 1.0 / NUM_BLOCKS
+    assert expected_block_s([slow_claim], HONEST_MEASURED)[keyed("slow")] == 1.0 / NUM_BLOCKS
 
 
 def test_before_any_measurement_the_median_claim_caps_the_liar() -> None:
     nodes = honest_pool()
     estimates = expected_block_s(nodes, {})
-    assert estimates["liar"] == estimates["whole"] == estimates["head"]  # the median claim, per block
+    # the median claim, per block
+    assert estimates[keyed("liar")] == estimates[keyed("whole")] == estimates[keyed("head")]
     # without load the liar and the honest whole node cost the same: the liar is not preferred
-    assert spans(choose_route(nodes, NUM_BLOCKS, load={"liar": 1})) == [("whole", 0, 30)]
+    assert spans(choose_route(nodes, NUM_BLOCKS, load={keyed("liar"): 1})) == [("whole", 0, 30)]
 
 
 def test_a_measured_liar_is_priced_by_what_it_did() -> None:
     measurements = Measurements()
-    for name, measured in HONEST_MEASURED.items():
-        measurements.nodes[name] = measured
+    measurements.nodes.update(HONEST_MEASURED)
     nodes = honest_pool()
-    liar_route = {"liar": NUM_BLOCKS}
+    liar_route, liar_sessions = {keyed("liar"): NUM_BLOCKS}, {keyed("liar"): 1}
     for _ in range(3):  # the liar really takes 10 ms per block
         estimates = expected_block_s(nodes, measurements.nodes)
-        measurements.step_measured(10 * BLOCK_S * NUM_BLOCKS, liar_route, block_s=estimates, sessions={"liar": 1})
-    liar = measurements.nodes["liar"].block_s
+        measurements.step_measured(10 * BLOCK_S * NUM_BLOCKS, liar_route, block_s=estimates, sessions=liar_sessions)
+    liar = measurements.nodes[keyed("liar")].block_s
     assert liar is not None and liar > 5 * BLOCK_S
-    load = {"whole": 3, "head": 3, "tail": 3}  # even busy honest nodes beat the slow liar
+    load = {keyed("whole"): 3, keyed("head"): 3, keyed("tail"): 3}  # even busy honest nodes beat the slow liar
     assert "liar" not in {
         hop.node_id for hop in choose_route(nodes, NUM_BLOCKS, measured=measurements.nodes, load=load)
     }
@@ -143,24 +153,25 @@ def test_a_measured_liar_is_priced_by_what_it_did() -> None:
 
 def test_fifty_sessions_spread_over_every_node_that_can_serve_them() -> None:
     nodes = honest_pool()
-    load: Counter[str] = Counter()
+    load: Counter[NodeKey] = Counter()
     routes: Counter[str] = Counter()
     for _ in range(50):
         route = choose_route(nodes, NUM_BLOCKS, measured=HONEST_MEASURED, load=load)
-        load.update(hop.node_id for hop in route)
+        load.update(hop.key for hop in route)
         routes["+".join(hop.node_id for hop in route)] += 1
     assert set(routes) == {"liar", "whole", "head+tail"}
     assert max(routes.values()) - min(routes.values()) <= 2
-    assert load["head"] == load["tail"] == routes["head+tail"]
+    assert load[keyed("head")] == load[keyed("tail")] == routes["head+tail"]
 
 
 def test_a_step_time_is_shared_by_expected_cost_and_a_slow_hop_keeps_its_own() -> None:
-    assert attribute_step(0.3, {"a": 0.1, "b": 0.2}, measured=()) == pytest.approx({"a": 0.1, "b": 0.2})
-    assert attribute_step(0.5, {"one": 0.1}, measured=()) == {"one": 0.5}  # a lone hop is measured exactly
+    a, b, one = keyed("a"), keyed("b"), keyed("one")
+    assert attribute_step(0.3, {a: 0.1, b: 0.2}, measured=()) == pytest.approx({a: 0.1, b: 0.2})
+    assert attribute_step(0.5, {one: 0.1}, measured=()) == {one: 0.5}  # a lone hop is measured exactly
     # "b" was expected to be as quick as measured "a", but the route took a second: "b" gets at
     # least what "a"'s measurement leaves, "a" no more than its proportional share
-    spent = attribute_step(1.0, {"a": 0.01, "b": 0.01}, measured={"a"})
-    assert spent["b"] == pytest.approx(0.99) and spent["a"] == pytest.approx(0.5)
+    spent = attribute_step(1.0, {a: 0.01, b: 0.01}, measured={a})
+    assert spent[b] == pytest.approx(0.99) and spent[a] == pytest.approx(0.5)
 
 
 def test_the_view_reserves_routes_as_it_chooses_them_and_measures_decode_steps() -> None:
@@ -172,11 +183,11 @@ def test_the_view_reserves_routes_as_it_chooses_them_and_measures_decode_steps()
         await view.stop()
         routes = [await view.route() for _ in range(3)]  # no stream opened in between
         assert {routes[0][0].node_id, routes[1][0].node_id} == {"a", "b"}  # the third is a tie: chance
-        busy = max(routes, key=lambda route: view.load[route[0].node_id])
+        busy = max(routes, key=lambda route: view.load[route[0].key])
         view.step_completed(busy, tokens=7, seconds=5.0)  # a prompt: not a decode step
-        assert busy[0].node_id not in view.measurements.nodes
+        assert busy[0].key not in view.measurements.nodes
         view.step_completed(busy, tokens=1, seconds=0.3)  # 0.3 s = 30 blocks x 2 of our sessions x 5 ms
-        assert view.measurements.nodes[busy[0].node_id].block_s == pytest.approx(0.005)
+        assert view.measurements.nodes[busy[0].key].block_s == pytest.approx(0.005)
         for route in routes:
             view.release(route)
         assert not view.load
@@ -194,7 +205,7 @@ def test_ties_go_to_the_less_loaded_node_then_to_chance_never_to_node_id_order()
     nodes = [*SYBILS, HONEST]
     winners = Counter(choose_route(nodes, NUM_BLOCKS, rng=random.Random(seed))[0].node_id for seed in range(90))
     assert winners["zzzz-honest"] > 0 and len(winners) == len(nodes)  # every tied node wins some
-    busy = {n.node_id: 1 for n in SYBILS}
+    busy = {key_of(n): 1 for n in SYBILS}
     assert spans(choose_route(nodes, NUM_BLOCKS, load=busy)) == [("zzzz-honest", 0, 30)]
 
 
@@ -207,7 +218,7 @@ def test_a_node_that_refuses_more_than_it_serves_loses_its_routes() -> None:
         assert spans(route) == [("zzzz-honest", 0, 30)]
     # the honest node, busy with two of our sessions, still beats a node that refuses nearly all
     refusing = {("mallory", n.node_id): 0.9 for n in SYBILS}
-    assert choose_route([*SYBILS, HONEST], NUM_BLOCKS, load={"zzzz-honest": 2}, refusal_rates=refusing)[0] == Hop(
+    assert choose_route([*SYBILS, HONEST], NUM_BLOCKS, load={key_of(HONEST): 2}, refusal_rates=refusing)[0] == Hop(
         "zzzz-honest", HONEST.endpoint, 0, 30, "uni"
     )
 
@@ -242,5 +253,31 @@ def test_suspects_and_refusals_are_kept_per_institution_and_node_id() -> None:
         assert [h.key for h in await view.route()] == [("uni", "zzzz-honest")]  # its suspected twin is not
         with pytest.raises(RouteUnavailable):
             await view.route(avoid_institutions={"uni"})
+
+    asyncio.run(run())
+
+
+def test_measurements_and_load_are_kept_per_institution_and_node_id() -> None:
+    """A member naming its node like another member's node neither shares nor poisons its figures."""
+    a_x, b_x = node("x", 0, 30, institution="A"), node("x", 0, 30, institution="B")
+    rival = node("rival", 0, 30, institution="C")  # 1.5 times slower than B's "x": it wins if "x" is slowed
+
+    async def run() -> None:
+        view = _view([a_x, b_x, rival])
+        await view.start()
+        await view.stop()
+        for announced, block_s in ((b_x, BLOCK_S), (rival, 1.5 * BLOCK_S), (a_x, 100 * BLOCK_S)):
+            hop = Hop(announced.node_id, announced.endpoint, 0, NUM_BLOCKS, announced.institution)
+            view.step_completed([hop], tokens=1, seconds=block_s * NUM_BLOCKS)
+        assert view.measurements.nodes[key_of(b_x)].block_s == pytest.approx(BLOCK_S)
+        assert view.measurements.nodes[key_of(a_x)].block_s == pytest.approx(100 * BLOCK_S)
+        held = await view.route(exclude={key_of(b_x), key_of(rival)})  # one session of ours on A's "x"
+        assert view.load == {key_of(a_x): 1}
+        for _ in range(10):  # neither A's slowness nor A's load reaches B's "x"
+            hops = await view.route()
+            assert [hop.key for hop in hops] == [key_of(b_x)]
+            view.release(hops)
+        view.release(held)
+        assert not view.load
 
     asyncio.run(run())
