@@ -116,6 +116,20 @@ def test_a_member_never_checks_itself_however_many_node_ids_it_runs() -> None:
     assert replica_route([twin], 0, 6, set(), rng, quarantined={NodeKey("Mallory", "m0")}) is not None
 
 
+def test_a_replica_comes_from_one_institution_when_one_can_serve_it_alone() -> None:
+    """Two institutions of split spans and a third: a replica spread over two would leave a pool of
+    three no independent referee, so one institution's nodes make the replica whenever they can."""
+    nodes = [
+        node(f"{i}-{part}", a, b, institution=i) for i in ("A", "B") for part, (a, b) in enumerate([(0, 3), (3, 6)])
+    ]
+    for seed in range(20):
+        route = replica_route(nodes, 0, 6, {"Mallory"}, random.Random(seed))
+        assert route is not None and len({h.institution for h in route}) == 1, route
+    mixed = [node("A-0", 0, 3, institution="A"), node("B-1", 3, 6, institution="B")]
+    route = replica_route(mixed, 0, 6, {"Mallory"}, random.Random(0))
+    assert route is not None and {h.institution for h in route} == {"A", "B"}  # the fallback still tiles
+
+
 def test_trust_records_follow_the_audit_trail() -> None:
     events = [
         (1, PASSED, "U/a", "40"),

@@ -225,14 +225,14 @@ class CheckedChain:
         view: Callable[[torch.Tensor], torch.Tensor],
         evidence: str,
     ) -> Verdict:
-        """A third replica, of an institution neither on the route nor on the shadow, re-runs hop k's whole
+        """A third replica, of an institution other than hop k's and the shadow's, re-runs hop k's whole
         input so far: the one it agrees with is right. `claimed` and `recomputed` are `view`s of hop k's
         and the shadow's output for this step."""
         hop = key_of(shadow.hops[k])
         shadow_nodes = tuple(key_of(h) for h in shadow.replicas[k].hops)
         history = torch.cat(shadow.inputs[k], dim=1)
         n = recomputed.shape[0]
-        avoid = {h.institution for h in shadow.hops} | {node.institution for node in shadow_nodes}
+        avoid = {hop.institution} | {node.institution for node in shadow_nodes}
         referee = await self.checker.replica(shadow.hops[k], avoid, self.chain.max_length, self._replica_charge)
         shadow_name = "+".join(map(str, shadow_nodes))
         if referee is None:

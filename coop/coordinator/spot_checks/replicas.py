@@ -67,18 +67,25 @@ def replica_route(
 ) -> list[Hop] | None:
     """Hops over blocks [start, end) on nodes of no institution in `avoid` and not `quarantined`, each
     picked at random among those that serve the next block (so no node can count on checking its
-    accomplice); None if they do not tile."""
+    accomplice); None if they do not tile.
+
+    One institution's nodes are preferred when some institution can tile the range alone (picked at
+    random among those that can): a replica of one institution leaves every other institution free to
+    referee it, where a replica spread over two would leave a pool of three no independent referee."""
+    usable = [n for n in nodes if n.state == SERVING and n.institution not in avoid and key_of(n) not in quarantined]
+    institutions = sorted({n.institution for n in usable})
+    rng.shuffle(institutions)
+    for institution in institutions:
+        if hops := _tile([n for n in usable if n.institution == institution], start, end, rng):
+            return hops
+    return _tile(usable, start, end, rng)
+
+
+def _tile(nodes: Sequence[NodeAnnouncement], start: int, end: int, rng: random.Random) -> list[Hop] | None:
     hops: list[Hop] = []
     at = start
     while at < end:
-        serving = [
-            n
-            for n in nodes
-            if n.start <= at < n.end
-            and n.state == SERVING
-            and n.institution not in avoid
-            and key_of(n) not in quarantined
-        ]
+        serving = [n for n in nodes if n.start <= at < n.end]
         if not serving:
             return None
         node = rng.choice(serving)
