@@ -12,8 +12,9 @@ from pathlib import Path
 from unittest import mock
 
 from coop.launcher import CoopProcess, LocalPool
-from coop.ledger.database import ledger_location
+from coop.ledger.database import ledger_location, sqlite_url
 from coop.ledger.store import Ledger
+from coop.model.manifest import Manifest
 from coop.pool import ca
 from coop.pool.bundle import MemberBundle
 from coop.pool.ca import ROLE_COORDINATOR
@@ -53,6 +54,21 @@ class PoolOnDisk:
         keys and directory (its ledger, its revocations)."""
         args = ["--pool-dir", str(self.directory), *extra_args]
         return pool.start_coordinator(member=self.bundles[coordinator], api_keys=self.api_keys_file, extra_args=args)
+
+
+@dataclass
+class ServedPool:
+    """A running pool with the directory it was made in, its bundles, the API key tests call it with, its model."""
+
+    pool: LocalPool
+    pool_dir: Path
+    bundles: dict[str, Path]
+    key: str
+    manifest: Manifest
+
+    @property
+    def ledger(self) -> Ledger:
+        return Ledger.open(sqlite_url(self.pool_dir / "ledger.db"))
 
 
 def make_pool(

@@ -19,7 +19,6 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -28,8 +27,6 @@ import torch
 
 from coop.errors import PeerError
 from coop.launcher import COOP, LocalPool
-from coop.ledger.database import sqlite_url
-from coop.ledger.store import Ledger
 from coop.model.manifest import Manifest
 from coop.node.client import node_info
 from coop.pool.bundle import Credentials, MemberBundle
@@ -42,7 +39,7 @@ from coop.wire.generated import coop_pb2_grpc
 from coop.wire.routes import encode_route, route_payload
 from coop.wire.tensors import tensor_to_proto
 from tests.chat_requests import answered_chat
-from tests.pools import make_pool
+from tests.pools import ServedPool, make_pool
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -51,18 +48,7 @@ QUESTIONS = ["Count to three.", "Name a colour.", "Say hello to the pool."]
 MAX_TOKENS = 6
 
 
-@dataclass
-class TrustPool:
-    pool: LocalPool
-    pool_dir: Path
-    bundles: dict[str, Path]
-    key: str
-    manifest: Manifest
-
-    @property
-    def ledger(self) -> Ledger:
-        return Ledger.open(sqlite_url(self.pool_dir / "ledger.db"))
-
+class TrustPool(ServedPool):
     def credentials(self, institution: str, node_id: str | None = None) -> Credentials:
         return MemberBundle.load(self.bundles[institution]).credentials(node_id)
 
