@@ -9,6 +9,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 from coop.launcher import CoopProcess, LocalPool
@@ -19,6 +20,7 @@ from coop.pool import ca
 from coop.pool.bundle import MemberBundle
 from coop.pool.ca import ROLE_COORDINATOR
 from coop.pool.registry import API_KEYS_FILE, PoolInfo, add_member, create_api_key, create_pool
+from tests.chat_requests import answered_chat
 
 MEMBERS = ("alpha", "beta", "coord")
 COORDINATORS = frozenset({"coord"})  # these get a pool coordinator's bundle, the others a member's
@@ -69,6 +71,10 @@ class ServedPool:
     @property
     def ledger(self) -> Ledger:
         return Ledger.open(sqlite_url(self.pool_dir / "ledger.db"))
+
+    def greedy_chat(self, question: str, max_tokens: int) -> Any:
+        """The body of a greedy chat with the pool's API key, which must succeed."""
+        return answered_chat(self.pool.url, self.key, question, max_tokens)
 
 
 def make_pool(

@@ -19,7 +19,6 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 import pytest
@@ -38,7 +37,6 @@ from coop.wire.generated import coop_pb2 as pb
 from coop.wire.generated import coop_pb2_grpc
 from coop.wire.routes import encode_route, route_payload
 from coop.wire.tensors import tensor_to_proto
-from tests.chat_requests import answered_chat
 from tests.pools import ServedPool, make_pool
 from tests.waiting import wait_for
 
@@ -54,9 +52,6 @@ class TrustPool(ServedPool):
 
     def node(self, name: str) -> dict[str, str]:
         return self.pool.nodes[name].ready
-
-    def chat(self, question: str) -> Any:
-        return answered_chat(self.pool.url, self.key, question, MAX_TOKENS)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +78,7 @@ def _answers_match(trust: TrustPool, reference: Callable[[str, int], list[int]])
     """Ask every question; each answer must be the single-process one. Returns the routes taken."""
     routes = []
     for question in QUESTIONS:
-        answer = trust.chat(question)
+        answer = trust.greedy_chat(question, MAX_TOKENS)
         assert answer["coop"]["token_ids"] == reference(question, MAX_TOKENS), question
         routes.append([hop["node_id"] for hop in answer["coop"]["route"]])
     return routes
