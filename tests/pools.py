@@ -9,15 +9,18 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 from coop.launcher import CoopProcess, LocalPool
-from coop.ledger.database import ledger_location
+from coop.ledger.database import ledger_location, sqlite_url
 from coop.ledger.store import Ledger
+from coop.model.manifest import Manifest
 from coop.pool import ca
 from coop.pool.bundle import MemberBundle
 from coop.pool.ca import ROLE_COORDINATOR
 from coop.pool.registry import API_KEYS_FILE, PoolInfo, add_member, create_api_key, create_pool
+from tests.chat_requests import answered_chat
 
 MEMBERS = ("alpha", "beta", "coord")
 COORDINATORS = frozenset({"coord"})  # these get a pool coordinator's bundle, the others a member's
@@ -53,6 +56,25 @@ class PoolOnDisk:
         keys and directory (its ledger, its revocations)."""
         args = ["--pool-dir", str(self.directory), *extra_args]
         return pool.start_coordinator(member=self.bundles[coordinator], api_keys=self.api_keys_file, extra_args=args)
+
+
+@dataclass
+class ServedPool:
+    """A running pool with the directory it was made in, its bundles, the API key tests call it with, its model."""
+
+    pool: LocalPool
+    pool_dir: Path
+    bundles: dict[str, Path]
+    key: str
+    manifest: Manifest
+
+    @property
+    def ledger(self) -> Ledger:
+        return Ledger.open(sqlite_url(self.pool_dir / "ledger.db"))
+
+    def greedy_chat(self, question: str, max_tokens: int) -> Any:
+        """The body of a greedy chat with the pool's API key, which must succeed."""
+        return answered_chat(self.pool.url, self.key, question, max_tokens)
 
 
 def make_pool(

@@ -24,10 +24,11 @@ import contextlib
 import operator
 import threading
 import weakref
+from abc import ABC, abstractmethod
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import httpx
 import pydantic
@@ -71,7 +72,22 @@ def _as_token_ids(token_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[in
         raise InvalidInput(f"{what} must be a list of ints or a (1, n) tensor (batch size 1 only)") from exc
 
 
-class RemoteModel:
+class _ClosedOnExit(ABC):
+    """`with obj:` closes it on leaving, as the client's models and sessions both promise."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class RemoteModel(_ClosedOnExit):
     """A causal LM whose decoder blocks run on a pool's nodes, through a coordinator; embeddings and head run here.
 
     Thread-safe: several threads may generate or run sessions at once (each is its own session).
@@ -267,14 +283,6 @@ class RemoteModel:
             self._loop.stop()
             head_batcher(self.client).wait_idle(LOOP_STOP_TIMEOUT_S)
 
-    def __enter__(self) -> RemoteModel:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         state = "closed" if self._closed else self.coordinator_url
         return f"RemoteModel({self.client.manifest.name!r}, {state})"
@@ -284,7 +292,7 @@ AutoDistributedModelForCausalLM = RemoteModel
 """The name Petals users know, for `AutoDistributedModelForCausalLM.from_pretrained(...)`."""
 
 
-class InferenceSession:
+class InferenceSession(_ClosedOnExit):
     """One session through every block, with a KV cache on each node of its route: step hidden states through it.
 
     Each `step` continues where the last one stopped (`position` counts the tokens so far). If a
@@ -368,14 +376,6 @@ class InferenceSession:
             self._closed = True
             if not self.model.closed:
                 self.model._run(self._chain.close())
-
-    def __enter__(self) -> InferenceSession:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"InferenceSession(position={self.position}, max_length={self.max_length})"

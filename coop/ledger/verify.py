@@ -259,36 +259,47 @@ def _check_consumer(report: VerifyReport, what: str, body: ReceiptBody, paid: Pa
 
 
 def _check_grant(report: VerifyReport, grant: Grant, trust: PoolTrust) -> None:
-    what = f"grant {grant.grant_id}"
-    body = _admin_signed(
-        report, what, trust, grant_payload(grant.body), grant.signature, lambda: parse_grant(grant.body)
+    _check_admin_signed(
+        report,
+        f"grant {grant.grant_id}",
+        trust,
+        grant_payload(grant.body),
+        grant.signature,
+        lambda: parse_grant(grant.body),
+        lambda body: (body.grant_id, body.pool_id, body.institution, body.amount, body.reason, body.granted_by),
+        (grant.grant_id, trust.pool_id, grant.institution, grant.flops, grant.reason, grant.granted_by),
     )
-    if body is None:
-        return
-    signed = (body.grant_id, body.pool_id, body.institution, body.amount, body.reason, body.granted_by)
-    stored = (grant.grant_id, trust.pool_id, grant.institution, grant.flops, grant.reason, grant.granted_by)
-    if signed != stored:
-        report.problem(f"{what}: stored columns differ from what the pool admin signed")
 
 
 def _check_floor(report: VerifyReport, floor: CreditFloor, trust: PoolTrust) -> None:
-    what = f"credit floor {floor.id} of {floor.institution!r}"
-    body = _admin_signed(
-        report, what, trust, floor_payload(floor.body), floor.signature, lambda: parse_floor(floor.body)
+    _check_admin_signed(
+        report,
+        f"credit floor {floor.id} of {floor.institution!r}",
+        trust,
+        floor_payload(floor.body),
+        floor.signature,
+        lambda: parse_floor(floor.body),
+        lambda body: (body.pool_id, body.institution, body.amount),
+        (trust.pool_id, floor.institution, floor.floor_flops),
     )
-    if body is None:
-        return
-    if (body.pool_id, body.institution, body.amount) != (trust.pool_id, floor.institution, floor.floor_flops):
-        report.problem(f"{what}: stored columns differ from what the pool admin signed")
 
 
-def _admin_signed(
-    report: VerifyReport, what: str, trust: PoolTrust, payload: bytes, signature: bytes, parse: Callable[[], T]
-) -> T | None:
-    """The parsed body of an entry the pool admin signed; None (and a problem) if the signature or body is bad."""
+def _check_admin_signed(
+    report: VerifyReport,
+    what: str,
+    trust: PoolTrust,
+    payload: bytes,
+    signature: bytes,
+    parse: Callable[[], T],
+    signed_columns: Callable[[T], tuple[object, ...]],
+    stored_columns: tuple[object, ...],
+) -> None:
+    """An entry the pool admin signed: its signature and body must hold, and its stored columns match the body."""
     try:
         verify_admin_signature(trust.ca_cert_pem, payload, signature, what)
-        return parse()
+        body = parse()
     except CoopError as exc:
         report.problem(f"{what}: {exc}")
-        return None
+        return
+    if signed_columns(body) != stored_columns:
+        report.problem(f"{what}: stored columns differ from what the pool admin signed")

@@ -19,8 +19,6 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -28,8 +26,6 @@ import torch
 
 from coop.errors import PeerError
 from coop.launcher import COOP, LocalPool
-from coop.ledger.database import sqlite_url
-from coop.ledger.store import Ledger
 from coop.model.manifest import Manifest
 from coop.node.client import node_info
 from coop.pool.bundle import Credentials, MemberBundle
@@ -41,8 +37,7 @@ from coop.wire.generated import coop_pb2 as pb
 from coop.wire.generated import coop_pb2_grpc
 from coop.wire.routes import encode_route, route_payload
 from coop.wire.tensors import tensor_to_proto
-from tests.chat_requests import answered_chat
-from tests.pools import make_pool
+from tests.pools import ServedPool, make_pool
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -51,26 +46,12 @@ QUESTIONS = ["Count to three.", "Name a colour.", "Say hello to the pool."]
 MAX_TOKENS = 6
 
 
-@dataclass
-class TrustPool:
-    pool: LocalPool
-    pool_dir: Path
-    bundles: dict[str, Path]
-    key: str
-    manifest: Manifest
-
-    @property
-    def ledger(self) -> Ledger:
-        return Ledger.open(sqlite_url(self.pool_dir / "ledger.db"))
-
+class TrustPool(ServedPool):
     def credentials(self, institution: str, node_id: str | None = None) -> Credentials:
         return MemberBundle.load(self.bundles[institution]).credentials(node_id)
 
     def node(self, name: str) -> dict[str, str]:
         return self.pool.nodes[name].ready
-
-    def chat(self, question: str) -> Any:
-        return answered_chat(self.pool.url, self.key, question, MAX_TOKENS)
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +78,7 @@ def _answers_match(trust: TrustPool, reference: Callable[[str, int], list[int]])
     """Ask every question; each answer must be the single-process one. Returns the routes taken."""
     routes = []
     for question in QUESTIONS:
-        answer = trust.chat(question)
+        answer = trust.greedy_chat(question, MAX_TOKENS)
         assert answer["coop"]["token_ids"] == reference(question, MAX_TOKENS), question
         routes.append([hop["node_id"] for hop in answer["coop"]["route"]])
     return routes

@@ -22,7 +22,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -30,16 +29,13 @@ import pytest
 
 from coop import launcher
 from coop.launcher import COOP, CoopProcess, LocalPool
-from coop.ledger.database import sqlite_url
-from coop.ledger.store import Ledger
 from coop.model.manifest import Manifest
 from coop.pool.bundle import MemberBundle
 from coop.pool.registry import revoke_member
 from coop.swarm.announcement import NodeAnnouncement, stamp_announcement
 from coop.swarm.directory import SwarmDirectory
 from tests.adversarial.flooding_node import JUNK
-from tests.chat_requests import answered_chat
-from tests.pools import make_pool
+from tests.pools import ServedPool, make_pool
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -51,17 +47,9 @@ AUDIT_INTERVAL_S = 3600.0  # longer than the module runs: its audit trail of the
 
 
 @dataclass
-class FloodPool:
-    pool: LocalPool
-    pool_dir: Path
-    bundles: dict[str, Path]
-    key: str
+class FloodPool(ServedPool):
     admin_token: str
-    manifest: Manifest
     coordinator: CoopProcess
-
-    def ledger(self) -> Ledger:
-        return Ledger.open(sqlite_url(self.pool_dir / "ledger.db"))
 
     def collection(self) -> dict[str, Any]:
         """The coordinator's receipt collection counters, from the admin view's JSON API."""
@@ -72,9 +60,6 @@ class FloodPool:
 
     def tally(self, node_id: str) -> dict[str, int]:
         return next((n for n in self.collection()["nodes"] if n["node_id"] == node_id), {})
-
-    def chat(self, question: str) -> Any:
-        return answered_chat(self.pool.url, self.key, question, MAX_TOKENS)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +84,7 @@ def flood(tiny_chat_model_dir: str, tmp_path_factory: pytest.TempPathFactory) ->
             patch.setenv("COOP_COORDINATOR_RECEIPT_AUDIT_INTERVAL_S", str(AUDIT_INTERVAL_S))
             coordinator = disk.start_coordinator(pool, "Coord", ["--receipt-interval-s", "0.3"])
         manifest = Manifest.load(tiny_chat_model_dir)
-        yield FloodPool(pool, disk.directory, bundles, disk.keys["Gamma"], disk.admin_token, manifest, coordinator)
+        yield FloodPool(pool, disk.directory, bundles, disk.keys["Gamma"], manifest, disk.admin_token, coordinator)
     finally:
         pool.stop()
 
@@ -185,12 +170,12 @@ def test_a_flood_of_junk_receipts_costs_a_bounded_audit_trail_and_honest_receipt
 ) -> None:
     served: Counter[str] = Counter()  # sessions per node, from the routes the answers report
     for question in QUESTIONS:
-        answer = flood.chat(question)
+        answer = flood.greedy_chat(question, MAX_TOKENS)
         assert answer["coop"]["token_ids"] == tiny_reference(question, MAX_TOKENS), question
         served.update(hop["node_id"] for hop in answer["coop"]["route"])
     assert served["node-b"] == len(QUESTIONS)
 
-    ledger = flood.ledger()
+    ledger = flood.ledger
     try:
 
         def booked(node_id: str) -> int:

@@ -16,7 +16,6 @@ import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -25,14 +24,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
 from coop.launcher import COOP, LocalPool
-from coop.ledger.database import sqlite_url
 from coop.ledger.models import Observation, Receipt
 from coop.ledger.store import Ledger
 from coop.model.manifest import Manifest
 from coop.node.outbox import Outbox
 from coop.pool.bundle import MemberBundle
 from coop.receipts import ReceiptBody, SignedReceipt, new_receipt_id, sign_receipt
-from tests.pools import make_pool
+from tests.pools import ServedPool, make_pool
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -40,18 +38,7 @@ WAIT_S = 30.0
 PROMPTS = ["Count to three.", "Name a colour.", "Say hello to the pool."]
 
 
-@dataclass
-class BooksPool:
-    pool: LocalPool
-    pool_dir: Path
-    bundles: dict[str, Path]
-    key: str
-    manifest: Manifest
-
-    @property
-    def ledger(self) -> Ledger:
-        return Ledger.open(sqlite_url(self.pool_dir / "ledger.db"))
-
+class BooksPool(ServedPool):
     def outbox(self, institution: str) -> Outbox:
         return Outbox(self.bundles[institution].with_suffix(".outbox.db"))
 

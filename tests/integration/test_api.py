@@ -19,12 +19,12 @@ from coop.coordinator.http.app import create_app
 from coop.coordinator.http.text_stream import IncrementalDetokenizer
 from coop.errors import InvalidTensor, PeerError, RouteUnavailable
 from coop.model.client_part import ClientPart
-from coop.pipeline.generation import Chain, collect_tokens
-from coop.pipeline.local import LocalBackend, LocalChain
+from coop.pipeline.generation import Chain
+from coop.pipeline.local import LocalBackend
 from coop.pipeline.remote import RemoteChain
-from coop.pipeline.sampling import SamplingParams
 from tests.hostile_node import HostileNode
 from tests.http_servers import serve_in_thread
+from tests.reference_tokens import local_tokens
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -53,16 +53,7 @@ def oai(base_url: str) -> openai.OpenAI:
 @pytest.fixture(scope="module")
 def reference_ids(backend: LocalBackend) -> list[int]:
     """Greedy tokens of the question straight through a LocalChain, without HTTP."""
-    prompt = backend.client.encode_chat(QUESTION)
-
-    async def run() -> list[int]:
-        chain = LocalChain(backend.engines, max_length=len(prompt) + MAX_TOKENS)
-        try:
-            return await collect_tokens(backend.client, chain, prompt, SamplingParams(max_tokens=MAX_TOKENS))
-        finally:
-            await chain.close()
-
-    return asyncio.run(run())
+    return local_tokens(backend, backend.client.encode_chat(QUESTION), MAX_TOKENS)
 
 
 def _post(base_url: str, path: str, **kwargs: Any) -> httpx.Response:

@@ -23,16 +23,15 @@ from fastapi import FastAPI
 from coop.coordinator.http.app import create_app
 from coop.coordinator.http.auth import ApiKeyGate
 from coop.coordinator.http.limits import HttpLimits
-from coop.pipeline.generation import collect_tokens
-from coop.pipeline.local import LocalBackend, LocalChain
+from coop.pipeline.local import LocalBackend
 from coop.pipeline.remote import RemoteChain
-from coop.pipeline.sampling import SamplingParams
 from coop.wire.generated import coop_pb2 as pb
 from coop.wire.tensors import tensor_to_proto
 from tests.chat_requests import raw_exchange
 from tests.hostile_node import FakeSessionCall, HostileNode
 from tests.http_servers import serve_in_thread
 from tests.pools import make_pool
+from tests.reference_tokens import local_tokens
 from tests.waiting import wait_for, wait_for_async
 
 pytestmark = pytest.mark.slow
@@ -82,16 +81,7 @@ def keyed(backend: LocalBackend, tmp_path_factory: pytest.TempPathFactory) -> It
 
 
 def _reference(backend: LocalBackend, max_tokens: int = MAX_TOKENS) -> list[int]:
-    prompt = backend.client.encode_chat(QUESTION)
-
-    async def run() -> list[int]:
-        chain = LocalChain(backend.engines, max_length=len(prompt) + max_tokens)
-        try:
-            return await collect_tokens(backend.client, chain, prompt, SamplingParams(max_tokens=max_tokens))
-        finally:
-            await chain.close()
-
-    return asyncio.run(run())
+    return local_tokens(backend, backend.client.encode_chat(QUESTION), max_tokens)
 
 
 def _exchange(url: str, head: list[str], body: Iterable[bytes] = ()) -> tuple[int, dict[str, Any]]:

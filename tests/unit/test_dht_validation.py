@@ -36,6 +36,7 @@ from coop.swarm.node_key import NodeKey
 from coop.swarm.revocations import REVOCATION_TTL_S, publish_revocations, revocations_key, revocations_subkey
 from coop.swarm.validation import PoolRecordValidator, pool_record_validator
 from tests.pools import MemberPool, make_member_pool
+from tests.swarms import two_peer_swarm
 
 MODEL = "model-1"
 TEN_YEARS_S = 10 * 365 * 24 * 3600.0
@@ -315,15 +316,8 @@ def test_pool_processes_validate_and_development_mode_does_not(pools: Pools) -> 
 
 @pytest.fixture
 def swarm(pools: Pools) -> Iterator[tuple[SwarmDirectory, SwarmDirectory]]:
-    first = SwarmDirectory.start([], validator=pools.validator)
-    try:
-        second = SwarmDirectory.start(first.visible_maddrs(), validator=pools.validator)
-        try:
-            yield first, second
-        finally:
-            second.shutdown()
-    finally:
-        first.shutdown()
+    with two_peer_swarm(pools.validator) as peers:
+        yield peers
 
 
 def test_validating_peers_keep_the_directory_from_a_bare_peer(

@@ -25,6 +25,7 @@ from coop.swarm.directory import SwarmDirectory
 from coop.swarm.node_key import NodeKey
 from coop.swarm.routing import choose_route
 from coop.swarm.validation import PoolRecordValidator
+from tests.swarms import two_peer_swarm
 
 MODEL = "allowance-model"
 NUM_BLOCKS = 4
@@ -54,15 +55,8 @@ def swarm(bundles: dict[str, MemberBundle]) -> Iterator[tuple[SwarmDirectory, Sw
     validator = PoolRecordValidator(
         reader.pool_id, reader.ca_cert_pem, AnnouncementVerifier(reader.ca_cert_pem, reader.pool_id)
     )
-    first = SwarmDirectory.start([], validator=validator)
-    try:
-        second = SwarmDirectory.start(first.visible_maddrs(), validator=validator)
-        try:
-            yield first, second
-        finally:
-            second.shutdown()
-    finally:
-        first.shutdown()
+    with two_peer_swarm(validator) as peers:
+        yield peers
 
 
 def _announce(directory: SwarmDirectory, bundle: MemberBundle, node_id: str, throughput_tps: float) -> None:

@@ -21,15 +21,15 @@ from coop.coordinator.http.auth import ApiKeyGate
 from coop.coordinator.http.relay import ChainRelay
 from coop.errors import CoopError, InvalidInput
 from coop.pipeline.charge import UNMETERED, Charge
-from coop.pipeline.generation import Chain, collect_tokens
+from coop.pipeline.generation import Chain
 from coop.pipeline.local import LocalBackend, LocalChain
-from coop.pipeline.sampling import SamplingParams
 from coop.pool.bundle import PoolLimits
 from coop.pool.registry import create_api_key
 from coop.wire.generated import coop_pb2 as pb
 from coop.wire.tensors import tensor_from_proto, tensor_to_proto
 from tests.http_servers import serve_in_thread
 from tests.pools import make_pool
+from tests.reference_tokens import local_tokens
 from tests.waiting import wait_for
 
 SPANS = [(0, 3), (3, 6)]
@@ -126,14 +126,7 @@ def keyed(local: LocalBackend, pool_dir: Path) -> Iterator[Coordinator]:
 
 
 def _reference(local: LocalBackend, prompt: list[int], max_new: int) -> list[int]:
-    async def run() -> list[int]:
-        chain = LocalChain(local.engines, max_length=len(prompt) + max_new)
-        try:
-            return await collect_tokens(local.client, chain, prompt, SamplingParams(max_tokens=max_new))
-        finally:
-            await chain.close()
-
-    return asyncio.run(run())
+    return local_tokens(local, prompt, max_new)
 
 
 def _local_step(local: LocalBackend, hidden: torch.Tensor) -> torch.Tensor:

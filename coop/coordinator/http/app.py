@@ -30,7 +30,12 @@ from coop.coordinator.http.auth import ApiKeyGate, Caller
 from coop.coordinator.http.guard import RequestGuard
 from coop.coordinator.http.limits import HttpLimits, Rejections
 from coop.coordinator.http.metrics import CoordinatorMetrics, RequestCounter
-from coop.coordinator.http.protocol import ChatCompletionRequest, CompletionRequest, RelayOpenRequest
+from coop.coordinator.http.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerationRequest,
+    RelayOpenRequest,
+)
 from coop.coordinator.http.relay import ChainRelay
 from coop.coordinator.http.request_slots import enter_request
 from coop.coordinator.http.serving import OpenAIServing
@@ -231,19 +236,22 @@ def _generation_routes(
     async def models(who: Authenticated) -> Response:
         return _respond(serving.models())
 
-    @v1.post("/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, who: Authenticated) -> Response:
+    async def checked_generate(
+        body: GenerationRequest, who: Caller, work: Callable[[Charge], Awaitable[BaseModel | AsyncIterator[str]]]
+    ) -> Response:
+        """Refuse a request over the caller's or the server's limits before it waits for a slot."""
         gate.check_max_tokens(who, body.requested_max_tokens)
         limits.check(body)
         model_hash = serving.catalog.get(body.model).model_hash
-        return await _generate(gate, access, who, model_hash, lambda charge: serving.chat(body, charge), metrics)
+        return await _generate(gate, access, who, model_hash, work, metrics)
+
+    @v1.post("/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, who: Authenticated) -> Response:
+        return await checked_generate(body, who, lambda charge: serving.chat(body, charge))
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, who: Authenticated) -> Response:
-        gate.check_max_tokens(who, body.requested_max_tokens)
-        limits.check(body)
-        model_hash = serving.catalog.get(body.model).model_hash
-        return await _generate(gate, access, who, model_hash, lambda charge: serving.complete(body, charge), metrics)
+        return await checked_generate(body, who, lambda charge: serving.complete(body, charge))
 
     return v1
 

@@ -16,7 +16,8 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -45,6 +46,7 @@ from coop.coordinator.http.protocol import (
     ModelList,
 )
 from coop.coordinator.http.text_stream import (
+    Finished,
     GenerationEvent,
     Started,
     TextDelta,
@@ -60,6 +62,19 @@ from coop.pipeline.sampling import SamplingParams, with_defaults
 log = logging.getLogger(__name__)
 
 Render = Callable[[GenerationEvent], list[BaseModel]]
+R = TypeVar("R", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class _Reply(Generic[R]):
+    """How one endpoint (chat or text completion) names, streams and answers a generation."""
+
+    id_prefix: str
+    default_max_tokens: int
+    renderer: Callable[[str, int, str, bool], Render]
+    response: type[R]
+    choice: Callable[[str, Finished], BaseModel]
+
 
 # When the request names no max_tokens. Every session reserves KV cache for prompt + max_tokens
 # on each node of its route, so "the rest of the context" (vLLM's default) would be costly.
@@ -113,22 +128,12 @@ class OpenAIServing:
         messages = [_message_dict(m, i) for i, m in enumerate(request.messages)]
         prompt_ids = await self.text.run(backend.client.encode_chat, messages)
         self.limits.check_prompt_tokens(len(prompt_ids), "messages")
-        params = self._sampling_params(backend, request, len(prompt_ids), DEFAULT_CHAT_MAX_TOKENS)
-        await model.require_covered()
-        response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        events = self.metrics.timed(run_generation(backend, self.text, prompt_ids, params, charge))
-        if request.stream:
-            render = _chat_renderer(response_id, created, backend.model_name, request.include_usage)
-            return await _start_stream(events, render)
-        text, done = await collect_text(events)
-        return ChatCompletionResponse(
-            id=response_id,
-            created=created,
-            model=backend.model_name,
-            choices=[ChatChoice(message=AssistantMessage(content=text), finish_reason=done.finish_reason)],
-            usage=done.usage,
-            coop=done.extras,
-        )
+
+        def choice(text: str, done: Finished) -> ChatChoice:
+            return ChatChoice(message=AssistantMessage(content=text), finish_reason=done.finish_reason)
+
+        reply = _Reply("chatcmpl", DEFAULT_CHAT_MAX_TOKENS, _chat_renderer, ChatCompletionResponse, choice)
+        return await self._generate(model, request, prompt_ids, charge, reply)
 
     async def complete(
         self, request: CompletionRequest, charge: Charge = UNMETERED
@@ -137,19 +142,31 @@ class OpenAIServing:
         backend = model.backend
         prompt_ids = await self._completion_prompt(backend, request)
         self.limits.check_prompt_tokens(len(prompt_ids), "prompt")
-        params = self._sampling_params(backend, request, len(prompt_ids), DEFAULT_COMPLETION_MAX_TOKENS)
+
+        def choice(text: str, done: Finished) -> CompletionChoice:
+            return CompletionChoice(text=text, finish_reason=done.finish_reason)
+
+        reply = _Reply("cmpl", DEFAULT_COMPLETION_MAX_TOKENS, _completion_renderer, CompletionResponse, choice)
+        return await self._generate(model, request, prompt_ids, charge, reply)
+
+    async def _generate(
+        self, model: ServedModel, request: GenerationRequest, prompt_ids: list[int], charge: Charge, reply: _Reply[R]
+    ) -> R | AsyncIterator[str]:
+        """Run the decoding loop for an admitted, tokenized request: a stream of chunks or one response."""
+        backend = model.backend
+        params = self._sampling_params(backend, request, len(prompt_ids), reply.default_max_tokens)
         await model.require_covered()
-        response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        response_id, created = f"{reply.id_prefix}-{uuid.uuid4().hex}", int(time.time())
         events = self.metrics.timed(run_generation(backend, self.text, prompt_ids, params, charge))
         if request.stream:
-            render = _completion_renderer(response_id, created, backend.model_name, request.include_usage)
+            render = reply.renderer(response_id, created, backend.model_name, request.include_usage)
             return await _start_stream(events, render)
         text, done = await collect_text(events)
-        return CompletionResponse(
+        return reply.response(
             id=response_id,
             created=created,
             model=backend.model_name,
-            choices=[CompletionChoice(text=text, finish_reason=done.finish_reason)],
+            choices=[reply.choice(text, done)],
             usage=done.usage,
             coop=done.extras,
         )
