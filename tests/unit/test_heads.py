@@ -80,7 +80,7 @@ def test_greedy_rows_at_a_near_tie_are_computed_again_alone(tiny_llama_dir: str)
 
 def test_a_dense_cpu_head_runs_few_rows_one_by_one(tiny_llama_dir: str) -> None:
     """A packed head batches from 2 rows; one left dense (repacked on each call) only from 4."""
-    client = ClientPart.load(tiny_llama_dir, device="cpu")
+    client = ClientPart.load(tiny_llama_dir, device="cpu", weight_layout="packed")
     assert HeadBatcher(client).min_packed_rows == 2
     packed = client.model.get_output_embeddings()
     dense = torch.nn.Linear(packed.in_features, packed.out_features, bias=False)
