@@ -55,9 +55,15 @@ DEMO_MODEL_DIR = os.environ.get("COOP_TEST_DEMO_DIR", os.path.join(REPO_ROOT, ".
 
 @pytest.fixture(scope="session")
 def demo_model_dir() -> str:
+    """Prepared under a file lock: pytest-xdist workers share the directory, and only one may write it."""
+    import fcntl
+
     from coop.model.prepare import prepare
 
-    prepare("smollm2-demo", DEMO_MODEL_DIR, dtype="float32")
+    os.makedirs(os.path.dirname(DEMO_MODEL_DIR), exist_ok=True)
+    with open(f"{DEMO_MODEL_DIR}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        prepare("smollm2-demo", DEMO_MODEL_DIR, dtype="float32", quiet=True)
     return DEMO_MODEL_DIR
 
 
