@@ -16,14 +16,15 @@ a linear solve. The coordinator checks that each hop's output digest is the next
 and projects its re-computation of a hop with that hop's own projection
 (coop/coordinator/spot_checks/).
 
-A fresh (hidden, dims) Gaussian per tensor would cost ~0.2 ms, two per step on every node; instead a
-Gaussian base matrix is drawn once per session seed (cached) and, per digest, its rows are permuted
-and their signs flipped by a shake_128 stream of (seed, digest). It is as good against a change v
-fixed before its bytes are: v's projection is then a sum of v's entries times base rows picked and
-signed at random, near zero about as rarely as under a fresh Gaussian (a sparse v meets whole rows
-of norm ~1, and the exact dependencies among 33 or more rows are met only if the permutation maps
-v onto those very rows with its very coefficients). The stream being a hash, nodes and coordinators
-derive the same projection on any platform.
+Drawing a fresh (hidden, dims) Gaussian per tensor costs ~0.2 ms, two per step on every node;
+instead a Gaussian base matrix is drawn once per session seed (cached), and each entry's sign is
+flipped by one bit of a shake_128 stream of (seed, digest). The result is a Gaussian matrix too,
+so honest distances are kept as before; and against a change v fixed before the bytes (so before
+the signs), each of the sketch's dims coordinates of v is an independent sum of v's entries times
+known magnitudes with fresh random signs: near zero for all of them at once about as rarely as
+under a fresh Gaussian (even v built to cancel for one sign pattern, which exists, needs all of its
+entries' bits to come out that way). Being a hash, the stream gives nodes and coordinators the same
+projection on any platform.
 
 The coordinator compares sketches (`relative_distance`) with those of a re-computation on other
 replicas.

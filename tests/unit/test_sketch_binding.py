@@ -27,7 +27,7 @@ from coop.swarm.node_key import NodeKey
 from coop.swarm.routing import Hop
 from coop.wire import sketches
 from coop.wire.generated import coop_pb2 as pb
-from coop.wire.sketches import digest, projection, sketch_to_proto
+from coop.wire.sketches import digest, projection, sketch, sketch_to_proto
 from coop.wire.tensors import tensor_from_proto, tensor_to_proto
 
 HIDDEN, BLOCKS, SEED, TOKENS = 96, 6, 12345, 3
@@ -78,10 +78,11 @@ class FakeChecker:
 
 class CheatedRoute:
     """A route whose first hop cheats on its first step, with sketches made by the node's own code
-    from what each hop received and pushed: it hides a change from its projection, or, with
-    `misreport`, pushes the honest output but reports another tensor's digest."""
+    from what each hop received and pushed: it hides a change from its projection, or `misreports`
+    its output: the digest of other bytes, or the sketch of its honest output in the projection of
+    what it pushed."""
 
-    def __init__(self, misreport: bool = False) -> None:
+    def __init__(self, misreport: str = "") -> None:
         self.misreport = misreport
         self.hops = list(ROUTE)
         self.sketch_seed, self.sketch_dims = SEED, POLICY.sketch_dims
@@ -93,13 +94,15 @@ class CheatedRoute:
         received, made = tensor_to_proto(hidden), []
         for k, hop in enumerate(self.hops):
             output = run_blocks(tensor_from_proto(received), hop.start, hop.end)
-            cheating = k == 0 and not self.routed_around
-            if cheating and not self.misreport:
+            cheating, honest = k == 0 and not self.routed_around, output
+            if cheating:
                 output = output + hidden_change(output, tensor_from_proto(received))
             pushed = tensor_to_proto(output)
             made.append(sketch_to_proto(hop.node_id, received, pushed, SEED, self.sketch_dims))
-            if cheating and self.misreport:
+            if cheating and self.misreport == "digest":
                 made[0].output_digest = digest(pb.Tensor(data=b"other bytes", dtype="float32", shape=[1]))
+            if cheating and self.misreport == "sketch":
+                made[0].output.CopyFrom(tensor_to_proto(sketch(honest, SEED, self.sketch_dims, digest(pushed))))
             received = pushed
         result = tensor_from_proto(received)
         self.last_step = SentStep("s1", hidden, start_position, result, made)
@@ -136,9 +139,9 @@ def test_the_change_hides_from_the_projection_it_was_made_for() -> None:
     honest = run_blocks(torch.randn(1, TOKENS, HIDDEN), 0, 3)
     pushed_digest = digest(tensor_to_proto(honest))
     change = hidden_change(honest, torch.zeros_like(honest))
-    seen = sketches.sketch(change, SEED, POLICY.sketch_dims, pushed_digest).norm(dim=-1)
+    seen = sketch(change, SEED, POLICY.sketch_dims, pushed_digest).norm(dim=-1)
     assert float((seen / change[0].norm(dim=-1)).max()) < 1e-5
-    moved = sketches.sketch(change, SEED, POLICY.sketch_dims, digest(tensor_to_proto(honest + change)))
+    moved = sketch(change, SEED, POLICY.sketch_dims, digest(tensor_to_proto(honest + change)))
     assert float((moved.norm(dim=-1) / change[0].norm(dim=-1)).min()) > 0.3
 
 
@@ -161,8 +164,10 @@ def test_with_projections_bound_to_the_bytes_the_cheater_is_convicted() -> None:
     assert following.passed == 1  # the step replayed on the honest route passed
 
 
-def test_a_digest_the_next_hop_did_not_get_is_a_dispute() -> None:
-    route = CheatedRoute(misreport=True)
+@pytest.mark.parametrize("misreport", ["digest", "sketch"])
+def test_an_output_the_next_hop_did_not_get_is_a_dispute(misreport: str) -> None:
+    """Nobody but the two saw the push: they lose the session's pay, neither is convicted."""
+    route = CheatedRoute(misreport)
     book = check_one_step(route)
     assert route.routed_around == [{"cheater", "next"}]
     for node in (NodeKey("Mallory", "cheater"), NodeKey("Bob", "next")):
