@@ -37,27 +37,31 @@ MEMBERS = ("alpha-university", "beta-lab", "gamma-institute")
 COORDINATOR = "coop-coordinator"
 XSS_NAME = "<script>alert(1)</script>"
 REVOKED = "delta-retired"
-# node id -> (institution, start, end, announced throughput in tokens/s, sessions open now)
+# node id -> (institution, start, end, announced throughput in tokens/s)
 LIVE_NODES = {
-    "alpha-a100-0": ("alpha-university", 0, 12, 48.0, 3),
-    "beta-h100-0": ("beta-lab", 12, 24, 71.0, 2),
-    "gamma-l40-0": ("gamma-institute", 24, 30, 22.0, 3),
-    "beta-h100-1": ("beta-lab", 0, 16, 65.0, 1),
-    "gamma-l40-1": ("gamma-institute", 16, 30, 30.0, 0),
+    "alpha-a100-0": ("alpha-university", 0, 12, 48.0),
+    "beta-h100-0": ("beta-lab", 12, 24, 71.0),
+    "gamma-l40-0": ("gamma-institute", 24, 30, 22.0),
+    "beta-h100-1": ("beta-lab", 0, 16, 65.0),
+    "gamma-l40-1": ("gamma-institute", 16, 30, 30.0),
 }
+LIVE_KEYS = [str(NodeKey(spec[0], node_id)) for node_id, spec in LIVE_NODES.items()]  # as the pages name them
 PAUSED_NODE = "gamma-l40-1"  # its owner paused it (`coop node pause`): online, announced as paused
 OFFLINE_NODE = ("alpha-old-0", "alpha-university", 0, 30)
 ROUTES = [["alpha-a100-0", "beta-h100-0", "gamma-l40-0"], ["beta-h100-1", "gamma-l40-1"], [OFFLINE_NODE[0]]]
+# the coordinator's sessions open now, each on its route: 3 sessions, 9 sessions on nodes
+OPEN_ROUTES = [ROUTES[0], ROUTES[0], ["alpha-a100-0", "beta-h100-1", "gamma-l40-0"]]
 SESSIONS = 36
 
 
 class StaticSwarm:
-    """A swarm view with fixed live nodes: the admin view's `SwarmProvider`, without a DHT."""
+    """A swarm view with fixed live nodes and open sessions: the admin view's `SwarmProvider`, without a DHT."""
 
-    def __init__(self, num_blocks: int, nodes: list[NodeAnnouncement], load: Counter[NodeKey]) -> None:
+    def __init__(self, num_blocks: int, nodes: list[NodeAnnouncement], open_routes: list[list[NodeKey]]) -> None:
         self.num_blocks = num_blocks
         self.nodes = nodes
-        self.load = load
+        self.load = Counter(key for route in open_routes for key in route)
+        self.sessions_open = len(open_routes)
 
     def live_nodes(self) -> list[NodeAnnouncement]:
         return list(self.nodes)
@@ -88,7 +92,7 @@ class AdminPool:
 def _span(node_id: str) -> tuple[str, int, int]:
     if node_id == OFFLINE_NODE[0]:
         return OFFLINE_NODE[1], OFFLINE_NODE[2], OFFLINE_NODE[3]
-    institution, start, end, _, _ = LIVE_NODES[node_id]
+    institution, start, end, _ = LIVE_NODES[node_id]
     return institution, start, end
 
 
@@ -164,20 +168,20 @@ def build_admin_pool(root: Path, *, ledger_url: str | None = None, seed: int = 6
         ledger=ledger,
         bundles=bundles,
         api_keys=api_keys,
-        swarm=StaticSwarm(NUM_BLOCKS, _announcements(info.pool_id, bundles, now), _load()),
+        swarm=StaticSwarm(NUM_BLOCKS, _announcements(info.pool_id, bundles, now), _open_routes()),
         meter=meter,
         fair_share=fair_share,
         booked=booked,
     )
 
 
-def _load() -> Counter[NodeKey]:
-    return Counter({NodeKey(spec[0], node_id): spec[4] for node_id, spec in LIVE_NODES.items()})
+def _open_routes() -> list[list[NodeKey]]:
+    return [[NodeKey(_span(node_id)[0], node_id) for node_id in route] for route in OPEN_ROUTES]
 
 
 def _announcements(pool_id: str, bundles: dict[str, MemberBundle], now: float) -> list[NodeAnnouncement]:
     out = []
-    for port, (node_id, (institution, start, end, tps, _)) in enumerate(LIVE_NODES.items(), start=31330):
+    for port, (node_id, (institution, start, end, tps)) in enumerate(LIVE_NODES.items(), start=31330):
         unsigned = NodeAnnouncement(
             node_id=node_id,
             pool_id=pool_id,

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from html import escape
 
+from coop.swarm.node_key import NodeKey
+
 WIDTH = 960
 CONTRIBUTED = "#177e89"  # teal: what an institution's nodes delivered
 USED = "#e07a1f"  # orange: what its requests consumed
@@ -112,8 +114,9 @@ def coverage_map(num_blocks: int, rows: Sequence[CoverageRow], *, shaded_by: str
             f'fill="{AXIS}" fill-opacity="0.08"/>'
         )
         if end > start:
+            key = escape(str(NodeKey(row.institution, row.node_id)))
             body.append(
-                f'<rect class="span" data-node="{escape(row.node_id)}" x="{label_w + start * cell:.2f}" y="{y + 2}" '
+                f'<rect class="span" data-node="{key}" x="{label_w + start * cell:.2f}" y="{y + 2}" '
                 f'width="{max((end - start) * cell - 1, 0.5):.2f}" height="{row_h - 4}" fill="{SERVED}" '
                 f'fill-opacity="{opacity:.2f}"><title>{escape(tooltip)}</title></rect>'
             )

@@ -35,6 +35,11 @@ class SwarmProvider(Protocol):
         """Sessions this coordinator has open on each node, by (institution, node id)."""
         ...
 
+    @property
+    def sessions_open(self) -> int:
+        """Sessions this coordinator has open: each once, not once per node of its route."""
+        ...
+
     def live_nodes(self) -> list[NodeAnnouncement]: ...
 
 
@@ -113,14 +118,14 @@ class NodePresence:
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
-        self._since: dict[str, float] = {}
+        self._since: dict[NodeKey, float] = {}
         self._lock = threading.Lock()
 
-    def observe(self, live_node_ids: Sequence[str]) -> dict[str, float]:
+    def observe(self, live: Sequence[NodeKey]) -> dict[NodeKey, float]:
         """Online-since times (unix seconds) of exactly the given nodes."""
         now = self._clock()
         with self._lock:
-            self._since = {node_id: self._since.get(node_id, now) for node_id in live_node_ids}
+            self._since = {key: self._since.get(key, now) for key in live}
             return dict(self._since)
 
 

@@ -62,7 +62,7 @@ def receipt_filter(
 ) -> ReceiptFilter:
     return ReceiptFilter(
         institution=institution or None,
-        node_id=node or None,
+        node=node or None,
         session_id=session_id or None,
         since=parse_day(since, "since"),
         until=parse_day(until, "until"),

@@ -11,8 +11,12 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from coop.swarm.node_key import NodeKey
+
 
 class NodeOut(BaseModel):
+    """A node is its (institution, node id): members mint node ids, so two may both run a "gpu-0"."""
+
     node_id: str
     institution: str
     start: int  # the span [start, end) of blocks: live announcement, else its latest receipt
@@ -36,10 +40,15 @@ class NodeOut(BaseModel):
     checks_failed: int = 0
     quarantined: str = ""  # the evidence, while it is out of routes; "" if it is not
 
+    @property
+    def key(self) -> NodeKey:
+        return NodeKey(self.institution, self.node_id)
+
 
 class NodeReceiptsOut(BaseModel):
     """How collecting one node's receipts went (`coop.coordinator.accounts.receipt_polling.NodeTally`)."""
 
+    institution: str
     node_id: str
     polls: int
     booked: int
@@ -70,7 +79,7 @@ class ModelCoverageOut(BaseModel):
     name: str  # "": the coordinator's one model
     num_blocks: int
     blocks_uncovered: list[int]
-    node_ids: list[str]  # its online nodes
+    node_keys: list[str]  # its online nodes, as "institution/node id"
     coverage_svg: str
 
 

@@ -17,6 +17,7 @@ from sqlmodel import Session, col
 
 from coop.ledger.amounts import exact_sum, join
 from coop.ledger.models import AuditEvent, Grant, Receipt
+from coop.swarm.node_key import NodeKey
 
 Bucket = Literal["hour", "day"]
 BUCKET_SECONDS: dict[Bucket, int] = {"hour": 3600, "day": 86400}
@@ -76,7 +77,8 @@ def flow_buckets(
 @dataclass(frozen=True)
 class ReceiptFilter:
     institution: str | None = None  # either side: provider or consumer
-    node_id: str | None = None
+    # "institution/node id": that member's node; a bare node id: every member's node of that id
+    node: str | None = None
     session_id: str | None = None
     since: dt.datetime | None = None  # ended at or after
     until: dt.datetime | None = None  # ended before
@@ -86,8 +88,11 @@ class ReceiptFilter:
             query = query.where(
                 (col(Receipt.provider) == self.institution) | (col(Receipt.consumer) == self.institution)
             )
-        if self.node_id:
-            query = query.where(col(Receipt.node_id) == self.node_id)
+        if self.node:
+            key = NodeKey.parse(self.node)
+            query = query.where(col(Receipt.node_id) == key.node_id)
+            if key.institution:
+                query = query.where(col(Receipt.provider) == key.institution)
         if self.session_id:
             query = query.where(col(Receipt.session_id) == self.session_id)
         if self.since is not None:
@@ -181,19 +186,22 @@ class NodeStats:
     last_ended: dt.datetime
 
 
-def node_stats(engine: Engine) -> dict[str, NodeStats]:
-    """Per node id: what its receipts add up to."""
+def node_stats(engine: Engine) -> dict[NodeKey, NodeStats]:
+    """Per node, by (institution, node id): what its receipts add up to."""
     query = select(
+        col(Receipt.provider),
         col(Receipt.node_id),
         func.count(),
         func.sum(col(Receipt.prefill_tokens) + col(Receipt.decode_tokens)),
         *exact_sum(col(Receipt.flops)),
         func.min(col(Receipt.started_at)),
         func.max(col(Receipt.ended_at)),
-    ).group_by(col(Receipt.node_id))
+    ).group_by(col(Receipt.provider), col(Receipt.node_id))
     with Session(engine) as session:
         return {
-            row[0]: NodeStats(int(row[1]), int(row[2] or 0), join(row[3], row[4]), as_utc(row[5]), as_utc(row[6]))
+            NodeKey(row[0], row[1]): NodeStats(
+                int(row[2]), int(row[3] or 0), join(row[4], row[5]), as_utc(row[6]), as_utc(row[7])
+            )
             for row in session.execute(query)
         }
 

@@ -71,7 +71,7 @@ class PoolState:
 class LiveModel:
     name: str  # "": the coordinator's one model, unnamed in the view
     num_blocks: int
-    node_ids: frozenset[str]  # its online nodes
+    node_keys: frozenset[NodeKey]  # its online nodes
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,7 @@ class Live:
     nodes: list[NodeAnnouncement]  # of every model
     load: dict[NodeKey, int]  # open sessions by node
     models: list[LiveModel]  # the default model first
+    sessions_open: int  # each once, however many nodes its route has
 
     @property
     def num_blocks(self) -> int | None:
@@ -92,25 +93,29 @@ class Live:
         nodes: list[NodeAnnouncement] = []
         load: dict[NodeKey, int] = {}
         models = []
+        sessions_open = 0
         for name, swarm in ctx.swarms().items():
             live = list(swarm.live_nodes())
             nodes += live
             load |= swarm.load
-            models.append(LiveModel(name, swarm.num_blocks, frozenset(n.node_id for n in live)))
-        return cls(nodes, load, models)
+            sessions_open += swarm.sessions_open
+            models.append(LiveModel(name, swarm.num_blocks, frozenset(key_of(n) for n in live)))
+        return cls(nodes, load, models, sessions_open)
 
 
 def nodes(ctx: AdminContext, pool: PoolState, now: Live, *, now_s: float | None = None) -> list[NodeOut]:
-    """Online nodes first (by node id), then every other node the ledger has receipts of."""
+    """Online nodes first, then every other node the ledger has receipts of, each by (institution, node id):
+    two members' nodes of one id are two rows."""
     now_s = time.time() if now_s is None else now_s
-    live, load = now.nodes, now.load
-    since = ctx.presence.observe([n.node_id for n in live])
-    model_of = {node_id: model.name for model in now.models for node_id in model.node_ids}
+    live, load = sorted(now.nodes, key=key_of), now.load
+    since = ctx.presence.observe([key_of(n) for n in live])
+    model_of = {key: model.name for model in now.models for key in model.node_keys}
     stats = queries.node_stats(ctx.ledger.engine)
     trust = trust_from_ledger(ctx.ledger)
     out = []
-    for ann in sorted(live, key=lambda a: a.node_id):
-        s = stats.get(ann.node_id)
+    for ann in live:
+        key = key_of(ann)
+        s = stats.get(key)
         out.append(
             NodeOut(
                 node_id=ann.node_id,
@@ -120,25 +125,25 @@ def nodes(ctx: AdminContext, pool: PoolState, now: Live, *, now_s: float | None 
                 online=True,
                 revoked=ann.institution in pool.revoked,
                 endpoint=ann.endpoint,
-                model=model_of.get(ann.node_id, ""),
+                model=model_of.get(key, ""),
                 throughput_tps=ann.throughput_tps,
-                sessions=load.get(key_of(ann), 0),
+                sessions=load.get(key, 0),
                 state=ann.state,
-                online_since=utc_from_s(since[ann.node_id]),
-                uptime_s=max(0.0, now_s - since[ann.node_id]),
+                online_since=utc_from_s(since[key]),
+                uptime_s=max(0.0, now_s - since[key]),
                 first_seen=s.first_started if s else None,
                 last_seen=utc_from_s(ann.announced_at),
                 receipts=s.receipts if s else 0,
                 tokens=s.tokens if s else 0,
                 credits_delivered=flops_to_credits(s.flops) if s else 0.0,
-                **_trust_fields(trust.get(key_of(ann))),
+                **_trust_fields(trust.get(key)),
             )
         )
-    online = {ann.node_id for ann in live}
+    online = set(since)
     for row in ctx.ledger.nodes():
-        if row.node_id in online:
+        if key_of(row) in online:
             continue
-        s = stats.get(row.node_id)
+        s = stats.get(key_of(row))
         out.append(
             NodeOut(
                 node_id=row.node_id,
@@ -187,14 +192,14 @@ def _routable(node: NodeOut) -> bool:
 
 
 def _model_coverage(model: LiveModel, online: Sequence[NodeOut], shade: str) -> ModelCoverageOut:
-    nodes = [n for n in online if n.node_id in model.node_ids]
+    nodes = [n for n in online if n.key in model.node_keys]
     served = {b for n in nodes if _routable(n) for b in range(n.start, min(n.end, model.num_blocks))}
     rows = _coverage_rows(nodes, shade)
     return ModelCoverageOut(
         name=model.name,
         num_blocks=model.num_blocks,
         blocks_uncovered=[b for b in range(model.num_blocks) if b not in served],
-        node_ids=[n.node_id for n in nodes],
+        node_keys=[str(n.key) for n in nodes],
         coverage_svg=charts.coverage_map(model.num_blocks, rows, shaded_by=shade, model=model.name),
     )
 
@@ -221,7 +226,7 @@ def overview(ctx: AdminContext, live: Live, *, shade: str = "throughput", now_s:
         nodes_online=len(online),
         members_online=len({n.institution for n in online}),
         members_total=sum(1 for m in pool.members if not m.revoked),
-        live_sessions=sum(n.sessions for n in online),
+        live_sessions=live.sessions_open,
         tokens_per_s=None if samples is None else recent_rate(samples, now_s=now_s),
         token_rate=[RatePoint(seconds_ago=ago, tokens_per_s=v) for ago, v in rate] if samples is not None else [],
         shade=shade,  # type: ignore[arg-type]

@@ -61,12 +61,15 @@ class Account(SQLModel, table=True):
 
 
 class Node(SQLModel, table=True):
-    """A node as seen through its receipts: which institution runs it, what it served, when."""
+    """A node as seen through its receipts: what it served, when.
+
+    Keyed by (institution, node id): a member mints its node ids, so two institutions may both run a "gpu-0".
+    """
 
     __tablename__ = "nodes"
 
+    institution: str = Field(primary_key=True, foreign_key="institutions.name", max_length=128)
     node_id: str = Field(primary_key=True, max_length=128)
-    institution: str = Field(foreign_key="institutions.name", max_length=128)
     start_block: int
     end_block: int
     first_seen: dt.datetime = Field(default_factory=utcnow)

@@ -162,8 +162,10 @@ class LedgerQueries:
             return [(min(r[0], r[1]), r[2], r[3], int(r[4])) for r in session.execute(query)]
 
     def nodes(self) -> list[Node]:
+        """Every node receipts were booked for, by institution, then node id."""
         with Session(self.engine) as session:
-            return list(session.execute(select(Node).order_by(col(Node.node_id))).scalars())
+            query = select(Node).order_by(col(Node.institution), col(Node.node_id))
+            return list(session.execute(query).scalars())
 
     def certificates(self) -> dict[str, Certificate]:
         with Session(self.engine) as session:

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, case, insert, select
+from sqlalchemy import Engine, case, insert, select, tuple_
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
@@ -44,6 +44,7 @@ from coop.ledger.models import (
 )
 from coop.ledger.queries import LedgerQueries
 from coop.receipts import Payment, ReceiptBody, SignedReceipt, cert_sha256
+from coop.swarm.node_key import NodeKey, key_of
 
 log = logging.getLogger(__name__)
 
@@ -286,33 +287,42 @@ class Ledger(LedgerQueries):
 
     @staticmethod
     def _touch_nodes(session: Session, bodies: Sequence[ReceiptBody]) -> None:
-        """Whatever order receipts arrive in, a node's span is its newest receipt's; first/last seen only widen."""
-        latest: dict[str, ReceiptBody] = {}
-        first_seen: dict[str, dt.datetime] = {}
+        """Whatever order receipts arrive in, a node's span is its newest receipt's; first/last seen only widen.
+
+        A node is its (institution, node id): another institution's node of the same id is another row.
+        """
+        latest: dict[NodeKey, ReceiptBody] = {}
+        first_seen: dict[NodeKey, dt.datetime] = {}
         for body in bodies:
-            if body.node_id not in latest or body.ended_at > latest[body.node_id].ended_at:
-                latest[body.node_id] = body
-            first_seen[body.node_id] = min(first_seen.get(body.node_id, body.started), body.started)
+            key = key_of(body)
+            if key not in latest or body.ended_at > latest[key].ended_at:
+                latest[key] = body
+            first_seen[key] = min(first_seen.get(key, body.started), body.started)
         # FOR UPDATE (PostgreSQL): read the rows another booker may be changing only once it has committed
-        query = select(Node).where(col(Node.node_id).in_(latest)).order_by(col(Node.node_id)).with_for_update()
-        rows = {row.node_id: row for row in session.execute(query).scalars()}
-        for node_id in sorted(latest):
-            body, row = latest[node_id], rows.get(node_id)
+        query = (
+            select(Node)
+            .where(tuple_(col(Node.institution), col(Node.node_id)).in_(list(latest)))
+            .order_by(col(Node.institution), col(Node.node_id))
+            .with_for_update()
+        )
+        rows = {key_of(row): row for row in session.execute(query).scalars()}
+        for key in sorted(latest):
+            body, row = latest[key], rows.get(key)
             if row is None:
                 session.add(
                     Node(
-                        node_id=node_id,
-                        institution=body.institution,
+                        institution=key.institution,
+                        node_id=key.node_id,
                         start_block=body.start_block,
                         end_block=body.end_block,
-                        first_seen=first_seen[node_id],
+                        first_seen=first_seen[key],
                         last_seen=body.ended,
                     )
                 )
                 continue
             if body.ended >= row.last_seen:
                 row.last_seen, row.start_block, row.end_block = body.ended, body.start_block, body.end_block
-            row.first_seen = min(row.first_seen, first_seen[node_id])
+            row.first_seen = min(row.first_seen, first_seen[key])
         session.flush()
 
 

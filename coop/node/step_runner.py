@@ -230,7 +230,7 @@ class StepRunner:
             message = tensor_to_proto(output)
             sketches = list(request.sketches)
             if live.sketch is not None:
-                sketches.append(sketch_to_proto(self.node_id, hidden, output, *live.sketch))
+                sketches.append(sketch_to_proto(self.node_id, request.hidden, message, *live.sketch))
             if next_hops:
                 await self._push(next_hops, request, message, sketches)
                 self.counters.pushes_sent += 1

@@ -315,8 +315,8 @@ class RemoteChain:
             raise HopsFailed(f"node {first.node_id} is unreachable: {exc.code().name}", dead={first.key}) from exc
         if ack.HasField("error"):
             error = error_from_proto(ack.error)
-            if isinstance(error, UnknownSession):  # the node restarted and lost our session
-                raise HopsFailed(str(error), dead={first.key})
+            if isinstance(error, UnknownSession):  # the node dropped our session, or restarted and lost it
+                raise await self._reported_failure(0, error)
             if is_capacity_refusal(error):
                 raise HopsFailed(f"node {first.node_id} refused the step: {error}", refused={first.key})
             raise _peer_error(first, "refused the step", error) from error
@@ -375,12 +375,16 @@ class RemoteChain:
 
     async def _reported_failure(self, index: int, error: CoopError) -> HopsFailed:
         """Hop `index` reports that the step failed: it lost the session (UnknownSession, its word about
-        itself), or it could not push onward, which blames its next hop. A probe finds the dead
-        first; a claim against a hop that answers is weighed by `SessionAvoidance.claim`."""
+        itself: the session leaves it), or it could not push onward, which blames its next hop. A probe
+        finds the dead first; a claim against a hop that answers is weighed by `SessionAvoidance.claim`."""
         if dead := await unanswering(self.channels, self.hops):
             return HopsFailed(str(error), dead=dead)
         reporter = self.hops[index]
-        if isinstance(error, UnknownSession) or index == len(self.hops) - 1:
+        if isinstance(error, UnknownSession):
+            # Alive without our session: it closed it (idle, or its cache share given to an institution
+            # below its own) or restarted. The session leaves it, as if refused; no one is suspected.
+            return HopsFailed(str(error), avoid={reporter.key}, refused={reporter.key})
+        if index == len(self.hops) - 1:
             return HopsFailed(str(error), dead={reporter.key})
         return self._avoidance.claim(reporter, self.hops[index + 1], str(error))
 

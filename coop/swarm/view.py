@@ -73,6 +73,7 @@ class SwarmView:
         self.refresh_s = refresh_s
         self.nodes: list[NodeAnnouncement] = []
         self.load: Counter[NodeKey] = Counter()  # our sessions per node: routes chosen and not yet released
+        self.sessions_open = 0  # those routes: a session counts once, however many hops its route has
         self._suspects: dict[NodeKey, float] = {}  # until when, in time.monotonic()
         self.refusals = RefusalRates()
         self.quarantined = quarantined
@@ -173,10 +174,13 @@ class SwarmView:
             await self.refresh()  # a node may have joined since the last refresh
             hops = self._choose(exclude, avoid_institutions)
         self.load.update(hop.key for hop in hops)  # no await since the choice: no one else chose meanwhile
+        self.sessions_open += 1
         return hops
 
     def release(self, hops: Sequence[Hop]) -> None:
-        """A chain is done with a route that `route` returned."""
+        """A chain is done with a route that `route` returned (an empty one: it held none)."""
+        if hops:
+            self.sessions_open -= 1
         for hop in hops:
             self.load[hop.key] -= 1
             if self.load[hop.key] <= 0:

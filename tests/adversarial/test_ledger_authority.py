@@ -8,6 +8,8 @@ key pays. The admin's database URL lives only in the pool directory's 0600 `ledg
   a grant is written straight into the database without the admin's signature.
 - Attack 3, billing another member: Beta runs a coordinator of its own (with a database role, as a
   pool coordinator has) whose key file says Beta's API key is Gamma's, so Gamma pays for Beta's use.
+- Attack 7, inflating a receipt: the pool's own coordinator (holding its certificate) books a 1-token
+  receipt of Alpha's node claiming 4·10^18 FLOPs, charged to Gamma's key, every signature valid.
 - Attack 8: a revoked provider's receipt for work after its revocation reaches booking; grants of
   10^9 credits push every sum far past 64 bits.
 """
@@ -54,6 +56,7 @@ from tests.waiting import wait_for
 
 WAIT_S = 60.0
 BILLION = 10**9 * FLOPS_PER_CREDIT
+INFLATED_FLOPS = 4 * 10**18
 
 
 @dataclass
@@ -90,8 +93,9 @@ class Books:
         finally:
             ledger.close()
 
-    def verify(self) -> subprocess.CompletedProcess[str]:
-        return coop("ledger", "verify", "--pool", str(self.pool_dir))
+    def verify(self, *models: str) -> subprocess.CompletedProcess[str]:
+        """`coop ledger verify`, recomputing the FLOPs of receipts of these model directories."""
+        return coop("ledger", "verify", "--pool", str(self.pool_dir), *(f"--model={m}" for m in models))
 
 
 def coop(*args: str) -> subprocess.CompletedProcess[str]:
@@ -256,6 +260,50 @@ def test_attack_3_a_coordinator_that_bills_another_member_is_caught_by_verify(bo
     finally:
         rogue.stop()
         books.pool.processes.remove(rogue)
+        ledger.close()
+
+
+def test_attack_7_a_coordinator_that_inflates_a_receipts_flops_is_named_by_verify(books: Books) -> None:
+    """Coord books as if its FLOPs table said 4·10^18 per token: the receipt passes booking (Coord's own
+    check is the lie), and only `verify --model` recomputing from the manifest can name it."""
+    alpha = MemberBundle.load(books.bundles["Alpha"])
+    coordinator = MemberBundle.load(books.bundles["Coord"])
+    gamma_key = api_key_id(api_key_digest(books.keys["Gamma"]))
+    ledger = books.ledger()
+    try:
+        session_id, now = new_receipt_id(), time.time()
+        ledger.observe(
+            [Observation(session_id=session_id, node_id="node-a", provider="Alpha", consumer="Gamma",
+                         start_block=0, end_block=2, prefill_tokens=0, decode_tokens=1, api_key_id=gamma_key)]
+        )  # fmt: skip
+        inflated = ReceiptBody(
+            new_receipt_id(), alpha.pool_id, session_id, "node-a", "Alpha", "Coord",
+            books.manifest.content_hash, 0, 2, 0, 1, INFLATED_FLOPS, now - 1, now,
+        )  # fmt: skip
+        lying = ReceiptChecker(
+            coordinator.pool_id,
+            coordinator.ca_cert_pem,
+            books.manifest.content_hash,
+            lambda start, end: INFLATED_FLOPS,
+            coordinator,
+            ledger.observation,
+            ledger.booked_for,
+        )
+        ledger.book([lying.check(sign_receipt(alpha.credentials("node-a"), inflated))])
+        [booked] = [r for r in ledger.receipts() if r.receipt_id == inflated.receipt_id]
+        assert booked.consumer == "Gamma"  # booked and charged: the attack went through
+
+        result = books.verify(books.pool.model_dir)
+
+        assert result.returncode == 1, result.stdout + result.stderr
+        [line] = problem_lines(result)
+        assert inflated.receipt_id in line and str(INFLATED_FLOPS) in line, line
+        with ledger.engine.begin() as connection:
+            connection.execute(text("DELETE FROM postings WHERE receipt_id = :r"), {"r": inflated.receipt_id})
+            connection.execute(text("DELETE FROM receipts WHERE receipt_id = :r"), {"r": inflated.receipt_id})
+        clean = books.verify(books.pool.model_dir)  # every honest receipt's FLOPs are the manifest's
+        assert clean.returncode == 0, clean.stdout + clean.stderr
+    finally:
         ledger.close()
 
 

@@ -26,7 +26,7 @@ from coop.ledger.models import FLOPS_PER_CREDIT
 from coop.pipeline.local import LocalBackend
 from coop.pool.api_keys import api_key_digest
 from coop.pool.registry import API_KEYS_FILE
-from tests.admin_pool import LIVE_NODES, MEMBERS, XSS_NAME, AdminPool, build_admin_pool
+from tests.admin_pool import LIVE_KEYS, LIVE_NODES, MEMBERS, OPEN_ROUTES, XSS_NAME, AdminPool, build_admin_pool
 from tests.browser import Tab, credits_text, launch_chromium, open_tab, shoot, sign_in
 from tests.conftest import REPO_ROOT
 from tests.http_servers import serve_in_thread
@@ -111,11 +111,10 @@ def test_every_page_shows_the_real_ledger_and_the_coverage_map(tab: Tab, coordin
     page.goto("/admin/")
     spans = page.locator("#coverage svg rect.span")
     assert spans.count() == len(LIVE_NODES)
-    assert {spans.nth(i).get_attribute("data-node") for i in range(spans.count())} == set(LIVE_NODES)
+    assert {spans.nth(i).get_attribute("data-node") for i in range(spans.count())} == set(LIVE_KEYS)
     assert page.locator("#coverage svg rect.gap").count() == 0
     assert page.locator("[data-field=nodes_online]").inner_text() == str(len(LIVE_NODES))
-    sessions = sum(spec[4] for spec in LIVE_NODES.values())
-    assert page.locator("[data-field=live_sessions]").inner_text() == str(sessions)
+    assert page.locator("[data-field=live_sessions]").inner_text() == str(len(OPEN_ROUTES))
     # the live part re-reads /admin/api/overview by itself (the shipped script, under the page's CSP)
     page.wait_for_selector("#live[data-refreshed-at]", timeout=10_000)
     overview = shoot(tab, "overview")
@@ -138,8 +137,8 @@ def test_every_page_shows_the_real_ledger_and_the_coverage_map(tab: Tab, coordin
     shoot(tab, "institution")
 
     page.goto("/admin/nodes")
-    for node_id in LIVE_NODES:
-        assert "online" in page.locator(f'tr[data-node="{node_id}"]').inner_text()
+    for key in LIVE_KEYS:
+        assert "online" in page.locator(f'tr[data-node="{key}"]').inner_text()
     shoot(tab, "nodes")
 
     page.goto("/admin/receipts")

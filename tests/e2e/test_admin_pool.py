@@ -29,6 +29,7 @@ def test_a_real_pool_s_receipts_reach_the_view(tiny_chat_model_dir: str, tmp_pat
     bundles, keys = disk.bundles, disk.keys
     blocks = Manifest.load(tiny_chat_model_dir).num_blocks
     spans = {"alpha-0": f"0:{blocks // 2}", "beta-0": f"{blocks // 2}:{blocks}"}
+    node_keys = {"alpha/alpha-0", "beta/beta-0"}  # as the pages name them
     requests = ["alpha", "beta", "alpha"]
     pool = LocalPool(tiny_chat_model_dir)
     try:
@@ -56,7 +57,7 @@ def test_a_real_pool_s_receipts_reach_the_view(tiny_chat_model_dir: str, tmp_pat
         with launch_chromium() as browser, open_tab(browser, pool.url) as tab:
             sign_in(tab, disk.admin_token)
             spans_drawn = tab.page.locator("#coverage svg rect.span")
-            assert {spans_drawn.nth(i).get_attribute("data-node") for i in range(spans_drawn.count())} == set(spans)
+            assert {spans_drawn.nth(i).get_attribute("data-node") for i in range(spans_drawn.count())} == node_keys
             assert tab.page.locator("#coverage svg rect.gap").count() == 0
             shoot(tab, "real-pool-overview")
             tab.page.goto("/admin/institutions")
@@ -65,8 +66,8 @@ def test_a_real_pool_s_receipts_reach_the_view(tiny_chat_model_dir: str, tmp_pat
                 assert cell.inner_text() == credits_text(balance.balance_flops), name
             shoot(tab, "real-pool-institutions")
             tab.page.goto("/admin/nodes")
-            for node_id in spans:
-                row = tab.page.locator(f'tr[data-node="{node_id}"]').inner_text()
+            for key in node_keys:
+                row = tab.page.locator(f'tr[data-node="{key}"]').inner_text()
                 assert "online" in row and f"\t{len(requests)}\t" in row, row
             assert tab.problems == []
     finally:

@@ -187,6 +187,27 @@ def test_a_node_row_follows_its_receipts_whatever_order_they_are_booked_in(recei
     assert (node.first_seen.timestamp(), node.last_seen.timestamp()) == pytest.approx((t0, t0 + 50))
 
 
+def test_two_institutions_nodes_of_one_id_are_two_rows_each_with_its_own_span(receipts: Receipts) -> None:
+    ledger = receipts.ledger
+    t0 = time.time() - 100
+    check = receipts.checker().check
+
+    def signed_receipt(provider: str, blocks: tuple[int, int], ended: float) -> Booking:
+        seen = receipts.observe(provider, "coord", node_id="gpu-0", blocks=blocks)
+        return check(receipts.sign(receipts.body(seen, started_at=ended - 5, ended_at=ended)))
+
+    ledger.book([signed_receipt("alpha", (0, 10), t0 + 10)])
+    ledger.book([signed_receipt("beta", (10, 20), t0 + 50)])  # newer: it must not move alpha's row
+    ledger.book([signed_receipt("alpha", (0, 5), t0 + 30), signed_receipt("beta", (12, 20), t0 + 40)])
+
+    rows = {(n.institution, n.node_id): n for n in ledger.nodes()}
+    assert list(rows) == [("alpha", "gpu-0"), ("beta", "gpu-0")]
+    alpha, beta = rows["alpha", "gpu-0"], rows["beta", "gpu-0"]
+    assert (alpha.start_block, alpha.end_block, beta.start_block, beta.end_block) == (0, 5, 10, 20)
+    assert (alpha.first_seen.timestamp(), alpha.last_seen.timestamp()) == pytest.approx((t0 + 5, t0 + 30))
+    assert (beta.first_seen.timestamp(), beta.last_seen.timestamp()) == pytest.approx((t0 + 35, t0 + 50))
+
+
 # -- grants, floors, balances ------------------------------------------------------------------
 
 

@@ -28,11 +28,11 @@ def test_coverage_map_draws_each_node_span_and_marks_the_blocks_nobody_serves() 
     rows = [
         CoverageRow("n0", "alpha", 0, 4, 1.0, "2 sess"),
         CoverageRow("n1", "beta", 5, 10, 0.5, "0 sess"),
-        CoverageRow("n2", "beta", 2, 6, 0.0, "1 sess"),
+        CoverageRow("n0", "beta", 2, 6, 0.0, "1 sess"),  # beta's own n0: another node
     ]
     root = parse(coverage_map(10, rows, shaded_by="load"))
     spans = rects(root, "span")
-    assert [s.get("data-node") for s in spans] == ["n0", "n1", "n2"]
+    assert [s.get("data-node") for s in spans] == ["alpha/n0", "beta/n1", "beta/n0"]
     assert [float(s.get("fill-opacity", "")) for s in spans] == [1.0, 0.6, 0.2]
     gaps = rects(root, "gap")
     assert len(gaps) == 0, "blocks 0..9 are all served (n2 covers 4)"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections import Counter
 from collections.abc import Iterator
 from urllib.parse import quote
 
@@ -18,9 +17,11 @@ from coop.ledger.models import FLOPS_PER_CREDIT
 from coop.pool.api_keys import ApiKeyStore, api_key_digest
 from coop.pool.registry import API_KEYS_FILE
 from coop.swarm.announcement import PAUSED
-from coop.swarm.node_key import key_of
+from coop.swarm.node_key import NodeKey, key_of
 from tests.admin_pool import (
+    LIVE_NODES,
     OFFLINE_NODE,
+    OPEN_ROUTES,
     PAUSED_NODE,
     REVOKED,
     XSS_NAME,
@@ -213,7 +214,9 @@ def test_overview_api_reports_the_live_swarm(data: AdminPool, client: TestClient
     overview = client.get("/admin/api/overview?shade=load", headers={"Authorization": f"Bearer {data.admin_token}"})
     body = overview.json()
     assert body["num_blocks"] == 30 and body["blocks_uncovered"] == []
-    assert body["nodes_online"] == 5 and body["members_online"] == 3 and body["live_sessions"] == 9
+    assert body["nodes_online"] == 5 and body["members_online"] == 3
+    # a session counts once, not once per node of its route
+    assert body["live_sessions"] == len(OPEN_ROUTES) < sum(n["sessions"] for n in body["nodes"])
     assert body["tokens_per_s"] > 0 and len(body["token_rate"]) == 90
     assert body["coverage_svg"].startswith("<svg") and body["shade"] == "load"
 
@@ -224,7 +227,8 @@ def test_nodes_show_the_state_each_announces(data: AdminPool, client: TestClient
     assert states[PAUSED_NODE] == "paused" and states["alpha-a100-0"] == "serving"
     assert states[OFFLINE_NODE[0]] is None  # offline: no announcement to say
     sign_in(client, data.admin_token)
-    row = re.search(rf'<tr data-node="{PAUSED_NODE}">.*?</tr>', client.get("/admin/nodes").text, re.S)
+    paused = NodeKey(LIVE_NODES[PAUSED_NODE][0], PAUSED_NODE)
+    row = re.search(rf'<tr data-node="{paused}">.*?</tr>', client.get("/admin/nodes").text, re.S)
     assert row is not None and '<span class="tag warn"' in row.group(0) and ">paused</span>" in row.group(0)
 
 
@@ -233,7 +237,7 @@ def test_overview_has_one_coverage_map_per_model(data: AdminPool) -> None:
     small_node = data.swarm.nodes[0].model_copy(update={"node_id": "small-0", "model_hash": "5ma11", "end": 2})
     # online and listed, but paused: it serves no route, so its blocks count as uncovered (as /v1/models counts)
     paused = small_node.model_copy(update={"node_id": "small-1", "start": 2, "end": 4, "state": PAUSED})
-    small = StaticSwarm(4, [small_node, paused], Counter({key_of(small_node): 1}))
+    small = StaticSwarm(4, [small_node, paused], [[key_of(small_node)]])
     context = dataclasses.replace(data.context(), swarm={"big-model": data.swarm, "small-model": small})
     app = FastAPI()
     mount_admin(app, context)
@@ -248,14 +252,15 @@ def test_overview_has_one_coverage_map_per_model(data: AdminPool) -> None:
     assert '30 / 30</span><span class="label">blocks served of big-model' in page
     big, tiny = body["models"]
     assert (big["name"], big["num_blocks"], big["blocks_uncovered"]) == ("big-model", 30, [])
-    assert sorted(big["node_ids"]) == sorted(n.node_id for n in data.swarm.nodes)
-    assert (tiny["name"], tiny["num_blocks"], tiny["blocks_uncovered"], tiny["node_ids"]) == (
+    assert sorted(big["node_keys"]) == sorted(str(key_of(n)) for n in data.swarm.nodes)
+    assert (tiny["name"], tiny["num_blocks"], tiny["blocks_uncovered"], tiny["node_keys"]) == (
         "small-model",
         4,
         [2, 3],
-        ["small-0", "small-1"],
+        ["alpha-university/small-0", "alpha-university/small-1"],
     )
-    assert body["num_blocks"] == 30 and body["nodes_online"] == 7 and body["live_sessions"] == 10
+    assert body["num_blocks"] == 30 and body["nodes_online"] == 7
+    assert body["live_sessions"] == len(OPEN_ROUTES) + 1
     svg = body["coverage_svg"]
     assert svg.count("<svg") == 2 and svg.index("big-model: coverage") < svg.index("small-model: coverage")
     assert "2 of 4 blocks not served" in tiny["coverage_svg"]

@@ -11,6 +11,7 @@ from coop.admin import CounterRate, NodePresence, TokenRateMeter
 from coop.errors import InvalidInput
 from coop.pool.api_keys import ApiKeyStore, api_key_digest
 from coop.pool.registry import API_KEYS_FILE, add_member, create_api_key, create_pool, revoke_api_key
+from coop.swarm.node_key import NodeKey
 
 
 def test_revoking_one_key_leaves_the_institution_s_other_keys_alone(tmp_path: Path) -> None:
@@ -41,11 +42,12 @@ def test_token_rate_meter_keeps_only_its_window() -> None:
 def test_node_presence_restarts_uptime_after_a_gap() -> None:
     now = [0.0]
     presence = NodePresence(clock=lambda: now[0])
-    assert presence.observe(["a", "b"]) == {"a": 0.0, "b": 0.0}
+    a, b = NodeKey("alpha", "gpu-0"), NodeKey("beta", "gpu-0")  # one id, two members: two nodes
+    assert presence.observe([a, b]) == {a: 0.0, b: 0.0}
     now[0] = 30.0
-    assert presence.observe(["a"]) == {"a": 0.0}
+    assert presence.observe([a]) == {a: 0.0}
     now[0] = 60.0
-    assert presence.observe(["a", "b"]) == {"a": 0.0, "b": 60.0}
+    assert presence.observe([a, b]) == {a: 0.0, b: 60.0}
 
 
 def test_public_names() -> None:

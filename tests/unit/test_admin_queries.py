@@ -11,6 +11,7 @@ import pytest
 from coop.admin import queries
 from coop.admin.export import audit_csv, cell, receipts_csv
 from coop.admin.queries import AuditFilter, ReceiptFilter, as_utc, bucket_start
+from coop.swarm.node_key import NodeKey
 from tests.admin_pool import MEMBERS, AdminPool, build_admin_pool
 
 
@@ -65,9 +66,10 @@ def test_receipt_pages_filter_count_and_do_not_overlap(data: AdminPool) -> None:
     assert not {r.receipt_id for r in first} & {r.receipt_id for r in second}
     assert [as_utc(r.booked_at) for r in first] == sorted((as_utc(r.booked_at) for r in first), reverse=True)
 
-    node = everything[0].node_id
-    rows, total = queries.receipt_page(engine, ReceiptFilter(node_id=node), limit=1000, offset=0)
-    assert total == len(rows) == sum(1 for r in everything if r.node_id == node)
+    newest = everything[0]
+    node = f"{newest.provider}/{newest.node_id}"
+    rows, total = queries.receipt_page(engine, ReceiptFilter(node=node), limit=1000, offset=0)
+    assert total == len(rows) == sum(1 for r in everything if f"{r.provider}/{r.node_id}" == node)
 
     rows, total = queries.receipt_page(engine, ReceiptFilter(institution="gamma-institute"), limit=1000, offset=0)
     assert total == sum(1 for r in everything if "gamma-institute" in (r.provider, r.consumer))
@@ -113,9 +115,9 @@ def test_audit_pages_filter_by_action_actor_and_subject(data: AdminPool) -> None
 def test_node_stats_add_up_each_node_s_receipts(data: AdminPool) -> None:
     stats = queries.node_stats(data.ledger.engine)
     receipts = data.ledger.receipts()
-    assert Counter(r.node_id for r in receipts) == {node: s.receipts for node, s in stats.items()}
+    assert Counter(NodeKey(r.provider, r.node_id) for r in receipts) == {node: s.receipts for node, s in stats.items()}
     for node, s in stats.items():
-        mine = [r for r in receipts if r.node_id == node]
+        mine = [r for r in receipts if (r.provider, r.node_id) == node]
         assert s.flops == sum(r.flops for r in mine)
         assert s.tokens == sum(r.prefill_tokens + r.decode_tokens for r in mine)
         assert s.last_ended == max(as_utc(r.ended_at) for r in mine)

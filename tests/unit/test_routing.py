@@ -281,3 +281,19 @@ def test_measurements_and_load_are_kept_per_institution_and_node_id() -> None:
         assert not view.load
 
     asyncio.run(run())
+
+
+def test_a_session_counts_once_among_the_open_sessions_however_many_hops_its_route_has() -> None:
+    async def run() -> None:
+        view = _view([node("a", 0, 10), node("b", 10, 20), node("c", 20, 30)])
+        await view.start()
+        await view.stop()
+        first, second = await view.route(), await view.route()
+        assert view.sessions_open == 2 and sum(view.load.values()) == 6
+        view.release(first)
+        view.release([])  # a chain that held no route releases nothing
+        assert view.sessions_open == 1 and sum(view.load.values()) == 3
+        view.release(second)
+        assert view.sessions_open == 0 and not view.load
+
+    asyncio.run(run())

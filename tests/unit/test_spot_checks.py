@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,8 @@ from coop.receipts import TokenTally
 from coop.swarm.node_key import NodeKey
 from coop.swarm.routing import Hop
 from coop.swarm.trust import DISPUTED, LIFTED, PASSED, QUARANTINED, trust_records
-from coop.wire.sketches import relative_distance, sketch
+from coop.wire.sketches import digest, relative_distance, sketch
+from coop.wire.tensors import tensor_to_proto
 from tests.adversarial.cheating_node import NOISE_SHARE, tampered
 from tests.announcements import node
 
@@ -63,11 +65,8 @@ def test_honest_replicas_stay_under_the_tolerance_and_noise_goes_over(
         for step, other in zip(steps, outputs, strict=True):
             assert isinstance(other, torch.Tensor)
             output = single.step(step.session_id, step.hidden, step.start_position)
-            claimed, recomputed = sketch(other, SEED, dims), sketch(output, SEED, dims)
-            added = recomputed - sketch(step.hidden, SEED, dims)
-            honest.append(relative_distance(claimed, recomputed, added))
-            noise = sketch(tampered("noise", step.session_id, step.hidden, output), SEED, dims)
-            noisy.append(relative_distance(noise, recomputed, added))
+            honest.append(distance(other, output, step.hidden, dims))
+            noisy.append(distance(tampered("noise", step.session_id, step.hidden, output), output, step.hidden, dims))
             positions[step.session_id] += step.hidden.shape[1]
             inputs[step.session_id] = torch.randn(1, 1, single.hidden_size, generator=rng)
     print(
@@ -80,10 +79,25 @@ def test_honest_replicas_stay_under_the_tolerance_and_noise_goes_over(
     assert min(noisy) > tolerance
 
 
-def test_sketches_are_linear_and_seeded() -> None:
+def distance(claimed: torch.Tensor, recomputed: torch.Tensor, hidden: torch.Tensor, dims: int) -> float:
+    """As the coordinator measures a hop that pushed `claimed`: in the projection of its bytes."""
+    view = partial(sketch, seed=SEED, dims=dims, tensor_digest=digest(tensor_to_proto(claimed)))
+    return relative_distance(view(claimed), view(recomputed), view(recomputed) - view(hidden))
+
+
+def test_sketches_are_linear_and_drawn_from_the_seed_and_the_digest() -> None:
     a, b = torch.randn(1, 3, 64), torch.randn(1, 3, 64)
-    assert torch.allclose(sketch(a + b, SEED, 16), sketch(a, SEED, 16) + sketch(b, SEED, 16), atol=1e-5)
-    assert not torch.allclose(sketch(a, SEED, 16), sketch(a, SEED + 1, 16))
+    named = digest(tensor_to_proto(a))
+    one = partial(sketch, seed=SEED, dims=16, tensor_digest=named)
+    assert torch.allclose(one(a + b), one(a) + one(b), atol=1e-5)
+    assert not torch.allclose(sketch(a, SEED, 16, named), sketch(a, SEED + 1, 16, named))
+    assert not torch.allclose(sketch(a, SEED, 16, named), sketch(a, SEED, 16, digest(tensor_to_proto(b))))
+
+
+def test_a_digest_names_dtype_shape_and_bytes() -> None:
+    a = torch.randn(2, 6)
+    digests = {digest(tensor_to_proto(t)) for t in (a, a.reshape(3, 4), a.reshape(1, 2, 6), a.to(torch.bfloat16))}
+    assert len(digests) == 4 and digest(tensor_to_proto(a.clone())) in digests
 
 
 def test_replica_routes_tile_the_hop_and_avoid_its_institutions() -> None:

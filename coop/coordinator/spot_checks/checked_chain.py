@@ -17,7 +17,8 @@ from coop.pipeline.charge import Charge
 from coop.pipeline.remote import RemoteChain, SentStep
 from coop.swarm.node_key import NodeKey, key_of
 from coop.swarm.routing import Hop
-from coop.wire.sketches import relative_distance, sketch, sketches_from_proto
+from coop.wire.sketches import HopSketch, digest, relative_distance, sketch, sketches_from_proto
+from coop.wire.tensors import tensor_to_proto
 
 log = logging.getLogger(__name__)
 
@@ -157,16 +158,19 @@ class CheckedChain:
 
     async def _open_shadow(self, session_id: str) -> _Shadow | None:
         hops = list(self.chain.hops)
-        on_route = {h.institution for h in hops}  # a check by the checked route itself proves nothing
         replicas: list[RemoteChain] = []
         for hop in hops:
-            replica = await self.checker.replica(hop, on_route, self.chain.max_length, self._replica_charge)
+            # Outside the checked hop's own institution (a check by itself proves nothing); another hop's
+            # institution may replicate it: a false replica only starts a dispute, settled by a referee
+            # of neither side, so a route of two institutions is checked like a route of one.
+            avoid = {hop.institution}
+            replica = await self.checker.replica(hop, avoid, self.chain.max_length, self._replica_charge)
             if replica is None:
                 log.info(
                     "no replica of blocks %d:%d outside %s to check session %s",
                     hop.start,
                     hop.end,
-                    ", ".join(sorted(on_route)),
+                    hop.institution,
                     session_id,
                 )
                 for opened in replicas:
@@ -186,27 +190,19 @@ class CheckedChain:
             claims = sketches_from_proto(step.sketches, n, dims)
         except InvalidTensor as exc:
             return Verdict(keys, False, f"{where}: a malformed sketch: {exc}")
-        if [c[0] for c in claims] != [h.node_id for h in hops]:
+        if [c.node_id for c in claims] != [h.node_id for h in hops]:
             return Verdict(keys, False, f"{where}: sketches missing or out of order")
-        sent = sketch(step.hidden, seed, dims)
-        if relative_distance(claims[0][1], sent, sent) > SAME_TENSOR_TOLERANCE:
-            return Verdict(keys[:1], True, f"{where} hop 0 ({keys[0]}): lied about its input")
-        received = sketch(step.output, seed, dims)
-        if relative_distance(claims[-1][2], received, received) > SAME_TENSOR_TOLERANCE:
-            return Verdict(keys[-1:], True, f"{where} hop {len(hops) - 1} ({keys[-1]}): lied about its output")
-        for k in range(len(hops) - 1):
-            pushed, got = claims[k][2], claims[k + 1][1]
-            if relative_distance(got, pushed, pushed) > SAME_TENSOR_TOLERANCE:
-                return Verdict(
-                    keys[k : k + 2], False, f"{where}: hop {k} says it pushed what hop {k + 1} says it did not get"
-                )
+        if verdict := _unchained(claims, step, seed, dims, keys, where):
+            return verdict
         hidden = feed
         for k, (hop, replica) in enumerate(zip(hops, shadow.replicas, strict=True)):
             shadow.inputs[k] = [*_first_positions(shadow.inputs[k], start), hidden]
             output = await replica.step(hidden, start, [])
-            # The last hop's output is here whole: compare it whole, not only in the projections it knows.
-            view = _whole if k == len(hops) - 1 else partial(sketch, seed=seed, dims=dims)
-            claimed = view(step.output) if k == len(hops) - 1 else claims[k][2]
+            # The last hop's output is here whole: compare it whole. Any other hop's, in the projection
+            # drawn from the digest of the bytes it pushed, which it could not know before it chose them.
+            last = k == len(hops) - 1
+            view = _whole if last else partial(sketch, seed=seed, dims=dims, tensor_digest=claims[k].output_digest)
+            claimed = view(step.output) if last else claims[k].output
             recomputed = view(output[:, -n:])
             distance = relative_distance(claimed, recomputed, recomputed - view(hidden[:, -n:]))
             if distance > self.checker.book.policy.tolerance:
@@ -260,6 +256,37 @@ class CheckedChain:
                 self.checker.book.disputed(shadow_nodes, blamed)
             return Verdict((), True, evidence)  # nothing to route around: the route was right
         return Verdict((hop, *shadow_nodes), False, f"{evidence} agrees with neither")
+
+
+def _unchained(
+    claims: list[HopSketch], step: SentStep, seed: int, dims: int, keys: tuple[NodeKey, ...], where: str
+) -> Verdict | None:
+    """A verdict if the hops' sketches do not chain: hop 0's input must be what the coordinator sent,
+    each hop's output what the next hop received, and the last hop's what came back; in digests and
+    in sketches."""
+    if _differ(claims[0].input_digest, claims[0].input, step.hidden, seed, dims):
+        return Verdict(keys[:1], True, f"{where} hop 0 ({keys[0]}): lied about its input")
+    if _differ(claims[-1].output_digest, claims[-1].output, step.output, seed, dims):
+        return Verdict(keys[-1:], True, f"{where} hop {len(keys) - 1} ({keys[-1]}): lied about its output")
+    for k in range(len(claims) - 1):
+        pushed, got = claims[k], claims[k + 1]
+        if pushed.output_digest != got.input_digest or (
+            relative_distance(got.input, pushed.output, pushed.output) > SAME_TENSOR_TOLERANCE
+        ):
+            return Verdict(
+                keys[k : k + 2], False, f"{where}: hop {k} says it pushed what hop {k + 1} says it did not get"
+            )
+    return None
+
+
+def _differ(claimed_digest: bytes, claimed: torch.Tensor, actual: torch.Tensor, seed: int, dims: int) -> bool:
+    """Whether a hop's digest and sketch of a tensor the coordinator sent or got are not those of
+    `actual`: re-encoding it gives the very bytes that went over the wire."""
+    actual_digest = digest(tensor_to_proto(actual))
+    if claimed_digest != actual_digest:
+        return True
+    computed = sketch(actual, seed, dims, actual_digest)
+    return relative_distance(claimed, computed, computed) > SAME_TENSOR_TOLERANCE
 
 
 def _first_positions(parts: list[torch.Tensor], length: int) -> list[torch.Tensor]:

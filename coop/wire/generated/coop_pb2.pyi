@@ -280,14 +280,18 @@ class Rewind(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., step_id: _Optional[int] = ..., start_position: _Optional[int] = ..., tokens: _Optional[int] = ...) -> None: ...
 
 class Sketch(_message.Message):
-    __slots__ = ("node_id", "input", "output")
+    __slots__ = ("node_id", "input", "output", "input_digest", "output_digest")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    INPUT_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_DIGEST_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     input: Tensor
     output: Tensor
-    def __init__(self, node_id: _Optional[str] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ..., output: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    input_digest: bytes
+    output_digest: bytes
+    def __init__(self, node_id: _Optional[str] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ..., output: _Optional[_Union[Tensor, _Mapping]] = ..., input_digest: _Optional[bytes] = ..., output_digest: _Optional[bytes] = ...) -> None: ...
 
 class StepAck(_message.Message):
     __slots__ = ("error",)
