@@ -10,7 +10,9 @@ the tokens the caller kept are replayed: `start_position` of the step that faile
 
 Who is at fault is decided in `coop.pipeline.route_failures`: what a node reports of another is a
 claim, not proof, and a capacity refusal is no failure. Refusals are routed around as long as
-routes remain, without using up failovers; only failures count against `max_failovers`.
+routes remain, without using up failovers; only failures count against `max_failovers`. A spot
+check's conviction takes the culprit's institution out of the session's routes, and uses up no
+failover either (`route_around`).
 
 A hop that is leaving (draining or paused: it says so on its session stream, or its announcement
 does) is moved off the same way, as a planned move: at the next step boundary the chain opens a
@@ -149,7 +151,7 @@ class RemoteChain:
 
     async def _best_route(self) -> list[Hop]:
         avoid = self._avoidance
-        return await self.swarm.route(avoid.excluded | avoid.refusing, avoid.refusing_institutions)
+        return await self.swarm.route(avoid.excluded | avoid.refusing, avoid.left_institutions)
 
     async def _reopen(self, failure: HopsFailed, *, failovers: bool) -> None:
         """Leave the route for `failure`, and open the session on the best route without what it avoids.
@@ -161,11 +163,12 @@ class RemoteChain:
         """
         failed_opens = 0
         while True:
-            if failure.counts and failovers:
+            counts = self._avoidance.counts(failure)
+            if counts and failovers:
                 if self.failovers >= self.max_failovers:
                     raise PeerError(f"giving up after {self.failovers} failovers: {failure}") from failure
                 self.failovers += 1
-            elif failure.counts:
+            elif counts:
                 failed_opens += 1
                 if failed_opens > self.max_failovers:
                     await self._abandon(failure)
@@ -253,10 +256,13 @@ class RemoteChain:
                 await self._fail_over(exc)
                 fresh_route = True
 
-    async def route_around(self, node_ids: set[str], reason: str) -> None:
-        """Leave the route for one without its hops `node_ids`, which the caller found at fault (a spot
-        check); the next step replays the session's tokens on it."""
-        await self._fail_over(HopsFailed(reason, avoid={h.key for h in self.hops if h.node_id in node_ids}))
+    async def route_around(self, nodes: Collection[NodeKey], reason: str, *, convicted: bool) -> None:
+        """Leave the route for one without its hops among `nodes`, which a spot check found at fault: proven
+        (`convicted`: their institutions leave the session, and no failover is counted) or disputed. The
+        next step replays the session's tokens on the new route."""
+        on_route = {h.key for h in self.hops} & set(nodes)
+        failure = HopsFailed(reason, convicted=on_route) if convicted else HopsFailed(reason, avoid=on_route)
+        await self._fail_over(failure)
         self._replay = True
 
     async def _move_if_leaving(self) -> bool:
@@ -267,7 +273,7 @@ class RemoteChain:
         if not leaving or now < self._next_move_s:
             return False
         try:
-            hops = await self.swarm.route(self._avoidance.excluded | leaving)
+            hops = await self.swarm.route(self._avoidance.excluded | leaving, self._avoidance.convicted_institutions)
         except RouteUnavailable as exc:
             self._next_move_s = now + MOVE_RETRY_S
             log.warning("nodes %s are leaving, but no other route can take the session yet: %s", sorted(leaving), exc)

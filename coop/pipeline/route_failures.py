@@ -35,7 +35,8 @@ CORROBORATING_INSTITUTIONS = 2
 class HopsFailed(Exception):
     """The session must leave its route. `dead`: nodes the coordinator saw fail (left and suspected);
     `avoid`: nodes this session leaves, suspecting nobody; `refused`: nodes that declined the session
-    (left, and counted in their refusal rate)."""
+    (left, and counted in their refusal rate); `convicted`: nodes a spot check proved wrong (left with
+    every node of their institution; the trust book has already booked the verdict)."""
 
     def __init__(
         self,
@@ -44,16 +45,13 @@ class HopsFailed(Exception):
         dead: Collection[NodeKey] = (),
         avoid: Collection[NodeKey] = (),
         refused: Collection[NodeKey] = (),
+        convicted: Collection[NodeKey] = (),
     ) -> None:
         super().__init__(reason)
         self.dead = frozenset(dead)
         self.avoid = frozenset(avoid)
         self.refused = frozenset(refused)
-
-    @property
-    def counts(self) -> bool:
-        """Whether an open that failed so uses up a failover: refusals alone do not (nothing ran)."""
-        return bool(self.dead or self.avoid)
+        self.convicted = frozenset(convicted)
 
 
 def is_capacity_refusal(error: BaseException | None) -> bool:
@@ -69,10 +67,24 @@ class SessionAvoidance:
         # instead, which sees a resumed node serve again
         self.refusing: set[NodeKey] = set()
         self.refusing_institutions: set[str] = set()
+        self.convicted_institutions: set[str] = set()  # a spot check convicted one of their nodes: in no route
         self._blamed_by: defaultdict[NodeKey, set[str]] = defaultdict(set)  # blamed node -> reporters' institutions
 
+    @property
+    def left_institutions(self) -> set[str]:
+        """Institutions none of whose nodes this session opens on."""
+        return self.refusing_institutions | self.convicted_institutions
+
+    def counts(self, failure: HopsFailed) -> bool:
+        """Whether leaving a route for `failure` uses up a failover. Refusals do not (nothing ran), nor does
+        a conviction of an institution the session had not left: the bound on those is the institutions.
+        One it had left can only come back through a route that ignored this avoidance: that counts."""
+        convicted_again = {key.institution for key in failure.convicted} & self.convicted_institutions
+        return bool(failure.dead or failure.avoid or convicted_again)
+
     def record(self, failure: HopsFailed) -> None:
-        self.excluded |= failure.dead | failure.avoid
+        self.excluded |= failure.dead | failure.avoid | failure.convicted
+        self.convicted_institutions |= {key.institution for key in failure.convicted}
         self.refusing |= failure.refused
         refusals: defaultdict[str, int] = defaultdict(int)
         for institution, _node_id in self.refusing:

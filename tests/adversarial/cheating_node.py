@@ -73,13 +73,18 @@ def recording_hops_after(routes: RouteChecks, request, caller, live):  # type: i
     return hops
 
 
-if __name__ == "__main__":
-    from coop.cli import app
-
+def tamper_with_the_node() -> None:
+    """Change the real node's code in this process as the attacker does (`COOP_CHEAT` picks the lie)."""
     if os.environ.get("COOP_CHEAT") not in CHEATS:
         raise SystemExit(f"set COOP_CHEAT to one of {', '.join(CHEATS)}")
     daemon.measure_throughput = claimed_throughput
     daemon.estimate_throughput = claimed_estimate
     SpanEngine.step = cheating_step  # type: ignore[method-assign]
     RouteChecks.hops_after = recording_hops_after  # type: ignore[method-assign]
+
+
+if __name__ == "__main__":
+    from coop.cli import app
+
+    tamper_with_the_node()
     app(prog_name="coop")

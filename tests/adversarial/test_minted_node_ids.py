@@ -1,14 +1,16 @@
 """Attack 1 of "the institution is the unit of trust": a member's many node ids check each other.
 
-Mallory runs several node ids (`cheating_node`, kind skip: each returns its input as if it had no
-blocks, with sketches consistent with that lie) over the same blocks as an honest node of another
-institution. Were replicas chosen by node id, Mallory's nodes would shadow and referee one another
-and the honest node, pass their own checks and get the honest node quarantined. Replicas and
-referees come from institutions independent of the checked route and of each other instead:
+Mallory runs eight node ids, its allowance, in one process (`minted_nodes`: real nodes of
+`cheating_node`'s kind skip, each returning its input as if it had no blocks, with sketches consistent
+with that lie) over the same blocks as an honest node of another institution. Were replicas chosen by
+node id, Mallory's nodes would shadow and referee one another and the honest node, pass their own
+checks and get the honest node quarantined. Replicas and referees come from institutions independent
+of the checked route and of each other instead:
 
 - with a third, honest institution in the pool, no honest node is ever quarantined or found at fault,
   every one of Mallory's nodes that a check meets is quarantined, and every answer equals the
-  single-process reference;
+  single-process reference: a conviction takes Mallory out of the session's routes, so its other
+  node ids cannot use up the request's failovers;
 - with only Mallory and its victim, nobody can settle a disagreement: it is a dispute, audited
   against both, a verdict against neither (no quarantine, no failed check).
 
@@ -26,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from coop import launcher
-from coop.launcher import LocalPool
+from coop.launcher import LocalPool, start
 from coop.ledger.store import Ledger
 from coop.swarm.node_key import NodeKey
 from coop.swarm.trust import DISPUTED, FAILED, QUARANTINED, trust_from_ledger
@@ -36,7 +38,7 @@ from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
-MALLORY_NODES = 3  # node ids Mallory runs (a member may run up to its allowance, 8 by default)
+MALLORY_NODES = 8  # node ids Mallory runs: a member's allowance, by default
 QUESTIONS = ["What is the capital of France?", "Name a colour.", "What is 2+2?", "Say hello."]
 BURST = 6
 MAX_BURSTS = 8
@@ -76,15 +78,12 @@ def _attacked_pool(model_dir: str, directory: Path, honest: dict[str, str]) -> I
     """`honest`: node id -> institution, each serving the whole model beside Mallory's cheaters."""
     members = (*sorted(set(honest.values())), "Mallory", "Client")
     disk = make_pool(directory, "Minted ids", members, coordinators=("Coord",), api_keys=("Client",))
-    cheaters = [f"mallory-{i}" for i in range(MALLORY_NODES)]
     pool = LocalPool(model_dir)
     try:
         pool.start_dht(member=disk.bundles["Coord"])
+        mallory = _start_mallory(pool, disk.bundles["Mallory"])
         pool.start_nodes(dict.fromkeys(honest, "0:4"), {name: disk.bundles[owner] for name, owner in honest.items()})
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(launcher, "COOP", [sys.executable, "-m", "tests.adversarial.cheating_node"])
-            patch.setenv("COOP_CHEAT", "skip")
-            pool.start_nodes(dict.fromkeys(cheaters, "0:4"), dict.fromkeys(cheaters, disk.bundles["Mallory"]))
+        cheaters = [mallory.wait_ready("COOP_NODE_READY")["node_id"] for _ in range(MALLORY_NODES)]
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv("COOP_COORDINATOR_SPOT_CHECK_RATE", "1")
             patch.setenv("COOP_COORDINATOR_SPOT_CHECK_NEW_NODE_RATE", "1")
@@ -98,6 +97,17 @@ def _attacked_pool(model_dir: str, directory: Path, honest: dict[str, str]) -> I
         )
     finally:
         pool.stop()
+
+
+def _start_mallory(pool: LocalPool, bundle: Path) -> launcher.CoopProcess:
+    """Mallory's MALLORY_NODES node ids in one process; started, not yet waited for (one ready line per node)."""
+    args = ["node", "start", "--model", pool.model_dir, "--blocks", "0:4", "--initial-peers", pool.peer]
+    program = [sys.executable, "-m", "tests.adversarial.minted_nodes"]
+    env = {"COOP_CHEAT": "skip", "COOP_MINTED_NODES": str(MALLORY_NODES)}
+    args += ["--member", str(bundle), "--node-id", "mallory", "--device", "cpu"]
+    mallory = start("mallory", args, None, program=program, env=env)
+    pool.processes.append(mallory)
+    return mallory
 
 
 @pytest.fixture

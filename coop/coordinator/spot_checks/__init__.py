@@ -30,8 +30,11 @@ How it works (issue 13):
   of the session is withheld, so its receipt for it is never paid. A dispute is audited, withholds
   both sides' pay for the session and quarantines neither. Either way the session leaves the route
   for one without them, and its tokens are replayed there (`RemoteChain.route_around`): the client
-  gets the single-process tokens. A shadow found wrong by the referee is quarantined the same way
-  (a lone replica node) or disputed (a replica route of several), and the session goes on.
+  gets the single-process tokens. A proven fault takes the culprit's whole institution out of the
+  session's routes (a member's other node ids are not tried in it), and costs the request no
+  failover: a member running many cheating node ids cannot use up a session's `max_failovers`. A
+  shadow found wrong by the referee is quarantined the same way (a lone replica node) or disputed (a
+  replica route of several), and the session goes on.
 - Replicas are metered like the session they check, to its consumer: a checked session costs it
   about twice its compute, an average of `spot_check_rate` more.
 - Passed and failed checks per node are its trust record (admin view's nodes page, `coop status --pool`).

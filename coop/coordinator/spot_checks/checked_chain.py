@@ -119,7 +119,7 @@ class CheckedChain:
             else:
                 self.checker.book.disputed(verdict.nodes, verdict.evidence)
             await self._drop_shadow()
-            await self.chain.route_around({node.node_id for node in verdict.nodes}, verdict.evidence)
+            await self.chain.route_around(verdict.nodes, verdict.evidence, convicted=verdict.proven)
 
     async def close(self) -> None:
         if self._passed:
