@@ -203,7 +203,7 @@ class ReceiptCollector:
             turn = sorted((k for k in keys if k in due), key=lambda k: k not in self._unreached)
             if not turn:
                 continue
-            siblings = frozenset(keys)
+            siblings = frozenset(k.node_id for k in keys)
             task = asyncio.create_task(self._poll_member([nodes[k] for k in turn], siblings, self._slots))
             self._polls[institution] = task
             task.add_done_callback(functools.partial(self._poll_done, institution))
@@ -215,9 +215,9 @@ class ReceiptCollector:
             del self._polls[institution]
 
     async def _poll_member(
-        self, nodes: Sequence[NodeAnnouncement], siblings: frozenset[NodeKey], slots: asyncio.Semaphore
+        self, nodes: Sequence[NodeAnnouncement], siblings: frozenset[str], slots: asyncio.Semaphore
     ) -> Settlement:
-        """Poll one institution's due `nodes` in turn, within one budget; `siblings`: all its listed nodes."""
+        """Poll one institution's due `nodes` in turn, within one budget; `siblings`: all its listed node ids."""
         total = Settlement()
         async with slots:
             deadline = asyncio.get_running_loop().time() + self.poll_budget_s
@@ -226,10 +226,10 @@ class ReceiptCollector:
                     self._unreached.update(key_of(n) for n in nodes[index:])
                     break
                 self._unreached.discard(key_of(node))
-                total.add(await self._poll(node, siblings - {key_of(node)}, deadline))
+                total.add(await self._poll(node, siblings - {node.node_id}, deadline))
         return total
 
-    async def _poll(self, node: NodeAnnouncement, siblings: frozenset[NodeKey], deadline: float) -> Settlement:
+    async def _poll(self, node: NodeAnnouncement, siblings: frozenset[str], deadline: float) -> Settlement:
         total = Settlement()
         try:
             for _ in range(MAX_BATCHES_PER_NODE):
@@ -253,7 +253,7 @@ class ReceiptCollector:
         self.schedule.polled(key_of(node), total.outcome())
         return total
 
-    async def _collect_from(self, node: NodeAnnouncement, siblings: frozenset[NodeKey], deadline: float) -> Settlement:
+    async def _collect_from(self, node: NodeAnnouncement, siblings: frozenset[str], deadline: float) -> Settlement:
         loop = asyncio.get_running_loop()
         left = deadline - loop.time()
         if left <= 0:
@@ -270,7 +270,7 @@ class ReceiptCollector:
         return settled
 
     def settle(
-        self, receipts: Sequence[pb.SignedReceipt], node: NodeKey, siblings: frozenset[NodeKey] = frozenset()
+        self, receipts: Sequence[pb.SignedReceipt], node: NodeKey, siblings: frozenset[str] = frozenset()
     ) -> Settlement:
         """Check and book one batch from `node`; rejections go to the audit digest."""
         settled = Settlement()
@@ -285,11 +285,12 @@ class ReceiptCollector:
         unbooked: defaultdict[tuple[str, NodeKey], dict[int, BookedBatch]] = defaultdict(dict)
         for receipt in receipts:
             claimed = _parsed(receipt.body)  # unchecked, for the cheap tests first (None: the checks reject it)
-            if claimed is not None and key_of(claimed) != node:
-                if key_of(claimed) in siblings:
+            # a claim for another institution's node of this id is checked, and rejected as signed by this one
+            if claimed is not None and claimed.node_id != node.node_id:
+                if claimed.node_id in siblings:
                     settled.deferred += 1
                 else:
-                    reason = f"receipt {claimed.receipt_id} is for node {key_of(claimed)}: dropped"
+                    reason = f"receipt {claimed.receipt_id} is for node {claimed.node_id!r}: dropped"
                     self.digest.add(node, claimed.receipt_id, reason, dropped=True)
                     settled.dropped += 1
                 continue
