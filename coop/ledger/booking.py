@@ -5,7 +5,9 @@ coordinator; the node's certificate was issued by the pool CA, was valid when th
 names the institution the receipt credits; that institution was not revoked before the work ended;
 the node's signature covers the exact bytes; its FLOPs are its tokens times the manifest's FLOPs
 per token for its blocks; and it is for the blocks the coordinator itself saw that node serve in
-that session. Anything else is rejected and recorded as an audit event.
+that session. Anything else is rejected and recorded as an audit event. A node is its (institution,
+node id) here as everywhere: two institutions' "gpu-0" in one session are two nodes, each observed
+and paid for its own work.
 
 A node bills its part of a session in numbered batches, each once (a second receipt for a booked
 batch is rejected). Together they are paid at most what the coordinator sent that node: a batch is
@@ -36,6 +38,7 @@ from coop.ledger.store import Booking
 from coop.pool.bundle import MemberBundle
 from coop.pool.ca import verify_signature
 from coop.receipts import Payment, ReceiptBody, SignedReceipt, body_payload, countersign_payload
+from coop.swarm.node_key import NodeKey, key_of
 
 UNKNOWN_SESSION_GRACE_S = 3600.0
 CLOCK_SKEW_S = 300.0  # a receipt may end this far in the coordinator's future, no further
@@ -56,9 +59,9 @@ class ReceiptChecker:
     model_hash: str
     span_flops_per_token: Callable[[int, int], int]  # the manifest's, for blocks [start, end)
     signer: MemberBundle  # the coordinator's own credentials: it countersigns with them
-    observation: Callable[[str, str], Observation | None]  # (session_id, node_id) -> what it saw
-    # (session_id, node_id) -> the batches of it already booked, by batch number
-    booked_for: Callable[[str, str], Mapping[int, BookedBatch]]
+    observation: Callable[[str, NodeKey], Observation | None]  # (session_id, node) -> what it saw
+    # (session_id, node) -> the batches of it already booked, by batch number
+    booked_for: Callable[[str, NodeKey], Mapping[int, BookedBatch]]
     # institution -> when it was revoked (unix seconds), None if it is not: its work after that is not paid
     revoked_since: Callable[[str], float | None] = never_revoked
     # whether this coordinator process still runs a session (its observation may still rise)
@@ -90,18 +93,21 @@ class ReceiptChecker:
                 f"receipt {body.receipt_id} claims {body.flops} FLOPs; its tokens on blocks "
                 f"{body.start_block}:{body.end_block} make {expected_flops}"
             )
-        seen = self.observation(body.session_id, body.node_id)
+        node = key_of(body)
+        seen = self.observation(body.session_id, node)
         if seen is None:
             if time.time() - body.ended_at > self.unknown_session_grace_s:
                 raise ReceiptRejected(
-                    f"receipt {body.receipt_id}: this coordinator never saw session {body.session_id}"
+                    f"receipt {body.receipt_id}: this coordinator never saw session {body.session_id} on node {node}"
                 )
-            raise ReceiptPending(f"receipt {body.receipt_id}: session {body.session_id} not recorded yet")
-        booked = {**self.booked_for(body.session_id, body.node_id), **(unbooked or {})}
+            raise ReceiptPending(
+                f"receipt {body.receipt_id}: session {body.session_id} on node {node} not recorded yet"
+            )
+        booked = {**self.booked_for(body.session_id, node), **(unbooked or {})}
         earlier = booked.pop(body.batch, None)
         if earlier is not None and earlier.receipt_id != body.receipt_id:
             raise ReceiptRejected(
-                f"receipt {body.receipt_id}: node {body.node_id} already billed batch {body.batch} of session "
+                f"receipt {body.receipt_id}: node {node} already billed batch {body.batch} of session "
                 f"{body.session_id} with receipt {earlier.receipt_id}"
             )
         paid = (sum(b.prefill_tokens for b in booked.values()), sum(b.decode_tokens for b in booked.values()))
@@ -152,17 +158,13 @@ def _payment(
     """What the batch is paid: its claim, capped at what the coordinator saw less what the session's
     other batches were `paid` (prefill, decode); and, if capped, why.
 
-    A node may claim less than the coordinator saw (a batch lost in a crash). A claim of other blocks,
-    another model, or for another institution, is no receipt of what was seen at all, and is rejected.
+    A node may claim less than the coordinator saw (a batch lost in a crash). A claim of other blocks or
+    another model is no receipt of what was seen at all, and is rejected.
     """
     rid = body.receipt_id
     if seen.model_hash and seen.model_hash != body.model_hash:
         raise ReceiptRejected(
             f"receipt {rid}: model {body.model_hash[:12]}, but the session ran model {seen.model_hash[:12]}"
-        )
-    if seen.provider != body.institution:
-        raise ReceiptRejected(
-            f"receipt {rid}: node {body.node_id} served for {seen.provider!r}, not {body.institution!r}"
         )
     if (seen.start_block, seen.end_block) != (body.start_block, body.end_block):
         raise ReceiptRejected(

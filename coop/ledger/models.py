@@ -18,6 +18,7 @@ from sqlmodel import Field, SQLModel
 from coop.errors import InvalidInput
 from coop.ledger.amounts import join
 from coop.pool.registry import RESERVED_INSTITUTION
+from coop.swarm.node_key import NodeKey
 
 FLOPS_PER_CREDIT = 10**12
 # grants are paid from here; it goes negative by what the pool has given away. No member may take the name.
@@ -90,11 +91,14 @@ class Observation(SQLModel, table=True):
     """What the coordinator sent one node in one session: the ceiling for the sum of that node's receipts.
 
     Written when the session's first step ran and raised as it goes (`coop.coordinator.accounts.observations`), so
-    that a coordinator crash leaves the tokens sent up to its last write; tokens never go down.
+    that a coordinator crash leaves the tokens sent up to its last write; tokens never go down. One per
+    (session, provider, node id): two institutions' "gpu-0" may serve one session.
     """
 
     __tablename__ = "observations"
-    __table_args__ = (UniqueConstraint("session_id", "node_id"),)
+    __table_args__ = (
+        UniqueConstraint("session_id", "provider", "node_id", name="uq_observations_session_provider_node"),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     session_id: str = Field(max_length=128)
@@ -113,6 +117,10 @@ class Observation(SQLModel, table=True):
     # serve several models, priced differently); "" = not recorded (rows written before it was)
     model_hash: str = Field(default="", max_length=128, sa_column_kwargs={"server_default": ""})
 
+    @property
+    def node(self) -> NodeKey:
+        return NodeKey(self.provider, self.node_id)
+
 
 class Receipt(SQLModel, table=True):
     """A node-signed, coordinator-countersigned account of compute; `body` is exactly what the node signed.
@@ -124,8 +132,8 @@ class Receipt(SQLModel, table=True):
     __tablename__ = "receipts"
     __table_args__ = (
         Index("ix_receipts_provider_time", "provider", "ended_at"),
-        # a node bills each batch of its part of a session once, whatever receipt ids it makes up
-        UniqueConstraint("session_id", "node_id", "batch", name="uq_receipts_session_node_batch"),
+        # a node (provider, node id) bills each batch of its part of a session once, whatever receipt ids it makes up
+        UniqueConstraint("session_id", "provider", "node_id", "batch", name="uq_receipts_session_provider_node_batch"),
     )
 
     receipt_id: str = Field(primary_key=True, max_length=64)

@@ -27,10 +27,13 @@ from coop.ledger.models import (
     Receipt,
     flops_to_credits,
 )
+from coop.swarm.node_key import NodeKey
 
 _OBSERVATIONS = SQLModel.metadata.tables[Observation.__tablename__]
 _OBSERVATION = select(_OBSERVATIONS).where(
-    _OBSERVATIONS.c.session_id == bindparam("session_id"), _OBSERVATIONS.c.node_id == bindparam("node_id")
+    _OBSERVATIONS.c.session_id == bindparam("session_id"),
+    _OBSERVATIONS.c.provider == bindparam("institution"),
+    _OBSERVATIONS.c.node_id == bindparam("node_id"),
 )
 
 
@@ -61,18 +64,22 @@ class LedgerQueries:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def observation(self, session_id: str, node_id: str) -> Observation | None:
+    def observation(self, session_id: str, node: NodeKey) -> Observation | None:
         """Called once per receipt checked: one Core query, no transaction (half the round trips on PostgreSQL)."""
         with self.engine.connect() as connection:
             connection = connection.execution_options(isolation_level="AUTOCOMMIT")
-            row = connection.execute(_OBSERVATION, {"session_id": session_id, "node_id": node_id}).first()
+            row = connection.execute(_OBSERVATION, {"session_id": session_id, **node._asdict()}).first()
         return None if row is None else Observation(**row._mapping)
 
-    def booked_for(self, session_id: str, node_id: str) -> dict[int, BookedBatch]:
+    def booked_for(self, session_id: str, node: NodeKey) -> dict[int, BookedBatch]:
         """The batches of this node's part of this session booked so far, by batch number."""
         query = select(
             col(Receipt.batch), col(Receipt.receipt_id), col(Receipt.prefill_tokens), col(Receipt.decode_tokens)
-        ).where(col(Receipt.session_id) == session_id, col(Receipt.node_id) == node_id)
+        ).where(
+            col(Receipt.session_id) == session_id,
+            col(Receipt.provider) == node.institution,
+            col(Receipt.node_id) == node.node_id,
+        )
         with Session(self.engine) as session:
             return {row[0]: BookedBatch(row[1], row[2], row[3]) for row in session.execute(query)}
 

@@ -244,7 +244,7 @@ class Ledger(LedgerQueries):
 
         A row written before (an earlier checkpoint of a live session, or a write whose commit
         succeeded but reported an error) is raised to the new tokens, never lowered. Callers pass
-        one row per (session, node): PostgreSQL refuses to upsert one row twice in a statement.
+        one row per (session, provider, node id): PostgreSQL refuses to upsert one row twice in a statement.
         """
         if not observations:
             return
@@ -342,7 +342,8 @@ def _upsert_observations(engine: Engine) -> Insert:
         for name in ("prefill_tokens", "decode_tokens")
     }
     return new.on_conflict_do_update(
-        index_elements=[table.c.session_id, table.c.node_id], set_={**raised, "seen_at": new.excluded.seen_at}
+        index_elements=[table.c.session_id, table.c.provider, table.c.node_id],
+        set_={**raised, "seen_at": new.excluded.seen_at},
     )
 
 

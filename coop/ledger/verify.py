@@ -109,11 +109,12 @@ def verify_ledger(ledger: Ledger, trust: PoolTrust) -> VerifyReport:
             report.problem(f"balance of {name!r}: {flops} reported, {report.balances_flops.get(name, 0)} from postings")
 
     certificates = ledger.certificates()
-    billed: dict[tuple[str, str, int], str] = {}
+    billed: dict[tuple[str, str, str, int], str] = {}
     with Session(ledger.engine) as session:
         for receipt in session.execute(select(Receipt).order_by(col(Receipt.receipt_id))).scalars():
             report.receipts += 1
-            earlier = billed.setdefault((receipt.session_id, receipt.node_id, receipt.batch), receipt.receipt_id)
+            batch = (receipt.session_id, receipt.provider, receipt.node_id, receipt.batch)
+            earlier = billed.setdefault(batch, receipt.receipt_id)
             if earlier != receipt.receipt_id:
                 report.problem(
                     f"receipt {receipt.receipt_id} bills batch {receipt.batch} of session {receipt.session_id} "

@@ -30,6 +30,7 @@ from coop.pipeline.generation import collect_tokens
 from coop.pipeline.local import LocalBackend
 from coop.pipeline.sampling import SamplingParams
 from coop.pool.registry import create_api_key
+from coop.swarm.node_key import NodeKey
 from tests.pools import make_pool
 from tests.waiting import wait_for
 
@@ -141,7 +142,7 @@ def test_each_model_s_receipts_are_booked_at_its_own_flops(two_models: TwoModels
         )
         for receipt in receipts:
             assert receipt.model_hash == nodes[receipt.node_id]
-            seen = ledger.observation(receipt.session_id, receipt.node_id)
+            seen = ledger.observation(receipt.session_id, NodeKey(receipt.provider, receipt.node_id))
             assert seen is not None and seen.model_hash == receipt.model_hash  # the coordinator named the model
             span_flops = manifests[receipt.model_hash].span_flops_per_token(receipt.start_block, receipt.end_block)
             assert receipt.flops == (receipt.prefill_tokens + receipt.decode_tokens) * span_flops > 0

@@ -32,7 +32,7 @@ def test_batches_sum_to_the_work_each_is_booked_once_and_verify_passes(receipts:
     for receipt in signed:
         ledger.book([checker.check(receipt)])
     ledger.book([checker.check(signed[1])])  # resubmitted: booked once
-    booked = ledger.booked_for(seen.session_id, seen.node_id)
+    booked = ledger.booked_for(seen.session_id, seen.node)
     assert sorted(booked) == [0, 1]
     assert sum(b.prefill_tokens + b.decode_tokens for b in booked.values()) == 110
     flops = {b.institution: b.balance_flops for b in ledger.balances()}
@@ -78,5 +78,31 @@ def test_an_observation_is_raised_never_lowered(receipts: Receipts, ledger: Ledg
     ledger.observe(
         [seen.model_copy(update={"id": None, "prefill_tokens": 3, "decode_tokens": 40})]
     )  # a late, older write
-    stored = ledger.observation(seen.session_id, seen.node_id)
+    stored = ledger.observation(seen.session_id, seen.node)
     assert stored is not None and (stored.prefill_tokens, stored.decode_tokens) == (10, 50)
+
+
+def test_two_institutions_nodes_of_one_id_in_one_session_are_each_observed_booked_and_paid(
+    receipts: Receipts, ledger: Ledger
+) -> None:
+    """Node ids are unique only within an institution: alpha's and beta's "gpu-0" serve one session."""
+    alpha = receipts.observe("alpha", COORDINATOR, node_id="gpu-0", blocks=(0, 10), prefill_tokens=10, decode_tokens=20)
+    beta = alpha.model_copy(update={"provider": "beta", "start_block": 10, "end_block": 30, "decode_tokens": 40})
+    checker = receipts.checker()
+    with pytest.raises(ReceiptPending, match="on node beta/gpu-0 not recorded yet"):  # not alpha's observation
+        checker.check(_batch(receipts, beta, 0, 10, 40))
+    ledger.observe([beta])
+    stored = ledger.observation(alpha.session_id, alpha.node)  # not overwritten by beta's
+    assert stored is not None and (stored.provider, stored.end_block, stored.decode_tokens) == ("alpha", 10, 20)
+
+    ledger.book([checker.check(_batch(receipts, seen, 0, 10, d)) for seen, d in ((alpha, 20), (beta, 40))])
+    ledger.book([checker.check(_batch(receipts, seen, 1, 0, 5)) for seen in (alpha, beta)])  # beyond: paid 0
+
+    for seen, tokens in ((alpha, 30), (beta, 50)):
+        booked = ledger.booked_for(seen.session_id, seen.node)
+        assert sorted(booked) == [0, 1] and sum(b.prefill_tokens + b.decode_tokens for b in booked.values()) == tokens
+    flops = {b.institution: b.balance_flops for b in ledger.balances()}
+    assert (flops["alpha"], flops["beta"]) == (30 * span_flops_per_token(0, 10), 50 * span_flops_per_token(10, 30))
+    assert flops[COORDINATOR] == -(flops["alpha"] + flops["beta"])
+    report = verify_ledger(ledger, PoolTrust.load(receipts.pool.directory))
+    assert report.ok and report.receipts == 4, report.problems

@@ -48,10 +48,6 @@ FORGERIES: dict[str, tuple[Forge, str]] = {
     "another coordinator": (lambda r, seen, _: r.sign(r.body(seen, coordinator="beta")), "for coordinator 'beta'"),
     "another pool id": (lambda r, seen, _: r.sign(r.body(seen, pool_id="0123456789abcdef")), "is for pool"),
     "other blocks than observed": (lambda r, seen, _: r.sign(r.body(seen, end_block=11)), "the session used 0:10"),
-    "a node that served for beta": (
-        lambda r, seen, _: r.sign(r.body(seen, institution="beta")),
-        "served for 'alpha', not 'beta'",
-    ),
     "a body that is not JSON": (lambda r, seen, _: replace(r.sign(r.body(seen)), body=b"{not json"), "malformed"),
 }
 

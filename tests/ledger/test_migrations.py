@@ -11,9 +11,12 @@ from sqlmodel import SQLModel
 
 from coop.admin.queries import as_utc
 from coop.ledger.database import _create_engine, upgrade
-from coop.ledger.models import POOL_ACCOUNT
+from coop.ledger.models import POOL_ACCOUNT, Observation
+from coop.ledger.queries import BookedBatch
 from coop.ledger.store import Ledger
-from tests.ledger.conftest import Receipts
+from coop.receipts import new_receipt_id
+from coop.swarm.node_key import NodeKey
+from tests.ledger.conftest import COORDINATOR, Receipts
 from tests.pools import MemberPool
 
 TABLES = SQLModel.metadata.tables
@@ -107,5 +110,69 @@ def test_upgrading_a_ledger_keyed_by_node_id_keeps_its_nodes_and_lets_another_in
         spans = [(n.institution, n.node_id, n.start_block, n.end_block) for n in ledger.nodes()]
         assert spans == [("alpha", "gpu-0", 0, 10), ("beta", "gpu-0", 10, 20)]
         assert as_utc(ledger.nodes()[0].last_seen) == OLD_NODE_SEEN
+    finally:
+        ledger.close()
+
+
+def test_upgrading_a_ledger_keyed_by_session_and_node_id_lets_another_institution_s_node_of_that_id_bill_it(
+    ledger_url: str, member_pool: MemberPool
+) -> None:
+    session_id = new_receipt_id()
+    engine = _create_engine(ledger_url)
+    upgrade(engine, "0005")
+    with engine.begin() as connection:
+        for name in ("alpha", COORDINATOR):
+            connection.execute(
+                text("INSERT INTO institutions (name, created_at) VALUES (:n, CURRENT_TIMESTAMP)"), {"n": name}
+            )
+            connection.execute(
+                text("INSERT INTO accounts (name, created_at) VALUES (:n, CURRENT_TIMESTAMP)"), {"n": name}
+            )
+        connection.execute(
+            text("INSERT INTO certificates (sha256, institution, pem) VALUES (:sha, 'alpha', :pem)"),
+            {"sha": "c" * 64, "pem": b"old"},
+        )
+        connection.execute(
+            text(
+                "INSERT INTO observations (session_id, node_id, provider, consumer, start_block, end_block, "
+                "prefill_tokens, decode_tokens, seen_at) VALUES (:s, 'gpu-0', 'alpha', :c, 0, 10, 10, 20, :at)"
+            ),
+            {"s": session_id, "c": COORDINATOR, "at": OLD_NODE_SEEN},
+        )
+        connection.execute(
+            text(
+                "INSERT INTO receipts (receipt_id, session_id, node_id, batch, provider, consumer, model_hash, "
+                "start_block, end_block, prefill_tokens, decode_tokens, flops, started_at, ended_at, booked_at, "
+                "body, node_signature, node_cert_sha256, countersignature, coordinator_cert_sha256) VALUES "
+                "('r-old', :s, 'gpu-0', 0, 'alpha', :c, 'ab12', 0, 10, 10, 20, 300000, :at, :at, :at, "
+                ":blob, :blob, :sha, :blob, :sha)"
+            ),
+            {"s": session_id, "c": COORDINATOR, "at": OLD_NODE_SEEN, "blob": b"old", "sha": "c" * 64},
+        )
+    engine.dispose()
+
+    ledger = Ledger.open(ledger_url)
+    receipts = Receipts(member_pool, ledger)
+    alpha, beta = NodeKey("alpha", "gpu-0"), NodeKey("beta", "gpu-0")
+    try:
+        kept = ledger.observation(session_id, alpha)
+        assert kept is not None and (kept.prefill_tokens, kept.decode_tokens) == (10, 20)
+        assert ledger.booked_for(session_id, alpha) == {0: BookedBatch("r-old", 10, 20)}
+        seen = Observation(
+            session_id=session_id,
+            node_id="gpu-0",
+            provider="beta",
+            consumer=COORDINATOR,
+            start_block=10,
+            end_block=20,
+            prefill_tokens=10,
+            decode_tokens=30,
+        )
+        ledger.observe([seen])
+        body = receipts.body(seen)
+        ledger.book([receipts.checker().check(receipts.sign(body))])
+        assert ledger.booked_for(session_id, beta) == {0: BookedBatch(body.receipt_id, 10, 30)}
+        assert ledger.booked_for(session_id, alpha) == {0: BookedBatch("r-old", 10, 20)}
+        assert ledger.observation(session_id, alpha) == kept
     finally:
         ledger.close()

@@ -24,7 +24,7 @@ from coop.swarm.announcement import NodeAnnouncement
 from coop.swarm.node_key import NodeKey
 from coop.wire.generated import coop_pb2 as pb
 from coop.wire.receipts import receipt_to_proto
-from tests.ledger.conftest import Receipts, span_flops_per_token
+from tests.ledger.conftest import COORDINATOR, Receipts, span_flops_per_token
 from tests.ledger.test_booking import flipped_byte
 from tests.waiting import wait_for_async
 
@@ -102,7 +102,7 @@ def announcement(node_id: str, institution: str) -> NodeAnnouncement:
         model_hash="ab12",
         start=0,
         end=10,
-        endpoint=f"{node_id}.test:4000",
+        endpoint=f"{node_id}.{institution}.test:4000",
         institution=institution,
         throughput_tps=1.0,
         free_cache_bytes=1 << 20,
@@ -329,5 +329,32 @@ def test_nodes_sharing_an_outbox_each_book_their_own_receipts(receipts: Receipts
         assert (
             tallies[NodeKey("alpha", "first")].backoff_rounds == tallies[NodeKey("alpha", "second")].backoff_rounds == 0
         )
+
+    run(scenario)
+
+
+def test_two_institutions_nodes_of_one_id_in_one_session_are_each_booked(receipts: Receipts) -> None:
+    """Node ids are unique only within an institution: alpha's and beta's "gpu-0" serve one session, each is paid."""
+
+    async def scenario() -> None:
+        network = FakeNetwork()
+        nodes = [network.add("gpu-0", "alpha"), network.add("gpu-0", "beta")]
+        first = receipts.observe("alpha", COORDINATOR, node_id="gpu-0", blocks=(0, 10), decode_tokens=20)
+        second = first.model_copy(update={"provider": "beta", "start_block": 10, "end_block": 20, "decode_tokens": 30})
+        receipts.ledger.observe([second])
+        receipt_ids = []
+        for node, seen in zip(nodes, (first, second), strict=True):
+            body = receipts.body(seen)
+            node.outbox[body.receipt_id] = receipt_to_proto(body.receipt_id, receipts.sign(body))
+            receipt_ids.append(body.receipt_id)
+        collecting = collector(receipts, network)
+
+        settled = await collecting.collect_once()
+
+        assert sorted(settled.booked) == sorted(receipt_ids) and settled.junk == settled.deferred == 0
+        assert [node.acked for node in nodes] == [[receipt_ids[0]], [receipt_ids[1]]]
+        paid = {r.receipt_id: (r.provider, r.decode_tokens) for r in receipts.ledger.receipts()}
+        assert paid == {receipt_ids[0]: ("alpha", 20), receipt_ids[1]: ("beta", 30)}
+        assert receipts.ledger.audit_events() == []
 
     run(scenario)

@@ -5,7 +5,8 @@ rows, the ceiling for what the nodes' receipts may claim, at three moments: the 
 step (the session is on record, so a coordinator crash cannot leave its receipts unknown), every
 `checkpoint_tokens` tokens or `checkpoint_s` seconds after that (a crash then loses at most that
 much of the ceiling, mirroring the nodes' receipt batches), and its end (normal or by failover).
-Rows are buffered here, one per (session, node), and written at once by a background task (and by
+Rows are buffered here, one per (session, node) — a node being its (institution, node id), as two
+institutions' "gpu-0" may serve one session — and written at once by a background task (and by
 the receipt collector before it books), so requests never wait on the database.
 
 A session stays *live* (`live`) from its first step until its final row is written: while it is, a
@@ -31,6 +32,7 @@ from coop.ledger.fairshare import FairShare
 from coop.ledger.models import Observation
 from coop.pipeline.charge import Payer
 from coop.receipts import TokenTally
+from coop.swarm.node_key import NodeKey
 from coop.swarm.routing import Hop
 
 CHECKPOINT_TOKENS = 64  # as the nodes' default receipt batch (`receipt_batch_tokens`)
@@ -62,7 +64,7 @@ class Metering:
         self.checkpoint_s = checkpoint_s
         self._checkpoints: dict[str, _Checkpoint] = {}  # running sessions; on the event loop only
         self._unsettled: set[str] = set()  # sessions whose final row is not written yet
-        self._rows: dict[tuple[str, str], Observation] = {}  # (session, node) -> its newest row, unwritten
+        self._rows: dict[tuple[str, NodeKey], Observation] = {}  # (session, node) -> its newest row, unwritten
         self._ended: set[str] = set()  # sessions whose final row is in _rows
         self._lock = threading.Lock()
         self.tokens_served = 0  # every token of every step, for the admin view's tokens/s
@@ -136,7 +138,7 @@ class Metering:
 
     def _keep(self, row: Observation) -> None:
         """Buffer a row, unless one with more tokens is buffered for its (session, node) (under the lock)."""
-        key = (row.session_id, row.node_id)
+        key = (row.session_id, row.node)
         held = self._rows.get(key)
         if held is None or (row.prefill_tokens, row.decode_tokens) >= (held.prefill_tokens, held.decode_tokens):
             self._rows[key] = row

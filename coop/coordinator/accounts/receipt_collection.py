@@ -273,7 +273,6 @@ class ReceiptCollector:
         self, receipts: Sequence[pb.SignedReceipt], node: NodeKey, siblings: frozenset[str] = frozenset()
     ) -> Settlement:
         """Check and book one batch from `node`; rejections go to the audit digest."""
-        node_id = node.node_id
         settled = Settlement()
         if len(receipts) > self.batch:
             excess = len(receipts) - self.batch
@@ -283,10 +282,11 @@ class ReceiptCollector:
             receipts = receipts[: self.batch]
         bookings: list[Booking] = []
         # (session, node) -> its batches checked in this call, booked together below
-        unbooked: defaultdict[tuple[str, str], dict[int, BookedBatch]] = defaultdict(dict)
+        unbooked: defaultdict[tuple[str, NodeKey], dict[int, BookedBatch]] = defaultdict(dict)
         for receipt in receipts:
             claimed = _parsed(receipt.body)  # unchecked, for the cheap tests first (None: the checks reject it)
-            if claimed is not None and claimed.node_id != node_id:
+            # a claim for another institution's node of this id is checked, and rejected as signed by this one
+            if claimed is not None and claimed.node_id != node.node_id:
                 if claimed.node_id in siblings:
                     settled.deferred += 1
                 else:
@@ -297,7 +297,7 @@ class ReceiptCollector:
             try:
                 if claimed is not None and claimed.receipt_id != receipt.receipt_id:
                     raise ReceiptRejected(f"receipt {claimed.receipt_id} was sent as {receipt.receipt_id[:128]!r}")
-                key = (claimed.session_id, claimed.node_id) if claimed is not None else ("", "")
+                key = (claimed.session_id, key_of(claimed)) if claimed is not None else ("", NodeKey("", ""))
                 booking = self.checker.check(receipt_from_proto(receipt), unbooked[key])
                 paid = booking.payment
                 unbooked[key][booking.body.batch] = BookedBatch(

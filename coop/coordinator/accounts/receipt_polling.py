@@ -84,23 +84,23 @@ class PollSchedule:
         """The listed nodes to poll this round; a node in backoff counts one round off instead."""
         now = self._clock()
         chosen = []
-        for node_id in listed:
-            self._listed_at[node_id] = now
-            tally = self.tallies.setdefault(node_id, NodeTally())
-            if self._skip.get(node_id, 0) > 0:
-                self._skip[node_id] -= 1
+        for node in listed:
+            self._listed_at[node] = now
+            tally = self.tallies.setdefault(node, NodeTally())
+            if self._skip.get(node, 0) > 0:
+                self._skip[node] -= 1
                 tally.skipped += 1
             else:
-                chosen.append(node_id)
-        for node_id, at in list(self._listed_at.items()):
+                chosen.append(node)
+        for node, at in list(self._listed_at.items()):
             if now - at > self.forget_after_s:
-                del self._listed_at[node_id]
-                self.tallies.pop(node_id, None)
-                self._skip.pop(node_id, None)
+                del self._listed_at[node]
+                self.tallies.pop(node, None)
+                self._skip.pop(node, None)
         return chosen
 
-    def polled(self, node_id: NodeKey, outcome: PollOutcome) -> None:
-        tally = self.tallies.setdefault(node_id, NodeTally())
+    def polled(self, node: NodeKey, outcome: PollOutcome) -> None:
+        tally = self.tallies.setdefault(node, NodeTally())
         tally.polls += 1
         tally.booked += outcome.booked
         tally.rejected += outcome.rejected
@@ -116,10 +116,10 @@ class PollSchedule:
             tally.backoff_rounds = min(max(1, 2 * tally.backoff_rounds), self.max_backoff_rounds)
         elif not outcome.failed:
             tally.backoff_rounds = 0
-        self._skip[node_id] = tally.backoff_rounds
+        self._skip[node] = tally.backoff_rounds
 
     def snapshot(self) -> dict[NodeKey, NodeTally]:
-        return {node_id: dataclasses.replace(tally) for node_id, tally in self.tallies.items()}
+        return {node: dataclasses.replace(tally) for node, tally in self.tallies.items()}
 
 
 @dataclass
