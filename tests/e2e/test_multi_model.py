@@ -158,11 +158,16 @@ def test_each_model_s_receipts_are_booked_at_its_own_flops(two_models: TwoModels
 def test_admin_overview_has_a_coverage_map_per_model(two_models: TwoModels) -> None:
     headers = {"Authorization": f"Bearer {two_models.admin_token}"}
     overview = httpx.get(f"{two_models.pool.url}/admin/api/overview", headers=headers, timeout=30).json()
-    maps = {m["name"]: (m["num_blocks"], m["blocks_uncovered"], sorted(m["node_ids"])) for m in overview["models"]}
+    maps = {m["name"]: _coverage(m) for m in overview["models"]}
     assert maps == {
         two_models.demo.name: (30, [], ["demo-0"]),
         two_models.tiny.name: (4, [], ["tiny-0", "tiny-1"]),
     }
+
+
+def _coverage(card: dict[str, Any]) -> tuple[int, list[int], list[str]]:
+    """A model's coverage map on the admin overview: blocks, those uncovered, and its nodes' ids."""
+    return card["num_blocks"], card["blocks_uncovered"], sorted(NodeKey.parse(k).node_id for k in card["node_keys"])
 
 
 def test_sdk_sessions_run_on_the_model_of_their_content_hash(two_models: TwoModels, tiny_chat_model_dir: str) -> None:
