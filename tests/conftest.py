@@ -51,20 +51,31 @@ def _reap_module_processes(request: pytest.FixtureRequest) -> Iterator[None]:
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Prepared once per machine and reused: preparing the demo GGUF takes ~30 s.
 DEMO_MODEL_DIR = os.environ.get("COOP_TEST_DEMO_DIR", os.path.join(REPO_ROOT, ".cache", "smollm2-demo"))
+# Gemma 3 270M: its GGUF is joined from chunk packages and dequantised once per machine (a few minutes).
+GEMMA3_MODEL_DIR = os.environ.get("COOP_TEST_GEMMA3_DIR", os.path.join(REPO_ROOT, ".cache", "gemma3-270m"))
 
 
-@pytest.fixture(scope="session")
-def demo_model_dir() -> str:
+def _prepare_once(src: str, model_dir: str) -> str:
     """Prepared under a file lock: pytest-xdist workers share the directory, and only one may write it."""
     import fcntl
 
     from coop.model.prepare import prepare
 
-    os.makedirs(os.path.dirname(DEMO_MODEL_DIR), exist_ok=True)
-    with open(f"{DEMO_MODEL_DIR}.lock", "w") as lock:
+    os.makedirs(os.path.dirname(model_dir), exist_ok=True)
+    with open(f"{model_dir}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        prepare("smollm2-demo", DEMO_MODEL_DIR, dtype="float32", quiet=True)
-    return DEMO_MODEL_DIR
+        prepare(src, model_dir, dtype="float32", quiet=True)
+    return model_dir
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir() -> str:
+    return _prepare_once("smollm2-demo", DEMO_MODEL_DIR)
+
+
+@pytest.fixture(scope="session")
+def gemma3_model_dir() -> str:
+    return _prepare_once("gemma3-270m", GEMMA3_MODEL_DIR)
 
 
 @pytest.fixture(scope="session")

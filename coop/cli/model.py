@@ -29,7 +29,9 @@ def parse_spans(text: str) -> list[tuple[int, int]]:
 
 @model_app.command("prepare")
 def model_prepare(
-    src: Annotated[str, typer.Argument(help="HF model directory, .gguf file, or 'smollm2-demo'")],
+    src: Annotated[
+        str, typer.Argument(help="HF model directory, .gguf file, or a packaged model: 'smollm2-demo', 'gemma3-270m'")
+    ],
     out: Annotated[Path, typer.Option("--out", help="directory to write the model store to")],
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
     quantize: Annotated[

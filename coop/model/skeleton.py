@@ -60,3 +60,28 @@ def final_norm_name(base: nn.Module) -> str:
         if isinstance(getattr(base, name, None), nn.Module):
             return name
     raise UnsupportedModel(f"{type(base).__name__} has no final norm named one of {_FINAL_NORM_NAMES}")
+
+
+def check_spans_compose(model: PreTrainedModel, num_blocks: int) -> None:
+    """Refuse a model whose base forward changes its input hidden states by itself (Gemma 1 and 2 scale
+    `inputs_embeds` there): every span runs that forward, so the change would repeat once per span."""
+    base = base_model(model)
+    layers = decoder_layers(base, num_blocks)
+    blocks, norm_name = list(layers), final_norm_name(base)
+    norm = getattr(base, norm_name)
+    hidden = torch.randn(1, 3, int(model.config.get_text_config().hidden_size), dtype=model.dtype, device=model.device)
+    try:
+        for index in range(num_blocks):
+            layers[index] = PassThrough()
+        setattr(base, norm_name, nn.Identity())
+        with torch.inference_mode():
+            output = base(inputs_embeds=hidden, use_cache=False).last_hidden_state
+    finally:
+        for index, block in enumerate(blocks):
+            layers[index] = block
+        setattr(base, norm_name, norm)
+    if not torch.equal(output, hidden):
+        raise UnsupportedModel(
+            f"{type(base).__name__} changes its input hidden states outside its decoder blocks (e.g. scales the "
+            "embeddings in its forward, as Gemma 1 and 2 do): split into spans, its output would differ"
+        )
