@@ -24,6 +24,19 @@ RUN_ID = mark_this_run()  # inherited by every process the tests start (tests/re
 OUTLIVE_MODULES: set[int] = set()
 
 
+# Longest first: pytest-xdist hands test files to its workers in collection order, so the docker image
+# build and the real-process pools start early on both workers instead of one worker finishing them alone.
+_FOLDER_ORDER = ("docker", "e2e", "adversarial", "integration", "ledger", "unit")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        folder = item.path.parent.name
+        return _FOLDER_ORDER.index(folder) if folder in _FOLDER_ORDER else len(_FOLDER_ORDER)
+
+    items.sort(key=rank)  # stable: within a folder, files and tests keep their order
+
+
 @pytest.fixture(autouse=True)
 def _clean_coop_environ(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """No COOP_* setting leaks from the developer's shell or from another test."""
