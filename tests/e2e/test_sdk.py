@@ -143,9 +143,10 @@ def test_edited_hidden_states_go_through_as_they_are(model: RemoteModel, demo_mo
             outputs.append(session.step(hidden))  # no token ids: fine while no node fails
     engine = SpanEngine.load(demo_model_dir, 0, model.client.manifest.num_blocks, device="cpu")
     engine.open_session("edited", max_length=len(prompt))
-    # relative too: the node and this engine may each pick another weight layout (by measurement), and a
-    # reordered float sum moves an activation of ~100 by ~1e-4
-    assert torch.allclose(outputs[1], engine.step("edited", edited, 0), rtol=1e-4, atol=1e-4)
+    # relative to the whole output: the node and this engine may each pick another weight layout (by
+    # measurement), and reordered float sums move activations of ~100 by ~1e-4 after 30 blocks
+    expected = engine.step("edited", edited, 0)
+    assert float((outputs[1] - expected).norm() / expected.norm()) < 1e-5
     assert not torch.allclose(outputs[0], outputs[1], atol=1e-3)  # the edit reached the nodes
 
 

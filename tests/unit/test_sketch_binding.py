@@ -10,7 +10,7 @@ changes the projection it was meant to hide from: the cheater is convicted and t
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import pytest
@@ -108,8 +108,8 @@ class CheatedRoute:
         self.last_step = SentStep("s1", hidden, start_position, result, made)
         return result
 
-    async def route_around(self, node_ids: set[str], evidence: str) -> None:
-        self.routed_around.append(node_ids)
+    async def route_around(self, nodes: Collection[NodeKey], evidence: str, *, convicted: bool) -> None:
+        self.routed_around.append({node.node_id for node in nodes})
 
     async def close(self) -> None:
         pass
