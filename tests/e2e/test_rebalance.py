@@ -104,7 +104,7 @@ def test_in_a_balanced_pool_nothing_moves(pool: RebalancePool, demo_model_dir: s
         if (manifest := Manifest.load(path))
     }
     # c's own rule over the directory it reads, once every node is announced: it decides to stay
-    directory = SwarmDirectory.start([pool.pool.peer])
+    directory = SwarmDirectory.start([pool.pool.peer], timeout_s=WAIT_S)  # two busy test workers: a slow p2pd start
     try:
 
         def every_node_announced() -> dict[str, list[NodeAnnouncement]] | None:
